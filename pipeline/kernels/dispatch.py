@@ -1,0 +1,68 @@
+"""Choose, per call, between a Triton kernel and its PyTorch reference.
+
+Rules (in order):
+  PIPELINE_KERNELS=reference  -> always the PyTorch reference
+  PIPELINE_KERNELS=triton     -> always Triton (on CPU tensors this needs TRITON_INTERPRET=1)
+  auto (default)              -> Triton on a CUDA device of compute capability >= the kernel's
+                                 minimum, the reference everywhere else (CPU, old GPUs).
+Without a GPU and without the interpreter a Triton launch fails with "0 active drivers",
+so `auto` never sends CPU tensors to Triton.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MODES = ("auto", "triton", "reference")
+
+
+def mode() -> str:
+    m = os.environ.get("PIPELINE_KERNELS", "auto")
+    if m not in _MODES:
+        raise ValueError(f"PIPELINE_KERNELS={m!r} is not one of {_MODES}")
+    return m
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device, or None for other devices. Tests monkeypatch this."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def use_triton(t: torch.Tensor, kernel: str, min_capability: tuple[int, int] = (8, 0)) -> bool:
+    """True when `kernel` should run through Triton for tensors living where `t` lives."""
+    m = mode()
+    if m == "reference" or not triton_importable():
+        choice = False
+    elif m == "triton":
+        choice = True
+    else:
+        cap = device_capability(t.device)
+        choice = cap is not None and tuple(cap) >= tuple(min_capability)
+    key = (kernel, f"{t.device}:{choice}")
+    if key not in _reported:
+        _reported.add(key)
+        log.info("kernel %s on %s: %s", kernel, t.device, "triton" if choice else "pytorch reference")
+    return choice
