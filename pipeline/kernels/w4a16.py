@@ -1,0 +1,333 @@
+"""W4A16 GEMM: fp16/bf16 activations x int4 weights (per-group fp16 scale and zero), dequantized in registers.
+
+Usage:
+    from pipeline.kernels.w4a16 import pack_w4, w4a16_linear
+    w = pack_w4(q, scales, zeros, group_size=128).to("cuda")   # q (N, K) uint8 0..15
+    y = w4a16_linear(x, w, bias)                                # x (..., K) fp16/bf16 -> y (..., N)
+
+Quantizer format (input of `pack_w4`, output of `unpack_w4`):
+    q (N, K) uint8 in 0..15, scales (K//g, N) fp16, zeros (K//g, N) integer-valued 0..15,
+    W[n, k] = (q[n, k] - zeros[k//g, n]) * scales[k//g, n];  y = x @ W.T (+ bias).
+
+Kernel layout (`W4Weight`):
+    qweight (K//8, N) int32. K is cut into groups of g; inside group b, with P = g // 8, int32 row
+        b*P + p holds, in nibble j (bits 4j..4j+3), the value q[n, b*g + j*P + p].
+        So one group is a (P, N) slab whose 8 nibble planes are 8 *contiguous* runs of P inputs:
+        unpacking a (P, BLOCK_N) tile gives a (8, P, BLOCK_N) tile that is the (g, BLOCK_N) weight
+        tile in natural k order by a plain reshape, and the activation tile stays a contiguous load.
+        Rows are contiguous along N: loads are coalesced 16-byte vectors.
+    scales (K//g, N) fp16, zeros (K//g, N) fp16 (exact integers), unchanged.
+
+Kernel arithmetic (one K tile = one group, so scale and zero are per-column constants there):
+    y[m, n] += s[n] * (sum_k x[m, k] * (q[k, n] + c) - (z[n] + c) * sum_k x[m, k])
+    The nibble is turned into a float without an int->float convert: OR-ing it into the mantissa of
+    c = 1024.0 (fp16, bits 0x6400) or c = 128.0 (bf16, bits 0x4300) gives exactly c + q; the offset c
+    cancels in the second term. The dot runs on tensor cores with fp32 accumulation; per weight the
+    only ALU work is a shift and a mask-or.
+
+Paths (one entry point): M <= 16 -> BLOCK_M = 16 with split-K over groups (fp32 atomics) so that
+enough programs stream the weights; M > 16 -> tiled tensor-core path (grouped tile order for L2), or
+for large M a Triton dequantize to a (K, N) scratch + cuBLAS, whichever the tuner measures faster.
+A tiny built-in tuner times a small, named config set once per (device, dtype, M bucket, N, K, g)
+on the first call outside CUDA-graph capture; inside capture it uses the tuned or a default config.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from pipeline.kernels.dispatch import use_triton
+
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class W4Weight:
+    qweight: torch.Tensor  # (K//8, N) int32, group-permuted nibbles (see module docstring)
+    scales: torch.Tensor  # (K//g, N) fp16
+    zeros: torch.Tensor  # (K//g, N) fp16, integer-valued
+    K: int
+    N: int
+    group_size: int
+
+    def to(self, device) -> "W4Weight":
+        return W4Weight(self.qweight.to(device), self.scales.to(device), self.zeros.to(device),
+                        self.K, self.N, self.group_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+
+def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> W4Weight:
+    """Quantizer tensors -> kernel layout. q (N, K) uint8 0..15; scales, zeros (K//g, N)."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} not supported; valid: {GROUP_SIZES}")
+    if q.dim() != 2:
+        raise ValueError(f"q must be 2-D (N, K), got shape {tuple(q.shape)}")
+    N, K = q.shape
+    if K % group_size:
+        raise ValueError(f"K={K} (q.shape[1]) is not a multiple of group_size={group_size}")
+    G, P = K // group_size, group_size // 8
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (G, N):
+            raise ValueError(f"{name} shape {tuple(t.shape)} != (K//g, N) = {(G, N)}")
+    qi = q.to(torch.int32)
+    if int(qi.min()) < 0 or int(qi.max()) > 15:
+        raise ValueError(f"q values must be in 0..15, got range [{int(qi.min())}, {int(qi.max())}]")
+    zf = zeros.to(torch.float32)
+    if not torch.equal(zf, zf.round()) or float(zf.min()) < 0 or float(zf.max()) > 15:
+        raise ValueError("zeros must be integer-valued in 0..15")
+    # (N, K) -> (N, G, 8, P): k = b*g + j*P + p ; nibble j of row (b, p)
+    qv = qi.reshape(N, G, 8, P)
+    shifts = (torch.arange(8, device=q.device, dtype=torch.int32) * 4).view(1, 1, 8, 1)
+    packed = (qv << shifts).sum(dim=2, dtype=torch.int64)  # (N, G, P), < 2**32
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    qweight = packed.reshape(N, G * P).t().contiguous()  # (K//8, N)
+    return W4Weight(qweight, scales.to(torch.float16).contiguous(), zf.to(torch.float16).contiguous(),
+                    K, N, group_size)
+
+
+def unpack_w4(w: W4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact inverse of pack_w4 -> (q (N, K) uint8, scales (K//g, N) fp16, zeros (K//g, N) fp16)."""
+    K, N, g = w.K, w.N, w.group_size
+    G, P = K // g, g // 8
+    packed = w.qweight.t().reshape(N, G, 1, P).to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(8, device=packed.device, dtype=torch.int64) * 4).view(1, 1, 8, 1)
+    q = ((packed >> shifts) & 0xF).reshape(N, K).to(torch.uint8)
+    return q, w.scales.clone(), w.zeros.clone()
+
+
+def dequantize_w4(w: W4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) dense weight (q - z) * s, computed in fp32 (exact) and cast once to `dtype`."""
+    q, s, z = unpack_w4(w)
+    g = w.group_size
+    s = s.float().t().repeat_interleave(g, dim=1)  # (N, K)
+    z = z.float().t().repeat_interleave(g, dim=1)
+    return ((q.float() - z) * s).to(dtype)
+
+
+def w4a16_linear_ref(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch reference: dequantize to x's dtype, then matmul (fp32 accumulation where available)."""
+    W = dequantize_w4(w, x.dtype)
+    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+            GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+
+    P: tl.constexpr = GROUP // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    offs_p = tl.arange(0, P)
+    offs_g = tl.arange(0, GROUP)
+    shifts = tl.arange(0, 8) * 4
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    n_groups = K // GROUP
+    per_split = tl.cdiv(n_groups, SPLIT_K)
+    g_lo = pid_k * per_split
+    g_hi = tl.minimum(g_lo + per_split, n_groups)
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_g[None, :]  # (BM, g)
+    q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
+    if DKIND == 1:
+        C: tl.constexpr = 1024.0  # fp16 0x6400
+    elif DKIND == 2:
+        C: tl.constexpr = 128.0  # bf16 0x4300
+    else:
+        C: tl.constexpr = 0.0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_lo, g_hi):
+        x = tl.load(x_ptrs + g * GROUP, mask=mask_m[:, None], other=0.0)  # (BM, g)
+        q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        nib = (q[None, :, :] >> shifts[:, None, None]) & 0xF  # (8, P, BN), k = j*P + p
+        if DKIND == 1:
+            w = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # c + q exactly
+        elif DKIND == 2:
+            w = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            w = nib.to(tl.float32)
+        w = tl.reshape(w, (GROUP, BLOCK_N))  # (g, BN)
+        if DKIND == 0:
+            d = tl.dot(x, w, input_precision="ieee")
+        else:
+            d = tl.dot(x, w)  # (BM, BN) fp32
+        xs = tl.sum(x.to(tl.float32), axis=1)  # (BM,)
+        acc += s[None, :] * (d - xs[:, None] * (z + C)[None, :])
+
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))
+    gi = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    P: tl.constexpr = GROUP // 8
+    offs_p = tl.arange(0, P)
+    mask_n = offs_n < N
+    q = tl.load(q_ptr + (gi * P + offs_p)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    s = tl.load(s_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    nib = (q[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) & 0xF
+    w = tl.reshape((nib.to(tl.float32) - z[None, None, :]) * s[None, None, :], (GROUP, BLOCK_N))
+    offs_k = gi * GROUP + tl.arange(0, GROUP)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=mask_n[None, :])
+
+
+# ------------------------------------------------------------------------------- configs and tuner
+# name -> (BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages); SPLIT_K 0 = pick from the grid size
+CONFIGS = {
+    "gemv_n64_k0": (16, 64, 0, 4, 4),
+    "gemv_n128_k0": (16, 128, 0, 4, 4),
+    "gemv_n64_k1": (16, 64, 1, 4, 4),
+    "gemv_n32_k0": (16, 32, 0, 2, 5),
+    "gemv_n256_k0": (16, 256, 0, 8, 3),
+    "tile_m64_n128": (64, 128, 1, 4, 3),
+    "tile_m128_n128": (128, 128, 1, 8, 3),
+    "tile_m128_n256": (128, 256, 1, 8, 2),
+    "tile_m64_n256": (64, 256, 1, 8, 3),
+    "dequant_cublas": None,
+}
+DECODE_SET = ("gemv_n64_k0", "gemv_n128_k0", "gemv_n64_k1", "gemv_n32_k0", "gemv_n256_k0")
+MID_SET = ("gemv_n64_k0", "gemv_n128_k0", "tile_m64_n128", "tile_m64_n256", "tile_m128_n128")
+PREFILL_SET = ("tile_m64_n128", "tile_m128_n128", "tile_m128_n256", "tile_m64_n256", "dequant_cublas")
+INTERPRET_CONFIG = (16, 32, 2, 4, 1)
+_tuned: dict[tuple, str] = {}
+
+
+def _m_bucket(M: int) -> int:
+    return 1 << max(0, (M - 1).bit_length())
+
+
+def candidates(M: int) -> tuple[str, ...]:
+    return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
+
+
+def default_config(M: int) -> str:
+    return "gemv_n64_k0" if M <= 16 else "tile_m64_n128" if M <= 64 else "tile_m128_n128"
+
+
+def _split_for(M, N, K, g, BM, BN, split, device) -> int:
+    if split:
+        return split
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(K // g, triton.cdiv(2 * sms, tiles)))  # about two programs per SM
+
+
+def _alloc_out(M: int, N: int, dtype, device, zero: bool) -> torch.Tensor:
+    """Output buffer; split-K accumulates into zeros with atomics (tests poison the other case)."""
+    return (torch.zeros if zero else torch.empty)(M, N, device=device, dtype=dtype)
+
+
+def _launch(x2, w: W4Weight, bias, out_dtype, cfg) -> torch.Tensor:
+    M, K = x2.shape
+    N, g = w.N, w.group_size
+    if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
+        wt = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
+        _dequant_kernel[(K // g, triton.cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
+                                                      BLOCK_N=128, num_warps=4)
+        y = x2 @ wt
+        return y if bias is None else y + bias.to(y.dtype)
+    BM, BN, split, warps, stages = cfg
+    split = _split_for(M, N, K, g, BM, BN, split, x2.device)
+    atomic = split > 1
+    y = _alloc_out(M, N, torch.float32 if atomic else out_dtype, x2.device, zero=atomic)
+    dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)
+    _kernel[grid](x2, w.qweight, w.scales, w.zeros, bias if bias is not None else x2, y,
+                  M, N, K, x2.stride(0), y.stride(0),
+                  GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=split, GROUP_M=8, DKIND=dkind,
+                  HAS_BIAS=bias is not None, ATOMIC=atomic, num_warps=warps, num_stages=stages)
+    return y.to(out_dtype) if atomic else y
+
+
+def _bench_ms(fn, reps: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _choose(x2, w, bias, out_dtype) -> str:
+    M, K = x2.shape
+    key = (x2.device.index, x2.dtype, _m_bucket(M), w.N, K, w.group_size, bias is not None)
+    if key in _tuned:
+        return _tuned[key]
+    if torch.cuda.is_current_stream_capturing() or os.environ.get("W4A16_TUNE", "1") == "0":
+        return default_config(M)
+    times = {}
+    for name in candidates(M):
+        try:
+            times[name] = _bench_ms(lambda: _launch(x2, w, bias, out_dtype, CONFIGS[name]))
+        except Exception as e:  # a config that does not compile/fit here (e.g. shared memory)
+            times[name] = float("inf")
+            _tuned.setdefault(("error", name), repr(e)[:200])
+    _tuned[key] = min(times, key=times.get)
+    return _tuned[key]
+
+
+def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
+                 config: str | tuple | None = None) -> torch.Tensor:
+    """y = x @ dequant(w).T (+ bias); x (..., K) fp16/bf16 (fp32 for the reference/interpreter).
+
+    `config`: a name from CONFIGS or a raw tuple (tests); default: tuned per shape."""
+    if x.shape[-1] != w.K:
+        raise ValueError(f"x.shape[-1]={x.shape[-1]} != weight K={w.K}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x.dtype={x.dtype} not supported; valid: float16, bfloat16, float32")
+    if x.device != w.device:
+        raise ValueError(f"x on {x.device} but weight on {w.device}")
+    if bias is not None and tuple(bias.shape) != (w.N,):
+        raise ValueError(f"bias shape {tuple(bias.shape)} != (N,) = ({w.N},)")
+    if not use_triton(x, "w4a16"):
+        return w4a16_linear_ref(x, w, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, w.N)
+    if isinstance(config, tuple) or (config is None and x.device.type != "cuda"):
+        cfg = config or INTERPRET_CONFIG
+    else:
+        cfg = CONFIGS[config or _choose(x2, w, bias, x.dtype)]
+    return _launch(x2, w, bias, x.dtype, cfg).reshape(*lead, w.N)

@@ -1,0 +1,150 @@
+"""W4A16 GEMM: layout round trip, Triton interpreter on small odd shapes (CPU), real sizes on a GPU.
+
+    pytest tests/test_kernel_w4a16.py                 # CPU: interpreter + reference
+    python -m pytest -m gpu tests/test_kernel_w4a16.py  # on the GPU machine
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decoration
+
+import pipeline.kernels.w4a16 as w4  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and type(w4._kernel).__name__ != "InterpretedFunction":
+    w4 = importlib.reload(w4)  # imported earlier without the interpreter: re-decorate the kernels
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_quant(N, K, g, device="cpu", seed=None):
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(K // g, N, generator=gen) * 0.02 + 1e-3).half()
+    zeros = torch.randint(0, 16, (K // g, N), generator=gen).to(torch.float16)
+    return q.to(device), scales.to(device), zeros.to(device)
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or poisoned element)"
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def ref64(x, w, bias=None):
+    y = x.double() @ w4.dequantize_w4(w, torch.float64).T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs the kernel must overwrite start as NaN."""
+    real = w4._alloc_out
+
+    def alloc(M, N, dtype, device, zero):
+        y = real(M, N, dtype, device, zero)
+        return y if zero else y.fill_(float("nan"))
+
+    monkeypatch.setattr(w4, "_alloc_out", alloc)
+
+
+@pytest.mark.parametrize("N,K,g", [(1, 32, 32), (37, 96, 32), (40, 192, 64), (13, 384, 128)])
+def test_pack_roundtrip_bit_exact(N, K, g):
+    q, s, z = make_quant(N, K, g)
+    w = w4.pack_w4(q, s, z.to(torch.int64), g)  # any integer dtype for zeros
+    assert w.qweight.dtype == torch.int32 and tuple(w.qweight.shape) == (K // 8, N)
+    q2, s2, z2 = w4.unpack_w4(w)
+    assert torch.equal(q2, q) and q2.dtype == torch.uint8
+    assert torch.equal(s2, s) and torch.equal(z2, z)
+    W = w4.dequantize_w4(w)
+    gi = torch.arange(K) // g
+    assert torch.equal(W, (q.float() - z.float()[gi].T) * s.float()[gi].T)
+
+
+def test_pack_rejects_bad_inputs():
+    q, s, z = make_quant(8, 64, 32)
+    with pytest.raises(ValueError, match="group_size=48"):
+        w4.pack_w4(q, s, z, 48)
+    with pytest.raises(ValueError, match="scales shape"):
+        w4.pack_w4(q, s[:1], z, 32)
+    with pytest.raises(ValueError, match="0..15"):
+        w4.pack_w4(q + 16, s, z, 32)
+    with pytest.raises(ValueError, match="integer-valued"):
+        w4.pack_w4(q, s, z + 0.5, 32)
+    w = w4.pack_w4(q, s, z, 32)
+    with pytest.raises(ValueError, match="x.shape"):
+        w4.w4a16_linear(torch.randn(2, 63), w)
+
+
+def test_auto_dispatch_on_cpu_uses_reference(monkeypatch):
+    monkeypatch.setenv("PIPELINE_KERNELS", "auto")
+    w = w4.pack_w4(*make_quant(24, 64, 32), 32)
+    x = torch.randn(2, 3, 64)
+    y = w4.w4a16_linear(x, w)
+    assert y.shape == (2, 3, 24)
+    assert torch.allclose(y, w4.w4a16_linear_ref(x, w))
+
+
+# raw configs (BLOCK_M, BLOCK_N, SPLIT_K, warps, stages): GEMV split-K (atomics), single split, tile
+INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1), "gemv_split1": (16, 16, 1, 4, 1),
+                  "tile": (32, 64, 1, 4, 1)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K,g,cfg", [(1, 40, 192, 32, "gemv_split3"), (3, 33, 256, 64, "gemv_split1"),
+                                         (5, 72, 256, 128, "gemv_split3"), (19, 50, 128, 64, "tile")])
+def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    w = w4.pack_w4(*make_quant(N, K, g), g)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if M % 2 else None
+    y = w4.w4a16_linear(x, w, bias, config=INTERP_CONFIGS[cfg])
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert rel_err(y, ref64(x, w, bias)) < TOL[dtype]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+def test_interpreter_dequant_path_and_batch_dims(monkeypatch):
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    w = w4.pack_w4(*make_quant(24, 128, 32), 32)
+    x = torch.randn(2, 3, 128).half()
+    y = w4.w4a16_linear(x, w, config="dequant_cublas")
+    assert y.shape == (2, 3, 24)
+    assert rel_err(y, ref64(x, w)) < TOL[torch.float16]
+
+
+# ----------------------------------------------------------------------------------------- GPU
+LLAMA = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # (K, N)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,N", LLAMA)
+def test_gpu_real_sizes_every_config(poisoned, dtype, K, N):
+    w = w4.pack_w4(*make_quant(N, K, 128), 128).to("cuda")
+    bias = torch.randn(N, device="cuda").to(dtype)
+    for M in (1, 4, 16, 64, 256, 2048):
+        x = torch.randn(M, K, device="cuda").to(dtype)
+        ref = ref64(x, w, bias)
+        for name in w4.candidates(M):
+            y = w4.w4a16_linear(x, w, bias, config=name)
+            err = rel_err(y, ref)
+            assert err < TOL[dtype], f"M={M} K={K} N={N} {dtype} config {name}: rel err {err:.2e}"
+        y = w4.w4a16_linear(x, w, bias)  # tuned choice
+        assert rel_err(y, ref) < TOL[dtype]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("g", [32, 64])
+def test_gpu_small_groups_and_odd_shapes(poisoned, g):
+    for M, N, K in ((1, 4099, 1024), (7, 333, 512), (130, 1000, 2048)):
+        w = w4.pack_w4(*make_quant(N, K, g), g).to("cuda")
+        x = torch.randn(M, K, device="cuda").half()
+        assert rel_err(w4.w4a16_linear(x, w), ref64(x, w)) < TOL[torch.float16]
