@@ -1,0 +1,36 @@
+"""The stage table: name -> module. A stage module defines
+
+    VERSION: int                   bump when the artifact's meaning changes (invalidates caches)
+    READS: list[str]               dotted config paths hashed into its key (and all it may read)
+    CACHED: bool = True            False for terminal stages whose output is not an artifact (serve)
+    inputs(cfg) -> list[str]       upstream stages, given the whole config
+    run(ctx) -> dict               writes files into ctx.out, returns a small JSON summary
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+STAGES = {
+    "load": "pipeline.stages.load",
+    "calibrate": "pipeline.stages.calibrate",
+    "kv_qparams": "pipeline.stages.kv_qparams",
+    "awq": "pipeline.stages.awq",
+    "pack": "pipeline.stages.pack",
+    "smooth": "pipeline.stages.smooth",
+    "quant_w8": "pipeline.stages.quant_w8",
+    "turbomind": "pipeline.stages.turbomind",
+    "evaluate": "pipeline.stages.evaluate",
+    "serve": "pipeline.stages.serve",
+}
+
+
+def get(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+    try:
+        return importlib.import_module(STAGES[name])
+    except ModuleNotFoundError as e:
+        if e.name == STAGES[name]:
+            raise ValueError(f"stage {name!r} is not implemented yet in this version") from None
+        raise

@@ -1,0 +1,204 @@
+"""Content-keyed artifact cache: keys, manifests with checksums, atomic commits, per-key locks.
+
+Layout:  <root>/<stage>/<key>/{files..., manifest.json}
+         <root>/<stage>/.locks/<key>.lock          (owner pid/host/time; heartbeat = mtime)
+An artifact is used only when its manifest parses and every file matches its size and sha256;
+anything else (missing, partial, corrupt) is a miss and is recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def stable_hash(obj: Any) -> str:
+    """Hash of a JSON-able object, independent of dict order."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_key(name: str, version: int, config: dict, upstream: dict[str, str]) -> str:
+    return stable_hash({"stage": name, "version": version, "config": config, "upstream": upstream})[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Cache:
+    def __init__(self, root: Path, verify: str = "full", stale_after: float = 120.0):
+        if verify not in ("full", "size"):
+            raise ValueError(f"verify={verify!r} is not one of 'full', 'size'")
+        self.root, self.verify, self.stale_after = Path(root), verify, stale_after
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> Optional[dict]:
+        """The manifest of a complete, intact artifact, or None (a miss)."""
+        d = self.path(stage, key)
+        try:
+            man = json.loads((d / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if man.get("format_version") != FORMAT_VERSION or man.get("key") != key or man.get("stage") != stage:
+            return None
+        for rel, meta in man.get("files", {}).items():
+            f = d / rel
+            try:
+                if f.stat().st_size != meta["size"]:
+                    log.warning("cache %s/%s: %s has the wrong size: recomputing", stage, key, rel)
+                    return None
+            except OSError:
+                log.warning("cache %s/%s: %s is missing: recomputing", stage, key, rel)
+                return None
+            if self.verify == "full" and file_sha256(f) != meta["sha256"]:
+                log.warning("cache %s/%s: %s fails its checksum: recomputing", stage, key, rel)
+                return None
+        return man
+
+    def new_tmp(self, stage: str, key: str) -> Path:
+        tmp = self.root / stage / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, stage: str, key: str, tmp: Path, info: dict) -> dict:
+        """Checksum tmp's files, write the manifest, and rename tmp into place atomically."""
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+        man = {"format_version": FORMAT_VERSION, "stage": stage, "key": key, "created": time.time(),
+               "files": files, **info}
+        with open(tmp / MANIFEST, "w") as fh:
+            json.dump(man, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        final = self.path(stage, key)
+        if final.exists():  # a corrupt or partial earlier artifact: move it aside, then replace
+            trash = final.with_name(f".trash-{key}-{uuid.uuid4().hex[:8]}")
+            final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp.rename(final)
+        return man
+
+    @contextmanager
+    def lock(self, stage: str, key: str, on_wait=None):
+        lk = KeyLock(self.root / stage / ".locks" / f"{key}.lock", self.stale_after)
+        lk.acquire(on_wait)
+        try:
+            yield
+        finally:
+            lk.release()
+
+
+class KeyLock:
+    """An exclusive lock file that survives its holder's death.
+
+    The holder writes {pid, host, token} and touches the file every `stale_after/6` s. A waiter takes
+    the lock over when the holder is a dead process on this host, or when the heartbeat is older than
+    `stale_after` (another host, e.g. a cluster job on a shared filesystem). Never waits forever on a
+    dead holder.
+    """
+
+    def __init__(self, path: Path, stale_after: float = 120.0):
+        self.path, self.stale_after = Path(path), stale_after
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._beat: Optional[threading.Thread] = None
+
+    def _owner(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text()) | {"mtime": self.path.stat().st_mtime}
+        except (OSError, ValueError):
+            return None
+
+    def _is_stale(self, owner: dict) -> bool:
+        if owner.get("host") == socket.gethostname():
+            try:
+                os.kill(int(owner["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, KeyError, ValueError):
+                pass
+        return time.time() - owner["mtime"] > self.stale_after
+
+    def _break(self, owner: dict) -> None:
+        """Remove a stale lock, guarded by a short-lived break file so two waiters cannot both break."""
+        guard = self.path.with_suffix(".break")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > 30:
+                    guard.unlink()
+            except OSError:
+                pass
+            return
+        try:
+            now = self._owner()
+            if now is not None and now.get("token") == owner.get("token"):
+                log.warning("taking over a stale lock %s held by pid %s on %s", self.path.name,
+                            owner.get("pid"), owner.get("host"))
+                self.path.unlink()
+        finally:
+            os.close(fd)
+            guard.unlink()
+
+    def acquire(self, on_wait=None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        told = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and self._is_stale(owner):
+                    self._break(owner)
+                    continue
+                if not told and owner is not None and on_wait:
+                    on_wait(owner)
+                    told = True
+                time.sleep(0.2)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
+                           "since": time.time()}, fh)
+            self._stop.clear()
+            self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+            self._beat.start()
+            return
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(self.stale_after / 6, 0.05)):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat:
+            self._beat.join()
+        owner = self._owner()
+        if owner is not None and owner.get("token") == self.token:
+            self.path.unlink(missing_ok=True)

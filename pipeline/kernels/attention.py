@@ -1,0 +1,311 @@
+"""Paged decode attention (one query token per sequence) over fp16/bf16, int8 or int4 KV caches.
+
+Usage:
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                 kv_mode="static", kv_bits=8, k_scale=ks, k_zp=kz, v_scale=vs, v_zp=vz)
+
+Layouts (see kvcache.py for the quantization math):
+  q             (B, n_heads, head_dim) fp16/bf16, one token per sequence; n_heads % n_kv_heads == 0 (GQA:
+                query head h reads KV head h // (n_heads // n_kv_heads)).
+  k/v_cache     kv_mode "none":  (num_blocks, n_kv_heads, block_size, head_dim), q's dtype
+                kv_bits 8:       same shape, int8 codes
+                kv_bits 4:       (num_blocks, n_kv_heads, block_size, head_dim // 2) uint8, low nibble = even channel
+  block_tables  (B, max_blocks) int32: token `pos` of sequence b lives in block block_tables[b, pos // block_size],
+                row pos % block_size.
+  context_lens  (B,) int32, >= 1: tokens 0..context_lens[b]-1 are attended (the new token's K/V already written).
+  kv params     static:  k_scale, k_zp, v_scale, v_zp (n_kv_heads,) fp32
+                dynamic: k_scale, k_zp, v_scale, v_zp (num_blocks, n_kv_heads, block_size) fp32 side tensors
+  out           (B, n_heads, head_dim), q's dtype.
+
+The kernel is split-K over the context (flash-decoding): grid (B * n_kv_heads, num_splits); each program
+serves the n_heads // n_kv_heads query heads of one KV head (KV read once per group), keeps an online
+softmax in fp32, and a second small kernel merges the splits by their log-sum-exp. Dequantization is
+folded out of the inner loop: scores = k_scale * (q . k_codes) + k_zp * sum(q), and the V scale/zero
+point are applied to the accumulator (static) or to the probabilities (dynamic), so the loop only
+converts codes to fp16. int4 is handled as even/odd channel halves, never interleaved in registers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pipeline.kernels import kvcache
+from pipeline.kernels.dispatch import use_triton
+
+_MODE_ID = {"none": 0, "static": 1, "dynamic": 2}
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot_kq(q, k):
+    # q (BLOCK_G, Dk), k (BLOCK_N, Dk) -> (BLOCK_G, BLOCK_N) fp32
+    return tl.dot(q, tl.trans(k.to(q.dtype)))
+
+
+@triton.jit
+def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
+            sm_scale, n_kv, part,
+            s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_sb, s_sh,
+            s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
+            G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_N: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b = pid // n_kv
+    kvh = pid % n_kv
+    ctx = tl.load(CL + b)
+    start = sid * part
+    end = tl.minimum(start + part, ctx)
+
+    PACK: tl.constexpr = 2 if BITS == 4 else 1
+    DK: tl.constexpr = HEAD_DIM // PACK  # stored elements per token row
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, DK)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    q_ptr = Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :] * PACK
+    q0 = tl.load(q_ptr, mask=gmask[:, None], other=0.0)  # (BLOCK_G, DK): all channels, or the even ones
+    qsum = tl.sum(q0.to(tl.float32), 1)
+    if BITS == 4:
+        q1 = tl.load(q_ptr + 1, mask=gmask[:, None], other=0.0)  # odd channels
+        qsum += tl.sum(q1.to(tl.float32), 1)
+
+    if MODE == 1:  # static: per-head scalars; int4 codes are nibble - 8, folded into the zero point
+        ks = tl.load(KS + kvh)
+        kz = tl.load(KZ + kvh)
+        vs = tl.load(VS + kvh)
+        vz = tl.load(VZ + kvh)
+        if BITS == 4:
+            kz = kz - 8.0 * ks
+            vz = vz - 8.0 * vs
+
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc0 = tl.zeros([BLOCK_G, DK], tl.float32)
+    acc1 = tl.zeros([BLOCK_G, DK], tl.float32)  # odd channels (int4 only)
+    accz = tl.zeros([BLOCK_G], tl.float32)      # sum p * v_zp (dynamic only)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        blk = tl.load(BT + b * s_bt + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        row = offs_n % BLOCK_SIZE
+        k_ptr = K + blk[:, None] * s_kb + kvh * s_kh + row[:, None] * s_kt + offs_d[None, :]
+        v_ptr = V + blk[:, None] * s_vb + kvh * s_vh + row[:, None] * s_vt + offs_d[None, :]
+        kt = tl.load(k_ptr, mask=nmask[:, None], other=0)
+        vt = tl.load(v_ptr, mask=nmask[:, None], other=0)
+        if BITS == 4:
+            s = _dot_kq(q0, kt & 0xF) + _dot_kq(q1, kt >> 4)
+        else:
+            s = _dot_kq(q0, kt)
+        if MODE == 1:
+            s = s * ks + kz * qsum[:, None]
+        if MODE == 2:
+            side = blk * s_sb + kvh * s_sh + row
+            ks_n = tl.load(KS + side, mask=nmask, other=0.0)
+            kz_n = tl.load(KZ + side, mask=nmask, other=0.0)
+            vs_n = tl.load(VS + side, mask=nmask, other=0.0)
+            vz_n = tl.load(VZ + side, mask=nmask, other=0.0)
+            if BITS == 4:
+                kz_n = kz_n - 8.0 * ks_n
+                vz_n = vz_n - 8.0 * vs_n
+            s = s * ks_n[None, :] + qsum[:, None] * kz_n[None, :]
+        s = tl.where(nmask[None, :], s * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        if MODE == 2:
+            accz = accz * alpha + tl.sum(p * vz_n[None, :], 1)
+            p = p * vs_n[None, :]
+        pv = p.to(q0.dtype)
+        if BITS == 4:
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, (vt & 0xF).to(q0.dtype))
+            acc1 = acc1 * alpha[:, None] + tl.dot(pv, (vt >> 4).to(q0.dtype))
+        else:
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, vt.to(q0.dtype))
+
+    inv_l = 1.0 / tl.maximum(l_i, 1e-30)
+    if MODE == 0:
+        o0 = acc0 * inv_l[:, None]
+        o1 = acc1 * inv_l[:, None]
+    if MODE == 1:
+        live = tl.where(l_i > 0, 1.0, 0.0)  # an empty split must output 0, not the zero point
+        o0 = acc0 * (vs * inv_l)[:, None] + (vz * live)[:, None]
+        o1 = acc1 * (vs * inv_l)[:, None] + (vz * live)[:, None]
+    if MODE == 2:
+        o0 = (acc0 + accz[:, None]) * inv_l[:, None]
+        o1 = (acc1 + accz[:, None]) * inv_l[:, None]
+    if SPLIT:
+        op_ptr = OP + b * s_pb + heads[:, None] * s_ph + sid * s_ps + offs_d[None, :] * PACK
+        tl.store(op_ptr, o0, mask=gmask[:, None])
+        if BITS == 4:
+            tl.store(op_ptr + 1, o1, mask=gmask[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(LSE + b * s_lb + heads * s_lh + sid, lse, mask=gmask)
+    else:
+        o_ptr = O + b * s_ob + heads[:, None] * s_oh + offs_d[None, :] * PACK
+        tl.store(o_ptr, o0.to(O.dtype.element_ty), mask=gmask[:, None])
+        if BITS == 4:
+            tl.store(o_ptr + 1, o1.to(O.dtype.element_ty), mask=gmask[:, None])
+
+
+@triton.jit
+def _combine_kernel(OP, LSE, O, n_heads, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // n_heads
+    h = pid % n_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    smask = offs_s < n_splits
+    lse = tl.load(LSE + b * s_lb + h * s_lh + offs_s, mask=smask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # empty splits have lse = -inf -> weight 0
+    op = tl.load(OP + b * s_pb + h * s_ph + offs_s[:, None] * s_ps + offs_d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(op * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(O + b * s_ob + h * s_oh + offs_d, o.to(O.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a few splits, so the merge path is exercised
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params):
+    kvcache.check_kv_config(kv_mode, kv_bits)
+    if q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be (B, n_heads, head_dim) fp16/bf16, got {tuple(q.shape)} {q.dtype}")
+    B, H, D = q.shape
+    if D < 16 or D & (D - 1) or (kv_bits == 4 and D < 32):
+        raise ValueError(f"head_dim={D}: must be a power of two >= 16 (>= 32 for int4 KV)")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}: need equal "
+                         "(num_blocks, n_kv_heads, block_size, head_dim[//2]) shapes")
+    num_blocks, n_kv, bs, dk = k_cache.shape
+    want_dt = {16: q.dtype, 8: torch.int8, 4: torch.uint8}[kv_bits]
+    want_dk = D // 2 if kv_bits == 4 else D
+    if k_cache.dtype != want_dt or v_cache.dtype != want_dt or dk != want_dk:
+        raise ValueError(f"kv_mode={kv_mode!r}, kv_bits={kv_bits}: caches must be {want_dt} with last dim "
+                         f"{want_dk}, got {k_cache.dtype}/{v_cache.dtype} with last dim {dk}")
+    if H % n_kv:
+        raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={n_kv}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables must be ({B}, max_blocks) int32, got {tuple(block_tables.shape)} "
+                         f"{block_tables.dtype}")
+    if context_lens.shape != (B,) or context_lens.dtype != torch.int32:
+        raise ValueError(f"context_lens must be ({B},) int32, got {tuple(context_lens.shape)} {context_lens.dtype}")
+    side = (n_kv,) if kv_mode == "static" else (num_blocks, n_kv, bs)
+    tensors = {"k_cache": k_cache, "v_cache": v_cache, "block_tables": block_tables, "context_lens": context_lens}
+    for name, t in params.items():
+        if kv_mode == "none":
+            continue
+        if t is None or t.shape != side or t.dtype != torch.float32:
+            got = None if t is None else (tuple(t.shape), t.dtype)
+            raise ValueError(f"kv_mode={kv_mode!r}: {name} must be fp32 of shape {side}, got {got}")
+        tensors[name] = t
+    for name, t in tensors.items():
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    for name in ("k_cache", "v_cache"):
+        if tensors[name].stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along head_dim, strides {tensors[name].stride()}")
+    if kv_mode == "dynamic" and any(t.stride(-1) != 1 for t in params.values()):
+        raise ValueError("dynamic KV scale/zp side tensors must be contiguous along block_size")
+
+
+def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="none", kv_bits=16,
+            k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, max_context_len=None,
+            num_splits=None, block_n=None, num_warps=4, num_stages=2):
+    params = {"k_scale": k_scale, "k_zp": k_zp, "v_scale": v_scale, "v_zp": v_zp}
+    _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    B, H, D = q.shape
+    n_kv, bs = k_cache.shape[1], k_cache.shape[2]
+    G = H // n_kv
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    block_n = block_n or (64 if kv_bits == 16 else 128)
+    max_ctx = max_context_len or block_tables.shape[1] * bs  # capacity: graph-safe upper bound
+    if num_splits is None:
+        num_splits = math.ceil(3 * _num_sms(q.device) / (B * n_kv))
+    num_splits = max(1, min(num_splits, triton.cdiv(max_ctx, block_n), 64))
+    part = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_ctx, part)
+    split = num_splits > 1
+    if split:
+        op = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
+    else:
+        op, lse = out, out[:, :, 0]  # unused placeholders
+    dummy = context_lens
+    ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
+    s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
+    _kernel[(B * n_kv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, ks, kz, vs, vz, out, op, lse,
+        scale * LOG2E, n_kv, part,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), s_sb, s_sh,
+        out.stride(0), out.stride(1), op.stride(0), op.stride(1), op.stride(2) if split else 0,
+        lse.stride(0), lse.stride(1),
+        G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
+        MODE=_MODE_ID[kv_mode], BITS=kv_bits, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+    if split:
+        _combine_kernel[(B * H,)](op, lse, out, H, num_splits, op.stride(0), op.stride(1), op.stride(2),
+                                  lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                                  HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def gather_kv(cache, block_table, n, side=False):
+    """Rows 0..n-1 of one sequence from a paged cache -> (n, n_kv_heads, ...)."""
+    pos = torch.arange(n, device=cache.device)
+    blk = block_table[pos // cache.shape[2]].long()
+    return cache[blk, :, pos % cache.shape[2]]
+
+
+def dequant_kv(x, kv_mode, kv_bits, scale, zp):
+    if kv_mode == "none":
+        return x.float()
+    if kv_mode == "static":
+        return kvcache.kv_dequantize_static(x, scale, zp, kv_bits)
+    return kvcache.kv_dequantize_dynamic(x, scale, zp, kv_bits)
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="none", kv_bits=16,
+                               k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, **_):
+    """PyTorch reference: gather each sequence's KV, dequantize with kvcache.py, fp32 softmax."""
+    kvcache.check_kv_config(kv_mode, kv_bits)
+    B, H, D = q.shape
+    G = H // k_cache.shape[1]
+    out = torch.empty_like(q) if out is None else out
+    for b, n in enumerate(context_lens.tolist()):
+        bt = block_tables[b]
+        kv = []
+        for cache, s, z in ((k_cache, k_scale, k_zp), (v_cache, v_scale, v_zp)):
+            x = gather_kv(cache, bt, n)  # (n, n_kv, D or D/2)
+            if kv_mode == "dynamic":
+                s, z = gather_kv(s, bt, n), gather_kv(z, bt, n)  # (n, n_kv)
+            kv.append(dequant_kv(x, kv_mode, kv_bits, s, z).repeat_interleave(G, dim=1))  # (n, H, D)
+        att = torch.einsum("hd,nhd->hn", q[b].float(), kv[0]) * scale
+        out[b] = torch.einsum("hn,nhd->hd", att.softmax(-1), kv[1]).to(q.dtype)
+    return out
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="none", kv_bits=16,
+                           k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, max_context_len=None):
+    """Decode attention over a paged KV cache; Triton where `dispatch.use_triton` says so, else the reference.
+
+    max_context_len (optional int) bounds the context for the split heuristic; default: the block
+    table's capacity, which needs no host sync (CUDA-graph safe).
+    """
+    args = (q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode, kv_bits, k_scale, k_zp, v_scale, v_zp)
+    if use_triton(q, "paged_decode_attention"):
+        return _launch(*args, out=out, max_context_len=max_context_len)
+    return paged_decode_attention_ref(*args, out=out)

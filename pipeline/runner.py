@@ -1,0 +1,146 @@
+"""Run the stage graph described by conf/ (Hydra).
+
+    python -m pipeline.runner                                    # embedded default model, whole graph
+    python -m pipeline.runner quant=w4a16_kv8 model=llama2-7b-chat model.path=/models/llama-2-7b-chat
+    python -m pipeline.runner -m quant=fp16,kv8,w4a16,w4a16_kv8  # sweep; shared stages run once
+    python -m pipeline.runner pipeline=evaluate eval.path=data/test.txt eval.windows=40
+Rerunning a command skips every stage whose artifact is in the cache (cache_dir); a killed run resumes
+at the first stage without a complete artifact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import graph
+from .cache import Cache
+from .graph import PATH_KEYS
+from .schema import register
+
+log = logging.getLogger("pipeline")
+console = Console(highlight=False)
+register()
+
+
+def task_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def resume_command() -> str:
+    return " ".join(["python -m pipeline.runner", *map(shlex.quote, task_overrides())])
+
+
+def absolutize(cfg: DictConfig, base: Path) -> None:
+    """Make path-valued settings absolute (relative to where the command was started)."""
+    with open_dict(cfg):
+        for key in (*PATH_KEYS, "cache_dir", "download_dir"):
+            val = OmegaConf.select(cfg, key)
+            if val and not Path(val).is_absolute():
+                OmegaConf.update(cfg, key, str((base / val).resolve()))
+
+
+def summary_text(summary: dict) -> str:
+    keep = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    return ", ".join(f"{k}={v}" for k, v in list(keep.items())[:6])
+
+
+def closing_table(results) -> Table:
+    t = Table(title="stages")
+    for col in ("stage", "key", "status", "result"):
+        t.add_column(col)
+    for r in results:
+        status = {"cached": "cached", "ran": f"ran in {r.seconds:.1f} s", "failed": f"failed after {r.seconds:.1f} s"}[r.status]
+        t.add_row(r.name, r.key, status, summary_text(r.summary))
+    return t
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> list:
+    """Validate, plan and execute; returns the StageResults. Raises on a bad config or a failing stage."""
+    from .stages import load
+    load.validate(cfg.model)
+    steps = graph.plan(cfg)
+    cache = Cache(Path(cfg.cache_dir), verify=cfg.verify, stale_after=cfg.lock_stale_after)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        overall = progress.add_task("pipeline", total=len(steps))
+
+        def track(it, total=None, description=""):
+            task = progress.add_task(f"  {description}", total=total)
+            for x in it:
+                yield x
+                progress.advance(task)
+            progress.remove_task(task)
+
+        def on_start(st):
+            progress.update(overall, description=f"running {st.name} [{st.key}]")
+            log.info("stage %s [%s]: running", st.name, st.key)
+
+        def on_wait(st, owner):
+            log.info("stage %s [%s]: waiting for pid %s on %s, which is computing it", st.name, st.key,
+                     owner.get("pid"), owner.get("host"))
+
+        try:
+            results = graph.execute(cfg, steps, cache, run_dir, track=track, on_start=on_start, on_wait=on_wait)
+        finally:
+            progress.update(overall, completed=len(getattr(graph.execute, "results", [])))
+    return results
+
+
+def write_report(run_dir: Path, results, ok: bool, error: str | None = None) -> None:
+    rep = {"ok": ok, "error": error, "overrides": task_overrides(), "resume": resume_command(),
+           "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 2),
+                       "summary": r.summary, "path": str(r.path) if r.path else None} for r in results]}
+    (run_dir / "report.json").write_text(json.dumps(rep, indent=2, default=str))
+    for r in results:
+        if r.summary:
+            (run_dir / f"{r.name}.json").write_text(json.dumps(r.summary, indent=2, default=str))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig):
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    absolutize(cfg, Path.cwd())
+    (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    t0 = time.time()
+    try:
+        results = run_pipeline(cfg, run_dir)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one clear message and the resume command
+        results = getattr(graph.execute, "results", [])
+        graph.execute.results = []
+        msg = " ".join(str(e).split()) or type(e).__name__
+        log.debug("%s", traceback.format_exc())
+        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        if results:
+            console.print(closing_table(results))
+        console.print(f"[bold red]error:[/] {type(e).__name__}: {msg}")
+        console.print(f"resume with: {resume_command()}")
+        write_report(run_dir, results, False, msg)
+        if multirun:
+            return {"ok": False, "error": msg}
+        sys.exit(1)
+    graph.execute.results = []
+    console.print(closing_table(results))
+    console.print(f"done in {time.time() - t0:.1f} s; run folder: {run_dir}")
+    write_report(run_dir, results, True)
+    return {"ok": True, "stages": {r.name: r.summary for r in results}}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Dataclass schemas behind the YAML in conf/ (registered in Hydra's ConfigStore).
+
+A mistyped key or a wrong type fails when Hydra composes the config, naming the key, e.g.
+    Key 'grup_size' not in 'QuantConfig'  full_key: quant.grup_size
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "deploy"
+    targets: List[str] = field(default_factory=lambda: ["evaluate"])  # stages to reach; upstream ones follow
+
+
+@dataclass
+class ShapeConfig:
+    """Model shape for model.source=synthetic (ModelArgs fields); ignored by real checkpoints."""
+    arch: str = "llama"
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    hidden_dim: int = 11008
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    source: str = "embedded"          # hf | gguf | embedded | synthetic
+    path: Optional[str] = None        # folder (hf) or file (gguf)
+    dtype: str = "float32"            # dtype of the loaded weights: float32 | float16 | bfloat16
+    seed: int = 0                     # synthetic weights
+    shape: ShapeConfig = field(default_factory=ShapeConfig)
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "embedded"         # embedded | file | c4 | wikitext2 | ptb | pileval
+    path: Optional[str] = None        # local .txt / .jsonl / .parquet (dataset=file)
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class QuantConfig:
+    name: str = "fp16"
+    w_bits: Optional[int] = None      # None: 16-bit weights; 4 (3, 8 accepted): weight-only quantization
+    group_size: int = 128
+    zero_point: bool = True           # asymmetric weights
+    search: bool = True               # AWQ scale search; False: round-to-nearest (RTN)
+    n_grid: int = 20
+    clip: bool = True                 # AWQ clip search
+    kv_bits: Optional[int] = None     # None: 16-bit KV; 8 or 4
+    kv_sym: bool = False
+    kv_mode: str = "static"           # static (calibrated zp/scale) | dynamic (per token)
+    num_tp: int = 1                   # tensor-parallel split of the KV qparams
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    extra: Dict[str, Any] = field(default_factory=dict)  # method-specific settings
+
+
+@dataclass
+class EvalConfig:
+    path: Optional[str] = None        # text file; None: the embedded corpus (Python's own docs)
+    windows: int = 40                 # non-overlapping windows
+    seqlen: int = 512
+    batch_size: int = 4
+    dtype: str = "auto"               # compute dtype: auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
+
+
+@dataclass
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 23333
+    keys: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ServeConfig:
+    mode: str = "generate"            # generate | chat | api
+    tp: int = 1
+    max_batch_size: int = 32
+    session_len: int = 4096
+    cache_max_entry_count: float = 0.8
+    cache_block_size: int = 64
+    max_prefill_tokens: int = 2048
+    cuda_graphs: bool = True
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    prompts: List[str] = field(default_factory=list)
+    api: ApiConfig = field(default_factory=ApiConfig)
+
+
+@dataclass
+class Config:
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    cache_dir: str = "outputs/cache"
+    download_dir: str = "outputs/downloads"
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    verify: str = "full"              # cache verification: full (checksums) | size
+    lock_stale_after: float = 120.0   # seconds without a heartbeat before a lock is taken over
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="config_schema", node=Config)
