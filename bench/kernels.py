@@ -1,0 +1,260 @@
+"""Kernel benchmarks on one GPU: each section times our kernels against named baselines in one run.
+
+    python bench/kernels.py                    # every section
+    python bench/kernels.py --only w4a16       # one section (comma-separated list allowed)
+    python bench/kernels.py --only w4a16 --quick   # fewer M values, for a smoke run
+
+Writes <out>/kernels_<section>.json (out = --out, else $OUT, else bench/results) and prints a short
+table per section, last. Other kernels add a function to SECTIONS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.kernels import w4a16 as w4  # noqa: E402
+
+L2_DEFEAT_BYTES = 256 << 20  # rotate weight copies until this many bytes are touched
+
+
+# ---------------------------------------------------------------------------------------- timing
+def copy_bandwidth(n_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    a = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ts = []
+    for _ in range(23):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return 2 * n_bytes / statistics.median(ts[3:])
+
+
+def time_calls(fns, graph: bool, rounds: int = 7) -> float:
+    """Seconds per call of a list of calls (each on its own weight copy), run back to back.
+    graph=True: the whole list captured in one CUDA graph and replayed; else plain launches."""
+    calls = fns * max(1, math.ceil(24 / len(fns)))
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for f in calls:  # warm the graph pool's allocations outside capture
+                f()
+            with torch.cuda.graph(g, stream=stream):
+                for f in calls:
+                    f()
+        torch.cuda.synchronize()
+        run = g.replay
+    else:
+        def run():
+            for f in calls:
+                f()
+    run()
+    ts = []
+    for _ in range(rounds):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3 / len(calls))
+    return statistics.median(ts)
+
+
+def rel_err(y, ref) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+# ----------------------------------------------------------------------------------------- w4a16
+LLAMA_LINEARS = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # (K, N)
+
+
+def _tinygemm_pack(q, s, z, g, hi_first=True):
+    """torch's tinygemm: w = (q - 8) * scale + zero; weights (N, K/2) uint8 -> int4pack."""
+    qi = q.to(torch.int32)
+    a, b = (qi[:, ::2], qi[:, 1::2]) if hi_first else (qi[:, 1::2], qi[:, ::2])
+    packed = torch.ops.aten._convert_weight_to_int4pack((a << 4 | b).to(torch.uint8), 8)
+    sz = torch.stack([s.float(), (8 - z.float()) * s.float()], dim=-1)  # (K//g, N, 2)
+    return packed, sz
+
+
+def _gemlite_layer(q, s, z, dtype):
+    from gemlite.helper import A16W4_HQQ_INT
+    return A16W4_HQQ_INT(dtype=dtype).from_weights(q, s.t().contiguous(), z.t().contiguous())
+
+
+def bench_w4a16(args) -> dict:
+    dev = torch.device("cuda")
+    dtype = torch.float16
+    g = 128
+    Ms = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256, 2048]
+    bw = copy_bandwidth()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "copy_bw_GBps": bw / 1e9, "group_size": g,
+           "dtype": "float16", "shapes": [], "notes": []}
+    try:
+        import gemlite  # noqa: F401
+        have_gemlite = True
+        res["gemlite"] = getattr(gemlite, "__version__", "?")
+    except Exception as e:
+        have_gemlite = False
+        res["notes"].append(f"gemlite not available: {e!r}"[:200])
+
+    for K, N in LLAMA_LINEARS:
+        torch.manual_seed(K + N)
+        int4_bytes = K * N // 2 + 2 * 2 * (K // g) * N  # int4 weights + fp16 scale and zero per group
+        n4 = max(2, math.ceil(L2_DEFEAT_BYTES / int4_bytes))
+        n16 = max(2, math.ceil(L2_DEFEAT_BYTES / (2 * K * N)))
+        quants = []
+        for _ in range(n4):
+            q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=dev)
+            s = (torch.rand(K // g, N, device=dev) * 0.01 + 1e-3).half()
+            z = torch.randint(0, 16, (K // g, N), device=dev).half()
+            quants.append((q, s, z))
+        ws = [w4.pack_w4(q, s, z, g) for q, s, z in quants]
+        w16 = [w4.dequantize_w4(ws[i % n4], dtype) for i in range(n16)]
+        entry = {"K": K, "N": N, "int4_bytes": int4_bytes, "roofline_s": int4_bytes / bw,
+                 "copies_int4": n4, "copies_fp16": n16, "M": {}, "check": {}}
+        # baselines' packing, checked against the reference once
+        xc = torch.randn(16, K, device=dev, dtype=dtype)
+        ref = xc.double() @ w4.dequantize_w4(ws[0], torch.float64).T
+        entry["check"]["ours"] = rel_err(w4.w4a16_linear(xc, ws[0]), ref)
+        tiny = None
+        for hi_first in (True, False):
+            try:
+                cand = [_tinygemm_pack(q, s, z, g, hi_first) for q, s, z in quants]
+                for tdt in (torch.float16, torch.bfloat16):
+                    try:
+                        sz = cand[0][1].to(tdt)
+                        y = torch.ops.aten._weight_int4pack_mm(xc.to(tdt), cand[0][0], g, sz)
+                    except Exception as e:
+                        res["notes"].append(f"tinygemm {tdt}: {e!r}"[:200])
+                        continue
+                    err = rel_err(y, ref)
+                    if err < 2e-2:
+                        tiny = ([(p, s_.to(tdt)) for p, s_ in cand], tdt)
+                        entry["check"]["tinygemm"] = {"err": err, "hi_nibble_first": hi_first,
+                                                      "dtype": str(tdt)}
+                        break
+                if tiny:
+                    break
+            except Exception as e:
+                res["notes"].append(f"tinygemm pack: {e!r}"[:200])
+        gl = None
+        if have_gemlite:
+            try:
+                gl = [_gemlite_layer(q, s, z, dtype) for q, s, z in quants]
+                entry["check"]["gemlite"] = rel_err(gl[0](xc), ref)
+                if entry["check"]["gemlite"] > 1e-2:
+                    gl = None
+            except Exception as e:
+                res["notes"].append(f"gemlite: {e!r}"[:200])
+                gl = None
+        del quants
+
+        for M in Ms:
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            w4.w4a16_linear(x, ws[0])  # tune outside capture
+            chosen, tune_ms = w4.tuning_record(x, ws[0])
+            methods = {
+                "ours": [lambda w=w: w4.w4a16_linear(x, w) for w in ws],
+                "fp16_cublas": [lambda W=W: F.linear(x, W) for W in w16],
+            }
+            if tiny:
+                xt = x.to(tiny[1])
+                methods["tinygemm"] = [lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(xt, p, g, sz)
+                                       for p, sz in tiny[0]]
+            if gl:
+                methods["gemlite"] = [lambda L=L: L(x) for L in gl]
+            row = {"config": chosen, "tune_ms": tune_ms}
+            for name, fns in methods.items():
+                for mode in ("graph", "eager"):
+                    try:
+                        row[f"{name}_{mode}_s"] = time_calls(fns, graph=mode == "graph")
+                    except Exception as e:
+                        res["notes"].append(f"{name} {mode} M={M} K={K} N={N}: {e!r}"[:200])
+            row["flops"] = 2 * M * K * N
+            entry["M"][M] = row
+            print(f"K={K} N={N} M={M}: " + ", ".join(f"{k}={v * 1e6:.1f}us" for k, v in row.items()
+                                                    if k.endswith("_s")) + f" [{row['config']}]",
+                  flush=True)
+        res["shapes"].append(entry)
+        del ws, w16, gl, tiny
+        torch.cuda.empty_cache()
+
+    # summary: the four linears of a layer
+    roof = sum(e["roofline_s"] for e in res["shapes"])
+    summary = {}
+    for M in Ms:
+        s = {"roofline_us": roof * 1e6}
+        for k in res["shapes"][0]["M"][M]:
+            if k.endswith("_s") and all(k in e["M"][M] for e in res["shapes"]):
+                s[k[:-2] + "_us"] = sum(e["M"][M][k] for e in res["shapes"]) * 1e6
+        summary[M] = s
+    res["summary"] = summary
+    res["tune_errors"] = dict(w4._tune_errors)
+    lines = [f"W4A16, four Llama-2-7B linears, g={g}, fp16, {res['device']}, copy {bw / 1e9:.0f} GB/s, "
+             f"int4 roofline {roof * 1e6:.1f} us",
+             "mode  |    M | ours x roof | tinygemm x | gemlite x | fp16 x | ours/fp16 speed"]
+    for mode in ("graph", "eager"):
+        for M in Ms:
+            s = summary[M]
+
+            def r(name):
+                v = s.get(f"{name}_{mode}_us")
+                return f"{v / s['roofline_us']:8.2f}x" if v else "       -"
+            o, f16 = s.get(f"ours_{mode}_us"), s.get(f"fp16_cublas_{mode}_us")
+            sp = f"{f16 / o:6.2f}" if o and f16 else "-"
+            lines.append(f"{mode:5} | {M:4} | {r('ours')}   | {r('tinygemm')} | {r('gemlite')} | "
+                         f"{r('fp16_cublas')} | {sp}")
+    res["table"] = lines
+    return res
+
+
+SECTIONS = {"w4a16": bench_w4a16}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated of {list(SECTIONS)}")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    bad = [n for n in names if n not in SECTIONS]
+    if bad:
+        ap.error(f"--only {bad} not among {list(SECTIONS)}")
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for n in names:
+        t0 = time.time()
+        res = SECTIONS[n](args)
+        res["wall_s"] = time.time() - t0
+        (out / f"kernels_{n}.json").write_text(json.dumps(res, indent=1, default=str))
+        tables += res["table"]
+    print("\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
