@@ -64,6 +64,7 @@ class QuantConfig:
     search: bool = True               # AWQ scale search; False: round-to-nearest (RTN)
     n_grid: int = 20
     clip: bool = True                 # AWQ clip search
+    search_samples: int = 8           # calibration sequences (a seeded subset) the AWQ search losses run on
     kv_bits: Optional[int] = None     # None: 16-bit KV; 8 or 4
     kv_sym: bool = False
     kv_mode: str = "static"           # static (calibrated zp/scale) | dynamic (per token)
