@@ -81,12 +81,24 @@ class Cache:
         tmp.mkdir(parents=True)
         return tmp
 
+    def clear_tmp(self, stage: str, key: str) -> None:
+        """Remove temp folders left for this key by killed runs. Call only while holding the key's lock:
+        only the lock holder writes `.tmp-<key>-*`."""
+        for old in (self.root / stage).glob(f".tmp-{key}-*"):
+            log.info("cache %s/%s: removing %s left by an interrupted run", stage, key, old.name)
+            shutil.rmtree(old, ignore_errors=True)
+
     def commit(self, stage: str, key: str, tmp: Path, info: dict) -> dict:
-        """Checksum tmp's files, write the manifest, and rename tmp into place atomically."""
+        """Checksum and fsync tmp's files, write the manifest, and rename tmp into place atomically."""
         files = {}
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = f.relative_to(tmp).as_posix()
             files[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # data on disk before the manifest that vouches for it
+            finally:
+                os.close(fd)
         man = {"format_version": FORMAT_VERSION, "stage": stage, "key": key, "created": time.time(),
                "files": files, **info}
         with open(tmp / MANIFEST, "w") as fh:
@@ -98,7 +110,17 @@ class Cache:
             trash = final.with_name(f".trash-{key}-{uuid.uuid4().hex[:8]}")
             final.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            # another process committed this key meanwhile (only after a wrongly taken-over lock):
+            # keep the intact one, drop ours
+            theirs = self.lookup(stage, key)
+            if theirs is None:
+                raise
+            log.warning("cache %s/%s: committed concurrently by another process; keeping theirs", stage, key)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return theirs
         return man
 
     @contextmanager
@@ -106,18 +128,32 @@ class Cache:
         lk = KeyLock(self.root / stage / ".locks" / f"{key}.lock", self.stale_after)
         lk.acquire(on_wait)
         try:
+            self.clear_tmp(stage, key)
             yield
         finally:
             lk.release()
 
 
+def host_id() -> dict:
+    """Who may judge a pid: the same hostname AND the same kernel boot AND the same pid namespace
+    (two containers can share a hostname and a filesystem but not pids)."""
+    ident = {"host": socket.gethostname()}
+    try:
+        ident["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ident["pidns"] = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pass
+    return ident
+
+
 class KeyLock:
     """An exclusive lock file that survives its holder's death.
 
-    The holder writes {pid, host, token} and touches the file every `stale_after/6` s. A waiter takes
-    the lock over when the holder is a dead process on this host, or when the heartbeat is older than
-    `stale_after` (another host, e.g. a cluster job on a shared filesystem). Never waits forever on a
-    dead holder.
+    The holder writes {pid, host, boot, pidns, token} and touches the file every `stale_after/6` s. A
+    waiter takes the lock over when the holder is a dead process on this host (same hostname, boot and
+    pid namespace), or when the heartbeat is older than `stale_after` (another host, e.g. a cluster job
+    on a shared filesystem; a frozen process; a holder killed before it wrote its name). Never waits
+    forever on a dead holder. Hosts sharing a filesystem need clocks within a fraction of stale_after.
     """
 
     def __init__(self, path: Path, stale_after: float = 120.0):
@@ -127,13 +163,22 @@ class KeyLock:
         self._beat: Optional[threading.Thread] = None
 
     def _owner(self) -> Optional[dict]:
+        """The lock file's content plus its mtime; {"mtime"} alone while it is empty or unreadable
+        (being written, or its writer died first); None when there is no lock file."""
         try:
-            return json.loads(self.path.read_text()) | {"mtime": self.path.stat().st_mtime}
-        except (OSError, ValueError):
+            mtime = self.path.stat().st_mtime
+            text = self.path.read_text()
+        except OSError:
             return None
+        try:
+            owner = json.loads(text)
+        except ValueError:
+            owner = {}
+        return (owner if isinstance(owner, dict) else {}) | {"mtime": mtime}
 
     def _is_stale(self, owner: dict) -> bool:
-        if owner.get("host") == socket.gethostname():
+        me = host_id()
+        if "pid" in owner and all(owner.get(k) == v for k, v in me.items()):
             try:
                 os.kill(int(owner["pid"]), 0)
             except ProcessLookupError:
@@ -175,14 +220,13 @@ class KeyLock:
                 if owner is not None and self._is_stale(owner):
                     self._break(owner)
                     continue
-                if not told and owner is not None and on_wait:
+                if not told and owner is not None and "pid" in owner and on_wait:
                     on_wait(owner)
                     told = True
                 time.sleep(0.2)
                 continue
             with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "token": self.token,
-                           "since": time.time()}, fh)
+                json.dump({"pid": os.getpid(), **host_id(), "token": self.token, "since": time.time()}, fh)
             self._stop.clear()
             self._beat = threading.Thread(target=self._heartbeat, daemon=True)
             self._beat.start()
@@ -190,6 +234,11 @@ class KeyLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(self.stale_after / 6, 0.05)):
+            owner = self._owner()
+            if owner is None or owner.get("token") != self.token:
+                log.warning("lock %s was taken over by pid %s on %s (this process looked stale)", self.path.name,
+                            (owner or {}).get("pid"), (owner or {}).get("host"))
+                return
             try:
                 os.utime(self.path)
             except OSError:

@@ -5,6 +5,7 @@ The runner (pipeline/runner.py) owns the console; this module owns disk and keys
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,16 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
     return [planned[n] for n in order]
 
 
+def _pause_for_tests(stage: str) -> None:
+    """PIPELINE_TEST_PAUSE=<stage>:<seconds>: sleep after <stage> wrote its files into its temp folder
+    and before the commit, holding the lock (so tests can SIGKILL a run in the middle of a stage)."""
+    spec = os.environ.get("PIPELINE_TEST_PAUSE", "")
+    name, _, secs = spec.partition(":")
+    if name == stage:
+        log.warning("PIPELINE_TEST_PAUSE: pausing %s s inside stage %s", secs, stage)
+        time.sleep(float(secs))
+
+
 @dataclass
 class StageResult:
     name: str
@@ -149,6 +160,7 @@ def execute(cfg: DictConfig, steps: list[PlannedStage], cache: Cache, run_dir: P
                     tmp = cache.new_tmp(st.name, st.key)
                     try:
                         summary = st.module.run(StageContext(out=tmp, **ctx_kwargs)) or {}
+                        _pause_for_tests(st.name)
                         man = cache.commit(st.name, st.key, tmp, {
                             "version": st.module.VERSION, "config": st.config, "summary": summary,
                             "upstream": {u: paths and next(r.key for r in results if r.name == u) for u in st.upstream},
