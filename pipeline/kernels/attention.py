@@ -35,7 +35,6 @@ import triton.language as tl
 from pipeline.kernels import kvcache
 from pipeline.kernels.dispatch import use_triton
 
-_MODE_ID = {"none": 0, "static": 1, "dynamic": 2}
 LOG2E = 1.4426950408889634
 
 
@@ -255,7 +254,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         out.stride(0), out.stride(1), op.stride(0), op.stride(1), op.stride(2) if split else 0,
         lse.stride(0), lse.stride(1),
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
-        MODE=_MODE_ID[kv_mode], BITS=kv_bits, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
+        MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
     if split:
         _combine_kernel[(B * H,)](op, lse, out, H, num_splits, op.stride(0), op.stride(1), op.stride(2),
                                   lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),

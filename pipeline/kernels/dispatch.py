@@ -49,6 +49,12 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
 
 
 _reported: set[tuple[str, str]] = set()
+_last_path: dict[str, str] = {}
+
+
+def last_path(kernel: str) -> str | None:
+    """What the latest `use_triton` call chose for `kernel`: "triton", "reference", or None if never asked."""
+    return _last_path.get(kernel)
 
 
 def use_triton(t: torch.Tensor, kernel: str, min_capability: tuple[int, int] = (8, 0)) -> bool:
@@ -61,6 +67,7 @@ def use_triton(t: torch.Tensor, kernel: str, min_capability: tuple[int, int] = (
     else:
         cap = device_capability(t.device)
         choice = cap is not None and tuple(cap) >= tuple(min_capability)
+    _last_path[kernel] = "triton" if choice else "reference"
     key = (kernel, f"{t.device}:{choice}")
     if key not in _reported:
         _reported.add(key)

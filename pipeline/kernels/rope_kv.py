@@ -28,7 +28,6 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import kvcache
-from pipeline.kernels.attention import _MODE_ID
 from pipeline.kernels.dispatch import use_triton
 
 RNE_MAGIC = 12582912.0  # 1.5 * 2^23: (y + M) - M rounds fp32 |y| < 2^22 half to even, like torch.round
@@ -205,7 +204,7 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), s_sb, s_sh,
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         H=H, HKV=n_kv, BLOCK_HQ=triton.next_power_of_2(H), BLOCK_HKV=triton.next_power_of_2(n_kv),
-        HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[2], MODE=_MODE_ID[kv_mode], BITS=kv_bits, WRITE_K=return_k,
+        HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[2], MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, WRITE_K=return_k,
         num_warps=4)
     return (q_out, k_out) if return_k else q_out
 
