@@ -1,4 +1,10 @@
-"""Shared fixtures: the real SmolLM2 GGUF, wikitext-2 paths, and a helper that runs the real CLI."""
+"""Shared fixtures: the real SmolLM2 GGUF, wikitext-2 paths, and a helper that runs the real CLI.
+
+Triton's interpreter: Triton decides at import/decoration time whether `@triton.jit` functions are
+compiled or interpreted (its own `tl.sum`, `tl.max`, ... included), so TRITON_INTERPRET must be set
+before anything imports triton. Without CUDA (CI) every kernel runs through the interpreter; on a GPU
+machine the variable is left alone and kernels compile.
+"""
 from __future__ import annotations
 
 import os
@@ -7,6 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
