@@ -209,7 +209,8 @@ class KeyLock:
             os.close(fd)
             guard.unlink()
 
-    def acquire(self, on_wait=None) -> None:
+    def acquire(self, on_wait=None, blocking: bool = True) -> bool:
+        """Take the lock (waiting for a live holder); with blocking=False, return False instead of waiting."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         told = False
         while True:
@@ -220,6 +221,8 @@ class KeyLock:
                 if owner is not None and self._is_stale(owner):
                     self._break(owner)
                     continue
+                if not blocking:
+                    return False
                 if not told and owner is not None and "pid" in owner and on_wait:
                     on_wait(owner)
                     told = True
@@ -230,7 +233,7 @@ class KeyLock:
             self._stop.clear()
             self._beat = threading.Thread(target=self._heartbeat, daemon=True)
             self._beat.start()
-            return
+            return True
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(self.stale_after / 6, 0.05)):

@@ -4,13 +4,16 @@
     python -m pipeline.runner quant=w4a16_kv8 model=llama2-7b-chat model.path=/models/llama-2-7b-chat
     python -m pipeline.runner -m quant=fp16,kv8,w4a16,w4a16_kv8  # sweep; shared stages run once
     python -m pipeline.runner pipeline=evaluate eval.path=data/test.txt eval.windows=40
+    python -m pipeline.runner -m hydra/launcher=local launch.jobs=2 eval.seqlen=256,512  # parallel jobs
 Rerunning a command skips every stage whose artifact is in the cache (cache_dir); a killed run resumes
-at the first stage without a complete artifact.
+at the first stage without a complete artifact. A multirun ends with one summary of all its jobs
+(pipeline/report.py) and exits non-zero when any job failed.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -25,14 +28,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import graph
+from . import graph, gpus, report
 from .cache import Cache
 from .graph import PATH_KEYS
 from .schema import register
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # absolute: also right when imported by a launcher
 log = logging.getLogger("pipeline")
 console = Console(highlight=False)
 register()
+if not OmegaConf.has_resolver("gpu_count"):
+    OmegaConf.register_new_resolver("gpu_count", gpus.gpu_count)  # launcher presets
 
 
 def task_overrides() -> list[str]:
@@ -102,8 +108,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> list:
     return results
 
 
-def write_report(run_dir: Path, results, ok: bool, error: str | None = None) -> None:
+def write_report(run_dir: Path, results, ok: bool, error: str | None = None, wall_s: float = 0.0) -> None:
     rep = {"ok": ok, "error": error, "overrides": task_overrides(), "resume": resume_command(),
+           "wall_s": round(wall_s, 2), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
            "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 2),
                        "summary": r.summary, "path": str(r.path) if r.path else None} for r in results]}
     (run_dir / "report.json").write_text(json.dumps(rep, indent=2, default=str))
@@ -112,10 +119,13 @@ def write_report(run_dir: Path, results, ok: bool, error: str | None = None) -> 
             (run_dir / f"{r.name}.json").write_text(json.dumps(r.summary, indent=2, default=str))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig):
+def job(cfg: DictConfig):
+    """One run (one job of a multirun). Undecorated and module-level, so process launchers pickle it by
+    reference (joblib, submitit and Ray re-import pipeline.runner in their workers)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and cfg.launch.spread_gpus and cfg.device in ("auto", "cuda"):
+        gpus.pin_job_gpu(HydraConfig.get().job.num, Path(HydraConfig.get().sweep.dir) / ".gpus")
     absolutize(cfg, Path.cwd())
     (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.time()
@@ -131,16 +141,26 @@ def main(cfg: DictConfig):
             console.print(closing_table(results))
         console.print(f"[bold red]error:[/] {type(e).__name__}: {msg}")
         console.print(f"resume with: {resume_command()}")
-        write_report(run_dir, results, False, msg)
+        write_report(run_dir, results, False, msg, time.time() - t0)
         if multirun:
             return {"ok": False, "error": msg}
         sys.exit(1)
     graph.execute.results = []
     console.print(closing_table(results))
     console.print(f"done in {time.time() - t0:.1f} s; run folder: {run_dir}")
-    write_report(run_dir, results, True)
+    write_report(run_dir, results, True, wall_s=time.time() - t0)
     return {"ok": True, "stages": {r.name: r.summary for r in results}}
 
 
+main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(job)
+
+
 if __name__ == "__main__":
-    main()
+    # call main through the importable module, not __main__: process launchers (joblib, submitit, Ray)
+    # pickle the task function by reference and re-import it in their workers
+    from pipeline import report as _report, runner as _runner
+    try:
+        _runner.main()
+    finally:
+        _report.finish()  # the sweep report, when a launcher raised before Hydra's multirun-end callback
+    sys.exit(_report.exit_code())

@@ -110,12 +110,25 @@ class ServeConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """Read by the launcher presets in conf/hydra/launcher/ (hydra/launcher=local|submitit|slurm|ray)."""
+    jobs: int = 2                     # jobs at once on one machine (joblib workers, Ray local CPUs)
+    partition: Optional[str] = None   # SLURM partition
+    gpus_per_job: int = 1             # SLURM / Ray GPUs per job
+    cpus_per_job: int = 8             # SLURM cpus per task
+    mem_gb: Optional[int] = None      # SLURM memory per job
+    time_min: int = 60                # SLURM time limit per job, minutes
+    spread_gpus: bool = True          # one visible GPU per job when a job sees several (pipeline/gpus.py)
+
+
+@dataclass
 class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     cache_dir: str = "outputs/cache"
     download_dir: str = "outputs/downloads"
     device: str = "auto"              # auto | cpu | cuda | cuda:N
