@@ -69,6 +69,8 @@ class QuantConfig:
     kv_sym: bool = False
     kv_mode: str = "static"           # static (calibrated zp/scale) | dynamic (per token)
     num_tp: int = 1                   # tensor-parallel split of the KV qparams
+    a_bits: Optional[int] = None      # None: 16-bit activations; 8: W8A8 (SmoothQuant, int8 per-token dynamic)
+    smooth_alpha: float = 0.5         # SmoothQuant migration strength; 0 = no smoothing (s = 1)
     calib: CalibConfig = field(default_factory=CalibConfig)
     extra: Dict[str, Any] = field(default_factory=dict)  # method-specific settings
 
