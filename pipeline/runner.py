@@ -95,6 +95,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> list:
 
         def on_start(st):
             progress.update(overall, description=f"running {st.name} [{st.key}]")
+            if not st.cached:
+                progress.stop()  # a terminal stage (serve) owns the terminal: chat input, streamed text
             log.info("stage %s [%s]: running", st.name, st.key)
 
         def on_wait(st, owner):

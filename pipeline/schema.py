@@ -108,6 +108,7 @@ class ServeConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     prompts: List[str] = field(default_factory=list)
+    workspace: Optional[str] = None   # serve this workspace folder instead of building one (turbomind stage)
     api: ApiConfig = field(default_factory=ApiConfig)
 
 
