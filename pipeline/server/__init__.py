@@ -1,0 +1,75 @@
+"""OpenAI-compatible HTTP server (and the chat page at /) over one engine.
+
+    python -m pipeline.runner pipeline=serve serve.mode=api                          # 127.0.0.1:23333
+    python -m pipeline.runner pipeline=serve serve.mode=api serve.api.port=0 'serve.api.keys=[sk-1]'
+
+The serve stage builds the engine from the workspace and calls serve_api(ctx, engine), which logs the
+workspace, quant config, KV capacity and URL, then runs uvicorn until Ctrl-C. serve.api.port=0 binds
+a free port (the log line "API server listening on http://..." names it).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+from .app import create_app
+
+log = logging.getLogger("pipeline.server")
+__all__ = ["create_app", "serve_api"]
+
+
+def _cfg_get(cfg, path: str, default=None):
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part, None) if node is not None else None
+    return default if node is None else node
+
+
+def serve_api(ctx, engine) -> dict:
+    """Serve `engine` over HTTP until interrupted; returns a small summary."""
+    import uvicorn
+
+    cfg = ctx.full_cfg if getattr(ctx, "full_cfg", None) is not None else ctx.cfg
+    host = _cfg_get(cfg, "serve.api.host", "127.0.0.1")
+    port = int(_cfg_get(cfg, "serve.api.port", 23333))
+    keys = [str(k) for k in (_cfg_get(cfg, "serve.api.keys", []) or [])]
+    st = engine.stats()
+    model_name = _cfg_get(cfg, "model.name", st["model_name"])
+    quant = _cfg_get(cfg, "quant.name", "fp16")
+    workspace = str(ctx.inputs.get("turbomind", "")) if getattr(ctx, "inputs", None) else ""
+    info = {"quant": quant, "weight_type": st["weight_type"], "quant_policy": st["quant_policy"],
+            "kv_capacity_tokens": st["kv_capacity_tokens"], "session_len": st["session_len"],
+            "max_batch_size": st["max_batch_size"], "device": st.get("device", "")}
+    defaults = {"max_tokens": _cfg_get(cfg, "serve.max_new_tokens", 128),
+                "temperature": _cfg_get(cfg, "serve.temperature", 1.0), "top_p": _cfg_get(cfg, "serve.top_p", 1.0),
+                "top_k": _cfg_get(cfg, "serve.top_k", 0),
+                "repetition_penalty": _cfg_get(cfg, "serve.repetition_penalty", 1.0)}
+    app = create_app(engine, model_name=model_name, keys=keys, info=info, defaults=defaults)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))                       # port 0: the OS picks a free one
+    port = sock.getsockname()[1]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    full_seqs = st["kv_capacity_tokens"] // st["session_len"]
+    log.info("workspace: %s", workspace or "(given engine)")
+    log.info("model: %s, quant config: %s (weights %s, KV quant_policy=%s, %s)", model_name, quant,
+             st["weight_type"], st["quant_policy"], {0: "fp16 KV", 4: "int8 KV", 8: "int4 KV"}.get(st["quant_policy"], "?"))
+    log.info("KV cache: %d tokens (%d blocks of %d) = %d sequences at session_len=%d; up to %d sequences "
+             "running at once (max_batch_size); more requests wait in a queue", st["kv_capacity_tokens"],
+             st["total_blocks"], st["block_size"], full_seqs, st["session_len"], st["max_batch_size"])
+    log.info("API keys: %s", f"{len(keys)} configured (Authorization: Bearer <key>)" if keys else "off")
+    log.info("API server listening on %s (OpenAI API at %s/v1, chat page at %s/)", url, url, url)
+    for h in logging.getLogger().handlers:
+        h.flush()
+
+    engine.start()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return {"mode": "api", "url": url, "model": model_name, "quant": quant,
+            "kv_capacity_tokens": st["kv_capacity_tokens"]}

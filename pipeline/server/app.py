@@ -1,0 +1,273 @@
+"""The OpenAI-compatible HTTP app over one engine (see pipeline/server/__init__.py to run it).
+
+    app = create_app(engine, model_name="smollm2-135m", keys=["sk-..."], info={...})
+    uvicorn.run(app, host="127.0.0.1", port=23333)
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with
+`stream: true` as server-sent events), GET / (the chat page, static/). Every error is an OpenAI-style
+JSON body {"error": {"message", "type", "param", "code"}}; a bad request never stops the server.
+Concurrent requests go to the engine at once; its persistent batching runs them together and queues
+what the KV cache cannot hold yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.params import SamplingParams
+from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
+from .sse import EngineStream, sse, wait_disconnect
+
+log = logging.getLogger("pipeline.server")
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 4 << 20   # bytes
+# what a request that leaves a setting out gets (serve.* in the config overrides these)
+DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+async def read_body(request: Request) -> bytes:
+    chunks, n = [], 0
+    async for c in request.stream():
+        n += len(c)
+        if n > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
+        chunks.append(c)
+    return b"".join(chunks)
+
+
+class Server:
+    """Request -> engine submissions -> OpenAI response objects."""
+
+    def __init__(self, engine, model_name: str, defaults: dict, info: dict):
+        self.engine, self.model_name, self.info = engine, model_name, info
+        self.defaults = {**DEFAULTS, **defaults}
+        self.session_len = int(engine.stats()["session_len"])
+
+    # ------------------------------------------------------------------ request -> prompts, params
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def chat_prompt(self, req: ChatRequest) -> List[int]:
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        return list(self.engine.apply_chat_template(msgs))
+
+    def completion_prompts(self, req: CompletionRequest) -> List[List[int]]:
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            return [list(p)]                    # the engine checks the ids against its vocabulary
+        texts = [p] if isinstance(p, str) else p
+        return [list(self.engine.tokenizer(t)["input_ids"]) for t in texts]
+
+    def params(self, req, n_prompt: int) -> SamplingParams:
+        room = self.session_len - n_prompt
+        if room <= 0:
+            raise ApiError(400, f"the prompt is {n_prompt} tokens, but session_len is {self.session_len}: shorten "
+                           "the prompt (or serve with a larger serve.session_len)",
+                           param="messages" if isinstance(req, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        want = req.requested_max_tokens()
+        if want is not None and want > room:
+            raise ApiError(400, f"max_tokens={want} + the prompt's {n_prompt} tokens = {want + n_prompt} is over "
+                           f"session_len={self.session_len}; ask for at most {room} new tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        d = self.defaults
+        pick = lambda name: getattr(req, name) if getattr(req, name) is not None else d[name]  # noqa: E731
+        sp = SamplingParams(max_new_tokens=want if want is not None else min(d["max_tokens"], room),
+                            temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
+                            repetition_penalty=pick("repetition_penalty"), seed=req.seed,
+                            stop=req.stop_list(), ignore_eos=req.ignore_eos)
+        try:
+            sp.validate()
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return sp
+
+    def submit(self, prompts: Sequence[List[int]], req) -> list:
+        params = [self.params(req, len(p)) for p in prompts]       # validate all before submitting any
+        handles = []
+        try:
+            for p, sp in zip(prompts, params):
+                handles.append(self.engine.submit(p, sp))
+        except ValueError as e:                                    # e.g. the engine's own session_len check
+            for h in handles:
+                h.cancel()
+            raise ApiError(400, str(e), code="context_length_exceeded" if "session_len" in str(e) else None) from None
+        return handles
+
+    # ------------------------------------------------------------------ engine -> responses
+    async def collect(self, request: Request, handles: list) -> list[dict]:
+        """Run handles to the end (cancelling them if the client leaves); per handle: text, reason, usage."""
+        watcher = asyncio.ensure_future(wait_disconnect(request.receive, lambda: [h.cancel() for h in handles]))
+
+        async def one(h) -> dict:
+            parts, res = [], {"finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None}
+            async for out in h.aiter():
+                parts.append(out.text)
+                if out.finished:
+                    res.update(finish_reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
+                               completion_tokens=out.num_generated_tokens, error=out.error)
+            return {**res, "text": "".join(parts)}
+        try:
+            results = await asyncio.gather(*(one(h) for h in handles))
+        finally:
+            watcher.cancel()
+        for r in results:
+            if r["finish_reason"] == "error":
+                raise ApiError(500, f"generation failed: {r['error']}", type="server_error")
+        return results
+
+    async def stream(self, handles: list, rid: str, created: int, chat: bool, include_usage: bool):
+        """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE]."""
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "finish_reason": reason}
+            else:
+                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+            return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
+
+        async def pump(i: int, h) -> None:
+            try:
+                async for out in h.aiter():
+                    await queue.put((i, out))
+            except Exception as e:   # noqa: BLE001 - reported to the client as an error event
+                await queue.put((i, e))
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            if chat:
+                for i in range(len(handles)):
+                    yield sse(chunk(i, None, None, first=True))
+            left, usage = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}
+            while left:
+                i, out = await queue.get()
+                if isinstance(out, Exception) or out.finish_reason == "error":
+                    msg = str(out) if isinstance(out, Exception) else out.error
+                    yield sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())
+                    break
+                if out.text:
+                    yield sse(chunk(i, out.text, None))
+                if out.finished:
+                    left -= 1
+                    usage["prompt_tokens"] += out.num_prompt_tokens
+                    usage["completion_tokens"] += out.num_generated_tokens
+                    yield sse(chunk(i, None, out.finish_reason))
+            else:
+                if include_usage:
+                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                    yield sse({"id": rid, "object": kind, "created": created, "model": self.model_name,
+                               "choices": [], "usage": usage})
+                yield sse("[DONE]")
+        finally:
+            for h in handles:
+                h.cancel()            # a no-op for finished requests; frees the KV blocks of the rest
+            for t in tasks:
+                t.cancel()
+
+    async def complete(self, request: Request, chat: bool):
+        req = parse_body(await read_body(request), ChatRequest if chat else CompletionRequest)
+        self.check_model(req.model)
+        prompts = [self.chat_prompt(req)] if chat else self.completion_prompts(req)
+        handles = self.submit(prompts, req)
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return EngineStream(self.stream(handles, rid, created, chat, include),
+                                on_disconnect=lambda: [h.cancel() for h in handles])
+        results = await self.collect(request, handles)
+        usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in results),
+                 "completion_tokens": sum(r["completion_tokens"] for r in results)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                        "finish_reason": r["finish_reason"], "logprobs": None} for i, r in enumerate(results)]
+        else:
+            choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                       for i, r in enumerate(results)]
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": self.model_name, "choices": choices, "usage": usage}
+
+
+def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optional[dict] = None,
+               defaults: Optional[dict] = None) -> FastAPI:
+    """The FastAPI app serving `engine` (already started) as `model_name`. keys: accepted bearer tokens;
+    info: shown by /health, /v1/models and the page; defaults: sampling settings a request leaves out."""
+    srv = Server(engine, model_name, dict(defaults or {}), dict(info or {}))
+    app = FastAPI(title="llm-pipeline", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+    keys = [k.encode() for k in keys]
+
+    def check_key(request: Request) -> None:
+        if not keys:
+            return
+        auth = request.headers.get("authorization", "")
+        if not auth:
+            raise ApiError(401, "no API key given: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(ApiError(e.status_code, msg, code="not_found" if e.status_code == 404 else None).body(),
+                            status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
+                            status_code=500)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model_name, **srv.info, **srv.engine.stats()}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @v1.get("/models")
+    def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "llm-pipeline", **srv.info}]}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        return await srv.complete(request, chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        return await srv.complete(request, chat=False)
+
+    app.include_router(v1)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

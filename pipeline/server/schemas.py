@@ -1,0 +1,154 @@
+"""Request bodies of the OpenAI-compatible API (pydantic, strict) and OpenAI-style errors.
+
+Strict models: a wrong type (`"max_tokens": "10"`) or an unknown field (`"temprature": 0`) is a 400
+naming the field, never silently coerced or ignored. Extensions beyond OpenAI's fields: top_k,
+repetition_penalty, ignore_eos (used by bench/serve.py to fix output lengths).
+"""
+from __future__ import annotations
+
+import json
+from typing import List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, List[TextPart]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)   # newer name of max_tokens
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)                    # extension
+    repetition_penalty: Optional[float] = Field(None, gt=0)    # extension
+    ignore_eos: bool = False                                    # extension
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: Optional[str] = None
+
+    def check(self) -> None:
+        """What pydantic's field constraints cannot say."""
+        if self.n != 1:
+            raise ApiError(400, f"n={self.n} is not supported; this server returns one choice per prompt (n=1)",
+                           param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise ApiError(400, f"{name}={getattr(self, name)} is not supported (only 0); "
+                               "use repetition_penalty (> 1 discourages repeats) instead", param=name)
+        stops = self.stop_list()
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ApiError(400, f"stop must be up to 16 non-empty strings; got {stops!r}", param="stop")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+
+    def stop_list(self) -> List[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+
+class ChatRequest(_Sampling):
+    messages: List[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = None
+
+    def check(self) -> None:
+        super().check()
+        if self.logprobs:
+            raise ApiError(400, "logprobs is not supported", param="logprobs")
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, List[str], List[int]]
+    echo: bool = False
+    logprobs: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ApiError(400, "prompt is an empty list; give a string, a list of strings or a list of token ids",
+                           param="prompt")
+        for name in ("echo", "logprobs", "suffix"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} is not supported", param=name)
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown field '{loc}' (not part of this endpoint's request body)"
+    if err["type"] == "missing":
+        return f"missing required field '{loc}'"
+    got = err.get("input")
+    shown = json.dumps(got)[:80] if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+    return f"'{loc}': {err['msg']} (got {shown})"
+
+
+def _is_union_tag(p) -> bool:
+    """pydantic names union branches in an error's loc ('str', 'list[int]', 'TextPart'); fields are lowercase."""
+    return isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p or p[:1].isupper()
+                                   or p.startswith(("literal", "function")))
+
+
+def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
+    """bytes -> a checked request, or ApiError(400) naming what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        msgs, seen = [], set()
+        for err in e.errors(include_url=False):
+            loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+            if loc not in seen:     # a union (content: str | list) reports one error per branch: keep one
+                seen.add(loc)
+                msgs.append((loc, _describe({**err, "loc": loc})))
+        param = ".".join(str(p) for p in msgs[0][0])
+        raise ApiError(400, "; ".join(m for _, m in msgs[:3]), param=param or None) from None
+    req.check()
+    return req
