@@ -1,0 +1,305 @@
+"""The serving engine: persistent batching over a paged KV cache, streaming, cancellation.
+
+Usage (API contract: /work/notes/ENGINE_API.md):
+    eng = Engine.from_workspace(ws, device="auto", overrides={"quant_policy": 4, "max_batch_size": 8})
+    eng.start()
+    h = eng.submit(ids, SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0, stop=["\\n\\n"]))
+    for out in h: print(out.text, end="")
+    eng.generate([ids1, ids2], SamplingParams(max_new_tokens=16))   # blocking; steps itself if not started
+    eng.stop()
+
+Each step: finished / cancelled requests leave and free their blocks; waiting requests join while the
+batch has room and their KV blocks (prompt + max_new_tokens, capped at session_len, reserved at once)
+fit; every sequence in the decode phase advances one token (a CUDA graph per batch bucket on GPU); then
+prompt chunks (at most max_prefill_tokens per step in total) are prefilled, and a sequence whose prompt
+is complete samples its first token. Requests that do not fit wait in FIFO order; none is dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..workspace import QUANT_POLICIES, TOKENIZER, read_config
+from .blocks import BlockManager, blocks_for
+from .handle import RequestHandle, Sequence
+from .model import ModelRunner
+from .params import GenerationOutput, SamplingParams
+from .sampling import sample
+
+log = logging.getLogger(__name__)
+
+SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
+            "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str}
+CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, settings: dict, model_name: str, weight_type: str,
+                 quant_policy: int):
+        self.runner, self.tokenizer, self.model_name = runner, tokenizer, model_name
+        self.weight_type, self.quant_policy = weight_type, quant_policy
+        s = settings
+        self.session_len, self.max_batch_size = s["session_len"], s["max_batch_size"]
+        self.block_size, self.max_prefill_tokens = s["cache_block_seq_len"], s.get("max_prefill_tokens", 2048)
+        self.max_blocks = blocks_for(self.session_len, self.block_size)
+        dev = runner.device
+        num_blocks = s.get("num_blocks")
+        if not num_blocks:
+            per_block = runner.block_bytes(self.block_size)
+            if dev.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(dev)
+                num_blocks = int(free * s["cache_max_entry_count"]) // per_block
+            else:
+                need = self.max_batch_size * self.max_blocks
+                num_blocks = min(need, int(CPU_KV_BUDGET * s["cache_max_entry_count"]) // per_block)
+        runner.allocate_cache(num_blocks, self.block_size)
+        self.blocks = BlockManager(num_blocks, self.block_size)
+        self.graphs = None
+        if dev.type == "cuda" and s.get("cuda_graphs", True):
+            from .graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
+        eos = runner.args.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._inbox: deque = deque()
+        self._cancels: set[int] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._ids = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._gen = torch.Generator().manual_seed(0)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_workspace(cls, ws, device="auto", overrides: Optional[dict] = None) -> "Engine":
+        ws = Path(ws)
+        c = read_config(ws)
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        bad = set(overrides) - set(SETTINGS)
+        if bad:
+            raise ValueError(f"unknown engine overrides {sorted(bad)}; valid: {sorted(SETTINGS)}")
+        settings = {k: c[k] for k in ("session_len", "max_batch_size", "cache_max_entry_count", "cache_block_seq_len")}
+        settings.update({k: SETTINGS[k](v) for k, v in overrides.items()})
+        qp = settings.get("quant_policy", c["quant_policy"])
+        if qp not in QUANT_POLICIES:
+            raise ValueError(f"quant_policy={qp} is not one of {sorted(QUANT_POLICIES)} (0: fp16 KV, 4: int8, 8: int4)")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        runner = ModelRunner.from_workspace(ws, dev, settings["session_len"], qp, settings.get("kv_mode"))
+        tok = None
+        if (ws / TOKENIZER).exists():
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(ws / TOKENIZER))
+        return cls(runner, tok, settings, c["model_name"], c["weight_type"], qp)
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, prompt_ids: list[int], params: Optional[SamplingParams] = None) -> RequestHandle:
+        params = params or SamplingParams()
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token id")
+        if len(prompt) >= self.session_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens, more than session_len={self.session_len} "
+                             "allows (at most session_len - 1); shorten it or raise session_len")
+        V = self.runner.args.vocab_size
+        if min(prompt) < 0 or max(prompt) >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V}), got range [{min(prompt)}, {max(prompt)}]")
+        need = min(len(prompt) + params.max_new_tokens, self.session_len)
+        if blocks_for(need, self.block_size) > self.blocks.num_blocks:
+            raise ValueError(f"the request needs {need} tokens of KV cache, more than the whole cache holds "
+                             f"({self.blocks.num_blocks * self.block_size}); lower max_new_tokens")
+        rid = next(self._ids)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._gen
+        seq = Sequence(rid, prompt, params, RequestHandle(self, rid), gen, reserve=need)
+        with self._lock:
+            self._inbox.append(seq)
+        self._wake.set()
+        return seq.handle
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            self._cancels.add(request_id)
+        self._wake.set()
+
+    def generate(self, prompts: list[list[int]], params: Optional[SamplingParams] = None) -> list[list[int]]:
+        handles = [self.submit(p, params) for p in prompts]
+        if self._thread is None:
+            while any(not h.done_pushed for h in handles):
+                self.step()
+        return [[t for out in h for t in out.token_ids] for h in handles]
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for s in list(self.running) + list(self.waiting):
+            self._finish(s, "cancelled")
+        self.waiting.clear()
+
+    def stats(self) -> dict:
+        return dict(free_blocks=self.blocks.free_blocks, total_blocks=self.blocks.num_blocks,
+                    block_size=self.block_size, running=len(self.running), waiting=len(self.waiting) + len(self._inbox),
+                    kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
+                    session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
+                    model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device))
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("this workspace has no tokenizer (triton_models/tokenizer is missing)")
+        if tok.chat_template:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # e.g. the byte-level tokenizer of synthetic models
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return tok(text, add_special_tokens=False).input_ids
+
+    @torch.no_grad()
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits (T, V) fp32 of every position of `ids` through the engine's prefill (for perplexity)."""
+        blocks = self.blocks.allocate(len(ids))
+        try:
+            bt = self._table(blocks)
+            outs = []
+            for a in range(0, len(ids), self.max_prefill_tokens):
+                b = min(a + self.max_prefill_tokens, len(ids))
+                pos = list(range(a, b))
+                outs.append(self.runner.prefill(*self._dev(ids[a:b], pos, [self._slot(blocks, p) for p in pos]),
+                                                [(0, b - a, bt, b)]))
+            return torch.cat(outs)
+        finally:
+            self.blocks.free(blocks)
+
+    # ------------------------------------------------------------------ the step loop
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not (self.running or self.waiting or self._inbox or self._cancels):
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self.step()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        with self._lock:
+            new, self._inbox = list(self._inbox), deque()
+            cancels, self._cancels = self._cancels, set()
+        self.waiting.extend(new)
+        for s in [s for s in self.waiting if s.rid in cancels]:
+            self.waiting.remove(s)
+            self._finish(s, "cancelled")
+        for s in [s for s in self.running if s.rid in cancels]:
+            self._finish(s, "cancelled")
+        while self.waiting and len(self.running) < self.max_batch_size and self.blocks.can_allocate(self.waiting[0].reserve):
+            s = self.waiting.popleft()
+            s.blocks = self.blocks.allocate(s.reserve)
+            s.block_table = self._table(s.blocks)
+            self.running.append(s)
+        batch = list(self.running)
+        try:
+            self._decode([s for s in batch if s.n_cached == len(s.tokens) - 1 and s.out_ids])
+            self._prefill([s for s in batch if s.n_cached < len(s.prompt)])
+        except Exception as e:  # noqa: BLE001 - one bad step fails its requests, never the engine
+            log.exception("engine step failed")
+            for s in batch:
+                if not s.finished:
+                    self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+
+    def _slot(self, blocks, pos: int) -> int:
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _table(self, blocks) -> torch.Tensor:
+        t = torch.zeros(self.max_blocks, dtype=torch.int32)
+        t[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return t.to(self.runner.device)
+
+    def _dev(self, tokens, positions, slots):
+        dev = self.runner.device
+        return tuple(torch.tensor(x, dtype=torch.long).to(dev, non_blocking=True) for x in (tokens, positions, slots))
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        if not seqs:
+            return
+        pos = [len(s.tokens) - 1 for s in seqs]
+        tokens, positions, slots = self._dev([s.tokens[-1] for s in seqs], pos,
+                                             [self._slot(s.blocks, p) for s, p in zip(seqs, pos)])
+        bt = torch.stack([s.block_table for s in seqs])
+        ctx = torch.tensor([p + 1 for p in pos], dtype=torch.int32).to(self.runner.device, non_blocking=True)
+        run = self.graphs.run if self.graphs is not None else self.runner.decode
+        logits = run(tokens, positions, slots, bt, ctx)
+        for s in seqs:
+            s.n_cached += 1
+        self._accept(seqs, logits)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        budget, chunks = self.max_prefill_tokens, []
+        for s in seqs:
+            if budget <= 0:
+                break
+            n = min(len(s.prompt) - s.n_cached, budget)
+            chunks.append((s, s.n_cached, n))
+            budget -= n
+        if not chunks:
+            return
+        tokens, positions, slots, meta, select, done = [], [], [], [], [], []
+        for s, a, n in chunks:
+            meta.append((len(tokens), n, s.block_table, a + n))
+            tokens += s.prompt[a:a + n]
+            positions += list(range(a, a + n))
+            slots += [self._slot(s.blocks, p) for p in range(a, a + n)]
+            s.n_cached = a + n
+            if a + n == len(s.prompt):
+                select.append(len(tokens) - 1)
+                done.append(s)
+        sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
+        logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
+        if done:
+            self._accept(done, logits)
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        toks = sample(logits, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
+        for s, t in zip(seqs, toks):
+            p = s.params
+            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
+                self._finish(s, "stop")
+                continue
+            s.out_ids.append(t)
+            cut = s.detokenize(self.tokenizer)
+            if cut:
+                self._finish(s, "stop")
+            elif len(s.out_ids) >= p.max_new_tokens or len(s.tokens) >= self.session_len:
+                self._finish(s, "length")
+            else:
+                s.emit()
+
+    def _finish(self, s: Sequence, reason: str, error: Optional[str] = None) -> None:
+        if s.finished:
+            return
+        s.finished = True
+        self.blocks.free(s.blocks)
+        if s in self.running:
+            self.running.remove(s)
+        s.emit(final=True, reason=reason, error=error)
+
+
+__all__ = ["Engine", "SamplingParams", "GenerationOutput"]

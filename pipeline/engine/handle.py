@@ -1,0 +1,127 @@
+"""A request's state inside the engine (Sequence) and the caller's side of it (RequestHandle).
+
+RequestHandle is a thread-safe stream of GenerationOutput: iterate it (blocking) or `async for` over
+`h.aiter()` (asyncio); the last output has finished=True. Text is detokenized incrementally (vLLM's
+prefix/read offsets), incomplete UTF-8 and any tail that may begin a stop string are held back.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .params import GenerationOutput, SamplingParams
+
+
+class RequestHandle:
+    def __init__(self, engine, request_id: int):
+        self._engine, self.request_id = engine, request_id
+        self._q: queue.Queue = queue.Queue()
+        self._done = False            # consumer saw the final output
+        self.done_pushed = False      # engine pushed the final output
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._event: Optional[asyncio.Event] = None
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.request_id)
+
+    def _push(self, out: GenerationOutput) -> None:
+        if out.finished:
+            self.done_pushed = True
+        self._q.put(out)
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._event.set)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> GenerationOutput:
+        if self._done:
+            raise StopIteration
+        out = self._q.get()
+        self._done = out.finished
+        return out
+
+    def aiter(self):
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._done:
+            raise StopAsyncIteration
+        if self._loop is None:
+            self._event = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+        while True:
+            self._event.clear()
+            try:
+                out = self._q.get_nowait()
+            except queue.Empty:
+                await self._event.wait()
+                continue
+            self._done = out.finished
+            return out
+
+
+@dataclass
+class Sequence:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    handle: RequestHandle
+    generator: torch.Generator
+    reserve: int                              # tokens of KV reserved at admission
+    blocks: list[int] = field(default_factory=list)
+    block_table: Optional[torch.Tensor] = None
+    n_cached: int = 0                         # tokens whose K/V are in the cache
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    _sent_ids: int = 0
+    _sent_text: int = 0
+    _prefix: int = 0
+    _read: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out_ids
+
+    def detokenize(self, tok) -> bool:
+        """Extend self.text with the newest token; True (and text cut) when a stop string appeared."""
+        if tok is None:
+            return False
+        ids = self.out_ids
+        prev = tok.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+        new = tok.decode(ids[self._prefix:], skip_special_tokens=True)
+        if len(new) > len(prev) and not new.endswith("\ufffd"):
+            self.text += new[len(prev):]
+            self._prefix, self._read = self._read, len(ids)
+        for st in self.params.stop:
+            i = self.text.find(st, max(0, self._sent_text - len(st)))
+            if st and i >= 0:
+                self.text = self.text[:i]
+                return True
+        return False
+
+    def _safe_end(self) -> int:
+        """End of the text that can be sent: hold back a tail that may start a stop string."""
+        end = len(self.text)
+        for st in self.params.stop:
+            for k in range(min(len(st) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(st[:k]):
+                    end = min(end, len(self.text) - k)
+                    break
+        return max(end, self._sent_text)
+
+    def emit(self, final: bool = False, reason: Optional[str] = None, error: Optional[str] = None) -> None:
+        end = len(self.text) if final else self._safe_end()
+        out = GenerationOutput(self.rid, self.out_ids[self._sent_ids:], self.text[self._sent_text:end], final,
+                               reason, error, len(self.prompt), len(self.out_ids))
+        self._sent_ids, self._sent_text = len(self.out_ids), end
+        self.handle._push(out)

@@ -1,0 +1,203 @@
+"""Model runner: the decoder on the kernels over a paged KV cache (chunked prefill, batched decode).
+
+Usage:
+    r = ModelRunner.from_workspace(ws, torch.device("cuda"), session_len=4096, quant_policy=None)
+    r.allocate_cache(num_blocks, block_size=64)
+    logits = r.prefill(tokens, positions, slots, seqs, select)   # seqs: [(offset, n, block_table, ctx_len)]
+    logits = r.decode(tokens, positions, slots, block_tables, context_lens)   # (B,) -> (B, V) fp32
+
+Per layer: rms_norm (fused residual) -> w_qkv (fp16 or W4A16) -> rope_kv_write (rotary + KV quantize +
+paged write) -> attention (decode: paged_decode_attention; prefill: the chunk's queries against the
+sequence's cached KV, dequantized, through SDPA) -> wo -> rms_norm -> w13 -> silu_mul -> w2.
+Compute dtype: fp16 on CUDA (bf16 for a bf16 workspace), fp32 on CPU (kernels' PyTorch references).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.attention import dequant_kv, gather_kv, paged_decode_attention
+from ..kernels.norm import rms_norm, silu_mul
+from ..kernels.rope_kv import rope_kv_write
+from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
+from ..models.llama import ModelArgs, rope_cos_sin
+from ..workspace import QUANT_POLICIES, cat_out, read_config, reassemble
+
+log = logging.getLogger(__name__)
+
+
+def linear(x: torch.Tensor, w, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if isinstance(w, W4Weight):
+        return w4a16_linear(x, w, b)
+    return F.linear(x, w, b)
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    w_qkv: object                      # (N, K) tensor or W4Weight; N = (nh + 2 nkv) * hd, rows [q | k | v]
+    b_qkv: Optional[torch.Tensor]
+    wo: object
+    b_o: Optional[torch.Tensor]
+    w13: object                        # rows [gate | up]
+    w2: object
+    kv_static: Optional[torch.Tensor]  # (4, nkv) fp32: k_scale, k_zp, v_scale, v_zp
+
+
+def compute_dtype(device: torch.device, weight_type: str) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if weight_type == "bf16" else torch.float16
+
+
+class ModelRunner:
+    def __init__(self, args: ModelArgs, layers: list[Layer], embed, norm, lm_head, device, dtype,
+                 kv_bits: int, kv_mode: str, session_len: int):
+        self.args, self.layers, self.embed, self.norm, self.lm_head = args, layers, embed, norm, lm_head
+        self.device, self.dtype, self.kv_bits, self.kv_mode = device, dtype, kv_bits, kv_mode
+        self.scale = args.head_dim ** -0.5
+        max_pos = max(session_len, args.max_seq_len)
+        cos, sin = rope_cos_sin(args, torch.arange(max_pos, device=device))
+        self.cos, self.sin = cos.contiguous(), sin.contiguous()   # (max_pos, hd/2) fp32
+        self.k_cache = self.v_cache = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_workspace(cls, ws: Path, device: torch.device, session_len: int,
+                       quant_policy: Optional[int] = None, kv_mode: Optional[str] = None) -> "ModelRunner":
+        c = read_config(ws)
+        qp = c["quant_policy"] if quant_policy is None else quant_policy
+        if qp not in QUANT_POLICIES:
+            raise ValueError(f"quant_policy={qp} is not one of {sorted(QUANT_POLICIES)} (0: fp16 KV, 4: int8, 8: int4)")
+        dtype = compute_dtype(device, c["weight_type"])
+        args, canon = reassemble(ws, device)
+        g = c["group_size"]
+
+        def lin(*names):
+            parts = [canon[n] if n in canon else canon[n + ".weight"] for n in names]
+            w = cat_out(parts) if len(parts) > 1 else parts[0]
+            return pack_w4(*w, g) if isinstance(w, tuple) else w.to(dtype)
+
+        def opt(name):
+            return canon[name].to(dtype) if name in canon else None
+
+        kv_bits = QUANT_POLICIES[qp]
+        mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
+        layers = []
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            b_qkv = torch.cat([canon[p + n + ".bias"] for n in "qkv"]).to(dtype) if args.qkv_bias else None
+            kvs = canon.get(p + "past_kv_scale")
+            if mode == "static" and kvs is None:
+                if i == 0:
+                    log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
+                                "per-token dynamic KV quantization", qp, ws)
+                mode = "dynamic"
+            layers.append(Layer(canon[p + "attn_norm.weight"].to(dtype), canon[p + "mlp_norm.weight"].to(dtype),
+                                lin(p + "q", p + "k", p + "v"), b_qkv, lin(p + "o"), opt(p + "o.bias"),
+                                lin(p + "gate", p + "up"), lin(p + "down"),
+                                None if kvs is None else kvs.float().contiguous()))
+            for n in ("q", "k", "v", "o", "gate", "up", "down"):
+                canon.pop(p + n, None), canon.pop(p + n + ".weight", None)
+        embed = canon["embed.weight"].to(dtype)
+        lm_head = canon["lm_head.weight"].to(dtype) if "lm_head.weight" in canon else embed
+        return cls(args, layers, embed, canon["norm.weight"].to(dtype), lm_head, device, dtype, kv_bits, mode,
+                   session_len)
+
+    # ------------------------------------------------------------------ KV cache
+    def block_bytes(self, block_size: int) -> int:
+        a = self.args
+        per_row = a.head_dim * {16: torch.finfo(self.dtype).bits // 8, 8: 1, 4: 0.5}[self.kv_bits]
+        side = 2 * 4 * 2 if self.kv_mode == "dynamic" else 0      # k/v scale and zp, fp32
+        return int(a.n_layers * a.n_kv_heads * block_size * (2 * per_row + side))
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
+        a, dev = self.args, self.device
+        hd = a.head_dim // 2 if self.kv_bits == 4 else a.head_dim
+        dt = {16: self.dtype, 8: torch.int8, 4: torch.uint8}[self.kv_bits]
+        shape = (num_blocks, a.n_kv_heads, block_size, hd)
+        self.k_cache = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.kv = []
+        for L in self.layers:
+            kw = {"kv_mode": self.kv_mode, "kv_bits": self.kv_bits}
+            if self.kv_mode == "static":
+                kw.update(zip(("k_scale", "k_zp", "v_scale", "v_zp"), (t.contiguous() for t in L.kv_static)))
+            elif self.kv_mode == "dynamic":
+                side = (num_blocks, a.n_kv_heads, block_size)
+                kw.update({n: torch.zeros(side, dtype=torch.float32, device=dev)
+                           for n in ("k_scale", "k_zp", "v_scale", "v_zp")})
+            self.kv.append(kw)
+
+    def _cached_kv(self, l: int, which: str, bt: torch.Tensor, n: int) -> torch.Tensor:
+        """Rows 0..n-1 of one sequence's K or V in layer l, dequantized: (n, nkv, hd) in the compute dtype."""
+        cache = (self.k_cache if which == "k" else self.v_cache)[l]
+        kw = self.kv[l]
+        s, z = kw.get(which + "_scale"), kw.get(which + "_zp")
+        if self.kv_mode == "dynamic":
+            s, z = gather_kv(s, bt, n), gather_kv(z, bt, n)
+        x = gather_kv(cache, bt, n)
+        if self.kv_mode == "none":
+            return x
+        return dequant_kv(x, self.kv_mode, self.kv_bits, s, z).to(self.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, tokens, attend, select=None) -> torch.Tensor:
+        a = self.args
+        T = tokens.shape[0]
+        nh, nkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
+        x = F.embedding(tokens, self.embed)                               # (T, D)
+        res = x
+        h = rms_norm(x, self.layers[0].attn_norm, a.norm_eps)
+        for l, L in enumerate(self.layers):
+            if l > 0:
+                h, res = rms_norm(x, L.attn_norm, a.norm_eps, residual=res)
+            qkv = linear(h, L.w_qkv, L.b_qkv)                             # (T, (nh + 2 nkv) hd)
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            o = attend(l, q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd))   # (T, nh, hd)
+            x = linear(o.reshape(T, nh * hd), L.wo, L.b_o)
+            h, res = rms_norm(x, L.ffn_norm, a.norm_eps, residual=res)
+            x = linear(silu_mul(linear(h, L.w13)), L.w2)
+        h, _ = rms_norm(x, self.norm, a.norm_eps, residual=res)
+        if select is not None:
+            h = h[select]
+        return F.linear(h, self.lm_head).float()                           # (T' , V)
+
+    def decode(self, tokens, positions, slots, block_tables, context_lens) -> torch.Tensor:
+        """One token per sequence. tokens/positions/slots (B,), block_tables (B, max_blocks) int32,
+        context_lens (B,) int32 (including this token). Returns logits (B, V) fp32."""
+        def attend(l, q, k, v):
+            q = rope_kv_write(q, k, v, positions, self.cos, self.sin, self.k_cache[l], self.v_cache[l], slots,
+                              **self.kv[l])
+            return paged_decode_attention(q, self.k_cache[l], self.v_cache[l], block_tables, context_lens,
+                                          self.scale, **self.kv[l])
+        return self._forward(tokens, attend)
+
+    def prefill(self, tokens, positions, slots, seqs, select=None) -> torch.Tensor:
+        """Chunks of several sequences, concatenated: tokens/positions/slots (T,). seqs: [(offset, n,
+        block_table (max_blocks,) int32, ctx_len)] where the chunk holds the sequence's last n of ctx_len
+        tokens. select: row indices whose logits to return (default: all)."""
+        a = self.args
+        G = a.n_heads // a.n_kv_heads
+
+        def attend(l, q, k, v):
+            q = rope_kv_write(q, k, v, positions, self.cos, self.sin, self.k_cache[l], self.v_cache[l], slots,
+                              **self.kv[l])
+            out = torch.empty_like(q)
+            for off, n, bt, ctx in seqs:
+                K, V = (self._cached_kv(l, w, bt, ctx).transpose(0, 1).repeat_interleave(G, 0)[None]
+                        for w in "kv")                                       # (1, nh, ctx, hd)
+                qs = q[off:off + n].transpose(0, 1)[None]                    # (1, nh, n, hd)
+                kpos = torch.arange(ctx, device=q.device)
+                mask = kpos[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]  # (n, ctx)
+                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, scale=self.scale)
+                out[off:off + n] = o[0].transpose(0, 1)
+            return out
+        return self._forward(tokens, attend, select)

@@ -1,0 +1,38 @@
+"""Request-side types of the engine API (see /work/notes/ENGINE_API.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0: off
+    repetition_penalty: float = 1.0   # HF convention: >1 discourages tokens already in prompt or output
+    seed: Optional[int] = None        # per-request generator; None: the engine's shared one
+    stop_token_ids: List[int] = field(default_factory=list)
+    stop: List[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        checks = [("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("temperature", self.temperature >= 0, ">= 0"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= 0, ">= 0"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "> 0")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; it must be {want}")
+
+
+@dataclass
+class GenerationOutput:
+    request_id: int
+    token_ids: List[int]              # new token ids since the last yield
+    text: str                         # new text since the last yield (stop strings cut)
+    finished: bool = False
+    finish_reason: Optional[str] = None   # "stop" | "length" | "cancelled" | "error"
+    error: Optional[str] = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
