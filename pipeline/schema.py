@@ -109,6 +109,7 @@ class ServeConfig:
     seed: int = 0
     prompts: List[str] = field(default_factory=list)
     workspace: Optional[str] = None   # serve this workspace folder instead of building one (turbomind stage)
+    num_blocks: int = 0               # KV cache blocks; 0: sized from cache_max_entry_count
     api: ApiConfig = field(default_factory=ApiConfig)
 
 
