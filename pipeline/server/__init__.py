@@ -19,9 +19,13 @@ __all__ = ["create_app", "serve_api"]
 
 
 def _cfg_get(cfg, path: str, default=None):
+    """cfg's value at a dotted path (DictConfig or nested dicts), or default."""
     node = cfg
     for part in path.split("."):
-        node = getattr(node, part, None) if node is not None else None
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return default
     return default if node is None else node
 
 
@@ -36,7 +40,8 @@ def serve_api(ctx, engine) -> dict:
     st = engine.stats()
     model_name = _cfg_get(cfg, "model.name", st["model_name"])
     quant = _cfg_get(cfg, "quant.name", "fp16")
-    workspace = str(ctx.inputs.get("turbomind", "")) if getattr(ctx, "inputs", None) else ""
+    inputs = getattr(ctx, "inputs", None) or {}
+    workspace = _cfg_get(cfg, "serve.workspace") or (str(inputs["turbomind"] / "workspace") if "turbomind" in inputs else "")
     info = {"quant": quant, "weight_type": st["weight_type"], "quant_policy": st["quant_policy"],
             "kv_capacity_tokens": st["kv_capacity_tokens"], "session_len": st["session_len"],
             "max_batch_size": st["max_batch_size"], "device": st.get("device", "")}
