@@ -231,6 +231,12 @@ def bench_w4a16(args) -> dict:
 
 SECTIONS = {"w4a16": bench_w4a16}
 
+from kernels_attention import SECTIONS as _ATTENTION_SECTIONS  # noqa: E402  decode attention, norm, rope
+SECTIONS.update(_ATTENTION_SECTIONS)
+
+from kernels_int8 import bench_int8  # noqa: E402  (bench/ is on sys.path as the script folder)
+SECTIONS["int8"] = bench_int8
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
