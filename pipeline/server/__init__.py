@@ -73,8 +73,11 @@ def serve_api(ctx, engine) -> dict:
                             lifespan="off")
     server = uvicorn.Server(config)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=[sock])     # until Ctrl-C / SIGINT (uvicorn re-raises it after a graceful shutdown)
+    except KeyboardInterrupt:
+        log.info("API server stopped")
     finally:
         sock.close()
+        engine.stop()
     return {"mode": "api", "url": url, "model": model_name, "quant": quant,
             "kv_capacity_tokens": st["kv_capacity_tokens"]}

@@ -1,0 +1,87 @@
+"""A real API server for tests: `python -m pipeline.runner pipeline=serve serve.mode=api ...` as a subprocess
+on 127.0.0.1 (a free port, read from its startup log), with helpers to read /health and its memory."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+URL_LINE = re.compile(r"API server listening on (http://127\.0\.0\.1:\d+)")
+
+
+class ApiServer:
+    def __init__(self, workdir: Path, *overrides: str, cache_dir: Path | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "server.log"
+        cache = cache_dir or (self.workdir / "cache")
+        self.cmd = [sys.executable, "-m", "pipeline.runner", "pipeline=serve", "serve.mode=api", "serve.api.port=0",
+                    f"cache_dir={cache}", f"hydra.run.dir={self.workdir / 'run'}", *overrides]
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 600) -> "ApiServer":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            m = URL_LINE.search(self.log())
+            if m:
+                self.url = m.group(1)
+                try:
+                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not up after {timeout} s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> dict:
+        r = httpx.get(self.url + "/health", timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_idle(self, free_blocks: int, timeout: float = 30) -> dict:
+        """Poll /health until nothing runs or waits and free_blocks is back to `free_blocks`."""
+        t0 = time.time()
+        while True:
+            h = self.health()
+            if h["free_blocks"] == free_blocks and h["running"] == 0 and h["waiting"] == 0:
+                return h
+            if time.time() - t0 > timeout:
+                raise AssertionError(f"server not idle after {timeout} s: {h} (want free_blocks={free_blocks})")
+            time.sleep(0.05)
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode

@@ -1,0 +1,150 @@
+"""The OpenAI-compatible API server, as a real process on 127.0.0.1 (tiny-random: the model's quality does
+not matter here): the official `openai` client, raw HTTP bad input, API keys, the startup log.
+SmolLM2 answers: tests/test_api_smollm2.py; disconnects, queueing and load: tests/test_api_load.py."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from api_server import ApiServer
+
+KEY = "sk-test-123"
+SESSION = 256
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ApiServer(tmp_path_factory.mktemp("api"), "model=tiny-random", f"serve.session_len={SESSION}",
+                  "serve.max_batch_size=8", f"serve.api.keys=[{KEY}]", "serve.max_new_tokens=16").start()
+    yield s
+    assert s.stop() == 0, s.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=data, headers={**headers, "Content-Type": "application/json"},
+                      timeout=60)
+
+
+def test_startup_log_names_workspace_quant_kv_url(server):
+    log = server.log()
+    line = next(x for x in log.splitlines() if "workspace: " in x)
+    assert line.rstrip().endswith("/workspace")
+    assert "quant config: fp16" in log
+    assert f"KV cache: {server.health()['kv_capacity_tokens']} tokens" in log
+    assert f"session_len={SESSION}" in log and "up to 8 sequences running at once" in log
+    assert f"listening on {server.url}" in log
+
+
+def test_models_health_and_keys(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny-random"]
+    h = server.health()                                  # /health is open (no key needed)
+    assert h["status"] == "ok" and h["free_blocks"] == h["total_blocks"] > 0
+    for key in (None, "sk-wrong"):
+        r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    r = post(server, "/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": "x"}]},
+             key="sk-wrong")
+    assert r.status_code == 401 and "incorrect API key" in r.json()["error"]["message"]
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "x"}])
+
+
+def test_openai_client_chat_stream_stop_max_tokens(client):
+    msgs = [{"role": "user", "content": "hello there"}]
+    r = client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12 and r.usage.prompt_tokens > 0
+    full = r.choices[0].message.content
+    # streaming gives the same greedy text, in pieces, with usage at the end
+    chunks = list(client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == full and len(pieces) >= 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+    # stop: a string from the middle of the greedy answer ends it there
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    r2 = client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=12, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True})
+    assert r2.choices[0].finish_reason == "stop" and r2.choices[0].message.content == full[:full.index(stop)]
+    # max_tokens caps the answer; the greedy answer is a prefix of the longer one
+    r3 = client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert r3.usage.completion_tokens == 3 and full.startswith(r3.choices[0].message.content)
+
+
+def test_completions_seed_and_token_prompts(client):
+    kw = dict(model="tiny-random", max_tokens=8, temperature=1.0, top_p=0.9, extra_body={"ignore_eos": True})
+    a = client.completions.create(prompt="The quick brown fox", seed=7, **kw)
+    b = client.completions.create(prompt="The quick brown fox", seed=7, **kw)
+    assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens == 8
+    many = client.completions.create(prompt=["one", "two", "three"], seed=1, **kw)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2] and many.usage.completion_tokens == 24
+    ids = client.completions.create(prompt=[1, 2, 3, 4], seed=1, **kw)
+    assert ids.usage.prompt_tokens == 4
+    stream = list(client.completions.create(prompt="abc", stream=True, seed=3, **kw))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == \
+        client.completions.create(prompt="abc", seed=3, **kw).choices[0].text
+
+
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [  # (path, body, status, words the error message must contain)
+    ("/v1/chat/completions", b'{"model": "tiny-random", "messages": [', 400, "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": MSG}, 404, "'gpt-4' does not exist"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": 10**12}, 400,
+     f"session_len={SESSION}"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny-random"}, 400, "missing required field 'messages'"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": "w " * 400}]}, 400,
+     f"session_len is {SESSION}"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "temprature": 0.5}, 400,
+     "unknown field 'temprature'"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "n": 3}, 400, "n=3"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x" * 1000}, 400, "session_len"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": [1, 99999]}, 400, "token ids"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny-random", "messages": MSG}, 400, "unknown field 'messages'"),
+    ("/v1/nothing", {}, 404, "no route"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_errors(server, path, body, status, words):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_server_keeps_serving_after_bad_input(server, client):
+    for path, body, *_ in BAD:
+        post(server, path, body)
+    r = client.chat.completions.create(model="tiny-random", messages=MSG, max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length") and server.alive()
+    h = server.health()
+    assert h["free_blocks"] == h["total_blocks"] and h["running"] == h["waiting"] == 0
