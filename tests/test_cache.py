@@ -82,7 +82,7 @@ def test_multirun_shares_upstream_and_reruns_nothing(tmp_path):
     assert len(reps) == 2 and all(r["ok"] for r in reps)
     assert sum(statuses(r)["load"] == "ran" for r in reps) == 1
     assert all(statuses(r)["evaluate"] == "ran" for r in reps)
-    assert "2 jobs, 2 ok" in (tmp_path / "m1" / "summary.md").read_text()
+    assert "2 jobs, 2 ok" in (tmp_path / "m1" / "report.md").read_text()
     run(["-m", *sweep, f"hydra.sweep.dir={tmp_path / 'm2'}"])           # the same sweep again
     reps = job_reports(tmp_path / "m2")
     assert len(reps) == 2 and all(set(statuses(r).values()) == {"cached"} for r in reps)

@@ -29,7 +29,7 @@ def check_four_job_sweep(tmp, out):
     assert ran_count(reps, "load") == 1                                 # shared upstream stage: once
     assert ran_count(reps, "evaluate") == 4
     assert len(artifacts(tmp / "cache", "load")) == 1
-    rows = list(csv.DictReader(open(tmp / "sweep" / "summary.csv")))
+    rows = list(csv.DictReader(open(tmp / "sweep" / "report.csv")))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
     assert sorted(r["overrides"] for r in rows) == [f"eval.seqlen={s}" for s in (16, 24, 32, 40)]
     assert all(float(r["ppl"]) > 1 and float(r["wall_s"]) > 0 for r in rows)
@@ -73,7 +73,7 @@ def test_failed_job_is_named_and_rerun_alone(tmp_path):
     missing = tmp_path / "typo.txt"
     rc, out = run(sweep_args(tmp_path, f"eval.path={texts['a']},{missing},{texts['b']}", "hydra/launcher=local",
                              "launch.jobs=2"), expect_rc=1)             # non-zero: a job failed
-    rows = {r["job"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))}
+    rows = {r["job"]: r for r in csv.DictReader(open(tmp_path / "sweep" / "report.csv"))}
     assert [rows[j]["status"] for j in "012"] == ["ok", "failed", "ok"]
     assert "typo.txt" in rows["1"]["error"]
     rerun = rows["1"]["rerun"]
@@ -96,4 +96,4 @@ def test_ray_local_cluster(tmp_path):
     reps = job_reports(tmp_path / "sweep")
     assert len(reps) == 2 and all(r["ok"] for r in reps), out[-3000:]
     assert ran_count(reps, "load") == 1
-    assert "2 jobs, 2 ok" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert "2 jobs, 2 ok" in (tmp_path / "sweep" / "report.md").read_text()
