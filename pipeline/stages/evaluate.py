@@ -20,9 +20,11 @@ READS = ["eval", "quant"]
 
 def inputs(cfg) -> list[str]:
     ups = ["load"]
-    if cfg.quant.w_bits:
+    if cfg.quant.a_bits:
+        ups.append("quant_w8")  # W8A8; it also holds the KV qparams of the smoothed model
+    elif cfg.quant.w_bits:
         ups.append("pack")
-    if cfg.quant.kv_bits and cfg.quant.kv_mode == "static":
+    if cfg.quant.kv_bits and cfg.quant.kv_mode == "static" and not cfg.quant.a_bits:
         ups.append("kv_qparams")
     return ups
 
@@ -55,7 +57,7 @@ def weight_bytes(model, quant) -> int:
     for name, p in model.named_parameters():
         is_linear = name.startswith("layers.") and name.endswith(".weight") and p.dim() == 2
         if is_linear and quant.w_bits:
-            total += p.numel() * quant.w_bits // 8 + p.numel() // quant.group_size * 4
+            total += p.numel() * quant.w_bits // 8 + (0 if quant.a_bits else p.numel() // quant.group_size * 4)
         else:
             total += p.numel() * 2
     return total
@@ -72,12 +74,15 @@ def build_eval_model(ctx, dtype):
     """The reference model with the quant config's weights and KV handling applied."""
     model = read_model(ctx.inputs["load"], device=ctx.device, dtype=dtype)
     q = ctx.cfg.quant
-    if q.w_bits:
+    if q.a_bits:
+        from .quant_w8 import apply_w8a8
+        apply_w8a8(model, ctx.inputs["quant_w8"])
+    elif q.w_bits:
         from .pack import apply_packed
         apply_packed(model, ctx.inputs["pack"])
     if q.kv_bits:
         from ..quant.kv import attach_kv_fake_quant
-        attach_kv_fake_quant(model, q, ctx.inputs.get("kv_qparams"))
+        attach_kv_fake_quant(model, q, ctx.inputs.get("quant_w8" if q.a_bits else "kv_qparams"))
     return model
 
 
