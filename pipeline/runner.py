@@ -112,7 +112,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> list:
 
 def write_report(run_dir: Path, results, ok: bool, error: str | None = None, wall_s: float = 0.0) -> None:
     rep = {"ok": ok, "error": error, "overrides": task_overrides(), "resume": resume_command(),
-           "wall_s": round(wall_s, 2), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+           "wall_s": round(wall_s, 2), "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
            "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 2),
                        "summary": r.summary, "path": str(r.path) if r.path else None} for r in results]}
     (run_dir / "report.json").write_text(json.dumps(rep, indent=2, default=str))
