@@ -21,9 +21,10 @@ from typing import List, Optional, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine.params import SamplingParams
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
@@ -46,12 +47,30 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+class Pending:
+    """The engine handles of one HTTP request; cancel() stops those still running (client gone, error)."""
+
+    def __init__(self, counts: dict, handles: list):
+        self.counts, self.handles, self.open = counts, handles, set(range(len(handles)))
+
+    def finished(self, i: int, reason: Optional[str]) -> None:
+        if i in self.open:
+            self.open.discard(i)
+            self.counts["requests_cancelled"] += reason == "cancelled"
+
+    def cancel(self) -> None:
+        for i in sorted(self.open):
+            self.handles[i].cancel()      # the engine frees its KV blocks at its next step
+            self.finished(i, "cancelled")
+
+
 class Server:
     """Request -> engine submissions -> OpenAI response objects."""
 
     def __init__(self, engine, model_name: str, defaults: dict, info: dict):
         self.engine, self.model_name, self.info = engine, model_name, info
         self.defaults = {**DEFAULTS, **defaults}
+        self.counts = {"requests_total": 0, "requests_cancelled": 0, "requests_failed": 0}
         self.session_len = int(engine.stats()["session_len"])
 
     # ------------------------------------------------------------------ request -> prompts, params
@@ -95,7 +114,7 @@ class Server:
             raise ApiError(400, str(e)) from None
         return sp
 
-    def submit(self, prompts: Sequence[List[int]], req) -> list:
+    def submit(self, prompts: Sequence[List[int]], req) -> Pending:
         params = [self.params(req, len(p)) for p in prompts]       # validate all before submitting any
         handles = []
         try:
@@ -105,31 +124,35 @@ class Server:
             for h in handles:
                 h.cancel()
             raise ApiError(400, str(e), code="context_length_exceeded" if "session_len" in str(e) else None) from None
-        return handles
+        self.counts["requests_total"] += len(handles)
+        return Pending(self.counts, handles)
 
     # ------------------------------------------------------------------ engine -> responses
-    async def collect(self, request: Request, handles: list) -> list[dict]:
-        """Run handles to the end (cancelling them if the client leaves); per handle: text, reason, usage."""
-        watcher = asyncio.ensure_future(wait_disconnect(request.receive, lambda: [h.cancel() for h in handles]))
+    async def collect(self, request: Request, pending: Pending) -> list[dict]:
+        """Run the requests to the end (cancelled if the client leaves); per request: text, reason, usage."""
+        watcher = asyncio.ensure_future(wait_disconnect(request.receive, pending.cancel))
 
-        async def one(h) -> dict:
+        async def one(i: int, h) -> dict:
             parts, res = [], {"finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None}
             async for out in h.aiter():
                 parts.append(out.text)
                 if out.finished:
+                    pending.finished(i, out.finish_reason)
                     res.update(finish_reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
                                completion_tokens=out.num_generated_tokens, error=out.error)
             return {**res, "text": "".join(parts)}
         try:
-            results = await asyncio.gather(*(one(h) for h in handles))
+            results = await asyncio.gather(*(one(i, h) for i, h in enumerate(pending.handles)))
         finally:
             watcher.cancel()
+            pending.cancel()
         for r in results:
             if r["finish_reason"] == "error":
+                self.counts["requests_failed"] += 1
                 raise ApiError(500, f"generation failed: {r['error']}", type="server_error")
         return results
 
-    async def stream(self, handles: list, rid: str, created: int, chat: bool, include_usage: bool):
+    async def stream(self, pending: Pending, rid: str, created: int, chat: bool, include_usage: bool):
         """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE]."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
@@ -148,6 +171,7 @@ class Server:
                     await queue.put((i, out))
             except Exception as e:   # noqa: BLE001 - reported to the client as an error event
                 await queue.put((i, e))
+        handles = pending.handles
         tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
         try:
             if chat:
@@ -158,12 +182,14 @@ class Server:
                 i, out = await queue.get()
                 if isinstance(out, Exception) or out.finish_reason == "error":
                     msg = str(out) if isinstance(out, Exception) else out.error
+                    self.counts["requests_failed"] += 1
                     yield sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())
                     break
                 if out.text:
                     yield sse(chunk(i, out.text, None))
                 if out.finished:
                     left -= 1
+                    pending.finished(i, out.finish_reason)
                     usage["prompt_tokens"] += out.num_prompt_tokens
                     usage["completion_tokens"] += out.num_generated_tokens
                     yield sse(chunk(i, None, out.finish_reason))
@@ -174,8 +200,7 @@ class Server:
                                "choices": [], "usage": usage})
                 yield sse("[DONE]")
         finally:
-            for h in handles:
-                h.cancel()            # a no-op for finished requests; frees the KV blocks of the rest
+            pending.cancel()          # what is still running when the stream ends early (client gone, error)
             for t in tasks:
                 t.cancel()
 
@@ -183,13 +208,12 @@ class Server:
         req = parse_body(await read_body(request), ChatRequest if chat else CompletionRequest)
         self.check_model(req.model)
         prompts = [self.chat_prompt(req)] if chat else self.completion_prompts(req)
-        handles = self.submit(prompts, req)
+        pending = self.submit(prompts, req)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
-            return EngineStream(self.stream(handles, rid, created, chat, include),
-                                on_disconnect=lambda: [h.cancel() for h in handles])
-        results = await self.collect(request, handles)
+            return EngineStream(self.stream(pending, rid, created, chat, include), on_disconnect=pending.cancel)
+        results = await self.collect(request, pending)
         usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in results),
                  "completion_tokens": sum(r["completion_tokens"] for r in results)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -237,6 +261,10 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
     async def _validation_error(request: Request, e: RequestValidationError):
         return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect):   # left before its body was read: nothing to answer
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
@@ -245,7 +273,7 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_name, **srv.info, **srv.engine.stats()}
+        return {"status": "ok", "model": model_name, **srv.info, **srv.engine.stats(), **srv.counts}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
