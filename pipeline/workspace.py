@@ -11,7 +11,9 @@ Layout (what `lmdeploy convert` writes, with our tensor format):
         layers.N.attention.wo.bias                                          (o_bias models; added once)
         layers.N.feed_forward.w13.R.{...}   column-parallel, rank R holds [gate rows of R | up rows of R]
         layers.N.feed_forward.w2.R.{...}    row-parallel
-        layers.N.past_kv_scale.R.weight     (4, n_kv_heads / tp) fp32 rows: k_scale, k_zp, v_scale, v_zp
+        layers.N.past_kv_scale.R.weight     (4, KV heads of R) fp32 rows: k_scale, k_zp, v_scale, v_zp
+    KV heads: n_kv_heads / tp per rank, or, when tp is a multiple of n_kv_heads (GQA/MQA), one per rank,
+    replicated on tp / n_kv_heads ranks (`kv_heads`); `check_tp` names the valid tp values.
     workspace/triton_models/tokenizer/                  Hugging Face tokenizer (with chat template)
 
 int4 tensors are stored in the serving kernel's layout (`pipeline.kernels.w4a16.pack_w4`: qweight
@@ -147,18 +149,29 @@ def out_slices(args: ModelArgs, kind: str, r: int, tp: int) -> list[tuple[str, i
     """Canonical pieces (name suffix, row start, row end) making up rank r's column-parallel tensor."""
     hd = args.head_dim
     if kind == "w_qkv":
-        nq, nkv = args.n_heads // tp, args.n_kv_heads // tp
-        return [("q", r * nq * hd, (r + 1) * nq * hd), ("k", r * nkv * hd, (r + 1) * nkv * hd),
-                ("v", r * nkv * hd, (r + 1) * nkv * hd)]
+        nq, (a, b) = args.n_heads // tp, kv_heads(args, r, tp)
+        return [("q", r * nq * hd, (r + 1) * nq * hd), ("k", a * hd, b * hd), ("v", a * hd, b * hd)]
     f = args.hidden_dim // tp
     return [("gate", r * f, (r + 1) * f), ("up", r * f, (r + 1) * f)]
 
 
+def kv_heads(args: ModelArgs, r: int, tp: int) -> tuple[int, int]:
+    """KV heads [a, b) of rank r: n_kv_heads / tp each when tp divides n_kv_heads; otherwise (tp a multiple
+    of n_kv_heads, GQA/MQA) one head per rank, replicated on tp / n_kv_heads ranks, the one its q heads use."""
+    nkv = args.n_kv_heads
+    if nkv % tp == 0:
+        return r * nkv // tp, (r + 1) * nkv // tp
+    h = r // (tp // nkv)
+    return h, h + 1
+
+
 def check_tp(args: ModelArgs, tp: int) -> None:
-    for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("hidden_dim", args.hidden_dim)):
-        if n % tp:
-            raise ValueError(f"tp={tp} does not divide {what}={n}; valid tp values divide "
-                             f"n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads} and hidden_dim={args.hidden_dim}")
+    nh, nkv, f = args.n_heads, args.n_kv_heads, args.hidden_dim
+    ok = [t for t in range(1, nh + 1) if nh % t == 0 and f % t == 0 and (nkv % t == 0 or t % nkv == 0)]
+    if tp < 1 or tp not in ok:
+        raise ValueError(f"tp={tp} does not fit n_heads={nh}, n_kv_heads={nkv}, hidden_dim={f}: tp must divide "
+                         f"n_heads and hidden_dim, and divide n_kv_heads or be a multiple of it "
+                         f"(KV heads replicated); valid tp values for this model: {ok}")
 
 
 def _save_linear(wdir: Path, prefix: str, lin, group_size: int) -> None:
@@ -220,9 +233,9 @@ def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Op
                 _save_linear(wdir, f"{L}.{sub}.{kind}.{r}", cut_in(lin(name), r * K // tp, (r + 1) * K // tp, group_size),
                              group_size)
             if kv_qparams is not None:
-                nkv = args.n_kv_heads // tp
+                a, b = kv_heads(args, r, tp)
                 qp = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in kv_qparams[i]])  # (4, nkv)
-                save_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", qp[:, r * nkv:(r + 1) * nkv])
+                save_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", qp[:, a:b])
     policy = {None: 0, 16: 0, 8: 4, 4: 8}[kv_bits]
     mode = "static" if kv_qparams is not None else kv_mode if policy else "none"
     weight_type = "int4" if w4 else {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
@@ -264,13 +277,15 @@ def reassemble(ws: Path, device="cpu") -> tuple[ModelArgs, dict]:
             ranks = [rank(f"{L}.{sub}.{kind}.{r}") for r in range(tp)]
             biases = ([load_tensor(wdir, f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)]
                       if kind == "w_qkv" and args.qkv_bias else None)
-            pieces = {}
+            pieces, seen = {}, set()
             for r in range(tp):
                 off = 0
                 for n, a, b in out_slices(args, kind, r, tp):
-                    pieces.setdefault(n, []).append(cut_out(ranks[r], off, off + b - a))
-                    if biases:
-                        pieces.setdefault(n + ".bias", []).append(biases[r][off:off + b - a])
+                    if (n, a) not in seen:    # replicated KV heads: take each once
+                        seen.add((n, a))
+                        pieces.setdefault(n, []).append(cut_out(ranks[r], off, off + b - a))
+                        if biases:
+                            pieces.setdefault(n + ".bias", []).append(biases[r][off:off + b - a])
                     off += b - a
             for n, parts in pieces.items():
                 if n.endswith(".bias"):
@@ -282,8 +297,9 @@ def reassemble(ws: Path, device="cpu") -> tuple[ModelArgs, dict]:
         if args.o_bias:
             out[p + "o.bias"] = load_tensor(wdir, f"{L}.attention.wo.bias", device)
         if (wdir / f"{L}.past_kv_scale.0.weight").exists():
+            firsts = {kv_heads(args, r, tp)[0]: r for r in reversed(range(tp))}   # one rank per KV head range
             out[p + "past_kv_scale"] = torch.cat([load_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", device)
-                                                  for r in range(tp)], 1)
+                                                  for _, r in sorted(firsts.items())], 1)
     return args, out
 
 
