@@ -162,13 +162,21 @@ class ModelRunner:
             qkv = linear(h, L.w_qkv, L.b_qkv)                             # (T, (nh + 2 nkv) hd)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             o = attend(l, q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd))   # (T, nh, hd)
-            x = linear(o.reshape(T, nh * hd), L.wo, L.b_o)
+            x = self.reduce(linear(o.reshape(T, nh * hd), L.wo, L.b_o))
             h, res = rms_norm(x, L.ffn_norm, a.norm_eps, residual=res)
-            x = linear(silu_mul(linear(h, L.w13)), L.w2)
+            x = self.reduce(linear(silu_mul(linear(h, L.w13)), L.w2))
         h, _ = rms_norm(x, self.norm, a.norm_eps, residual=res)
         if select is not None:
             h = h[select]
-        return F.linear(h, self.lm_head).float()                           # (T' , V)
+        return self.logits(h)                                              # (T' , V)
+
+    # tensor-parallel hooks (pipeline/engine/tp.py overrides them): identity / the whole head on one device
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of the row-parallel partial outputs over ranks (after wo and w2)."""
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.lm_head).float()
 
     def decode(self, tokens, positions, slots, block_tables, context_lens) -> torch.Tensor:
         """One token per sequence. tokens/positions/slots (B,), block_tables (B, max_blocks) int32,
