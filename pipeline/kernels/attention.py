@@ -22,7 +22,8 @@ serves the n_heads // n_kv_heads query heads of one KV head (KV read once per gr
 softmax in fp32, and a second small kernel merges the splits by their log-sum-exp. Dequantization is
 folded out of the inner loop: scores = k_scale * (q . k_codes) + k_zp * sum(q), and the V scale/zero
 point are applied to the accumulator (static) or to the probabilities (dynamic), so the loop only
-converts codes to fp16. int4 is handled as even/odd channel halves, never interleaved in registers.
+turns codes into fp16 (integer ops on the bits, no int->float converts; q is cast to fp16 for quantized
+KV, also when it is bf16). int4 is handled as even/odd channel halves, never interleaved in registers.
 """
 from __future__ import annotations
 
@@ -39,9 +40,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _kv_tile(x, BITS: tl.constexpr, HIGH: tl.constexpr):
+    """A loaded K/V tile as dot operand. Codes become their exact signed values q in fp16 without
+    int->float converts (I2F runs at a quarter of the integer rate and bounded the int8 kernel):
+    the fp16 bit pattern 0x6400 | u reads as 1024 + u."""
+    if BITS == 16:
+        y = x
+    elif BITS == 8:
+        y = (x.to(tl.int16) + (0x6400 + 128)).to(tl.float16, bitcast=True) - 1152.0  # int8 q
+    elif HIGH:
+        y = ((x >> 4).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0  # nibble = q + 8
+    else:
+        y = ((x & 0xF).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    return y
+
+
+@triton.jit
 def _dot_kq(q, k):
     # q (BLOCK_G, Dk), k (BLOCK_N, Dk) -> (BLOCK_G, BLOCK_N) fp32
-    return tl.dot(q, tl.trans(k.to(q.dtype)))
+    return tl.dot(q, tl.trans(k))
 
 
 @triton.jit
@@ -66,20 +83,20 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
     gmask = offs_g < G
     heads = kvh * G + offs_g
     q_ptr = Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :] * PACK
+    # quantized KV computes in fp16 (codes are exact there), fp16/bf16 KV in its own dtype
     q0 = tl.load(q_ptr, mask=gmask[:, None], other=0.0)  # (BLOCK_G, DK): all channels, or the even ones
+    if BITS != 16:
+        q0 = q0.to(tl.float16)
     qsum = tl.sum(q0.to(tl.float32), 1)
     if BITS == 4:
-        q1 = tl.load(q_ptr + 1, mask=gmask[:, None], other=0.0)  # odd channels
+        q1 = tl.load(q_ptr + 1, mask=gmask[:, None], other=0.0).to(tl.float16)  # odd channels
         qsum += tl.sum(q1.to(tl.float32), 1)
 
-    if MODE == 1:  # static: per-head scalars; int4 codes are nibble - 8, folded into the zero point
+    if MODE == 1:  # static: per-head scalars
         ks = tl.load(KS + kvh)
         kz = tl.load(KZ + kvh)
         vs = tl.load(VS + kvh)
         vz = tl.load(VZ + kvh)
-        if BITS == 4:
-            kz = kz - 8.0 * ks
-            vz = vz - 8.0 * vs
 
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -96,9 +113,9 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
         kt = tl.load(k_ptr, mask=nmask[:, None], other=0)
         vt = tl.load(v_ptr, mask=nmask[:, None], other=0)
         if BITS == 4:
-            s = _dot_kq(q0, kt & 0xF) + _dot_kq(q1, kt >> 4)
+            s = _dot_kq(q0, _kv_tile(kt, BITS, False)) + _dot_kq(q1, _kv_tile(kt, BITS, True))
         else:
-            s = _dot_kq(q0, kt)
+            s = _dot_kq(q0, _kv_tile(kt, BITS, False))
         if MODE == 1:
             s = s * ks + kz * qsum[:, None]
         if MODE == 2:
@@ -107,9 +124,6 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
             kz_n = tl.load(KZ + side, mask=nmask, other=0.0)
             vs_n = tl.load(VS + side, mask=nmask, other=0.0)
             vz_n = tl.load(VZ + side, mask=nmask, other=0.0)
-            if BITS == 4:
-                kz_n = kz_n - 8.0 * ks_n
-                vz_n = vz_n - 8.0 * vs_n
             s = s * ks_n[None, :] + qsum[:, None] * kz_n[None, :]
         s = tl.where(nmask[None, :], s * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -122,10 +136,10 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
             p = p * vs_n[None, :]
         pv = p.to(q0.dtype)
         if BITS == 4:
-            acc0 = acc0 * alpha[:, None] + tl.dot(pv, (vt & 0xF).to(q0.dtype))
-            acc1 = acc1 * alpha[:, None] + tl.dot(pv, (vt >> 4).to(q0.dtype))
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, _kv_tile(vt, BITS, False))
+            acc1 = acc1 * alpha[:, None] + tl.dot(pv, _kv_tile(vt, BITS, True))
         else:
-            acc0 = acc0 * alpha[:, None] + tl.dot(pv, vt.to(q0.dtype))
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, _kv_tile(vt, BITS, False))
 
     inv_l = 1.0 / tl.maximum(l_i, 1e-30)
     if MODE == 0:

@@ -1,0 +1,224 @@
+"""Benchmark sections for decode attention, RMSNorm, SiLU-mul and rope_kv_write (registered in bench/kernels.py).
+
+    python bench/kernels.py --only attention_decode,attention_aux     # both sections, one GPU call
+    python bench/kernels.py --only attention_decode --quick            # fewer shapes, smoke run
+    BENCH_SWEEP=1 python bench/kernels.py --only attention_decode        # also time a few kernel configs
+
+attention_decode: one query token per sequence, head_dim 128, paged KV (block 16, shuffled blocks):
+ours fp16 / int8 / int4 (static per-head scales, and dynamic per-token scales) against
+F.scaled_dot_product_attention on contiguous fp16 KV under the cuDNN and the flash backends, all in
+one run, calls captured in CUDA graphs, small caches rotated through copies so L2 cannot serve them.
+Roofline = the KV bytes (codes + scales) read once at the measured device-to-device copy bandwidth.
+attention_aux: rms_norm (+residual), silu_mul, rope_kv_write against their byte floors and against
+the same computation in eager PyTorch.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.kernels import attention, norm, rope_kv
+
+L2_DEFEAT_BYTES = 256 << 20
+BLOCK = 16
+D = 128
+
+
+def _kb():
+    import kernels  # bench/kernels.py: copy_bandwidth, time_calls (imported late: it imports this module)
+    return kernels
+
+
+def _copies(nbytes: int) -> int:
+    return max(1, min(64, math.ceil(L2_DEFEAT_BYTES / nbytes)))
+
+
+def _kv(fmt: str, num_blocks: int, n_kv: int, dev):
+    """One paged K/V pair with its parameters: fmt in fp16, int8, int4, int8_dyn, int4_dyn."""
+    bits = 16 if fmt == "fp16" else int(fmt[3])
+    mode = "none" if bits == 16 else ("dynamic" if fmt.endswith("_dyn") else "static")
+    shape = (num_blocks, n_kv, BLOCK, D // 2 if bits == 4 else D)
+    if bits == 16:
+        k, v = (torch.empty(shape, dtype=torch.float16, device=dev).normal_() for _ in range(2))
+    else:
+        lo, hi, dt = (-128, 128, torch.int8) if bits == 8 else (0, 256, torch.uint8)
+        k, v = (torch.randint(lo, hi, shape, dtype=dt, device=dev) for _ in range(2))
+    if mode == "static":
+        p = {n: torch.rand(n_kv, device=dev) * 0.02 + 0.005 for n in ("k_scale", "v_scale")}
+        p.update({n: torch.randn(n_kv, device=dev) * 0.1 for n in ("k_zp", "v_zp")})
+    elif mode == "dynamic":
+        p = {n: torch.rand(num_blocks, n_kv, BLOCK, device=dev) * 0.02 + 0.005 for n in ("k_scale", "v_scale")}
+        p.update({n: torch.randn(num_blocks, n_kv, BLOCK, device=dev) * 0.1 for n in ("k_zp", "v_zp")})
+    else:
+        p = {}
+    nbytes = 2 * k.numel() * k.element_size() + sum(t.numel() * 4 for t in p.values())
+    return dict(k=k, v=v, mode=mode, bits=bits, params=p, bytes=nbytes)
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q4, k, v, scale, gqa):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=gqa)
+    return run
+
+
+def bench_attention_decode(args) -> dict:
+    from torch.nn.attention import SDPBackend
+    kb = _kb()
+    dev = torch.device("cuda")
+    bw = kb.copy_bandwidth()
+    heads = [(32, 32), (32, 8)]
+    ctxs = [4096] if args.quick else [4096, 16384]
+    batches = [1, 16] if args.quick else [1, 16, 64]
+    fmts = ["fp16", "int8", "int4", "int8_dyn", "int4_dyn"]
+    sweep = os.environ.get("BENCH_SWEEP") == "1"
+    variants = [(bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3)] if sweep else []
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "copy_bw_GBps": bw / 1e9, "head_dim": D,
+           "block_size": BLOCK, "timing": "CUDA graph replay, median of 7, L2 defeated by rotating copies",
+           "rows": [], "notes": []}
+    sdpa = {"cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION), "flash": _sdpa(SDPBackend.FLASH_ATTENTION)}
+    for H, n_kv in heads:
+        for ctx in ctxs:
+            for B in batches:
+                torch.manual_seed(B * ctx + H + n_kv)
+                nb = ctx // BLOCK
+                num_blocks = B * nb
+                tables = torch.randperm(num_blocks, device=dev).view(B, nb).int()
+                lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+                q = torch.randn(B, H, D, device=dev, dtype=torch.float16)
+                scale = D ** -0.5
+                row = {"H": H, "n_kv": n_kv, "ctx": ctx, "B": B, "us": {}, "roof_us": {}, "err": {}}
+                fp16_bytes = 2 * B * ctx * n_kv * D * 2
+                # contiguous fp16 peers
+                kc = torch.empty(B, n_kv, ctx, D, device=dev, dtype=torch.float16).normal_()
+                vc = torch.empty_like(kc).normal_()
+                ncp = _copies(fp16_bytes)
+                kvs = [(kc, vc)] + [(kc.clone(), vc.clone()) for _ in range(ncp - 1)]
+                q4 = q[:, :, None, :]
+                for name, fn in sdpa.items():
+                    try:
+                        fn(q4, kc, vc, scale, H != n_kv)
+                        row["us"][name] = 1e6 * kb.time_calls(
+                            [lambda k=k, v=v, fn=fn: fn(q4, k, v, scale, H != n_kv) for k, v in kvs], graph=True)
+                    except Exception as e:
+                        res["notes"].append(f"sdpa {name} H={H}/{n_kv} ctx={ctx} B={B}: {e!r}"[:240])
+                del kvs, kc, vc
+                row["roof_us"]["fp16"] = 1e6 * fp16_bytes / bw
+                for fmt in fmts:
+                    kv0 = _kv(fmt, num_blocks, n_kv, dev)
+                    ncp = _copies(kv0["bytes"])
+                    kvl = [kv0] + [_kv(fmt, num_blocks, n_kv, dev) for _ in range(ncp - 1)]
+                    row["roof_us"][fmt] = 1e6 * kv0["bytes"] / bw
+
+                    def call(kv, **kw):
+                        return attention._launch(q, kv["k"], kv["v"], tables, lens, scale, kv["mode"], kv["bits"],
+                                                 **kv["params"], max_context_len=ctx, **kw)
+                    out = call(kv0)
+                    if B <= 16:  # spot check against the reference (first sequences)
+                        n = min(B, 4)
+                        ref = attention.paged_decode_attention_ref(q[:n], kv0["k"], kv0["v"], tables[:n], lens[:n],
+                                                                   scale, kv0["mode"], kv0["bits"], **kv0["params"])
+                        row["err"][fmt] = kb.rel_err(out[:n], ref.double())
+                    row["us"][fmt] = 1e6 * kb.time_calls([lambda kv=kv: call(kv) for kv in kvl], graph=True)
+                    if fmt == "int8":
+                        row["us"]["int8_eager"] = 1e6 * kb.time_calls([lambda kv=kv: call(kv) for kv in kvl],
+                                                                      graph=False)
+                    swept = fmt in ("fp16", "int8", "int4") and B in (1, 64) and ctx == max(ctxs)
+                    for bn, w, s in variants if swept else []:
+                        key = f"{fmt}_bn{bn}_w{w}_s{s}"
+                        try:
+                            row["us"][key] = 1e6 * kb.time_calls(
+                                [lambda kv=kv: call(kv, block_n=bn, num_warps=w, num_stages=s) for kv in kvl],
+                                graph=True)
+                        except Exception as e:
+                            res["notes"].append(f"{key}: {e!r}"[:200])
+                    del kvl, kv0
+                    torch.cuda.empty_cache()
+                res["rows"].append(row)
+                us, rf = row["us"], row["roof_us"]
+                print(f"H={H}/{n_kv} ctx={ctx} B={B}: " + ", ".join(f"{k}={v:.1f}" for k, v in us.items()
+                                                                    if "_bn" not in k), flush=True)
+    lines = [f"Decode attention, head_dim {D}, paged block {BLOCK}, {res['device']}, copy {bw / 1e9:.0f} GB/s; "
+             "x = time / own KV-bytes roofline (cudnn, flash: fp16 roofline)",
+             "H/kv  |   ctx |  B | cudnn x | flash x | fp16 x | int8 x | int4 x | i8dyn x | int8/fp16 | int8/cudnn"]
+    for r in res["rows"]:
+        us, rf = r["us"], r["roof_us"]
+
+        def x(k, roof=None):
+            return f"{us[k] / rf[roof or k]:6.2f}x" if k in us else "     - "
+        sp = f"{us['fp16'] / us['int8']:5.2f}x" if "int8" in us else "-"
+        sc = f"{us['cudnn'] / us['int8']:5.2f}x" if "cudnn" in us and "int8" in us else "   -  "
+        lines.append(f"{r['H']:2}/{r['n_kv']:<2} | {r['ctx']:5} | {r['B']:2} | {x('cudnn', 'fp16')} | "
+                     f"{x('flash', 'fp16')} | {x('fp16')} | {x('int8')} | {x('int4')} | {x('int8_dyn')}  | "
+                     f"  {sp}   |   {sc}")
+    res["table"] = lines
+    return res
+
+
+def bench_attention_aux(args) -> dict:
+    kb = _kb()
+    dev = torch.device("cuda")
+    bw = kb.copy_bandwidth()
+    res = {"device": torch.cuda.get_device_name(), "copy_bw_GBps": bw / 1e9, "rows": [], "notes": []}
+    dt = torch.float16
+
+    def add(kernel, shape, nbytes, ours, torch_fns):
+        row = {"kernel": kernel, "shape": shape, "bytes": nbytes, "floor_us": 1e6 * nbytes / bw,
+               "ours_us": 1e6 * kb.time_calls(ours, graph=True),
+               "ours_eager_us": 1e6 * kb.time_calls(ours, graph=False),
+               "torch_eager_us": 1e6 * kb.time_calls(torch_fns, graph=False)}
+        res["rows"].append(row)
+        print(f"{kernel} {shape}: ours {row['ours_us']:.2f} us (eager {row['ours_eager_us']:.2f}), "
+              f"torch eager {row['torch_eager_us']:.2f} us, floor {row['floor_us']:.2f} us", flush=True)
+
+    for T, N in [(1, 4096), (64, 4096), (2048, 4096), (2048, 8192)]:
+        nbytes = 5 * T * N * 2 + N * 2  # read x, residual, weight; write y, new residual
+        xs = [(torch.randn(T, N, device=dev, dtype=dt), torch.randn(T, N, device=dev, dtype=dt))
+              for _ in range(_copies(nbytes))]
+        w = torch.rand(N, device=dev, dtype=dt)
+        got, ref = norm._launch_rms_norm(xs[0][0], w, 1e-5, xs[0][1]), norm.rms_norm_ref(xs[0][0], w, 1e-5, xs[0][1])
+        res["notes"].append(f"rms_norm T={T} N={N}: rel err {kb.rel_err(got[0], ref[0].double()):.1e}")
+        add("rms_norm+residual", [T, N], nbytes, [lambda a=a, b=b: norm._launch_rms_norm(a, w, 1e-5, b) for a, b in xs],
+            [lambda a=a, b=b: norm.rms_norm_ref(a, w, 1e-5, b) for a, b in xs])
+    for T, N in [(1, 11008), (64, 11008), (2048, 11008)]:
+        nbytes = 3 * T * N * 2  # read gate and up, write the product
+        xs = [torch.randn(T, 2 * N, device=dev, dtype=dt) for _ in range(_copies(nbytes))]
+        add("silu_mul", [T, N], nbytes, [lambda a=a: norm._launch_silu_mul(a) for a in xs],
+            [lambda a=a: norm.silu_mul_ref(a) for a in xs])
+    inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2, device=dev).float() / D)
+    freqs = torch.outer(torch.arange(32768, device=dev).float(), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    for T, H, n_kv in [(1, 32, 8), (64, 32, 32), (64, 32, 8), (2048, 32, 8)]:
+        nbytes = T * (H + 2 * n_kv) * D * 2 + T * H * D * 2 + T * 2 * n_kv * D + T * D * 4  # q,k,v in; q out; int8 K,V; cos,sin
+        num_blocks = T // BLOCK + 8
+        inputs = []
+        for _ in range(_copies(nbytes)):
+            qkv = [torch.randn(T, h, D, device=dev, dtype=dt) for h in (H, n_kv, n_kv)]
+            caches = [torch.empty(num_blocks, n_kv, BLOCK, D, device=dev, dtype=torch.int8) for _ in range(2)]
+            slots = torch.randperm(num_blocks * BLOCK, device=dev)[:T]
+            pos = torch.randint(0, cos.shape[0], (T,), device=dev)
+            inputs.append((qkv, caches, slots, pos))
+        p = {n: torch.rand(n_kv, device=dev) * 0.05 + 0.01 for n in ("k_scale", "v_scale")}
+        p.update({n: torch.zeros(n_kv, device=dev) for n in ("k_zp", "v_zp")})
+
+        def fn(launch, i):
+            (q, k, v), (kc, vc), slots, pos = i
+            return lambda: launch(q, k, v, pos, cos, sin, kc, vc, slots, "static", 8, **p)
+        add(f"rope_kv_write int8 H={H}/{n_kv}", [T, H, n_kv, D], nbytes,
+            [fn(rope_kv._launch, i) for i in inputs], [fn(rope_kv.rope_kv_write_ref, i) for i in inputs])
+    lines = [f"RMSNorm / SiLU-mul / rope_kv_write, fp16, {res['device']}; x = time / byte floor at copy bandwidth",
+             "kernel                         | shape              | ours us (graph) | x floor | ours eager | torch eager us"]
+    for r in res["rows"]:
+        lines.append(f"{r['kernel']:30} | {str(r['shape']):18} | {r['ours_us']:15.2f} | "
+                     f"{r['ours_us'] / r['floor_us']:6.2f}x | {r['ours_eager_us']:10.2f} | {r['torch_eager_us']:8.2f}")
+    res["table"] = lines
+    return res
+
+
+SECTIONS = {"attention_decode": bench_attention_decode, "attention_aux": bench_attention_aux}
