@@ -152,8 +152,10 @@ class Server:
                 raise ApiError(500, f"generation failed: {r['error']}", type="server_error")
         return results
 
-    async def stream(self, pending: Pending, rid: str, created: int, chat: bool, include_usage: bool):
-        """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE]."""
+    async def stream(self, pending: Pending, rid: str, created: int, chat: bool, include_usage: bool,
+                     continuous: bool):
+        """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE].
+        continuous: each text chunk carries its request's usage so far (live tokens/s in the page)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -186,7 +188,12 @@ class Server:
                     yield sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())
                     break
                 if out.text:
-                    yield sse(chunk(i, out.text, None))
+                    ev = chunk(i, out.text, None)
+                    if continuous:
+                        ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
+                                       "completion_tokens": out.num_generated_tokens,
+                                       "total_tokens": out.num_prompt_tokens + out.num_generated_tokens}
+                    yield sse(ev)
                 if out.finished:
                     left -= 1
                     pending.finished(i, out.finish_reason)
@@ -211,8 +218,10 @@ class Server:
         pending = self.submit(prompts, req)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return EngineStream(self.stream(pending, rid, created, chat, include), on_disconnect=pending.cancel)
+            so = req.stream_options
+            events = self.stream(pending, rid, created, chat, bool(so and so.include_usage),
+                                 bool(so and so.continuous_usage_stats))
+            return EngineStream(events, on_disconnect=pending.cancel)
         results = await self.collect(request, pending)
         usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in results),
                  "completion_tokens": sum(r["completion_tokens"] for r in results)}

@@ -44,6 +44,7 @@ class ChatMessage(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's extension: usage (tokens so far) in every chunk
 
 
 class _Sampling(_Strict):
