@@ -35,7 +35,8 @@ from .sampling import sample
 log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
-            "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str}
+            "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
+            "tp": int, "tp_timeout": float}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -58,7 +59,7 @@ class Engine:
             else:
                 need = self.max_batch_size * self.max_blocks
                 num_blocks = min(need, int(CPU_KV_BUDGET * s["cache_max_entry_count"]) // per_block)
-        runner.allocate_cache(num_blocks, self.block_size)
+        num_blocks = runner.allocate_cache(num_blocks, self.block_size) or num_blocks   # tp: the ranks' minimum
         self.blocks = BlockManager(num_blocks, self.block_size)
         self.graphs = None
         if dev.type == "cuda" and s.get("cuda_graphs", True):
@@ -96,7 +97,12 @@ class Engine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
-        runner = ModelRunner.from_workspace(ws, dev, settings["session_len"], qp, settings.get("kv_mode"))
+        if settings.get("tp", 1) > 1:   # tensor parallelism: this process is rank 0 (pipeline/engine/tp.py)
+            from .tp import launch
+            runner = launch(ws, dev, settings["tp"], {**settings, "quant_policy": qp}, settings.get("tp_timeout", 120.0))
+            settings["cuda_graphs"] = False   # each rank captures its own graphs inside the TP group
+        else:
+            runner = ModelRunner.from_workspace(ws, dev, settings["session_len"], qp, settings.get("kv_mode"))
         tok = None
         if (ws / TOKENIZER).exists():
             from transformers import AutoTokenizer
@@ -156,13 +162,16 @@ class Engine:
         for s in list(self.running) + list(self.waiting):
             self._finish(s, "cancelled")
         self.waiting.clear()
+        if hasattr(self.runner, "shutdown"):   # tensor parallelism: stop the other ranks
+            self.runner.shutdown()
 
     def stats(self) -> dict:
         return dict(free_blocks=self.blocks.free_blocks, total_blocks=self.blocks.num_blocks,
                     block_size=self.block_size, running=len(self.running), waiting=len(self.waiting) + len(self._inbox),
                     kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
-                    model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device))
+                    model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
+                    tp=getattr(self.runner, "tp", 1))
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         tok = self.tokenizer
