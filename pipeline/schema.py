@@ -94,7 +94,8 @@ class ApiConfig:
 @dataclass
 class ServeConfig:
     mode: str = "generate"            # generate | chat | api
-    tp: int = 1
+    tp: int = 1                       # tensor-parallel ranks (one process per device; pipeline/engine/tp.py)
+    tp_timeout: float = 120.0         # seconds: bound on every collective and on the ranks' start-up
     max_batch_size: int = 32
     session_len: int = 4096
     cache_max_entry_count: float = 0.8

@@ -29,7 +29,7 @@ def engine_overrides(s) -> dict:
     return {"session_len": s.session_len, "max_batch_size": s.max_batch_size,
             "cache_max_entry_count": s.cache_max_entry_count, "cache_block_seq_len": s.cache_block_size,
             "max_prefill_tokens": s.max_prefill_tokens, "cuda_graphs": s.cuda_graphs,
-            "num_blocks": s.get("num_blocks") or None}
+            "num_blocks": s.get("num_blocks") or None, "tp": s.get("tp", 1), "tp_timeout": s.get("tp_timeout", 120.0)}
 
 
 def sampling(s, **kw) -> SamplingParams:
