@@ -21,6 +21,7 @@ Usage:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -200,10 +201,25 @@ class Transformer(nn.Module):
         return self.output(x)                                                  # (B, T, V)
 
 
+@contextlib.contextmanager
+def no_weight_init():
+    """Skip torch.nn.init in module constructors whose weights are loaded next. On the meta device the
+    random init is useless and costs ~3 s per process (torch imports its compiler stack for it)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def build_model(args: ModelArgs, tensors: dict[str, torch.Tensor], device="cpu", dtype=None) -> Transformer:
     """A Transformer holding `tensors` (canonical names); missing or unexpected names are an error."""
     dtype = dtype or next(iter(tensors.values())).dtype
-    with torch.device("meta"):
+    with torch.device("meta"), no_weight_init():
         model = Transformer(args)
     model = model.to_empty(device=device).to(dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
