@@ -184,7 +184,10 @@ def bench_w4a16(args) -> dict:
                                        for p, sz in tiny[0]]
             if gl:
                 methods["gemlite"] = [lambda L=L: L(x) for L in gl]
-            row = {"config": chosen, "tune_ms": tune_ms}
+            Wd = w4.dequantize_w4(ws[0], torch.float64)
+            row = {"config": chosen, "tune_ms": tune_ms,
+                   "rel_err": rel_err(w4.w4a16_linear(x, ws[0]), x.double() @ Wd.T)}
+            del Wd
             for name, fns in methods.items():
                 for mode in ("graph", "eager"):
                     try:
@@ -194,7 +197,7 @@ def bench_w4a16(args) -> dict:
             row["flops"] = 2 * M * K * N
             entry["M"][M] = row
             print(f"K={K} N={N} M={M}: " + ", ".join(f"{k}={v * 1e6:.1f}us" for k, v in row.items()
-                                                    if k.endswith("_s")) + f" [{row['config']}]",
+                                                    if k.endswith("_s")) + f" [{row['config']}, err {row['rel_err']:.1e}]",
                   flush=True)
         res["shapes"].append(entry)
         del ws, w16, gl, tiny

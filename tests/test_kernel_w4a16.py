@@ -91,14 +91,16 @@ def test_auto_dispatch_on_cpu_uses_reference(monkeypatch):
 # raw configs (BLOCK_M, BLOCK_N, split, warps, stages, sliced): split-K GEMV (workspace + counter),
 # single split, 8-slice dots (g = 128), tile
 INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0), "gemv_split1": (16, 16, 1, 4, 1, 0),
-                  "sliced_split2": (16, 32, 2, 4, 1, 1), "tile": (32, 64, 1, 4, 1, 0)}
+                  "sliced_split2": (16, 32, 2, 4, 1, 1), "tile": (32, 64, 1, 4, 1, 0),
+                  "fma_split3": ("fma", 32, 3, 4, 1), "fma_split1": ("fma", 64, 1, 4, 1)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("M,N,K,g,cfg", [(1, 40, 192, 32, "gemv_split3"), (3, 33, 256, 64, "gemv_split1"),
                                          (5, 72, 256, 128, "gemv_split3"), (19, 50, 128, 64, "tile"),
-                                         (2, 40, 384, 128, "sliced_split2")])
+                                         (2, 40, 384, 128, "sliced_split2"), (1, 40, 384, 128, "fma_split3"),
+                                         (3, 70, 192, 64, "fma_split3"), (2, 33, 128, 32, "fma_split1")])
 def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(N, K, g), g)

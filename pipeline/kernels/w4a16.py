@@ -26,9 +26,11 @@ Kernel arithmetic (one K tile = one group, so scale and zero are per-column cons
     weight the ALU work is a shift, a mask-or and one 16-bit subtract; the scale is applied per
     output column after the group's dot.
 
-Paths (one entry point): M <= 16 -> BLOCK_M = 16 with split-K over groups (fp32 atomics) so that
-enough programs stream the weights; M > 16 -> tiled tensor-core path (grouped tile order for L2), or
-for large M a Triton dequantize to a (K, N) scratch + cuBLAS, whichever the tuner measures faster.
+Paths (one entry point): M <= 4 -> also a CUDA-core GEMV (`_gemv_kernel`, fp32 FMAs, no tensor
+cores); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough programs stream the weights
+(partials in an fp32 workspace, the last program of a tile finishes it: one launch); M > 16 ->
+tiled tensor-core path (grouped tile order for L2), or for large M a Triton dequantize to a (K, N)
+scratch + cuBLAS; the tuner keeps whichever it measures fastest.
 A tiny built-in tuner times a small, named config set once per (device, dtype, M bucket, N, K, g)
 on the first call outside CUDA-graph capture; inside capture it uses the tuned or a default config.
 """
@@ -224,6 +226,59 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, 
 
 
 @triton.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
+                 split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    # CUDA-core GEMV for tiny M: grid (N tiles, split_k, M), one activation row per program.
+    # Nibble -> fp32 by OR-ing into the mantissa of 2**23; (2**23 + q) - (2**23 + z) = q - z exactly.
+    # Products accumulate elementwise in a (P, BLOCK_N) fp32 tile, reduced over P once at the end.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    P: tl.constexpr = GROUP // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    offs_p = tl.arange(0, P)
+    mask_n = offs_n < N
+    n_groups = K // GROUP
+    per_split = tl.cdiv(n_groups, split_k)
+    g_lo = pid_k * per_split
+    g_hi = tl.minimum(g_lo + per_split, n_groups)
+    q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
+    x_row = x_ptr + m * stride_xm + offs_p  # (P,)
+    acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+    for g in range(g_lo, g_hi):
+        q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 8388608.0
+        part = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + g * GROUP + j * P).to(tl.float32)  # (P,)
+            wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zc[None, :]
+            part += xj[:, None] * wj
+        acc += part * s[None, :]
+    y = tl.sum(acc, axis=0)  # (BN,)
+    y_ptrs = y_ptr + m * stride_ym + offs_n
+    if not SPLIT:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tile = m * tl.num_programs(0) + pid_n
+        ws_ptrs = ws_ptr + m * N + offs_n
+        tl.atomic_add(ws_ptrs, y, mask=mask_n, sem="relaxed")
+        tl.debug_barrier()
+        count = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if count == split_k - 1:
+            tot = tl.load(ws_ptrs, mask=mask_n, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(ws_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_n)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
 def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))
     gi = tl.program_id(0)
@@ -244,8 +299,14 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # ------------------------------------------------------------------------------- configs and tuner
 # name -> (BLOCK_M, BLOCK_N, split, num_warps, num_stages, sliced); split > 0: that many programs
 # along K; split < 0: split K until about -split programs per SM; sliced: 8 dots of K = g/8 per group
-# (g = 128 only) instead of one reshaped dot of K = g. None: Triton dequantize + cuBLAS.
+# (g = 128 only) instead of one reshaped dot of K = g. ("fma", BLOCK_N, split, warps, stages): the
+# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS.
 CONFIGS = {
+    "fma_n128_c4": ("fma", 128, -4, 4, 4),
+    "fma_n64_c8": ("fma", 64, -8, 2, 4),
+    "fma_n256_c2": ("fma", 256, -2, 8, 3),
+    "gemv_n64_c8_sl": (16, 64, -8, 4, 4, 1),
+    "gemv_n32_c8_sl": (16, 32, -8, 2, 4, 1),
     "gemv_n64_c4": (16, 64, -4, 4, 4, 0),
     "gemv_n64_c8": (16, 64, -8, 4, 3, 0),
     "gemv_n128_c4": (16, 128, -4, 4, 4, 0),
@@ -263,8 +324,9 @@ CONFIGS = {
     "tile_m128_n64_c2_sl": (128, 64, -2, 4, 4, 1),
     "dequant_cublas": None,
 }
-DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n128_c4", "gemv_n64_c4_sl", "gemv_n128_c8_sl",
-              "gemv_n256_c4_sl", "gemv_n64_k1")
+DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
+              "gemv_n32_c8_sl")
+FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2")  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl",
            "tile_m64_n128_c2", "tile_m64_n128_c2_sl")
 PREFILL_SET = ("tile_m64_n128_c2_sl", "tile_m128_n128_c1", "tile_m128_n128_c1_sl", "tile_m128_n256_c1_sl",
@@ -282,6 +344,8 @@ def _m_bucket(M: int) -> int:
 
 
 def candidates(M: int) -> tuple[str, ...]:
+    if M <= 4:
+        return FMA_SET + DECODE_SET
     return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
 
 
@@ -330,16 +394,27 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg) -> torch.Tensor:
                                                       BLOCK_N=128, num_warps=4)
         y = x2 @ wt
         return y if bias is None else y + bias.to(y.dtype)
-    BM, BN, split, warps, stages, sliced = cfg
-    split = _split_for(M, N, K, g, BM, BN, split, x2.device)
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    if cfg[0] == "fma":
+        _, BN, split, warps, stages = cfg
+        split = _split_for(M, N, K, g, 1, BN, split, x2.device)
+        tiles = M * triton.cdiv(N, BN)
+    else:
+        BM, BN, split, warps, stages, sliced = cfg
+        split = _split_for(M, N, K, g, BM, BN, split, x2.device)
+        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     ws = _get_workspace(x2.device, M * N, tiles) if split > 1 else None
     if ws is None:
         split = 1
         ws = (x2, x2)  # unused placeholders
     y = _alloc_out(M, N, out_dtype, x2.device)
+    b = bias if bias is not None else x2
+    if cfg[0] == "fma":
+        _gemv_kernel[(triton.cdiv(N, BN), split, M)](
+            x2, w.qweight, w.scales, w.zeros, b, y, ws[0], ws[1], M, N, K, x2.stride(0), y.stride(0), split,
+            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+        return y
     dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
-    _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, bias if bias is not None else x2, y, ws[0], ws[1],
+    _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws[0], ws[1],
                             M, N, K, x2.stride(0), y.stride(0), split,
                             GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
                             HAS_BIAS=bias is not None, SLICED=bool(sliced), num_warps=warps, num_stages=stages)
