@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from api_server import ApiServer
+from pipeline.server.launch import ApiServer
 
 KEY = "sk-test-123"
 SESSION = 256

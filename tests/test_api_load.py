@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from api_server import ApiServer
+from pipeline.server.launch import ApiServer
 
 BLOCK, NUM_BLOCKS = 16, 48          # 768 tokens of KV cache
 MSG = [{"role": "user", "content": "hello"}]

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from api_server import REPO, ApiServer
+from pipeline.server.launch import REPO, ApiServer
 
 MODEL = "smollm2-135m"
 SESSION = 512

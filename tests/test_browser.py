@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from api_server import REPO, ApiServer
+from pipeline.server.launch import REPO, ApiServer
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SHOTS = REPO / "outputs" / "tests" / "browser"

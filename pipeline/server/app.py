@@ -187,7 +187,7 @@ class Server:
                     self.counts["requests_failed"] += 1
                     yield sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())
                     break
-                if out.text:
+                if out.text or (continuous and out.token_ids):   # with usage: a chunk per step, text or not
                     ev = chunk(i, out.text, None)
                     if continuous:
                         ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,

@@ -1,5 +1,10 @@
-"""A real API server for tests: `python -m pipeline.runner pipeline=serve serve.mode=api ...` as a subprocess
-on 127.0.0.1 (a free port, read from its startup log), with helpers to read /health and its memory."""
+"""Start the API server as a real process, for tests and bench/serve.py:
+
+    s = ApiServer(workdir, "model=tiny-random", "serve.session_len=256").start()   # free port from its log
+    s.url, s.health(), s.wait_idle(free_blocks), s.rss(), s.stop()
+
+Runs `python -m pipeline.runner pipeline=serve serve.mode=api serve.api.port=0 ...` on 127.0.0.1.
+"""
 from __future__ import annotations
 
 import os
@@ -11,9 +16,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 URL_LINE = re.compile(r"API server listening on (http://127\.0\.0\.1:\d+)")
 
 
@@ -68,6 +72,7 @@ class ApiServer:
             time.sleep(0.05)
 
     def rss(self) -> int:
+        import psutil
         return psutil.Process(self.proc.pid).memory_info().rss
 
     def alive(self) -> bool:
