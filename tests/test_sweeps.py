@@ -37,21 +37,37 @@ def check_four_job_sweep(tmp, out):
     assert out.count("4 jobs, 4 ok") == 1
 
 
+# Two "GPUs" by name: with no CUDA here, torch still runs on the CPU, but the runner's GPU spreading
+# (pipeline/gpus.py) narrows CUDA_VISIBLE_DEVICES to one device per job process, which report.json records.
+TWO_GPUS = {"CUDA_VISIBLE_DEVICES": "0,1"}
+
+
 def test_joblib_two_workers(tmp_path):
-    _, out = run(sweep_args(tmp_path, SEQLENS, "hydra/launcher=local", "launch.jobs=2"))
+    _, out = run(sweep_args(tmp_path, SEQLENS, "hydra/launcher=local", "launch.jobs=2"), **TWO_GPUS)
     assert "n_jobs=2" in out
     check_four_job_sweep(tmp_path, out)
+    # joblib reuses 2 worker processes: each keeps one device, and two live workers never share one
+    device_of = {}
+    for r in job_reports(tmp_path / "sweep"):
+        assert device_of.setdefault(r["pid"], r["cuda_visible_devices"]) == r["cuda_visible_devices"]
+    assert set(device_of.values()) <= {"0", "1"}
+    assert len(set(device_of.values())) == len(device_of)
 
 
 def test_submitit_local_two_at_a_time(tmp_path):
-    _, out = run(sweep_args(tmp_path, SEQLENS, "hydra/launcher=submitit", "hydra.sweeper.max_batch_size=2"))
+    _, out = run(sweep_args(tmp_path, SEQLENS, "hydra/launcher=submitit", "hydra.sweeper.max_batch_size=2"),
+                 **TWO_GPUS)
     assert (tmp_path / "sweep" / ".submitit").is_dir()
     check_four_job_sweep(tmp_path, out)
+    # submitit hands every job both devices (gpus_per_node=${gpu_count:}); the runner keeps job_num % 2
+    for d in sorted((tmp_path / "sweep").glob("[0-9]*")):
+        assert report(d)["cuda_visible_devices"] == str(int(d.name.split("-")[0]) % 2)
 
 
 def test_killed_lock_holder_is_taken_over_by_next_sweep(tmp_path):
     sweep = sweep_args(tmp_path, "eval.seqlen=16,24", "hydra/launcher=local", "launch.jobs=2")
-    p = start(sweep, PIPELINE_TEST_PAUSE="load:120")                   # a job holds load's lock, paused
+    first = sweep_args(tmp_path, "eval.seqlen=16", "hydra/launcher=local", "launch.jobs=1")
+    p = start(first, PIPELINE_TEST_PAUSE="load:120")                   # its job holds load's lock, paused
     locks = tmp_path / "cache" / "load" / ".locks"
     wait_for(lambda: locks.exists() and list(locks.glob("*.lock")), what="load's lock")
     kill_group(p)                                                       # SIGKILL the sweep and its jobs
