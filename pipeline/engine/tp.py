@@ -234,8 +234,6 @@ def _follower_main(rank: int, tp: int, port: int, ws: str, device: str, spec: di
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
         store.set(f"alive/{rank}", str(os.getpid()))
         ctrl = _init_groups(store, rank, tp, dev, timeout_s)
-        if os.environ.get("PIPELINE_TP_TEST_FAIL_LOAD") == str(rank):   # tests: a rank that cannot start
-            raise RuntimeError(f"PIPELINE_TP_TEST_FAIL_LOAD={rank}: simulated load failure")
         runner = ShardRunner.load(Path(ws), rank, tp, dev, spec["session_len"], spec["quant_policy"], spec.get("kv_mode"))
         runner.group = dist.group.WORLD
         store.set(f"ready/{rank}", "1")

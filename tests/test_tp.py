@@ -1,0 +1,179 @@
+"""Tensor parallelism on the CPU (gloo, one process per rank): greedy tokens equal to tp=1, failures end runs.
+
+- tiny random llama (4 heads, 2 KV heads) at tp=2, fp16 and w4a16 + int8 KV: greedy tokens equal tp=1 on the
+  same workspace (tp=1 reassembles the shards), prefill logits close; MQA (1 KV head) at tp=2: the KV head
+  replicated on both ranks.
+- SmolLM2-135M (9 heads, 3 KV heads: tp=2 divides neither, refused naming the valid tp values [1, 3]) at tp=3:
+  w4a16 (RTN) through the real CLI (`pipeline=serve serve.tp=3`: quant stages, turbomind with tp=3, the serve
+  stage on three ranks), fp16 from the load artifact; greedy tokens equal tp=1 for several prompts.
+- a follower killed mid-generation ends the server within seconds (exit 70, message naming the rank and
+  the signal); rank 0 killed: the follower exits too; a follower that cannot load its shards makes
+  Engine.from_workspace raise, naming the rank and the cause.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.engine import Engine, SamplingParams
+from pipeline.models.llama import ModelArgs
+from pipeline.models.sources import save_byte_tokenizer, synthetic_tensors
+from pipeline.workspace import check_tp, write_workspace
+
+from conftest import REPO, run_cli
+from test_engine import ARGS, kv_params, make_w4
+
+PROMPTS = [[5, 6, 7], list(range(10, 47)), [100], list(range(200, 215))]
+GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    t = synthetic_tensors(ARGS, 0, torch.float32)
+    save_byte_tokenizer(root / "tok", ARGS.vocab_size)
+    write_workspace(root / "fp16", ARGS, t, root / "tok", tp=2)
+    write_workspace(root / "w4", ARGS, t, root / "tok", tp=2, w4=make_w4(t), group_size=64, kv_qparams=kv_params(),
+                    kv_bits=8)
+    mqa = ModelArgs(**{**ARGS.__dict__, "n_kv_heads": 1})
+    write_workspace(root / "mqa", mqa, synthetic_tensors(mqa, 1, torch.float32), root / "tok", tp=2)
+    return root
+
+
+def run_both(ws: Path, prompts, tp: int, params=GREEDY, logits=False, **over):
+    """Greedy tokens (and optionally the prefill logits of prompts[1]) at tp=1 and at tp."""
+    out = []
+    for n in (1, tp):
+        eng = Engine.from_workspace(ws, "cpu", overrides={"tp": n, **over})
+        try:
+            out.append((eng.generate(prompts, params), eng.prompt_logits(prompts[1]) if logits else None,
+                        {**eng.stats(), "block_bytes": eng.runner.block_bytes(64)}))
+        finally:
+            eng.stop()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fp16", "w4", "mqa"])
+def test_tiny_tp2_greedy_equals_tp1(tiny_ws, kind):
+    (ref, l1, s1), (got, l2, s2) = run_both(tiny_ws / kind, PROMPTS, 2, logits=True)
+    assert got == ref
+    assert (l1 - l2).abs().max() <= 1e-4 * l1.abs().max()
+    assert s2["tp"] == 2 and s1["tp"] == 1
+    # each rank holds half the KV heads (MQA: the one head, replicated): a block costs half (the same) per rank
+    assert s2["block_bytes"] * (1 if kind == "mqa" else 2) == s1["block_bytes"]
+
+
+def test_refuses_tp_that_does_not_fit_the_heads(tiny_ws):
+    smol = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152)
+    with pytest.raises(ValueError, match=r"tp=2 does not fit n_heads=9, n_kv_heads=3.*valid tp values.*\[1, 3\]"):
+        check_tp(smol, 2)
+    with pytest.raises(ValueError, match=r"tensor_para_size=2, but tp=4"):
+        Engine.from_workspace(tiny_ws / "fp16", "cpu", overrides={"tp": 4})
+
+
+def test_rank_that_cannot_load_fails_start(tiny_ws, tmp_path):
+    ws = tmp_path / "broken"
+    shutil.copytree(tiny_ws / "fp16", ws)
+    (ws / "triton_models/weights/layers.1.attention.wo.1.weight").unlink()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+, cpu\) failed to load its shards: .*layers\.1\.attention\.wo\.1"):
+        Engine.from_workspace(ws, "cpu", overrides={"tp": 2})
+    assert time.monotonic() - t0 < 60
+    assert not torch.distributed.is_initialized()
+
+
+SERVER = """
+import sys
+from pipeline.engine import Engine, SamplingParams
+eng = Engine.from_workspace(sys.argv[1], "cpu", overrides={"tp": 2, "tp_timeout": 30}).start()
+print("ready", flush=True)
+while True:
+    eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=200, ignore_eos=True))
+"""
+
+
+def start_server(ws: Path):
+    p = subprocess.Popen([sys.executable, "-c", SERVER, str(ws)], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    err = ""
+    for line in p.stderr:                      # launch() prints the followers' pids
+        err += line
+        m = re.search(r"follower pids (\d+)", line)
+        if m:
+            assert p.stdout.readline().strip() == "ready"
+            return p, int(m.group(1)), err
+    raise AssertionError(f"the server did not start:\n{err}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def test_killed_follower_ends_the_server(tiny_ws):
+    p, pid, _ = start_server(tiny_ws / "fp16")
+    time.sleep(1.0)                            # mid-generation
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        code = p.wait(timeout=30)
+    finally:
+        p.kill()
+    err = p.stderr.read()
+    assert time.monotonic() - t0 < 15
+    assert code == 70
+    assert re.search(rf"rank 1 \(pid {pid}, cpu\) was killed by SIGKILL; ending the server", err), err[-2000:]
+
+
+def test_killed_rank0_ends_the_followers(tiny_ws):
+    p, pid, _ = start_server(tiny_ws / "fp16")
+    p.kill()
+    p.wait()
+    t0 = time.monotonic()
+    while not gone(pid) and time.monotonic() - t0 < 20:
+        time.sleep(0.2)
+    assert gone(pid), f"follower {pid} still running 20 s after rank 0 died"
+
+
+# ------------------------------------------------------------------------------------ SmolLM2 at tp=3
+SMOL_PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
+
+
+@pytest.fixture(scope="module")
+def smol_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)                   # 2 CI cores, 3 ranks: no oversubscription in rank 0
+    yield
+    torch.set_num_threads(n)
+
+
+def test_smollm2_tp3_w4a16_and_fp16_greedy_equal_tp1(tmp_path, smol_threads):
+    from pipeline.models.store import read_args, read_tensors
+    cache = tmp_path / "cache"
+    p = run_cli(f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}", "pipeline=serve", "quant=w4a16_rtn",
+                "serve.tp=3", "serve.max_new_tokens=6", "serve.session_len=512", "serve.prompts=[\"Hi!\"]")
+    assert "tp=3 on cpu, cpu, cpu" in p.stderr
+    w4 = next(cache.glob("turbomind/*/workspace"))
+    load = next(cache.glob("load/*/config.json")).parent
+    write_workspace(tmp_path / "fp16", read_args(load), read_tensors(load), load / "tokenizer", tp=3)
+    from transformers import AutoTokenizer
+    for ws in (w4, tmp_path / "fp16"):
+        t = AutoTokenizer.from_pretrained(str(ws / "triton_models/tokenizer"))
+        prompts = [t.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True)
+                   for s in SMOL_PROMPTS]
+        prompts = [ids if isinstance(ids, list) else ids["input_ids"] for ids in prompts]
+        (ref, _, _), (got, _, st) = run_both(ws, prompts, 3, SamplingParams(max_new_tokens=8), session_len=512)
+        assert st["tp"] == 3
+        assert got == ref, (ws, got, ref)
+        assert all(len(r) > 0 for r in ref)
