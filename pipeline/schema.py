@@ -116,7 +116,7 @@ class ServeConfig:
 
 @dataclass
 class LaunchConfig:
-    """Read by the launcher presets in conf/hydra/launcher/ (hydra/launcher=local|submitit|slurm|ray)."""
+    """Read by the launcher presets in conf/hydra/launcher/ (hydra/launcher=local|submitit|slurm|ray_jobs)."""
     jobs: int = 2                     # jobs at once on one machine (joblib workers, Ray local CPUs)
     partition: Optional[str] = None   # SLURM partition
     gpus_per_job: int = 1             # SLURM / Ray GPUs per job

@@ -108,7 +108,7 @@ def test_failed_job_is_named_and_rerun_alone(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
                     reason="hydra-ray-launcher not installed (pip install -e '.[ray]' in its own environment)")
 def test_ray_local_cluster(tmp_path):
-    _, out = run(sweep_args(tmp_path, "eval.seqlen=16,24", "hydra/launcher=ray", "launch.gpus_per_job=0"))
+    _, out = run(sweep_args(tmp_path, "eval.seqlen=16,24", "hydra/launcher=ray_jobs", "launch.gpus_per_job=0"))
     reps = job_reports(tmp_path / "sweep")
     assert len(reps) == 2 and all(r["ok"] for r in reps), out[-3000:]
     assert ran_count(reps, "load") == 1
