@@ -173,7 +173,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--set", nargs="*", default=[], help="more runner overrides (replace the fast-build ones)")
+    ap.add_argument("--set", nargs="*", default=None,
+                    help="runner overrides replacing the fast-build ones (`--set` alone: none)")
     ap.add_argument("--cache-dir", default=str(REPO / "outputs" / "cache"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -185,14 +186,15 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     overrides = [f"model={args.model}", f"quant={args.quant}", f"device={device}",
-                 f"serve.max_batch_size={args.clients}", "serve.session_len=4096", *(args.set or FAST_BUILD)]
+                 f"serve.max_batch_size={args.clients}", "serve.session_len=4096", *(FAST_BUILD if args.set is None else args.set)]
     t0 = time.time()
     server = ApiServer(Path(tempfile.mkdtemp(prefix="bench_serve_")), *overrides, cache_dir=Path(args.cache_dir))
     server.start(timeout=1800)
     build_s = time.time() - t0
     h = server.health()
     ws = next(line.split("workspace: ", 1)[1].strip() for line in server.log().splitlines() if "workspace: " in line)
-    vocab = {"tiny-random": 320}.get(args.model, 32000)
+    from pipeline.workspace import read_config
+    vocab = read_config(Path(ws))["vocab_size"]
     reqs = workload(args.requests, args.prompt_len, args.output_len, vocab, args.seed)
     try:
         asyncio.run(drive(server.url, h["model"], reqs[:min(4, len(reqs))], min(4, args.clients)))   # warm-up
