@@ -141,7 +141,7 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: Optional[SamplingParams] = None) -> list[list[int]]:
         handles = [self.submit(p, params) for p in prompts]
-        if self._thread is None:
+        if self._thread is None:   # step here until every request is done (batched together)
             while any(not h.done_pushed for h in handles):
                 self.step()
         return [[t for out in h for t in out.token_ids] for h in handles]
@@ -152,6 +152,9 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
             self._thread.start()
         return self
+
+    def running_thread(self) -> bool:
+        return self._thread is not None
 
     def stop(self) -> None:
         self._stopping = True

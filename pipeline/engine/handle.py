@@ -1,7 +1,8 @@
 """A request's state inside the engine (Sequence) and the caller's side of it (RequestHandle).
 
 RequestHandle is a thread-safe stream of GenerationOutput: iterate it (blocking) or `async for` over
-`h.aiter()` (asyncio); the last output has finished=True. Text is detokenized incrementally (vLLM's
+`h.aiter()` (asyncio); the last output has finished=True. Iterating when the engine's thread is not
+started steps the engine in the caller's thread. Text is detokenized incrementally (vLLM's
 prefix/read offsets), incomplete UTF-8 and any tail that may begin a stop string are held back.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ class RequestHandle:
     def __next__(self) -> GenerationOutput:
         if self._done:
             raise StopIteration
+        while self._q.empty() and not self._engine.running_thread():   # not started: drive the engine here
+            self._engine.step()
         out = self._q.get()
         self._done = out.finished
         return out

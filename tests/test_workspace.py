@@ -1,0 +1,125 @@
+"""Workspace layout: TP shards reassemble exactly, config.ini round trip, HF and AutoAWQ folders, the stage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.models.llama import ModelArgs
+from pipeline.models.sources import synthetic_tensors
+from pipeline.quant import w4 as awq_format
+from pipeline.workspace import WEIGHTS, config_args, read_config, reassemble, write_workspace
+
+ARGS = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512, vocab_size=300,
+                 max_seq_len=256, qkv_bias=True)
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def rand_w4(t, g=64):
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for i in range(ARGS.n_layers):
+        for n in LINEARS:
+            N, K = t[f"layers.{i}.{n}.weight"].shape
+            out[f"layers.{i}.{n}"] = (torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8),
+                                      torch.rand(K // g, N, generator=gen).half(),
+                                      torch.randint(0, 16, (K // g, N), generator=gen).to(torch.uint8))
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_tp_shards_reassemble_exactly(tmp_path, tp):
+    t = synthetic_tensors(ARGS, 0, torch.float16)
+    for i in range(ARGS.n_layers):
+        for n in "qkv":
+            t[f"layers.{i}.{n}.bias"] = torch.randn(t[f"layers.{i}.{n}.weight"].shape[0]).half()
+    w4 = rand_w4(t)
+    kv = {i: tuple(torch.rand(ARGS.n_kv_heads) for _ in range(4)) for i in range(ARGS.n_layers)}
+    for name, w in (("fp16", None), ("int4", w4)):
+        ws = tmp_path / name
+        write_workspace(ws, ARGS, t, None, tp=tp, w4=w, group_size=64, kv_qparams=kv, kv_bits=8)
+        wdir = ws / WEIGHTS
+        assert (wdir / f"layers.1.attention.w_qkv.{tp - 1}.{'qweight' if w else 'weight'}").exists()
+        assert (wdir / f"layers.0.feed_forward.w2.{tp - 1}.{'scales' if w else 'weight'}").exists()
+        c = read_config(ws)
+        assert c["tensor_para_size"] == tp and c["quant_policy"] == 4 and c["weight_type"] == name
+        assert config_args(c) == ARGS
+        args, back = reassemble(ws)
+        for k, v in t.items():
+            base = k.rsplit(".", 1)[0]
+            if w and base in w4 and k.endswith(".weight"):
+                q, s, z = back[base]
+                assert torch.equal(q, w4[base][0]) and torch.equal(s, w4[base][1])
+                assert torch.equal(z.to(torch.uint8), w4[base][2])
+            else:
+                assert torch.equal(back[k], v), k
+        for i in range(ARGS.n_layers):
+            assert torch.equal(back[f"layers.{i}.past_kv_scale"], torch.stack(kv[i]))
+
+
+def test_bad_tp_names_the_limits(tmp_path):
+    t = synthetic_tensors(ARGS, 0, torch.float16)
+    with pytest.raises(ValueError, match="tp=3 does not fit n_heads=8.*valid tp values"):
+        write_workspace(tmp_path, ARGS, t, None, tp=3)
+
+
+def test_from_hf_fp16_and_autoawq_folders(tmp_path):
+    from pipeline.engine import Engine, SamplingParams
+    from pipeline.stages.turbomind import from_hf_folder
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=300)
+    t = synthetic_tensors(args, 0, torch.float16)
+    hf = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+          "lm_head.weight": "lm_head.weight"}
+    proj = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    for i in range(args.n_layers):
+        hf[f"layers.{i}.attn_norm.weight"] = f"model.layers.{i}.input_layernorm.weight"
+        hf[f"layers.{i}.mlp_norm.weight"] = f"model.layers.{i}.post_attention_layernorm.weight"
+        hf.update({f"layers.{i}.{n}.weight": f"model.layers.{i}.{p}.weight" for n, p in proj.items()})
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 300,
+           "rms_norm_eps": 1e-5, "max_position_embeddings": 256}
+    (tmp_path / "hf").mkdir()
+    save_file({hf[k]: v for k, v in t.items()}, str(tmp_path / "hf/model.safetensors"))
+    (tmp_path / "hf/config.json").write_text(json.dumps(cfg))
+    info = from_hf_folder(tmp_path / "hf", tmp_path / "ws16")
+    assert info["weight_type"] == "fp16"
+    _, back = reassemble(tmp_path / "ws16")
+    assert all(torch.equal(back[k], v) for k, v in t.items())
+    # AutoAWQ GEMM folder: qweight/qzeros/scales under the HF names
+    awq, w4 = {}, {}
+    gen = torch.Generator().manual_seed(1)
+    for k, v in t.items():
+        base = k.rsplit(".", 1)[0]
+        if base.split(".")[-1] in proj:
+            N, K = v.shape
+            q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+            s, z = torch.rand(K // 64, N, generator=gen).half(), torch.randint(0, 16, (K // 64, N), generator=gen)
+            w4[base] = (q, s, z)
+            for part, x in awq_format.pack(q, s, z, 4).items():
+                awq[hf[k].replace(".weight", "." + part)] = x
+        else:
+            awq[hf[k]] = v
+    (tmp_path / "awq").mkdir()
+    save_file(awq, str(tmp_path / "awq/model.safetensors"))
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True}
+    (tmp_path / "awq/config.json").write_text(json.dumps(cfg))
+    assert from_hf_folder(tmp_path / "awq", tmp_path / "ws4", tp=2)["weight_type"] == "int4"
+    _, back = reassemble(tmp_path / "ws4")
+    for base, (q, s, z) in w4.items():
+        assert torch.equal(back[base][0], q) and torch.equal(back[base][2], z.half())
+    eng = Engine.from_workspace(tmp_path / "ws4", "cpu", {"session_len": 64})
+    assert len(eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]) == 4
+
+
+def test_turbomind_stage_reads_only_quant_and_tp(cli):
+    from pipeline.stages import turbomind
+    assert turbomind.READS == ["quant", "serve.tp", "model.name"]
+    p = cli("pipeline=serve", "model=tiny-random", "serve.max_new_tokens=4", "serve.prompts=[hi]")
+    p2 = cli("pipeline=serve", "model=tiny-random", "serve.max_new_tokens=4", "serve.prompts=[hi]",
+             "serve.session_len=128", "serve.max_batch_size=2")
+    assert "turbomind" in p.stdout and "ran in" in p.stdout
+    line = next(x for x in p2.stdout.splitlines() if "turbomind" in x)
+    assert "cached" in line        # serving knobs do not rebuild the workspace
