@@ -29,6 +29,13 @@ def _cfg_get(cfg, path: str, default=None):
     return default if node is None else node
 
 
+def quant_label(st: dict) -> str:
+    """e.g. w4a16_kv8 from the engine's weight_type and quant_policy (0: 16-bit KV, 4: int8, 8: int4)."""
+    w = {"int4": "w4a16", "int8": "w8a8"}.get(st["weight_type"], st["weight_type"])
+    kv = {4: "_kv8", 8: "_kv4"}.get(st["quant_policy"], "")
+    return w + kv
+
+
 def serve_api(ctx, engine) -> dict:
     """Serve `engine` over HTTP until interrupted; returns a small summary."""
     import uvicorn
@@ -38,8 +45,9 @@ def serve_api(ctx, engine) -> dict:
     port = int(_cfg_get(cfg, "serve.api.port", 23333))
     keys = [str(k) for k in (_cfg_get(cfg, "serve.api.keys", []) or [])]
     st = engine.stats()
-    model_name = _cfg_get(cfg, "model.name", st["model_name"])
-    quant = _cfg_get(cfg, "quant.name", "fp16")
+    model_name = st["model_name"]                 # from the workspace's config.ini
+    quant = _cfg_get(cfg, "quant.name", "fp16") if "turbomind" in (getattr(ctx, "inputs", None) or {}) \
+        else quant_label(st)          # a given serve.workspace: describe what it holds, not the quant config
     inputs = getattr(ctx, "inputs", None) or {}
     workspace = _cfg_get(cfg, "serve.workspace") or (str(inputs["turbomind"] / "workspace") if "turbomind" in inputs else "")
     info = {"quant": quant, "weight_type": st["weight_type"], "quant_policy": st["quant_policy"],
