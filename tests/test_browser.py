@@ -4,6 +4,7 @@ Screenshots mid-answer (desktop and phone width) go to outputs/tests/browser/.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -27,7 +28,7 @@ except ImportError:  # pragma: no cover
 def _skip_reason() -> str | None:
     if webdriver is None:
         return "selenium is not installed (pip install selenium)"
-    if not (shutil.os.path.exists(CHROMIUM) and shutil.os.path.exists(DRIVER)):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
         return "Chromium not installed: apt-get install -y chromium chromium-driver (.ci/run does this)"
     return None
 
