@@ -3,9 +3,10 @@
 - tiny random llama (4 heads, 2 KV heads) at tp=2, fp16 and w4a16 + int8 KV: greedy tokens equal tp=1 on the
   same workspace (tp=1 reassembles the shards), prefill logits close; MQA (1 KV head) at tp=2: the KV head
   replicated on both ranks.
-- SmolLM2-135M (9 heads, 3 KV heads: tp=2 divides neither, refused naming the valid tp values [1, 3]) at tp=3:
-  w4a16 (RTN) through the real CLI (`pipeline=serve serve.tp=3`: quant stages, turbomind with tp=3, the serve
-  stage on three ranks), fp16 from the load artifact; greedy tokens equal tp=1 for several prompts.
+- the CLI: `pipeline=serve serve.tp=2` on tiny-random w4a16 (RTN stages, turbomind tp=2, serve on two ranks).
+- SmolLM2-135M (9 heads, 3 KV heads: tp=2 divides neither, refused naming the valid tp values [1, 3]) at tp=3,
+  fp16 and w4a16 (RTN, group 64) workspaces from the load artifact: greedy tokens equal tp=1 for several
+  prompts. The whole CLI at tp=3 (quant stages, turbomind tp=3, serve on three ranks) is marked slow.
 - a follower killed mid-generation ends the server within seconds (exit 70, message naming the rank and
   the signal); rank 0 killed: the follower exits too; a follower that cannot load its shards makes
   Engine.from_workspace raise, naming the rank and the cause.
@@ -146,34 +147,63 @@ def test_killed_rank0_ends_the_followers(tiny_ws):
     assert gone(pid), f"follower {pid} still running 20 s after rank 0 died"
 
 
+# ------------------------------------------------------------------------------------ through the CLI
+def test_cli_serve_tp2_tiny_w4a16(cli):
+    """pipeline=serve serve.tp=2: RTN quant stages -> turbomind with tp=2 -> serve on two ranks."""
+    p = cli("model=tiny-random", "pipeline=serve", "quant=w4a16_rtn", "quant.group_size=32", "serve.tp=2",
+            "serve.max_new_tokens=4", "serve.session_len=256", "serve.prompts=[\"Hi\"]")
+    assert "tp=2 on cpu, cpu" in p.stderr
+    assert re.search(r"turbomind .*weight_type=int4, tp=2", p.stdout), p.stdout[-2000:]
+
+
 # ------------------------------------------------------------------------------------ SmolLM2 at tp=3
-SMOL_PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain."]
+SMOL_PROMPTS = ["What is the capital of France?", "Name three colors."]
 
 
 @pytest.fixture(scope="module")
-def smol_threads():
+def smol_load(tmp_path_factory):
+    """SmolLM2's load artifact (the real GGUF, dequantized) through the CLI; 1 torch thread in this process
+    (2 CI cores, 3 ranks)."""
+    tmp = tmp_path_factory.mktemp("smol")
+    run_cli(f"cache_dir={tmp / 'cache'}", f"hydra.run.dir={tmp / 'run'}", "pipeline=load")
     n = torch.get_num_threads()
-    torch.set_num_threads(1)                   # 2 CI cores, 3 ranks: no oversubscription in rank 0
-    yield
+    torch.set_num_threads(1)
+    yield next((tmp / "cache").glob("load/*/config.json")).parent
     torch.set_num_threads(n)
 
 
-def test_smollm2_tp3_w4a16_and_fp16_greedy_equal_tp1(tmp_path, smol_threads):
-    from pipeline.models.store import read_args, read_tensors
-    cache = tmp_path / "cache"
-    p = run_cli(f"cache_dir={cache}", f"hydra.run.dir={tmp_path / 'run'}", "pipeline=serve", "quant=w4a16_rtn",
-                "serve.tp=3", "serve.max_new_tokens=6", "serve.session_len=512", "serve.prompts=[\"Hi!\"]")
-    assert "tp=3 on cpu, cpu, cpu" in p.stderr
-    w4 = next(cache.glob("turbomind/*/workspace"))
-    load = next(cache.glob("load/*/config.json")).parent
-    write_workspace(tmp_path / "fp16", read_args(load), read_tensors(load), load / "tokenizer", tp=3)
+def smol_prompts(tok_dir: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
-    for ws in (w4, tmp_path / "fp16"):
-        t = AutoTokenizer.from_pretrained(str(ws / "triton_models/tokenizer"))
-        prompts = [t.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True)
-                   for s in SMOL_PROMPTS]
-        prompts = [ids if isinstance(ids, list) else ids["input_ids"] for ids in prompts]
-        (ref, _, _), (got, _, st) = run_both(ws, prompts, 3, SamplingParams(max_new_tokens=8), session_len=512)
-        assert st["tp"] == 3
-        assert got == ref, (ws, got, ref)
-        assert all(len(r) > 0 for r in ref)
+    t = AutoTokenizer.from_pretrained(str(tok_dir))
+    return [t(t.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False).input_ids for s in SMOL_PROMPTS]
+
+
+@pytest.mark.parametrize("quant", ["fp16", "w4a16"])
+def test_smollm2_tp3_greedy_equals_tp1(smol_load, tmp_path, quant):
+    """fp16, and w4a16 RTN group 64 (the awq stage's RTN path: pipeline.quant.w4.quantize, no search/clip)."""
+    from pipeline.models.store import read_args, read_tensors
+    from pipeline.quant.blockwise import LINEARS
+    from pipeline.quant.w4 import quantize
+    args, t = read_args(smol_load), read_tensors(smol_load)
+    w4 = None
+    if quant == "w4a16":
+        w4 = {f"layers.{i}.{n}": quantize(t[f"layers.{i}.{n}.weight"], 4, 64)
+              for i in range(args.n_layers) for n in LINEARS}
+    write_workspace(tmp_path / "ws", args, t, smol_load / "tokenizer", tp=3, w4=w4, group_size=64)
+    prompts = smol_prompts(smol_load / "tokenizer")
+    (ref, _, _), (got, _, st) = run_both(tmp_path / "ws", prompts, 3, SamplingParams(max_new_tokens=6),
+                                         session_len=256)
+    assert st["tp"] == 3 and st["weight_type"] == ("int4" if w4 else "fp16")
+    assert got == ref
+    assert all(len(r) > 0 for r in ref)
+
+
+@pytest.mark.slow
+def test_smollm2_cli_serve_tp3_w4a16(tmp_path):
+    """The whole CLI at tp=3 on SmolLM2 (load, awq RTN, pack, turbomind tp=3, serve): ~2-3 min on 2 cores."""
+    p = run_cli(f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", "pipeline=serve",
+                "quant=w4a16_rtn", "serve.tp=3", "serve.max_new_tokens=6", "serve.session_len=512",
+                "serve.prompts=[\"What is the capital of France?\"]")
+    assert "tp=3 on cpu, cpu, cpu" in p.stderr
+    assert "Paris" in p.stdout
