@@ -28,7 +28,7 @@ Kernel arithmetic (one K tile = one group, so scale and zero are per-column cons
 
 Paths (one entry point): M <= 4 -> also a CUDA-core GEMV (`_gemv_kernel`, fp32 FMAs, no tensor
 cores); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough programs stream the weights
-(partials in an fp32 workspace, the last program of a tile finishes it: one launch); M > 16 ->
+(fp32 partial tiles, then a small reduce kernel adds them and the bias); M > 16 ->
 tiled tensor-core path (grouped tile order for L2), or for large M a Triton dequantize to a (K, N)
 scratch + cuBLAS; the tuner keeps whichever it measures fastest.
 A tiny built-in tuner times a small, named config set once per (device, dtype, M bucket, N, K, g)
@@ -137,12 +137,12 @@ def _nibbles_to_qz(nib, zc, DKIND: tl.constexpr):
 
 
 @triton.jit
-def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
+def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr):
     # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group.
-    # SPLIT (split_k > 1 programs along K): partial sums go to an fp32 workspace (atomics); the last split of a tile (per-tile
-    # counter) writes y and leaves workspace and counter zeroed for the next call: one launch.
+    # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace;
+    # _splitk_reduce_kernel sums them (no atomics: deterministic, nothing left behind).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -211,22 +211,13 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, 
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sums issued before the counter moves
-        count = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if count == split_k - 1:  # last split of this tile: finish it
-            tot = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
+    else:  # fp32 partial sums (split_k, M, N), summed by _splitk_reduce_kernel
+        ws_ptrs = ws_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptrs, acc, mask=mask)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_ym,
                  split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr):
     # CUDA-core GEMV for tiny M: grid (N tiles, split_k, M), one activation row per program.
@@ -264,18 +255,20 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
             y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
-        tile = m * tl.num_programs(0) + pid_n
-        ws_ptrs = ws_ptr + m * N + offs_n
-        tl.atomic_add(ws_ptrs, y, mask=mask_n, sem="relaxed")
-        tl.debug_barrier()
-        count = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if count == split_k - 1:
-            tot = tl.load(ws_ptrs, mask=mask_n, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=mask_n)
-            tl.store(ws_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask_n)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+        tl.store(ws_ptr + pid_k * M * N + m * N + offs_n, y, mask=mask_n)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, split_k, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # y (M, N) contiguous = sum over split of ws (split_k, M, N) fp32 (+ bias), cast to y's dtype
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(split_k):
+        acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -336,7 +329,6 @@ _tuned: dict[tuple, str] = {}  # tuning key -> config name
 _tune_times: dict[tuple, dict[str, float]] = {}  # tuning key -> {config: ms}
 _tune_errors: dict[str, str] = {}  # config -> last error while tuning
 _sms: dict[int, int] = {}
-_workspace: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (fp32 partials, counters)
 
 
 def _m_bucket(M: int) -> int:
@@ -370,21 +362,6 @@ def _split_for(M, N, K, g, BM, BN, split, device) -> int:
     return triton.cdiv(G, triton.cdiv(G, split))
 
 
-def _get_workspace(device, numel: int, tiles: int):
-    """Zeroed fp32 partial sums and int32 tile counters; the kernel leaves them zeroed again.
-    Shared by every call on a device, so calls on one device must be stream-ordered."""
-    key = str(device)
-    ws = _workspace.get(key)
-    if ws is None or ws[0].numel() < numel or ws[1].numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None  # never allocate a persistent buffer from a graph's private pool
-        n = max(numel, 1 << 20, 0 if ws is None else ws[0].numel())
-        t = max(tiles, 1 << 14, 0 if ws is None else ws[1].numel())
-        ws = (torch.zeros(n, device=device, dtype=torch.float32), torch.zeros(t, device=device, dtype=torch.int32))
-        _workspace[key] = ws
-    return ws
-
-
 def _launch(x2, w: W4Weight, bias, out_dtype, cfg) -> torch.Tensor:
     M, K = x2.shape
     N, g = w.N, w.group_size
@@ -402,22 +379,23 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg) -> torch.Tensor:
         BM, BN, split, warps, stages, sliced = cfg
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    ws = _get_workspace(x2.device, M * N, tiles) if split > 1 else None
-    if ws is None:
-        split = 1
-        ws = (x2, x2)  # unused placeholders
     y = _alloc_out(M, N, out_dtype, x2.device)
     b = bias if bias is not None else x2
+    ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     if cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
-            x2, w.qweight, w.scales, w.zeros, b, y, ws[0], ws[1], M, N, K, x2.stride(0), y.stride(0), split,
+            x2, w.qweight, w.scales, w.zeros, b, y, ws, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
-        return y
-    dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
-    _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws[0], ws[1],
-                            M, N, K, x2.stride(0), y.stride(0), split,
-                            GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                            HAS_BIAS=bias is not None, SLICED=bool(sliced), num_warps=warps, num_stages=stages)
+    else:
+        dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
+        _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws,
+                                M, N, K, x2.stride(0), y.stride(0), split,
+                                GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
+                                HAS_BIAS=bias is not None, SLICED=bool(sliced), num_warps=warps,
+                                num_stages=stages)
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](ws, b, y, M * N, N, split, HAS_BIAS=bias is not None,
+                                                          BLOCK=1024, num_warps=4)
     return y
 
 
