@@ -207,3 +207,16 @@ def test_smollm2_cli_serve_tp3_w4a16(tmp_path):
                 "serve.prompts=[\"What is the capital of France?\"]")
     assert "tp=3 on cpu, cpu, cpu" in p.stderr
     assert "Paris" in p.stdout
+
+
+def test_bench_tp_dry_run(tmp_path):
+    """bench/tp.py (issue 8, 2 GPUs) end to end on the CPU with gloo and tiny shapes."""
+    out = tmp_path / "tp.json"
+    p = subprocess.run([sys.executable, str(REPO / "bench/tp.py"), "--dry-run", "--quants", "fp16", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+    r = json.loads(out.read_text())["results"]["tiny_fp16"]
+    assert r["correctness"]["greedy_equal"]
+    assert r["tp2"]["allreduce"]["calls_per_step"] == 4
+    assert r["tp2"]["kv_capacity"]["kv_bytes_per_token_per_rank"] * 2 == r["tp1"]["kv_capacity"]["kv_bytes_per_token_per_rank"]
