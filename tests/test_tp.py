@@ -132,7 +132,7 @@ def test_killed_follower_ends_the_server(tiny_ws):
     finally:
         p.kill()
     err = p.stderr.read()
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 10, time.monotonic() - t0
     assert code == 70
     assert re.search(rf"rank 1 \(pid {pid}, cpu\) was killed by SIGKILL; ending the server", err), err[-2000:]
 

@@ -222,7 +222,7 @@ def _follower_main(rank: int, tp: int, port: int, ws: str, device: str, spec: di
                    parent: int) -> None:
     """A follower rank: join, load its shards, then execute rank 0's commands until STOP."""
     os.environ.update(NO_MULTICAST)
-    logging.basicConfig(level=logging.INFO, format=f"[tp rank {rank}] %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"[tp rank {rank}] %(levelname)s %(message)s")
     threading.Thread(target=_watch_parent, args=(rank, parent), daemon=True).start()
     store = None
     try:
