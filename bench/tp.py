@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.engine import Engine, SamplingParams  # noqa: E402
@@ -85,6 +86,20 @@ def build(root: Path, name: str, args: ModelArgs, w4: bool, g: int, dev: str) ->
     return ws
 
 
+def allreduce_seconds(runner, rows: int, iters: int) -> float:
+    """Mean seconds of one all-reduce of (rows, dim) activations in the compute dtype (run on every rank)."""
+    x = torch.randn(rows, runner.args.dim, device=runner.device, dtype=runner.dtype)
+    for _ in range(3):
+        dist.all_reduce(x, group=runner.group)
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(x, group=runner.group)
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
 def decode_tps(eng, dev: str, n_new: int) -> float:
     eng.generate([[1]], SamplingParams(max_new_tokens=16, ignore_eos=True))   # warm-up: compile, tune, capture
     sync(dev)
@@ -126,7 +141,7 @@ def run_engine(ws: Path, tp: int, dev: str, a, args: ModelArgs, prompts) -> dict
         row["prompt_logits"] = eng.prompt_logits(list(range(1, 65))).cpu()
         row["decode_tokens_per_s"] = round(decode_tps(eng, dev, a.new), 1)
         if tp > 1:
-            s = eng.runner.call("pipeline.engine.tp:allreduce_seconds", 1, a.iters)
+            s = eng.runner.call("bench.tp:allreduce_seconds", 1, a.iters)
             row["allreduce"] = {"us_per_call": round(s * 1e6, 1), "calls_per_step": 2 * args.n_layers,
                                 "ms_per_step": round(s * 2 * args.n_layers * 1e3, 3),
                                 "of_decode_step": round(s * 2 * args.n_layers * row["decode_tokens_per_s"], 3)}

@@ -183,7 +183,6 @@ def recv_command(ctrl) -> tuple[int, int, list[torch.Tensor], object]:
     dist.broadcast(h, 0, group=ctrl)
     op, n, extra = (int(v) for v in h[:3])
     lens = h[3:3 + n].tolist()
-    parts = []
     if sum(lens):
         flat = torch.empty(sum(lens), dtype=torch.int64)
         dist.broadcast(flat, 0, group=ctrl)
@@ -234,10 +233,8 @@ def _follower_main(rank: int, tp: int, port: int, ws: str, device: str, spec: di
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
         store.set(f"alive/{rank}", str(os.getpid()))
         ctrl = _init_groups(store, rank, tp, dev, timeout_s)
-        runner = ShardRunner.load(Path(ws), rank, tp, dev, spec["session_len"], spec["quant_policy"], spec.get("kv_mode"))
-        runner.group = dist.group.WORLD
+        w = Worker(_load(Path(ws), rank, tp, dev, spec), spec, ctrl)
         store.set(f"ready/{rank}", "1")
-        w = Worker(runner, spec, ctrl)
         with torch.no_grad():
             while True:
                 op, extra, parts, obj = recv_command(ctrl)
@@ -256,6 +253,12 @@ def _follower_main(rank: int, tp: int, port: int, ws: str, device: str, spec: di
                 pass
         sys.stderr.flush()
         os._exit(1)
+
+
+def _load(ws: Path, rank: int, tp: int, dev: torch.device, spec: dict) -> ShardRunner:
+    r = ShardRunner.load(ws, rank, tp, dev, spec["session_len"], spec["quant_policy"], spec.get("kv_mode"))
+    r.group = dist.group.WORLD
+    return r
 
 
 def _watch_parent(rank: int, parent: int) -> None:
@@ -332,7 +335,7 @@ class TPRunner:
                     self.fail(dead)
                 raise RuntimeError(f"tensor-parallel step failed on rank 0: {type(e).__name__}: {e}") from e
 
-    def block_bytes(self, block_size: int) -> int:
+    def block_bytes(self, block_size: int) -> int:   # per rank: its KV heads only
         return self.local.block_bytes(block_size)
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> int:
@@ -475,8 +478,7 @@ def launch(ws: Path, device: torch.device, tp: int, spec: dict, timeout_s: float
         if devices[0].type == "cuda":
             torch.cuda.set_device(devices[0])
         ctrl = _init_groups(store, 0, tp, devices[0], timeout_s)
-        runner = ShardRunner.load(ws, 0, tp, devices[0], spec["session_len"], spec["quant_policy"], spec.get("kv_mode"))
-        runner.group = dist.group.WORLD
+        runner = _load(ws, 0, tp, devices[0], spec)
         _await(store, procs, devices, "ready", "load its shards", timeout_s)
     except BaseException:
         _kill(procs)
@@ -486,21 +488,6 @@ def launch(ws: Path, device: torch.device, tp: int, spec: dict, timeout_s: float
     print(f"tensor parallelism: tp={tp} on {', '.join(map(str, devices))}; follower pids "
           f"{' '.join(str(p.pid) for p in procs)}", file=sys.stderr, flush=True)
     return TPRunner(Worker(runner, spec, ctrl), procs, devices, store, ctrl, timeout_s)
-
-
-# ------------------------------------------------------------------------------------ measurements (via call)
-def allreduce_seconds(runner: ShardRunner, rows: int, iters: int) -> float:
-    """Mean seconds of one all-reduce of (rows, dim) activations in the compute dtype (run on every rank)."""
-    x = torch.randn(rows, runner.args.dim, device=runner.device, dtype=runner.dtype)
-    for _ in range(3):
-        dist.all_reduce(x, group=runner.group)
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce(x, group=runner.group)
-    sync()
-    return (time.perf_counter() - t0) / iters
 
 
 if __name__ == "__main__":   # a follower rank, started by launch()
