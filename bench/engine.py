@@ -198,6 +198,46 @@ def decode(ws: Path, name: str, qp: int, bw: float, n_new: int, eager: bool = Fa
     return eng
 
 
+def profile(eng, name: str, steps: int = 20):
+    """GPU time of one graph-replayed decode step (batch 1, context ~512) by kernel, vs the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    g = eng.graphs
+    b = g.bucket(1)
+    g.context_lens[:1].fill_(512)
+    g.positions[:1].fill_(511)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(steps):
+        g.graphs[b].replay()
+    e1.record()
+    torch.cuda.synchronize()
+    replay_ms = e0.elapsed_time(e1) / steps
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            g.graphs[b].replay()
+        torch.cuda.synchronize()
+    by = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key not in ("cudaGraphLaunch",):
+            by[ev.key[:60]] = round(t / steps / 1e3, 4)    # ms per step
+    top = dict(sorted(by.items(), key=lambda kv: -kv[1])[:12])
+    from pipeline.kernels.w4a16 import tuning_record
+    x = torch.zeros(1, eng.runner.args.dim, dtype=torch.float16, device="cuda")
+    L = eng.runner.layers[0]
+    tuned = {}
+    for n in ("w_qkv", "wo", "w13", "w2"):
+        w = getattr(L, n)
+        if hasattr(w, "qweight"):
+            xx = torch.zeros(1, w.K, dtype=torch.float16, device="cuda")
+            cfg, times = tuning_record(xx, w)
+            tuned[n] = {"chosen": str(cfg), "ms": {str(k): round(v, 4) for k, v in (times or {}).items()}}
+    del x
+    RES.setdefault("profile", {})[name] = {"graph_replay_ms": round(replay_ms, 3), "kernel_ms_per_step": top,
+                                           "kernel_sum_ms": round(sum(by.values()), 3), "w4a16_tuning": tuned}
+
+
 def memory(eng, label: str, kv: dict, batches, ctxs):
     """Peak device memory for decode steps at batch B with every sequence at context `ctx`."""
     r = eng.runner
@@ -275,6 +315,7 @@ def main():
     ap.add_argument("--out", default="engine.json")
     ap.add_argument("--new", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="skip the HF static-cache baseline")
+    ap.add_argument("--profile-only", action="store_true", help="w4a16 and fp16 decode + kernel profile only")
     a = ap.parse_args()
     t_start = time.time()
     RES.update(device=torch.cuda.get_device_name(), torch=torch.__version__, date="2026-11-25",
@@ -284,10 +325,25 @@ def main():
     RES["workspace_dir"] = str(root)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    check(root)
-    save(a.out)
-    print("check", RES["check"], flush=True)
+    if not a.profile_only:
+        check(root)
+        save(a.out)
+        print("check", RES["check"], flush=True)
     bw = copy_bw()
+    if a.profile_only:
+        ws4 = build_ws(root, LLAMA7B, w4=True)
+        for name, qp in (("w4a16", 0), ("w4a16_kv8", 4)):
+            eng = decode(ws4, name, qp, bw, a.new)
+            profile(eng, name)
+            del eng
+            free()
+        save(a.out)
+        ws16 = build_ws(root, LLAMA7B, w4=False)
+        eng = decode(ws16, "fp16", 0, bw, a.new)
+        profile(eng, "fp16")
+        save(a.out)
+        print(json.dumps(RES, indent=1))
+        return
     ws4 = build_ws(root, LLAMA7B, w4=True)
     eng = decode(ws4, "w4a16", 0, bw, a.new, eager=True)
     memory(eng, "int4_weights", {"fp16_kv": (16, "none")}, [1], [2048, 4096])

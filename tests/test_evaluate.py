@@ -32,7 +32,8 @@ def test_smollm2_perplexity_matches_transformers(cli, smollm2_gguf, wikitext):
 
 
 def test_tiny_model_end_to_end_and_cache(cli):
-    first = cli("model=tiny-random", "eval.windows=2", "eval.seqlen=64")
-    assert first.stdout.count("ran in") == 2
-    second = cli("model=tiny-random", "eval.windows=2", "eval.seqlen=64")
-    assert second.stdout.count("cached") == 2 and "ran in" not in second.stdout
+    # the default deploy pipeline: load, evaluate, turbomind (cached stages) and serve (never cached)
+    first = cli("model=tiny-random", "eval.windows=2", "eval.seqlen=64", "serve.max_new_tokens=4")
+    assert first.stdout.count("ran in") == 4 and ">>> What is the capital of France?" in first.stdout
+    second = cli("model=tiny-random", "eval.windows=2", "eval.seqlen=64", "serve.max_new_tokens=4")
+    assert second.stdout.count("cached") == 3 and second.stdout.count("ran in") == 1

@@ -33,8 +33,9 @@ def engine_overrides(s) -> dict:
 
 
 def sampling(s, **kw) -> SamplingParams:
-    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          repetition_penalty=s.repetition_penalty, seed=s.seed, **kw)
+    base = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                repetition_penalty=s.repetition_penalty, seed=s.seed)
+    return SamplingParams(**{**base, **kw})
 
 
 def run(ctx) -> dict:
