@@ -26,11 +26,17 @@ import torch
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 BITS = (3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
 
 
 def check_bits(bits: int) -> None:
     if bits not in BITS:
         raise ValueError(f"quant.w_bits={bits!r} is not one of {list(BITS)}")
+
+
+def check_group(group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"quant.group_size={group_size!r} is not one of {list(GROUP_SIZES)}")
 
 
 def linear_inputs(args) -> dict[str, int]:
@@ -44,7 +50,7 @@ def check_group_size(args, group_size: int, where: str = "") -> None:
     """Refuse a group size that does not divide some linear's input width, naming the layer."""
     for name, k in linear_inputs(args).items():
         if group_size < 1 or k % group_size:
-            ok = [g for g in (32, 64, 128) if all(v % g == 0 for v in linear_inputs(args).values())]
+            ok = [g for g in GROUP_SIZES if all(v % g == 0 for v in linear_inputs(args).values())]
             raise ValueError(f"quant.group_size={group_size} does not divide the input width {k} of linear "
                              f"layers.*.{name}{where}; group sizes that fit every linear: {ok}")
 

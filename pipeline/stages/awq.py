@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..models.store import read_args
 from ..quant import awq
-from ..quant.w4 import check_bits, check_group_size, linear_inputs
+from ..quant.w4 import check_bits, check_group, check_group_size, linear_inputs
 from .calibrate import compute_dtype
 
 VERSION = 1
@@ -31,6 +31,7 @@ def needs_calibration(q) -> bool:
 def inputs(cfg) -> list[str]:
     q = cfg.quant
     check_bits(q.w_bits)
+    check_group(q.group_size)
     if cfg.model.source == "synthetic":  # the shape is known before anything runs: refuse a bad group now
         check_group_size(cfg.model.shape, q.group_size, f" of model {cfg.model.name}")
     return ["load", "calibrate"] if needs_calibration(q) else ["load"]
