@@ -14,9 +14,10 @@ Scales: s = absmean^alpha / sqrt(max * min) (absmean per input channel, from cal
 calibration tokens), alpha on the grid i / n_grid, i = 0..n_grid-1 (alpha 0 = no scaling, so the search
 never does worse than round-to-nearest on its loss). W_hat = Q(W * s) / s.
 Clip: per linear (q and k excluded, as AutoAWQ does: attention logits are sensitive to clipping) and
-per (output row, group), the ratio r in {1, 0.95, ..., 0.55} shrinking the group's range that
-minimises that group's output error sum_t (x_t,g . (w_g - Q_r(w_g)))^2 = dw^T H_g dw with the Gram
-matrix H_g = X_g^T X_g of the scaled inputs.
+per (output row, group), ratios (r_min, r_max) in {1, 0.95, ..., 0.55} shrinking the group's min and
+max that minimise that group's output error sum_t (x_t,g . (w_g - Q_r(w_g)))^2 = dw^T H_g dw with the
+Gram matrix H_g = X_g^T X_g of the scaled inputs: first one shared ratio (AutoAWQ's search), then
+r_min with r_max fixed, then r_max with r_min fixed (coordinate descent, 30 candidates).
 quant.search=false gives s = 1; quant.clip=false gives r = 1: round-to-nearest, the same path.
 """
 from __future__ import annotations
@@ -106,6 +107,7 @@ def search_scales(block, fns, absmean: dict, q, args) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def search_clips(block, inputs: dict, scales: dict, q) -> dict:
+    """Per linear, (N, K/g, 2) clip ratios [r_min, r_max] (ones where clipping is off)."""
     clips = {}
     G = q.group_size
     for g, members in GROUPS.items():
@@ -116,18 +118,24 @@ def search_clips(block, inputs: dict, scales: dict, q) -> dict:
         for n in members:
             w = getattr(block, n).weight.data.float() * s                      # (N, K)
             N = w.shape[0]
+            best_r = torch.ones(N, s.numel() // G, 2, device=w.device)
             if n in NO_CLIP or not q.clip:
-                clips[n] = torch.ones(N, s.numel() // G)
+                clips[n] = best_r.cpu()
                 continue
-            best_err = torch.full((N, s.numel() // G), float("inf"), device=w.device)
-            best_r = torch.ones_like(best_err)
-            for r in CLIP_RATIOS:
-                rr = torch.full_like(best_err, r)
-                dw = (w - fake_quant(w, q.w_bits, G, q.zero_point, clip=rr)).reshape(N, -1, G)  # (N, K/g, g)
-                err = (torch.einsum("ngi,gij->ngj", dw, H) * dw).sum(-1)            # (N, K/g)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_r = torch.where(better, rr, best_r)
+
+            def err(r):
+                dw = (w - fake_quant(w, q.w_bits, G, q.zero_point, clip=r)).reshape(N, -1, G)  # (N, K/g, g)
+                return (torch.einsum("ngi,gij->ngj", dw, H) * dw).sum(-1)          # (N, K/g)
+            best_err = err(best_r)
+            for which in ((0, 1), (0,), (1,)):                                 # both, then min, then max
+                for ratio in CLIP_RATIOS[1:]:
+                    cand = best_r.clone()
+                    for k in which:
+                        cand[..., k] = ratio
+                    e = err(cand)
+                    better = e < best_err
+                    best_err = torch.where(better, e, best_err)
+                    best_r = torch.where(better[..., None], cand, best_r)
             clips[n] = best_r.cpu()
     return clips
 

@@ -11,7 +11,8 @@ Quantizer format (also the input of pipeline/kernels/w4a16.py's pack_w4):
     w_hat[n, k] = (q[n, k] - zeros[k/g, n]) * scales[k/g, n].
     asymmetric (zero_point): scale = (max - min) / (2^b - 1), zero = clamp(round(-min / scale), 0, 2^b - 1)
     symmetric:               scale = absmax / (2^(b-1) - 1), zero = 2^(b-1)
-    clip (N, K/g) ratios in (0, 1]: the group's min and max (or absmax) are shrunk by the ratio first.
+    clip (N, K/g) ratios in (0, 1]: the group's min and max (or absmax) are shrunk by the ratio first;
+    clip (N, K/g, 2): separate ratios for the min and the max (symmetric: the max's ratio).
     The scale is rounded to fp16 before the codes are computed, so fake_quant == what is packed.
 
 AutoAWQ GEMM layout (version "gemm"), bits <= 4: 8 values per int32 along N, nibble i (bits 4i..4i+3)
@@ -62,14 +63,15 @@ def qparams(w: torch.Tensor, bits: int, group_size: int, zero_point: bool = True
     if zero_point:
         mx, mn = wg.amax(-1), wg.amin(-1)
         if clip is not None:
-            mx, mn = mx * clip, mn * clip
+            lo, hi = (clip[..., 0], clip[..., 1]) if clip.dim() == 3 else (clip, clip)
+            mx, mn = mx * hi, mn * lo
         qmax = 2 ** bits - 1
         scale = ((mx - mn).clamp_min(1e-5) / qmax).half().float()
         zero = torch.round(-mn / scale).clamp_(0, qmax)
     else:
         am = wg.abs().amax(-1)
         if clip is not None:
-            am = am * clip
+            am = am * (clip[..., 1] if clip.dim() == 3 else clip)
         scale = (am.clamp_min(1e-5) / (2 ** (bits - 1) - 1)).half().float()
         zero = torch.full_like(scale, 2 ** (bits - 1))
     return scale, zero

@@ -5,7 +5,7 @@ calibrate (absmean per input channel over all calibration tokens; the first sear
 are run block by block for the search losses). quant.search=false and quant.clip=false is
 round-to-nearest: no calibration needed, identity scales and clips, the same files.
 Artifact: awq.safetensors (layers.{i}.{qkv|o|gate_up|down}.scale (C,) fp32,
-layers.{i}.{q|k|v|o|gate|up|down}.clip (N, K/g) fp32 ratios), awq.json (alpha and losses per group).
+layers.{i}.{q|k|v|o|gate|up|down}.clip (N, K/g, 2) fp32 ratios for the group's min and max), awq.json (alpha and losses per group).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..quant import awq
 from ..quant.w4 import check_bits, check_group, check_group_size, linear_inputs
 from .calibrate import compute_dtype
 
-VERSION = 1
+VERSION = 2
 READS = ["quant.w_bits", "quant.group_size", "quant.zero_point", "quant.search", "quant.n_grid", "quant.clip",
          "quant.search_samples"]
 
@@ -47,7 +47,7 @@ def identity(args, q) -> dict:
         for g, members in awq.GROUPS.items():
             out[f"layers.{i}.{g}.scale"] = torch.ones(K[members[0]])
         for n in K:
-            out[f"layers.{i}.{n}.clip"] = torch.ones(N[n], K[n] // q.group_size)
+            out[f"layers.{i}.{n}.clip"] = torch.ones(N[n], K[n] // q.group_size, 2)
     return out
 
 
@@ -75,7 +75,7 @@ def run(ctx) -> dict:
     save_file(res, str(ctx.out / "awq.safetensors"))
     (ctx.out / "awq.json").write_text(json.dumps(info, indent=1))
     gain = [v["loss_rtn"] / max(v["loss"], 1e-30) for b in info.values() for v in b.values()]
-    clipped = sum((v < 1).sum().item() for k, v in res.items() if k.endswith(".clip"))
+    clipped = sum((v < 1).any(-1).sum().item() for k, v in res.items() if k.endswith(".clip"))
     return {"method": "awq" if q.search else ("rtn+clip" if q.clip else "rtn"), "w_bits": q.w_bits,
             "group_size": q.group_size, "mean_alpha": round(sum(v["alpha"] for b in info.values() for v in b.values())
                                                             / max(len(gain), 1), 3),
