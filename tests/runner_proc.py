@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny-random", "eval.windows=2", "eval.seqlen=32", "eval.batch_size=2"]
+TINY = ["pipeline=evaluate", "quant=fp16", "model=tiny-random", "eval.windows=2", "eval.seqlen=32", "eval.batch_size=2"]
 
 
 def env(**extra: str) -> dict:
