@@ -32,8 +32,13 @@ def test_smollm2_perplexity_matches_transformers(cli, smollm2_gguf, wikitext):
 
 
 def test_tiny_model_end_to_end_and_cache(cli):
-    # the default deploy pipeline: load, evaluate, turbomind (cached stages) and serve (never cached)
-    first = cli("model=tiny-random", "eval.windows=2", "eval.seqlen=64", "serve.max_new_tokens=4")
-    assert first.stdout.count("ran in") == 4 and ">>> What is the capital of France?" in first.stdout
-    second = cli("model=tiny-random", "eval.windows=2", "eval.seqlen=64", "serve.max_new_tokens=4")
-    assert second.stdout.count("cached") == 3 and second.stdout.count("ran in") == 1
+    # the default deploy pipeline with the default quant (w4a16_kv8): load, calibrate, awq, pack,
+    # kv_qparams, evaluate, turbomind (cached stages) and serve (never cached)
+    small = ["model=tiny-random", "eval.windows=2", "eval.seqlen=64", "serve.max_new_tokens=4",
+             "quant.calib.samples=4", "quant.calib.seqlen=64"]
+    first = cli(*small)
+    assert first.stdout.count("ran in") == 8 and ">>> What is the capital of France?" in first.stdout
+    for stage in ("calibrate", "awq", "pack", "kv_qparams", "turbomind"):
+        assert stage in first.stdout
+    second = cli(*small)
+    assert second.stdout.count("cached") == 7 and second.stdout.count("ran in") == 1
