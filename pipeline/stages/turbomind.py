@@ -26,7 +26,17 @@ VERSION = 1
 READS = ["quant", "serve.tp", "model.name"]
 
 
-from .evaluate import inputs  # noqa: E402,F401 - same upstream: load, pack (w_bits), kv_qparams (static KV)
+from . import evaluate  # noqa: E402
+
+
+def inputs(cfg) -> list[str]:
+    """Same upstream as evaluate: load, pack (w_bits), kv_qparams (static KV). Refuses, before anything
+    runs, weight formats the serving engine has no kernel path for yet."""
+    if cfg.quant.w_bits not in (None, 4):
+        raise ValueError(f"quant={cfg.quant.name} (w_bits={cfg.quant.w_bits}): the serving engine runs 16-bit "
+                         "or 4-bit (W4A16) weights; W8A8 is evaluated but not served yet. Use "
+                         f"pipeline=evaluate quant={cfg.quant.name} for its perplexity, or quant=w4a16_kv8 to serve")
+    return evaluate.inputs(cfg)
 
 
 def kv_static(kv_dir: Path, n_layers: int, bits: int, sym: bool) -> dict:
