@@ -17,7 +17,7 @@ SESSION = 256
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ApiServer(tmp_path_factory.mktemp("api"), "model=tiny-random", f"serve.session_len={SESSION}",
+    s = ApiServer(tmp_path_factory.mktemp("api"), "model=tiny-random", "quant=fp16", f"serve.session_len={SESSION}",
                   "serve.max_batch_size=8", f"serve.api.keys=[{KEY}]", "serve.max_new_tokens=16").start()
     yield s
     assert s.stop() == 0, s.log()[-3000:]

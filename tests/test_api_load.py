@@ -18,7 +18,7 @@ MSG = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ApiServer(tmp_path_factory.mktemp("api_load"), "model=tiny-random", "serve.session_len=256",
+    s = ApiServer(tmp_path_factory.mktemp("api_load"), "model=tiny-random", "quant=fp16", "serve.session_len=256",
                   "serve.max_batch_size=16", f"serve.cache_block_size={BLOCK}", f"serve.num_blocks={NUM_BLOCKS}").start()
     yield s
     assert s.stop() == 0, s.log()[-3000:]

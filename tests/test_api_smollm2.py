@@ -18,7 +18,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # the default cache_dir: the GGUF dequantization and workspace are built once and reused by later runs
-    s = ApiServer(tmp_path_factory.mktemp("api_smol"), f"serve.session_len={SESSION}", "serve.max_batch_size=8",
+    s = ApiServer(tmp_path_factory.mktemp("api_smol"), "quant=fp16", f"serve.session_len={SESSION}", "serve.max_batch_size=8",
                   cache_dir=REPO / "outputs" / "cache").start()
     yield s
     assert s.stop() == 0, s.log()[-3000:]

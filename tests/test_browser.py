@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    s = ApiServer(tmp_path_factory.mktemp("page_smol"), "serve.session_len=512", "serve.max_batch_size=4",
+    s = ApiServer(tmp_path_factory.mktemp("page_smol"), "quant=fp16", "serve.session_len=512", "serve.max_batch_size=4",
                   cache_dir=REPO / "outputs" / "cache").start()
     yield s
     assert s.stop() == 0, s.log()[-3000:]
@@ -46,7 +46,7 @@ def smol(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
-    s = ApiServer(tmp_path_factory.mktemp("page_keys"), "model=tiny-random", "serve.session_len=256",
+    s = ApiServer(tmp_path_factory.mktemp("page_keys"), "model=tiny-random", "quant=fp16", "serve.session_len=256",
                   f"serve.api.keys=[{KEY}]").start()
     yield s
     assert s.stop() == 0, s.log()[-3000:]
