@@ -24,18 +24,30 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    m = cols < n_cols
+def _residual_row(X, R, H, row, cols, m, s_x, s_r, s_h, HAS_RES: tl.constexpr):
+    """One row of x, or of h = x + r (rounded to x's dtype and stored to H); returned in fp32."""
     h = tl.load(X + row * s_x + cols, mask=m, other=0.0)
     if HAS_RES:
         h = (h.to(tl.float32) + tl.load(R + row * s_r + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
         tl.store(H + row * s_h + cols, h, mask=m)
-    hf = h.to(tl.float32)
+    return h.to(tl.float32)
+
+
+@triton.jit
+def _rmsnorm_row(hf, W, cols, m, n_cols, eps, dtype: tl.constexpr):
+    """RMSNorm of an fp32 row with the reference's rounding: normalise, round to `dtype`, times w (fp32)."""
     rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / n_cols + eps)
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-    y = (hf * rstd).to(X.dtype.element_ty).to(tl.float32) * w
+    return (hf * rstd).to(dtype).to(tl.float32) * w
+
+
+@triton.jit
+def _kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < n_cols
+    hf = _residual_row(X, R, H, row, cols, m, s_x, s_r, s_h, HAS_RES)
+    y = _rmsnorm_row(hf, W, cols, m, n_cols, eps, X.dtype.element_ty)
     tl.store(Y + row * s_y + cols, y.to(Y.dtype.element_ty), mask=m)
 
 

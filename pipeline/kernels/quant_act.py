@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.dispatch import use_triton
-from pipeline.kernels.norm import _rows, rms_norm_ref
+from pipeline.kernels.norm import _residual_row, _rmsnorm_row, _rows, rms_norm_ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QMAX = 127.0
@@ -47,15 +47,9 @@ def _kernel(X, R, W, Q, S, H, n_cols, eps, s_x, s_r, s_q, s_h, BLOCK: tl.constex
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
-    h = tl.load(X + row * s_x + cols, mask=m, other=0.0)
-    if HAS_RES:
-        h = (h.to(tl.float32) + tl.load(R + row * s_r + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(H + row * s_h + cols, h, mask=m)
-    hf = h.to(tl.float32)
+    hf = _residual_row(X, R, H, row, cols, m, s_x, s_r, s_h, HAS_RES)
     if NORM:
-        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / n_cols + eps)
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        y = ((hf * rstd).to(X.dtype.element_ty).to(tl.float32) * w).to(X.dtype.element_ty).to(tl.float32)
+        y = _rmsnorm_row(hf, W, cols, m, n_cols, eps, X.dtype.element_ty).to(X.dtype.element_ty).to(tl.float32)
     else:
         y = hf
     s = tl.maximum(tl.max(tl.abs(y), 0), 1e-8) / 127.0
