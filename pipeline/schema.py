@@ -10,30 +10,13 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from .models.llama import ModelArgs
+
 
 @dataclass
 class PipelineConfig:
     name: str = "deploy"
     targets: List[str] = field(default_factory=lambda: ["evaluate"])  # stages to reach; upstream ones follow
-
-
-@dataclass
-class ShapeConfig:
-    """Model shape for model.source=synthetic (ModelArgs fields); ignored by real checkpoints."""
-    arch: str = "llama"
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 32
-    head_dim: int = 128
-    hidden_dim: int = 11008
-    vocab_size: int = 32000
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
-    tie_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
 
 
 @dataclass
@@ -43,7 +26,7 @@ class ModelConfig:
     path: Optional[str] = None        # folder (hf) or file (gguf)
     dtype: str = "float32"            # dtype of the loaded weights: float32 | float16 | bfloat16
     seed: int = 0                     # synthetic weights
-    shape: ShapeConfig = field(default_factory=ShapeConfig)
+    shape: ModelArgs = field(default_factory=ModelArgs)  # synthetic shapes; ignored by real checkpoints
 
 
 @dataclass
