@@ -5,9 +5,9 @@ Layout (what `lmdeploy convert` writes, with our tensor format):
     workspace/triton_models/weights/<name>              one safetensors file per tensor and TP rank, key "t"
         tok_embeddings.weight  norm.weight  output.weight (absent when tied)
         layers.N.attention_norm.weight  layers.N.ffn_norm.weight
-        layers.N.attention.w_qkv.R.{weight | qweight,scales,zeros}[,bias]   column-parallel (output dim),
+        layers.N.attention.w_qkv.R.{weight | qweight,scales[,zeros]}[,bias] column-parallel (output dim),
                                   rank R holds [q heads of R | k heads of R | v heads of R]
-        layers.N.attention.wo.R.{weight | qweight,scales,zeros}             row-parallel (input dim)
+        layers.N.attention.wo.R.{weight | qweight,scales[,zeros]}           row-parallel (input dim)
         layers.N.attention.wo.bias                                          (o_bias models; added once)
         layers.N.feed_forward.w13.R.{...}   column-parallel, rank R holds [gate rows of R | up rows of R]
         layers.N.feed_forward.w2.R.{...}    row-parallel
@@ -17,7 +17,10 @@ Layout (what `lmdeploy convert` writes, with our tensor format):
     workspace/triton_models/tokenizer/                  Hugging Face tokenizer (with chat template)
 
 int4 tensors are stored in the serving kernel's layout (`pipeline.kernels.w4a16.pack_w4`: qweight
-(K//8, N) int32, scales/zeros (K//g, N) fp16); 16-bit weights as (N, K) fp16 (bf16 if the source is bf16).
+(K//8, N) int32, scales/zeros (K//g, N) fp16); int8 (W8A8, weight_type int8) as qweight (N, K) int8 and
+scales (N,) fp16 per output channel: a column-parallel rank holds its rows and their scales, a row-parallel
+rank its input columns and all N scales (the same on every rank); 16-bit weights as (N, K) fp16 (bf16 if
+the source is bf16).
 
 quant_policy (as in LMDeploy's TurboMind): 0 = 16-bit KV, 4 = int8 KV, 8 = int4 KV (our choice for int4).
 The KV qparams are static (calibrated, `past_kv_scale` files) when present and kv_mode = static, else
@@ -25,8 +28,9 @@ per-token dynamic. Edit quant_policy in config.ini to switch KV quantization for
 
 Usage:
     write_workspace(out, args, tensors, tokenizer_dir, tp=2, w4={"layers.0.q": (q, s, z), ...}, group_size=128)
+    write_workspace(out, args, tensors, tokenizer_dir, w8={"layers.0.q": W8Weight(q_int8, scales), ...})
     cfg = read_config(ws); args = config_args(cfg)
-    canon = reassemble(ws)             # canonical names -> tensor or (q, scales, zeros): exact inverse
+    canon = reassemble(ws)             # canonical names -> tensor, (q, scales, zeros) or W8Weight: exact inverse
     python -m pipeline.workspace --hf /models/llama-2-7b --out ./workspace [--tp 2]   # HF or AutoAWQ folder
 """
 from __future__ import annotations
@@ -113,11 +117,19 @@ def load_tensor(wdir: Path, name: str, device="cpu") -> torch.Tensor:
     return load_file(str(path), device=str(device))["t"]
 
 
-# A linear is either a dense (N, K) tensor or a quantizer triple (q (N, K) uint8, scales, zeros (K//g, N)).
+# A linear is a dense (N, K) tensor, a quantizer triple (q (N, K) uint8, scales, zeros (K//g, N)), or
+# an int8 W8Weight (qweight (N, K) int8, scales (N,)).
+def _is_w8(lin) -> bool:
+    from .quant.w8 import W8Weight
+    return isinstance(lin, W8Weight)
+
+
 def cut_out(lin, a: int, b: int):
     """Output rows a:b."""
     if isinstance(lin, torch.Tensor):
         return lin[a:b]
+    if _is_w8(lin):
+        return type(lin)(lin.qweight[a:b], lin.scales[a:b])
     q, s, z = lin
     return q[a:b], s[:, a:b], z[:, a:b]
 
@@ -126,6 +138,8 @@ def cut_in(lin, a: int, b: int, g: int):
     """Input columns a:b (whole quantization groups for int4)."""
     if isinstance(lin, torch.Tensor):
         return lin[:, a:b]
+    if _is_w8(lin):                          # per output channel scales: every input slice keeps all N
+        return type(lin)(lin.qweight[:, a:b], lin.scales)
     if a % g or b % g:
         raise ValueError(f"row-parallel split [{a}:{b}] of an int4 weight does not fall on group_size={g} "
                          "boundaries; choose a tp that divides the input dim into whole groups")
@@ -136,12 +150,20 @@ def cut_in(lin, a: int, b: int, g: int):
 def cat_out(parts):
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts, 0)
+    if _is_w8(parts[0]):
+        return type(parts[0])(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
     return tuple(torch.cat([p[i] for p in parts], 0 if i == 0 else 1) for i in range(3))
 
 
 def cat_in(parts):
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts, 1)
+    if _is_w8(parts[0]):
+        s = parts[0].scales
+        if not all(torch.equal(p.scales, s) for p in parts[1:]):
+            raise ValueError("row-parallel int8 shards carry different scales: every rank must hold all N "
+                             "scales of the whole linear (rebuild the workspace)")
+        return type(parts[0])(torch.cat([p.qweight for p in parts], 1), s)
     return tuple(torch.cat([p[i] for p in parts], 1 if i == 0 else 0) for i in range(3))
 
 
@@ -178,6 +200,10 @@ def _save_linear(wdir: Path, prefix: str, lin, group_size: int) -> None:
     if isinstance(lin, torch.Tensor):
         save_tensor(wdir, prefix + ".weight", lin)
         return
+    if _is_w8(lin):
+        save_tensor(wdir, prefix + ".qweight", lin.qweight)
+        save_tensor(wdir, prefix + ".scales", lin.scales)
+        return
     from .kernels.w4a16 import pack_w4
     w = pack_w4(lin[0], lin[1], lin[2], group_size)       # re-laid out for the serving kernel
     for part in ("qweight", "scales", "zeros"):
@@ -185,7 +211,10 @@ def _save_linear(wdir: Path, prefix: str, lin, group_size: int) -> None:
 
 
 def _load_linear(wdir: Path, prefix: str, weight_type: str, group_size: int, device="cpu"):
-    """Rank file(s) -> dense tensor or W4Weight (kernel layout)."""
+    """Rank file(s) -> dense tensor, W4Weight (kernel layout) or W8Weight."""
+    if weight_type == "int8":
+        from .quant.w8 import W8Weight
+        return W8Weight(load_tensor(wdir, prefix + ".qweight", device), load_tensor(wdir, prefix + ".scales", device))
     if weight_type != "int4":
         return load_tensor(wdir, prefix + ".weight", device)
     from .kernels.w4a16 import W4Weight
@@ -195,19 +224,23 @@ def _load_linear(wdir: Path, prefix: str, weight_type: str, group_size: int, dev
 
 # ------------------------------------------------------------------------------------ write
 def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Optional[Path], *, tp: int = 1,
-                    w4: Optional[dict] = None, group_size: int = 128, kv_qparams: Optional[dict] = None,
+                    w4: Optional[dict] = None, w8: Optional[dict] = None, group_size: int = 128,
+                    kv_qparams: Optional[dict] = None,
                     kv_bits: Optional[int] = None, kv_mode: str = "static", model_name: str = "model",
                     dtype: torch.dtype = torch.float16, track=lambda it, **k: it, **serve) -> dict:
     """Write a workspace. tensors: canonical name -> tensor (all weights; quantized linears may be absent);
     w4: canonical linear name (e.g. "layers.0.q") -> (q, scales, zeros) in the quantizer format;
+    w8: canonical linear name -> W8Weight (int8 (N, K), scales (N,)), as quant_w8 writes them (W8A8);
     kv_qparams: layer -> (k_scale, k_zp, v_scale, v_zp), each (n_kv_heads,) fp32."""
     check_tp(args, tp)
-    w4 = w4 or {}
+    if w4 and w8:
+        raise ValueError("write_workspace: give w4 (int4) or w8 (int8) linears, not both")
+    qlin = w4 or w8 or {}                               # quantized linears by canonical name
     wdir = Path(out) / WEIGHTS
     wdir.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     dense = lambda n: tensors[n + ".weight"].to(dtype)  # noqa: E731
-    lin = lambda n: w4[n] if n in w4 else dense(n)      # noqa: E731
+    lin = lambda n: qlin[n] if n in qlin else dense(n)  # noqa: E731
     save_tensor(wdir, "tok_embeddings.weight", dense("embed"))
     save_tensor(wdir, "norm.weight", dense("norm"))
     if not args.tie_embeddings:
@@ -238,7 +271,7 @@ def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Op
                 save_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", qp[:, a:b])
     policy = {None: 0, 16: 0, 8: 4, 4: 8}[kv_bits]
     mode = "static" if kv_qparams is not None else kv_mode if policy else "none"
-    weight_type = "int4" if w4 else {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    weight_type = "int8" if w8 else "int4" if w4 else {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     write_config(wdir, args, model_name=model_name, weight_type=weight_type, group_size=group_size,
                  quant_policy=policy, kv_mode=mode, tp=tp, **serve)
     if tokenizer_dir is not None:
@@ -249,7 +282,8 @@ def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Op
 # ------------------------------------------------------------------------------------ read back
 def reassemble(ws: Path, device="cpu") -> tuple[ModelArgs, dict]:
     """All ranks -> canonical tensors: names like write_workspace's `tensors` ("layers.0.q.weight"), and
-    for int4 linears the quantizer triple under the linear's name ("layers.0.q"). Exact inverse."""
+    for int4 linears the quantizer triple, for int8 the W8Weight, under the linear's name ("layers.0.q").
+    Exact inverse."""
     from .kernels.w4a16 import unpack_w4
     c = read_config(ws)
     args, tp, wt, g = config_args(c), c["tensor_para_size"], c["weight_type"], c["group_size"]
@@ -260,7 +294,7 @@ def reassemble(ws: Path, device="cpu") -> tuple[ModelArgs, dict]:
         out["lm_head.weight"] = load_tensor(wdir, "output.weight", device)
 
     def put(name, lin):
-        if wt == "int4":
+        if wt in ("int4", "int8"):
             out[name] = lin
         else:
             out[name + ".weight"] = lin

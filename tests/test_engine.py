@@ -61,12 +61,17 @@ def reference(tiny, w4: bool, kv_bits: int = 16):
             t[k + ".weight"] = dequantize_w4(pack_w4(q, s, z, 64))
     model = build_model(ARGS, t)
     if kv_bits != 16:
-        for i, blk in enumerate(model.layers):
-            ks, kz, vs, vz = kv_params()[i]
-            blk.kv_quant = lambda k, v, ks=ks, kz=kz, vs=vs, vz=vz: (
-                kv_fake_quant(k.transpose(1, 2), "static", kv_bits, ks, kz).transpose(1, 2),
-                kv_fake_quant(v.transpose(1, 2), "static", kv_bits, vs, vz).transpose(1, 2))
+        static_kv_fake_quant(model, kv_bits)
     return model
+
+
+def static_kv_fake_quant(model, kv_bits: int) -> None:
+    """The reference model's K/V rounded as the static int8/int4 cache with kv_params() rounds them."""
+    for i, blk in enumerate(model.layers):
+        ks, kz, vs, vz = kv_params()[i]
+        blk.kv_quant = lambda k, v, ks=ks, kz=kz, vs=vs, vz=vz: (
+            kv_fake_quant(k.transpose(1, 2), "static", kv_bits, ks, kz).transpose(1, 2),
+            kv_fake_quant(v.transpose(1, 2), "static", kv_bits, vs, vz).transpose(1, 2))
 
 
 @torch.no_grad()

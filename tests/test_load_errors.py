@@ -51,7 +51,7 @@ def test_gguf_that_is_not_gguf(cli, tmp_path):
     ("quant.grup_size=64", "grup_size"),
     ("eval.windows=many", "eval.windows"),
     ("model.source=hub", "model.source='hub'"),
-    ("quant=w8a8", "W8A8 is evaluated but not served yet"),
+    ("quant.w_bits=3", "(w_bits=3, a_bits=None): the serving engine"),
 ])
 def test_bad_config_values(cli, override, needle):
     p = cli("model=tiny-random", override, check=False)

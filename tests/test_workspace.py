@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from pipeline.models.llama import ModelArgs
 from pipeline.models.sources import synthetic_tensors
 from pipeline.quant import w4 as awq_format
-from pipeline.workspace import WEIGHTS, config_args, read_config, reassemble, write_workspace
+from pipeline.quant.w8 import W8Weight
+from pipeline.workspace import WEIGHTS, config_args, load_tensor, read_config, reassemble, write_workspace
 
 ARGS = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512, vocab_size=300,
                  max_seq_len=256, qkv_bias=True)
@@ -29,17 +30,26 @@ def rand_w4(t, g=64):
     return out
 
 
+def rand_w8(t):
+    gen = torch.Generator().manual_seed(1)
+    return {f"layers.{i}.{n}": W8Weight(torch.randint(-127, 128, t[f"layers.{i}.{n}.weight"].shape, generator=gen,
+                                                      dtype=torch.int8),
+                                        torch.rand(t[f"layers.{i}.{n}.weight"].shape[0], generator=gen).half())
+            for i in range(ARGS.n_layers) for n in LINEARS}
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_tp_shards_reassemble_exactly(tmp_path, tp):
     t = synthetic_tensors(ARGS, 0, torch.float16)
     for i in range(ARGS.n_layers):
         for n in "qkv":
             t[f"layers.{i}.{n}.bias"] = torch.randn(t[f"layers.{i}.{n}.weight"].shape[0]).half()
-    w4 = rand_w4(t)
+    w4, w8 = rand_w4(t), rand_w8(t)
     kv = {i: tuple(torch.rand(ARGS.n_kv_heads) for _ in range(4)) for i in range(ARGS.n_layers)}
-    for name, w in (("fp16", None), ("int4", w4)):
+    for name, w in (("fp16", None), ("int4", w4), ("int8", w8)):
         ws = tmp_path / name
-        write_workspace(ws, ARGS, t, None, tp=tp, w4=w, group_size=64, kv_qparams=kv, kv_bits=8)
+        write_workspace(ws, ARGS, t, None, tp=tp, w4=w if name == "int4" else None, w8=w if name == "int8" else None,
+                        group_size=64, kv_qparams=kv, kv_bits=8)
         wdir = ws / WEIGHTS
         assert (wdir / f"layers.1.attention.w_qkv.{tp - 1}.{'qweight' if w else 'weight'}").exists()
         assert (wdir / f"layers.0.feed_forward.w2.{tp - 1}.{'scales' if w else 'weight'}").exists()
@@ -49,7 +59,10 @@ def test_tp_shards_reassemble_exactly(tmp_path, tp):
         args, back = reassemble(ws)
         for k, v in t.items():
             base = k.rsplit(".", 1)[0]
-            if w and base in w4 and k.endswith(".weight"):
+            if name == "int8" and base in w8 and k.endswith(".weight"):
+                assert isinstance(back[base], W8Weight) and back[base].qweight.dtype == torch.int8
+                assert torch.equal(back[base].qweight, w8[base].qweight) and torch.equal(back[base].scales, w8[base].scales)
+            elif w and base in w4 and k.endswith(".weight"):
                 q, s, z = back[base]
                 assert torch.equal(q, w4[base][0]) and torch.equal(s, w4[base][1])
                 assert torch.equal(z.to(torch.uint8), w4[base][2])
@@ -57,6 +70,12 @@ def test_tp_shards_reassemble_exactly(tmp_path, tp):
                 assert torch.equal(back[k], v), k
         for i in range(ARGS.n_layers):
             assert torch.equal(back[f"layers.{i}.past_kv_scale"], torch.stack(kv[i]))
+        if name == "int8":   # column-parallel: N split with its scales; row-parallel: K split, all N scales
+            F, D = ARGS.hidden_dim, ARGS.dim
+            assert load_tensor(wdir, f"layers.0.feed_forward.w13.{tp - 1}.qweight").shape == (2 * F // tp, D)
+            assert load_tensor(wdir, f"layers.0.feed_forward.w13.{tp - 1}.scales").shape == (2 * F // tp,)
+            assert load_tensor(wdir, f"layers.0.feed_forward.w2.{tp - 1}.qweight").shape == (D, F // tp)
+            assert torch.equal(load_tensor(wdir, f"layers.0.feed_forward.w2.{tp - 1}.scales"), w8["layers.0.down"].scales)
 
 
 def test_bad_tp_names_the_limits(tmp_path):

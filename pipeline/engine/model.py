@@ -6,9 +6,12 @@ Usage:
     logits = r.prefill(tokens, positions, slots, seqs, select)   # seqs: [(offset, n, block_table, ctx_len)]
     logits = r.decode(tokens, positions, slots, block_tables, context_lens)   # (B,) -> (B, V) fp32
 
-Per layer: rms_norm (fused residual) -> w_qkv (fp16 or W4A16) -> rope_kv_write (rotary + KV quantize +
+Per layer: rms_norm (fused residual) -> w_qkv (fp16, W4A16 or W8A8) -> rope_kv_write (rotary + KV quantize +
 paged write) -> attention (decode: paged_decode_attention; prefill: the chunk's queries against the
 sequence's cached KV, dequantized, through SDPA) -> wo -> rms_norm -> w13 -> silu_mul -> w2.
+W8A8 (weight_type int8): the norms before w_qkv and w13 are fused with the per-token int8 quantization
+of their output (rms_norm_quant); wo and w2 quantize their input per token (quantize_per_token); every
+int8 linear is the int8 GEMM with the token and channel scales in its epilogue.
 Compute dtype: fp16 on CUDA (bf16 for a bf16 workspace), fp32 on CPU (kernels' PyTorch references).
 """
 from __future__ import annotations
@@ -22,10 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.attention import dequant_kv, gather_kv, paged_decode_attention
+from ..kernels.int8_gemm import int8_linear
 from ..kernels.norm import rms_norm, silu_mul
+from ..kernels.quant_act import rms_norm_quant
 from ..kernels.rope_kv import rope_kv_write
 from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
 from ..models.llama import ModelArgs, rope_cos_sin
+from ..quant.w8 import W8Weight, w8a8_linear
 from ..workspace import QUANT_POLICIES, cat_out, read_config, reassemble
 
 log = logging.getLogger(__name__)
@@ -34,14 +40,32 @@ log = logging.getLogger(__name__)
 def linear(x: torch.Tensor, w, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     if isinstance(w, W4Weight):
         return w4a16_linear(x, w, b)
+    if isinstance(w, W8Weight):
+        return w8a8_linear(x, w, b)
     return F.linear(x, w, b)
+
+
+def norm_linear(x, residual, norm, eps, w, b=None):
+    """RMSNorm(x [+ residual]) * norm, then the linear w: (y, the new residual stream x [+ residual]).
+    For an int8 weight the norm and the activations' per-token quantization are one kernel."""
+    if isinstance(w, W8Weight):
+        if residual is None:
+            (q, s), residual = rms_norm_quant(x, norm, eps), x
+        else:
+            q, s, residual = rms_norm_quant(x, norm, eps, residual=residual)
+        return int8_linear(q, s, w.qweight, w.scales, b, out_dtype=x.dtype), residual
+    if residual is None:
+        h, residual = rms_norm(x, norm, eps), x
+    else:
+        h, residual = rms_norm(x, norm, eps, residual=residual)
+    return linear(h, w, b), residual
 
 
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
-    w_qkv: object                      # (N, K) tensor or W4Weight; N = (nh + 2 nkv) * hd, rows [q | k | v]
+    w_qkv: object                      # (N, K) tensor, W4Weight or W8Weight; N = (nh + 2 nkv) * hd, rows [q | k | v]
     b_qkv: Optional[torch.Tensor]
     wo: object
     b_o: Optional[torch.Tensor]
@@ -82,6 +106,8 @@ class ModelRunner:
         def lin(*names):
             parts = [canon[n] if n in canon else canon[n + ".weight"] for n in names]
             w = cat_out(parts) if len(parts) > 1 else parts[0]
+            if isinstance(w, W8Weight):
+                return W8Weight(w.qweight.contiguous(), w.scales.contiguous())
             return pack_w4(*w, g) if isinstance(w, tuple) else w.to(dtype)
 
         def opt(name):
@@ -154,17 +180,14 @@ class ModelRunner:
         T = tokens.shape[0]
         nh, nkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
         x = F.embedding(tokens, self.embed)                               # (T, D)
-        res = x
-        h = rms_norm(x, self.layers[0].attn_norm, a.norm_eps)
+        res = None                                                        # residual stream: x until layer 0's norm
         for l, L in enumerate(self.layers):
-            if l > 0:
-                h, res = rms_norm(x, L.attn_norm, a.norm_eps, residual=res)
-            qkv = linear(h, L.w_qkv, L.b_qkv)                             # (T, (nh + 2 nkv) hd)
+            qkv, res = norm_linear(x, res, L.attn_norm, a.norm_eps, L.w_qkv, L.b_qkv)   # (T, (nh + 2 nkv) hd)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             o = attend(l, q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd))   # (T, nh, hd)
             x = self.reduce(linear(o.reshape(T, nh * hd), L.wo, L.b_o))
-            h, res = rms_norm(x, L.ffn_norm, a.norm_eps, residual=res)
-            x = self.reduce(linear(silu_mul(linear(h, L.w13)), L.w2))
+            gate_up, res = norm_linear(x, res, L.ffn_norm, a.norm_eps, L.w13)           # (T, 2 I)
+            x = self.reduce(linear(silu_mul(gate_up), L.w2))
         h, _ = rms_norm(x, self.norm, a.norm_eps, residual=res)
         if select is not None:
             h = h[select]

@@ -8,7 +8,8 @@ The Engine (scheduler, sampling, HTTP/CLI surfaces) lives in the calling process
 starts ranks 1..tp-1 as fresh processes (`python -m pipeline.engine.tp --rank r ...`: nothing of the
 caller's __main__ is re-imported), device r = cuda:r, or all on the CPU. Each rank loads only
 its own shards of the workspace (pipeline/workspace.py): w_qkv and w13 column-parallel (its q heads, its
-KV heads, its gate/up rows), wo and w2 row-parallel, followed by one all-reduce each (`ShardRunner.reduce`);
+KV heads, its gate/up rows), wo and w2 row-parallel, followed by one all-reduce each (`ShardRunner.reduce`;
+W8A8: each rank quantizes its own input slice per token, so its token scales cover that slice only);
 KV heads split across ranks, or replicated where tp is a multiple of n_kv_heads; the embedding
 replicated; the output head vocab-parallel (rows [r V/tp, (r+1) V/tp), logits all-gathered), sampling
 done once, on rank 0. Each rank's KV cache holds only its KV heads: capacity grows with tp.
@@ -48,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..kernels.w4a16 import W4Weight
+from ..quant.w8 import W8Weight
 from ..workspace import QUANT_POLICIES, WEIGHTS, _load_linear, check_tp, config_args, kv_heads, load_tensor, read_config
 from .model import Layer, ModelRunner, compute_dtype
 
@@ -93,7 +95,7 @@ class ShardRunner(ModelRunner):
 
         def lin(prefix):
             w = _load_linear(wdir, prefix, wt, g, device)
-            return w if isinstance(w, W4Weight) else w.to(dtype)
+            return w if isinstance(w, (W4Weight, W8Weight)) else w.to(dtype)
 
         layers = []
         for i in range(args.n_layers):

@@ -2,6 +2,8 @@
 
     q, s = quantize_w8(w)                      # w (N, K) -> q (N, K) int8, s (N,) fp32: w ~= q * s[:, None]
     lin = W8A8Linear(q, s, bias)               # forward: dynamic per-token int8 x, int8 GEMM, x's dtype out
+    w = W8Weight(q, s)                         # the workspace's / engine's int8 linear (a NamedTuple)
+    y = w8a8_linear(x, w, bias)                # what W8A8Linear.forward runs
     hf = hf_name("layers.3.q.weight")          # "model.layers.3.self_attn.q_proj.weight" (Llama/Qwen2 names)
     cfg = hf_config(args)                      # a transformers config.json for the reference ModelArgs
     qc = compressed_tensors_config()           # quantization_config of an int8 W8A8 compressed-tensors checkpoint
@@ -15,6 +17,7 @@ symmetric, strategy token, dynamic true}, format "int-quantized", lm_head ignore
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +38,19 @@ def quantize_w8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+class W8Weight(NamedTuple):
+    """An int8 linear as the workspace stores it and the engine runs it."""
+    qweight: torch.Tensor   # (N, K) int8, K contiguous
+    scales: torch.Tensor    # (N,) per output channel (fp16 as quant_w8 writes it)
+
+
+def w8a8_linear(x: torch.Tensor, w: W8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic per-token int8 quantization of x (..., K), then the int8 GEMM with both scales in its
+    epilogue: (..., N) in x's dtype."""
+    xq, xs = quantize_per_token(x)  # (..., K) int8, (...) fp32
+    return int8_linear(xq, xs, w.qweight, w.scales, bias, out_dtype=x.dtype)
+
+
 class W8A8Linear(nn.Module):
     """y = int8_gemm(quantize_per_token(x), weight) * scales (+ bias); weight int8 (N, K), weight_scale (N,)."""
 
@@ -48,8 +64,7 @@ class W8A8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, xs = quantize_per_token(x)  # (..., K) int8, (...) fp32
-        return int8_linear(xq, xs, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype)
+        return w8a8_linear(x, W8Weight(self.weight, self.weight_scale), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

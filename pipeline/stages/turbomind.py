@@ -1,7 +1,9 @@
 """turbomind: offline conversion of a (quantized) checkpoint into a TurboMind-style workspace.
 
-Inputs: load (fp16), plus pack when quant.w_bits (int4 weights re-laid out for the serving kernel, norms
-with the AWQ scales folded in), plus kv_qparams when quant.kv_bits with kv_mode=static.
+Inputs: load (fp16), plus pack when quant.w_bits=4 (int4 weights re-laid out for the serving kernel, norms
+with the AWQ scales folded in), plus kv_qparams when quant.kv_bits with kv_mode=static; for W8A8
+(w_bits=8, a_bits=8) quant_w8 instead of pack: int8 weights + per-channel scales (weight_type int8), norms
+with the SmoothQuant scales folded in, and the static KV qparams of the smoothed model.
 Reads quant and serve.tp only: serving knobs (session_len, max_batch_size, cache_*) are not baked in
 (config.ini holds defaults; the serve stage passes its own), so changing them never rebuilds this.
 Artifact: workspace/ (layout in pipeline/workspace.py).
@@ -29,13 +31,21 @@ READS = ["quant", "serve.tp", "model.name"]
 from . import evaluate  # noqa: E402
 
 
+SERVED = {(None, None): "16-bit", (4, None): "W4A16", (8, 8): "W8A8"}   # (w_bits, a_bits) -> weight path
+
+
+def check_served(q) -> None:
+    if (q.w_bits, q.a_bits) not in SERVED:
+        raise ValueError(f"quant={q.name} (w_bits={q.w_bits}, a_bits={q.a_bits}): the serving engine runs 16-bit "
+                         "weights (w_bits null), W4A16 (w_bits=4) or W8A8 (w_bits=8, a_bits=8); other formats are "
+                         "evaluated, not served: run this one with pipeline=evaluate for its perplexity, or serve "
+                         "quant=w4a16_kv8 or quant=w8a8")
+
+
 def inputs(cfg) -> list[str]:
-    """Same upstream as evaluate: load, pack (w_bits), kv_qparams (static KV). Refuses, before anything
-    runs, weight formats the serving engine has no kernel path for yet."""
-    if cfg.quant.w_bits not in (None, 4):
-        raise ValueError(f"quant={cfg.quant.name} (w_bits={cfg.quant.w_bits}): the serving engine runs 16-bit "
-                         "or 4-bit (W4A16) weights; W8A8 is evaluated but not served yet. Use "
-                         f"pipeline=evaluate quant={cfg.quant.name} for its perplexity, or quant=w4a16_kv8 to serve")
+    """Same upstream as evaluate: load, pack (w_bits=4) or quant_w8 (W8A8), kv_qparams (static KV).
+    Refuses, before anything runs, weight formats the serving engine has no kernel path for."""
+    check_served(cfg.quant)
     return evaluate.inputs(cfg)
 
 
@@ -52,11 +62,11 @@ def run(ctx) -> dict:
     q, tp = ctx.cfg.quant, ctx.cfg.serve.tp
     load_dir = ctx.inputs["load"]
     args = read_args(load_dir)
-    w4 = None
-    if q.w_bits:
-        if q.w_bits != 4:
-            raise ValueError(f"quant.w_bits={q.w_bits}: the serving engine runs 4-bit weights (W4A16) or "
-                             "16-bit (w_bits null)")
+    w4 = w8 = None
+    check_served(q)
+    if q.a_bits:
+        tensors, w8 = read_quant_w8(ctx.inputs["quant_w8"], load_dir, args)
+    elif q.w_bits:
         from ..quant.blockwise import LINEARS
         from .pack import read_unpacked
         pdir = ctx.inputs["pack"]
@@ -68,15 +78,32 @@ def run(ctx) -> dict:
         tensors = read_tensors(load_dir)
     kvq = None
     if q.kv_bits:
-        if q.kv_mode == "static":
-            kvq = kv_static(ctx.inputs["kv_qparams"], args.n_layers, q.kv_bits, q.kv_sym)
-    dtype = next(iter(tensors.values())).dtype
-    info = write_workspace(ctx.out / "workspace", args, tensors, load_dir / "tokenizer", tp=tp, w4=w4,
+        if q.kv_mode == "static":   # W8A8: the qparams of the smoothed model, written by quant_w8
+            kvq = kv_static(ctx.inputs["quant_w8" if q.a_bits else "kv_qparams"], args.n_layers, q.kv_bits, q.kv_sym)
+    dtype = next(t for t in tensors.values() if t.is_floating_point()).dtype
+    info = write_workspace(ctx.out / "workspace", args, tensors, load_dir / "tokenizer", tp=tp, w4=w4, w8=w8,
                            group_size=q.group_size, kv_qparams=kvq, kv_bits=q.kv_bits, kv_mode=q.kv_mode,
                            model_name=str(ctx.cfg.model.name), dtype=dtype, track=ctx.track)
     files = list((ctx.out / "workspace").rglob("*"))
     info["bytes"] = sum(f.stat().st_size for f in files if f.is_file())
     return info
+
+
+def read_quant_w8(qdir: Path, load_dir: Path, args) -> tuple[dict, dict]:
+    """A quant_w8 artifact (Hugging Face names) -> (canonical tensors without the linears' weights,
+    {"layers.0.q": W8Weight(int8 (N, K), scales (N,) fp16), ...})."""
+    from ..quant.blockwise import LINEARS
+    from ..quant.w8 import W8Weight, hf_name
+    from .quant_w8 import read_w8
+    lin = {f"layers.{i}.{n}" for i in range(args.n_layers) for n in LINEARS}
+    names = [n for n in tensor_names(load_dir) if not (n.endswith(".weight") and n[: -len(".weight")] in lin)]
+    with safe_open(str(Path(qdir) / "model.safetensors"), framework="pt", device="cpu") as f:
+        tensors = {n: f.get_tensor(hf_name(n)) for n in names}
+    w8 = {}
+    for n in sorted(lin):
+        q, s, _ = read_w8(qdir, n)
+        w8[n] = W8Weight(q, s)
+    return tensors, w8
 
 
 # ------------------------------------------------------------------------------------ HF / AutoAWQ folders

@@ -1,0 +1,166 @@
+"""W8A8 (workspace weight_type int8) through the engine on the CPU (the kernels' PyTorch references).
+
+- A quant_w8 artifact of a tiny random llama (int8 per output channel weights + fp16 scales under the
+  Hugging Face names, as pipeline/stages/quant_w8.py writes it) -> turbomind's `read_quant_w8` -> workspace.
+  Reference: the same model with `apply_w8a8` (what evaluate runs). Greedy tokens of four prompts of
+  different lengths, batched, are identical; teacher-forced logits agree within 1e-4 of the max logit
+  (same integers and scales, both fp32: only summation order differs, which can flip one activation's
+  rounding at most); with static int8 KV (w8a8_kv8) within 1e-3 (measured 4e-7: a K/V value whose
+  rounding flips moves one cached value by a whole KV step).
+- tp=2 (gloo): a row-parallel rank (wo, w2) quantizes its own slice of the input per token, so its
+  reference is the model with those linears computed slice by slice (`rank_local`): logits within 1e-4,
+  greedy tokens identical. The tp=2 workspace served at tp=1 (reassembled) equals the plain reference.
+- The CLI, `quant=w8a8[_kv8] model=tiny-random` (default deploy pipeline: load, calibrate, smooth, quant_w8,
+  evaluate, turbomind, serve generate): perplexity through the engine on the evaluate stage's windows
+  equals its eval.json within 0.5%.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.engine import Engine, SamplingParams
+from pipeline.models.llama import build_model
+from pipeline.models.sources import save_byte_tokenizer, synthetic_tensors
+from pipeline.models.store import write_model
+from pipeline.quant.w8 import W8A8Linear, W8Weight, hf_name, quantize_w8, w8a8_linear
+from pipeline.stages.quant_w8 import apply_w8a8
+from pipeline.stages.turbomind import read_quant_w8
+from pipeline.workspace import write_workspace
+
+from test_engine import ARGS, LINEARS, PROMPTS, kv_params, ref_greedy, static_kv_fake_quant
+
+GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
+
+
+def write_quant_w8(d, t: dict) -> None:
+    """quant_w8's model.safetensors for canonical fp32 tensors t: int8 linears, the rest fp16-rounded."""
+    out = {}
+    for k, v in t.items():
+        base, leaf = k.rsplit(".", 1)
+        if base.split(".")[-1] in LINEARS and leaf == "weight":
+            q, s = quantize_w8(v)
+            out[hf_name(k)], out[hf_name(base + ".weight_scale")] = q, s.half().reshape(-1, 1)
+        else:
+            out[hf_name(k)] = v.half()
+    d.mkdir(parents=True)
+    save_file(out, str(d / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("w8a8")
+    t = synthetic_tensors(ARGS, 0, torch.float32)
+    save_byte_tokenizer(root / "tok", ARGS.vocab_size)
+    (root / "load").mkdir()
+    write_model(root / "load", ARGS, t)
+    write_quant_w8(root / "quant_w8", t)
+    tensors, w8 = read_quant_w8(root / "quant_w8", root / "load", ARGS)
+    assert all(w.qweight.dtype == torch.int8 and w.scales.dtype == torch.float16 for w in w8.values())
+    write_workspace(root / "w8", ARGS, tensors, root / "tok", w8=w8, kv_qparams=kv_params(), kv_bits=8)
+    write_workspace(root / "w8_tp2", ARGS, tensors, root / "tok", w8=w8, tp=2)
+    return {"root": root, "t": t}
+
+
+def reference(tiny, kv_bits: int = 16, tp: int = 1):
+    model = build_model(ARGS, {k: v.half().float() for k, v in tiny["t"].items()})
+    apply_w8a8(model, tiny["root"] / "quant_w8")
+    if kv_bits != 16:
+        static_kv_fake_quant(model, kv_bits)
+    if tp > 1:
+        rank_local(model, tp)
+    return model
+
+
+def rank_local(model, tp: int) -> None:
+    """wo and w2 as tp row-parallel ranks compute them: each K slice quantized per token on its own, summed."""
+    def forward(m, x):
+        k = m.in_features // tp
+        return sum(w8a8_linear(x[..., r * k:(r + 1) * k], W8Weight(m.weight[:, r * k:(r + 1) * k], m.weight_scale),
+                               m.bias if r == 0 else None) for r in range(tp))
+    for blk in model.layers:
+        for n in ("o", "down"):
+            lin = getattr(blk, n)
+            assert isinstance(lin, W8A8Linear)
+            lin.forward = forward.__get__(lin)
+
+
+def max_rel_diff(eng, ref, ids) -> float:
+    with torch.no_grad():
+        lr = ref(torch.tensor([ids]))[0]
+    return float((lr - eng.prompt_logits(ids)).abs().max() / lr.abs().max())
+
+
+def test_w8a8_greedy_batched_and_logits_equal_apply_w8a8_reference(tiny):
+    eng = Engine.from_workspace(tiny["root"] / "w8", "cpu", {"session_len": 256, "max_prefill_tokens": 16,
+                                                            "quant_policy": 0})
+    assert eng.stats()["weight_type"] == "int8" and isinstance(eng.runner.layers[0].w_qkv, W8Weight)
+    out = eng.generate(PROMPTS, GREEDY)
+    ref = reference(tiny)
+    for p, o in zip(PROMPTS, out):
+        assert o == ref_greedy(ref, p, GREEDY.max_new_tokens)
+        assert max_rel_diff(eng, ref, p + o) <= 1e-4
+    assert eng.stats()["free_blocks"] == eng.stats()["total_blocks"]
+
+
+def test_w8a8_kv8_static_logits_match_fake_quant_reference(tiny):
+    eng = Engine.from_workspace(tiny["root"] / "w8", "cpu", {"session_len": 256, "max_prefill_tokens": 8})
+    assert eng.stats()["quant_policy"] == 4 and eng.runner.kv_mode == "static"
+    ref = reference(tiny, kv_bits=8)
+    for p in PROMPTS[:2]:
+        out = eng.generate([p], GREEDY)[0]
+        ids = p + out
+        with torch.no_grad():
+            lr = ref(torch.tensor([ids]))[0, len(p) - 1:-1]
+        le = eng.prompt_logits(ids)[len(p) - 1:-1]
+        assert (lr - le).abs().max() <= 1e-3 * lr.abs().max()
+        assert lr.argmax(-1).tolist() == out
+
+
+def test_w8a8_tp2_equals_rank_local_reference(tiny):
+    ws = tiny["root"] / "w8_tp2"
+    one = Engine.from_workspace(ws, "cpu", {"session_len": 256, "tp": 1})   # reassembled: the whole linears
+    assert max_rel_diff(one, reference(tiny), PROMPTS[1]) <= 1e-4
+    ref2 = reference(tiny, tp=2)
+    eng = Engine.from_workspace(ws, "cpu", {"session_len": 256, "tp": 2})
+    try:
+        assert eng.stats()["tp"] == 2 and eng.stats()["weight_type"] == "int8"
+        out = eng.generate(PROMPTS, GREEDY)
+        for p, o in zip(PROMPTS, out):
+            assert o == ref_greedy(ref2, p, GREEDY.max_new_tokens)
+        assert max_rel_diff(eng, ref2, PROMPTS[1]) <= 1e-4
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("quant", ["w8a8", "w8a8_kv8"])
+def test_cli_w8a8_turbomind_serve_and_engine_perplexity(cli, quant):
+    """The default deploy pipeline on tiny-random with W8A8: turbomind writes an int8 workspace, serve
+    answers with it; perplexity through the engine on evaluate's windows equals evaluate's."""
+    from pipeline.data import eval_text
+    from pipeline.models.store import read_tokenizer
+    from pipeline.stages.evaluate import windows
+    p = cli("model=tiny-random", f"quant={quant}", "eval.windows=2", "eval.seqlen=64", "serve.max_new_tokens=4",
+            "quant.calib.samples=4", "quant.calib.seqlen=64")
+    rep = json.loads((cli.tmp / "run" / "report.json").read_text())
+    st = {s["name"]: s for s in rep["stages"]}
+    assert {n: s["status"] for n, s in st.items()} == {n: "ran" for n in ("load", "calibrate", "smooth", "quant_w8",
+                                                                          "evaluate", "turbomind", "serve")}
+    assert ">>> What is the capital of France?" in p.stdout
+    tm = st["turbomind"]["summary"]
+    assert tm["weight_type"] == "int8" and tm["kv_mode"] == ("static" if quant == "w8a8_kv8" else "none")
+    assert st["serve"]["summary"]["weight_type"] == "int8"
+    ws = Path(st["turbomind"]["path"]) / "workspace"
+    eng = Engine.from_workspace(ws, "cpu", {"session_len": 128})
+    tok = read_tokenizer(st["load"]["path"])
+    data = windows(torch.tensor(tok(eval_text(None), add_special_tokens=False).input_ids), 64, 2)
+    nll = 0.0
+    for w in data:
+        nll += torch.nn.functional.cross_entropy(eng.prompt_logits(w.tolist())[:-1], w[1:], reduction="sum").item()
+    got = float(torch.exp(torch.tensor(nll / data[:, 1:].numel())))
+    want = st["evaluate"]["summary"]["ppl"]
+    assert abs(got - want) / want < 0.005, (got, want)
