@@ -165,3 +165,52 @@ def test_gpu_small_groups_and_odd_shapes(poisoned, g):
         w = w4.pack_w4(*make_quant(N, K, g), g).to("cuda")
         x = torch.randn(M, K, device="cuda").half()
         assert rel_err(w4.w4a16_linear(x, w), ref64(x, w)) < TOL[torch.float16]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+@pytest.mark.parametrize("cfg", ["gemv_split3", "sliced_split2", "fma_split3", "tile"])
+def test_interpreter_fused_silu_mul_and_counters_rearmed(monkeypatch, poisoned, cfg):
+    """act="silu_mul" equals silu_mul then the GEMM; split-K counters are back to 0 after every launch."""
+    from pipeline.kernels.norm import silu_mul_ref
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    M, N, K, g = 3, 40, 384, 128
+    w = w4.pack_w4(*make_quant(N, K, g), g)
+    gate_up = torch.randn(2, M, 2 * K).half()
+    y = w4.w4a16_linear(gate_up, w, config=INTERP_CONFIGS[cfg], act="silu_mul")
+    assert y.shape == (2, M, N)
+    assert rel_err(y, ref64(silu_mul_ref(gate_up), w)) < TOL[torch.float16]
+    assert int(w4._counters(torch.device("cpu"), 1).abs().sum()) == 0
+    with pytest.raises(ValueError, match="2 \\* weight K"):
+        w4.w4a16_linear(gate_up[..., :K], w, act="silu_mul")
+    with pytest.raises(ValueError, match="act='gelu'"):
+        w4.w4a16_linear(gate_up, w, act="gelu")
+
+
+@gpu
+@needs_cuda
+def test_gpu_fused_silu_mul_every_decode_config(poisoned):
+    from pipeline.kernels.norm import silu_mul_ref
+    K, N = 11008, 4096
+    w = w4.pack_w4(*make_quant(N, K, 128), 128).to("cuda")
+    for M in (1, 4, 16, 64, 256):
+        gate_up = torch.randn(M, 2 * K, device="cuda").half()
+        ref = ref64(silu_mul_ref(gate_up), w)
+        for name in w4.candidates(M):
+            err = rel_err(w4.w4a16_linear(gate_up, w, config=name, act="silu_mul"), ref)
+            assert err < TOL[torch.float16], f"M={M} config {name}: rel err {err:.2e}"
+    assert int(w4._counters(torch.device("cuda", torch.cuda.current_device()), 1).abs().sum()) == 0
+
+
+@gpu
+@needs_cuda
+def test_gpu_split_k_bit_identical_over_many_launches():
+    """The in-kernel split-K finish sums partials in split order: every launch gives the same bits (a
+    cross-program ordering race would show up as a differing call)."""
+    w = w4.pack_w4(*make_quant(12288, 4096, 128), 128).to("cuda")
+    for M, name in ((1, "gemv_n32_c8_sl"), (4, "gemv_n64_c8_sl"), (3, "fma_n64_c8"), (16, "gemv_n64_c4")):
+        x = torch.randn(M, 4096, device="cuda").half()
+        first = w4.w4a16_linear(x, w, config=name)
+        outs = [w4.w4a16_linear(x, w, config=name) for _ in range(300)]
+        bad = sum(not torch.equal(o, first) for o in outs)
+        assert bad == 0, f"M={M} {name}: {bad}/300 launches differ from the first"
+        assert rel_err(first, ref64(x, w)) < TOL[torch.float16]

@@ -61,6 +61,13 @@ def norm_linear(x, residual, norm, eps, w, b=None):
     return linear(h, w, b), residual
 
 
+def swiglu_down(gate_up: torch.Tensor, w) -> torch.Tensor:
+    """w2(silu(gate) * up) for gate_up (T, 2I); W4A16 computes the product while loading its input."""
+    if isinstance(w, W4Weight):
+        return w4a16_linear(gate_up, w, act="silu_mul")
+    return linear(silu_mul(gate_up), w)
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
@@ -187,7 +194,7 @@ class ModelRunner:
             o = attend(l, q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd))   # (T, nh, hd)
             x = self.reduce(linear(o.reshape(T, nh * hd), L.wo, L.b_o))
             gate_up, res = norm_linear(x, res, L.ffn_norm, a.norm_eps, L.w13)           # (T, 2 I)
-            x = self.reduce(linear(silu_mul(gate_up), L.w2))
+            x = self.reduce(swiglu_down(gate_up, L.w2))
         h, _ = rms_norm(x, self.norm, a.norm_eps, residual=res)
         if select is not None:
             h = h[select]

@@ -4,6 +4,7 @@ Usage:
     from pipeline.kernels.w4a16 import pack_w4, w4a16_linear
     w = pack_w4(q, scales, zeros, group_size=128).to("cuda")   # q (N, K) uint8 0..15
     y = w4a16_linear(x, w, bias)                                # x (..., K) fp16/bf16 -> y (..., N)
+    y = w4a16_linear(gate_up, w2, act="silu_mul")               # SwiGLU fused: gate_up (..., 2K)
 
 Quantizer format (input of `pack_w4`, output of `unpack_w4`):
     q (N, K) uint8 in 0..15, scales (K//g, N) fp16, zeros (K//g, N) integer-valued 0..15,
@@ -28,7 +29,8 @@ Kernel arithmetic (one K tile = one group, so scale and zero are per-column cons
 
 Paths (one entry point): M <= 4 -> also a CUDA-core GEMV (`_gemv_kernel`, fp32 FMAs, no tensor
 cores); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough programs stream the weights
-(fp32 partial tiles, then a small reduce kernel adds them and the bias); M > 16 ->
+(fp32 partial tiles; the last program of each output tile to arrive, counted by an atomic counter, adds
+them in a fixed order: one launch, deterministic); M > 16 ->
 tiled tensor-core path (grouped tile order for L2), or for large M a Triton dequantize to a (K, N)
 scratch + cuBLAS; the tuner keeps whichever it measures fastest.
 A tiny built-in tuner times a small, named config set once per (device, dtype, M bucket, N, K, g)
@@ -45,6 +47,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.norm import silu_mul
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -137,12 +140,14 @@ def _nibbles_to_qz(nib, zc, DKIND: tl.constexpr):
 
 
 @triton.jit
-def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_ym, split_k,
+def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-            GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr):
+            GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
+            ACT: tl.constexpr):
     # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group.
-    # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace;
-    # _splitk_reduce_kernel sums them (no atomics: deterministic, nothing left behind).
+    # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace and the
+    # last one to finish its tile sums them in a fixed order (_finish_split: deterministic).
+    # ACT: x is (M, 2K) = [gate | up] and the kernel reads silu(gate) * up (fused SwiGLU input).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -182,7 +187,7 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
             d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(8):
-                xj = tl.load(xs_ptrs + g * GROUP + j * P, mask=mask_m[:, None], other=0.0)
+                xj = _load_x(xs_ptrs + g * GROUP + j * P, K, mask_m[:, None], ACT)
                 wj = _nibbles_to_qz((q >> (4 * j)) & 0xF, zc[None, :], DKIND)  # (P, BN)
                 if DKIND == 0:
                     d = tl.dot(xj, wj, d, input_precision="ieee")
@@ -193,7 +198,7 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         shifts = tl.arange(0, 8) * 4
         for g in range(g_lo, g_hi):
-            x = tl.load(x_ptrs + g * GROUP, mask=mask_m[:, None], other=0.0)  # (BM, g)
+            x = _load_x(x_ptrs + g * GROUP, K, mask_m[:, None], ACT)  # (BM, g)
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
@@ -211,15 +216,16 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # fp32 partial sums (split_k, M, N), summed by _splitk_reduce_kernel
-        ws_ptrs = ws_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptrs, acc, mask=mask)
+    else:
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr + pid, b_ptr, y_ptrs, pid_k, M * N,
+                      split_k, HAS_BIAS)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stride_xm, stride_ym,
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                  split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
     # CUDA-core GEMV for tiny M: grid (N tiles, split_k, M), one activation row per program.
     # Nibble -> fp32 by OR-ing into the mantissa of 2**23; (2**23 + q) - (2**23 + z) = q - z exactly.
     # Products accumulate elementwise in a (P, BLOCK_N) fp32 tile, reduced over P once at the end.
@@ -244,7 +250,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stri
         zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 8388608.0
         part = tl.zeros((P, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(8):
-            xj = tl.load(x_row + g * GROUP + j * P).to(tl.float32)  # (P,)
+            xj = _load_x(x_row + g * GROUP + j * P, K, True, ACT).to(tl.float32)  # (P,)
             wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zc[None, :]
             part += xj[:, None] * wj
         acc += part * s[None, :]
@@ -255,20 +261,44 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, stri
             y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
-        tl.store(ws_ptr + pid_k * M * N + m * N + offs_n, y, mask=mask_n)
+        _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
+                      cnt_ptr + m * tl.num_programs(0) + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k,
+                      HAS_BIAS)
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, split_k, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    # y (M, N) contiguous = sum over split of ws (split_k, M, N) fp32 (+ bias), cast to y's dtype
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(split_k):
-        acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+def _load_x(ptrs, K, mask, ACT: tl.constexpr):
+    # the activation tile; ACT: rows are [gate | up] (2K wide) and the tile is silu(gate) * up, rounded to
+    # x's dtype as the separate silu_mul kernel would round it
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if ACT:
+        u = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        g = x.to(tl.float32)
+        x = (g * tl.sigmoid(g) * u).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr, b_ptr, y_ptrs, pid_k, MN, split_k,
+                  HAS_BIAS: tl.constexpr):
+    # acc, offs, mask: (rows, BLOCK_N). Split-K without a second launch: every program stores its fp32
+    # partial tile to ws (split_k, M, N),
+    # then counts itself in at its tile's counter; the last to arrive sums the split_k partials in split
+    # order (the same sum whichever finishes last), adds the bias, writes y and re-arms the counter to 0.
+    # The barriers make the counter's release/acquire cover every thread's stores/loads of the tile.
+    tl.store(ws_ptr + pid_k * MN + offs, acc, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if arrived == split_k - 1:
+        tl.debug_barrier()
+        tot = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for i in range(1, split_k):
+            tot += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tot += b[None, :]
+        tl.store(y_ptrs, tot.to(y_ptrs.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(cnt_ptr, 0)
 
 
 @triton.jit
@@ -362,10 +392,12 @@ def _split_for(M, N, K, g, BM, BN, split, device) -> int:
     return triton.cdiv(G, triton.cdiv(G, split))
 
 
-def _launch(x2, w: W4Weight, bias, out_dtype, cfg) -> torch.Tensor:
-    M, K = x2.shape
-    N, g = w.N, w.group_size
+def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.Tensor:
+    """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up)."""
+    M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
     if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
+        if act:
+            x2 = silu_mul(x2)
         wt = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
         _dequant_kernel[(K // g, triton.cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
                                                       BLOCK_N=128, num_warps=4)
@@ -382,21 +414,37 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg) -> torch.Tensor:
     y = _alloc_out(M, N, out_dtype, x2.device)
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
+    cnt = _counters(x2.device, tiles) if split > 1 else y
     if cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
-            x2, w.qweight, w.scales, w.zeros, b, y, ws, M, N, K, x2.stride(0), y.stride(0), split,
-            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+            x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
+            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, num_warps=warps,
+            num_stages=stages)
     else:
         dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
-        _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws,
+        _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                                HAS_BIAS=bias is not None, SLICED=bool(sliced), num_warps=warps,
+                                HAS_BIAS=bias is not None, SLICED=bool(sliced), ACT=act, num_warps=warps,
                                 num_stages=stages)
-    if split > 1:
-        _splitk_reduce_kernel[(triton.cdiv(M * N, 1024),)](ws, b, y, M * N, N, split, HAS_BIAS=bias is not None,
-                                                          BLOCK=1024, num_warps=4)
     return y
+
+
+_cnt: dict[str, torch.Tensor] = {}
+MAX_TILES = 1 << 16
+
+
+def _counters(device, tiles: int) -> torch.Tensor:
+    """Per-device split-K arrival counters, zero between launches (each tile's last program re-arms its
+    own). Launches on one stream run one after another, so they share it; kernels of this file running
+    concurrently on two streams of one device are not supported."""
+    if tiles > MAX_TILES:
+        raise ValueError(f"{tiles} output tiles exceed the split-K counter table ({MAX_TILES}); use a larger "
+                         "BLOCK_N or BLOCK_M config")
+    key = str(device)
+    if key not in _cnt:
+        _cnt[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _cnt[key]
 
 
 def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
@@ -426,19 +474,19 @@ def _bench_ms(fn, device, reps: int = 8) -> float:
     return sorted(s.elapsed_time(e) for s, e in ts)[reps // 2]
 
 
-def _key(x2, w: W4Weight, bias) -> tuple:
-    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None)
+def _key(x2, w: W4Weight, bias, act: bool = False) -> tuple:
+    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act)
 
 
-def tuning_record(x: torch.Tensor, w: W4Weight, bias=None) -> tuple[str | None, dict[str, float]]:
+def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None) -> tuple[str | None, dict]:
     """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run."""
-    key = _key(x.reshape(-1, w.K), w, bias)
+    key = _key(x.reshape(-1, x.shape[-1]), w, bias, act is not None)
     return _tuned.get(key), _tune_times.get(key, {})
 
 
-def _choose(x2, w, bias, out_dtype) -> str:
+def _choose(x2, w, bias, out_dtype, act: bool = False) -> str:
     M = x2.shape[0]
-    key = _key(x2, w, bias)
+    key = _key(x2, w, bias, act)
     if key in _tuned:
         return _tuned[key]
     if torch.cuda.is_current_stream_capturing() or os.environ.get("W4A16_TUNE", "1") == "0":
@@ -446,7 +494,7 @@ def _choose(x2, w, bias, out_dtype) -> str:
     times = {}
     for name in candidates(M):
         try:
-            times[name] = _bench_ms(lambda: _launch(x2, w, bias, out_dtype, CONFIGS[name]), x2.device)
+            times[name] = _bench_ms(lambda: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), x2.device)
         except Exception as e:  # a config that does not compile/fit here (e.g. shared memory)
             times[name] = float("inf")
             _tune_errors[name] = repr(e)[:300]
@@ -456,12 +504,17 @@ def _choose(x2, w, bias, out_dtype) -> str:
 
 
 def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
-                 config: str | tuple | None = None) -> torch.Tensor:
+                 config: str | tuple | None = None, act: str | None = None) -> torch.Tensor:
     """y = x @ dequant(w).T (+ bias); x (..., K) fp16/bf16 (fp32 for the reference/interpreter).
 
+    act="silu_mul": x is (..., 2K) = [gate | up] and y = silu_mul(x) @ dequant(w).T, the SwiGLU product
+    computed while loading x (no separate kernel, no (..., K) intermediate).
     `config`: a name from CONFIGS or a raw tuple (tests); default: tuned per shape."""
-    if x.shape[-1] != w.K:
-        raise ValueError(f"x.shape[-1]={x.shape[-1]} != weight K={w.K}")
+    if act not in (None, "silu_mul"):
+        raise ValueError(f"act={act!r} not supported; valid: None, 'silu_mul'")
+    k_in = 2 * w.K if act else w.K
+    if x.shape[-1] != k_in:
+        raise ValueError(f"x.shape[-1]={x.shape[-1]} != {'2 * weight K' if act else 'weight K'}={k_in}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x.dtype={x.dtype} not supported; valid: float16, bfloat16, float32")
     if x.device != w.device:
@@ -469,9 +522,9 @@ def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
     if bias is not None and tuple(bias.shape) != (w.N,):
         raise ValueError(f"bias shape {tuple(bias.shape)} != (N,) = ({w.N},)")
     if not use_triton(x, "w4a16"):
-        return w4a16_linear_ref(x, w, bias)
+        return w4a16_linear_ref(silu_mul(x) if act else x, w, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.K)
+    x2 = x.reshape(-1, k_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] == 0:
@@ -479,5 +532,5 @@ def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
     if isinstance(config, tuple) or (config is None and x.device.type != "cuda"):
         cfg = config or INTERPRET_CONFIG
     else:
-        cfg = CONFIGS[config or _choose(x2, w, bias, x.dtype)]
-    return _launch(x2, w, bias, x.dtype, cfg).reshape(*lead, w.N)
+        cfg = CONFIGS[config or _choose(x2, w, bias, x.dtype, act is not None)]
+    return _launch(x2, w, bias, x.dtype, cfg, act is not None).reshape(*lead, w.N)
