@@ -48,6 +48,8 @@ def check(mod, device, dtype, B, H, n_kv, D, bs, lens, kv_mode, kv_bits, num_spl
                 num_splits=num_splits, block_n=block_n)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"{kv_mode}/{kv_bits} {dtype} splits={num_splits} seed={seed}: rel err {err:.2e}"
+    assert int(mod.arrival_counters(q.device, 1).abs().sum()) == 0, "split counters not re-armed to 0"
+    return out, (q, kc, vc, tables, lens_t, scale, kv_mode, kv_bits, params)
 
 
 @pytest.mark.parametrize("kv_mode,kv_bits", MODES)
@@ -99,3 +101,15 @@ def test_gpu_real_sizes(dtype, kv_mode, kv_bits, H, n_kv):
     for splits in (None, 1):
         check(compiled_attention, "cuda", dtype, B=len(lens), H=H, n_kv=n_kv, D=128, bs=16, lens=lens,
               kv_mode=kv_mode, kv_bits=kv_bits, num_splits=splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ok(), reason="needs CUDA")
+def test_gpu_split_merge_bit_identical_over_many_launches():
+    """The last split program merges in split order: every launch gives the same bits."""
+    first, (q, kc, vc, tables, lens, scale, mode, bits, params) = check(
+        compiled_attention, "cuda", torch.float16, B=4, H=32, n_kv=8, D=128, bs=64, lens=[4096, 100, 2048, 3000],
+        kv_mode="static", kv_bits=8, num_splits=None)
+    for _ in range(200):
+        out = compiled_attention._launch(q, kc, vc, tables, lens, scale, mode, bits, **params)
+        assert torch.equal(out, first)

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decoration
 
 import pipeline.kernels.w4a16 as w4  # noqa: E402
+from pipeline.kernels.dispatch import arrival_counters  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and type(w4._kernel).__name__ != "InterpretedFunction":
     w4 = importlib.reload(w4)  # imported earlier without the interpreter: re-decorate the kernels
@@ -179,7 +180,7 @@ def test_interpreter_fused_silu_mul_and_counters_rearmed(monkeypatch, poisoned, 
     y = w4.w4a16_linear(gate_up, w, config=INTERP_CONFIGS[cfg], act="silu_mul")
     assert y.shape == (2, M, N)
     assert rel_err(y, ref64(silu_mul_ref(gate_up), w)) < TOL[torch.float16]
-    assert int(w4._counters(torch.device("cpu"), 1).abs().sum()) == 0
+    assert int(arrival_counters(torch.device("cpu"), 1).abs().sum()) == 0
     with pytest.raises(ValueError, match="2 \\* weight K"):
         w4.w4a16_linear(gate_up[..., :K], w, act="silu_mul")
     with pytest.raises(ValueError, match="act='gelu'"):
@@ -198,7 +199,7 @@ def test_gpu_fused_silu_mul_every_decode_config(poisoned):
         for name in w4.candidates(M):
             err = rel_err(w4.w4a16_linear(gate_up, w, config=name, act="silu_mul"), ref)
             assert err < TOL[torch.float16], f"M={M} config {name}: rel err {err:.2e}"
-    assert int(w4._counters(torch.device("cuda", torch.cuda.current_device()), 1).abs().sum()) == 0
+    assert int(arrival_counters(torch.device("cuda", torch.cuda.current_device()), 1).abs().sum()) == 0
 
 
 @gpu

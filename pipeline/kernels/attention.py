@@ -19,7 +19,8 @@ Layouts (see kvcache.py for the quantization math):
 
 The kernel is split-K over the context (flash-decoding): grid (B * n_kv_heads, num_splits); each program
 serves the n_heads // n_kv_heads query heads of one KV head (KV read once per group), keeps an online
-softmax in fp32, and a second small kernel merges the splits by their log-sum-exp. Dequantization is
+softmax in fp32, and the last split program of each (sequence, KV head) to finish (an atomic arrival
+counter) merges the splits by their log-sum-exp: one launch. Dequantization is
 folded out of the inner loop: scores = k_scale * (q . k_codes) + k_zp * sum(q), and the V scale/zero
 point are applied to the accumulator (static) or to the probabilities (dynamic), so the loop only
 turns codes into fp16 (integer ops on the bits, no int->float converts; q is cast to fp16 for quantized
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import kvcache
-from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.dispatch import arrival_counters, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -62,12 +63,13 @@ def _dot_kq(q, k):
 
 
 @triton.jit
-def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
-            sm_scale, n_kv, part,
+def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
+            sm_scale, n_kv, part, n_splits,
             s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_sb, s_sh,
             s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_N: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr):
+            BLOCK_N: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
+            BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid // n_kv
@@ -159,6 +161,15 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
             tl.store(op_ptr + 1, o1, mask=gmask[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
         tl.store(LSE + b * s_lb + heads * s_lh + sid, lse, mask=gmask)
+        # the last split of this (sequence, KV head) to finish merges all of them (no second launch);
+        # barriers make the counter's release/acquire cover every thread's stores and loads
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            tl.debug_barrier()
+            _merge_splits(OP, LSE, O, b, heads, gmask, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+                          HEAD_DIM, BLOCK_S)
+            tl.atomic_xchg(CNT + pid, 0)  # re-armed for the next launch
     else:
         o_ptr = O + b * s_ob + heads[:, None] * s_oh + offs_d[None, :] * PACK
         tl.store(o_ptr, o0.to(O.dtype.element_ty), mask=gmask[:, None])
@@ -167,19 +178,24 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE,
 
 
 @triton.jit
-def _combine_kernel(OP, LSE, O, n_heads, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // n_heads
-    h = pid % n_heads
+def _merge_splits(OP, LSE, O, b, heads, gmask, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    # out[b, h] = sum_s 2^(lse_s - max) op_s / sum_s 2^(lse_s - max), for the (BLOCK_G,) query heads `heads`
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     smask = offs_s < n_splits
-    lse = tl.load(LSE + b * s_lb + h * s_lh + offs_s, mask=smask, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))  # empty splits have lse = -inf -> weight 0
-    op = tl.load(OP + b * s_pb + h * s_ph + offs_s[:, None] * s_ps + offs_d[None, :], mask=smask[:, None], other=0.0)
-    o = tl.sum(op * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(O + b * s_ob + h * s_oh + offs_d, o.to(O.dtype.element_ty))
+    lse = tl.load(LSE + b * s_lb + heads[:, None] * s_lh + offs_s[None, :], mask=gmask[:, None] & smask[None, :],
+                  other=float("-inf"), cache_modifier=".cg")  # (BLOCK_G, BLOCK_S)
+    mx = tl.maximum(tl.max(lse, 1), -1.0e30)  # empty splits have lse = -inf -> weight 0
+    den = tl.sum(tl.exp2(lse - mx[:, None]), 1)
+    o = tl.zeros([lse.shape[0], HEAD_DIM], tl.float32)
+    op_ptr = OP + b * s_pb + heads[:, None] * s_ph + offs_d[None, :]
+    for i in range(n_splits):
+        li = tl.load(LSE + b * s_lb + heads * s_lh + i, mask=gmask, other=float("-inf"), cache_modifier=".cg")
+        oi = tl.load(op_ptr + i * s_ps, mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+        o += oi * tl.exp2(li - mx)[:, None]
+    o = o / tl.maximum(den, 1e-30)[:, None]
+    tl.store(O + b * s_ob + heads[:, None] * s_oh + offs_d[None, :], o.to(O.dtype.element_ty), mask=gmask[:, None])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -257,22 +273,20 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         lse = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)
     else:
         op, lse = out, out[:, :, 0]  # unused placeholders
+    cnt = arrival_counters(q.device, B * n_kv) if split else context_lens
     dummy = context_lens
     ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     _kernel[(B * n_kv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, ks, kz, vs, vz, out, op, lse,
-        scale * LOG2E, n_kv, part,
+        q, k_cache, v_cache, block_tables, context_lens, ks, kz, vs, vz, out, op, lse, cnt,
+        scale * LOG2E, n_kv, part, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), s_sb, s_sh,
         out.stride(0), out.stride(1), op.stride(0), op.stride(1), op.stride(2) if split else 0,
         lse.stride(0), lse.stride(1),
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
-        MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split, num_warps=num_warps, num_stages=num_stages)
-    if split:
-        _combine_kernel[(B * H,)](op, lse, out, H, num_splits, op.stride(0), op.stride(1), op.stride(2),
-                                  lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-                                  HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+        MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split,
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps, num_stages=num_stages)
     return out
 
 

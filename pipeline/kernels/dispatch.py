@@ -73,3 +73,20 @@ def use_triton(t: torch.Tensor, kernel: str, min_capability: tuple[int, int] = (
         _reported.add(key)
         log.info("kernel %s on %s: %s", kernel, t.device, "triton" if choice else "pytorch reference")
     return choice
+
+
+_counters: dict[str, torch.Tensor] = {}
+MAX_COUNTERS = 1 << 16
+
+
+def arrival_counters(device, n: int) -> torch.Tensor:
+    """int32 counters for kernels whose last-arriving program finishes a split reduction (W4A16 split-K,
+    decode attention's split merge). Zero between launches: each finishing program re-arms its own.
+    One fixed table per device (never reallocated: CUDA graphs keep its address); launches on one stream
+    run one after another and share it; concurrent launches on two streams of a device are not supported."""
+    if n > MAX_COUNTERS:
+        raise ValueError(f"a launch needs {n} split counters, more than the table's {MAX_COUNTERS}")
+    key = str(device)
+    if key not in _counters:
+        _counters[key] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _counters[key]

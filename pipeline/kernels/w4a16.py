@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.dispatch import arrival_counters, use_triton
 from pipeline.kernels.norm import silu_mul
 
 GROUP_SIZES = (32, 64, 128)
@@ -414,7 +414,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     y = _alloc_out(M, N, out_dtype, x2.device)
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
-    cnt = _counters(x2.device, tiles) if split > 1 else y
+    cnt = arrival_counters(x2.device, tiles) if split > 1 else y
     if cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
@@ -428,23 +428,6 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
                                 HAS_BIAS=bias is not None, SLICED=bool(sliced), ACT=act, num_warps=warps,
                                 num_stages=stages)
     return y
-
-
-_cnt: dict[str, torch.Tensor] = {}
-MAX_TILES = 1 << 16
-
-
-def _counters(device, tiles: int) -> torch.Tensor:
-    """Per-device split-K arrival counters, zero between launches (each tile's last program re-arms its
-    own). Launches on one stream run one after another, so they share it; kernels of this file running
-    concurrently on two streams of one device are not supported."""
-    if tiles > MAX_TILES:
-        raise ValueError(f"{tiles} output tiles exceed the split-K counter table ({MAX_TILES}); use a larger "
-                         "BLOCK_N or BLOCK_M config")
-    key = str(device)
-    if key not in _cnt:
-        _cnt[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    return _cnt[key]
 
 
 def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
