@@ -140,6 +140,38 @@ def _nibbles_to_qz(nib, zc, DKIND: tl.constexpr):
 
 
 @triton.jit
+def _planes_f16(q, zc):
+    # q (P, BN) int32 of 8 nibbles, zc (P, BN) fp16 = 1024 + zero -> the 8 planes q_j - z, (P, BN) fp16 each.
+    # One lop3 ((x & 0x000f000f) | 0x64006400) makes nibbles j and j + 4 into the fp16 pair (1024 + q_j,
+    # 1024 + q_j+4) and one sub.f16x2 makes both exact q - z: about 11 instructions per 8 weights instead of
+    # a shift, mask, or, convert and subtract per weight. Inline PTX: GPU only (never the interpreter).
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, u, z2;
+        mov.b32 z2, {$9, $9};
+        lop3.b32 t, $8, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mov.b32 {$0, $4}, t;
+        shr.u32 u, $8, 4;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mov.b32 {$1, $5}, t;
+        shr.u32 u, $8, 8;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mov.b32 {$2, $6}, t;
+        shr.u32 u, $8, 12;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mov.b32 {$3, $7}, t;
+        }""",
+        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h",
+        args=[q, zc], dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
+                              tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=1)
+
+
+@triton.jit
 def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
@@ -178,7 +210,25 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, 
     g_hi = tl.minimum(g_lo + per_split, n_groups)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SLICED and P >= 16:
+    if SLICED == 2 and P >= 16:
+        # as SLICED == 1, with the 8 planes unpacked two nibbles per instruction (fp16 on a GPU only)
+        xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
+        for g in range(g_lo, g_hi):
+            q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zc = (tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0) + 1024.0).to(tl.float16)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _planes_f16(q, tl.broadcast_to(zc[None, :], (P, BLOCK_N)))
+            xg = xs_ptrs + g * GROUP
+            d = tl.dot(_load_x(xg, K, mask_m[:, None], ACT), w0)
+            d = tl.dot(_load_x(xg + P, K, mask_m[:, None], ACT), w1, d)
+            d = tl.dot(_load_x(xg + 2 * P, K, mask_m[:, None], ACT), w2, d)
+            d = tl.dot(_load_x(xg + 3 * P, K, mask_m[:, None], ACT), w3, d)
+            d = tl.dot(_load_x(xg + 4 * P, K, mask_m[:, None], ACT), w4, d)
+            d = tl.dot(_load_x(xg + 5 * P, K, mask_m[:, None], ACT), w5, d)
+            d = tl.dot(_load_x(xg + 6 * P, K, mask_m[:, None], ACT), w6, d)
+            d = tl.dot(_load_x(xg + 7 * P, K, mask_m[:, None], ACT), w7, d)
+            acc += s[None, :] * d
+    elif SLICED and P >= 16:
         # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape
         xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
         for g in range(g_lo, g_hi):
@@ -323,7 +373,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # name -> (BLOCK_M, BLOCK_N, split, num_warps, num_stages, sliced); split > 0: that many programs
 # along K; split < 0: split K until about -split programs per SM; sliced: 8 dots of K = g/8 per group
 # (g = 128 only) instead of one reshaped dot of K = g. ("fma", BLOCK_N, split, warps, stages): the
-# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS.
+# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS. sliced = 2 (`_px`):
+# the 8 slices unpacked by inline PTX two nibbles per instruction (fp16 on a GPU; elsewhere as sliced = 1).
 CONFIGS = {
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
@@ -337,6 +388,13 @@ CONFIGS = {
     "gemv_n128_c8_sl": (16, 128, -8, 4, 3, 1),
     "gemv_n256_c4_sl": (16, 256, -4, 8, 3, 1),
     "gemv_n64_k1": (16, 64, 1, 4, 4, 0),
+    "gemv_n32_c8_px": (16, 32, -8, 2, 4, 2),
+    "gemv_n64_c8_px": (16, 64, -8, 4, 4, 2),
+    "gemv_n64_c4_px": (16, 64, -4, 4, 4, 2),
+    "gemv_n128_c8_px": (16, 128, -8, 4, 3, 2),
+    "gemv_n64_c16_px": (16, 64, -16, 4, 4, 2),
+    "tile_m32_n64_c4_px": (32, 64, -4, 4, 4, 2),
+    "tile_m64_n64_c4_px": (64, 64, -4, 4, 3, 2),
     "tile_m32_n64_c4_sl": (32, 64, -4, 4, 4, 1),
     "tile_m64_n64_c4_sl": (64, 64, -4, 4, 3, 1),
     "tile_m64_n128_c2": (64, 128, -2, 4, 3, 0),
@@ -348,9 +406,11 @@ CONFIGS = {
     "dequant_cublas": None,
 }
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
-              "gemv_n32_c8_sl")
+              "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
+              "gemv_n64_c16_px")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2")  # tried too for M <= 4
-MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl",
+MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
+           "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
            "tile_m64_n128_c2", "tile_m64_n128_c2_sl")
 PREFILL_SET = ("tile_m64_n128_c2_sl", "tile_m128_n128_c1", "tile_m128_n128_c1_sl", "tile_m128_n256_c1_sl",
                "tile_m128_n64_c2_sl", "dequant_cublas")
@@ -409,6 +469,8 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         tiles = M * triton.cdiv(N, BN)
     else:
         BM, BN, split, warps, stages, sliced = cfg
+        if sliced == 2 and (x2.dtype != torch.float16 or x2.device.type != "cuda"):
+            sliced = 1  # the inline-PTX unpack: fp16 on a GPU only
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     y = _alloc_out(M, N, out_dtype, x2.device)
@@ -425,7 +487,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                                HAS_BIAS=bias is not None, SLICED=bool(sliced), ACT=act, num_warps=warps,
+                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, num_warps=warps,
                                 num_stages=stages)
     return y
 
