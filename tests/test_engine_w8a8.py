@@ -164,3 +164,47 @@ def test_cli_w8a8_turbomind_serve_and_engine_perplexity(cli, quant):
     got = float(torch.exp(torch.tensor(nll / data[:, 1:].numel())))
     want = st["evaluate"]["summary"]["ppl"]
     assert abs(got - want) / want < 0.005, (got, want)
+
+
+# bench/engine.py as the GPU image runs it: no hydra, omegaconf, datasets or gguf installed
+WITHOUT_HYDRA = """
+import runpy, sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hydra", "omegaconf", "datasets", "gguf"):
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the GPU image)", name=name)
+sys.meta_path.insert(0, Missing())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_bench_engine_dry_run_w8a8_rows_without_hydra(tmp_path):
+    """The w8a8 / w8a8_kv8 decode rows beside fp16 (CPU, tiny shapes); weight bytes as a decode step reads them."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    out = tmp_path / "engine.json"
+    p = subprocess.run([sys.executable, "-c", WITHOUT_HYDRA, str(REPO / "bench/engine.py"), "--dry-run",
+                        "--kinds", "w8,fp16", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["check"]) == {"fp16", "w8a8", "w8a8_kv8"} and r["check"]["w8a8"]["weight_type"] == "int8"
+    for name in ("w8a8", "w8a8_kv8"):   # vs an fp16 reference: the engine computes in fp32 on the CPU
+        got, total = map(int, r["check"][name]["argmax_agree"].split("/"))
+        assert got >= 0.9 * total, r["check"][name]
+    d = r["decode"]
+    assert list(d) == ["w8a8", "w8a8_kv8", "fp16"] and all(v["tokens_per_s"] > 0 for v in d.values())
+    from pipeline.models.llama import ModelArgs
+    a = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512, vocab_size=512)
+    nk = [(a.n_heads * a.head_dim, a.dim), (a.n_kv_heads * a.head_dim, a.dim), (a.n_kv_heads * a.head_dim, a.dim),
+          (a.dim, a.n_heads * a.head_dim), (a.hidden_dim, a.dim), (a.hidden_dim, a.dim), (a.dim, a.hidden_dim)]
+    # as resident on the CPU: dense weights in the runner's fp32 compute dtype (fp16 on a GPU), norms counted at 2
+    rest = a.n_layers * 2 * a.dim * 2 + a.vocab_size * a.dim * 4          # norms + lm_head
+    assert d["w8a8"]["weight_bytes"] == a.n_layers * sum(n * k + 2 * n for n, k in nk) + rest   # int8 + fp16 scales
+    assert d["fp16"]["weight_bytes"] == a.n_layers * sum(4 * n * k for n, k in nk) + rest
+    assert d["w8a8_kv8"]["kv_bytes_per_token"] * 4 == d["w8a8"]["kv_bytes_per_token"]    # int8 vs fp32 KV here
+    assert d["w8a8"]["weight_type"] == "int8" and "x_fp16" in d["w8a8"]
+    assert d["w8a8"]["roofline_tokens_per_s"] > d["fp16"]["roofline_tokens_per_s"]
+    assert "config" in p.stdout.splitlines()[-4] and p.stdout.splitlines()[-3].startswith("w8a8")
