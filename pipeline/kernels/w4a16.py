@@ -172,10 +172,62 @@ def _planes_f16(q, zc):
 
 
 @triton.jit
+def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, g_hi, N, K, offs_n, mask_n, mask_m, P: tl.constexpr,
+                GROUP: tl.constexpr, ACT: tl.constexpr):
+    # group g's packed weights (P, BN) int32, scale and zero (BN,) fp32 and its 8 activation slices (BM, P);
+    # nothing is read (zeros come back) when g >= g_hi
+    ok_n = mask_n & ((offs_n * 0 + g) < g_hi)  # (BN,)
+    q = tl.load(q_ptrs + g * P * N, mask=ok_n[None, :], other=0)
+    sc = tl.load(s_ptr + g * N + offs_n, mask=ok_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_n, mask=ok_n, other=0.0).to(tl.float32)
+    xm = mask_m[:, None] & ((mask_m[:, None] * 0 + g) < g_hi)  # (BM, 1)
+    xg = xs_ptrs + g * GROUP
+    return (q, sc, z, _load_x(xg, K, xm, ACT), _load_x(xg + P, K, xm, ACT), _load_x(xg + 2 * P, K, xm, ACT),
+            _load_x(xg + 3 * P, K, xm, ACT), _load_x(xg + 4 * P, K, xm, ACT), _load_x(xg + 5 * P, K, xm, ACT),
+            _load_x(xg + 6 * P, K, xm, ACT), _load_x(xg + 7 * P, K, xm, ACT))
+
+
+@triton.jit
+def _dot(a, b, acc, DKIND: tl.constexpr):
+    if DKIND == 0:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexpr, PX: tl.constexpr,
+               C: tl.constexpr):
+    # acc (BM, BN) += sc * sum_j x_j @ (plane_j - z): one group, 8 dots of K = P
+    if PX:  # fp16 on a GPU: inline-PTX unpack, two nibbles per instruction
+        zc = (z + 1024.0).to(tl.float16)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _planes_f16(q, tl.broadcast_to(zc[None, :], q.shape))
+    else:
+        zc = z[None, :] + C
+        w0 = _nibbles_to_qz(q & 0xF, zc, DKIND)
+        w1 = _nibbles_to_qz((q >> 4) & 0xF, zc, DKIND)
+        w2 = _nibbles_to_qz((q >> 8) & 0xF, zc, DKIND)
+        w3 = _nibbles_to_qz((q >> 12) & 0xF, zc, DKIND)
+        w4 = _nibbles_to_qz((q >> 16) & 0xF, zc, DKIND)
+        w5 = _nibbles_to_qz((q >> 20) & 0xF, zc, DKIND)
+        w6 = _nibbles_to_qz((q >> 24) & 0xF, zc, DKIND)
+        w7 = _nibbles_to_qz((q >> 28) & 0xF, zc, DKIND)
+    d = tl.zeros(acc.shape, dtype=tl.float32)
+    d = _dot(x0, w0, d, DKIND)
+    d = _dot(x1, w1, d, DKIND)
+    d = _dot(x2, w2, d, DKIND)
+    d = _dot(x3, w3, d, DKIND)
+    d = _dot(x4, w4, d, DKIND)
+    d = _dot(x5, w5, d, DKIND)
+    d = _dot(x6, w6, d, DKIND)
+    d = _dot(x7, w7, d, DKIND)
+    return acc + sc[None, :] * d
+
+
+@triton.jit
 def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
-            ACT: tl.constexpr):
+            ACT: tl.constexpr, PX: tl.constexpr):
     # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group.
     # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace and the
     # last one to finish its tile sums them in a fixed order (_finish_split: deterministic).
@@ -210,40 +262,24 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, 
     g_hi = tl.minimum(g_lo + per_split, n_groups)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SLICED == 2 and P >= 16:
-        # as SLICED == 1, with the 8 planes unpacked two nibbles per instruction (fp16 on a GPU only)
+    if SLICED and P >= 16:
+        # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape.
+        # SLICED == 2: the next group's weights and activations are loaded before this group's math
+        # (a register double buffer: two groups' loads in flight per program, whatever the pipeliner does).
         xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
-        for g in range(g_lo, g_hi):
-            q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zc = (tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0) + 1024.0).to(tl.float16)
-            w0, w1, w2, w3, w4, w5, w6, w7 = _planes_f16(q, tl.broadcast_to(zc[None, :], (P, BLOCK_N)))
-            xg = xs_ptrs + g * GROUP
-            d = tl.dot(_load_x(xg, K, mask_m[:, None], ACT), w0)
-            d = tl.dot(_load_x(xg + P, K, mask_m[:, None], ACT), w1, d)
-            d = tl.dot(_load_x(xg + 2 * P, K, mask_m[:, None], ACT), w2, d)
-            d = tl.dot(_load_x(xg + 3 * P, K, mask_m[:, None], ACT), w3, d)
-            d = tl.dot(_load_x(xg + 4 * P, K, mask_m[:, None], ACT), w4, d)
-            d = tl.dot(_load_x(xg + 5 * P, K, mask_m[:, None], ACT), w5, d)
-            d = tl.dot(_load_x(xg + 6 * P, K, mask_m[:, None], ACT), w6, d)
-            d = tl.dot(_load_x(xg + 7 * P, K, mask_m[:, None], ACT), w7, d)
-            acc += s[None, :] * d
-    elif SLICED and P >= 16:
-        # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape
-        xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
-        for g in range(g_lo, g_hi):
-            q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
-            d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = _load_x(xs_ptrs + g * GROUP + j * P, K, mask_m[:, None], ACT)
-                wj = _nibbles_to_qz((q >> (4 * j)) & 0xF, zc[None, :], DKIND)  # (P, BN)
-                if DKIND == 0:
-                    d = tl.dot(xj, wj, d, input_precision="ieee")
-                else:
-                    d = tl.dot(xj, wj, d)
-            acc += s[None, :] * d
+        if SLICED == 1:
+            for g in range(g_lo, g_hi):
+                q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = _load_group(
+                    q_ptrs, s_ptr, z_ptr, xs_ptrs, g, g_hi, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
+                acc = _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND, PX, C)
+        else:
+            q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = _load_group(
+                q_ptrs, s_ptr, z_ptr, xs_ptrs, g_lo, g_hi, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
+            for g in range(g_lo, g_hi):
+                qn, scn, zn, y0, y1, y2, y3, y4, y5, y6, y7 = _load_group(
+                    q_ptrs, s_ptr, z_ptr, xs_ptrs, g + 1, g_hi, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
+                acc = _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND, PX, C)
+                q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = qn, scn, zn, y0, y1, y2, y3, y4, y5, y6, y7
     else:
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         shifts = tl.arange(0, 8) * 4
@@ -370,51 +406,58 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 
 
 # ------------------------------------------------------------------------------- configs and tuner
-# name -> (BLOCK_M, BLOCK_N, split, num_warps, num_stages, sliced); split > 0: that many programs
-# along K; split < 0: split K until about -split programs per SM; sliced: 8 dots of K = g/8 per group
+# name -> (BLOCK_M, BLOCK_N, split, num_warps, num_stages, sliced, px); split > 0: that many programs
+# along K; split < 0: split K until about -split programs per SM; sliced 1: 8 dots of K = g/8 per group
 # (g = 128 only) instead of one reshaped dot of K = g. ("fma", BLOCK_N, split, warps, stages): the
-# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS. sliced = 2 (`_px`):
-# the 8 slices unpacked by inline PTX two nibbles per instruction (fp16 on a GPU; elsewhere as sliced = 1).
+# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS. sliced 2 (`_pf`): as 1,
+# with the next group's loads issued before this group's math. px (`_px`, `_pf`): the 8 slices unpacked by
+# inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
 CONFIGS = {
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
     "fma_n256_c2": ("fma", 256, -2, 8, 3),
-    "gemv_n64_c8_sl": (16, 64, -8, 4, 4, 1),
-    "gemv_n32_c8_sl": (16, 32, -8, 2, 4, 1),
-    "gemv_n64_c4": (16, 64, -4, 4, 4, 0),
-    "gemv_n64_c8": (16, 64, -8, 4, 3, 0),
-    "gemv_n128_c4": (16, 128, -4, 4, 4, 0),
-    "gemv_n64_c4_sl": (16, 64, -4, 4, 4, 1),
-    "gemv_n128_c8_sl": (16, 128, -8, 4, 3, 1),
-    "gemv_n256_c4_sl": (16, 256, -4, 8, 3, 1),
-    "gemv_n64_k1": (16, 64, 1, 4, 4, 0),
-    "gemv_n32_c8_px": (16, 32, -8, 2, 4, 2),
-    "gemv_n64_c8_px": (16, 64, -8, 4, 4, 2),
-    "gemv_n64_c4_px": (16, 64, -4, 4, 4, 2),
-    "gemv_n128_c8_px": (16, 128, -8, 4, 3, 2),
-    "gemv_n64_c16_px": (16, 64, -16, 4, 4, 2),
-    "tile_m32_n64_c4_px": (32, 64, -4, 4, 4, 2),
-    "tile_m64_n64_c4_px": (64, 64, -4, 4, 3, 2),
-    "tile_m32_n64_c4_sl": (32, 64, -4, 4, 4, 1),
-    "tile_m64_n64_c4_sl": (64, 64, -4, 4, 3, 1),
-    "tile_m64_n128_c2": (64, 128, -2, 4, 3, 0),
-    "tile_m64_n128_c2_sl": (64, 128, -2, 4, 3, 1),
-    "tile_m128_n128_c1": (128, 128, -1, 8, 3, 0),
-    "tile_m128_n128_c1_sl": (128, 128, -1, 8, 3, 1),
-    "tile_m128_n256_c1_sl": (128, 256, -1, 8, 3, 1),
-    "tile_m128_n64_c2_sl": (128, 64, -2, 4, 4, 1),
+    "gemv_n64_c8_sl": (16, 64, -8, 4, 4, 1, 0),
+    "gemv_n32_c8_sl": (16, 32, -8, 2, 4, 1, 0),
+    "gemv_n64_c4": (16, 64, -4, 4, 4, 0, 0),
+    "gemv_n64_c8": (16, 64, -8, 4, 3, 0, 0),
+    "gemv_n128_c4": (16, 128, -4, 4, 4, 0, 0),
+    "gemv_n64_c4_sl": (16, 64, -4, 4, 4, 1, 0),
+    "gemv_n128_c8_sl": (16, 128, -8, 4, 3, 1, 0),
+    "gemv_n256_c4_sl": (16, 256, -4, 8, 3, 1, 0),
+    "gemv_n64_k1": (16, 64, 1, 4, 4, 0, 0),
+    "gemv_n32_c8_px": (16, 32, -8, 2, 4, 1, 1),
+    "gemv_n64_c8_px": (16, 64, -8, 4, 4, 1, 1),
+    "gemv_n64_c4_px": (16, 64, -4, 4, 4, 1, 1),
+    "gemv_n128_c8_px": (16, 128, -8, 4, 3, 1, 1),
+    "gemv_n64_c16_px": (16, 64, -16, 4, 4, 1, 1),
+    "tile_m32_n64_c4_px": (32, 64, -4, 4, 4, 1, 1),
+    "tile_m64_n64_c4_px": (64, 64, -4, 4, 3, 1, 1),
+    "gemv_n64_c4_pf": (16, 64, -4, 4, 1, 2, 1),
+    "gemv_n64_c2_pf": (16, 64, -2, 4, 1, 2, 1),
+    "gemv_n32_c8_pf": (16, 32, -8, 2, 1, 2, 1),
+    "gemv_n128_c4_pf": (16, 128, -4, 4, 1, 2, 1),
+    "gemv_n64_c4_pf_s3": (16, 64, -4, 4, 3, 2, 1),
+    "tile_m32_n64_c4_sl": (32, 64, -4, 4, 4, 1, 0),
+    "tile_m64_n64_c4_sl": (64, 64, -4, 4, 3, 1, 0),
+    "tile_m64_n128_c2": (64, 128, -2, 4, 3, 0, 0),
+    "tile_m64_n128_c2_sl": (64, 128, -2, 4, 3, 1, 0),
+    "tile_m128_n128_c1": (128, 128, -1, 8, 3, 0, 0),
+    "tile_m128_n128_c1_sl": (128, 128, -1, 8, 3, 1, 0),
+    "tile_m128_n256_c1_sl": (128, 256, -1, 8, 3, 1, 0),
+    "tile_m128_n64_c2_sl": (128, 64, -2, 4, 4, 1, 0),
     "dequant_cublas": None,
 }
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
-              "gemv_n64_c16_px")
+              "gemv_n64_c16_px", "gemv_n64_c4_pf", "gemv_n64_c2_pf", "gemv_n32_c8_pf", "gemv_n128_c4_pf",
+              "gemv_n64_c4_pf_s3")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2")  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
            "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
            "tile_m64_n128_c2", "tile_m64_n128_c2_sl")
 PREFILL_SET = ("tile_m64_n128_c2_sl", "tile_m128_n128_c1", "tile_m128_n128_c1_sl", "tile_m128_n256_c1_sl",
                "tile_m128_n64_c2_sl", "dequant_cublas")
-INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0)
+INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
 _tuned: dict[tuple, str] = {}  # tuning key -> config name
 _tune_times: dict[tuple, dict[str, float]] = {}  # tuning key -> {config: ms}
 _tune_errors: dict[str, str] = {}  # config -> last error while tuning
@@ -468,9 +511,8 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * triton.cdiv(N, BN)
     else:
-        BM, BN, split, warps, stages, sliced = cfg
-        if sliced == 2 and (x2.dtype != torch.float16 or x2.device.type != "cuda"):
-            sliced = 1  # the inline-PTX unpack: fp16 on a GPU only
+        BM, BN, split, warps, stages, sliced, px = cfg
+        px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: fp16 on a GPU only
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     y = _alloc_out(M, N, out_dtype, x2.device)
@@ -487,7 +529,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         _kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, num_warps=warps,
+                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), num_warps=warps,
                                 num_stages=stages)
     return y
 
