@@ -54,6 +54,8 @@ class QuantConfig:
     num_tp: int = 1                   # tensor-parallel split of the KV qparams
     a_bits: Optional[int] = None      # None: 16-bit activations; 8: W8A8 (SmoothQuant, int8 per-token dynamic)
     smooth_alpha: float = 0.5         # SmoothQuant migration strength; 0 = no smoothing (s = 1)
+    smooth_search: bool = False       # search alpha per layer and group on the W8A8 block output error
+    smooth_grid: List[float] = field(default_factory=lambda: [i / 10 for i in range(11)])  # alphas tried
     calib: CalibConfig = field(default_factory=CalibConfig)
     extra: Dict[str, Any] = field(default_factory=dict)  # method-specific settings
 

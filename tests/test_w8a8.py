@@ -10,7 +10,7 @@ from safetensors import safe_open
 from pipeline.models.llama import Block, ModelArgs, rope_cos_sin
 from pipeline.quant import awq
 from pipeline.quant.w8 import W8A8Linear, hf_name, quantize_w8
-from pipeline.stages.smooth import group_shared, layer_scales, smooth_scale
+from pipeline.quant.smooth import group_shared, layer_scales, smooth_scale
 
 from test_quant_stages import TINY, statuses
 
