@@ -172,15 +172,13 @@ def _planes_f16(q, zc):
 
 
 @triton.jit
-def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, g_hi, N, K, offs_n, mask_n, mask_m, P: tl.constexpr,
+def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, P: tl.constexpr,
                 GROUP: tl.constexpr, ACT: tl.constexpr):
-    # group g's packed weights (P, BN) int32, scale and zero (BN,) fp32 and its 8 activation slices (BM, P);
-    # nothing is read (zeros come back) when g >= g_hi
-    ok_n = mask_n & ((offs_n * 0 + g) < g_hi)  # (BN,)
-    q = tl.load(q_ptrs + g * P * N, mask=ok_n[None, :], other=0)
-    sc = tl.load(s_ptr + g * N + offs_n, mask=ok_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * N + offs_n, mask=ok_n, other=0.0).to(tl.float32)
-    xm = mask_m[:, None] & ((mask_m[:, None] * 0 + g) < g_hi)  # (BM, 1)
+    # group g's packed weights (P, BN) int32, scale and zero (BN,) fp32 and its 8 activation slices (BM, P)
+    q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)
+    sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    xm = mask_m[:, None]
     xg = xs_ptrs + g * GROUP
     return (q, sc, z, _load_x(xg, K, xm, ACT), _load_x(xg + P, K, xm, ACT), _load_x(xg + 2 * P, K, xm, ACT),
             _load_x(xg + 3 * P, K, xm, ACT), _load_x(xg + 4 * P, K, xm, ACT), _load_x(xg + 5 * P, K, xm, ACT),
@@ -263,23 +261,12 @@ def _kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, 
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SLICED and P >= 16:
-        # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape.
-        # SLICED == 2: the next group's weights and activations are loaded before this group's math
-        # (a register double buffer: two groups' loads in flight per program, whatever the pipeliner does).
+        # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape
         xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
-        if SLICED == 1:
-            for g in range(g_lo, g_hi):
-                q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = _load_group(
-                    q_ptrs, s_ptr, z_ptr, xs_ptrs, g, g_hi, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
-                acc = _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND, PX, C)
-        else:
+        for g in range(g_lo, g_hi):
             q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = _load_group(
-                q_ptrs, s_ptr, z_ptr, xs_ptrs, g_lo, g_hi, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
-            for g in range(g_lo, g_hi):
-                qn, scn, zn, y0, y1, y2, y3, y4, y5, y6, y7 = _load_group(
-                    q_ptrs, s_ptr, z_ptr, xs_ptrs, g + 1, g_hi, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
-                acc = _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND, PX, C)
-                q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = qn, scn, zn, y0, y1, y2, y3, y4, y5, y6, y7
+                q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
+            acc = _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND, PX, C)
     else:
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         shifts = tl.arange(0, 8) * 4
@@ -409,9 +396,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # name -> (BLOCK_M, BLOCK_N, split, num_warps, num_stages, sliced, px); split > 0: that many programs
 # along K; split < 0: split K until about -split programs per SM; sliced 1: 8 dots of K = g/8 per group
 # (g = 128 only) instead of one reshaped dot of K = g. ("fma", BLOCK_N, split, warps, stages): the
-# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS. sliced 2 (`_pf`): as 1,
-# with the next group's loads issued before this group's math. px (`_px`, `_pf`): the 8 slices unpacked by
-# inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
+# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS. px (`_px`): the 8 slices
+# unpacked by inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
 CONFIGS = {
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
@@ -432,11 +418,6 @@ CONFIGS = {
     "gemv_n64_c16_px": (16, 64, -16, 4, 4, 1, 1),
     "tile_m32_n64_c4_px": (32, 64, -4, 4, 4, 1, 1),
     "tile_m64_n64_c4_px": (64, 64, -4, 4, 3, 1, 1),
-    "gemv_n64_c4_pf": (16, 64, -4, 4, 1, 2, 1),
-    "gemv_n64_c2_pf": (16, 64, -2, 4, 1, 2, 1),
-    "gemv_n32_c8_pf": (16, 32, -8, 2, 1, 2, 1),
-    "gemv_n128_c4_pf": (16, 128, -4, 4, 1, 2, 1),
-    "gemv_n64_c4_pf_s3": (16, 64, -4, 4, 3, 2, 1),
     "tile_m32_n64_c4_sl": (32, 64, -4, 4, 4, 1, 0),
     "tile_m64_n64_c4_sl": (64, 64, -4, 4, 3, 1, 0),
     "tile_m64_n128_c2": (64, 128, -2, 4, 3, 0, 0),
@@ -449,8 +430,7 @@ CONFIGS = {
 }
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
-              "gemv_n64_c16_px", "gemv_n64_c4_pf", "gemv_n64_c2_pf", "gemv_n32_c8_pf", "gemv_n128_c4_pf",
-              "gemv_n64_c4_pf_s3")
+              "gemv_n64_c16_px")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2")  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
            "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
