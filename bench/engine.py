@@ -297,7 +297,9 @@ def profile(eng, name: str, steps: int = 20):
             cfg, times = int8_tuning_record(torch.zeros(1, w.qweight.shape[1], dtype=torch.int8, device="cuda"),
                                             w.qweight)
         elif hasattr(w, "qweight"):
-            cfg, times = tuning_record(torch.zeros(1, w.K, dtype=torch.float16, device="cuda"), w)
+            act = "silu_mul" if n == "w2" else None  # the down projection runs with SwiGLU fused
+            cfg, times = tuning_record(torch.zeros(1, w.K * (2 if act else 1), dtype=torch.float16, device="cuda"), w,
+                                       act=act)
         else:
             continue
         tuned[n] = {"chosen": str(cfg), "ms": {str(k): round(v, 4) for k, v in (times or {}).items()}}

@@ -167,8 +167,8 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
         arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
         if arrived == n_splits - 1:
             tl.debug_barrier()
-            _merge_splits(OP, LSE, O, b, heads, gmask, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-                          HEAD_DIM, BLOCK_S)
+            _merge_splits(OP, LSE, O, b, kvh, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+                          G, HEAD_DIM, BLOCK_S)
             tl.atomic_xchg(CNT + pid, 0)  # re-armed for the next launch
     else:
         o_ptr = O + b * s_ob + heads[:, None] * s_oh + offs_d[None, :] * PACK
@@ -178,24 +178,21 @@ def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
 
 
 @triton.jit
-def _merge_splits(OP, LSE, O, b, heads, gmask, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    # out[b, h] = sum_s 2^(lse_s - max) op_s / sum_s 2^(lse_s - max), for the (BLOCK_G,) query heads `heads`
+def _merge_splits(OP, LSE, O, b, kvh, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
+                  G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    # out[b, h] = sum_s 2^(lse_s - max) op_s / sum_s 2^(lse_s - max) for the G query heads of KV head kvh;
+    # every split of a head is read in one (BLOCK_S, HEAD_DIM) load
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     smask = offs_s < n_splits
-    lse = tl.load(LSE + b * s_lb + heads[:, None] * s_lh + offs_s[None, :], mask=gmask[:, None] & smask[None, :],
-                  other=float("-inf"), cache_modifier=".cg")  # (BLOCK_G, BLOCK_S)
-    mx = tl.maximum(tl.max(lse, 1), -1.0e30)  # empty splits have lse = -inf -> weight 0
-    den = tl.sum(tl.exp2(lse - mx[:, None]), 1)
-    o = tl.zeros([lse.shape[0], HEAD_DIM], tl.float32)
-    op_ptr = OP + b * s_pb + heads[:, None] * s_ph + offs_d[None, :]
-    for i in range(n_splits):
-        li = tl.load(LSE + b * s_lb + heads * s_lh + i, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-        oi = tl.load(op_ptr + i * s_ps, mask=gmask[:, None], other=0.0, cache_modifier=".cg")
-        o += oi * tl.exp2(li - mx)[:, None]
-    o = o / tl.maximum(den, 1e-30)[:, None]
-    tl.store(O + b * s_ob + heads[:, None] * s_oh + offs_d[None, :], o.to(O.dtype.element_ty), mask=gmask[:, None])
+    for gi in tl.static_range(G):
+        h = kvh * G + gi
+        lse = tl.load(LSE + b * s_lb + h * s_lh + offs_s, mask=smask, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(lse - tl.max(lse, 0))  # empty splits have lse = -inf -> weight 0
+        op = tl.load(OP + b * s_pb + h * s_ph + offs_s[:, None] * s_ps + offs_d[None, :], mask=smask[:, None],
+                     other=0.0, cache_modifier=".cg")
+        o = tl.sum(op * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(O + b * s_ob + h * s_oh + offs_d, o.to(O.dtype.element_ty))
 
 
 def _num_sms(device: torch.device) -> int:

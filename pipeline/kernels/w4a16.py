@@ -364,9 +364,11 @@ def _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr, b_ptr, y_ptr
     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if arrived == split_k - 1:
         tl.debug_barrier()
-        tot = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        for i in range(1, split_k):
-            tot += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tot = tl.zeros(acc.shape, dtype=tl.float32)
+        for i0 in range(0, split_k, 4):  # 4 independent loads per round trip, summed in split order
+            for j in tl.static_range(4):
+                live = mask & ((offs * 0 + i0 + j) < split_k)
+                tot += tl.load(ws_ptr + (i0 + j) * MN + offs, mask=live, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             tot += b[None, :]
