@@ -90,8 +90,8 @@ def test_p40_never_calls_triton(monkeypatch, caplog):
         raise AssertionError("the Triton int8 kernel must not run on sm_61")
 
     monkeypatch.setattr(compiled_g, "_launch", boom)
-    monkeypatch.setattr(compiled_g, "_kernel", boom)
-    monkeypatch.setattr(compiled_g, "_kernel_tma", boom)
+    monkeypatch.setattr(compiled_g, "_int8_mm_kernel", boom)
+    monkeypatch.setattr(compiled_g, "_int8_mm_tma_kernel", boom)
     monkeypatch.setattr(compiled_g, "_reported", set())
     device = "cuda" if cuda_ok() else "cpu"
     xq, xs, wq, ws, b = make(33, 64, 128, device=device)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import pipeline.kernels.w4a16 as w4  # noqa: E402
 from pipeline.kernels.dispatch import arrival_counters  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1" and type(w4._kernel).__name__ != "InterpretedFunction":
+if os.environ.get("TRITON_INTERPRET") == "1" and type(w4._w4a16_kernel).__name__ != "InterpretedFunction":
     w4 = importlib.reload(w4)  # imported earlier without the interpreter: re-decorate the kernels
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

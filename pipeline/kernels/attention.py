@@ -63,7 +63,7 @@ def _dot_kq(q, k):
 
 
 @triton.jit
-def _kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
+def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             sm_scale, n_kv, part, n_splits,
             s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_sb, s_sh,
             s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
@@ -274,7 +274,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     dummy = context_lens
     ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
-    _kernel[(B * n_kv, num_splits)](
+    _attn_decode_kernel[(B * n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, ks, kz, vs, vz, out, op, lse, cnt,
         scale * LOG2E, n_kv, part, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -8,7 +8,7 @@ Usage:
     # y[m, n] = xs[m] * ws[n] * sum_k xq[m, k] * wq[n, k]  (+ bias[n])   -> (M, N) fp16/bf16
 
 Paths, chosen automatically per device (reported once per device in the log):
-    triton    sm_80+ (and the interpreter): `_kernel`, pointer loads, or `_kernel_tma` (sm_90, host
+    triton    sm_80+ (and the interpreter): `_int8_mm_kernel`, pointer loads, or `_int8_mm_tma_kernel` (sm_90, host
               tensor descriptors) when the tuner measures it faster. int32 accumulation is exact; the
               epilogue multiplies by xs[m] * ws[n] in fp32, adds the bias, rounds once to out_dtype.
     int_mm    other CUDA GPUs (e.g. sm_61 P40, where Triton's int8 dot does not compile):
@@ -96,7 +96,7 @@ def _store_epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_ym, offs_m, 
 
 
 @triton.jit(do_not_specialize=["M"])  # M == 1 as a constant was measured slower (and recompiles per M)
-def _kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+def _int8_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
             EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # x (M, K) int8 row-major, w (N, K) int8 row-major (both K-major: what int8 MMA wants)
@@ -124,7 +124,7 @@ def _kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stri
 
 
 @triton.jit(do_not_specialize=["M"])
-def _kernel_tma(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_ym,
+def _int8_mm_tma_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_ym,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
     # same math; tiles come through the bulk tensor copy engine (out-of-range elements read as 0)
@@ -142,7 +142,7 @@ def _kernel_tma(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_ym
 
 
 # ------------------------------------------------------------------------------- configs and tuner
-# name -> (kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); kind "ptr" = _kernel, "tma" = _kernel_tma
+# name -> (kind, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); kind "ptr" = _int8_mm_kernel, "tma" = _int8_mm_tma_kernel
 CONFIGS = {
     "gemv_n16_k256": ("ptr", 16, 16, 256, 4, 4),
     "gemv_n32_k256": ("ptr", 16, 32, 256, 4, 4),
@@ -207,10 +207,10 @@ def _launch(xq, xs, wq, ws, bias, out_dtype, cfg) -> torch.Tensor:
         from triton.tools.tensor_descriptor import TensorDescriptor
         xd = TensorDescriptor.from_tensor(xq, [BM, BK])
         wd = TensorDescriptor.from_tensor(wq, [BN, BK])
-        _kernel_tma[grid](xd, wd, xs, ws, b, y, M, N, K, y.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        _int8_mm_tma_kernel[grid](xd, wd, xs, ws, b, y, M, N, K, y.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                           GROUP_M=8, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
     else:
-        _kernel[grid](xq, wq, xs, ws, b, y, M, N, K, xq.stride(0), wq.stride(0), y.stride(0),
+        _int8_mm_kernel[grid](xq, wq, xs, ws, b, y, M, N, K, xq.stride(0), wq.stride(0), y.stride(0),
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, EVEN_K=K % BK == 0,
                       HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
     return y

@@ -42,7 +42,7 @@ def _rmsnorm_row(hf, W, cols, m, n_cols, eps, dtype: tl.constexpr):
 
 
 @triton.jit
-def _kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+def _rmsnorm_kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -95,7 +95,7 @@ def _launch_rms_norm(x, weight, eps, residual=None, out=None, residual_out=None)
     else:
         r2 = h2 = x2
     if x2.shape[0]:
-        _kernel[(x2.shape[0],)](x2, r2, weight, y2, h2, N, eps, x2.stride(0), r2.stride(0), y2.stride(0),
+        _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y2, h2, N, eps, x2.stride(0), r2.stride(0), y2.stride(0),
                                 h2.stride(0), BLOCK=BLOCK, HAS_RES=residual is not None,
                                 num_warps=min(16, max(1, BLOCK // 512)))
     return out if residual is None else (out, residual_out)

@@ -41,7 +41,7 @@ def rms_norm_quant_ref(x, weight, eps, residual=None):
 
 # ----------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _kernel(X, R, W, Q, S, H, n_cols, eps, s_x, s_r, s_q, s_h, BLOCK: tl.constexpr,
+def _rmsnorm_quant_kernel(X, R, W, Q, S, H, n_cols, eps, s_x, s_r, s_q, s_h, BLOCK: tl.constexpr,
             NORM: tl.constexpr, HAS_RES: tl.constexpr):
     # one row per program: [h = x + r] -> [y = rmsnorm(h) * w] -> q = round(y / s), s = max|y| / 127
     row = tl.program_id(0).to(tl.int64)
@@ -83,7 +83,7 @@ def _launch(x, weight=None, eps=0.0, residual=None):
     r2 = _rows(residual, "residual", N) if residual is not None else x2
     h2 = h.view(-1, N) if h is not None else x2
     if x2.shape[0]:
-        _kernel[(x2.shape[0],)](x2, r2, weight if weight is not None else x2, q2, s, h2, N, eps,
+        _rmsnorm_quant_kernel[(x2.shape[0],)](x2, r2, weight if weight is not None else x2, q2, s, h2, N, eps,
                                 x2.stride(0), r2.stride(0), q2.stride(0), h2.stride(0), BLOCK=BLOCK,
                                 NORM=weight is not None, HAS_RES=residual is not None,
                                 num_warps=min(16, max(1, BLOCK // 512)))

@@ -103,7 +103,7 @@ def _write_kv(cbase, SC, ZC, side, rmask, hmask, heads, j, a0, a1, b0, b1,
 
 
 @triton.jit
-def _kernel(Q, K, V, POS, COS, SIN, KC, VC, SLOT, KS, KZ, VS, VZ, QO, KO,
+def _rope_kv_kernel(Q, K, V, POS, COS, SIN, KC, VC, SLOT, KS, KZ, VS, VZ, QO, KO,
             s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos,
             s_cb, s_ch, s_ct, s_sb, s_sh, s_qot, s_qoh, s_kot, s_koh,
             H: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
@@ -198,7 +198,7 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     if T == 0:
         return (q_out, k_out) if return_k else q_out
-    _kernel[(T,)](
+    _rope_kv_kernel[(T,)](
         q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, ks, kz, vs, vz, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), s_sb, s_sh,
