@@ -186,3 +186,18 @@ def test_persistent_batching_streaming_threads_and_async(tiny):
         assert asyncio.run(consume()) == want
     finally:
         eng.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_warmup_captures_every_bucket_and_no_request_tunes(tiny):
+    """On a GPU the engine tunes every prefill GEMM size and captures every decode bucket at start, so a
+    burst of requests of new sizes triggers no compile / tuning (which would stall every running stream)."""
+    import pipeline.kernels.w4a16 as w4
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", {"session_len": 256, "max_batch_size": 6,
+                                                              "max_prefill_tokens": 64})
+    assert set(eng.graphs.graphs) == set(eng.graphs.buckets) == {1, 2, 4, 6}
+    tuned = dict(w4._tuned)
+    out = eng.generate(PROMPTS + [list(range(3, 60))], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert all(len(o) == 8 for o in out)
+    assert w4._tuned == tuned, f"tuned during requests: {set(w4._tuned) - set(tuned)}"

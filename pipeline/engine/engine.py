@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
-            "tp": int, "tp_timeout": float}
+            "tp": int, "tp_timeout": float, "warmup": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -79,6 +80,21 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._gen = torch.Generator().manual_seed(0)
+        if dev.type == "cuda" and s.get("warmup", True):
+            self.warmup()
+
+    def warmup(self) -> None:
+        """Compile and tune every GEMM shape a prefill chunk can hit and capture every decode graph bucket now,
+        so that no request pays for it (the first batch of 32 would otherwise wait for ~20 Triton compiles)."""
+        t0 = time.perf_counter()
+        sizes = [1 << i for i in range(max(1, self.max_prefill_tokens).bit_length())]
+        if self.max_prefill_tokens not in sizes:
+            sizes.append(self.max_prefill_tokens)
+        if hasattr(self.runner, "warmup_gemms"):
+            self.runner.warmup_gemms(sizes)
+        n_graphs = self.graphs.capture_all() if self.graphs is not None else 0
+        log.info("warm-up: GEMMs tuned for %d prefill sizes, %d decode graphs captured in %.1f s",
+                 len(sizes), n_graphs, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ construction
     @classmethod

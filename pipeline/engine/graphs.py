@@ -53,6 +53,16 @@ class DecodeGraphs:
         self.graphs[b].replay()
         return self.outputs[b][:n]
 
+    def capture_all(self) -> int:
+        """Capture every bucket now (padding rows only: nothing is written to the KV cache). Returns the count."""
+        self.slots.fill_(-1)
+        self.context_lens.fill_(1)
+        self.block_tables.zero_()
+        for b in self.buckets:
+            if b not in self.graphs:
+                self._capture(b)
+        return len(self.graphs)
+
     def _capture(self, b: int) -> None:
         args = self._inputs(b)
         s = torch.cuda.Stream()

@@ -143,6 +143,19 @@ class ModelRunner:
         return cls(args, layers, embed, canon["norm.weight"].to(dtype), lm_head, device, dtype, kv_bits, mode,
                    session_len)
 
+    @torch.no_grad()
+    def warmup_gemms(self, sizes: list[int]) -> None:
+        """Run layer 0's linears at these row counts: their kernels compile and the GEMM tuners (keyed by
+        shape, so layer 0 speaks for every layer) choose, before any request is timed."""
+        a, L = self.args, self.layers[0]
+        for T in sizes:
+            h = torch.zeros(T, a.dim, device=self.device, dtype=self.dtype)
+            linear(h, L.w_qkv, L.b_qkv)
+            linear(torch.zeros(T, a.n_heads * a.head_dim, device=self.device, dtype=self.dtype), L.wo, L.b_o)
+            swiglu_down(linear(h, L.w13), L.w2)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ------------------------------------------------------------------ KV cache
     def block_bytes(self, block_size: int) -> int:
         a = self.args
