@@ -266,7 +266,7 @@ def profile(eng, name: str, steps: int = 20):
     """GPU time of one graph-replayed decode step (batch 1, context ~512) by kernel, vs the step's wall time."""
     from torch.profiler import ProfilerActivity, profile as tprofile
     g = eng.graphs
-    b = g.bucket(1)
+    b = (g.bucket(1), g.ctx_bucket(512))
     g.context_lens[:1].fill_(512)
     g.positions[:1].fill_(511)
     torch.cuda.synchronize()

@@ -196,8 +196,23 @@ def test_gpu_warmup_captures_every_bucket_and_no_request_tunes(tiny):
     import pipeline.kernels.w4a16 as w4
     eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", {"session_len": 256, "max_batch_size": 6,
                                                               "max_prefill_tokens": 64})
-    assert set(eng.graphs.graphs) == set(eng.graphs.buckets) == {1, 2, 4, 6}
+    g = eng.graphs
+    assert set(g.buckets) == {1, 2, 4, 6} and g.ctx_buckets[-1] == 256
+    assert set(g.graphs) == {(b, c) for b in g.buckets for c in g.ctx_buckets}
     tuned = dict(w4._tuned)
     out = eng.generate(PROMPTS + [list(range(3, 60))], SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert all(len(o) == 8 for o in out)
     assert w4._tuned == tuned, f"tuned during requests: {set(w4._tuned) - set(tuned)}"
+
+
+def test_context_buckets_cover_capacity():
+    """Decode graphs are keyed by a context bucket: powers of two from 256, capped at the block tables' capacity,
+    and a context past the capacity is refused by name."""
+    from types import SimpleNamespace
+    from pipeline.engine.graphs import DecodeGraphs
+    runner = SimpleNamespace(device=torch.device("cpu"), block_size=64)
+    g = DecodeGraphs(runner, max_batch_size=4, max_blocks=47)          # capacity 3008 tokens
+    assert g.ctx_buckets == [256, 512, 1024, 2048, 3008]
+    assert [g.ctx_bucket(n) for n in (1, 256, 257, 3000, None)] == [256, 256, 512, 3008, 3008]
+    with pytest.raises(ValueError, match="context 3009 exceeds"):
+        g.ctx_bucket(3009)

@@ -37,7 +37,7 @@ def codes(c, kv_bits):
     return (kvcache.unpack_int4(c) if kv_bits == 4 else c).int()
 
 
-def check(mod, device, dtype, T, H, n_kv, D, bs, num_blocks, kv_mode, kv_bits):
+def check(mod, device, dtype, T, H, n_kv, D, bs, num_blocks, kv_mode, kv_bits, chunks=None):
     seed = fresh_seed()
     cos, sin = rope_tables(4 * T + 50, D, device)
     q = torch.randn(T, H, D, device=device).to(dtype)
@@ -53,7 +53,7 @@ def check(mod, device, dtype, T, H, n_kv, D, bs, num_blocks, kv_mode, kv_bits):
     q_out = torch.full_like(q, float("nan"))
     k_out = torch.full_like(k, float("nan"))
     mod._launch(q, k, v, positions, cos, sin, k2, v2, slots, kv_mode, kv_bits, **p2, return_k=True,
-                q_out=q_out, k_out=k_out)
+                q_out=q_out, k_out=k_out, chunks=chunks)
     tol = 1e-3 if dtype == torch.float16 else 8e-3
     msg = f"{kv_mode}/{kv_bits} {dtype} seed={seed}"
     assert rel_err(q_out, q_ref) < tol, msg
@@ -71,9 +71,11 @@ def check(mod, device, dtype, T, H, n_kv, D, bs, num_blocks, kv_mode, kv_bits):
 
 
 @pytest.mark.parametrize("kv_mode,kv_bits", MODES)
-def test_interpreter(kv_mode, kv_bits, monkeypatch):
+@pytest.mark.parametrize("chunks", [None, 1, 2])  # default (one KV head per program here), all heads, uneven split
+def test_interpreter(kv_mode, kv_bits, chunks, monkeypatch):
     mod = interpreted("rope_kv", monkeypatch)
-    check(mod, "cpu", torch.float16, T=5, H=6, n_kv=3, D=32, bs=8, num_blocks=7, kv_mode=kv_mode, kv_bits=kv_bits)
+    check(mod, "cpu", torch.float16, T=5, H=6, n_kv=3, D=32, bs=8, num_blocks=7, kv_mode=kv_mode, kv_bits=kv_bits,
+          chunks=chunks)
 
 
 def test_public_function_and_errors(monkeypatch):

@@ -273,8 +273,10 @@ class Engine:
                                              [self._slot(s.blocks, p) for s, p in zip(seqs, pos)])
         bt = torch.stack([s.block_table for s in seqs])
         ctx = torch.tensor([p + 1 for p in pos], dtype=torch.int32).to(self.runner.device, non_blocking=True)
-        run = self.graphs.run if self.graphs is not None else self.runner.decode
-        logits = run(tokens, positions, slots, bt, ctx)
+        if self.graphs is not None:
+            logits = self.graphs.run(tokens, positions, slots, bt, ctx, max_context=max(pos) + 1)
+        else:
+            logits = self.runner.decode(tokens, positions, slots, bt, ctx)
         for s in seqs:
             s.n_cached += 1
         self._accept(seqs, logits)

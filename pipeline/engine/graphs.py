@@ -1,18 +1,21 @@
-"""CUDA graphs of the decode step, one per batch-size bucket, over static input buffers.
+"""CUDA graphs of the decode step, one per (batch-size bucket, context bucket), over static input buffers.
 
-At batch 1 a decode step is ~200 small kernel launches; replaying a captured graph removes the host's
+At batch 1 a decode step is ~250 small kernel launches; replaying a captured graph removes the host's
 launch overhead. A batch of n runs in the smallest bucket >= n; padding rows write no KV (slot -1) and
-attend one row of block 0 (their logits are dropped).
+attend one row of block 0 (their logits are dropped). The context bucket (a power of two >= the longest
+context of the batch, 256 at least, the capacity at most) sizes the attention's context splits, so a
+short context is spread over programs instead of looping in one.
 
 Usage:
     g = DecodeGraphs(runner, max_batch_size=32, max_blocks=64)
-    logits = g.run(tokens, positions, slots, block_tables, context_lens)   # host tensors -> (n, V)
+    logits = g.run(tokens, positions, slots, block_tables, context_lens, max_context=300)   # -> (n, V)
 """
 from __future__ import annotations
 
 import torch
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_CONTEXT_BUCKET = 256
 
 
 class DecodeGraphs:
@@ -26,6 +29,8 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(B, max_blocks, dtype=torch.int32, device=dev)
         self.context_lens = torch.ones(B, dtype=torch.int32, device=dev)
         self.graphs, self.outputs, self.pool = {}, {}, None
+        cap = max_blocks * runner.block_size
+        self.ctx_buckets = sorted({min(cap, MIN_CONTEXT_BUCKET << i) for i in range(max(1, cap.bit_length()))})
 
     def bucket(self, n: int) -> int:
         for b in self.buckets:
@@ -36,9 +41,18 @@ class DecodeGraphs:
     def _inputs(self, b: int):
         return (self.tokens[:b], self.positions[:b], self.slots[:b], self.block_tables[:b], self.context_lens[:b])
 
-    def run(self, tokens, positions, slots, block_tables, context_lens) -> torch.Tensor:
+    def ctx_bucket(self, max_context) -> int:
+        if max_context is None:
+            return self.ctx_buckets[-1]
+        for c in self.ctx_buckets:
+            if c >= max_context:
+                return c
+        raise ValueError(f"context {max_context} exceeds the block tables' capacity {self.ctx_buckets[-1]}")
+
+    def run(self, tokens, positions, slots, block_tables, context_lens, max_context=None) -> torch.Tensor:
+        """max_context: the longest context in the batch (default: capacity, always safe)."""
         n = tokens.shape[0]
-        b = self.bucket(n)
+        b, c = self.bucket(n), self.ctx_bucket(max_context)
         self.tokens[:n].copy_(tokens, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slots[:n].copy_(slots, non_blocking=True)
@@ -48,10 +62,10 @@ class DecodeGraphs:
             self.slots[n:b].fill_(-1)
             self.context_lens[n:b].fill_(1)
             self.block_tables[n:b].zero_()
-        if b not in self.graphs:
-            self._capture(b)
-        self.graphs[b].replay()
-        return self.outputs[b][:n]
+        if (b, c) not in self.graphs:
+            self._capture(b, c)
+        self.graphs[b, c].replay()
+        return self.outputs[b, c][:n]
 
     def capture_all(self) -> int:
         """Capture every bucket now (padding rows only: nothing is written to the KV cache). Returns the count."""
@@ -59,20 +73,21 @@ class DecodeGraphs:
         self.context_lens.fill_(1)
         self.block_tables.zero_()
         for b in self.buckets:
-            if b not in self.graphs:
-                self._capture(b)
+            for c in self.ctx_buckets:
+                if (b, c) not in self.graphs:
+                    self._capture(b, c)
         return len(self.graphs)
 
-    def _capture(self, b: int) -> None:
+    def _capture(self, b: int, c: int) -> None:
         args = self._inputs(b)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up: Triton compiles and the W4A16 tuner runs outside capture
             for _ in range(2):
-                self.runner.decode(*args)   # rewrites the same KV rows the replay writes: idempotent
+                self.runner.decode(*args, max_context_len=c)   # rewrites the KV rows the replay writes: idempotent
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            out = self.runner.decode(*args)
+            out = self.runner.decode(*args, max_context_len=c)
         self.pool = g.pool()
-        self.graphs[b], self.outputs[b] = g, out
+        self.graphs[b, c], self.outputs[b, c] = g, out

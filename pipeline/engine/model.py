@@ -221,14 +221,16 @@ class ModelRunner:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.lm_head).float()
 
-    def decode(self, tokens, positions, slots, block_tables, context_lens) -> torch.Tensor:
+    def decode(self, tokens, positions, slots, block_tables, context_lens,
+               max_context_len: Optional[int] = None) -> torch.Tensor:
         """One token per sequence. tokens/positions/slots (B,), block_tables (B, max_blocks) int32,
-        context_lens (B,) int32 (including this token). Returns logits (B, V) fp32."""
+        context_lens (B,) int32 (including this token); max_context_len: an upper bound on them that sizes
+        the attention's context splits (default: the block tables' capacity). Returns logits (B, V) fp32."""
         def attend(l, q, k, v):
             q = rope_kv_write(q, k, v, positions, self.cos, self.sin, self.k_cache[l], self.v_cache[l], slots,
                               **self.kv[l])
             return paged_decode_attention(q, self.k_cache[l], self.v_cache[l], block_tables, context_lens,
-                                          self.scale, **self.kv[l])
+                                          self.scale, max_context_len=max_context_len, **self.kv[l])
         return self._forward(tokens, attend)
 
     def prefill(self, tokens, positions, slots, seqs, select=None) -> torch.Tensor:

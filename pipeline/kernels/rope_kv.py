@@ -17,7 +17,8 @@ Layouts:
                 side tensors, written at the token's slot (kvcache.py's per-token asymmetric scale/zp).
 Returns q rotated in q's dtype (and k rotated in k's dtype if return_k).
 
-The kernel runs one program per token over all heads. head_dim is read as four quarter tiles
+The kernel runs one program per (token, chunk of heads): all heads of a token in one program for
+prefill, a few (or one) per program for a decode step's handful of tokens. head_dim is read as four quarter tiles
 (half h in {0, 1}, channel parity p in {0, 1}): rotation pairs (0, p) with (1, p) and int4 packing
 pairs (h, 0) with (h, 1), so neither needs a shuffle in registers.
 """
@@ -30,6 +31,7 @@ import triton.language as tl
 from pipeline.kernels import kvcache
 from pipeline.kernels.dispatch import use_triton
 
+PROGRAMS = 256  # aim for at least this many programs: a decode step's few tokens split their heads
 RNE_MAGIC = 12582912.0  # 1.5 * 2^23: (y + M) - M rounds fp32 |y| < 2^22 half to even, like torch.round
 
 
@@ -105,11 +107,13 @@ def _write_kv(cbase, SC, ZC, side, rmask, hmask, heads, j, a0, a1, b0, b1,
 @triton.jit
 def _rope_kv_kernel(Q, K, V, POS, COS, SIN, KC, VC, SLOT, KS, KZ, VS, VZ, QO, KO,
             s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos,
-            s_cb, s_ch, s_ct, s_sb, s_sh, s_qot, s_qoh, s_kot, s_koh,
+            s_cb, s_ch, s_ct, s_sb, s_sh, s_qot, s_qoh, s_kot, s_koh, q_per, kv_per,
             H: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
             WRITE_K: tl.constexpr):
+    # grid (T, chunks): program (t, c) handles q heads c*q_per.. and KV heads c*kv_per.. of token t
     t = tl.program_id(0)
+    c = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
     j = tl.arange(0, HEAD_DIM // 4)[None, :]
     pos = tl.load(POS + t).to(tl.int64)
@@ -118,24 +122,25 @@ def _rope_kv_kernel(Q, K, V, POS, COS, SIN, KC, VC, SLOT, KS, KZ, VS, VZ, QO, KO
     s0 = tl.load(SIN + pos * s_cos + 2 * j)
     s1 = tl.load(SIN + pos * s_cos + 2 * j + 1)
 
-    hq = tl.arange(0, BLOCK_HQ)
-    qm = (hq < H)[:, None]
+    hq = c * q_per + tl.arange(0, BLOCK_HQ)
+    qm = ((tl.arange(0, BLOCK_HQ) < q_per) & (hq < H))[:, None]
     a0, a1, b0, b1 = _load4(Q + t * s_qt + hq[:, None] * s_qh, qm, j, HALF)
     a0, a1, b0, b1 = _rotate(a0, a1, b0, b1, c0, c1, s0, s1)
     _store4(QO + t * s_qot + hq[:, None] * s_qoh, qm, j, a0, a1, b0, b1, HALF)
 
-    hk = tl.arange(0, BLOCK_HKV)
+    hk = c * kv_per + tl.arange(0, BLOCK_HKV)
     slot = tl.load(SLOT + t).to(tl.int64)
     blk = slot // BLOCK_SIZE
     row = slot % BLOCK_SIZE
-    hm = hk < tl.where(slot >= 0, HKV, 0)  # heads whose cache rows are written (none for a padding token)
+    kv_in = (tl.arange(0, BLOCK_HKV) < kv_per) & (hk < HKV)  # this program's KV heads
+    hm = kv_in & (hk < tl.where(slot >= 0, HKV, 0))  # heads whose cache rows are written (none for padding)
     km = hm[:, None]
     cbase = blk * s_cb + hk[:, None] * s_ch + row * s_ct  # element offset of the cache rows
     side = blk * s_sb + hk * s_sh + row
-    a0, a1, b0, b1 = _load4(K + t * s_kt + hk[:, None] * s_kh, (hk < HKV)[:, None], j, HALF)
+    a0, a1, b0, b1 = _load4(K + t * s_kt + hk[:, None] * s_kh, kv_in[:, None], j, HALF)
     a0, a1, b0, b1 = _rotate(a0, a1, b0, b1, c0, c1, s0, s1)
     if WRITE_K:
-        _store4(KO + t * s_kot + hk[:, None] * s_koh, (hk < HKV)[:, None], j, a0, a1, b0, b1, HALF)
+        _store4(KO + t * s_kot + hk[:, None] * s_koh, kv_in[:, None], j, a0, a1, b0, b1, HALF)
     _write_kv(KC + cbase, KS, KZ, side, km, hm, hk, j, a0, a1, b0, b1, HALF, MODE, BITS)
     a0, a1, b0, b1 = _load4(V + t * s_vt + hk[:, None] * s_vh, km, j, HALF)
     _write_kv(VC + cbase, VS, VZ, side, km, hm, hk, j, a0, a1, b0, b1, HALF, MODE, BITS)
@@ -183,7 +188,7 @@ def _check(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mode
 
 
 def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mode="none", kv_bits=16,
-            k_scale=None, k_zp=None, v_scale=None, v_zp=None, return_k=False, q_out=None, k_out=None):
+            k_scale=None, k_zp=None, v_scale=None, v_zp=None, return_k=False, q_out=None, k_out=None, chunks=None):
     params = {"k_scale": k_scale, "k_zp": k_zp, "v_scale": v_scale, "v_zp": v_zp}
     _check(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mode, kv_bits, params)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -198,12 +203,16 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     if T == 0:
         return (q_out, k_out) if return_k else q_out
-    _rope_kv_kernel[(T,)](
+    # few tokens (decode): spread each token's heads over programs so that more than one SM works
+    chunks = chunks or max(1, min(n_kv, triton.cdiv(PROGRAMS, T)))
+    q_per, kv_per = triton.cdiv(H, chunks), triton.cdiv(n_kv, chunks)
+    chunks = max(triton.cdiv(H, q_per), triton.cdiv(n_kv, kv_per))
+    _rope_kv_kernel[(T, chunks)](
         q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, ks, kz, vs, vz, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), s_sb, s_sh,
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        H=H, HKV=n_kv, BLOCK_HQ=triton.next_power_of_2(H), BLOCK_HKV=triton.next_power_of_2(n_kv),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), q_per, kv_per,
+        H=H, HKV=n_kv, BLOCK_HQ=triton.next_power_of_2(q_per), BLOCK_HKV=triton.next_power_of_2(kv_per),
         HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[2], MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, WRITE_K=return_k,
         num_warps=4)
     return (q_out, k_out) if return_k else q_out
