@@ -130,7 +130,6 @@ def bench_w4a16(args) -> dict:
             z = torch.randint(0, 16, (K // g, N), device=dev).half()
             quants.append((q, s, z))
         ws = [w4.pack_w4(q, s, z, g) for q, s, z in quants]
-        wsb = [w4.pack_w4(q, s, z, g, block_n=w4.SERVE_BLOCK_N) for q, s, z in quants]  # what the engine serves
         w16 = [w4.dequantize_w4(ws[i % n4], dtype) for i in range(n16)]
         entry = {"K": K, "N": N, "int4_bytes": int4_bytes, "roofline_s": int4_bytes / bw,
                  "copies_int4": n4, "copies_fp16": n16, "M": {}, "check": {}}
@@ -174,12 +173,9 @@ def bench_w4a16(args) -> dict:
         for M in Ms:
             x = torch.randn(M, K, device=dev, dtype=dtype)
             w4.w4a16_linear(x, ws[0])  # tune outside capture
-            w4.w4a16_linear(x, wsb[0])
             chosen, tune_ms = w4.tuning_record(x, ws[0])
-            chosen_b, tune_ms_b = w4.tuning_record(x, wsb[0])
             methods = {
                 "ours": [lambda w=w: w4.w4a16_linear(x, w) for w in ws],
-                "ours_blocked": [lambda w=w: w4.w4a16_linear(x, w) for w in wsb],
                 "fp16_cublas": [lambda W=W: F.linear(x, W) for W in w16],
             }
             if tiny:
@@ -189,9 +185,8 @@ def bench_w4a16(args) -> dict:
             if gl:
                 methods["gemlite"] = [lambda L=L: L(x) for L in gl]
             Wd = w4.dequantize_w4(ws[0], torch.float64)
-            row = {"config": chosen, "tune_ms": tune_ms, "config_blocked": chosen_b, "tune_ms_blocked": tune_ms_b,
-                   "rel_err": rel_err(w4.w4a16_linear(x, ws[0]), x.double() @ Wd.T),
-                   "rel_err_blocked": rel_err(w4.w4a16_linear(x, wsb[0]), x.double() @ Wd.T)}
+            row = {"config": chosen, "tune_ms": tune_ms,
+                   "rel_err": rel_err(w4.w4a16_linear(x, ws[0]), x.double() @ Wd.T)}
             del Wd
             for name, fns in methods.items():
                 for mode in ("graph", "eager"):
@@ -205,7 +200,7 @@ def bench_w4a16(args) -> dict:
                                                     if k.endswith("_s")) + f" [{row['config']}, err {row['rel_err']:.1e}]",
                   flush=True)
         res["shapes"].append(entry)
-        del ws, wsb, w16, gl, tiny
+        del ws, w16, gl, tiny
         torch.cuda.empty_cache()
 
     # summary: the four linears of a layer
@@ -221,7 +216,7 @@ def bench_w4a16(args) -> dict:
     res["tune_errors"] = dict(w4._tune_errors)
     lines = [f"W4A16, four Llama-2-7B linears, g={g}, fp16, {res['device']}, copy {bw / 1e9:.0f} GB/s, "
              f"int4 roofline {roof * 1e6:.1f} us",
-             "mode  |    M | ours x roof | blocked x | tinygemm x | gemlite x | fp16 x | ours/fp16 speed"]
+             "mode  |    M | ours x roof | tinygemm x | gemlite x | fp16 x | ours/fp16 speed"]
     for mode in ("graph", "eager"):
         for M in Ms:
             s = summary[M]
@@ -231,7 +226,7 @@ def bench_w4a16(args) -> dict:
                 return f"{v / s['roofline_us']:8.2f}x" if v else "       -"
             o, f16 = s.get(f"ours_{mode}_us"), s.get(f"fp16_cublas_{mode}_us")
             sp = f"{f16 / o:6.2f}" if o and f16 else "-"
-            lines.append(f"{mode:5} | {M:4} | {r('ours')}   | {r('ours_blocked')} | {r('tinygemm')} | {r('gemlite')} | "
+            lines.append(f"{mode:5} | {M:4} | {r('ours')}   | {r('tinygemm')} | {r('gemlite')} | "
                          f"{r('fp16_cublas')} | {sp}")
     res["table"] = lines
     return res

@@ -65,19 +65,6 @@ def test_pack_roundtrip_bit_exact(N, K, g):
     assert torch.equal(W, (q.float() - z.float()[gi].T) * s.float()[gi].T)
 
 
-@pytest.mark.parametrize("N,block_n,bnt", [(64, 16, 16), (96, 32, 32), (40, 16, 0), (16, 16, 0)])
-def test_pack_column_blocked_roundtrip(N, block_n, bnt):
-    """block_n lays qweight out as (N // block_n, K//8, block_n); N not a multiple (or one block) stays plain."""
-    q, s, z = make_quant(N, 128, 32)
-    w = w4.pack_w4(q, s, z, 32, block_n=block_n)
-    assert w.bnt == bnt
-    assert tuple(w.qweight.shape) == ((N // bnt, 16, bnt) if bnt else (16, N))
-    assert torch.equal(w.plain_qweight(), w4.pack_w4(q, s, z, 32).qweight)
-    assert all(torch.equal(a, b) for a, b in zip(w4.unpack_w4(w), (q, s, z)))
-    with pytest.raises(ValueError, match="block_n=24"):
-        w4.pack_w4(q, s, z, 32, block_n=24)
-
-
 def test_pack_rejects_bad_inputs():
     q, s, z = make_quant(8, 64, 32)
     with pytest.raises(ValueError, match="group_size=48"):
@@ -117,12 +104,9 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                                          (2, 40, 384, 128, "sliced_split2"), (1, 40, 384, 128, "fma_split3"),
                                          (1, 40, 640, 128, "px_split3"),
                                          (3, 70, 192, 64, "fma_split3"), (2, 33, 128, 32, "fma_split1")])
-@pytest.mark.parametrize("block_n", [0, 16])
-def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg, block_n):
+def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
-    N = N - N % 16 if block_n else N  # the column-blocked layout needs N % block_n == 0
-    w = w4.pack_w4(*make_quant(N, K, g), g, block_n=block_n)
-    assert bool(w.bnt) == bool(block_n)
+    w = w4.pack_w4(*make_quant(N, K, g), g)
     x = torch.randn(M, K).to(dtype)
     bias = torch.randn(N).to(dtype) if M % 2 else None
     y = w4.w4a16_linear(x, w, bias, config=INTERP_CONFIGS[cfg])
@@ -133,10 +117,9 @@ def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
-@pytest.mark.parametrize("block_n", [0, 8])
-def test_interpreter_dequant_path_and_batch_dims(monkeypatch, block_n):
+def test_interpreter_dequant_path_and_batch_dims(monkeypatch):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
-    w = w4.pack_w4(*make_quant(24, 128, 32), 32, block_n=block_n)
+    w = w4.pack_w4(*make_quant(24, 128, 32), 32)
     x = torch.randn(2, 3, 128).half()
     y = w4.w4a16_linear(x, w, config="dequant_cublas")
     assert y.shape == (2, 3, 24)
@@ -234,18 +217,3 @@ def test_gpu_split_k_bit_identical_over_many_launches():
         bad = sum(not torch.equal(o, first) for o in outs)
         assert bad == 0, f"M={M} {name}: {bad}/300 launches differ from the first"
         assert rel_err(first, ref64(x, w)) < TOL[torch.float16]
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("K,N", [(4096, 12288), (11008, 4096)])
-def test_gpu_column_blocked_every_decode_config(poisoned, K, N):
-    q, s, z = make_quant(N, K, 128)
-    w = w4.pack_w4(q, s, z, 128, block_n=w4.SERVE_BLOCK_N).to("cuda")
-    assert w.bnt == w4.SERVE_BLOCK_N
-    for M in (1, 16, 256):
-        x = torch.randn(M, K, device="cuda").half()
-        ref = ref64(x, w)
-        for name in w4.candidates(M):
-            err = rel_err(w4.w4a16_linear(x, w, config=name), ref)
-            assert err < TOL[x.dtype], f"blocked M={M} K={K} N={N} config {name}: rel err {err:.2e}"

@@ -29,7 +29,7 @@ from ..kernels.int8_gemm import int8_linear
 from ..kernels.norm import rms_norm, silu_mul
 from ..kernels.quant_act import rms_norm_quant
 from ..kernels.rope_kv import rope_kv_write
-from ..kernels.w4a16 import SERVE_BLOCK_N, W4Weight, pack_w4, w4a16_linear
+from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
 from ..models.llama import ModelArgs, rope_cos_sin
 from ..quant.w8 import W8Weight, w8a8_linear
 from ..workspace import QUANT_POLICIES, cat_out, read_config, reassemble
@@ -115,7 +115,7 @@ class ModelRunner:
             w = cat_out(parts) if len(parts) > 1 else parts[0]
             if isinstance(w, W8Weight):
                 return W8Weight(w.qweight.contiguous(), w.scales.contiguous())
-            return pack_w4(*w, g, block_n=SERVE_BLOCK_N) if isinstance(w, tuple) else w.to(dtype)
+            return pack_w4(*w, g) if isinstance(w, tuple) else w.to(dtype)
 
         def opt(name):
             return canon[name].to(dtype) if name in canon else None

@@ -50,42 +50,28 @@ from pipeline.kernels.dispatch import arrival_counters, use_triton
 from pipeline.kernels.norm import silu_mul
 
 GROUP_SIZES = (32, 64, 128)
-SERVE_BLOCK_N = 64  # column blocking the engine packs its weights with (pack_w4's block_n)
 
 
 @dataclass
 class W4Weight:
-    qweight: torch.Tensor  # (K//8, N) int32, group-permuted nibbles (see module docstring); (N//bnt, K//8, bnt)
-    scales: torch.Tensor  # (K//g, N) fp16                                                 when column-blocked
+    qweight: torch.Tensor  # (K//8, N) int32, group-permuted nibbles (see module docstring)
+    scales: torch.Tensor  # (K//g, N) fp16
     zeros: torch.Tensor  # (K//g, N) fp16, integer-valued
     K: int
     N: int
     group_size: int
-    bnt: int = 0  # 0: plain (K//8, N) rows; else columns in blocks of bnt, each block's rows contiguous
 
     def to(self, device) -> "W4Weight":
         return W4Weight(self.qweight.to(device), self.scales.to(device), self.zeros.to(device),
-                        self.K, self.N, self.group_size, self.bnt)
-
-    def plain_qweight(self) -> torch.Tensor:
-        """qweight as (K//8, N) rows, whatever the layout."""
-        if not self.bnt:
-            return self.qweight
-        return self.qweight.permute(1, 0, 2).reshape(self.K // 8, self.N)
+                        self.K, self.N, self.group_size)
 
     @property
     def device(self) -> torch.device:
         return self.qweight.device
 
 
-def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-            block_n: int = 0) -> W4Weight:
-    """Quantizer tensors -> kernel layout. q (N, K) uint8 0..15; scales, zeros (K//g, N).
-
-    block_n > 0 (a power of two dividing N): qweight column-blocked as (N // block_n, K//8, block_n), so that
-    the decode kernels stream each program's weights from one contiguous run (plain layout if N % block_n)."""
-    if block_n and block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two (or 0: the plain layout)")
+def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> W4Weight:
+    """Quantizer tensors -> kernel layout. q (N, K) uint8 0..15; scales, zeros (K//g, N)."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} not supported; valid: {GROUP_SIZES}")
     if q.dim() != 2:
@@ -109,18 +95,15 @@ def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_si
     packed = (qv << shifts).sum(dim=2, dtype=torch.int64)  # (N, G, P), < 2**32
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     qweight = packed.reshape(N, G * P).t().contiguous()  # (K//8, N)
-    bnt = block_n if block_n and N % block_n == 0 and N > block_n else 0
-    if bnt:
-        qweight = qweight.reshape(G * P, N // bnt, bnt).permute(1, 0, 2).contiguous()  # (N//bnt, K//8, bnt)
     return W4Weight(qweight, scales.to(torch.float16).contiguous(), zf.to(torch.float16).contiguous(),
-                    K, N, group_size, bnt)
+                    K, N, group_size)
 
 
 def unpack_w4(w: W4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact inverse of pack_w4 -> (q (N, K) uint8, scales (K//g, N) fp16, zeros (K//g, N) fp16)."""
     K, N, g = w.K, w.N, w.group_size
     G, P = K // g, g // 8
-    packed = w.plain_qweight().t().reshape(N, G, 1, P).to(torch.int64) & 0xFFFFFFFF
+    packed = w.qweight.t().reshape(N, G, 1, P).to(torch.int64) & 0xFFFFFFFF
     shifts = (torch.arange(8, device=packed.device, dtype=torch.int64) * 4).view(1, 1, 8, 1)
     q = ((packed >> shifts) & 0xF).reshape(N, K).to(torch.uint8)
     return q, w.scales.clone(), w.zeros.clone()
@@ -189,21 +172,10 @@ def _planes_f16(q, zc):
 
 
 @triton.jit
-def _q_cols(offs_n, N, K, BNT: tl.constexpr):
-    # (element offset of column n in qweight's row 0, row stride): plain (K//8, N) layout when BNT == 0,
-    # column-blocked (N // BNT, K//8, BNT) otherwise, where a program's BLOCK_N <= BNT columns read one
-    # contiguous run of memory from group to group (a stream, not K//8 scattered row pieces)
-    if BNT == 0:
-        return offs_n, N
-    else:
-        return (offs_n // BNT) * ((K // 8) * BNT) + offs_n % BNT, BNT
-
-
-@triton.jit
-def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, RS, offs_n, mask_n, mask_m, P: tl.constexpr,
+def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, P: tl.constexpr,
                 GROUP: tl.constexpr, ACT: tl.constexpr):
     # group g's packed weights (P, BN) int32, scale and zero (BN,) fp32 and its 8 activation slices (BM, P)
-    q = tl.load(q_ptrs + g * P * RS, mask=mask_n[None, :], other=0)
+    q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)
     sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     xm = mask_m[:, None]
@@ -253,7 +225,7 @@ def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexp
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
-            ACT: tl.constexpr, PX: tl.constexpr, BNT: tl.constexpr):
+            ACT: tl.constexpr, PX: tl.constexpr):
     # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group.
     # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace and the
     # last one to finish its tile sums them in a fixed order (_finish_split: deterministic).
@@ -286,22 +258,21 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     per_split = tl.cdiv(n_groups, split_k)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, n_groups)
-    cols, RS = _q_cols(offs_n, N, K, BNT)
-    q_ptrs = q_ptr + offs_p[:, None] * RS + cols[None, :]  # (P, BN)
+    q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SLICED and P >= 16:
         # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape
         xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
         for g in range(g_lo, g_hi):
             q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = _load_group(
-                q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, RS, offs_n, mask_n, mask_m, P, GROUP, ACT)
+                q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
             acc = _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND, PX, C)
     else:
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         shifts = tl.arange(0, 8) * 4
         for g in range(g_lo, g_hi):
             x = _load_x(x_ptrs + g * GROUP, K, mask_m[:, None], ACT)  # (BM, g)
-            q = tl.load(q_ptrs + g * P * RS, mask=mask_n[None, :], other=0)  # (P, BN) int32
+            q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
             nib = (q[None, :, :] >> shifts[:, None, None]) & 0xF  # (8, P, BN), k = j*P + p
@@ -327,7 +298,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                  split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BNT: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
     # CUDA-core GEMV for tiny M: grid (N tiles, split_k, M), one activation row per program.
     # Nibble -> fp32 by OR-ing into the mantissa of 2**23; (2**23 + q) - (2**23 + z) = q - z exactly.
     # Products accumulate elementwise in a (P, BLOCK_N) fp32 tile, reduced over P once at the end.
@@ -343,12 +314,11 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     per_split = tl.cdiv(n_groups, split_k)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, n_groups)
-    cols, RS = _q_cols(offs_n, N, K, BNT)
-    q_ptrs = q_ptr + offs_p[:, None] * RS + cols[None, :]  # (P, BN)
+    q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     x_row = x_ptr + m * stride_xm + offs_p  # (P,)
     acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
     for g in range(g_lo, g_hi):
-        q = tl.load(q_ptrs + g * P * RS, mask=mask_n[None, :], other=0)  # (P, BN) int32
+        q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 8388608.0
         part = tl.zeros((P, BLOCK_N), dtype=tl.float32)
@@ -407,16 +377,14 @@ def _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr, b_ptr, y_ptr
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BNT: tl.constexpr):
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))
     gi = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     P: tl.constexpr = GROUP // 8
     offs_p = tl.arange(0, P)
     mask_n = offs_n < N
-    cols, RS = _q_cols(offs_n, N, K, BNT)
-    q = tl.load(q_ptr + (gi * P + offs_p)[:, None] * RS + cols[None, :], mask=mask_n[None, :], other=0)
+    q = tl.load(q_ptr + (gi * P + offs_p)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
     s = tl.load(s_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     nib = (q[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) & 0xF
@@ -516,8 +484,8 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         if act:
             x2 = silu_mul(x2)
         wt = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
-        _dequant_kernel[(K // g, triton.cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, K, GROUP=g,
-                                                      BLOCK_N=128, BNT=w.bnt, num_warps=4)
+        _dequant_kernel[(K // g, triton.cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
+                                                      BLOCK_N=128, num_warps=4)
         y = x2 @ wt
         return y if bias is None else y + bias.to(y.dtype)
     if cfg[0] == "fma":
@@ -536,15 +504,14 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     if cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, BNT=w.bnt, num_warps=warps,
+            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, num_warps=warps,
             num_stages=stages)
     else:
         dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), BNT=w.bnt,
-                                num_warps=warps,
+                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), num_warps=warps,
                                 num_stages=stages)
     return y
 
@@ -577,8 +544,7 @@ def _bench_ms(fn, device, reps: int = 8) -> float:
 
 
 def _key(x2, w: W4Weight, bias, act: bool = False) -> tuple:
-    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, w.bnt, bias is not None,
-            act)
+    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act)
 
 
 def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None) -> tuple[str | None, dict]:
