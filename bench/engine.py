@@ -44,6 +44,9 @@ from pipeline.workspace import write_workspace  # noqa: E402
 
 LLAMA7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
                     vocab_size=32000, max_seq_len=4096)
+INTERNLM7B = ModelArgs(arch="internlm", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
+                       vocab_size=103168, max_seq_len=4096, qkv_bias=True, o_bias=True)
+SHAPES = {"llama2-7b": LLAMA7B, "internlm-7b": INTERNLM7B}
 TINY = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512, vocab_size=512,
                  max_seq_len=512)
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -117,7 +120,7 @@ def build_ws(root: Path, args, kind: str, g: int = 128) -> Path:
     if kind != "fp16":
         tensors = {k: v for k, v in tensors.items() if not any(k.endswith(f".{n}.weight") for n in LINEARS)}
     write_workspace(ws, args, tensors, None, w4=w4, w8=w8, group_size=g, kv_qparams=random_kv(args), kv_bits=8,
-                    model_name="synthetic-llama2-7b" if args == LLAMA7B else "tiny", dtype=torch.float16)
+                    model_name=RES.get("model", "tiny"), dtype=torch.float16)
     del tensors, w4, w8
     free()
     RES.setdefault("build_seconds", {})[ws.name] = round(time.time() - t0, 1)
@@ -410,6 +413,8 @@ def main():
     ap.add_argument("--decode-only", action="store_true",
                     help="check, copy bandwidth and the decode rows (fp16, w4a16, w4a16_kv8, w8a8, w8a8_kv8) only")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check + copy + decode rows")
+    ap.add_argument("--shapes", default="llama2-7b", choices=sorted(SHAPES),
+                    help="random weights with these real shapes (memory tables and baselines: llama2-7b only)")
     ap.add_argument("--kinds", default="fp16,w4,w8",
                     help="weight kinds to run: fp16, w4 (w4a16, w4a16_kv8), w8 (w8a8, w8a8_kv8); default all")
     a = ap.parse_args()
@@ -419,11 +424,11 @@ def main():
     if a.dry_run:
         DEV, a.new = "cpu", min(a.new, 16)
     out = a.out or ("/tmp/engine_dry.json" if a.dry_run else "engine.json")
-    args = TINY if a.dry_run else LLAMA7B
-    light = a.decode_only or a.dry_run           # no memory tables, no transformers baseline
+    args = TINY if a.dry_run else SHAPES[a.shapes]
+    light = a.decode_only or a.dry_run or args is not LLAMA7B    # no memory tables, no transformers baseline
     t_start = time.time()
     RES.update(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run, tiny shapes)",
-               torch=torch.__version__, date="2026-11-25", model="tiny" if a.dry_run else "synthetic-llama2-7b",
+               torch=torch.__version__, date="2026-11-25", model="tiny" if a.dry_run else f"synthetic-{a.shapes}",
                protocol=f"batch 1, prompt 1 token, {a.new} new tokens, greedy, ignore_eos")
     shm = Path("/dev/shm")
     root = Path("/dev/shm/enginebench" if shm.exists() and shutil.disk_usage(shm).free > 24e9 else "/tmp/enginebench")

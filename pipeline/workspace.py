@@ -251,7 +251,7 @@ def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Op
         save_tensor(wdir, f"{L}.attention_norm.weight", dense(p + "attn_norm"))
         save_tensor(wdir, f"{L}.ffn_norm.weight", dense(p + "mlp_norm"))
         if args.o_bias:
-            save_tensor(wdir, f"{L}.attention.wo.bias", dense(p + "o").new_tensor(tensors[p + "o.bias"]).to(dtype))
+            save_tensor(wdir, f"{L}.attention.wo.bias", tensors[p + "o.bias"].to(dtype))
         for r in range(tp):
             for kind, sub in COL.items():
                 pieces = out_slices(args, kind, r, tp)

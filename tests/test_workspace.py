@@ -142,3 +142,14 @@ def test_turbomind_stage_reads_only_quant_and_tp(cli):
     assert "turbomind" in p.stdout and "ran in" in p.stdout
     line = next(x for x in p2.stdout.splitlines() if "turbomind" in x)
     assert "cached" in line        # serving knobs do not rebuild the workspace
+
+
+def test_int4_workspace_with_o_bias_needs_no_dense_weights(tmp_path):
+    """InternLM-style o bias with int4 linears: the workspace is written from the quantized linears alone."""
+    args = ModelArgs(**{**ARGS.__dict__, "o_bias": True})
+    t = synthetic_tensors(args, 0, torch.float16)
+    w4 = rand_w4(t)
+    rest = {k: v for k, v in t.items() if not any(k.endswith(f".{n}.weight") for n in LINEARS)}
+    write_workspace(tmp_path / "ws", args, rest, None, tp=2, w4=w4, group_size=64)
+    back_args, back = reassemble(tmp_path / "ws")
+    assert back_args.o_bias and torch.equal(back["layers.1.o.bias"], t["layers.1.o.bias"])
