@@ -213,7 +213,7 @@ def bench_w4a16(args) -> dict:
                 s[k[:-2] + "_us"] = sum(e["M"][M][k] for e in res["shapes"]) * 1e6
         summary[M] = s
     res["summary"] = summary
-    res["tune_errors"] = dict(w4._tune_errors)
+    res["tune_errors"] = dict(w4.TUNER.errors)
     lines = [f"W4A16, four Llama-2-7B linears, g={g}, fp16, {res['device']}, copy {bw / 1e9:.0f} GB/s, "
              f"int4 roofline {roof * 1e6:.1f} us",
              "mode  |    M | ours x roof | tinygemm x | gemlite x | fp16 x | ours/fp16 speed"]

@@ -97,7 +97,7 @@ def bench_int8(args) -> dict:
                 s[k[:-2] + "_us"] = sum(e["M"][M][k] for e in res["shapes"]) * 1e6
         summary[M] = s
     res["summary"] = summary
-    res["tune_errors"] = dict(g8._tune_errors)
+    res["tune_errors"] = dict(g8.TUNER.errors)
     lines = [f"W8A8 int8 GEMM, four Llama-2-7B linears summed, fp16 out, {res['device']}: speed vs fp16 F.linear "
              "(time_fp16 / time_x; >1 = faster); TOPS of ours",
              "mode  |    M | ours  | ours+quant | int_mm | int_mm+scales | ours TOPS | fp16 TFLOP/s"]

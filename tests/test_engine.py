@@ -199,10 +199,10 @@ def test_gpu_warmup_captures_every_bucket_and_no_request_tunes(tiny):
     g = eng.graphs
     assert set(g.buckets) == {1, 2, 4, 6} and g.ctx_buckets[-1] == 256
     assert set(g.graphs) == {(b, c) for b in g.buckets for c in g.ctx_buckets}
-    tuned = dict(w4._tuned)
+    tuned = dict(w4.TUNER.tuned)
     out = eng.generate(PROMPTS + [list(range(3, 60))], SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert all(len(o) == 8 for o in out)
-    assert w4._tuned == tuned, f"tuned during requests: {set(w4._tuned) - set(tuned)}"
+    assert w4.TUNER.tuned == tuned, f"tuned during requests: {set(w4.TUNER.tuned) - set(tuned)}"
 
 
 def test_context_buckets_cover_capacity():

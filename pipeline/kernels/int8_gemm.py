@@ -23,13 +23,13 @@ outside CUDA-graph capture (INT8_TUNE=0 turns it off); `tuning_record` reports w
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from pipeline.kernels import dispatch
+from pipeline.kernels.tuner import Tuner
 
 log = logging.getLogger(__name__)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -171,9 +171,7 @@ MID_SET = ("gemv_n32_k256", "mid_m32_n64", "mid_m64_n64", "mid_m64_n128", "tma_m
 PREFILL_SET = ("mid_m64_n128", "tile_m128_n128", "tile_m128_n256", "tma_m128_n128", "tma_m128_n256",
                "tma_m256_n128", "tma_m128_n256_s4", "tma_m256_n128_s4", "tma_m128_n256_k64", "tma_m256_n128_k64")
 INTERPRET_CONFIG = ("ptr", 16, 32, 64, 4, 1)
-_tuned: dict[tuple, str] = {}
-_tune_times: dict[tuple, dict[str, float]] = {}
-_tune_errors: dict[str, str] = {}
+TUNER = Tuner("INT8_TUNE")  # INT8_TUNE=0: default configs, no timing
 
 
 def candidates(M: int, device: torch.device) -> tuple[str, ...]:
@@ -216,52 +214,20 @@ def _launch(xq, xs, wq, ws, bias, out_dtype, cfg) -> torch.Tensor:
     return y
 
 
-def _bench_ms(fn, reps: int = 10) -> float:
-    """Median ms of `fn` on the device: L2 flushed before each call (decode weights would otherwise sit in
-    L2), and a spin kernel queued ahead so the GPU is still busy while the host launches (otherwise the
-    host's launch latency, not the kernel, is what small calls measure)."""
-    fn()
-    flush = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
-    ts = []
-    for _ in range(reps):
-        flush.zero_()
-        torch.cuda._sleep(200_000)
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        ts.append((s, e))
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in ts)[reps // 2]
-
-
 def _key(xq, wq, bias, out_dtype) -> tuple:
     return (xq.device.index, _m_bucket(xq.shape[0]), wq.shape[0], wq.shape[1], out_dtype, bias is not None)
 
 
 def tuning_record(xq, wq, bias=None, out_dtype=torch.float16) -> tuple[str | None, dict[str, float]]:
     """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run."""
-    key = _key(xq.reshape(-1, wq.shape[1]), wq, bias, out_dtype)
-    return _tuned.get(key), _tune_times.get(key, {})
+    return TUNER.record(_key(xq.reshape(-1, wq.shape[1]), wq, bias, out_dtype))
 
 
 def _choose(xq, xs, wq, ws, bias, out_dtype) -> str:
-    key = _key(xq, wq, bias, out_dtype)
-    if key in _tuned:
-        return _tuned[key]
     M = xq.shape[0]
-    if torch.cuda.is_current_stream_capturing() or os.environ.get("INT8_TUNE", "1") == "0":
-        return default_config(M)
-    times = {}
-    for name in candidates(M, xq.device):
-        try:
-            times[name] = _bench_ms(lambda: _launch(xq, xs, wq, ws, bias, out_dtype, CONFIGS[name]))
-        except Exception as e:  # a config that does not compile or fit here
-            times[name] = float("inf")
-            _tune_errors[name] = repr(e)[:300]
-    _tune_times[key] = times
-    _tuned[key] = min(times, key=times.get)
-    return _tuned[key]
+    return TUNER.choose(_key(xq, wq, bias, out_dtype), candidates(M, xq.device),
+                        lambda name: _launch(xq, xs, wq, ws, bias, out_dtype, CONFIGS[name]), default_config(M),
+                        xq.device)
 
 
 # ----------------------------------------------------------------------------------------- dispatch

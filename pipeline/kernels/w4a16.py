@@ -38,7 +38,6 @@ on the first call outside CUDA-graph capture; inside capture it uses the tuned o
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ import triton.language as tl
 
 from pipeline.kernels.dispatch import arrival_counters, use_triton
 from pipeline.kernels.norm import silu_mul
+from pipeline.kernels.tuner import Tuner
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -440,9 +440,7 @@ MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_
 PREFILL_SET = ("tile_m64_n128_c2_sl", "tile_m128_n128_c1", "tile_m128_n128_c1_sl", "tile_m128_n256_c1_sl",
                "tile_m128_n64_c2_sl", "dequant_cublas")
 INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
-_tuned: dict[tuple, str] = {}  # tuning key -> config name
-_tune_times: dict[tuple, dict[str, float]] = {}  # tuning key -> {config: ms}
-_tune_errors: dict[str, str] = {}  # config -> last error while tuning
+TUNER = Tuner("W4A16_TUNE")  # W4A16_TUNE=0: default configs, no timing
 _sms: dict[int, int] = {}
 
 
@@ -521,55 +519,19 @@ def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
     return torch.empty(M, N, device=device, dtype=dtype)
 
 
-_flush: dict[str, torch.Tensor] = {}
-
-
-def _bench_ms(fn, device, reps: int = 8) -> float:
-    """Median ms of `fn` with L2 flushed before each call; a GPU sleep queued first keeps host
-    launch overhead out of the events."""
-    fn()
-    flush = _flush.setdefault(str(device), torch.empty(64 << 20, dtype=torch.uint8, device=device))
-    torch.cuda.synchronize()
-    torch.cuda._sleep(20_000_000)
-    ts = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        ts.append((start, end))
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in ts)[reps // 2]
-
-
 def _key(x2, w: W4Weight, bias, act: bool = False) -> tuple:
     return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act)
 
 
 def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None) -> tuple[str | None, dict]:
     """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run."""
-    key = _key(x.reshape(-1, x.shape[-1]), w, bias, act is not None)
-    return _tuned.get(key), _tune_times.get(key, {})
+    return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None))
 
 
 def _choose(x2, w, bias, out_dtype, act: bool = False) -> str:
     M = x2.shape[0]
-    key = _key(x2, w, bias, act)
-    if key in _tuned:
-        return _tuned[key]
-    if torch.cuda.is_current_stream_capturing() or os.environ.get("W4A16_TUNE", "1") == "0":
-        return default_config(M)
-    times = {}
-    for name in candidates(M):
-        try:
-            times[name] = _bench_ms(lambda: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), x2.device)
-        except Exception as e:  # a config that does not compile/fit here (e.g. shared memory)
-            times[name] = float("inf")
-            _tune_errors[name] = repr(e)[:300]
-    _tune_times[key] = times
-    _tuned[key] = min(times, key=times.get)
-    return _tuned[key]
+    return TUNER.choose(_key(x2, w, bias, act), candidates(M),
+                        lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), default_config(M), x2.device)
 
 
 def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
