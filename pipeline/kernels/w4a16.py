@@ -33,7 +33,7 @@ cores); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough programs
 them in a fixed order: one launch, deterministic); M > 16 ->
 tiled tensor-core path (grouped tile order for L2), or for large M a Triton dequantize to a (K, N)
 scratch + cuBLAS; the tuner keeps whichever it measures fastest.
-A tiny built-in tuner times a small, named config set once per (device, dtype, M bucket, N, K, g)
+The tuner (`pipeline/kernels/tuner.py`) times a small, named config set once per (device, dtype, M bucket, N, K, g)
 on the first call outside CUDA-graph capture; inside capture it uses the tuned or a default config.
 """
 from __future__ import annotations
