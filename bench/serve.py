@@ -90,11 +90,14 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int) -> dict:
             while True:
                 running.append((await c.get("/health")).json()["running"])
                 await asyncio.sleep(0.25)
+        steps0 = (await c.get("/health")).json()["steps"]
         sampler = asyncio.ensure_future(sample_batch())
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - t0
         sampler.cancel()
+        steps1 = (await c.get("/health")).json()["steps"]
+    steps = {k: steps1[k] - steps0[k] for k in steps0}   # the engine's own account of this run's work
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft = [r["ttft"] for r in ok]
@@ -105,7 +108,10 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int) -> dict:
             "output_tokens": out_tokens, "prompt_tokens": sum(len(r["prompt"]) for r in reqs),
             "ttft_ms": {p: 1e3 * pct(ttft, p) for p in (50, 90, 99)},
             "itl_ms": {p: 1e3 * pct(itl, p) for p in (50, 90, 99)},
-            "mean_running_batch": statistics.mean(running) if running else 0.0}
+            "mean_running_batch": statistics.mean(running) if running else 0.0, "engine_steps": steps,
+            "prefill_tokens_per_s": steps["prefill_tokens"] / max(steps["prefill_s"], 1e-9),
+            "decode_tokens_per_s_in_steps": steps["decode_tokens"] / max(steps["decode_s"], 1e-9),
+            "prefill_share_of_wall": steps["prefill_s"] / wall, "decode_share_of_wall": steps["decode_s"] / wall}
 
 
 def hf_generate(ws: Path, reqs: list[dict], device: str) -> dict:
@@ -235,6 +241,9 @@ def table(r: dict) -> None:
     if hf:
         print(f"{'transformers generate, batch ' + str(hf['batch']):<34}{hf['requests_per_s']:>8.2f}"
               f"{hf['output_tokens_per_s']:>11.1f}{hf['ttft_ms_batch']:>10.0f} (batch){hf['itl_ms']:>14.1f} (mean)")
+    print(f"where the batched run's time went (engine steps): prefill {b['prefill_share_of_wall']:.0%} of the wall at "
+          f"{b['prefill_tokens_per_s']:.0f} prompt tok/s, decode {b['decode_share_of_wall']:.0%} at "
+          f"{b['decode_tokens_per_s_in_steps']:.0f} tok/s")
     print(f"errors: {b['n_errors']} + {one['n_errors']}; mean running batch {b['mean_running_batch']:.1f}; "
           f"batched/batch-1 output tok/s = {b['output_tokens_per_s'] / one['output_tokens_per_s']:.2f}x"
           + (f"; batched/transformers = {b['output_tokens_per_s'] / hf['output_tokens_per_s']:.2f}x" if hf else ""))

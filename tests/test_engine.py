@@ -216,3 +216,15 @@ def test_context_buckets_cover_capacity():
     assert [g.ctx_bucket(n) for n in (1, 256, 257, 3000, None)] == [256, 256, 512, 3008, 3008]
     with pytest.raises(ValueError, match="context 3009 exceeds"):
         g.ctx_bucket(3009)
+
+
+def test_stats_count_prefill_and_decode_work(tiny):
+    """stats()["steps"] (and /health) says where the engine's time went: every prompt token prefilled once, every
+    later token decoded once (the first new token of a request comes from its prefill)."""
+    eng = Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256, "max_prefill_tokens": 16})
+    eng.generate(PROMPTS, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    st = eng.stats()["steps"]
+    assert st["prefill_tokens"] == sum(len(p) for p in PROMPTS)
+    assert st["prefill_steps"] >= sum(len(p) for p in PROMPTS) // 16
+    assert st["decode_tokens"] == len(PROMPTS) * 5
+    assert st["decode_steps"] >= 5 and st["decode_s"] > 0 and st["prefill_s"] > 0

@@ -80,6 +80,9 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._gen = torch.Generator().manual_seed(0)
+        # where the engine's time goes (cumulative; /health shows it): decode steps vs prefill chunks
+        self.steps = {"decode_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
+                      "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0}
         if dev.type == "cuda" and s.get("warmup", True):
             self.warmup()
 
@@ -190,7 +193,14 @@ class Engine:
                     kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
-                    tp=getattr(self.runner, "tp", 1))
+                    tp=getattr(self.runner, "tp", 1), steps=dict(self.steps))
+
+    def _count(self, phase: str, tokens: int, t0: float) -> None:
+        if self.runner.device.type == "cuda":    # the step's GPU work, not only its launches
+            torch.cuda.synchronize(self.runner.device)
+        self.steps[phase + "_steps"] += 1
+        self.steps[phase + "_tokens"] += tokens
+        self.steps[phase + "_s"] += time.perf_counter() - t0
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         tok = self.tokenizer
@@ -268,6 +278,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
+        t0 = time.perf_counter()
         pos = [len(s.tokens) - 1 for s in seqs]
         tokens, positions, slots = self._dev([s.tokens[-1] for s in seqs], pos,
                                              [self._slot(s.blocks, p) for s, p in zip(seqs, pos)])
@@ -280,6 +291,7 @@ class Engine:
         for s in seqs:
             s.n_cached += 1
         self._accept(seqs, logits)
+        self._count("decode", len(seqs), t0)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         budget, chunks = self.max_prefill_tokens, []
@@ -291,6 +303,7 @@ class Engine:
             budget -= n
         if not chunks:
             return
+        t0 = time.perf_counter()
         tokens, positions, slots, meta, select, done = [], [], [], [], [], []
         for s, a, n in chunks:
             meta.append((len(tokens), n, s.block_table, a + n))
@@ -305,6 +318,7 @@ class Engine:
         logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
         if done:
             self._accept(done, logits)
+        self._count("prefill", len(tokens), t0)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         toks = sample(logits, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
