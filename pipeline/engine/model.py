@@ -248,9 +248,12 @@ class ModelRunner:
                 K, V = (self._cached_kv(l, w, bt, ctx).transpose(0, 1).repeat_interleave(G, 0)[None]
                         for w in "kv")                                       # (1, nh, ctx, hd)
                 qs = q[off:off + n].transpose(0, 1)[None]                    # (1, nh, n, hd)
-                kpos = torch.arange(ctx, device=q.device)
-                mask = kpos[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]  # (n, ctx)
-                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, scale=self.scale)
+                if n == ctx:    # the whole sequence in this chunk: plain causal (lets SDPA use flash kernels)
+                    o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, scale=self.scale)
+                else:           # a later chunk: its queries see every earlier token and their own prefix
+                    kpos = torch.arange(ctx, device=q.device)
+                    mask = kpos[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]  # (n, ctx)
+                    o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, scale=self.scale)
                 out[off:off + n] = o[0].transpose(0, 1)
             return out
         return self._forward(tokens, attend, select)
