@@ -196,8 +196,7 @@ class Engine:
                     tp=getattr(self.runner, "tp", 1), steps=dict(self.steps))
 
     def _count(self, phase: str, tokens: int, t0: float) -> None:
-        if self.runner.device.type == "cuda":    # the step's GPU work, not only its launches
-            torch.cuda.synchronize(self.runner.device)
+        """Count a step that has finished on the device (sampling reads the logits back, which waits for it)."""
         self.steps[phase + "_steps"] += 1
         self.steps[phase + "_tokens"] += tokens
         self.steps[phase + "_s"] += time.perf_counter() - t0
@@ -318,6 +317,8 @@ class Engine:
         logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
         if done:
             self._accept(done, logits)
+        elif self.runner.device.type == "cuda":   # nothing sampled: wait so the chunk's GPU time is counted here
+            torch.cuda.synchronize(self.runner.device)
         self._count("prefill", len(tokens), t0)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
