@@ -340,6 +340,113 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
 
 
 @triton.jit
+def _dot8_h2(q, zz, x04, x15, x26, x37):
+    # q int32 of 8 nibbles; zz = fp16x2 (1024 + z, 1024 + z); x_ab = fp16x2 (x_a / 16, x_b / 16) ->
+    # fp32 sum_j x_j (q_j - z) / 16. Each lop3 makes nibbles i and i + 4 into the fp16 pair (1024 + q_i,
+    # 1024 + q_i+4), one sub.f16x2 makes them exact q - z, one fma.f16x2 accumulates two products: about
+    # 2.5 instructions per weight instead of 4 in fp32. Four products per lane are summed in fp16 (x is
+    # pre-scaled by 1/16 so |sum| <= 3.75 max|x| cannot overflow), the two lanes in fp32. GPU only.
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, u, a;
+        .reg .f16 lo, hi;
+        .reg .f32 flo, fhi;
+        lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, $2;
+        mul.rn.f16x2 a, t, $3;
+        shr.u32 u, $1, 4;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, $2;
+        fma.rn.f16x2 a, t, $4, a;
+        shr.u32 u, $1, 8;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, $2;
+        fma.rn.f16x2 a, t, $5, a;
+        shr.u32 u, $1, 12;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, $2;
+        fma.rn.f16x2 a, t, $6, a;
+        mov.b32 {lo, hi}, a;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $0, flo, fhi;
+        }""",
+        constraints="=f,r,r,r,r,r,r",
+        args=[q, zz, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _half_pair(a, b):
+    # two fp16 tensors -> int32 holding the fp16x2 pair (a low, b high)
+    lo = a.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = b.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    return lo | hi
+
+
+@triton.jit
+def _x_pair(x_rows, da, db, K, mask, ACT: tl.constexpr, KS: tl.constexpr, P: tl.constexpr, BN: tl.constexpr):
+    # planes at offsets da, db of the (KS, P) activation rows, scaled by 1/16 -> fp16x2 int32 (KS, P, BN)
+    a = (_load_x(x_rows + da, K, mask, ACT).to(tl.float32) * 0.0625).to(tl.float16)
+    b = (_load_x(x_rows + db, K, mask, ACT).to(tl.float32) * 0.0625).to(tl.float16)
+    return tl.broadcast_to(_half_pair(a, b)[:, :, None], (KS, P, BN))
+
+
+@triton.jit
+def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
+                      split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr):
+    # CUDA-core GEMV that issues all its weight loads at once: grid (N tiles, split_k, M); the program owns
+    # KS whole groups and reads them as one (KS, P, BLOCK_N) int32 tile (no loop, so every byte of the
+    # program is in flight together), one activation row.
+    # H2 (fp16 on a GPU): _dot8_h2 per int32; else nibble -> fp32 through the mantissa of 2**23.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    P: tl.constexpr = GROUP // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    mask_n = offs_n < N
+    offs_g = pid_k * KS + tl.arange(0, KS)  # (KS,)
+    mask_g = offs_g < K // GROUP
+    offs_p = tl.arange(0, P)
+    rows = offs_g[:, None] * P + offs_p[None, :]  # (KS, P) int32 rows of qweight
+    q = tl.load(q_ptr + rows[:, :, None] * N + offs_n[None, None, :],
+                mask=mask_g[:, None, None] & mask_n[None, None, :], other=0)  # (KS, P, BN)
+    gs = offs_g[:, None] * N + offs_n[None, :]  # (KS, BN)
+    mask_s = mask_g[:, None] & mask_n[None, :]
+    s = tl.load(s_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
+    x_rows = x_ptr + m * stride_xm + offs_g[:, None] * GROUP + offs_p[None, :]  # (KS, P): plane 0
+    mask_x = mask_g[:, None]
+    if H2:
+        zz = _half_pair((z + 1024.0).to(tl.float16), (z + 1024.0).to(tl.float16))  # (KS, BN)
+        x04 = _x_pair(x_rows, 0, 4 * P, K, mask_x, ACT, KS, P, BLOCK_N)
+        x15 = _x_pair(x_rows, P, 5 * P, K, mask_x, ACT, KS, P, BLOCK_N)
+        x26 = _x_pair(x_rows, 2 * P, 6 * P, K, mask_x, ACT, KS, P, BLOCK_N)
+        x37 = _x_pair(x_rows, 3 * P, 7 * P, K, mask_x, ACT, KS, P, BLOCK_N)
+        d = _dot8_h2(q, tl.broadcast_to(zz[:, None, :], (KS, P, BLOCK_N)), x04, x15, x26, x37)  # (KS, P, BN)
+        part = tl.sum(d, axis=1) * 16.0  # (KS, BN)
+    else:
+        zc = z[:, None, :] + 8388608.0
+        acc = tl.zeros((KS, P, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = _load_x(x_rows + j * P, K, mask_x, ACT).to(tl.float32)  # (KS, P)
+            wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zc
+            acc += xj[:, :, None] * wj
+        part = tl.sum(acc, axis=1)  # (KS, BN)
+    y = tl.sum(part * s, axis=0)  # (BN,)
+    y_ptrs = y_ptr + m * stride_ym + offs_n
+    if not SPLIT:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
+                      cnt_ptr + m * tl.num_programs(0) + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k,
+                      HAS_BIAS)
+
+
+@triton.jit
 def _load_x(ptrs, K, mask, ACT: tl.constexpr):
     # the activation tile; ACT: rows are [gate | up] (2K wide) and the tile is silu(gate) * up, rounded to
     # x's dtype as the separate silu_mul kernel would round it
@@ -398,9 +505,20 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # name -> (BLOCK_M, BLOCK_N, split, num_warps, num_stages, sliced, px); split > 0: that many programs
 # along K; split < 0: split K until about -split programs per SM; sliced 1: 8 dots of K = g/8 per group
 # (g = 128 only) instead of one reshaped dot of K = g. ("fma", BLOCK_N, split, warps, stages): the
-# CUDA-core GEMV, one program per activation row. None: Triton dequantize + cuBLAS. px (`_px`): the 8 slices
+# CUDA-core GEMV, one program per activation row. ("wide", BLOCK_N, KS, warps, h2): the CUDA-core GEMV
+# that loads KS whole groups at once (split = K/g/KS programs along K), h2: fp16x2 inline-PTX arithmetic
+# (fp16 on a GPU; elsewhere fp32). None: Triton dequantize + cuBLAS. px (`_px`): the 8 slices
 # unpacked by inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
 CONFIGS = {
+    "wide_n64_s4": ("wide", 64, 4, 4, 0),
+    "wide_n128_s2": ("wide", 128, 2, 4, 0),
+    "wide_n64_s8": ("wide", 64, 8, 8, 0),
+    "wide_n32_s8": ("wide", 32, 8, 4, 0),
+    "wide_n64_s4_h2": ("wide", 64, 4, 4, 1),
+    "wide_n128_s2_h2": ("wide", 128, 2, 4, 1),
+    "wide_n64_s8_h2": ("wide", 64, 8, 8, 1),
+    "wide_n32_s8_h2": ("wide", 32, 8, 4, 1),
+    "wide_n128_s4_h2": ("wide", 128, 4, 8, 1),
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
     "fma_n256_c2": ("fma", 256, -2, 8, 3),
@@ -433,7 +551,9 @@ CONFIGS = {
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px")
-FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2")  # tried too for M <= 4
+WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s8", "wide_n32_s8", "wide_n64_s4_h2", "wide_n128_s2_h2",
+            "wide_n64_s8_h2", "wide_n32_s8_h2", "wide_n128_s4_h2")
+FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
            "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
            "tile_m64_n128_c2", "tile_m64_n128_c2_sl")
@@ -486,7 +606,11 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
                                                       BLOCK_N=128, num_warps=4)
         y = x2 @ wt
         return y if bias is None else y + bias.to(y.dtype)
-    if cfg[0] == "fma":
+    if cfg[0] == "wide":
+        _, BN, KS, warps, h2 = cfg
+        split = triton.cdiv(K // g, KS)
+        tiles = M * triton.cdiv(N, BN)
+    elif cfg[0] == "fma":
         _, BN, split, warps, stages = cfg
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * triton.cdiv(N, BN)
@@ -499,7 +623,13 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
-    if cfg[0] == "fma":
+    if cfg[0] == "wide":
+        h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
+        _gemv_wide_kernel[(triton.cdiv(N, BN), split, M)](
+            x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
+            GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2,
+            num_warps=warps, num_stages=1)
+    elif cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, num_warps=warps,
