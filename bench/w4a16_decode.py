@@ -8,8 +8,9 @@ Per linear (K, N), fp16 activations, group 128, L2 defeated by rotating weight c
 one CUDA graph (bench/kernels.py's timing):
 - roofline: int4 weights + fp16 scale and zero read once at the measured copy bandwidth;
 - launch floor: an empty Triton kernel with the same grid as a `wide` config (graph launch + drain);
-- stream floor: a Triton kernel that only reads the same bytes, one-shot loads like the `wide` kernel,
-  and writes N values: what streaming this weight can cost in Triton with no arithmetic at all;
+- stream floors: Triton kernels that only read the same bytes and write a few values, no arithmetic:
+  (KS, P, BN) tiles like the `wide` kernel on the (K//8, N) layout, with and without the scale/zero loads
+  (`nosz`), on a column-blocked copy (each tile one contiguous run), and 1-D contiguous blocks (`flat`);
 - every config in `w4a16.candidates(M)` (rel err against an fp64 reference checked first).
 Writes <out>/w4a16_decode.json (out = --out, else $OUT, else bench/results) and prints a table last.
 """
@@ -39,7 +40,8 @@ def _empty_kernel(y_ptr):
 
 
 @triton.jit
-def _stream_kernel(q_ptr, s_ptr, z_ptr, y_ptr, N, P: tl.constexpr, KS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _stream_kernel(q_ptr, s_ptr, z_ptr, y_ptr, N, n_groups, stride_qb, stride_qr, P: tl.constexpr, KS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SZ: tl.constexpr = True):
     # reads KS groups (KS, P, BN) int32 + scales + zeros in one load each, like _gemv_wide_kernel
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -47,13 +49,26 @@ def _stream_kernel(q_ptr, s_ptr, z_ptr, y_ptr, N, P: tl.constexpr, KS: tl.conste
     mask_n = offs_n < N
     offs_g = pid_k * KS + tl.arange(0, KS)
     rows = offs_g[:, None] * P + tl.arange(0, P)[None, :]
-    q = tl.load(q_ptr + rows[:, :, None] * N + offs_n[None, None, :], mask=mask_n[None, None, :], other=0)
+    CONT: tl.constexpr = 64 if BLOCK_N > 64 else BLOCK_N
+    cols = tl.max_contiguous(tl.multiple_of((offs_n // 64) * stride_qb + offs_n % 64, CONT), CONT)
+    mask_g = offs_g < n_groups
+    q = tl.load(q_ptr + rows[:, :, None] * stride_qr + cols[None, None, :],
+                mask=mask_g[:, None, None] & mask_n[None, None, :], other=0)
     gs = offs_g[:, None] * N + offs_n[None, :]
-    s = tl.load(s_ptr + gs, mask=mask_n[None, :], other=0.0)
-    z = tl.load(z_ptr + gs, mask=mask_n[None, :], other=0.0)
-    v = tl.sum(tl.sum(q, axis=1), axis=0) + tl.sum(s.to(tl.int16, bitcast=True) ^ z.to(tl.int16, bitcast=True),
-                                                   axis=0).to(tl.int32)
+    v = tl.sum(tl.sum(q, axis=1), axis=0)
+    if SZ:
+        s = tl.load(s_ptr + gs, mask=mask_g[:, None] & mask_n[None, :], other=0.0)
+        z = tl.load(z_ptr + gs, mask=mask_g[:, None] & mask_n[None, :], other=0.0)
+        v += tl.sum(s.to(tl.int16, bitcast=True) ^ z.to(tl.int16, bitcast=True), axis=0).to(tl.int32)
     tl.store(y_ptr + pid_k * N + offs_n, v, mask=mask_n)  # (split, N): every program writes, no load is dead
+
+
+@triton.jit
+def _stream_flat_kernel(q_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    # reads BLOCK contiguous int32 per program: the same byte count as the weight, no layout at all
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.sum(tl.load(q_ptr + offs, mask=offs < n, other=0), axis=0)
+    tl.store(y_ptr + tl.program_id(0), v)
 
 
 def make_weights(K, N, g, dev, copies):
@@ -64,6 +79,14 @@ def make_weights(K, N, g, dev, copies):
         z = torch.randint(0, 16, (K // g, N), device=dev).half()
         ws.append(w4.pack_w4(q, s, z, g))
     return ws
+
+
+def blocked(w: w4.W4Weight) -> w4.W4Weight:
+    """The same weight with qweight column-blocked: (N/64, K//8, 64), each 64-column block contiguous."""
+    rows, n = w.qweight.shape
+    assert n % 64 == 0, n
+    qb = w.qweight.reshape(rows, n // 64, 64).permute(1, 0, 2).contiguous()
+    return w4.W4Weight(qb, w.scales, w.zeros, w.K, w.N, w.group_size)
 
 
 def bench(args) -> dict:
@@ -81,11 +104,31 @@ def bench(args) -> dict:
         y32 = torch.empty(K // g, N, device=dev, dtype=torch.int32)
         grid = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
         entry["launch_floor_us"] = time_calls([lambda: _empty_kernel[grid](y32)], graph=True) * 1e6
-        for BN, KS, warps in ((64, 4, 4), (128, 2, 4), (64, 8, 8)):
+        nq = ws[0].qweight.numel() + ws[0].scales.numel()  # int32 words of weights + scales and zeros
+        flat = [torch.empty(nq, device=dev, dtype=torch.int32) for _ in ws]
+        yf = torch.empty(triton.cdiv(nq, 1024), device=dev, dtype=torch.int32)
+        for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+            fns = [lambda f=f: _stream_flat_kernel[(triton.cdiv(nq, block),)](f, yf, nq, BLOCK=block, num_warps=warps)
+                   for f in flat]
+            entry[f"stream_floor_flat{block}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+        del flat
+        grid_s = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
+        fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N, P=g // 8, KS=4,
+                                                   BLOCK_N=64, SZ=False, num_warps=4) for w in ws]
+        entry["stream_floor_nosz_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+        wbs = [blocked(w) for w in ws]
+        for BN, KS, warps in ((64, 4, 4), (64, 2, 4), (128, 2, 4)):
             grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
-            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, P=g // 8, KS=KS,
+            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g,
+                                                       w.qweight.stride(0), 64,
+                                                       P=g // 8, KS=KS, BLOCK_N=BN, num_warps=warps) for w in wbs]
+            entry[f"stream_floor_blocked_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+        for BN, KS, warps in ((64, 4, 4), (128, 2, 4), (64, 8, 8), (64, 4, 8), (32, 4, 4), (64, 2, 4)):
+            grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
+            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N,
+                                                       P=g // 8, KS=KS,
                                                        BLOCK_N=BN, num_warps=warps) for w in ws]
-            entry[f"stream_floor_n{BN}_s{KS}_us"] = time_calls(fns, graph=True) * 1e6
+            entry[f"stream_floor_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
         for M in args.ms:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             ref = x.double() @ w4.dequantize_w4(ws[0], torch.float64).T
@@ -124,12 +167,25 @@ def table(res) -> str:
 
 
 def ncu_target(name: str, M: int = 1):
-    """A few launches of one config on the (4096, 22016) linear: `ncu -k regex:_gemv|_w4a16 ...`."""
-    K, N = 4096, 22016
-    w = make_weights(K, N, 128, torch.device("cuda"), 1)[0]
+    """A few launches of one config on the (4096, 22016) linear: `ncu -k regex:_gemv|_w4a16|_stream ...`.
+    name: a config, or stream3d / stream3d_nosz / stream3d_blocked / flat (the floors)."""
+    K, N, g = 4096, 22016, 128
+    w = make_weights(K, N, g, torch.device("cuda"), 1)[0]
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    y32 = torch.empty(K // g, N, device="cuda", dtype=torch.int32)
+    grid = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
     for _ in range(3):
-        w4.w4a16_linear(x, w, config=name)
+        if name == "flat":
+            nq = w.qweight.numel() + w.scales.numel()
+            f = torch.empty(nq, device="cuda", dtype=torch.int32)
+            _stream_flat_kernel[(triton.cdiv(nq, 2048),)](f, y32, nq, BLOCK=2048, num_warps=4)
+        elif name.startswith("stream3d"):
+            wb = blocked(w) if name.endswith("blocked") else w
+            sb, sr = (wb.qweight.stride(0), 64) if name.endswith("blocked") else (64, N)
+            _stream_kernel[grid](wb.qweight, w.scales, w.zeros, y32, N, K // g, sb, sr, P=g // 8, KS=4, BLOCK_N=64,
+                                 SZ=not name.endswith("nosz"), num_warps=4)
+        else:
+            w4.w4a16_linear(x, w, config=name)
     torch.cuda.synchronize()
 
 

@@ -106,7 +106,7 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                                          (1, 40, 640, 128, "px_split3"),
                                          (3, 70, 192, 64, "fma_split3"), (2, 33, 128, 32, "fma_split1"),
                                          (1, 40, 640, 128, "wide_ks2"), (2, 70, 192, 64, "wide_ks4"),
-                                         (1, 33, 128, 32, "wide_ks4")])
+                                         (1, 33, 128, 32, "wide_ks4"), (3, 72, 384, 64, "wide_ks4")])
 def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(N, K, g), g)

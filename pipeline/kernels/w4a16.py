@@ -395,13 +395,15 @@ def _x_pair(x_rows, da, db, K, mask, ACT: tl.constexpr, KS: tl.constexpr, P: tl.
 def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                       split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr):
-    # CUDA-core GEMV that issues all its weight loads at once: grid (N tiles, split_k, M); the program owns
-    # KS whole groups and reads them as one (KS, P, BLOCK_N) int32 tile (no loop, so every byte of the
-    # program is in flight together), one activation row.
+    # CUDA-core GEMV that issues all of its weight loads at once. Program t = (m * split_k + pid_k) *
+    # cdiv(N, BLOCK_N) + pid_n owns KS whole groups of BLOCK_N columns for activation row m and reads them
+    # as one (KS, P, BLOCK_N) int32 tile (no loop: every byte of the program is in flight together).
     # H2 (fp16 on a GPU): _dot8_h2 per int32; else nibble -> fp32 through the mantissa of 2**23.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    t = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_n = t % tiles_n
+    pid_k = (t // tiles_n) % split_k
+    m = t // (tiles_n * split_k)
     P: tl.constexpr = GROUP // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
@@ -442,8 +444,7 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
         _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
-                      cnt_ptr + m * tl.num_programs(0) + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k,
-                      HAS_BIAS)
+                      cnt_ptr + m * tiles_n + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k, HAS_BIAS)
 
 
 @triton.jit
@@ -512,13 +513,10 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
     "wide_n128_s2": ("wide", 128, 2, 4, 0),
-    "wide_n64_s8": ("wide", 64, 8, 8, 0),
-    "wide_n32_s8": ("wide", 32, 8, 4, 0),
     "wide_n64_s4_h2": ("wide", 64, 4, 4, 1),
     "wide_n128_s2_h2": ("wide", 128, 2, 4, 1),
-    "wide_n64_s8_h2": ("wide", 64, 8, 8, 1),
     "wide_n32_s8_h2": ("wide", 32, 8, 4, 1),
-    "wide_n128_s4_h2": ("wide", 128, 4, 8, 1),
+    "wide_n32_s4_w2_h2": ("wide", 32, 4, 2, 1),
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
     "fma_n256_c2": ("fma", 256, -2, 8, 3),
@@ -551,8 +549,8 @@ CONFIGS = {
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px")
-WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s8", "wide_n32_s8", "wide_n64_s4_h2", "wide_n128_s2_h2",
-            "wide_n64_s8_h2", "wide_n32_s8_h2", "wide_n128_s4_h2")
+WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", "wide_n32_s8_h2",
+            "wide_n32_s4_w2_h2")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
            "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
@@ -578,17 +576,21 @@ def default_config(M: int) -> str:
     return "gemv_n64_c4" if M <= 16 else "tile_m64_n128_c2" if M <= 64 else "tile_m128_n128_c1"
 
 
+def _sm_count(device) -> int:
+    """Multiprocessors of a CUDA device (4 elsewhere: the interpreter's stand-in)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sms:
+        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sms[idx]
+
+
 def _split_for(M, N, K, g, BM, BN, split, device) -> int:
     """Programs along K: fixed, or enough for about -split programs per SM; no empty split."""
     G = K // g
     if split <= 0:
-        if device.type == "cuda":
-            idx = device.index if device.index is not None else torch.cuda.current_device()
-            if idx not in _sms:
-                _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-            sms = _sms[idx]
-        else:
-            sms = 4
+        sms = _sm_count(device)
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
         split = triton.cdiv(-split * sms, tiles)
     split = max(1, min(G, split))
@@ -625,7 +627,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
     if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
-        _gemv_wide_kernel[(triton.cdiv(N, BN), split, M)](
+        _gemv_wide_kernel[(triton.cdiv(N, BN) * split * M,)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2,
             num_warps=warps, num_stages=1)
