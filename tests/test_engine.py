@@ -228,3 +228,46 @@ def test_stats_count_prefill_and_decode_work(tiny):
     assert st["prefill_steps"] >= sum(len(p) for p in PROMPTS) // 16
     assert st["decode_tokens"] == len(PROMPTS) * 5
     assert st["decode_steps"] >= 5 and st["decode_s"] > 0 and st["prefill_s"] > 0
+
+
+def test_greedy_lookahead_equals_step_by_step(tiny):
+    """Greedy decoding queued one step ahead (the default) gives exactly the tokens of plain step-by-step
+    decoding, for a batch whose sequences end at different steps (length, a stop token id), with the
+    blocks of finished sequences (and their one extra KV row) returned, and one decode count per token."""
+    ws = tiny["root"] / "w4"
+    plain = Engine.from_workspace(ws, "cpu", {"session_len": 256, "lookahead": False})
+    ahead = Engine.from_workspace(ws, "cpu", {"session_len": 256})
+    assert ahead.lookahead and not plain.lookahead
+    base = plain.generate([PROMPTS[1]], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    stop_at = base[9]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (3, 17, 30)]
+    params.append(SamplingParams(max_new_tokens=20, ignore_eos=True, stop_token_ids=[stop_at]))
+    outs = {}
+    for name, eng in (("plain", plain), ("ahead", ahead)):
+        hs = [eng.submit(PROMPTS[i % len(PROMPTS)] if i < 3 else PROMPTS[1], p) for i, p in enumerate(params)]
+        while any(not h.done_pushed for h in hs):
+            eng.step()
+        outs[name] = [[t for o in h for t in o.token_ids] for h in hs]
+        assert eng.stats()["free_blocks"] == eng.stats()["total_blocks"]
+    assert outs["ahead"] == outs["plain"]
+    assert [len(o) for o in outs["ahead"][:3]] == [3, 17, 30]
+    assert outs["ahead"][3] == base[:base.index(stop_at)]
+    st = ahead.stats()["steps"]
+    # the first token comes from prefill; the stopped sequence also decoded its (unsent) stop token
+    assert st["decode_tokens"] == sum(len(o) - 1 for o in outs["ahead"][:3]) + len(outs["ahead"][3])
+    # a sampled request in the batch: no lookahead for that batch, same greedy tokens for the others
+    mixed = ahead.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    assert mixed == outs["plain"][0][:3] + mixed[3:] and len(mixed) == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_greedy_lookahead_with_graphs_equals_plain(tiny):
+    """On a GPU the step queued ahead replays a CUDA graph whose input tokens are the argmax the previous
+    replay left on the device: same tokens as plain decoding, across batch and context buckets."""
+    opts = {"session_len": 512, "max_batch_size": 4, "max_prefill_tokens": 64}
+    plain = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "lookahead": False})
+    ahead = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
+    for prompts, n in ((PROMPTS[:1], 300), (PROMPTS[:3], 40)):   # 300: crosses the 256 context bucket
+        p = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        assert ahead.generate(prompts, p) == plain.generate(prompts, p)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
-            "tp": int, "tp_timeout": float, "warmup": bool}
+            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -63,6 +63,9 @@ class Engine:
         num_blocks = runner.allocate_cache(num_blocks, self.block_size) or num_blocks   # tp: the ranks' minimum
         self.blocks = BlockManager(num_blocks, self.block_size)
         self.graphs = None
+        # greedy decode one step ahead: the next step is queued on the device before the host reads this one
+        self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
+        self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=dev)  # last step's greedy tokens
         if dev.type == "cuda" and s.get("cuda_graphs", True):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
@@ -270,13 +273,17 @@ class Engine:
         t[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         return t.to(self.runner.device)
 
-    def _dev(self, tokens, positions, slots):
+    def _dev(self, *lists):
+        """Host int lists -> int64 device tensors (tokens, positions, slots, ...)."""
         dev = self.runner.device
-        return tuple(torch.tensor(x, dtype=torch.long).to(dev, non_blocking=True) for x in (tokens, positions, slots))
+        return tuple(torch.tensor(x, dtype=torch.long).to(dev, non_blocking=True) for x in lists)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
+        if self.lookahead and all(s.params.temperature == 0 and s.params.repetition_penalty == 1.0 for s in seqs) \
+                and len(seqs) == len(self.running) and not self.waiting:
+            return self._decode_ahead(seqs)
         t0 = time.perf_counter()
         pos = [len(s.tokens) - 1 for s in seqs]
         tokens, positions, slots = self._dev([s.tokens[-1] for s in seqs], pos,
@@ -291,6 +298,75 @@ class Engine:
             s.n_cached += 1
         self._accept(seqs, logits)
         self._count("decode", len(seqs), t0)
+
+    def _decode_ahead(self, seqs: list[Sequence]) -> None:
+        """Greedy decode steps for a batch that nothing else is waiting on, each step queued on the device before
+        the host reads the previous one's tokens: the step's input tokens are the argmax its predecessor wrote on
+        the device, so the host's per-token work (reading tokens, stop checks, streaming, the next step's
+        inputs) overlaps the device's step instead of idling it. Runs while the batch stays the same and every
+        sequence has room for one more token; a new request, a cancel or a finished sequence ends it after the
+        step in flight (its tokens are kept for the sequences still running; a finished sequence's extra token
+        is dropped, and its extra KV row lies in blocks it still owned)."""
+        pos = [len(s.tokens) - 1 for s in seqs]
+        pending = self._launch_greedy(seqs, pos, [s.tokens[-1] for s in seqs])
+        while True:
+            t0 = time.perf_counter()
+            nxt = [p + 1 for p in pos]
+            ahead = not (self._inbox or self._cancels or self._stopping) and all(
+                self._room_for_two(s, p) for s, p in zip(seqs, nxt))
+            following = self._launch_greedy(seqs, nxt, None) if ahead else None
+            toks = pending()
+            for s in seqs:
+                s.n_cached += 1
+            self._accept_tokens(seqs, toks)
+            self._count("decode", len(seqs), t0)
+            if following is None:
+                return
+            if any(s.finished for s in seqs):
+                toks = following()
+                live = [(s, t) for s, t in zip(seqs, toks) if not s.finished]
+                for s, _ in live:
+                    s.n_cached += 1
+                self._accept_tokens([s for s, _ in live], [t for _, t in live])
+                self._count("decode", len(live), time.perf_counter())
+                return
+            pos, pending = nxt, following
+
+    def _room_for_two(self, s: Sequence, next_pos: int) -> bool:
+        """The step in flight and the one after it both fit this sequence's reserved blocks and limits."""
+        return (next_pos < len(s.blocks) * self.block_size and len(s.tokens) + 2 <= self.session_len
+                and len(s.out_ids) + 2 <= s.params.max_new_tokens)
+
+    def _launch_greedy(self, seqs: list[Sequence], pos: list[int], tokens: Optional[list[int]]):
+        """Queue one greedy decode step; tokens=None: the inputs are the tokens the previous step wrote on the
+        device. Returns a function that waits for this step only and gives its tokens (host ints)."""
+        n = len(seqs)
+        slots = [self._slot(s.blocks, p) for s, p in zip(seqs, pos)]
+        if tokens is None:
+            tok, positions, slots = self._next[:n], *self._dev(pos, slots)
+        else:
+            tok, positions, slots = self._dev(tokens, pos, slots)
+        bt = torch.stack([s.block_table for s in seqs])
+        ctx = torch.tensor([p + 1 for p in pos], dtype=torch.int32).to(self.runner.device, non_blocking=True)
+        if self.graphs is not None:
+            out = self.graphs.run_greedy(None if tokens is None else tok, positions, slots, bt, ctx,
+                                         max_context=max(pos) + 1)
+        else:
+            out = self.runner.decode(tok, positions, slots, bt, ctx).argmax(-1)
+        if self.graphs is None:
+            self._next[:n].copy_(out)
+        if self.runner.device.type != "cuda":
+            host = out.tolist()
+            return lambda: host
+        buf = torch.empty(n, dtype=torch.long, pin_memory=True)
+        buf.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> list[int]:
+            done.synchronize()
+            return buf.tolist()
+        return wait
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         budget, chunks = self.max_prefill_tokens, []
@@ -322,7 +398,10 @@ class Engine:
         self._count("prefill", len(tokens), t0)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        toks = sample(logits, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
+        self._accept_tokens(seqs, sample(logits, [s.params for s in seqs], [s.tokens for s in seqs],
+                                         [s.generator for s in seqs]))
+
+    def _accept_tokens(self, seqs: list[Sequence], toks: list[int]) -> None:
         for s, t in zip(seqs, toks):
             p = s.params
             if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):

@@ -6,9 +6,13 @@ attend one row of block 0 (their logits are dropped). The context bucket (a powe
 context of the batch, 256 at least, the capacity at most) sizes the attention's context splits, so a
 short context is spread over programs instead of looping in one.
 
+Each graph also takes the argmax of its logits and leaves it in its own token input buffer, so a greedy
+step can be replayed with no host round trip for its input (`run_greedy(None, ...)`).
+
 Usage:
     g = DecodeGraphs(runner, max_batch_size=32, max_blocks=64)
     logits = g.run(tokens, positions, slots, block_tables, context_lens, max_context=300)   # -> (n, V)
+    toks = g.run_greedy(None, positions + 1, ...)   # inputs: the previous replay's argmax -> (n,)
 """
 from __future__ import annotations
 
@@ -50,10 +54,21 @@ class DecodeGraphs:
         raise ValueError(f"context {max_context} exceeds the block tables' capacity {self.ctx_buckets[-1]}")
 
     def run(self, tokens, positions, slots, block_tables, context_lens, max_context=None) -> torch.Tensor:
-        """max_context: the longest context in the batch (default: capacity, always safe)."""
-        n = tokens.shape[0]
+        """max_context: the longest context in the batch (default: capacity, always safe). -> logits (n, V)"""
+        b, c = self._replay(tokens, positions, slots, block_tables, context_lens, max_context)
+        return self.outputs[b, c][0][:positions.shape[0]]
+
+    def run_greedy(self, tokens, positions, slots, block_tables, context_lens, max_context=None) -> torch.Tensor:
+        """The same step -> its argmax tokens (n,). tokens=None: the step's input tokens are the ones the
+        previous replay's argmax left in the input buffer (greedy decoding queued ahead of the host)."""
+        b, c = self._replay(tokens, positions, slots, block_tables, context_lens, max_context)
+        return self.outputs[b, c][1][:positions.shape[0]]
+
+    def _replay(self, tokens, positions, slots, block_tables, context_lens, max_context):
+        n = positions.shape[0]
         b, c = self.bucket(n), self.ctx_bucket(max_context)
-        self.tokens[:n].copy_(tokens, non_blocking=True)
+        if tokens is not None:
+            self.tokens[:n].copy_(tokens, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slots[:n].copy_(slots, non_blocking=True)
         self.block_tables[:n].copy_(block_tables, non_blocking=True)
@@ -65,7 +80,7 @@ class DecodeGraphs:
         if (b, c) not in self.graphs:
             self._capture(b, c)
         self.graphs[b, c].replay()
-        return self.outputs[b, c][:n]
+        return b, c
 
     def capture_all(self) -> int:
         """Capture every bucket now (padding rows only: nothing is written to the KV cache). Returns the count."""
@@ -89,5 +104,7 @@ class DecodeGraphs:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
             out = self.runner.decode(*args, max_context_len=c)
+            tok = out.argmax(-1)
+            self.tokens[:b].copy_(tok)   # the next step's inputs, for greedy decoding queued ahead (run_greedy)
         self.pool = g.pool()
-        self.graphs[b, c], self.outputs[b, c] = g, out
+        self.graphs[b, c], self.outputs[b, c] = g, (out, tok)
