@@ -220,3 +220,58 @@ def test_gpu_split_k_bit_identical_over_many_launches():
         bad = sum(not torch.equal(o, first) for o in outs)
         assert bad == 0, f"M={M} {name}: {bad}/300 launches differ from the first"
         assert rel_err(first, ref64(x, w)) < TOL[torch.float16]
+
+
+KMAJ_INTERP = {"kmaj_h2": ("kmaj", 16, 4, 4, 1), "kmaj_split1": ("kmaj", 32, 64, 4, 0),
+               "kmaj_n8": ("kmaj", 8, 2, 2, 0)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+@pytest.mark.parametrize("cfg", ["gemv_split3", "sliced_split2", "fma_split3", "tile", "wide_ks2", "kmaj_h2",
+                                 "kmaj_split1", "kmaj_n8"])
+def test_interpreter_kmajor_layout_every_path(monkeypatch, poisoned, cfg):
+    """The "nk" layout (qweight (N, K//8)) packs and unpacks exactly, and every kernel path reads it: the
+    K-major GEMV and, through their strides, the (K//8, N) kernels; odd N, ragged last split, bias, SwiGLU."""
+    from pipeline.kernels.norm import silu_mul_ref
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    N, K, g = 37, 640, 128
+    q, s, z = make_quant(N, K, g)
+    w = w4.pack_w4(q, s, z, g, layout="nk")
+    assert tuple(w.qweight.shape) == (N, K // 8) and w.layout == "nk"
+    q2, s2, z2 = w4.unpack_w4(w)
+    assert torch.equal(q2, q) and torch.equal(w.qweight, w4.pack_w4(q, s, z, g).qweight.t())
+    conf = {**INTERP_CONFIGS, **KMAJ_INTERP}[cfg]
+    for M, dtype in ((1, torch.float16), (3, torch.float32)):
+        x = torch.randn(M, K).to(dtype)
+        bias = torch.randn(N).to(dtype)
+        y = w4.w4a16_linear(x, w, bias, config=conf)
+        assert rel_err(y, ref64(x, w, bias)) < TOL[dtype], f"{cfg} M={M} {dtype}"
+    gate_up = torch.randn(2, 2 * K).half()
+    y = w4.w4a16_linear(gate_up, w, config=conf, act="silu_mul")
+    assert rel_err(y, ref64(silu_mul_ref(gate_up), w)) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="layout='kn2' not supported"):
+        w4.pack_w4(q, s, z, g, layout="kn2")
+    with pytest.raises(ValueError, match="needs the 'nk' layout"):
+        w4.w4a16_linear(x, w4.pack_w4(q, s, z, g), config=KMAJ_INTERP["kmaj_h2"])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("K,N", LLAMA)
+def test_gpu_kmajor_layout_every_config(poisoned, K, N):
+    """Every candidate of the "nk" layout (the K-major GEMV for M <= 4, the strided tensor-core and
+    dequantize paths above) at real sizes, with the fused SwiGLU input for the down projection's shape."""
+    from pipeline.kernels.norm import silu_mul_ref
+    w = w4.pack_w4(*make_quant(N, K, 128), 128, layout="nk").to("cuda")
+    bias = torch.randn(N, device="cuda").half()
+    for M in (1, 4, 16, 64, 256):
+        x = torch.randn(M, K, device="cuda").half()
+        ref = ref64(x, w, bias)
+        for name in w4.candidates(M, "nk"):
+            err = rel_err(w4.w4a16_linear(x, w, bias, config=name), ref)
+            assert err < TOL[x.dtype], f"nk M={M} K={K} N={N} config {name}: rel err {err:.2e}"
+        if K == 11008 and M <= 4:
+            gate_up = torch.randn(M, 2 * K, device="cuda").half()
+            for name in w4.KMAJ_SET:
+                err = rel_err(w4.w4a16_linear(gate_up, w, config=name, act="silu_mul"), ref64(silu_mul_ref(gate_up), w))
+                assert err < TOL[torch.float16], f"nk silu_mul M={M} {name}: rel err {err:.2e}"
