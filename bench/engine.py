@@ -248,12 +248,9 @@ def copy_bw() -> float:
     return bw
 
 
-W4_LAYOUT = ["kn"]   # --w4-layout
-
-
 def decode(ws: Path, name: str, qp: int, bw: float, n_new: int, eager: bool = False):
     eng = Engine.from_workspace(ws, DEV, {"quant_policy": qp, "session_len": 4096, "max_batch_size": 8,
-                                          "num_blocks": 80, "w4_layout": W4_LAYOUT[0]})
+                                          "num_blocks": 80})
     tps = decode_tps(eng, n_new)
     wb, kvb = weight_bytes(eng), kv_bytes_per_token(eng)
     per_tok = wb + kvb * (n_new + 1) / 2          # mean context over the run
@@ -418,12 +415,9 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check + copy + decode rows")
     ap.add_argument("--shapes", default="llama2-7b", choices=sorted(SHAPES),
                     help="random weights with these real shapes (memory tables and baselines: llama2-7b only)")
-    ap.add_argument("--w4-layout", default="kn", choices=["kn", "nk"], help="int4 code layout in the engine")
     ap.add_argument("--kinds", default="fp16,w4,w8",
                     help="weight kinds to run: fp16, w4 (w4a16, w4a16_kv8), w8 (w8a8, w8a8_kv8); default all")
     a = ap.parse_args()
-    W4_LAYOUT[0] = a.w4_layout
-    RES["w4_layout"] = a.w4_layout
     kinds = a.kinds.split(",")
     if not set(kinds) <= set(ROWS):
         ap.error(f"--kinds {a.kinds!r}: each must be one of {sorted(ROWS)}")

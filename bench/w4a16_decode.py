@@ -71,13 +71,13 @@ def _stream_flat_kernel(q_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + tl.program_id(0), v)
 
 
-def make_weights(K, N, g, dev, copies, layout="kn"):
+def make_weights(K, N, g, dev, copies):
     ws = []
     for _ in range(copies):
         q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device=dev)
         s = (torch.rand(K // g, N, device=dev) * 0.01 + 1e-3).half()
         z = torch.randint(0, 16, (K // g, N), device=dev).half()
-        ws.append(w4.pack_w4(q, s, z, g, layout=layout))
+        ws.append(w4.pack_w4(q, s, z, g))
     return ws
 
 
@@ -129,24 +129,19 @@ def bench(args) -> dict:
                                                        P=g // 8, KS=KS,
                                                        BLOCK_N=BN, num_warps=warps) for w in ws]
             entry[f"stream_floor_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
-        del wbs
-        for layout in args.layouts:
-            if layout != "kn":
-                ws = [w4.W4Weight(w.qweight.t().contiguous(), w.scales, w.zeros, w.K, w.N, w.group_size, layout)
-                      for w in ws]
-            for M in args.ms:
-                x = torch.randn(M, K, device=dev, dtype=torch.float16)
-                ref = x.double() @ w4.dequantize_w4(ws[0], torch.float64).T
-                row = entry["M"].setdefault(str(M), {})
-                for name in w4.candidates(M, layout):
-                    if only and name not in only or w4.CONFIGS[name] is None:
-                        continue
-                    err = rel_err(w4.w4a16_linear(x, ws[0], config=name), ref)
-                    t = time_calls([lambda w=w: w4.w4a16_linear(x, w, config=name) for w in ws], graph=True)
-                    key = name if layout == "kn" else f"{name}@{layout}"
-                    row[key] = {"us": t * 1e6, "x_roofline": t * 1e6 / entry["roofline_us"], "rel_err": err}
-                    print(f"K={K} N={N} M={M} {key:22s} {t * 1e6:7.2f} us  {row[key]['x_roofline']:.2f}x  "
-                          f"err {err:.1e}", flush=True)
+        for M in args.ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16)
+            ref = x.double() @ w4.dequantize_w4(ws[0], torch.float64).T
+            row = {}
+            for name in w4.candidates(M):
+                if only and name not in only or w4.CONFIGS[name] is None:
+                    continue
+                err = rel_err(w4.w4a16_linear(x, ws[0], config=name), ref)
+                t = time_calls([lambda w=w: w4.w4a16_linear(x, w, config=name) for w in ws], graph=True)
+                row[name] = {"us": t * 1e6, "x_roofline": t * 1e6 / entry["roofline_us"], "rel_err": err}
+                print(f"K={K} N={N} M={M} {name:18s} {t * 1e6:7.2f} us  {row[name]['x_roofline']:.2f}x  "
+                      f"err {err:.1e}", flush=True)
+            entry["M"][str(M)] = row
         print(f"K={K} N={N}: roofline {entry['roofline_us']:.2f} us, launch floor {entry['launch_floor_us']:.2f} us, "
               + ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k.startswith("stream_floor")), flush=True)
         res["shapes"].append(entry)
@@ -173,7 +168,7 @@ def table(res) -> str:
 
 def ncu_target(name: str, M: int = 1):
     """A few launches of one config on the (4096, 22016) linear: `ncu -k regex:_gemv|_w4a16|_stream ...`.
-    name: a config (config@nk: on the K-major layout), or stream3d / stream3d_nosz / stream3d_blocked / flat (the floors)."""
+    name: a config, or stream3d / stream3d_nosz / stream3d_blocked / flat (the floors)."""
     K, N, g = 4096, 22016, 128
     w = make_weights(K, N, g, torch.device("cuda"), 1)[0]
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -190,10 +185,7 @@ def ncu_target(name: str, M: int = 1):
             _stream_kernel[grid](wb.qweight, w.scales, w.zeros, y32, N, K // g, sb, sr, P=g // 8, KS=4, BLOCK_N=64,
                                  SZ=not name.endswith("nosz"), num_warps=4)
         else:
-            cfg, _, layout = name.partition("@")
-            if layout:
-                w = w4.W4Weight(w.qweight.t().contiguous(), w.scales, w.zeros, K, N, g, layout)
-            w4.w4a16_linear(x, w, config=cfg)
+            w4.w4a16_linear(x, w, config=name)
     torch.cuda.synchronize()
 
 
@@ -201,8 +193,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--configs", default="", help="comma-separated config names (default: every candidate)")
-    ap.add_argument("--layouts", type=lambda s: s.split(","), default=["kn", "nk"],
-                    help="qweight layouts to time every candidate on (kn: (K//8, N), nk: (N, K//8))")
     ap.add_argument("--ncu", default="", help="run a few launches of this config only (for ncu)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
-            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "w4_layout": str}
+            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -124,8 +124,7 @@ class Engine:
             runner = launch(ws, dev, settings["tp"], {**settings, "quant_policy": qp}, settings.get("tp_timeout", 120.0))
             settings["cuda_graphs"] = False   # each rank captures its own graphs inside the TP group
         else:
-            runner = ModelRunner.from_workspace(ws, dev, settings["session_len"], qp, settings.get("kv_mode"),
-                                                settings.get("w4_layout", "kn"))
+            runner = ModelRunner.from_workspace(ws, dev, settings["session_len"], qp, settings.get("kv_mode"))
         tok = None
         if (ws / TOKENIZER).exists():
             from transformers import AutoTokenizer

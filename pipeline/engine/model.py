@@ -101,9 +101,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_workspace(cls, ws: Path, device: torch.device, session_len: int,
-                       quant_policy: Optional[int] = None, kv_mode: Optional[str] = None,
-                       w4_layout: str = "kn") -> "ModelRunner":
-        """w4_layout: the int4 codes' layout in memory ("kn" or "nk", pipeline/kernels/w4a16.py)."""
+                       quant_policy: Optional[int] = None, kv_mode: Optional[str] = None) -> "ModelRunner":
         c = read_config(ws)
         qp = c["quant_policy"] if quant_policy is None else quant_policy
         if qp not in QUANT_POLICIES:
@@ -117,7 +115,7 @@ class ModelRunner:
             w = cat_out(parts) if len(parts) > 1 else parts[0]
             if isinstance(w, W8Weight):
                 return W8Weight(w.qweight.contiguous(), w.scales.contiguous())
-            return pack_w4(*w, g, layout=w4_layout) if isinstance(w, tuple) else w.to(dtype)
+            return pack_w4(*w, g) if isinstance(w, tuple) else w.to(dtype)
 
         def opt(name):
             return canon[name].to(dtype) if name in canon else None

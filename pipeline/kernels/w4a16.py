@@ -52,35 +52,26 @@ from pipeline.kernels.tuner import Tuner
 GROUP_SIZES = (32, 64, 128)
 
 
-LAYOUTS = ("kn", "nk")
-
-
 @dataclass
 class W4Weight:
-    qweight: torch.Tensor  # (K//8, N) int32 ("kn") or its transpose (N, K//8) ("nk"), group-permuted nibbles
+    qweight: torch.Tensor  # (K//8, N) int32, group-permuted nibbles (see module docstring)
     scales: torch.Tensor  # (K//g, N) fp16
     zeros: torch.Tensor  # (K//g, N) fp16, integer-valued
     K: int
     N: int
     group_size: int
-    layout: str = "kn"
 
     def to(self, device) -> "W4Weight":
         return W4Weight(self.qweight.to(device), self.scales.to(device), self.zeros.to(device),
-                        self.K, self.N, self.group_size, self.layout)
+                        self.K, self.N, self.group_size)
 
     @property
     def device(self) -> torch.device:
         return self.qweight.device
 
 
-def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-            layout: str = "kn") -> W4Weight:
-    """Quantizer tensors -> kernel layout. q (N, K) uint8 0..15; scales, zeros (K//g, N).
-    layout "kn": qweight (K//8, N) (rows contiguous along N); "nk": (N, K//8), each output column's codes
-    contiguous along K (the decode GEMV `_gemv_kmajor_kernel` streams it)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} not supported; valid: {LAYOUTS}")
+def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> W4Weight:
+    """Quantizer tensors -> kernel layout. q (N, K) uint8 0..15; scales, zeros (K//g, N)."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} not supported; valid: {GROUP_SIZES}")
     if q.dim() != 2:
@@ -103,18 +94,16 @@ def pack_w4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_si
     shifts = (torch.arange(8, device=q.device, dtype=torch.int32) * 4).view(1, 1, 8, 1)
     packed = (qv << shifts).sum(dim=2, dtype=torch.int64)  # (N, G, P), < 2**32
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-    qweight = packed.reshape(N, G * P)  # (N, K//8)
-    qweight = qweight.t().contiguous() if layout == "kn" else qweight.contiguous()
+    qweight = packed.reshape(N, G * P).t().contiguous()  # (K//8, N)
     return W4Weight(qweight, scales.to(torch.float16).contiguous(), zf.to(torch.float16).contiguous(),
-                    K, N, group_size, layout)
+                    K, N, group_size)
 
 
 def unpack_w4(w: W4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact inverse of pack_w4 -> (q (N, K) uint8, scales (K//g, N) fp16, zeros (K//g, N) fp16)."""
     K, N, g = w.K, w.N, w.group_size
     G, P = K // g, g // 8
-    nk = w.qweight if w.layout == "nk" else w.qweight.t()
-    packed = nk.reshape(N, G, 1, P).to(torch.int64) & 0xFFFFFFFF
+    packed = w.qweight.t().reshape(N, G, 1, P).to(torch.int64) & 0xFFFFFFFF
     shifts = (torch.arange(8, device=packed.device, dtype=torch.int64) * 4).view(1, 1, 8, 1)
     q = ((packed >> shifts) & 0xF).reshape(N, K).to(torch.uint8)
     return q, w.scales.clone(), w.zeros.clone()
@@ -183,10 +172,10 @@ def _planes_f16(q, zc):
 
 
 @triton.jit
-def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, stride_qk, P: tl.constexpr,
+def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, P: tl.constexpr,
                 GROUP: tl.constexpr, ACT: tl.constexpr):
     # group g's packed weights (P, BN) int32, scale and zero (BN,) fp32 and its 8 activation slices (BM, P)
-    q = tl.load(q_ptrs + g * P * stride_qk, mask=mask_n[None, :], other=0)
+    q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)
     sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     xm = mask_m[:, None]
@@ -234,7 +223,6 @@ def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexp
 
 @triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
-                  stride_qk, stride_qn,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
             ACT: tl.constexpr, PX: tl.constexpr):
@@ -270,21 +258,21 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     per_split = tl.cdiv(n_groups, split_k)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, n_groups)
-    q_ptrs = q_ptr + offs_p[:, None] * stride_qk + offs_n[None, :] * stride_qn  # (P, BN)
+    q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SLICED and P >= 16:
         # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape
         xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
         for g in range(g_lo, g_hi):
             q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7 = _load_group(
-                q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, stride_qk, P, GROUP, ACT)
+                q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, P, GROUP, ACT)
             acc = _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND, PX, C)
     else:
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         shifts = tl.arange(0, 8) * 4
         for g in range(g_lo, g_hi):
             x = _load_x(x_ptrs + g * GROUP, K, mask_m[:, None], ACT)  # (BM, g)
-            q = tl.load(q_ptrs + g * P * stride_qk, mask=mask_n[None, :], other=0)  # (P, BN) int32
+            q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
             nib = (q[None, :, :] >> shifts[:, None, None]) & 0xF  # (8, P, BN), k = j*P + p
@@ -309,7 +297,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
 
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                 split_k, stride_qk, stride_qn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                 split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
     # CUDA-core GEMV for tiny M: grid (N tiles, split_k, M), one activation row per program.
     # Nibble -> fp32 by OR-ing into the mantissa of 2**23; (2**23 + q) - (2**23 + z) = q - z exactly.
@@ -326,11 +314,11 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     per_split = tl.cdiv(n_groups, split_k)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, n_groups)
-    q_ptrs = q_ptr + offs_p[:, None] * stride_qk + offs_n[None, :] * stride_qn  # (P, BN)
+    q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     x_row = x_ptr + m * stride_xm + offs_p  # (P,)
     acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
     for g in range(g_lo, g_hi):
-        q = tl.load(q_ptrs + g * P * stride_qk, mask=mask_n[None, :], other=0)  # (P, BN) int32
+        q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)  # (P, BN) int32
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + 8388608.0
         part = tl.zeros((P, BLOCK_N), dtype=tl.float32)
@@ -405,9 +393,8 @@ def _x_pair(x_rows, da, db, K, mask, ACT: tl.constexpr, KS: tl.constexpr, P: tl.
 
 @triton.jit
 def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                      split_k, stride_qk, stride_qn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      KS: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                      H2: tl.constexpr):
+                      split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr):
     # CUDA-core GEMV that issues all of its weight loads at once. Program t = (m * split_k + pid_k) *
     # cdiv(N, BLOCK_N) + pid_n owns KS whole groups of BLOCK_N columns for activation row m and reads them
     # as one (KS, P, BLOCK_N) int32 tile (no loop: every byte of the program is in flight together).
@@ -425,7 +412,7 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     mask_g = offs_g < K // GROUP
     offs_p = tl.arange(0, P)
     rows = offs_g[:, None] * P + offs_p[None, :]  # (KS, P) int32 rows of qweight
-    q = tl.load(q_ptr + rows[:, :, None] * stride_qk + offs_n[None, None, :] * stride_qn,
+    q = tl.load(q_ptr + rows[:, :, None] * N + offs_n[None, None, :],
                 mask=mask_g[:, None, None] & mask_n[None, None, :], other=0)  # (KS, P, BN)
     gs = offs_g[:, None] * N + offs_n[None, :]  # (KS, BN)
     mask_s = mask_g[:, None] & mask_n[None, :]
@@ -458,73 +445,6 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     else:
         _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
                       cnt_ptr + m * tiles_n + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_kmajor_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                        split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr,
-                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr):
-    # CUDA-core GEMV on the K-major ("nk") layout: program t = (m * split_k + pid_k) * cdiv(N, BLOCK_N) + pid_n
-    # reads a (BLOCK_N, KS, P) int32 tile in one load, each column's KS*P codes one contiguous run. Threads
-    # lie along K, so the activation values a thread needs are the same for every column it handles: the
-    # x handling is done once per thread, not once per row of codes as in the (K//8, N) kernels.
-    t = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_n = t % tiles_n
-    pid_k = (t // tiles_n) % split_k
-    m = t // (tiles_n * split_k)
-    P: tl.constexpr = GROUP // 8
-    KP = K // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_g = pid_k * KS + tl.arange(0, KS)  # (KS,)
-    mask_g = offs_g < K // GROUP
-    offs_p = tl.arange(0, P)
-    kk = offs_g[:, None] * P + offs_p[None, :]  # (KS, P) int32 index along K
-    q = tl.load(q_ptr + offs_n[:, None, None] * KP + kk[None, :, :],
-                mask=mask_n[:, None, None] & mask_g[None, :, None], other=0)  # (BN, KS, P)
-    gs = offs_g[None, :] * N + offs_n[:, None]  # (BN, KS)
-    mask_s = mask_n[:, None] & mask_g[None, :]
-    s = tl.load(s_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
-    x_rows = x_ptr + m * stride_xm + offs_g[:, None] * GROUP + offs_p[None, :]  # (KS, P): plane 0
-    mask_x = mask_g[:, None]
-    if H2:
-        zz = _half_pair((z + 1024.0).to(tl.float16), (z + 1024.0).to(tl.float16))  # (BN, KS)
-        x04 = _x_pair_k(x_rows, 0, 4 * P, K, mask_x, ACT)
-        x15 = _x_pair_k(x_rows, P, 5 * P, K, mask_x, ACT)
-        x26 = _x_pair_k(x_rows, 2 * P, 6 * P, K, mask_x, ACT)
-        x37 = _x_pair_k(x_rows, 3 * P, 7 * P, K, mask_x, ACT)
-        shape: tl.constexpr = (BLOCK_N, KS, P)
-        d = _dot8_h2(q, tl.broadcast_to(zz[:, :, None], shape), tl.broadcast_to(x04[None, :, :], shape),
-                     tl.broadcast_to(x15[None, :, :], shape), tl.broadcast_to(x26[None, :, :], shape),
-                     tl.broadcast_to(x37[None, :, :], shape))  # (BN, KS, P)
-        part = tl.sum(d, axis=2) * 16.0  # (BN, KS)
-    else:
-        zc = z[:, :, None] + 8388608.0
-        acc = tl.zeros((BLOCK_N, KS, P), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = _load_x(x_rows + j * P, K, mask_x, ACT).to(tl.float32)  # (KS, P)
-            wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zc
-            acc += xj[None, :, :] * wj
-        part = tl.sum(acc, axis=2)  # (BN, KS)
-    y = tl.sum(part * s, axis=1)  # (BN,)
-    y_ptrs = y_ptr + m * stride_ym + offs_n
-    if not SPLIT:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
-                      cnt_ptr + m * tiles_n + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k, HAS_BIAS)
-
-
-@triton.jit
-def _x_pair_k(x_rows, da, db, K, mask, ACT: tl.constexpr):
-    # planes at offsets da, db of the (KS, P) activation rows, scaled by 1/16 -> fp16x2 int32 (KS, P)
-    a = (_load_x(x_rows + da, K, mask, ACT).to(tl.float32) * 0.0625).to(tl.float16)
-    b = (_load_x(x_rows + db, K, mask, ACT).to(tl.float32) * 0.0625).to(tl.float16)
-    return _half_pair(a, b)
 
 
 @triton.jit
@@ -565,15 +485,14 @@ def _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr, b_ptr, y_ptr
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_qn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))
     gi = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     P: tl.constexpr = GROUP // 8
     offs_p = tl.arange(0, P)
     mask_n = offs_n < N
-    q = tl.load(q_ptr + (gi * P + offs_p)[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_n[None, :],
-                other=0)
+    q = tl.load(q_ptr + (gi * P + offs_p)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
     s = tl.load(s_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     nib = (q[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) & 0xF
@@ -598,14 +517,6 @@ CONFIGS = {
     "wide_n128_s2_h2": ("wide", 128, 2, 4, 1),
     "wide_n32_s8_h2": ("wide", 32, 8, 4, 1),
     "wide_n32_s4_w2_h2": ("wide", 32, 4, 2, 1),
-    "kmaj_n16_s8_h2": ("kmaj", 16, 8, 4, 1),
-    "kmaj_n32_s8_h2": ("kmaj", 32, 8, 4, 1),
-    "kmaj_n16_s4_h2": ("kmaj", 16, 4, 2, 1),
-    "kmaj_n32_s4_h2": ("kmaj", 32, 4, 4, 1),
-    "kmaj_n64_s4_h2": ("kmaj", 64, 4, 8, 1),
-    "kmaj_n8_s16_h2": ("kmaj", 8, 16, 4, 1),
-    "kmaj_n16_s8": ("kmaj", 16, 8, 4, 0),
-    "kmaj_n32_s4": ("kmaj", 32, 4, 4, 0),
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
     "fma_n256_c2": ("fma", 256, -2, 8, 3),
@@ -640,9 +551,7 @@ DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl",
               "gemv_n64_c16_px")
 WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", "wide_n32_s8_h2",
             "wide_n32_s4_w2_h2")
-FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4 ("kn" layout)
-KMAJ_SET = ("kmaj_n16_s8_h2", "kmaj_n32_s8_h2", "kmaj_n16_s4_h2", "kmaj_n32_s4_h2", "kmaj_n64_s4_h2",
-            "kmaj_n8_s16_h2", "kmaj_n16_s8", "kmaj_n32_s4")  # M <= 4 on the "nk" layout
+FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
            "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
            "tile_m64_n128_c2", "tile_m64_n128_c2_sl")
@@ -657,9 +566,9 @@ def _m_bucket(M: int) -> int:
     return 1 << max(0, (M - 1).bit_length())
 
 
-def candidates(M: int, layout: str = "kn") -> tuple[str, ...]:
+def candidates(M: int) -> tuple[str, ...]:
     if M <= 4:
-        return (KMAJ_SET if layout == "nk" else FMA_SET) + DECODE_SET
+        return FMA_SET + DECODE_SET
     return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
 
 
@@ -695,13 +604,11 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         if act:
             x2 = silu_mul(x2)
         wt = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
-        _dequant_kernel[(K // g, triton.cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, *_q_strides(w), GROUP=g,
+        _dequant_kernel[(K // g, triton.cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
                                                       BLOCK_N=128, num_warps=4)
         y = x2 @ wt
         return y if bias is None else y + bias.to(y.dtype)
-    if cfg[0] in ("wide", "kmaj"):
-        if cfg[0] == "kmaj" and w.layout != "nk":
-            raise ValueError(f"config {cfg} needs the 'nk' layout, the weight has {w.layout!r}")
+    if cfg[0] == "wide":
         _, BN, KS, warps, h2 = cfg
         split = triton.cdiv(K // g, KS)
         tiles = M * triton.cdiv(N, BN)
@@ -718,32 +625,25 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
-    if cfg[0] in ("wide", "kmaj"):
+    if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
-        kern = _gemv_wide_kernel if cfg[0] == "wide" else _gemv_kmajor_kernel
-        strides = _q_strides(w) if cfg[0] == "wide" else ()
-        kern[(triton.cdiv(N, BN) * split * M,)](
+        _gemv_wide_kernel[(triton.cdiv(N, BN) * split * M,)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            *strides, GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2,
+            GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2,
             num_warps=warps, num_stages=1)
     elif cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            *_q_strides(w), GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, num_warps=warps,
+            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, num_warps=warps,
             num_stages=stages)
     else:
         dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
-                                M, N, K, x2.stride(0), y.stride(0), split, *_q_strides(w),
+                                M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
                                 HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), num_warps=warps,
                                 num_stages=stages)
     return y
-
-
-def _q_strides(w: W4Weight) -> tuple[int, int]:
-    """(stride between int32 rows along K, stride between output columns) of w.qweight."""
-    return (w.N, 1) if w.layout == "kn" else (1, w.K // 8)
 
 
 def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
@@ -752,8 +652,7 @@ def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
 
 
 def _key(x2, w: W4Weight, bias, act: bool = False) -> tuple:
-    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act,
-            w.layout)
+    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act)
 
 
 def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None) -> tuple[str | None, dict]:
@@ -763,7 +662,7 @@ def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = Non
 
 def _choose(x2, w, bias, out_dtype, act: bool = False) -> str:
     M = x2.shape[0]
-    return TUNER.choose(_key(x2, w, bias, act), candidates(M, w.layout),
+    return TUNER.choose(_key(x2, w, bias, act), candidates(M),
                         lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), default_config(M), x2.device)
 
 
