@@ -10,7 +10,9 @@ one CUDA graph (bench/kernels.py's timing):
 - launch floor: an empty Triton kernel with the same grid as a `wide` config (graph launch + drain);
 - stream floors: Triton kernels that only read the same bytes and write a few values, no arithmetic:
   (KS, P, BN) tiles like the `wide` kernel on the (K//8, N) layout, with and without the scale/zero loads
-  (`nosz`), on a column-blocked copy (each tile one contiguous run), and 1-D contiguous blocks (`flat`);
+  (`nosz`), with scale and zero as one int32 pair per (group, column) in a separate array (`sz32`) or in a
+  row right after each group's codes (`slab`), on a column-blocked copy (each tile one contiguous run), and
+  1-D contiguous blocks (`flat`);
 - every config in `w4a16.candidates(M)` (rel err against an fp64 reference checked first).
 Writes <out>/w4a16_decode.json (out = --out, else $OUT, else bench/results) and prints a table last.
 """
@@ -61,6 +63,37 @@ def _stream_kernel(q_ptr, s_ptr, z_ptr, y_ptr, N, n_groups, stride_qb, stride_qr
         z = tl.load(z_ptr + gs, mask=mask_g[:, None] & mask_n[None, :], other=0.0)
         v += tl.sum(s.to(tl.int16, bitcast=True) ^ z.to(tl.int16, bitcast=True), axis=0).to(tl.int32)
     tl.store(y_ptr + pid_k * N + offs_n, v, mask=mask_n)  # (split, N): every program writes, no load is dead
+
+
+@triton.jit
+def _stream_sz_kernel(q_ptr, sz_ptr, y_ptr, N, n_groups, rows_per_group, sz_group_stride, P: tl.constexpr,
+                      KS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the wide kernel's tiles with scale and zero as ONE int32 (an fp16 pair) per (group, column): codes of group
+    # g at int32 rows g * rows_per_group + p, its pairs at sz_ptr + g * sz_group_stride (a separate (K//g, N)
+    # array: rows_per_group = P, stride N; or a row right after the group's codes: P + 1, (P + 1) * N)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    mask_n = offs_n < N
+    offs_g = pid_k * KS + tl.arange(0, KS)
+    mask_g = offs_g < n_groups
+    rows = offs_g[:, None] * rows_per_group + tl.arange(0, P)[None, :]
+    q = tl.load(q_ptr + rows[:, :, None] * N + offs_n[None, None, :],
+                mask=mask_g[:, None, None] & mask_n[None, None, :], other=0)
+    sz = tl.load(sz_ptr + offs_g[:, None] * sz_group_stride + offs_n[None, :],
+                 mask=mask_g[:, None] & mask_n[None, :], other=0)
+    v = tl.sum(tl.sum(q, axis=1), axis=0) + tl.sum(sz, axis=0)
+    tl.store(y_ptr + pid_k * N + offs_n, v, mask=mask_n)
+
+
+def sz_layouts(w: w4.W4Weight):
+    """(scale|zero pairs (K//g, N) int32, slab (K//g, P + 1, N) int32: each group's codes then its pairs)."""
+    G, P = w.K // w.group_size, w.group_size // 8
+    pair = ((w.scales.view(torch.int16).to(torch.int32) & 0xFFFF)
+            | (w.zeros.view(torch.int16).to(torch.int32) << 16)).contiguous()
+    slab = torch.cat([w.qweight.reshape(G, P, w.N), pair.reshape(G, 1, w.N)], dim=1).contiguous()
+    return pair, slab
 
 
 @triton.jit
@@ -116,6 +149,15 @@ def bench(args) -> dict:
         fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N, P=g // 8, KS=4,
                                                    BLOCK_N=64, SZ=False, num_warps=4) for w in ws]
         entry["stream_floor_nosz_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+        szs = [sz_layouts(w) for w in ws]
+        P = g // 8
+        fns = [lambda w=w, sz=sz: _stream_sz_kernel[grid_s](w.qweight, sz[0], y32, N, K // g, P, N, P=P, KS=4,
+                                                            BLOCK_N=64, num_warps=4) for w, sz in zip(ws, szs)]
+        entry["stream_floor_sz32_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+        fns = [lambda sz=sz: _stream_sz_kernel[grid_s](sz[1], sz[1].view(-1)[P * N:], y32, N, K // g, P + 1,
+                                                       (P + 1) * N, P=P, KS=4, BLOCK_N=64, num_warps=4) for sz in szs]
+        entry["stream_floor_slab_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+        del szs
         wbs = [blocked(w) for w in ws]
         for BN, KS, warps in ((64, 4, 4), (64, 2, 4), (128, 2, 4)):
             grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
