@@ -257,7 +257,7 @@ class Engine:
             self.running.append(s)
         batch = list(self.running)
         try:
-            self._decode([s for s in batch if s.n_cached == len(s.tokens) - 1 and s.out_ids])
+            self._decode([s for s in batch if s.n_cached == s.n_tokens - 1 and s.out_ids])
             self._prefill([s for s in batch if s.n_cached < len(s.prompt)])
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests, never the engine
             log.exception("engine step failed")
@@ -285,8 +285,8 @@ class Engine:
                 and len(seqs) == len(self.running) and not self.waiting:
             return self._decode_ahead(seqs)
         t0 = time.perf_counter()
-        pos = [len(s.tokens) - 1 for s in seqs]
-        tokens, positions, slots = self._dev([s.tokens[-1] for s in seqs], pos,
+        pos = [s.n_tokens - 1 for s in seqs]
+        tokens, positions, slots = self._dev([s.last_token for s in seqs], pos,
                                              [self._slot(s.blocks, p) for s, p in zip(seqs, pos)])
         bt = torch.stack([s.block_table for s in seqs])
         ctx = torch.tensor([p + 1 for p in pos], dtype=torch.int32).to(self.runner.device, non_blocking=True)
@@ -307,8 +307,8 @@ class Engine:
         sequence has room for one more token; a new request, a cancel or a finished sequence ends it after the
         step in flight (its tokens are kept for the sequences still running; a finished sequence's extra token
         is dropped, and its extra KV row lies in blocks it still owned)."""
-        pos = [len(s.tokens) - 1 for s in seqs]
-        pending = self._launch_greedy(seqs, pos, [s.tokens[-1] for s in seqs])
+        pos = [s.n_tokens - 1 for s in seqs]
+        pending = self._launch_greedy(seqs, pos, [s.last_token for s in seqs])
         while True:
             t0 = time.perf_counter()
             nxt = [p + 1 for p in pos]
@@ -334,7 +334,7 @@ class Engine:
 
     def _room_for_two(self, s: Sequence, next_pos: int) -> bool:
         """The step in flight and the one after it both fit this sequence's reserved blocks and limits."""
-        return (next_pos < len(s.blocks) * self.block_size and len(s.tokens) + 2 <= self.session_len
+        return (next_pos < len(s.blocks) * self.block_size and s.n_tokens + 2 <= self.session_len
                 and len(s.out_ids) + 2 <= s.params.max_new_tokens)
 
     def _launch_greedy(self, seqs: list[Sequence], pos: list[int], tokens: Optional[list[int]]):
@@ -398,8 +398,8 @@ class Engine:
         self._count("prefill", len(tokens), t0)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        self._accept_tokens(seqs, sample(logits, [s.params for s in seqs], [s.tokens for s in seqs],
-                                         [s.generator for s in seqs]))
+        seen = [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in seqs]   # built only where used
+        self._accept_tokens(seqs, sample(logits, [s.params for s in seqs], seen, [s.generator for s in seqs]))
 
     def _accept_tokens(self, seqs: list[Sequence], toks: list[int]) -> None:
         for s, t in zip(seqs, toks):
@@ -411,7 +411,7 @@ class Engine:
             cut = s.detokenize(self.tokenizer)
             if cut:
                 self._finish(s, "stop")
-            elif len(s.out_ids) >= p.max_new_tokens or len(s.tokens) >= self.session_len:
+            elif len(s.out_ids) >= p.max_new_tokens or s.n_tokens >= self.session_len:
                 self._finish(s, "length")
             else:
                 s.emit()

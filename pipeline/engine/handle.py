@@ -93,7 +93,16 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
+        """prompt + output ids: a new list (O(length)); the step loop uses n_tokens / last_token instead."""
         return self.prompt + self.out_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt) + len(self.out_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.out_ids[-1] if self.out_ids else self.prompt[-1]
 
     def detokenize(self, tok) -> bool:
         """Extend self.text with the newest token; True (and text cut) when a stop string appeared."""
