@@ -16,34 +16,50 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Row (V,) of temperature-scaled logits -> same with excluded tokens at -inf."""
-    if top_k and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
+def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """(B, V) temperature-scaled logits -> the same with each row's tokens outside its top-k (0: off) and then
+    outside its top-p nucleus (the smallest prefix of the sorted distribution whose mass reaches top_p; 1: off)
+    at -inf. One batched pass for all rows (a decode step of B sampled requests launches a few kernels, not a
+    few per request)."""
+    B, V = logits.shape
+    dev = logits.device
+    on = [0 < k < V for k in top_k]
+    if any(on):
+        kmax = max(k for k, o in zip(top_k, on) if o)
+        vals = torch.topk(logits, kmax, dim=-1).values                                     # (B, kmax)
+        idx = torch.tensor([k - 1 if o else 0 for k, o in zip(top_k, on)], device=dev)
+        kth = vals.gather(1, idx[:, None])                                                 # (B, 1)
+        kth = kth.masked_fill(~torch.tensor(on, device=dev)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        srt, order = torch.sort(logits, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) > top_p          # keep the smallest prefix whose mass reaches top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
+    if any(p < 1.0 for p in top_p):
+        srt, order = torch.sort(logits, descending=True, dim=-1)
+        probs = srt.softmax(-1)
+        tp = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=dev)[:, None]
+        drop = probs.cumsum(-1) - probs > tp          # mass before this token already reaches top_p
+        logits = logits.scatter(1, order, srt.masked_fill(drop, float("-inf")))
     return logits
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
            generators: list[torch.Generator]) -> list[int]:
-    """logits (B, V) fp32 -> one token per row."""
+    """logits (B, V) -> one token per row: repetition penalty (rows that use it), then argmax for temperature
+    0, else temperature, top-k / top-p and a draw from the row's own CPU generator (seeded requests give the same
+    tokens whatever else is in the batch)."""
     logits = logits.float()
-    simple = all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params)
-    if simple:
+    if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
         return logits.argmax(-1).tolist()
-    out = []
-    for i, p in enumerate(params):
-        row = apply_repetition_penalty(logits[i].clone(), seen[i], p.repetition_penalty)
-        if p.temperature == 0:
-            out.append(int(row.argmax()))
-            continue
-        row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        out.append(int(torch.multinomial(probs.cpu(), 1, generator=generators[i])))  # CPU generators
+    pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and seen[i]]
+    if pen:
+        logits = logits.clone()
+        for i in pen:
+            logits[i] = apply_repetition_penalty(logits[i], seen[i], params[i].repetition_penalty)
+    out = logits.argmax(-1).tolist()
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
+        sub = filter_top_k_top_p(logits[rows] / temps, [params[i].top_k for i in rows],
+                                 [params[i].top_p for i in rows])
+        probs = sub.softmax(-1).cpu()                                                      # one copy for all rows
+        for j, i in enumerate(rows):
+            out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
     return out
