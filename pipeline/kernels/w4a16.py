@@ -328,6 +328,15 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
             part += xj[:, None] * wj
         acc += part * s[None, :]
     y = tl.sum(acc, axis=0)  # (BN,)
+    _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+               BLOCK_N, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+               BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # one activation row's BLOCK_N fp32 outputs of the CUDA-core GEMVs: + bias and store, or (split-K) this
+    # split's partial through _finish_split, counted at the row's tile (m, pid_n)
     y_ptrs = y_ptr + m * stride_ym + offs_n
     if not SPLIT:
         if HAS_BIAS:
@@ -335,7 +344,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
         _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
-                      cnt_ptr + m * tl.num_programs(0) + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k,
+                      cnt_ptr + m * tl.cdiv(N, BLOCK_N) + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k,
                       HAS_BIAS)
 
 
@@ -437,14 +446,8 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             acc += xj[:, :, None] * wj
         part = tl.sum(acc, axis=1)  # (KS, BN)
     y = tl.sum(part * s, axis=0)  # (BN,)
-    y_ptrs = y_ptr + m * stride_ym + offs_n
-    if not SPLIT:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
-                      cnt_ptr + m * tiles_n + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k, HAS_BIAS)
+    _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+               BLOCK_N, SPLIT, HAS_BIAS)
 
 
 @triton.jit
