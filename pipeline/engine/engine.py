@@ -286,18 +286,23 @@ class Engine:
             return self._decode_ahead(seqs)
         t0 = time.perf_counter()
         pos = [s.n_tokens - 1 for s in seqs]
-        tokens, positions, slots = self._dev([s.last_token for s in seqs], pos,
-                                             [self._slot(s.blocks, p) for s, p in zip(seqs, pos)])
-        bt = torch.stack([s.block_table for s in seqs])
-        ctx = torch.tensor([p + 1 for p in pos], dtype=torch.int32).to(self.runner.device, non_blocking=True)
+        inputs = self._step_inputs(seqs, pos, self._dev([s.last_token for s in seqs])[0])
         if self.graphs is not None:
-            logits = self.graphs.run(tokens, positions, slots, bt, ctx, max_context=max(pos) + 1)
+            logits = self.graphs.run(*inputs, max_context=max(pos) + 1)
         else:
-            logits = self.runner.decode(tokens, positions, slots, bt, ctx)
+            logits = self.runner.decode(*inputs)
         for s in seqs:
             s.n_cached += 1
         self._accept(seqs, logits)
         self._count("decode", len(seqs), t0)
+
+    def _step_inputs(self, seqs: list[Sequence], pos: list[int], tokens):
+        """A decode step's device inputs for these sequences at these positions: (tokens, positions, slots,
+        block tables, context lengths); tokens is passed through (a device tensor, or None)."""
+        positions, slots = self._dev(pos, [self._slot(s.blocks, p) for s, p in zip(seqs, pos)])
+        bt = torch.stack([s.block_table for s in seqs])
+        ctx = torch.tensor([p + 1 for p in pos], dtype=torch.int32).to(self.runner.device, non_blocking=True)
+        return tokens, positions, slots, bt, ctx
 
     def _decode_ahead(self, seqs: list[Sequence]) -> None:
         """Greedy decode steps for a batch that nothing else is waiting on, each step queued on the device before
@@ -341,19 +346,12 @@ class Engine:
         """Queue one greedy decode step; tokens=None: the inputs are the tokens the previous step wrote on the
         device. Returns a function that waits for this step only and gives its tokens (host ints)."""
         n = len(seqs)
-        slots = [self._slot(s.blocks, p) for s, p in zip(seqs, pos)]
-        if tokens is None:
-            tok, positions, slots = self._next[:n], *self._dev(pos, slots)
+        tok = self._dev(tokens)[0] if tokens is not None else None
+        if self.graphs is not None:   # tok None: the graph's input buffer already holds them
+            out = self.graphs.run_greedy(*self._step_inputs(seqs, pos, tok), max_context=max(pos) + 1)
         else:
-            tok, positions, slots = self._dev(tokens, pos, slots)
-        bt = torch.stack([s.block_table for s in seqs])
-        ctx = torch.tensor([p + 1 for p in pos], dtype=torch.int32).to(self.runner.device, non_blocking=True)
-        if self.graphs is not None:
-            out = self.graphs.run_greedy(None if tokens is None else tok, positions, slots, bt, ctx,
-                                         max_context=max(pos) + 1)
-        else:
-            out = self.runner.decode(tok, positions, slots, bt, ctx).argmax(-1)
-        if self.graphs is None:
+            out = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
+            out = out.argmax(-1)
             self._next[:n].copy_(out)
         if self.runner.device.type != "cuda":
             host = out.tolist()
