@@ -3,6 +3,7 @@
     python bench/engine.py --out results.json [--quick]
     python bench/engine.py --decode-only --out results.json   # check + copy + the decode rows only
     python bench/engine.py --dry-run                          # CPU, tiny shapes: the same code paths, no GPU
+    python bench/engine.py --profile-only --kinds w4 --pdl off,on   # each row without, then with PDL
 
 Sections (results written to --out after each one, so a cut-off run keeps what it measured):
   check     tiny model on the GPU: engine (Triton kernels, CUDA graphs) vs the reference model,
@@ -36,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.engine import Engine, SamplingParams  # noqa: E402
+from pipeline.kernels.pdl import enabled as pdl_enabled  # noqa: E402
 from pipeline.models.llama import ModelArgs, build_model  # noqa: E402
 from pipeline.models.sources import synthetic_tensors  # noqa: E402
 from pipeline.quant import w4 as awq_format  # noqa: E402
@@ -395,12 +397,12 @@ def compare():
 
 
 def table():
-    print(f"\n{'config':<12}{'tok/s':>9}{'roofline':>10}{'of roof':>9}{'x fp16':>8}{'x w4a16':>9}")
+    print(f"\n{'config':<18}{'tok/s':>9}{'roofline':>10}{'of roof':>9}{'x fp16':>8}{'x w4a16':>9}")
     for k, v in RES.get("decode", {}).items():
-        print(f"{k:<12}{v['tokens_per_s']:>9}{v['roofline_tokens_per_s']:>10}{v['of_roofline']:>9}"
+        print(f"{k:<18}{v['tokens_per_s']:>9}{v['roofline_tokens_per_s']:>10}{v['of_roofline']:>9}"
               f"{v.get('x_fp16', 1.0 if k == 'fp16' else ''):>8}{v.get('x_w4a16', 1.0 if k == 'w4a16' else ''):>9}")
     for k, v in RES.get("hf_fp16", {}).items():
-        print(f"hf {k:<9}{v['tokens_per_s']:>9}")
+        print(f"hf {k:<15}{v['tokens_per_s']:>9}")
 
 
 def main():
@@ -417,7 +419,12 @@ def main():
                     help="random weights with these real shapes (memory tables and baselines: llama2-7b only)")
     ap.add_argument("--kinds", default="fp16,w4,w8",
                     help="weight kinds to run: fp16, w4 (w4a16, w4a16_kv8), w8 (w8a8, w8a8_kv8); default all")
+    ap.add_argument("--pdl", default="on", help="programmatic dependent launch per row: on, off, or off,on (both, "
+                    "rows without it named <row>_nopdl; GEMM tuning from the first engine is reused by the second)")
     a = ap.parse_args()
+    pdl_modes = a.pdl.split(",")
+    if not set(pdl_modes) <= {"on", "off"}:
+        ap.error(f"--pdl {a.pdl!r}: each must be on or off")
     kinds = a.kinds.split(",")
     if not set(kinds) <= set(ROWS):
         ap.error(f"--kinds {a.kinds!r}: each must be one of {sorted(ROWS)}")
@@ -446,10 +453,13 @@ def main():
         if kind not in kinds:
             continue
         ws = build_ws(root, args, kind)
-        for name, qp in ROWS[kind]:
-            eng = decode(ws, name, qp, bw, a.new, eager=name == "w4a16" and not (light or a.profile_only))
+        for (name, qp), mode in [(r, m) for r in ROWS[kind] for m in pdl_modes]:
+            os.environ["PIPELINE_PDL"] = "1" if mode == "on" else "0"
+            row = name if mode == "on" else f"{name}_nopdl"
+            eng = decode(ws, row, qp, bw, a.new, eager=row == "w4a16" and not (light or a.profile_only))
+            RES["decode"][row]["pdl"] = DEV == "cuda" and pdl_enabled(torch.device(DEV))
             if a.profile_only:
-                profile(eng, name)
+                profile(eng, row)
             elif not light and name == "w4a16":
                 memory(eng, "int4_weights", {"fp16_kv": (16, "none")}, [1], [2048, 4096])
             elif not light and name == "fp16":

@@ -13,7 +13,9 @@ one CUDA graph (bench/kernels.py's timing):
   (`nosz`), with scale and zero as one int32 pair per (group, column) in a separate array (`sz32`) or in a
   row right after each group's codes (`slab`), on a column-blocked copy (each tile one contiguous run), and
   1-D contiguous blocks (`flat`);
-- every config in `w4a16.candidates(M)` (rel err against an fp64 reference checked first).
+- every config in `w4a16.candidates(M)` (rel err against an fp64 reference checked first), with programmatic
+  dependent launch off and on (`--pdl`; rows `<config>+pdl`): back-to-back launches on different weight copies,
+  so with PDL each launch loads its weights while the one before it finishes, as consecutive layers do.
 Writes <out>/w4a16_decode.json (out = --out, else $OUT, else bench/results) and prints a table last.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import L2_DEFEAT_BYTES, LLAMA_LINEARS, copy_bandwidth, rel_err, time_calls  # noqa: E402
+from pipeline.kernels import pdl  # noqa: E402
 from pipeline.kernels import w4a16 as w4  # noqa: E402
 
 
@@ -127,7 +130,7 @@ def bench(args) -> dict:
     g = 128
     bw = copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "copy_bw_GBps": bw / 1e9, "group_size": g, "shapes": []}
+           "copy_bw_GBps": bw / 1e9, "group_size": g, "pdl_supported": pdl.enabled(dev), "shapes": []}
     only = set(args.configs.split(",")) if args.configs else None
     for K, N in LLAMA_LINEARS:
         torch.manual_seed(K + N)
@@ -175,19 +178,41 @@ def bench(args) -> dict:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             ref = x.double() @ w4.dequantize_w4(ws[0], torch.float64).T
             row = {}
-            for name in w4.candidates(M):
+            for name, mode in [(n, m) for n in w4.candidates(M) for m in args.pdl]:
                 if only and name not in only or w4.CONFIGS[name] is None:
                     continue
+                os.environ["PIPELINE_PDL"] = "1" if mode == "on" else "0"
+                key = name + ("+pdl" if mode == "on" else "")
                 err = rel_err(w4.w4a16_linear(x, ws[0], config=name), ref)
                 t = time_calls([lambda w=w: w4.w4a16_linear(x, w, config=name) for w in ws], graph=True)
-                row[name] = {"us": t * 1e6, "x_roofline": t * 1e6 / entry["roofline_us"], "rel_err": err}
-                print(f"K={K} N={N} M={M} {name:18s} {t * 1e6:7.2f} us  {row[name]['x_roofline']:.2f}x  "
+                row[key] = {"us": t * 1e6, "x_roofline": t * 1e6 / entry["roofline_us"], "rel_err": err}
+                print(f"K={K} N={N} M={M} {key:22s} {t * 1e6:7.2f} us  {row[key]['x_roofline']:.2f}x  "
                       f"err {err:.1e}", flush=True)
             entry["M"][str(M)] = row
         print(f"K={K} N={N}: roofline {entry['roofline_us']:.2f} us, launch floor {entry['launch_floor_us']:.2f} us, "
               + ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k.startswith("stream_floor")), flush=True)
         res["shapes"].append(entry)
+    res["ptx_order"] = ptx_order()
     return res
+
+
+def ptx_order() -> dict:
+    """Per compiled W4A16 kernel with PDL: how many global loads its PTX issues before griddepcontrol.wait (the
+    wide GEMV must issue its weight loads there for PDL to overlap them with the previous kernel)."""
+    out = {}
+    for kern in (w4._gemv_wide_kernel, w4._gemv_kernel, w4._w4a16_kernel):
+        try:
+            caches = [c[0] if isinstance(c, tuple) else c for c in kern.device_caches.values()]
+            for cache in caches:
+                for i, ck in enumerate(cache.values()):
+                    ptx = ck.asm["ptx"]
+                    if "griddepcontrol.wait" in ptx:
+                        head = ptx.split("griddepcontrol.wait")[0]
+                        out[f"{kern.fn.__name__}#{i}"] = {"ld_global_before_wait": head.count("ld.global"),
+                                                        "ld_global_total": ptx.count("ld.global")}
+        except Exception as e:  # attribute layout differs between Triton versions
+            out[kern.fn.__name__] = f"unavailable: {type(e).__name__}: {e}"
+    return out
 
 
 def table(res) -> str:
@@ -235,6 +260,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--configs", default="", help="comma-separated config names (default: every candidate)")
+    ap.add_argument("--pdl", type=lambda s: s.split(","), default=["off", "on"],
+                    help="programmatic dependent launch for the configs: off, on, or off,on (default)")
     ap.add_argument("--ncu", default="", help="run a few launches of this config only (for ncu)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -244,6 +271,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "w4a16_decode.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["ptx_order"]))
     print(table(res))
 
 

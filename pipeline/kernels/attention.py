@@ -36,6 +36,7 @@ import triton.language as tl
 
 from pipeline.kernels import kvcache
 from pipeline.kernels.dispatch import arrival_counters, use_triton
+from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 LOG2E = 1.4426950408889634
 
@@ -69,7 +70,9 @@ def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
             BLOCK_N: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
-            BLOCK_S: tl.constexpr):
+            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    gdc_launch(PDL)
+    gdc_wait(PDL)
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid // n_kv
@@ -274,6 +277,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     dummy = context_lens
     ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
+    pdl = pdl_enabled(q.device)
     _attn_decode_kernel[(B * n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, ks, kz, vs, vz, out, op, lse, cnt,
         scale * LOG2E, n_kv, part, num_splits,
@@ -283,7 +287,8 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         lse.stride(0), lse.stride(1),
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
         MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split,
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=num_warps, num_stages=num_stages)
+        BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        **launch_kwargs(pdl))
     return out
 
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -42,7 +43,10 @@ def _rmsnorm_row(hf, W, cols, m, n_cols, eps, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rmsnorm_kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+def _rmsnorm_kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    gdc_launch(PDL)
+    gdc_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -52,7 +56,9 @@ def _rmsnorm_kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.co
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, n_cols, s_g, s_u, s_y, BLOCK: tl.constexpr):
+def _silu_mul_kernel(G, U, Y, n_cols, s_g, s_u, s_y, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    gdc_launch(PDL)
+    gdc_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -95,9 +101,10 @@ def _launch_rms_norm(x, weight, eps, residual=None, out=None, residual_out=None)
     else:
         r2 = h2 = x2
     if x2.shape[0]:
+        pdl = pdl_enabled(x.device)
         _rmsnorm_kernel[(x2.shape[0],)](x2, r2, weight, y2, h2, N, eps, x2.stride(0), r2.stride(0), y2.stride(0),
                                 h2.stride(0), BLOCK=BLOCK, HAS_RES=residual is not None,
-                                num_warps=min(16, max(1, BLOCK // 512)))
+                                PDL=pdl, num_warps=min(16, max(1, BLOCK // 512)), **launch_kwargs(pdl))
     return out if residual is None else (out, residual_out)
 
 
@@ -141,8 +148,10 @@ def _launch_silu_mul(gate, up=None, out=None):
     g2, u2, y2 = _rows(g, "gate", N), _rows(u, "up", N), out.view(-1, N)
     BLOCK = min(1024, triton.next_power_of_2(N))
     if g2.shape[0]:
+        pdl = pdl_enabled(g.device)
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, y2, N, g2.stride(0), u2.stride(0),
-                                                               y2.stride(0), BLOCK=BLOCK, num_warps=4)
+                                                               y2.stride(0), BLOCK=BLOCK, PDL=pdl, num_warps=4,
+                                                               **launch_kwargs(pdl))
     return out
 
 

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from pipeline.kernels import kvcache
 from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 PROGRAMS = 256  # aim for at least this many programs: a decode step's few tokens split their heads
 RNE_MAGIC = 12582912.0  # 1.5 * 2^23: (y + M) - M rounds fp32 |y| < 2^22 half to even, like torch.round
@@ -110,8 +111,10 @@ def _rope_kv_kernel(Q, K, V, POS, COS, SIN, KC, VC, SLOT, KS, KZ, VS, VZ, QO, KO
             s_cb, s_ch, s_ct, s_sb, s_sh, s_qot, s_qoh, s_kot, s_koh, q_per, kv_per,
             H: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr,
-            WRITE_K: tl.constexpr):
+            WRITE_K: tl.constexpr, PDL: tl.constexpr = False):
     # grid (T, chunks): program (t, c) handles q heads c*q_per.. and KV heads c*kv_per.. of token t
+    gdc_launch(PDL)
+    gdc_wait(PDL)
     t = tl.program_id(0)
     c = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -207,6 +210,7 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
     chunks = chunks or max(1, min(n_kv, triton.cdiv(PROGRAMS, T)))
     q_per, kv_per = triton.cdiv(H, chunks), triton.cdiv(n_kv, chunks)
     chunks = max(triton.cdiv(H, q_per), triton.cdiv(n_kv, kv_per))
+    pdl = pdl_enabled(q.device)
     _rope_kv_kernel[(T, chunks)](
         q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, ks, kz, vs, vz, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
@@ -214,7 +218,7 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), q_per, kv_per,
         H=H, HKV=n_kv, BLOCK_HQ=triton.next_power_of_2(q_per), BLOCK_HKV=triton.next_power_of_2(kv_per),
         HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[2], MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, WRITE_K=return_k,
-        num_warps=4)
+        PDL=pdl, num_warps=4, **launch_kwargs(pdl))
     return (q_out, k_out) if return_k else q_out
 
 

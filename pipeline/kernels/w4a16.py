@@ -47,6 +47,7 @@ import triton.language as tl
 
 from pipeline.kernels.dispatch import arrival_counters, use_triton
 from pipeline.kernels.norm import silu_mul
+from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner
 
 GROUP_SIZES = (32, 64, 128)
@@ -225,11 +226,13 @@ def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexp
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
-            ACT: tl.constexpr, PX: tl.constexpr):
+            ACT: tl.constexpr, PX: tl.constexpr, PDL: tl.constexpr = False):
     # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group.
     # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace and the
     # last one to finish its tile sums them in a fixed order (_finish_split: deterministic).
     # ACT: x is (M, 2K) = [gate | up] and the kernel reads silu(gate) * up (fused SwiGLU input).
+    gdc_launch(PDL)
+    gdc_wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -298,10 +301,12 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                  split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False):
     # CUDA-core GEMV for tiny M: grid (N tiles, split_k, M), one activation row per program.
     # Nibble -> fp32 by OR-ing into the mantissa of 2**23; (2**23 + q) - (2**23 + z) = q - z exactly.
     # Products accumulate elementwise in a (P, BLOCK_N) fp32 tile, reduced over P once at the end.
+    gdc_launch(PDL)
+    gdc_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -403,11 +408,13 @@ def _x_pair(x_rows, da, db, K, mask, ACT: tl.constexpr, KS: tl.constexpr, P: tl.
 @triton.jit
 def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                       split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr = False):
     # CUDA-core GEMV that issues all of its weight loads at once. Program t = (m * split_k + pid_k) *
     # cdiv(N, BLOCK_N) + pid_n owns KS whole groups of BLOCK_N columns for activation row m and reads them
     # as one (KS, P, BLOCK_N) int32 tile (no loop: every byte of the program is in flight together).
     # H2 (fp16 on a GPU): _dot8_h2 per int32; else nibble -> fp32 through the mantissa of 2**23.
+    # PDL: the weight tile is loaded before gdc_wait, i.e. while the previous kernel is still running.
+    gdc_launch(PDL)
     t = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_n = t % tiles_n
@@ -427,6 +434,7 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     mask_s = mask_g[:, None] & mask_n[None, :]
     s = tl.load(s_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
+    gdc_wait(PDL)  # x, the split workspace and y belong to the kernels before and after this one
     x_rows = x_ptr + m * stride_xm + offs_g[:, None] * GROUP + offs_p[None, :]  # (KS, P): plane 0
     mask_x = mask_g[:, None]
     if H2:
@@ -628,24 +636,25 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
+    pdl = pdl_enabled(x2.device)
     if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
         _gemv_wide_kernel[(triton.cdiv(N, BN) * split * M,)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2,
-            num_warps=warps, num_stages=1)
+            GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2, PDL=pdl,
+            num_warps=warps, num_stages=1, **launch_kwargs(pdl))
     elif cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, num_warps=warps,
-            num_stages=stages)
+            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, num_warps=warps,
+            num_stages=stages, **launch_kwargs(pdl))
     else:
         dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), num_warps=warps,
-                                num_stages=stages)
+                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), PDL=pdl,
+                                num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     return y
 
 

@@ -1,0 +1,86 @@
+"""Programmatic dependent launch: when it is on, and that it never lets a kernel read stale inputs.
+
+    pytest tests/test_kernel_pdl.py                   # CPU: the switch
+    python -m pytest -m gpu tests/test_kernel_pdl.py  # GPU: kernel chains in CUDA graphs, PDL on vs off
+"""
+import pytest
+import torch
+
+from pipeline.kernels import pdl
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_off_on_cpu_and_in_the_interpreter(monkeypatch):
+    monkeypatch.delenv("PIPELINE_PDL", raising=False)
+    assert pdl.enabled(torch.device("cpu")) is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl.enabled(torch.device("cuda", 0)) is False  # never asks the (absent) GPU
+    assert pdl.launch_kwargs(False) == {}
+    assert pdl.launch_kwargs(True) == {"launch_pdl": True}
+
+
+def test_env_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("PIPELINE_PDL", "0")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert pdl.enabled(torch.device("cuda", 0)) is False
+
+
+def make_quant(N, K, g):
+    return (torch.randint(0, 16, (N, K), dtype=torch.uint8), (torch.rand(K // g, N) * 0.02 + 1e-3).half(),
+            torch.randint(0, 16, (K // g, N)).half())
+
+
+def _chain(x_in, norm_w, w1, w2, w3, cfg):
+    """rms_norm -> GEMV -> GEMV (SwiGLU fused) -> rms_norm with residual: each kernel reads what the one
+    before it wrote in the same step, the pattern of a decode layer."""
+    from pipeline.kernels.norm import rms_norm
+    from pipeline.kernels.w4a16 import w4a16_linear
+    h = rms_norm(x_in, norm_w, 1e-5)
+    gu = w4a16_linear(h, w1, config=cfg)  # (M, 2 * 4096)
+    d = w4a16_linear(gu, w2, config=cfg, act="silu_mul")  # (M, 4096)
+    e = w4a16_linear(d, w3, config=cfg)
+    return rms_norm(e, norm_w, 1e-5, residual=x_in)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("cfg", ["wide_n128_s2_h2", "wide_n32_s4_w2_h2", "fma_n64_c8", "gemv_n64_c4_sl"])
+def test_gpu_graph_chain_identical_with_and_without_pdl(monkeypatch, cfg):
+    """The chain captured in a CUDA graph and replayed on fresh inputs gives the same bits with PDL as the
+    eager launches without it: a kernel that read its input before the previous kernel finished writing it
+    would differ."""
+    from pipeline.kernels import w4a16 as w4
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability() < (9, 0) or not pdl.supported_by_triton():
+        pytest.skip("PDL needs compute capability 9.0 and a Triton with launch_pdl")
+    torch.manual_seed(0)
+    D, F = 4096, 11008
+    w1 = w4.pack_w4(*make_quant(2 * F, D, 128), 128).to(dev)
+    w2 = w4.pack_w4(*make_quant(D, F, 128), 128).to(dev)
+    w3 = w4.pack_w4(*make_quant(D, D, 128), 128).to(dev)
+    norm_w = torch.rand(D, device=dev).half() + 0.5
+    M = 1 if cfg.startswith(("wide", "fma")) else 4
+    inputs = [torch.randn(M, D, device=dev).half() for _ in range(6)]
+
+    monkeypatch.setenv("PIPELINE_PDL", "0")
+    want = [_chain(x, norm_w, w1, w2, w3, cfg) for x in inputs]
+
+    monkeypatch.setenv("PIPELINE_PDL", "1")
+    assert pdl.enabled(dev)
+    x_in = inputs[0].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _chain(x_in, norm_w, w1, w2, w3, cfg)  # compile the PDL variants outside capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            out = _chain(x_in, norm_w, w1, w2, w3, cfg)
+    torch.cuda.synchronize()
+    for rep in range(3):
+        for i, x in enumerate(inputs):
+            x_in.copy_(x)
+            g.replay()
+            for got, ref, name in zip(out, want[i], ("y", "residual")):
+                assert torch.equal(got, ref), f"{cfg} replay {rep} input {i}: {name} differs with PDL"
