@@ -14,7 +14,7 @@ one CUDA graph (bench/kernels.py's timing):
   row right after each group's codes (`slab`), on a column-blocked copy (each tile one contiguous run), and
   1-D contiguous blocks (`flat`);
 - every config in `w4a16.candidates(M)` (rel err against an fp64 reference checked first), with programmatic
-  dependent launch off and on (`--pdl`; rows `<config>+pdl`, `+pdl-pf` without the L2 prefetch): back-to-back launches on different weight copies,
+  dependent launch off and on (`--pdl`; rows `<config>+pdl`): back-to-back launches on different weight copies,
   so with PDL each launch loads its weights while the one before it finishes, as consecutive layers do.
 Writes <out>/w4a16_decode.json (out = --out, else $OUT, else bench/results) and prints a table last.
 """
@@ -140,57 +140,51 @@ def bench(args) -> dict:
         y32 = torch.empty(K // g, N, device=dev, dtype=torch.int32)
         grid = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
         entry["launch_floor_us"] = time_calls([lambda: _empty_kernel[grid](y32)], graph=True) * 1e6
-        if args.floors:
-            nq = ws[0].qweight.numel() + ws[0].scales.numel()  # int32 words of weights + scales and zeros
-            flat = [torch.empty(nq, device=dev, dtype=torch.int32) for _ in ws]
-            yf = torch.empty(triton.cdiv(nq, 1024), device=dev, dtype=torch.int32)
-            for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
-                fns = [lambda f=f: _stream_flat_kernel[(triton.cdiv(nq, block),)](f, yf, nq, BLOCK=block, num_warps=warps)
-                       for f in flat]
-                entry[f"stream_floor_flat{block}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
-            del flat
-            grid_s = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
-            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N, P=g // 8, KS=4,
-                                                       BLOCK_N=64, SZ=False, num_warps=4) for w in ws]
-            entry["stream_floor_nosz_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
-            szs = [sz_layouts(w) for w in ws]
-            P = g // 8
-            fns = [lambda w=w, sz=sz: _stream_sz_kernel[grid_s](w.qweight, sz[0], y32, N, K // g, P, N, P=P, KS=4,
-                                                                BLOCK_N=64, num_warps=4) for w, sz in zip(ws, szs)]
-            entry["stream_floor_sz32_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
-            fns = [lambda sz=sz: _stream_sz_kernel[grid_s](sz[1], sz[1].view(-1)[P * N:], y32, N, K // g, P + 1,
-                                                           (P + 1) * N, P=P, KS=4, BLOCK_N=64, num_warps=4) for sz in szs]
-            entry["stream_floor_slab_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
-            del szs
-            wbs = [blocked(w) for w in ws]
-            for BN, KS, warps in ((64, 4, 4), (64, 2, 4), (128, 2, 4)):
-                grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
-                fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g,
-                                                           w.qweight.stride(0), 64,
-                                                           P=g // 8, KS=KS, BLOCK_N=BN, num_warps=warps) for w in wbs]
-                entry[f"stream_floor_blocked_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
-            for BN, KS, warps in ((64, 4, 4), (128, 2, 4), (64, 8, 8), (64, 4, 8), (32, 4, 4), (64, 2, 4)):
-                grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
-                fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N,
-                                                           P=g // 8, KS=KS,
-                                                           BLOCK_N=BN, num_warps=warps) for w in ws]
-                entry[f"stream_floor_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+        nq = ws[0].qweight.numel() + ws[0].scales.numel()  # int32 words of weights + scales and zeros
+        flat = [torch.empty(nq, device=dev, dtype=torch.int32) for _ in ws]
+        yf = torch.empty(triton.cdiv(nq, 1024), device=dev, dtype=torch.int32)
+        for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+            fns = [lambda f=f: _stream_flat_kernel[(triton.cdiv(nq, block),)](f, yf, nq, BLOCK=block, num_warps=warps)
+                   for f in flat]
+            entry[f"stream_floor_flat{block}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+        del flat
+        grid_s = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
+        fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N, P=g // 8, KS=4,
+                                                   BLOCK_N=64, SZ=False, num_warps=4) for w in ws]
+        entry["stream_floor_nosz_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+        szs = [sz_layouts(w) for w in ws]
+        P = g // 8
+        fns = [lambda w=w, sz=sz: _stream_sz_kernel[grid_s](w.qweight, sz[0], y32, N, K // g, P, N, P=P, KS=4,
+                                                            BLOCK_N=64, num_warps=4) for w, sz in zip(ws, szs)]
+        entry["stream_floor_sz32_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+        fns = [lambda sz=sz: _stream_sz_kernel[grid_s](sz[1], sz[1].view(-1)[P * N:], y32, N, K // g, P + 1,
+                                                       (P + 1) * N, P=P, KS=4, BLOCK_N=64, num_warps=4) for sz in szs]
+        entry["stream_floor_slab_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+        del szs
+        wbs = [blocked(w) for w in ws]
+        for BN, KS, warps in ((64, 4, 4), (64, 2, 4), (128, 2, 4)):
+            grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
+            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g,
+                                                       w.qweight.stride(0), 64,
+                                                       P=g // 8, KS=KS, BLOCK_N=BN, num_warps=warps) for w in wbs]
+            entry[f"stream_floor_blocked_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+        for BN, KS, warps in ((64, 4, 4), (128, 2, 4), (64, 8, 8), (64, 4, 8), (32, 4, 4), (64, 2, 4)):
+            grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
+            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N,
+                                                       P=g // 8, KS=KS,
+                                                       BLOCK_N=BN, num_warps=warps) for w in ws]
+            entry[f"stream_floor_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
         for M in args.ms:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             ref = x.double() @ w4.dequantize_w4(ws[0], torch.float64).T
             row = {}
-            runs = [(n, m, wv) for n in w4.candidates(M) for m in args.pdl
-                    for wv in (args.waves if m == "on" and w4.CONFIGS[n] and w4.CONFIGS[n][0] == "wide" else [4])]
-            for name, mode, wave in runs:
+            for name, mode in [(n, m) for n in w4.candidates(M) for m in args.pdl]:
                 if only and name not in only or w4.CONFIGS[name] is None:
                     continue
-                os.environ["PIPELINE_PDL"] = "0" if mode == "off" else "1"
-                os.environ["PIPELINE_PREFETCH"] = "1" if mode == "on" else "0"
-                w4.PREFETCH_WAVE = wave
-                key = name + {"off": "", "nopf": "+pdl-pf", "on": "+pdl"}[mode] + (f"_w{wave}" if wave != 4 else "")
+                os.environ["PIPELINE_PDL"] = "1" if mode == "on" else "0"
+                key = name + ("+pdl" if mode == "on" else "")
                 err = rel_err(w4.w4a16_linear(x, ws[0], config=name), ref)
                 t = time_calls([lambda w=w: w4.w4a16_linear(x, w, config=name) for w in ws], graph=True)
-                w4.PREFETCH_WAVE = 4
                 row[key] = {"us": t * 1e6, "x_roofline": t * 1e6 / entry["roofline_us"], "rel_err": err}
                 print(f"K={K} N={N} M={M} {key:22s} {t * 1e6:7.2f} us  {row[key]['x_roofline']:.2f}x  "
                       f"err {err:.1e}", flush=True)
@@ -267,11 +261,7 @@ def main():
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--configs", default="", help="comma-separated config names (default: every candidate)")
     ap.add_argument("--pdl", type=lambda s: s.split(","), default=["off", "on"],
-                    help="programmatic dependent launch for the configs, comma-separated: off, nopf (PDL without "
-                    "the wide kernel's L2 prefetch), on (default off,on)")
-    ap.add_argument("--no-floors", dest="floors", action="store_false", help="skip the read-only stream floors")
-    ap.add_argument("--waves", type=lambda s: [int(v) for v in s.split(",")], default=[4],
-                    help="wide kernel L2 prefetch distances to time with --pdl on, in programs per SM (default 4)")
+                    help="programmatic dependent launch for the configs: off, on, or off,on (default)")
     ap.add_argument("--ncu", default="", help="run a few launches of this config only (for ncu)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()

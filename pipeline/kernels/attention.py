@@ -36,8 +36,7 @@ import triton.language as tl
 
 from pipeline.kernels import kvcache
 from pipeline.kernels.dispatch import arrival_counters, use_triton
-from pipeline.kernels.pdl import (enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs, prefetch_enabled,
-                                  prefetch_l2)
+from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 LOG2E = 1.4426950408889634
 
@@ -65,43 +64,25 @@ def _dot_kq(q, k):
 
 
 @triton.jit
-def _prefetch_kv(K, V, BT, b, kvh, start, end, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, DK: tl.constexpr, BITS: tl.constexpr):
-    # one L2 prefetch per 128-byte line of each token row of K and V in [start, end)
-    LINE: tl.constexpr = 64 if BITS == 16 else 128  # elements per line
-    NL: tl.constexpr = DK // LINE if DK >= LINE else 1
-    offs_l = tl.arange(0, NL) * LINE
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = tl.minimum(n0 + tl.arange(0, BLOCK_N), end - 1)
-        blk = tl.load(BT + b * s_bt + offs_n // BLOCK_SIZE).to(tl.int64)
-        row = offs_n % BLOCK_SIZE
-        prefetch_l2(K + (blk * s_kb + kvh * s_kh + row * s_kt)[:, None] + offs_l[None, :])
-        prefetch_l2(V + (blk * s_vb + kvh * s_vh + row * s_vt)[:, None] + offs_l[None, :])
-
-
-@triton.jit
 def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             sm_scale, n_kv, part, n_splits,
             s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_sb, s_sh,
             s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
             BLOCK_N: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
-            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False, PF: tl.constexpr = False):
+            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     gdc_launch(PDL)
+    gdc_wait(PDL)
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid // n_kv
     kvh = pid % n_kv
-    ctx = tl.load(CL + b)  # context lengths and block tables come from the host before the step's kernels
+    ctx = tl.load(CL + b)
     start = sid * part
     end = tl.minimum(start + part, ctx)
 
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     DK: tl.constexpr = HEAD_DIM // PACK  # stored elements per token row
-    if PF:  # this split's K and V rows into L2 while the kernels before this one finish
-        _prefetch_kv(K, V, BT, b, kvh, start, end, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, BLOCK_SIZE, BLOCK_N,
-                     DK, BITS)
-    gdc_wait(PDL)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, DK)
     gmask = offs_g < G
@@ -306,7 +287,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         lse.stride(0), lse.stride(1),
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
         MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split,
-        BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, PF=pdl and prefetch_enabled(q.device), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
         **launch_kwargs(pdl))
     return out
 

@@ -14,9 +14,6 @@ Usage inside a kernel (PDL: tl.constexpr, from `enabled(device)` at launch):
     gdc_wait(PDL)          # everything after this sees the previous kernels' writes
 and launch with `kernel[grid](..., PDL=on, **launch_kwargs(on))`.
 
-A kernel may also ask for L2 prefetches of lines it will read after the wait (`prefetch_l2`): the W4A16 wide GEMV
-prefetches the weight tile of the program one resident wave ahead, so later waves find their weights in L2.
-
 `PIPELINE_PDL=0` turns it off (for A/B timing); it is off on CPUs, in the interpreter, below compute
 capability 9.0 and on Triton builds without the `launch_pdl` option.
 """
@@ -77,16 +74,3 @@ def gdc_wait(PDL: tl.constexpr):
 def gdc_launch(PDL: tl.constexpr):
     if PDL:
         _gdc_launch_dependents()
-
-
-def prefetch_enabled(device: torch.device) -> bool:
-    """L2 prefetches before gdc_wait (`PIPELINE_PREFETCH=0` turns them off for A/B timing); needs PDL."""
-    return enabled(device) and os.environ.get("PIPELINE_PREFETCH", "1") != "0"
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask for the 128-byte lines at `ptrs` to be brought into L2; nothing waits for them. Always safe: L2 is
-    where a GPU's global memory is coherent, so a line written after its prefetch is read back fresh. GPU only."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)

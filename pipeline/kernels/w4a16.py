@@ -38,7 +38,6 @@ on the first call outside CUDA-graph capture; inside capture it uses the tuned o
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +47,7 @@ import triton.language as tl
 
 from pipeline.kernels.dispatch import arrival_counters, use_triton
 from pipeline.kernels.norm import silu_mul
-from pipeline.kernels.pdl import (enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs, prefetch_enabled,
-                                  prefetch_l2)
+from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner
 
 GROUP_SIZES = (32, 64, 128)
@@ -228,13 +226,13 @@ def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexp
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
-            ACT: tl.constexpr, PX: tl.constexpr, PDL: tl.constexpr = False, PF: tl.constexpr = False):
+            ACT: tl.constexpr, PX: tl.constexpr, PDL: tl.constexpr = False):
     # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group.
     # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace and the
     # last one to finish its tile sums them in a fixed order (_finish_split: deterministic).
     # ACT: x is (M, 2K) = [gate | up] and the kernel reads silu(gate) * up (fused SwiGLU input).
-    # PF: the program's weights are prefetched into L2 before gdc_wait (while the previous kernel runs).
     gdc_launch(PDL)
+    gdc_wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -263,10 +261,6 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     per_split = tl.cdiv(n_groups, split_k)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, n_groups)
-    if PF:
-        for g in range(g_lo, g_hi):
-            _prefetch_tile(q_ptr, s_ptr, z_ptr, pid_n, g, N, K, GROUP, BLOCK_N, 1)
-    gdc_wait(PDL)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SLICED and P >= 16:
@@ -307,11 +301,12 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                  split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False, PF: tl.constexpr = False):
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr = False):
     # CUDA-core GEMV for tiny M: grid (N tiles, split_k, M), one activation row per program.
     # Nibble -> fp32 by OR-ing into the mantissa of 2**23; (2**23 + q) - (2**23 + z) = q - z exactly.
     # Products accumulate elementwise in a (P, BLOCK_N) fp32 tile, reduced over P once at the end.
     gdc_launch(PDL)
+    gdc_wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -324,10 +319,6 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     per_split = tl.cdiv(n_groups, split_k)
     g_lo = pid_k * per_split
     g_hi = tl.minimum(g_lo + per_split, n_groups)
-    if PF:
-        for g in range(g_lo, g_hi):
-            _prefetch_tile(q_ptr, s_ptr, z_ptr, pid_n, g, N, K, GROUP, BLOCK_N, 1)
-    gdc_wait(PDL)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     x_row = x_ptr + m * stride_xm + offs_p  # (P,)
     acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
@@ -416,15 +407,13 @@ def _x_pair(x_rows, da, db, K, mask, ACT: tl.constexpr, KS: tl.constexpr, P: tl.
 
 @triton.jit
 def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                      split_k, ahead, n_prog, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr = False,
-                      PF: tl.constexpr = False):
+                      split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr = False):
     # CUDA-core GEMV that issues all of its weight loads at once. Program t = (m * split_k + pid_k) *
     # cdiv(N, BLOCK_N) + pid_n owns KS whole groups of BLOCK_N columns for activation row m and reads them
     # as one (KS, P, BLOCK_N) int32 tile (no loop: every byte of the program is in flight together).
     # H2 (fp16 on a GPU): _dot8_h2 per int32; else nibble -> fp32 through the mantissa of 2**23.
     # PDL: the weight tile is loaded before gdc_wait, i.e. while the previous kernel is still running.
-    # PF: first the L2 prefetch of the tile of program t + ahead (about one resident wave later).
     gdc_launch(PDL)
     t = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -432,10 +421,6 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     pid_k = (t // tiles_n) % split_k
     m = t // (tiles_n * split_k)
     P: tl.constexpr = GROUP // 8
-    if PF:
-        if t + ahead < n_prog:
-            _prefetch_tile(q_ptr, s_ptr, z_ptr, (t + ahead) % tiles_n, ((t + ahead) // tiles_n) % split_k, N, K,
-                           GROUP, BLOCK_N, KS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     mask_n = offs_n < N
@@ -471,23 +456,6 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     y = tl.sum(part * s, axis=0)  # (BN,)
     _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                BLOCK_N, SPLIT, HAS_BIAS)
-
-
-@triton.jit
-def _prefetch_tile(q_ptr, s_ptr, z_ptr, pid_n, pid_k, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   KS: tl.constexpr):
-    # L2 prefetch of the wide kernel's tile (pid_n, pid_k): one address per 128-byte line of codes (32 int32)
-    # and of scales and zeros (64 fp16); clamped into the tensors instead of masked
-    P: tl.constexpr = GROUP // 8
-    LQ: tl.constexpr = BLOCK_N // 32 if BLOCK_N >= 32 else 1
-    LS: tl.constexpr = BLOCK_N // 64 if BLOCK_N >= 64 else 1
-    g = tl.minimum(pid_k * KS + tl.arange(0, KS), K // GROUP - 1)  # (KS,)
-    rows = g[:, None] * P + tl.arange(0, P)[None, :]  # (KS, P)
-    cq = tl.minimum(pid_n * BLOCK_N + tl.arange(0, LQ) * 32, N - 1)
-    prefetch_l2(q_ptr + rows[:, :, None] * N + cq[None, None, :])
-    cs = tl.minimum(pid_n * BLOCK_N + tl.arange(0, LS) * 64, N - 1)
-    prefetch_l2(s_ptr + g[:, None] * N + cs[None, :])
-    prefetch_l2(z_ptr + g[:, None] * N + cs[None, :])
 
 
 @triton.jit
@@ -601,7 +569,6 @@ MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_
 PREFILL_SET = ("tile_m64_n128_c2_sl", "tile_m128_n128_c1", "tile_m128_n128_c1_sl", "tile_m128_n256_c1_sl",
                "tile_m128_n64_c2_sl", "dequant_cublas")
 INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
-PREFETCH_WAVE = int(os.environ.get("W4A16_PREFETCH_WAVE", "4"))  # wide GEMV: prefetch distance, programs per SM
 TUNER = Tuner("W4A16_TUNE")  # W4A16_TUNE=0: default configs, no timing
 _sms: dict[int, int] = {}
 
@@ -670,26 +637,23 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
     pdl = pdl_enabled(x2.device)
-    pf = pdl and prefetch_enabled(x2.device)
     if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
-        n_prog = triton.cdiv(N, BN) * split * M
-        _gemv_wide_kernel[(n_prog,)](
+        _gemv_wide_kernel[(triton.cdiv(N, BN) * split * M,)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            PREFETCH_WAVE * _sm_count(x2.device), n_prog,
             GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2, PDL=pdl,
-            PF=pf, num_warps=warps, num_stages=1, **launch_kwargs(pdl))
+            num_warps=warps, num_stages=1, **launch_kwargs(pdl))
     elif cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, PF=pf, num_warps=warps,
+            GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, num_warps=warps,
             num_stages=stages, **launch_kwargs(pdl))
     else:
         dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), PDL=pdl, PF=pf,
+                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), PDL=pdl,
                                 num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     return y
 
