@@ -27,9 +27,8 @@ Kernel arithmetic (one K tile = one group, so scale and zero are per-column cons
     weight the ALU work is a shift, a mask-or and one 16-bit subtract; the scale is applied per
     output column after the group's dot.
 
-Paths (one entry point): M <= 4 -> also the CUDA-core GEMVs (`_gemv_kernel`, fp32 FMAs; `_gemv_wide_kernel`, whole
-groups loaded at once, fp16x2 arithmetic); M <= 16 -> `_wide_tc_kernel` (the wide loads, batched tensor-core dots
-over the groups, g = 128) or BLOCK_M = 16 with split-K over groups so that enough programs stream the weights
+Paths (one entry point): M <= 4 -> also a CUDA-core GEMV (`_gemv_kernel`, fp32 FMAs, no tensor
+cores); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough programs stream the weights
 (fp32 partial tiles; the last program of each output tile to arrive, counted by an atomic counter, adds
 them in a fixed order: one launch, deterministic); M > 16 ->
 tiled tensor-core path (grouped tile order for L2), or for large M a Triton dequantize to a (K, N)
@@ -460,81 +459,6 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
-def _wide_tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                    split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, DKIND: tl.constexpr, PX: tl.constexpr,
-                    PDL: tl.constexpr = False):
-    # Tensor-core decode GEMM for M <= 16 with the wide kernel's loads: program t = pid_k * cdiv(N, BLOCK_N) +
-    # pid_n reads KS whole groups of BLOCK_N columns as one (KS, P, BLOCK_N) tile (before gdc_wait under PDL),
-    # then per nibble plane j one batched dot over the KS groups, (KS, 16, P) x (KS, P, BLOCK_N), with the
-    # group's scale applied to its fp32 result. All M (<= 16) activation rows in one program.
-    gdc_launch(PDL)
-    t = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_n = t % tiles_n
-    pid_k = t // tiles_n
-    P: tl.constexpr = GROUP // 8
-    BM: tl.constexpr = 16
-    if DKIND == 1:
-        C: tl.constexpr = 1024.0
-    elif DKIND == 2:
-        C: tl.constexpr = 128.0
-    else:
-        C: tl.constexpr = 0.0
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
-    mask_n = offs_n < N
-    offs_g = pid_k * KS + tl.arange(0, KS)  # (KS,)
-    mask_g = offs_g < K // GROUP
-    offs_p = tl.arange(0, P)
-    rows = offs_g[:, None] * P + offs_p[None, :]  # (KS, P)
-    q = tl.load(q_ptr + rows[:, :, None] * N + offs_n[None, None, :],
-                mask=mask_g[:, None, None] & mask_n[None, None, :], other=0)  # (KS, P, BN)
-    gs = offs_g[:, None] * N + offs_n[None, :]  # (KS, BN)
-    mask_s = mask_g[:, None] & mask_n[None, :]
-    sc = tl.load(s_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
-    gdc_wait(PDL)
-    offs_m = tl.arange(0, BM)
-    mask_m = offs_m < M
-    # activation planes: xs[ks, m, p] = x[m, (group ks) * GROUP + j * P + p] for plane j at offset j * P
-    xs = x_ptr + offs_m[None, :, None] * stride_xm + offs_g[:, None, None] * GROUP + offs_p[None, None, :]
-    xm = mask_g[:, None, None] & mask_m[None, :, None]
-    if PX:
-        zc = tl.broadcast_to((z + 1024.0).to(tl.float16)[:, None, :], (KS, P, BLOCK_N))
-        w0, w1, w2, w3, w4, w5, w6, w7 = _planes_f16(q, zc)
-    else:
-        zc = z[:, None, :] + C
-        w0 = _nibbles_to_qz(q & 0xF, zc, DKIND)
-        w1 = _nibbles_to_qz((q >> 4) & 0xF, zc, DKIND)
-        w2 = _nibbles_to_qz((q >> 8) & 0xF, zc, DKIND)
-        w3 = _nibbles_to_qz((q >> 12) & 0xF, zc, DKIND)
-        w4 = _nibbles_to_qz((q >> 16) & 0xF, zc, DKIND)
-        w5 = _nibbles_to_qz((q >> 20) & 0xF, zc, DKIND)
-        w6 = _nibbles_to_qz((q >> 24) & 0xF, zc, DKIND)
-        w7 = _nibbles_to_qz((q >> 28) & 0xF, zc, DKIND)
-    d = tl.zeros((KS, BM, BLOCK_N), dtype=tl.float32)
-    d = _dot(_load_x(xs, K, xm, ACT), w0, d, DKIND)
-    d = _dot(_load_x(xs + P, K, xm, ACT), w1, d, DKIND)
-    d = _dot(_load_x(xs + 2 * P, K, xm, ACT), w2, d, DKIND)
-    d = _dot(_load_x(xs + 3 * P, K, xm, ACT), w3, d, DKIND)
-    d = _dot(_load_x(xs + 4 * P, K, xm, ACT), w4, d, DKIND)
-    d = _dot(_load_x(xs + 5 * P, K, xm, ACT), w5, d, DKIND)
-    d = _dot(_load_x(xs + 6 * P, K, xm, ACT), w6, d, DKIND)
-    d = _dot(_load_x(xs + 7 * P, K, xm, ACT), w7, d, DKIND)
-    acc = tl.sum(d * sc[:, None, :], axis=0)  # (BM, BN)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if not SPLIT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        _finish_split(acc, offs_m[:, None] * N + offs_n[None, :], mask, offs_n, mask_n, ws_ptr, cnt_ptr + pid_n,
-                      b_ptr, y_ptrs, pid_k, M * N, split_k, HAS_BIAS)
-
-
-@triton.jit
 def _load_x(ptrs, K, mask, ACT: tl.constexpr):
     # the activation tile; ACT: rows are [gate | up] (2K wide) and the tile is silu(gate) * up, rounded to
     # x's dtype as the separate silu_mul kernel would round it
@@ -604,13 +528,6 @@ CONFIGS = {
     "wide_n128_s2_h2": ("wide", 128, 2, 4, 1),
     "wide_n32_s8_h2": ("wide", 32, 8, 4, 1),
     "wide_n32_s4_w2_h2": ("wide", 32, 4, 2, 1),
-    "wtc_n64_s2": ("wtc", 64, 2, 4),
-    "wtc_n64_s4": ("wtc", 64, 4, 4),
-    "wtc_n128_s2": ("wtc", 128, 2, 4),
-    "wtc_n128_s2_w8": ("wtc", 128, 2, 8),
-    "wtc_n32_s4": ("wtc", 32, 4, 4),
-    "wide_n128_s4_w8_h2": ("wide", 128, 4, 8, 1),
-    "wide_n256_s2_w8_h2": ("wide", 256, 2, 8, 1),
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
     "fma_n256_c2": ("fma", 256, -2, 8, 3),
@@ -640,12 +557,11 @@ CONFIGS = {
     "tile_m128_n64_c2_sl": (128, 64, -2, 4, 4, 1, 0),
     "dequant_cublas": None,
 }
-WTC_SET = ("wtc_n64_s2", "wtc_n64_s4", "wtc_n128_s2", "wtc_n128_s2_w8", "wtc_n32_s4")  # M <= 16
-DECODE_SET = WTC_SET + ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
+DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px")
 WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", "wide_n32_s8_h2",
-            "wide_n32_s4_w2_h2", "wide_n128_s4_w8_h2", "wide_n256_s2_w8_h2")
+            "wide_n32_s4_w2_h2")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
            "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
@@ -661,12 +577,10 @@ def _m_bucket(M: int) -> int:
     return 1 << max(0, (M - 1).bit_length())
 
 
-def candidates(M: int, group_size: int = 128) -> tuple[str, ...]:
+def candidates(M: int) -> tuple[str, ...]:
     if M <= 4:
-        names = FMA_SET + DECODE_SET
-    else:
-        names = DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
-    return names if group_size == 128 else tuple(n for n in names if n not in WTC_SET)  # wtc: dots of K = g/8
+        return FMA_SET + DECODE_SET
+    return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
 
 
 def default_config(M: int) -> str:
@@ -713,13 +627,6 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         _, BN, split, warps, stages = cfg
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * triton.cdiv(N, BN)
-    elif cfg[0] == "wtc":
-        _, BN, KS, warps = cfg
-        if M > 16 or g != 128:
-            raise ValueError(f"config {cfg}: the wide tensor-core kernel takes M <= 16 and group_size 128, "
-                             f"got M={M}, group_size={g}")
-        split = triton.cdiv(K // g, KS)
-        tiles = triton.cdiv(N, BN)
     else:
         BM, BN, split, warps, stages, sliced, px = cfg
         px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: fp16 on a GPU only
@@ -736,13 +643,6 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2, PDL=pdl,
             num_warps=warps, num_stages=1, **launch_kwargs(pdl))
-    elif cfg[0] == "wtc":
-        dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
-        px = dkind == 1 and x2.device.type == "cuda"  # inline PTX unpack: fp16 on a GPU only
-        _wide_tc_kernel[(triton.cdiv(N, BN) * split,)](
-            x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, DKIND=dkind, PX=px,
-            PDL=pdl, num_warps=warps, num_stages=1, **launch_kwargs(pdl))
     elif cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
@@ -774,7 +674,7 @@ def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = Non
 
 def _choose(x2, w, bias, out_dtype, act: bool = False) -> str:
     M = x2.shape[0]
-    return TUNER.choose(_key(x2, w, bias, act), candidates(M, w.group_size),
+    return TUNER.choose(_key(x2, w, bias, act), candidates(M),
                         lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), default_config(M), x2.device)
 
 
