@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import dispatch
-from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner
 
 log = logging.getLogger(__name__)
@@ -99,10 +98,8 @@ def _store_epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_ym, offs_m, 
 @triton.jit(do_not_specialize=["M"])  # M == 1 as a constant was measured slower (and recompiles per M)
 def _int8_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-            EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False):
+            EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # x (M, K) int8 row-major, w (N, K) int8 row-major (both K-major: what int8 MMA wants)
-    gdc_launch(PDL)
-    gdc_wait(PDL)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -211,10 +208,9 @@ def _launch(xq, xs, wq, ws, bias, out_dtype, cfg) -> torch.Tensor:
         _int8_mm_tma_kernel[grid](xd, wd, xs, ws, b, y, M, N, K, y.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                           GROUP_M=8, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
     else:
-        pdl = pdl_enabled(xq.device)
         _int8_mm_kernel[grid](xq, wq, xs, ws, b, y, M, N, K, xq.stride(0), wq.stride(0), y.stride(0),
                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8, EVEN_K=K % BK == 0,
-                      HAS_BIAS=bias is not None, PDL=pdl, num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
+                      HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
     return y
 
 

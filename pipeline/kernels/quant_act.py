@@ -17,7 +17,6 @@ import triton.language as tl
 
 from pipeline.kernels.dispatch import use_triton
 from pipeline.kernels.norm import _residual_row, _rmsnorm_row, _rows, rms_norm_ref
-from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QMAX = 127.0
@@ -43,10 +42,8 @@ def rms_norm_quant_ref(x, weight, eps, residual=None):
 # ----------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _rmsnorm_quant_kernel(X, R, W, Q, S, H, n_cols, eps, s_x, s_r, s_q, s_h, BLOCK: tl.constexpr,
-            NORM: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
+            NORM: tl.constexpr, HAS_RES: tl.constexpr):
     # one row per program: [h = x + r] -> [y = rmsnorm(h) * w] -> q = round(y / s), s = max|y| / 127
-    gdc_launch(PDL)
-    gdc_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -86,11 +83,10 @@ def _launch(x, weight=None, eps=0.0, residual=None):
     r2 = _rows(residual, "residual", N) if residual is not None else x2
     h2 = h.view(-1, N) if h is not None else x2
     if x2.shape[0]:
-        pdl = pdl_enabled(x.device)
         _rmsnorm_quant_kernel[(x2.shape[0],)](x2, r2, weight if weight is not None else x2, q2, s, h2, N, eps,
                                 x2.stride(0), r2.stride(0), q2.stride(0), h2.stride(0), BLOCK=BLOCK,
                                 NORM=weight is not None, HAS_RES=residual is not None,
-                                PDL=pdl, num_warps=min(16, max(1, BLOCK // 512)), **launch_kwargs(pdl))
+                                num_warps=min(16, max(1, BLOCK // 512)))
     return (q, s) if h is None else (q, s, h)
 
 
