@@ -37,7 +37,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.engine import Engine, SamplingParams  # noqa: E402
-from pipeline.kernels.pdl import enabled as pdl_enabled  # noqa: E402
 from pipeline.models.llama import ModelArgs, build_model  # noqa: E402
 from pipeline.models.sources import synthetic_tensors  # noqa: E402
 from pipeline.quant import w4 as awq_format  # noqa: E402
@@ -49,6 +48,7 @@ LLAMA7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=1
 INTERNLM7B = ModelArgs(arch="internlm", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
                        vocab_size=103168, max_seq_len=4096, qkv_bias=True, o_bias=True)
 SHAPES = {"llama2-7b": LLAMA7B, "internlm-7b": INTERNLM7B}
+PDL_MODES = {"auto": ("", ""), "on": ("1", "_pdl"), "off": ("0", "_nopdl")}  # -> PIPELINE_PDL, row suffix
 TINY = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512, vocab_size=512,
                  max_seq_len=512)
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -419,12 +419,13 @@ def main():
                     help="random weights with these real shapes (memory tables and baselines: llama2-7b only)")
     ap.add_argument("--kinds", default="fp16,w4,w8",
                     help="weight kinds to run: fp16, w4 (w4a16, w4a16_kv8), w8 (w8a8, w8a8_kv8); default all")
-    ap.add_argument("--pdl", default="on", help="programmatic dependent launch per row: on, off, or off,on (both, "
-                    "rows without it named <row>_nopdl; GEMM tuning from the first engine is reused by the second)")
+    ap.add_argument("--pdl", default="auto", help="programmatic dependent launch per row, comma-separated: auto (the "
+                    "engine's default: on for int4 weights), on (forced, rows <row>_pdl), off (rows <row>_nopdl); GEMM "
+                    "tuning from the first engine of a row is reused by the next")
     a = ap.parse_args()
     pdl_modes = a.pdl.split(",")
-    if not set(pdl_modes) <= {"on", "off"}:
-        ap.error(f"--pdl {a.pdl!r}: each must be on or off")
+    if not set(pdl_modes) <= set(PDL_MODES):
+        ap.error(f"--pdl {a.pdl!r}: each must be one of {sorted(PDL_MODES)}")
     kinds = a.kinds.split(",")
     if not set(kinds) <= set(ROWS):
         ap.error(f"--kinds {a.kinds!r}: each must be one of {sorted(ROWS)}")
@@ -454,10 +455,10 @@ def main():
             continue
         ws = build_ws(root, args, kind)
         for (name, qp), mode in [(r, m) for r in ROWS[kind] for m in pdl_modes]:
-            os.environ["PIPELINE_PDL"] = "1" if mode == "on" else "0"
-            row = name if mode == "on" else f"{name}_nopdl"
+            os.environ["PIPELINE_PDL"], suffix = PDL_MODES[mode]
+            row = name + suffix
             eng = decode(ws, row, qp, bw, a.new, eager=row == "w4a16" and not (light or a.profile_only))
-            RES["decode"][row]["pdl"] = DEV == "cuda" and pdl_enabled(torch.device(DEV))
+            RES["decode"][row]["pdl"] = eng.stats()["pdl"]
             if a.profile_only:
                 profile(eng, row)
             elif not light and name == "w4a16":

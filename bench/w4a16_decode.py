@@ -140,40 +140,41 @@ def bench(args) -> dict:
         y32 = torch.empty(K // g, N, device=dev, dtype=torch.int32)
         grid = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
         entry["launch_floor_us"] = time_calls([lambda: _empty_kernel[grid](y32)], graph=True) * 1e6
-        nq = ws[0].qweight.numel() + ws[0].scales.numel()  # int32 words of weights + scales and zeros
-        flat = [torch.empty(nq, device=dev, dtype=torch.int32) for _ in ws]
-        yf = torch.empty(triton.cdiv(nq, 1024), device=dev, dtype=torch.int32)
-        for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
-            fns = [lambda f=f: _stream_flat_kernel[(triton.cdiv(nq, block),)](f, yf, nq, BLOCK=block, num_warps=warps)
-                   for f in flat]
-            entry[f"stream_floor_flat{block}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
-        del flat
-        grid_s = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
-        fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N, P=g // 8, KS=4,
-                                                   BLOCK_N=64, SZ=False, num_warps=4) for w in ws]
-        entry["stream_floor_nosz_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
-        szs = [sz_layouts(w) for w in ws]
-        P = g // 8
-        fns = [lambda w=w, sz=sz: _stream_sz_kernel[grid_s](w.qweight, sz[0], y32, N, K // g, P, N, P=P, KS=4,
-                                                            BLOCK_N=64, num_warps=4) for w, sz in zip(ws, szs)]
-        entry["stream_floor_sz32_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
-        fns = [lambda sz=sz: _stream_sz_kernel[grid_s](sz[1], sz[1].view(-1)[P * N:], y32, N, K // g, P + 1,
-                                                       (P + 1) * N, P=P, KS=4, BLOCK_N=64, num_warps=4) for sz in szs]
-        entry["stream_floor_slab_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
-        del szs
-        wbs = [blocked(w) for w in ws]
-        for BN, KS, warps in ((64, 4, 4), (64, 2, 4), (128, 2, 4)):
-            grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
-            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g,
-                                                       w.qweight.stride(0), 64,
-                                                       P=g // 8, KS=KS, BLOCK_N=BN, num_warps=warps) for w in wbs]
-            entry[f"stream_floor_blocked_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
-        for BN, KS, warps in ((64, 4, 4), (128, 2, 4), (64, 8, 8), (64, 4, 8), (32, 4, 4), (64, 2, 4)):
-            grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
-            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N,
-                                                       P=g // 8, KS=KS,
-                                                       BLOCK_N=BN, num_warps=warps) for w in ws]
-            entry[f"stream_floor_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+        if args.floors:
+            nq = ws[0].qweight.numel() + ws[0].scales.numel()  # int32 words of weights + scales and zeros
+            flat = [torch.empty(nq, device=dev, dtype=torch.int32) for _ in ws]
+            yf = torch.empty(triton.cdiv(nq, 1024), device=dev, dtype=torch.int32)
+            for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+                fns = [lambda f=f: _stream_flat_kernel[(triton.cdiv(nq, block),)](f, yf, nq, BLOCK=block, num_warps=warps)
+                       for f in flat]
+                entry[f"stream_floor_flat{block}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+            del flat
+            grid_s = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
+            fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N, P=g // 8, KS=4,
+                                                       BLOCK_N=64, SZ=False, num_warps=4) for w in ws]
+            entry["stream_floor_nosz_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+            szs = [sz_layouts(w) for w in ws]
+            P = g // 8
+            fns = [lambda w=w, sz=sz: _stream_sz_kernel[grid_s](w.qweight, sz[0], y32, N, K // g, P, N, P=P, KS=4,
+                                                                BLOCK_N=64, num_warps=4) for w, sz in zip(ws, szs)]
+            entry["stream_floor_sz32_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+            fns = [lambda sz=sz: _stream_sz_kernel[grid_s](sz[1], sz[1].view(-1)[P * N:], y32, N, K // g, P + 1,
+                                                           (P + 1) * N, P=P, KS=4, BLOCK_N=64, num_warps=4) for sz in szs]
+            entry["stream_floor_slab_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6
+            del szs
+            wbs = [blocked(w) for w in ws]
+            for BN, KS, warps in ((64, 4, 4), (64, 2, 4), (128, 2, 4)):
+                grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
+                fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g,
+                                                           w.qweight.stride(0), 64,
+                                                           P=g // 8, KS=KS, BLOCK_N=BN, num_warps=warps) for w in wbs]
+                entry[f"stream_floor_blocked_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
+            for BN, KS, warps in ((64, 4, 4), (128, 2, 4), (64, 8, 8), (64, 4, 8), (32, 4, 4), (64, 2, 4)):
+                grid_s = (triton.cdiv(N, BN), triton.cdiv(K // g, KS))
+                fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N,
+                                                           P=g // 8, KS=KS,
+                                                           BLOCK_N=BN, num_warps=warps) for w in ws]
+                entry[f"stream_floor_n{BN}_s{KS}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
         for M in args.ms:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             ref = x.double() @ w4.dequantize_w4(ws[0], torch.float64).T
@@ -262,6 +263,7 @@ def main():
     ap.add_argument("--configs", default="", help="comma-separated config names (default: every candidate)")
     ap.add_argument("--pdl", type=lambda s: s.split(","), default=["off", "on"],
                     help="programmatic dependent launch for the configs: off, on, or off,on (default)")
+    ap.add_argument("--no-floors", dest="floors", action="store_false", help="skip the read-only stream floors")
     ap.add_argument("--ncu", default="", help="run a few launches of this config only (for ncu)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()

@@ -89,6 +89,8 @@ def test_fp16_greedy_matches_reference_batched(tiny):
     for p, o in zip(PROMPTS, out):
         assert o == ref_greedy(ref, p, 24)
     assert eng.stats()["free_blocks"] == eng.stats()["total_blocks"]
+    assert eng.pdl is False  # fp16 weights: PDL not measured, left off
+    assert Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256, "pdl": True}).pdl is True
 
 
 @pytest.mark.parametrize("qp,kv_bits", [(0, 16), (4, 8), (8, 4)])
@@ -96,6 +98,7 @@ def test_w4a16_kv_logits_match_fake_quant_reference(tiny, qp, kv_bits):
     eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256, "quant_policy": qp,
                                                              "max_prefill_tokens": 8})
     assert eng.stats()["weight_type"] == "int4" and eng.runner.kv_bits == kv_bits
+    assert eng.pdl is True and eng.stats()["pdl"] is False  # chosen for int4 weights; no PDL on a CPU
     assert eng.runner.kv_mode == ("none" if kv_bits == 16 else "static")
     ref = reference(tiny, w4=True, kv_bits=kv_bits)
     for p in PROMPTS[:2]:

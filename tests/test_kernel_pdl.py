@@ -32,6 +32,27 @@ def make_quant(N, K, g):
             torch.randint(0, 16, (K // g, N)).half())
 
 
+def test_default_off_until_set_and_env_overrides(monkeypatch):
+    """Unset PIPELINE_PDL: the process default (off until the engine turns it on for int4 weights); 0/1 win."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("PIPELINE_PDL", raising=False)
+    monkeypatch.setattr(pdl, "_hopper_or_newer", lambda index: True)  # pretend an H100 with a PDL-capable Triton
+    monkeypatch.setitem(pdl._default, "on", False)
+    dev = torch.device("cuda", 0)
+    assert pdl.enabled(dev) is False
+    pdl.set_default(True)
+    assert pdl.enabled(dev) is True
+    monkeypatch.setenv("PIPELINE_PDL", "0")
+    assert pdl.enabled(dev) is False
+    pdl.set_default(False)
+    monkeypatch.setenv("PIPELINE_PDL", "1")
+    assert pdl.enabled(dev) is True
+    monkeypatch.setenv("PIPELINE_PDL", "yes")
+    with pytest.raises(ValueError, match="PIPELINE_PDL='yes'"):
+        pdl.enabled(dev)
+    assert [pdl.default_for(t) for t in ("int4", "int8", "fp16")] == [True, False, False]
+
+
 def _chain(x_in, norm_w, w1, w2, w3, cfg):
     """rms_norm -> GEMV -> GEMV (SwiGLU fused) -> rms_norm with residual: each kernel reads what the one
     before it wrote in the same step, the pattern of a decode layer."""

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import pdl
 from ..workspace import QUANT_POLICIES, TOKENIZER, read_config
 from .blocks import BlockManager, blocks_for
 from .handle import RequestHandle, Sequence
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
-            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool}
+            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -66,6 +67,10 @@ class Engine:
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
         self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=dev)  # last step's greedy tokens
+        # programmatic dependent launch (Hopper): by default where it was measured faster (W4A16; see kernels/pdl.py);
+        # set before warm-up, so the captured decode graphs carry it
+        self.pdl = pdl.default_for(weight_type) if s.get("pdl") is None else bool(s["pdl"])
+        pdl.set_default(self.pdl)
         if dev.type == "cuda" and s.get("cuda_graphs", True):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
@@ -196,7 +201,7 @@ class Engine:
                     kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
-                    tp=getattr(self.runner, "tp", 1), steps=dict(self.steps))
+                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps=dict(self.steps))
 
     def _count(self, phase: str, tokens: int, t0: float) -> None:
         """Count a step that has finished on the device (sampling reads the logits back, which waits for it)."""

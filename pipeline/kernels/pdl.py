@@ -14,8 +14,12 @@ Usage inside a kernel (PDL: tl.constexpr, from `enabled(device)` at launch):
     gdc_wait(PDL)          # everything after this sees the previous kernels' writes
 and launch with `kernel[grid](..., PDL=on, **launch_kwargs(on))`.
 
-`PIPELINE_PDL=0` turns it off (for A/B timing); it is off on CPUs, in the interpreter, below compute
-capability 9.0 and on Triton builds without the `launch_pdl` option.
+When it is used: `PIPELINE_PDL=1` forces it on, `=0` off; unset, the process default decides (`set_default`,
+off until something turns it on). The engine turns it on for W4A16 weights, where it was measured faster (H100,
+batch-1 decode of Llama-2-7B shapes: 307.8 -> 369.6 and 322.0 -> 358.1 tokens/s in two runs), and leaves it off
+for W8A8, where it was measured slower (256.4 -> 241.0 with PDL on the int8 GEMM too), and fp16 (not measured).
+It is always off on CPUs, in the interpreter, below compute capability 9.0 and on Triton builds without the
+`launch_pdl` option.
 """
 from __future__ import annotations
 
@@ -47,9 +51,25 @@ def supported_by_triton() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+_default = {"on": False}
+
+
+def set_default(on: bool) -> None:
+    """What `enabled` answers (where the hardware allows) while PIPELINE_PDL is unset."""
+    _default["on"] = bool(on)
+
+
+def default_for(weight_type: str) -> bool:
+    """The engine's choice per weight type: on where it was measured faster (int4), off elsewhere."""
+    return weight_type == "int4"
+
+
 def enabled(device: torch.device) -> bool:
     """Launch this device's decode kernels with PDL?"""
-    if os.environ.get("PIPELINE_PDL", "1") == "0" or interpreting() or device.type != "cuda":
+    env = os.environ.get("PIPELINE_PDL", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"PIPELINE_PDL={env!r}: must be 0, 1 or unset")
+    if env == "0" or (env == "" and not _default["on"]) or interpreting() or device.type != "cuda":
         return False
     return _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device())
 
