@@ -49,7 +49,7 @@ from pipeline.kernels.dispatch import arrival_counters, use_triton
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner
-from pipeline.kernels.w4a16_gemv import _finish_split, _gemv_kernel, _gemv_wide_kernel, _load_x
+from pipeline.kernels.w4a16_gemv import _finish_split, _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -258,10 +258,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    n_groups = K // GROUP
-    per_split = tl.cdiv(n_groups, split_k)
-    g_lo = pid_k * per_split
-    g_hi = tl.minimum(g_lo + per_split, n_groups)
+    g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if SLICED and P >= 16:

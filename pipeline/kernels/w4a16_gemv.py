@@ -31,10 +31,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     offs_p = tl.arange(0, P)
     mask_n = offs_n < N
-    n_groups = K // GROUP
-    per_split = tl.cdiv(n_groups, split_k)
-    g_lo = pid_k * per_split
-    g_hi = tl.minimum(g_lo + per_split, n_groups)
+    g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     x_row = x_ptr + m * stride_xm + offs_p  # (P,)
     acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
@@ -51,6 +48,15 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
     y = tl.sum(acc, axis=0)  # (BN,)
     _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                BLOCK_N, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _group_range(pid_k, K, split_k, GROUP: tl.constexpr):
+    # the whole groups [g_lo, g_hi) of split pid_k when K's groups are cut into split_k near-equal ranges
+    n_groups = K // GROUP
+    per_split = tl.cdiv(n_groups, split_k)
+    g_lo = pid_k * per_split
+    return g_lo, tl.minimum(g_lo + per_split, n_groups)
 
 
 @triton.jit
