@@ -4,6 +4,7 @@
     python bench/engine.py --decode-only --out results.json   # check + copy + the decode rows only
     python bench/engine.py --dry-run                          # CPU, tiny shapes: the same code paths, no GPU
     python bench/engine.py --profile-only --kinds w4 --pdl off,on   # each row without, then with PDL
+    python bench/engine.py --profile-only --kinds w4 --pdl-off-for attention,norm,rope_kv   # PDL on the GEMVs only
 
 Sections (results written to --out after each one, so a cut-off run keeps what it measured):
   check     tiny model on the GPU: engine (Triton kernels, CUDA graphs) vs the reference model,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import shutil
@@ -48,6 +50,7 @@ LLAMA7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=1
 INTERNLM7B = ModelArgs(arch="internlm", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
                        vocab_size=103168, max_seq_len=4096, qkv_bias=True, o_bias=True)
 SHAPES = {"llama2-7b": LLAMA7B, "internlm-7b": INTERNLM7B}
+PDL_MODULES = ("attention", "norm", "rope_kv", "w4a16")  # kernel modules that launch with PDL
 PDL_MODES = {"auto": ("", ""), "on": ("1", "_pdl"), "off": ("0", "_nopdl")}  # -> PIPELINE_PDL, row suffix
 TINY = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=512, vocab_size=512,
                  max_seq_len=512)
@@ -422,7 +425,14 @@ def main():
     ap.add_argument("--pdl", default="auto", help="programmatic dependent launch per row, comma-separated: auto (the "
                     "engine's default: on for int4 weights), on (forced, rows <row>_pdl), off (rows <row>_nopdl); GEMM "
                     "tuning from the first engine of a row is reused by the next")
+    ap.add_argument("--pdl-off-for", default="", help="comma-separated kernel modules launched without PDL even where "
+                    f"it is on (an ablation: which kernels' PDL helps): any of {sorted(PDL_MODULES)}")
     a = ap.parse_args()
+    for mod in filter(None, a.pdl_off_for.split(",")):
+        if mod not in PDL_MODULES:
+            ap.error(f"--pdl-off-for {mod!r}: must be one of {sorted(PDL_MODULES)}")
+        importlib.import_module(f"pipeline.kernels.{mod}").pdl_enabled = lambda device: False
+    RES["pdl_off_for"] = a.pdl_off_for
     pdl_modes = a.pdl.split(",")
     if not set(pdl_modes) <= set(PDL_MODES):
         ap.error(f"--pdl {a.pdl!r}: each must be one of {sorted(PDL_MODES)}")
