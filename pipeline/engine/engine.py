@@ -69,7 +69,8 @@ class Engine:
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=dev)  # last step's greedy tokens
         # programmatic dependent launch (Hopper): by default where it was measured faster (W4A16; see kernels/pdl.py);
         # set before warm-up, so the captured decode graphs carry it
-        self.pdl = pdl.default_for(weight_type) if s.get("pdl") is None else bool(s["pdl"])
+        # (tp > 1: off; the rank processes launch their own kernels and were not measured with it)
+        self.pdl = (pdl.default_for(weight_type) if s.get("pdl") is None else bool(s["pdl"])) and s.get("tp", 1) == 1
         pdl.set_default(self.pdl)
         if dev.type == "cuda" and s.get("cuda_graphs", True):
             from .graphs import DecodeGraphs
