@@ -149,7 +149,7 @@ def bench(args) -> dict:
                        for f in flat]
                 entry[f"stream_floor_flat{block}_w{warps}_us"] = time_calls(fns, graph=True) * 1e6
             del flat
-            grid_s = (triton.cdiv(N, 64), triton.cdiv(K // g, 4))
+            grid_s = grid  # the wide kernel's n64_s4 tiles
             fns = [lambda w=w: _stream_kernel[grid_s](w.qweight, w.scales, w.zeros, y32, N, K // g, 64, N, P=g // 8, KS=4,
                                                        BLOCK_N=64, SZ=False, num_warps=4) for w in ws]
             entry["stream_floor_nosz_n64_s4_w4_us"] = time_calls(fns, graph=True) * 1e6

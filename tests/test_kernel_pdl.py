@@ -27,11 +27,6 @@ def test_env_switch_turns_it_off(monkeypatch):
     assert pdl.enabled(torch.device("cuda", 0)) is False
 
 
-def make_quant(N, K, g):
-    return (torch.randint(0, 16, (N, K), dtype=torch.uint8), (torch.rand(K // g, N) * 0.02 + 1e-3).half(),
-            torch.randint(0, 16, (K // g, N)).half())
-
-
 def test_default_off_until_set_and_env_overrides(monkeypatch):
     """Unset PIPELINE_PDL: the process default (off until the engine turns it on for int4 weights); 0/1 win."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -72,6 +67,7 @@ def test_gpu_graph_chain_identical_with_and_without_pdl(monkeypatch, cfg):
     """The chain captured in a CUDA graph and replayed on fresh inputs gives the same bits with PDL as the
     eager launches without it: a kernel that read its input before the previous kernel finished writing it
     would differ."""
+    from test_kernel_w4a16 import make_quant
     from pipeline.kernels import w4a16 as w4
     dev = torch.device("cuda")
     if torch.cuda.get_device_capability() < (9, 0) or not pdl.supported_by_triton():
