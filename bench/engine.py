@@ -4,7 +4,7 @@
     python bench/engine.py --decode-only --out results.json   # check + copy + the decode rows only
     python bench/engine.py --dry-run                          # CPU, tiny shapes: the same code paths, no GPU
     python bench/engine.py --profile-only --kinds w4 --pdl off,on   # each row without, then with PDL
-    python bench/engine.py --profile-only --kinds w4 --pdl-off-for attention,norm,rope_kv   # PDL on the GEMVs only
+    python bench/engine.py --profile-only --kinds w4 --pdl-off-for "/attention,norm,rope_kv"  # all PDL, then GEMVs only
 
 Sections (results written to --out after each one, so a cut-off run keeps what it measured):
   check     tiny model on the GPU: engine (Triton kernels, CUDA graphs) vs the reference model,
@@ -408,6 +408,17 @@ def table():
         print(f"hf {k:<15}{v['tokens_per_s']:>9}")
 
 
+_PDL_ON = {}  # module -> its own pdl_enabled, kept while an ablation replaces it
+
+
+def pdl_off_for(mods: tuple[str, ...]) -> None:
+    """PDL off in exactly these kernel modules (the others use their own switch) for engines built next."""
+    for mod in PDL_MODULES:
+        m = importlib.import_module(f"pipeline.kernels.{mod}")
+        _PDL_ON.setdefault(mod, m.pdl_enabled)
+        m.pdl_enabled = (lambda device: False) if mod in mods else _PDL_ON[mod]
+
+
 def main():
     global DEV
     ap = argparse.ArgumentParser(description="Engine speed and memory, batch-1 decode (see the module doc).")
@@ -425,13 +436,15 @@ def main():
     ap.add_argument("--pdl", default="auto", help="programmatic dependent launch per row, comma-separated: auto (the "
                     "engine's default: on for int4 weights), on (forced, rows <row>_pdl), off (rows <row>_nopdl); GEMM "
                     "tuning from the first engine of a row is reused by the next")
-    ap.add_argument("--pdl-off-for", default="", help="comma-separated kernel modules launched without PDL even where "
-                    f"it is on (an ablation: which kernels' PDL helps): any of {sorted(PDL_MODULES)}")
+    ap.add_argument("--pdl-off-for", default="", help="an ablation, in one process: '/'-separated sets of comma-separated "
+                    "kernel modules launched without PDL even where it is on, each set giving its own rows "
+                    f"(<row>_no-<a>+<b>; an empty set: the unchanged rows); modules: {sorted(PDL_MODULES)}")
     a = ap.parse_args()
-    for mod in filter(None, a.pdl_off_for.split(",")):
-        if mod not in PDL_MODULES:
-            ap.error(f"--pdl-off-for {mod!r}: must be one of {sorted(PDL_MODULES)}")
-        importlib.import_module(f"pipeline.kernels.{mod}").pdl_enabled = lambda device: False
+    ablations = [tuple(filter(None, part.split(","))) for part in a.pdl_off_for.split("/")]
+    for mods in ablations:
+        for mod in mods:
+            if mod not in PDL_MODULES:
+                ap.error(f"--pdl-off-for {mod!r}: must be one of {sorted(PDL_MODULES)}")
     RES["pdl_off_for"] = a.pdl_off_for
     pdl_modes = a.pdl.split(",")
     if not set(pdl_modes) <= set(PDL_MODES):
@@ -464,9 +477,10 @@ def main():
         if kind not in kinds:
             continue
         ws = build_ws(root, args, kind)
-        for (name, qp), mode in [(r, m) for r in ROWS[kind] for m in pdl_modes]:
+        for (name, qp), mode, off in [(r, m, o) for r in ROWS[kind] for m in pdl_modes for o in ablations]:
             os.environ["PIPELINE_PDL"], suffix = PDL_MODES[mode]
-            row = name + suffix
+            pdl_off_for(off)
+            row = name + suffix + ("_no-" + "+".join(off) if off else "")
             eng = decode(ws, row, qp, bw, a.new, eager=row == "w4a16" and not (light or a.profile_only))
             RES["decode"][row]["pdl"] = eng.stats()["pdl"]
             if a.profile_only:
