@@ -3,6 +3,7 @@
     python bench/kernels.py --only attention_decode,attention_aux     # both sections, one GPU call
     python bench/kernels.py --only attention_decode --quick            # fewer shapes, smoke run
     BENCH_SWEEP=1 python bench/kernels.py --only attention_decode        # also time a few kernel configs
+    BENCH_SPLITS=1 python bench/kernels.py --only attention_decode       # also the context split x block_n (B <= 16)
 
 attention_decode: one query token per sequence, head_dim 128, paged KV (block 16, shuffled blocks):
 ours fp16 / int8 / int4 (static per-head scales, and dynamic per-token scales) against
@@ -78,6 +79,8 @@ def bench_attention_decode(args) -> dict:
     fmts = ["fp16", "int8", "int4", "int8_dyn", "int4_dyn"]
     sweep = os.environ.get("BENCH_SWEEP") == "1"
     variants = [(bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (2, 3)] if sweep else []
+    # BENCH_SPLITS=1: the context split's programs per SM (attention.WAVES) x block_n, B <= 16, fp16/int8
+    splits = [(wv, bn) for wv in (3, 6, 12) for bn in (64, 128)] if os.environ.get("BENCH_SPLITS") == "1" else []
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "copy_bw_GBps": bw / 1e9, "head_dim": D,
            "block_size": BLOCK, "timing": "CUDA graph replay, median of 7, L2 defeated by rotating copies",
@@ -130,6 +133,10 @@ def bench_attention_decode(args) -> dict:
                         row["us"]["int8_eager"] = 1e6 * kb.time_calls([lambda kv=kv: call(kv) for kv in kvl],
                                                                       graph=False)
                     swept = fmt in ("fp16", "int8", "int4") and B in (1, 64) and ctx == max(ctxs)
+                    for wv, bn in splits if fmt in ("fp16", "int8") and B <= 16 else []:
+                        key = f"{fmt}_waves{wv}_bn{bn}"
+                        row["us"][key] = 1e6 * kb.time_calls(
+                            [lambda kv=kv: call(kv, block_n=bn, waves=wv) for kv in kvl], graph=True)
                     for bn, w, s in variants if swept else []:
                         key = f"{fmt}_bn{bn}_w{w}_s{s}"
                         try:
@@ -144,6 +151,8 @@ def bench_attention_decode(args) -> dict:
                 us, rf = row["us"], row["roof_us"]
                 print(f"H={H}/{n_kv} ctx={ctx} B={B}: " + ", ".join(f"{k}={v:.1f}" for k, v in us.items()
                                                                     if "_bn" not in k), flush=True)
+                for k in sorted(k for k in us if "_waves" in k):
+                    print(f"    {k}: {us[k]:.1f} us = {us[k] / rf[k.split('_waves')[0]]:.2f}x", flush=True)
     lines = [f"Decode attention, head_dim {D}, paged block {BLOCK}, {res['device']}, copy {bw / 1e9:.0f} GB/s; "
              "x = time / own KV-bytes roofline (cudnn, flash: fp16 roofline)",
              "H/kv  |   ctx |  B | cudnn x | flash x | fp16 x | int8 x | int4 x | i8dyn x | int8/fp16 | int8/cudnn"]

@@ -204,6 +204,19 @@ def _num_sms(device: torch.device) -> int:
     return 2  # the interpreter: a few splits, so the merge path is exercised
 
 
+WAVES = 3  # the context is split until about this many programs per SM
+
+
+def _context_split(pairs, max_ctx, block_n, device, num_splits=None, waves=WAVES):
+    """(splits, tokens per split) for `pairs` (sequence, KV head) programs over at most max_ctx tokens:
+    about `waves` programs per SM, each a whole number of block_n tiles, at most 64 splits."""
+    if num_splits is None:
+        num_splits = math.ceil(waves * _num_sms(device) / pairs)
+    num_splits = max(1, min(num_splits, triton.cdiv(max_ctx, block_n), 64))
+    part = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
+    return triton.cdiv(max_ctx, part), part
+
+
 def _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params):
     kvcache.check_kv_config(kv_mode, kv_bits)
     if q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16):
@@ -248,7 +261,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, pa
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="none", kv_bits=16,
             k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, max_context_len=None,
-            num_splits=None, block_n=None, num_warps=4, num_stages=2):
+            num_splits=None, block_n=None, num_warps=4, num_stages=2, waves=WAVES):
     params = {"k_scale": k_scale, "k_zp": k_zp, "v_scale": v_scale, "v_zp": v_zp}
     _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params)
     if q.stride(-1) != 1:
@@ -262,11 +275,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     block_n = block_n or (64 if kv_bits == 16 else 128)
     max_ctx = max_context_len or block_tables.shape[1] * bs  # capacity: graph-safe upper bound
-    if num_splits is None:
-        num_splits = math.ceil(3 * _num_sms(q.device) / (B * n_kv))
-    num_splits = max(1, min(num_splits, triton.cdiv(max_ctx, block_n), 64))
-    part = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_ctx, part)
+    num_splits, part = _context_split(B * n_kv, max_ctx, block_n, q.device, num_splits, waves)
     split = num_splits > 1
     if split:
         op = torch.empty(B, H, num_splits, D, device=q.device, dtype=torch.float32)
