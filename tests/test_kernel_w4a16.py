@@ -225,3 +225,51 @@ def test_gpu_split_k_bit_identical_over_many_launches():
         bad = sum(not torch.equal(o, first) for o in outs)
         assert bad == 0, f"M={M} {name}: {bad}/300 launches differ from the first"
         assert rel_err(first, ref64(x, w)) < TOL[torch.float16]
+
+
+# ------------------------------------------------------------------ residual add and RMSNorm fused into the GEMV
+def _chain_ref(x, w_o, res, wn, eps, w_qkv):
+    """Unfused: o-proj, HF residual add, RMSNorm (norm.py reference), next linear (fp64 reference)."""
+    from pipeline.kernels.norm import rms_norm_ref
+    y = w4.w4a16_linear_ref(x, w_o)
+    h = (y.float() + res.float()).to(x.dtype)
+    return h, ref64(rms_norm_ref(h, wn, eps), w_qkv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+@pytest.mark.parametrize("M,cfg,K,N,g", [(1, "wide_ks2", 640, 384, 128), (3, "wide_ks4", 192, 256, 64),
+                                         (2, "wide_ks2", 128, 96, 32)])
+def test_interpreter_fused_residual_and_norm(monkeypatch, poisoned, M, cfg, K, N, g):
+    """residual= returns y + residual and the row sums of squares; norm= with them equals RMSNorm then the
+    linear: the o-proj -> residual -> RMSNorm -> qkv chain of a decoder layer without the RMSNorm kernel."""
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    dt = torch.float16
+    w_o = w4.pack_w4(*make_quant(N, K, g), g)      # K -> N (the residual stream is N wide)
+    w_qkv = w4.pack_w4(*make_quant(96, N, g), g)   # N -> 96
+    x, res = torch.randn(M, K).to(dt), torch.randn(M, N).to(dt)
+    wn = (torch.rand(N) + 0.5).to(dt)
+    h_ref, y_ref = _chain_ref(x, w_o, res, wn, 1e-5, w_qkv)
+    h, sq = w4.w4a16_linear(x, w_o, residual=res, config=INTERP_CONFIGS[cfg])
+    assert h.shape == (M, N) and sq.shape[0] == M and sq.dtype == torch.float32
+    assert rel_err(h, h_ref.double()) < TOL[dt]
+    assert torch.allclose(sq.sum(-1), h.float().pow(2).sum(-1), rtol=1e-4)
+    y = w4.w4a16_linear(h, w_qkv, norm=(wn, 1e-5, sq), config=INTERP_CONFIGS[cfg])
+    assert rel_err(y, y_ref) < 5e-3
+    # the PyTorch fallback (no Triton) gives the same numbers through the same API
+    monkeypatch.setenv("PIPELINE_KERNELS", "reference")
+    h2, sq2 = w4.w4a16_linear(x, w_o, residual=res)
+    assert sq2.shape == (M, 1) and rel_err(h2, h_ref.double()) < TOL[dt]
+    assert rel_err(w4.w4a16_linear(h2, w_qkv, norm=(wn, 1e-5, sq2)), y_ref) < 5e-3
+
+
+def test_fused_args_are_checked():
+    w = w4.pack_w4(*make_quant(8, 64, 32), 32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="residual shape"):
+        w4.w4a16_linear(x, w, residual=torch.randn(2, 9))
+    with pytest.raises(ValueError, match="norm must be"):
+        w4.w4a16_linear(x, w, norm=(torch.ones(63), 1e-5, torch.ones(2, 1)))
+    with pytest.raises(ValueError, match="sumsq must be"):
+        w4.w4a16_linear(x, w, norm=(torch.ones(64), 1e-5, torch.ones(3, 1)))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        w4.w4a16_linear(torch.randn(2, 128), w, act="silu_mul", norm=(torch.ones(64), 1e-5, torch.ones(2, 1)))
