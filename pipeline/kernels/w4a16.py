@@ -436,6 +436,14 @@ def candidates(M: int) -> tuple[str, ...]:
     return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
 
 
+def tuning_set(M: int, pdl: bool) -> tuple[str, ...]:
+    """What the tuner times. With PDL at M <= 4 only the wide GEMVs, which issue their weight loads before the
+    wait: in launch chains with PDL they beat every looped kernel on all four Llama-7B shapes (1.58-2.35x of
+    the roofline against 2.01-3.73x, bench/results/w4a16_decode_pdl_v1.json), which one launch timed alone
+    cannot show."""
+    return WIDE_SET if pdl and M <= 4 else candidates(M)
+
+
 def default_config(M: int) -> str:
     return "gemv_n64_c4" if M <= 16 else "tile_m64_n128_c2" if M <= 64 else "tile_m128_n128_c1"
 
@@ -536,13 +544,15 @@ def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
 
 
 def _key(x2, w: W4Weight, bias, act: bool = False, fused: str = "") -> tuple:
-    key = (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act)
-    return key + (fused,) if fused else key
+    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act, fused,
+            pdl_enabled(x2.device))
 
 
-def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None) -> tuple[str | None, dict]:
-    """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run."""
-    return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None))
+def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None,
+                  fused: str = "") -> tuple[str | None, dict]:
+    """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run; fused: "norm" or
+    "residual" for the calls with norm= / residual= (tuned separately)."""
+    return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None, fused))
 
 
 def _choose(x2, w, bias, out_dtype, act: bool = False, fuse: dict | None = None) -> str:
@@ -551,7 +561,7 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, fuse: dict | None = None)
         return TUNER.choose(_key(x2, w, bias, act, "+".join(sorted(fuse))), WIDE_SET,
                             lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act, fuse), WIDE_SET[3],
                             x2.device)
-    return TUNER.choose(_key(x2, w, bias, act), candidates(M),
+    return TUNER.choose(_key(x2, w, bias, act), tuning_set(M, pdl_enabled(x2.device)),
                         lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), default_config(M), x2.device)
 
 
