@@ -95,8 +95,7 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                   "sliced_split2": (16, 32, 2, 4, 1, 1, 0), "tile": (32, 64, 1, 4, 1, 0, 0),
                   "px_split3": (16, 32, 3, 4, 1, 1, 1),
                   "fma_split3": ("fma", 32, 3, 4, 1), "fma_split1": ("fma", 64, 1, 4, 1),
-                  "wide_ks2": ("wide", 32, 2, 4, 1), "wide_ks4": ("wide", 64, 4, 4, 0),
-                  "tcw_ks2": ("tcw", 32, 2, 4, 1), "tcw_ks1": ("tcw", 64, 1, 4, 0)}
+                  "wide_ks2": ("wide", 32, 2, 4, 1), "wide_ks4": ("wide", 64, 4, 4, 0)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
@@ -107,9 +106,7 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                                          (1, 40, 640, 128, "px_split3"),
                                          (3, 70, 192, 64, "fma_split3"), (2, 33, 128, 32, "fma_split1"),
                                          (1, 40, 640, 128, "wide_ks2"), (2, 70, 192, 64, "wide_ks4"),
-                                         (1, 33, 128, 32, "wide_ks4"), (3, 72, 384, 64, "wide_ks4"),
-                                         (3, 40, 640, 128, "tcw_ks2"), (17, 70, 192, 64, "tcw_ks1"),
-                                         (2, 33, 96, 32, "tcw_ks2")])
+                                         (1, 33, 128, 32, "wide_ks4"), (3, 72, 384, 64, "wide_ks4")])
 def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(N, K, g), g)
@@ -178,8 +175,7 @@ def test_gpu_small_groups_and_odd_shapes(poisoned, g):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
-@pytest.mark.parametrize("cfg", ["gemv_split3", "sliced_split2", "fma_split3", "tile", "px_split3", "wide_ks2",
-                                 "tcw_ks2"])
+@pytest.mark.parametrize("cfg", ["gemv_split3", "sliced_split2", "fma_split3", "tile", "px_split3", "wide_ks2"])
 def test_interpreter_fused_silu_mul_and_counters_rearmed(monkeypatch, poisoned, cfg):
     """act="silu_mul" equals silu_mul then the GEMM; split-K counters are back to 0 after every launch."""
     from pipeline.kernels.norm import silu_mul_ref

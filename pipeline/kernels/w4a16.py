@@ -224,49 +224,16 @@ def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexp
 
 
 @triton.jit
-def _load_w(q_ptrs, s_ptr, z_ptr, g, N, offs_n, mask_n, P: tl.constexpr):
-    # group g's packed weights (P, BN) int32, scale and zero (BN,) fp32; zero where mask_n is off
-    q = tl.load(q_ptrs + g * P * N, mask=mask_n[None, :], other=0)
-    sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    return q, sc, z
-
-
-@triton.jit
-def _group_acc(acc, q, sc, z, x_ptr, offs_m, mask_m, stride_xm, g, K, GROUP: tl.constexpr, ACT: tl.constexpr,
-               DKIND: tl.constexpr, PX: tl.constexpr, C: tl.constexpr, SLICED: tl.constexpr):
-    # acc (BM, BN) += group g of x (rows offs_m, masked by mask_m) times its loaded weights (q, sc, z)
-    P: tl.constexpr = GROUP // 8
-    if SLICED and P >= 16:
-        xg = x_ptr + offs_m[:, None] * stride_xm + g * GROUP + tl.arange(0, P)[None, :]  # (BM, P): plane 0
-        xm = mask_m[:, None]
-        acc = _group_mma(acc, q, sc, z, _load_x(xg, K, xm, ACT), _load_x(xg + P, K, xm, ACT),
-                         _load_x(xg + 2 * P, K, xm, ACT), _load_x(xg + 3 * P, K, xm, ACT),
-                         _load_x(xg + 4 * P, K, xm, ACT), _load_x(xg + 5 * P, K, xm, ACT),
-                         _load_x(xg + 6 * P, K, xm, ACT), _load_x(xg + 7 * P, K, xm, ACT), DKIND, PX, C)
-    else:
-        x = _load_x(x_ptr + offs_m[:, None] * stride_xm + g * GROUP + tl.arange(0, GROUP)[None, :], K,
-                    mask_m[:, None], ACT)  # (BM, g)
-        nib = (q[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) & 0xF  # (8, P, BN), k = j*P + p
-        w = tl.reshape(_nibbles_to_qz(nib, z[None, None, :] + C, DKIND), (GROUP, q.shape[1]))  # q - z
-        acc += sc[None, :] * _dot(x, w, tl.zeros(acc.shape, dtype=tl.float32), DKIND)
-    return acc
-
-
-@triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
             GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, SLICED: tl.constexpr,
-            ACT: tl.constexpr, PX: tl.constexpr, PDL: tl.constexpr = False, KS: tl.constexpr = 0):
+            ACT: tl.constexpr, PX: tl.constexpr, PDL: tl.constexpr = False):
     # grid: (tiles of (M, N) in grouped order, SPLIT_K); each K step is one quantization group.
     # SPLIT (split_k > 1 programs along K): each writes its fp32 partial tile to a workspace and the
     # last one to finish its tile sums them in a fixed order (_finish_split: deterministic).
     # ACT: x is (M, 2K) = [gate | up] and the kernel reads silu(gate) * up (fused SwiGLU input).
-    # KS (1 or 2, "tcw" configs): program pid_k owns groups pid_k*KS .. +KS-1, no loop; their weights are
-    # loaded before gdc_wait, i.e. (with PDL) while the previous kernel still runs. KS = 0: loop over a range.
     gdc_launch(PDL)
-    if KS == 0:
-        gdc_wait(PDL)
+    gdc_wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -294,20 +261,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if KS > 0:
-        g0 = pid_k * KS
-        n_groups = K // GROUP
-        qa, sa, za = _load_w(q_ptrs, s_ptr, z_ptr, g0, N, offs_n, mask_n, P)
-        if KS == 2:  # an odd group count leaves the last program's second group empty
-            live_n = mask_n & ((offs_n * 0 + g0 + 1) < n_groups)
-            qb, sb, zb = _load_w(q_ptrs, s_ptr, z_ptr, g0 + 1, N, offs_n, live_n, P)
-        gdc_wait(PDL)  # x, the split workspace and y belong to the kernels before and after this one
-        acc = _group_acc(acc, qa, sa, za, x_ptr, offs_m, mask_m, stride_xm, g0, K, GROUP, ACT, DKIND, PX, C, SLICED)
-        if KS == 2:
-            live_m = mask_m & ((offs_m * 0 + g0 + 1) < n_groups)
-            acc = _group_acc(acc, qb, sb, zb, x_ptr, offs_m, live_m, stride_xm, g0 + 1, K, GROUP, ACT, DKIND, PX, C,
-                             SLICED)
-    elif SLICED and P >= 16:
+    if SLICED and P >= 16:
         # 8 dots of K = P per group, one per nibble plane (P contiguous inputs each): no reshape
         xs_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P)
         for g in range(g_lo, g_hi):
@@ -366,8 +320,7 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # (g = 128 only) instead of one reshaped dot of K = g. ("fma", BLOCK_N, split, warps, stages): the
 # CUDA-core GEMV, one program per activation row. ("wide", BLOCK_N, KS, warps, h2): the CUDA-core GEMV
 # that loads KS whole groups at once (split = K/g/KS programs along K), h2: fp16x2 inline-PTX arithmetic
-# (fp16 on a GPU; elsewhere fp32). ("tcw", BLOCK_N, KS, warps, px): the tensor-core kernel at BLOCK_M = 16 with
-# KS (1 or 2) whole groups per program loaded before the PDL wait, no loop. None: Triton dequantize + cuBLAS. px (`_px`): the 8 slices
+# (fp16 on a GPU; elsewhere fp32). None: Triton dequantize + cuBLAS. px (`_px`): the 8 slices
 # unpacked by inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
@@ -376,11 +329,6 @@ CONFIGS = {
     "wide_n128_s2_h2": ("wide", 128, 2, 4, 1),
     "wide_n32_s8_h2": ("wide", 32, 8, 4, 1),
     "wide_n32_s4_w2_h2": ("wide", 32, 4, 2, 1),
-    "tcw_n64_s2_px": ("tcw", 64, 2, 4, 1),
-    "tcw_n128_s2_px": ("tcw", 128, 2, 4, 1),
-    "tcw_n64_s1_px": ("tcw", 64, 1, 4, 1),
-    "tcw_n32_s2_px": ("tcw", 32, 2, 2, 1),
-    "tcw_n64_s2": ("tcw", 64, 2, 4, 0),
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
     "fma_n256_c2": ("fma", 256, -2, 8, 3),
@@ -412,7 +360,7 @@ CONFIGS = {
 }
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
-              "gemv_n64_c16_px", "tcw_n64_s2_px", "tcw_n128_s2_px", "tcw_n64_s1_px", "tcw_n32_s2_px", "tcw_n64_s2")
+              "gemv_n64_c16_px")
 WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", "wide_n32_s8_h2",
             "wide_n32_s4_w2_h2")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
@@ -493,14 +441,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, fuse: dict
         _, BN, split, warps, stages = cfg
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * triton.cdiv(N, BN)
-    elif cfg[0] == "tcw":
-        _, BN, KS, warps, px = cfg
-        BM, stages, sliced = 16, 1, 1
-        px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"
-        split = triton.cdiv(K // g, KS)
-        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     else:
-        KS = 0
         BM, BN, split, warps, stages, sliced, px = cfg
         px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: fp16 on a GPU only
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
@@ -533,7 +474,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, fuse: dict
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
                                 GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
-                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), PDL=pdl, KS=KS,
+                                HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), PDL=pdl,
                                 num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     return y
 
