@@ -1,0 +1,79 @@
+"""W4A16 kernel configs: the named set the tuner chooses from, per M bucket (`pipeline.kernels.w4a16` launches them).
+
+Every name here is exercised by `tests/test_kernel_w4a16.py` on a GPU (`candidates(M)` at real sizes).
+"""
+from __future__ import annotations
+
+# name -> (BLOCK_M, BLOCK_N, split, num_warps, num_stages, sliced, px); split > 0: that many programs
+# along K; split < 0: split K until about -split programs per SM; sliced 1: 8 dots of K = g/8 per group
+# (g = 128 only) instead of one reshaped dot of K = g. ("fma", BLOCK_N, split, warps, stages): the
+# CUDA-core GEMV, one program per activation row. ("wide", BLOCK_N, KS, warps, h2): the CUDA-core GEMV
+# that loads KS whole groups at once (split = K/g/KS programs along K), h2: fp16x2 inline-PTX arithmetic
+# (fp16 on a GPU; elsewhere fp32). None: Triton dequantize + cuBLAS. px (`_px`): the 8 slices
+# unpacked by inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
+CONFIGS = {
+    "wide_n64_s4": ("wide", 64, 4, 4, 0),
+    "wide_n128_s2": ("wide", 128, 2, 4, 0),
+    "wide_n64_s4_h2": ("wide", 64, 4, 4, 1),
+    "wide_n128_s2_h2": ("wide", 128, 2, 4, 1),
+    "wide_n32_s8_h2": ("wide", 32, 8, 4, 1),
+    "wide_n32_s4_w2_h2": ("wide", 32, 4, 2, 1),
+    "fma_n128_c4": ("fma", 128, -4, 4, 4),
+    "fma_n64_c8": ("fma", 64, -8, 2, 4),
+    "fma_n256_c2": ("fma", 256, -2, 8, 3),
+    "gemv_n64_c8_sl": (16, 64, -8, 4, 4, 1, 0),
+    "gemv_n32_c8_sl": (16, 32, -8, 2, 4, 1, 0),
+    "gemv_n64_c4": (16, 64, -4, 4, 4, 0, 0),
+    "gemv_n64_c8": (16, 64, -8, 4, 3, 0, 0),
+    "gemv_n128_c4": (16, 128, -4, 4, 4, 0, 0),
+    "gemv_n64_c4_sl": (16, 64, -4, 4, 4, 1, 0),
+    "gemv_n128_c8_sl": (16, 128, -8, 4, 3, 1, 0),
+    "gemv_n256_c4_sl": (16, 256, -4, 8, 3, 1, 0),
+    "gemv_n64_k1": (16, 64, 1, 4, 4, 0, 0),
+    "gemv_n32_c8_px": (16, 32, -8, 2, 4, 1, 1),
+    "gemv_n64_c8_px": (16, 64, -8, 4, 4, 1, 1),
+    "gemv_n64_c4_px": (16, 64, -4, 4, 4, 1, 1),
+    "gemv_n128_c8_px": (16, 128, -8, 4, 3, 1, 1),
+    "gemv_n64_c16_px": (16, 64, -16, 4, 4, 1, 1),
+    "tile_m32_n64_c4_px": (32, 64, -4, 4, 4, 1, 1),
+    "tile_m64_n64_c4_px": (64, 64, -4, 4, 3, 1, 1),
+    "tile_m32_n64_c4_sl": (32, 64, -4, 4, 4, 1, 0),
+    "tile_m64_n64_c4_sl": (64, 64, -4, 4, 3, 1, 0),
+    "tile_m64_n128_c2": (64, 128, -2, 4, 3, 0, 0),
+    "tile_m64_n128_c2_sl": (64, 128, -2, 4, 3, 1, 0),
+    "tile_m128_n128_c1": (128, 128, -1, 8, 3, 0, 0),
+    "tile_m128_n128_c1_sl": (128, 128, -1, 8, 3, 1, 0),
+    "tile_m128_n256_c1_sl": (128, 256, -1, 8, 3, 1, 0),
+    "tile_m128_n64_c2_sl": (128, 64, -2, 4, 4, 1, 0),
+    "dequant_cublas": None,
+}
+DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
+              "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
+              "gemv_n64_c16_px")
+WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", "wide_n32_s8_h2",
+            "wide_n32_s4_w2_h2")
+FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
+MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
+           "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
+           "tile_m64_n128_c2", "tile_m64_n128_c2_sl")
+PREFILL_SET = ("tile_m64_n128_c2_sl", "tile_m128_n128_c1", "tile_m128_n128_c1_sl", "tile_m128_n256_c1_sl",
+               "tile_m128_n64_c2_sl", "dequant_cublas")
+INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
+
+
+def candidates(M: int) -> tuple[str, ...]:
+    if M <= 4:
+        return FMA_SET + DECODE_SET
+    return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
+
+
+def tuning_set(M: int, pdl: bool) -> tuple[str, ...]:
+    """What the tuner times. With PDL at M <= 4 only the wide GEMVs, which issue their weight loads before the
+    wait: in launch chains with PDL they beat every looped kernel on all four Llama-7B shapes (1.58-2.35x of
+    the roofline against 2.01-3.73x, bench/results/w4a16_decode_pdl_v1.json), which one launch timed alone
+    cannot show."""
+    return WIDE_SET if pdl and M <= 4 else candidates(M)
+
+
+def default_config(M: int) -> str:
+    return "gemv_n64_c4" if M <= 16 else "tile_m64_n128_c2" if M <= 64 else "tile_m128_n128_c1"
