@@ -269,32 +269,3 @@ def test_fused_args_are_checked():
         w4.w4a16_linear(x, w, norm=(torch.ones(64), 1e-5, torch.ones(3, 1)))
     with pytest.raises(ValueError, match="cannot be combined"):
         w4.w4a16_linear(torch.randn(2, 128), w, act="silu_mul", norm=(torch.ones(64), 1e-5, torch.ones(2, 1)))
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("M", [1, 3])
-def test_gpu_fused_residual_and_norm_every_wide_config(poisoned, M):
-    """Real sizes: o-proj (4096 -> 4096) + residual, then RMSNorm fused into qkv (4096 -> 12288) and the SwiGLU
-    down projection (11008 -> 4096) + residual, every wide config, against the unfused reference chain."""
-    from pipeline.kernels.norm import rms_norm_ref
-    dt, eps = torch.float16, 1e-5
-    w_o, w_qkv, w_2 = (w4.pack_w4(*make_quant(N, K, 128), 128).to("cuda")
-                       for N, K in ((4096, 4096), (12288, 4096), (4096, 11008)))
-    x, res = torch.randn(M, 4096, device="cuda", dtype=dt), torch.randn(M, 4096, device="cuda", dtype=dt)
-    gate_up = torch.randn(M, 2 * 11008, device="cuda", dtype=dt)
-    wn = (torch.rand(4096, device="cuda") + 0.5).to(dt)
-    h_ref, y_ref = _chain_ref(x, w_o, res, wn, eps, w_qkv)
-    for name in w4.WIDE_SET:
-        h, sq = w4.w4a16_linear(x, w_o, residual=res, config=name)
-        assert rel_err(h, h_ref.double()) < TOL[dt], name
-        y = w4.w4a16_linear(h, w_qkv, norm=(wn, eps, sq), config=name)
-        assert rel_err(y, y_ref) < 5e-3, name
-        d, _ = w4.w4a16_linear(gate_up, w_2, act="silu_mul", residual=res, config=name)
-        from pipeline.kernels.norm import silu_mul_ref
-        d_ref = (ref64(silu_mul_ref(gate_up), w_2).to(dt).float() + res.float()).to(dt)
-        assert rel_err(d, d_ref.double()) < TOL[dt], name
-    # tuned choice, and the same bits on a second call
-    y1 = w4.w4a16_linear(h, w_qkv, norm=(wn, eps, sq))
-    assert torch.equal(y1, w4.w4a16_linear(h, w_qkv, norm=(wn, eps, sq)))
-    assert rel_err(rms_norm_ref(h, wn, eps), rms_norm_ref(h_ref, wn, eps).double()) < TOL[dt]
