@@ -4,7 +4,6 @@
     python bench/engine.py --decode-only --out results.json   # check + copy + the decode rows only
     python bench/engine.py --dry-run                          # CPU, tiny shapes: the same code paths, no GPU
     python bench/engine.py --profile-only --kinds w4 --pdl off,on   # each row without, then with PDL
-    python bench/engine.py --profile-only --kinds w4 --fuse-norm off,on   # RMSNorm kernels, then fused into the GEMVs
     python bench/engine.py --profile-only --kinds w4 --pdl-off-for "/attention,norm,rope_kv"  # all PDL, then GEMVs only
 
 Sections (results written to --out after each one, so a cut-off run keeps what it measured):
@@ -254,9 +253,9 @@ def copy_bw() -> float:
     return bw
 
 
-def decode(ws: Path, name: str, qp: int, bw: float, n_new: int, eager: bool = False, fuse_norm: bool = True):
+def decode(ws: Path, name: str, qp: int, bw: float, n_new: int, eager: bool = False):
     eng = Engine.from_workspace(ws, DEV, {"quant_policy": qp, "session_len": 4096, "max_batch_size": 8,
-                                          "num_blocks": 80, "fuse_norm": fuse_norm})
+                                          "num_blocks": 80})
     tps = decode_tps(eng, n_new)
     wb, kvb = weight_bytes(eng), kv_bytes_per_token(eng)
     per_tok = wb + kvb * (n_new + 1) / 2          # mean context over the run
@@ -439,8 +438,6 @@ def main():
     ap.add_argument("--pdl", default="auto", help="programmatic dependent launch per row, comma-separated: auto (the "
                     "engine's default: on for int4 weights), on (forced, rows <row>_pdl), off (rows <row>_nopdl); GEMM "
                     "tuning from the first engine of a row is reused by the next")
-    ap.add_argument("--fuse-norm", default="on", help="comma-separated on/off: the engine's fuse_norm setting "
-                    "(residual add + RMSNorm inside the W4A16 GEMVs); off rows are <row>_nofuse")
     ap.add_argument("--pdl-off-for", default="", help="an ablation, in one process: '/'-separated sets of comma-separated "
                     "kernel modules launched without PDL even where it is on, each set giving its own rows "
                     f"(<row>_no-<a>+<b>; an empty set: the unchanged rows); modules: {sorted(PDL_MODULES)}")
@@ -451,9 +448,6 @@ def main():
             if mod not in PDL_MODULES:
                 ap.error(f"--pdl-off-for {mod!r}: must be one of {sorted(PDL_MODULES)}")
     RES["pdl_off_for"] = a.pdl_off_for
-    fuse_modes = a.fuse_norm.split(",")
-    if not set(fuse_modes) <= {"on", "off"}:
-        ap.error(f"--fuse-norm {a.fuse_norm!r}: each must be on or off")
     pdl_modes = a.pdl.split(",")
     if not set(pdl_modes) <= set(PDL_MODES):
         ap.error(f"--pdl {a.pdl!r}: each must be one of {sorted(PDL_MODES)}")
@@ -485,15 +479,12 @@ def main():
         if kind not in kinds:
             continue
         ws = build_ws(root, args, kind)
-        for (name, qp), mode, off, fz in [(r, m, o, f) for r in ROWS[kind] for m in pdl_modes for o in ablations
-                                           for f in fuse_modes]:
+        for (name, qp), mode, off in [(r, m, o) for r in ROWS[kind] for m in pdl_modes for o in ablations]:
             os.environ["PIPELINE_PDL"], suffix = PDL_MODES[mode]
             pdl_off_for(off)
-            row = name + suffix + ("_no-" + "+".join(off) if off else "") + ("_nofuse" if fz == "off" else "")
-            eng = decode(ws, row, qp, bw, a.new, eager=row == "w4a16" and not (light or a.profile_only),
-                         fuse_norm=fz == "on")
+            row = name + suffix + ("_no-" + "+".join(off) if off else "")
+            eng = decode(ws, row, qp, bw, a.new, eager=row == "w4a16" and not (light or a.profile_only))
             RES["decode"][row]["pdl"] = eng.stats()["pdl"]
-            RES["decode"][row]["fuse_norm"] = eng.stats()["fuse_norm"]
             if a.profile_only:
                 profile(eng, row)
             elif not light and name == "w4a16":

@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
-            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool,
-            "fuse_norm": bool}
+            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -73,9 +72,6 @@ class Engine:
         # (tp > 1: off; the rank processes launch their own kernels and were not measured with it)
         self.pdl = (pdl.default_for(weight_type) if s.get("pdl") is None else bool(s["pdl"])) and s.get("tp", 1) == 1
         pdl.set_default(self.pdl)
-        # residual add + RMSNorm inside the W4A16 GEMVs of decode-sized steps (GPU, tp 1); fuse_norm=false: kernels
-        if hasattr(runner, "fuse_norm"):
-            runner.fuse_norm = runner.fuse_norm and s.get("fuse_norm", True)
         if dev.type == "cuda" and s.get("cuda_graphs", True):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
@@ -206,8 +202,7 @@ class Engine:
                     kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
-                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device),
-                    fuse_norm=bool(getattr(self.runner, "fuse_norm", False)), steps=dict(self.steps))
+                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps=dict(self.steps))
 
     def _count(self, phase: str, tokens: int, t0: float) -> None:
         """Count a step that has finished on the device (sampling reads the logits back, which waits for it)."""
