@@ -306,10 +306,9 @@ def profile(eng, name: str, steps: int = 20):
                                             w.qweight)
         elif hasattr(w, "qweight"):
             act = "silu_mul" if n == "w2" else None  # the down projection runs with SwiGLU fused
-            fused = ("norm" if n in ("w_qkv", "w13") else "residual") if eng.runner.fuse_norm else ""
             bias = {"w_qkv": L.b_qkv, "wo": L.b_o}.get(n)
             cfg, times = tuning_record(torch.zeros(1, w.K * (2 if act else 1), dtype=torch.float16, device="cuda"), w,
-                                       bias, act=act, fused=fused)
+                                       bias, act=act)
         else:
             continue
         tuned[n] = {"chosen": str(cfg), "ms": {str(k): round(v, 4) for k, v in (times or {}).items()}}

@@ -29,7 +29,7 @@ from ..kernels.int8_gemm import int8_linear
 from ..kernels.norm import rms_norm, silu_mul
 from ..kernels.quant_act import rms_norm_quant
 from ..kernels.rope_kv import rope_kv_write
-from ..kernels.w4a16 import FUSE_MAX_M, W4Weight, pack_w4, w4a16_linear
+from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
 from ..models.llama import ModelArgs, rope_cos_sin
 from ..quant.w8 import W8Weight, w8a8_linear
 from ..workspace import QUANT_POLICIES, cat_out, read_config, reassemble
@@ -45,13 +45,9 @@ def linear(x: torch.Tensor, w, b: Optional[torch.Tensor] = None) -> torch.Tensor
     return F.linear(x, w, b)
 
 
-def norm_linear(x, residual, norm, eps, w, b=None, sumsq=None):
+def norm_linear(x, residual, norm, eps, w, b=None):
     """RMSNorm(x [+ residual]) * norm, then the linear w: (y, the new residual stream x [+ residual]).
-    For an int8 weight the norm and the activations' per-token quantization are one kernel.
-    sumsq (int4 weight, residual None): x's row sums of squares from the GEMV that wrote x, and the
-    RMSNorm runs inside this linear's GEMV."""
-    if sumsq is not None:
-        return w4a16_linear(x, w, b, norm=(norm, eps, sumsq)), x
+    For an int8 weight the norm and the activations' per-token quantization are one kernel."""
     if isinstance(w, W8Weight):
         if residual is None:
             (q, s), residual = rms_norm_quant(x, norm, eps), x
@@ -63,11 +59,6 @@ def norm_linear(x, residual, norm, eps, w, b=None, sumsq=None):
     else:
         h, residual = rms_norm(x, norm, eps, residual=residual)
     return linear(h, w, b), residual
-
-
-def fusable(layer: "Layer", T: int) -> bool:
-    """Can this step's residual adds and RMSNorms run inside the W4A16 GEMVs (T rows, int4 weights)?"""
-    return T <= FUSE_MAX_M and all(isinstance(w, W4Weight) for w in (layer.w_qkv, layer.wo, layer.w13, layer.w2))
 
 
 def swiglu_down(gate_up: torch.Tensor, w) -> torch.Tensor:
@@ -97,8 +88,6 @@ def compute_dtype(device: torch.device, weight_type: str) -> torch.dtype:
 
 
 class ModelRunner:
-    FUSE_NORM = True   # the linears' outputs are complete (no all-reduce before the residual add)
-
     def __init__(self, args: ModelArgs, layers: list[Layer], embed, norm, lm_head, device, dtype,
                  kv_bits: int, kv_mode: str, session_len: int):
         self.args, self.layers, self.embed, self.norm, self.lm_head = args, layers, embed, norm, lm_head
@@ -108,9 +97,6 @@ class ModelRunner:
         cos, sin = rope_cos_sin(args, torch.arange(max_pos, device=device))
         self.cos, self.sin = cos.contiguous(), sin.contiguous()   # (max_pos, hd/2) fp32
         self.k_cache = self.v_cache = None
-        # residual add + RMSNorm inside the W4A16 GEMVs for decode-sized steps (GPU; not with tensor
-        # parallelism, whose all-reduce sits between a linear and the residual add)
-        self.fuse_norm = self.FUSE_NORM and device.type == "cuda"
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -165,15 +151,8 @@ class ModelRunner:
         for T in sizes:
             h = torch.zeros(T, a.dim, device=self.device, dtype=self.dtype)
             linear(h, L.w_qkv, L.b_qkv)
-            o = torch.zeros(T, a.n_heads * a.head_dim, device=self.device, dtype=self.dtype)
-            linear(o, L.wo, L.b_o)
-            gate_up = linear(h, L.w13)
-            swiglu_down(gate_up, L.w2)
-            if self.fuse_norm and fusable(L, T):  # the fused GEMVs are tuned under their own keys
-                x, _, sq = self.add_branch(o, L.wo, L.b_o, h, True)
-                norm_linear(x, None, L.attn_norm, a.norm_eps, L.w_qkv, L.b_qkv, sq)
-                norm_linear(x, None, L.ffn_norm, a.norm_eps, L.w13, None, sq)
-                self.add_branch(gate_up, L.w2, None, h, True, swiglu=True)
+            linear(torch.zeros(T, a.n_heads * a.head_dim, device=self.device, dtype=self.dtype), L.wo, L.b_o)
+            swiglu_down(linear(h, L.w13), L.w2)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -221,29 +200,18 @@ class ModelRunner:
         T = tokens.shape[0]
         nh, nkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
         x = F.embedding(tokens, self.embed)                               # (T, D)
-        # the residual stream is x + res; or x itself when res is None (sq: x's row sums of squares, set when
-        # the GEMV that wrote x also added the residual)
-        res = sq = None
-        fuse = self.fuse_norm and fusable(self.layers[0], T)
+        res = None                                                        # residual stream: x until layer 0's norm
         for l, L in enumerate(self.layers):
-            qkv, res = norm_linear(x, res, L.attn_norm, a.norm_eps, L.w_qkv, L.b_qkv, sq)   # (T, (nh + 2 nkv) hd)
+            qkv, res = norm_linear(x, res, L.attn_norm, a.norm_eps, L.w_qkv, L.b_qkv)   # (T, (nh + 2 nkv) hd)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             o = attend(l, q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd))   # (T, nh, hd)
-            x, res, sq = self.add_branch(o.reshape(T, nh * hd), L.wo, L.b_o, res, fuse)
-            gate_up, res = norm_linear(x, res, L.ffn_norm, a.norm_eps, L.w13, None, sq)  # (T, 2 I)
-            x, res, sq = self.add_branch(gate_up, L.w2, None, res, fuse, swiglu=True)
-        h = rms_norm(x, self.norm, a.norm_eps) if res is None else rms_norm(x, self.norm, a.norm_eps, residual=res)[0]
+            x = self.reduce(linear(o.reshape(T, nh * hd), L.wo, L.b_o))
+            gate_up, res = norm_linear(x, res, L.ffn_norm, a.norm_eps, L.w13)           # (T, 2 I)
+            x = self.reduce(swiglu_down(gate_up, L.w2))
+        h, _ = rms_norm(x, self.norm, a.norm_eps, residual=res)
         if select is not None:
             h = h[select]
         return self.logits(h)                                              # (T' , V)
-
-    def add_branch(self, inp, w, b, res, fuse: bool, swiglu: bool = False):
-        """A layer branch's output linear (wo, or w2 of the SwiGLU product) -> (x, res, sq) of the stream.
-        fuse: the GEMV adds res itself and returns the stream with its sums of squares."""
-        if fuse:
-            x, sq = w4a16_linear(inp, w, b, act="silu_mul" if swiglu else None, residual=res)
-            return x, None, sq
-        return self.reduce(swiglu_down(inp, w) if swiglu else linear(inp, w, b)), res, None
 
     # tensor-parallel hooks (pipeline/engine/tp.py overrides them): identity / the whole head on one device
     def reduce(self, x: torch.Tensor) -> torch.Tensor:

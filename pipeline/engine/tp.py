@@ -75,7 +75,6 @@ class ShardRunner(ModelRunner):
     """The ModelRunner on rank r's shards; reduce/logits run the collectives on `group`."""
     group = None
     rank, tp, vocab_size = 0, 1, 0
-    FUSE_NORM = False  # reduce() must run between a linear and the residual add
 
     @classmethod
     def load(cls, ws: Path, rank: int, tp: int, device: torch.device, session_len: int,

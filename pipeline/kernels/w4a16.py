@@ -28,7 +28,8 @@ Kernel arithmetic (one K tile = one group, so scale and zero are per-column cons
     output column after the group's dot.
 
 Configs: `w4a16_configs.py`. Paths (one entry point): M <= 4 -> also the CUDA-core GEMVs (`w4a16_gemv.py`;
-with PDL only the "wide" one, which also fuses the residual add and RMSNorm of `residual=` / `norm=`); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough programs stream the weights
+with PDL the tuner times only the "wide" one); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough
+programs stream the weights
 (fp32 partial tiles; the last program of each output tile to arrive, counted by an atomic counter, adds
 them in a fixed order: one launch, deterministic); M > 16 ->
 tiled tensor-core path (grouped tile order for L2), or for large M a Triton dequantize to a (K, N)
@@ -295,7 +296,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     else:
         offs = offs_m[:, None] * N + offs_n[None, :]
         _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr + pid, b_ptr, y_ptrs, pid_k, M * N,
-                      split_k, HAS_BIAS, y_ptrs, offs_m, False)
+                      split_k, HAS_BIAS)
 
 
 @triton.jit
@@ -346,14 +347,9 @@ def _split_for(M, N, K, g, BM, BN, split, device) -> int:
     return triton.cdiv(G, triton.cdiv(G, split))
 
 
-def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, fuse: dict | None = None):
-    """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up).
-    fuse (wide configs only): {"residual": (M, N)} -> returns (y + residual, sumsq (M, N tiles) fp32), or
-    {"norm": (weight (K,), eps, sumsq (M, T))} -> x is read as RMSNorm(x) * weight."""
+def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.Tensor:
+    """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
-    fuse = fuse or {}
-    if fuse and (cfg is None or cfg[0] != "wide"):
-        raise ValueError(f"fused residual/norm needs a 'wide' config, got {cfg}")
     if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
         if act:
             x2 = silu_mul(x2)
@@ -382,17 +378,10 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, fuse: dict
     pdl = pdl_enabled(x2.device)
     if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
-        res = fuse.get("residual")
-        sq_out = torch.empty(M, triton.cdiv(N, BN), device=x2.device, dtype=torch.float32) if res is not None else y
-        wn, eps, sq_in = fuse.get("norm", (y, 0.0, y))
         _gemv_wide_kernel[(triton.cdiv(N, BN) * split * M,)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
-            y if res is None else res, sq_out, wn, sq_in, sq_in.shape[-1], eps,
             GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2, PDL=pdl,
-            RES=res is not None, NORM="norm" in fuse, BLOCK_SQ=triton.next_power_of_2(sq_in.shape[-1]),
             num_warps=warps, num_stages=1, **launch_kwargs(pdl))
-        if res is not None:
-            return y, sq_out
     elif cfg[0] == "fma":
         _gemv_kernel[(triton.cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
@@ -413,70 +402,31 @@ def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
     return torch.empty(M, N, device=device, dtype=dtype)
 
 
-def _key(x2, w: W4Weight, bias, act: bool = False, fused: str = "") -> tuple:
-    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act, fused,
+def _key(x2, w: W4Weight, bias, act: bool = False) -> tuple:
+    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act,
             pdl_enabled(x2.device))
 
 
-def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None,
-                  fused: str = "") -> tuple[str | None, dict]:
-    """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run; fused: "norm" or
-    "residual" for the calls with norm= / residual= (tuned separately)."""
-    return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None, fused))
+def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None) -> tuple[str | None, dict]:
+    """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run."""
+    return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None))
 
 
-def _choose(x2, w, bias, out_dtype, act: bool = False, fuse: dict | None = None) -> str:
+def _choose(x2, w, bias, out_dtype, act: bool = False) -> str:
     M = x2.shape[0]
-    if fuse:  # only the wide GEMV fuses the residual add / RMSNorm (M <= FUSE_MAX_M)
-        return TUNER.choose(_key(x2, w, bias, act, "+".join(sorted(fuse))), WIDE_SET,
-                            lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act, fuse), WIDE_SET[3],
-                            x2.device)
     return TUNER.choose(_key(x2, w, bias, act), tuning_set(M, pdl_enabled(x2.device)),
                         lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), default_config(M), x2.device)
 
 
-FUSE_MAX_M = 4  # rows up to which the residual add and RMSNorm run inside the wide GEMV
-
-
-def residual_sumsq_ref(h: torch.Tensor) -> torch.Tensor:
-    """(M, 1) fp32 sum of squares of each row of h (M, N): what a `residual=` call returns beside its output."""
-    hf = h.float()
-    return (hf * hf).sum(-1, keepdim=True)
-
-
-def _norm_from_sumsq(x2, weight, eps, sumsq) -> torch.Tensor:
-    """RMSNorm(x2) * weight with norm.py's rounding, the row statistics taken from partial sums of squares."""
-    rstd = torch.rsqrt(sumsq.float().sum(-1, keepdim=True) / x2.shape[-1] + eps)
-    return (weight.float() * (x2.float() * rstd).to(x2.dtype).float()).to(x2.dtype)
-
-
 def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
-                 config: str | tuple | None = None, act: str | None = None,
-                 residual: torch.Tensor | None = None, norm: tuple | None = None):
+                 config: str | tuple | None = None, act: str | None = None) -> torch.Tensor:
     """y = x @ dequant(w).T (+ bias); x (..., K) fp16/bf16 (fp32 for the reference/interpreter).
 
     act="silu_mul": x is (..., 2K) = [gate | up] and y = silu_mul(x) @ dequant(w).T, the SwiGLU product
     computed while loading x (no separate kernel, no (..., K) intermediate).
-    residual (..., N): returns (h, sumsq): h = y + residual (y rounded, then the sum: HF's residual add) and
-    sumsq (M, T) fp32, partial sums of squares of h's rows (any T), for a later `norm=` call on h.
-    norm = (weight (K,), eps, sumsq of x from a `residual=` call): x is read as RMSNorm(x) * weight (norm.py's
-    numerics). For M <= FUSE_MAX_M on a GPU both run inside the wide GEMV (no RMSNorm kernel); elsewhere
-    they are plain PyTorch around the unfused path.
     `config`: a name from CONFIGS or a raw tuple (tests); default: tuned per shape."""
     if act not in (None, "silu_mul"):
         raise ValueError(f"act={act!r} not supported; valid: None, 'silu_mul'")
-    if norm is not None and act:
-        raise ValueError("norm= and act= cannot be combined (RMSNorm applies to a plain input)")
-    if residual is not None and tuple(residual.shape) != (*x.shape[:-1], w.N):
-        raise ValueError(f"residual shape {tuple(residual.shape)} != output shape {(*x.shape[:-1], w.N)}")
-    if residual is not None and residual.dtype != x.dtype:
-        raise ValueError(f"residual dtype {residual.dtype} != x dtype {x.dtype}")
-    if norm is not None:
-        if len(norm) != 3 or tuple(norm[0].shape) != (w.K,):
-            raise ValueError(f"norm must be (weight ({w.K},), eps, sumsq), got {[getattr(t, 'shape', t) for t in norm]}")
-        rows = x.numel() // x.shape[-1]
-        if norm[2].dim() != 2 or norm[2].shape[0] != rows or norm[2].dtype != torch.float32:
-            raise ValueError(f"norm sumsq must be ({rows}, T) float32, got {tuple(norm[2].shape)} {norm[2].dtype}")
     k_in = 2 * w.K if act else w.K
     if x.shape[-1] != k_in:
         raise ValueError(f"x.shape[-1]={x.shape[-1]} != {'2 * weight K' if act else 'weight K'}={k_in}")
@@ -486,12 +436,10 @@ def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
         raise ValueError(f"x on {x.device} but weight on {w.device}")
     if bias is not None and tuple(bias.shape) != (w.N,):
         raise ValueError(f"bias shape {tuple(bias.shape)} != (N,) = ({w.N},)")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k_in)
-    if residual is not None or norm is not None:
-        return _fused(x2, w, bias, config, act, residual, norm, lead)
     if not use_triton(x, "w4a16"):
         return w4a16_linear_ref(silu_mul(x) if act else x, w, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] == 0:
@@ -501,31 +449,3 @@ def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
     else:
         cfg = CONFIGS[config or _choose(x2, w, bias, x.dtype, act is not None)]
     return _launch(x2, w, bias, x.dtype, cfg, act is not None).reshape(*lead, w.N)
-
-
-def _fused(x2, w, bias, config, act, residual, norm, lead):
-    """w4a16_linear with residual= or norm=: in the wide GEMV where it can, else around the unfused path."""
-    M = x2.shape[0]
-    fuse = {}
-    if residual is not None:
-        fuse["residual"] = residual.reshape(M, w.N).contiguous()
-    if norm is not None:
-        fuse["norm"] = (norm[0].contiguous(), float(norm[1]), norm[2].contiguous())
-    cfg = CONFIGS.get(config) if isinstance(config, str) else config
-    in_kernel = (0 < M <= FUSE_MAX_M and use_triton(x2, "w4a16") and (x2.device.type == "cuda" or cfg is not None)
-                 and (cfg is None or cfg[0] == "wide"))
-    if in_kernel:
-        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        cfg = cfg or CONFIGS[_choose(x2, w, bias, x2.dtype, act is not None, fuse)]
-        out = _launch(x2, w, bias, x2.dtype, cfg, act is not None, fuse)
-    else:
-        xin = _norm_from_sumsq(x2, *fuse["norm"]) if norm is not None else x2
-        y = w4a16_linear(xin, w, bias, config, act)
-        if residual is None:
-            out = y
-        else:
-            h = (y.float() + fuse["residual"].float()).to(y.dtype)
-            out = h, residual_sumsq_ref(h)
-    if residual is None:
-        return out.reshape(*lead, w.N)
-    return out[0].reshape(*lead, w.N), out[1]

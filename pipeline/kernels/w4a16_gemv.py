@@ -47,7 +47,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         acc += part * s[None, :]
     y = tl.sum(acc, axis=0)  # (BN,)
     _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-               y_ptr, y_ptr, BLOCK_N, SPLIT, HAS_BIAS, False)
+               BLOCK_N, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -61,34 +61,18 @@ def _group_range(pid_k, K, split_k, GROUP: tl.constexpr):
 
 @triton.jit
 def _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-               r_ptr, sq_ptr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-               RES: tl.constexpr):
+               BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     # one activation row's BLOCK_N fp32 outputs of the CUDA-core GEMVs: + bias and store, or (split-K) this
-    # split's partial through _finish_split, counted at the row's tile (m, pid_n).
-    # RES: the stored row is y + residual (r_ptr, like y), and its sum of squares goes to sq_ptr[m, pid_n].
+    # split's partial through _finish_split, counted at the row's tile (m, pid_n)
     y_ptrs = y_ptr + m * stride_ym + offs_n
-    r_ptrs = r_ptr + m * stride_ym + offs_n
-    sq_ptrs = sq_ptr + m * tl.cdiv(N, BLOCK_N) + pid_n + tl.arange(0, 1)
     if not SPLIT:
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        _store_out(y[None, :], mask_n[None, :], y_ptrs[None, :], r_ptrs[None, :], sq_ptrs, RES)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
         _finish_split(y[None, :], (m * N + offs_n)[None, :], mask_n[None, :], offs_n, mask_n, ws_ptr,
                       cnt_ptr + m * tl.cdiv(N, BLOCK_N) + pid_n, b_ptr, y_ptrs[None, :], pid_k, M * N, split_k,
-                      HAS_BIAS, r_ptrs[None, :], sq_ptrs, RES)
-
-
-@triton.jit
-def _store_out(y, mask, y_ptrs, r_ptrs, sq_ptrs, RES: tl.constexpr):
-    # y (rows, BN) fp32 -> y's dtype. RES: h = round(round(y) + residual), HF's rounding of the residual add
-    # (the linear's output is rounded, then the sum); sq_ptrs (rows,) get sum(h^2) of the row's valid columns.
-    out = y.to(y_ptrs.dtype.element_ty)
-    if RES:
-        out = (out.to(tl.float32) + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)).to(out.dtype)
-        hf = tl.where(mask, out.to(tl.float32), 0.0)
-        tl.store(sq_ptrs, tl.sum(hf * hf, axis=1))
-    tl.store(y_ptrs, out, mask=mask)
+                      HAS_BIAS)
 
 
 @triton.jit
@@ -136,38 +120,22 @@ def _half_pair(a, b):
 
 
 @triton.jit
-def _x_pair(x_row, cols, da, db, K, mask, wn_ptr, rstd, ACT: tl.constexpr, NORM: tl.constexpr, KS: tl.constexpr,
-            P: tl.constexpr, BN: tl.constexpr):
-    # planes at offsets da, db of the (KS, P) activation columns, scaled by 1/16 -> fp16x2 int32 (KS, P, BN)
-    a = (_load_xn(x_row, cols + da, K, mask, wn_ptr, rstd, ACT, NORM).to(tl.float32) * 0.0625).to(tl.float16)
-    b = (_load_xn(x_row, cols + db, K, mask, wn_ptr, rstd, ACT, NORM).to(tl.float32) * 0.0625).to(tl.float16)
+def _x_pair(x_rows, da, db, K, mask, ACT: tl.constexpr, KS: tl.constexpr, P: tl.constexpr, BN: tl.constexpr):
+    # planes at offsets da, db of the (KS, P) activation rows, scaled by 1/16 -> fp16x2 int32 (KS, P, BN)
+    a = (_load_x(x_rows + da, K, mask, ACT).to(tl.float32) * 0.0625).to(tl.float16)
+    b = (_load_x(x_rows + db, K, mask, ACT).to(tl.float32) * 0.0625).to(tl.float16)
     return tl.broadcast_to(_half_pair(a, b)[:, :, None], (KS, P, BN))
 
 
 @triton.jit
-def _load_xn(x_row, cols, K, mask, wn_ptr, rstd, ACT: tl.constexpr, NORM: tl.constexpr):
-    # activations at columns `cols` of one row; NORM: RMSNorm's output there with norm.py's rounding
-    # (normalise with the row's rstd, round to x's dtype, times the norm weight, round)
-    x = _load_x(x_row + cols, K, mask, ACT)
-    if NORM:
-        w = tl.load(wn_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        x = ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * w).to(x.dtype)
-    return x
-
-
-@triton.jit
 def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                      split_k, r_ptr, sq_out_ptr, wn_ptr, sq_in_ptr, n_sq, eps,
-                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr = False,
-                      RES: tl.constexpr = False, NORM: tl.constexpr = False, BLOCK_SQ: tl.constexpr = 1):
+                      split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, H2: tl.constexpr, PDL: tl.constexpr = False):
     # CUDA-core GEMV that issues all of its weight loads at once. Program t = (m * split_k + pid_k) *
     # cdiv(N, BLOCK_N) + pid_n owns KS whole groups of BLOCK_N columns for activation row m and reads them
     # as one (KS, P, BLOCK_N) int32 tile (no loop: every byte of the program is in flight together).
     # H2 (fp16 on a GPU): _dot8_h2 per int32; else nibble -> fp32 through the mantissa of 2**23.
     # PDL: the weight tile is loaded before gdc_wait, i.e. while the previous kernel is still running.
-    # NORM: x is read as RMSNorm(x) * wn; the row's rstd comes from the n_sq partial sums of squares that the
-    # kernel which wrote x left at sq_in_ptr[m, :] (RES there). RES: see _store_out.
     gdc_launch(PDL)
     t = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -189,33 +157,27 @@ def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     s = tl.load(s_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + gs, mask=mask_s, other=0.0).to(tl.float32)
     gdc_wait(PDL)  # x, the split workspace and y belong to the kernels before and after this one
-    x_row = x_ptr + m * stride_xm
-    cols = offs_g[:, None] * GROUP + offs_p[None, :]  # (KS, P): plane 0
+    x_rows = x_ptr + m * stride_xm + offs_g[:, None] * GROUP + offs_p[None, :]  # (KS, P): plane 0
     mask_x = mask_g[:, None]
-    rstd = 1.0
-    if NORM:
-        offs_sq = tl.arange(0, BLOCK_SQ)
-        sq = tl.load(sq_in_ptr + m * n_sq + offs_sq, mask=offs_sq < n_sq, other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
     if H2:
         zz = _half_pair((z + 1024.0).to(tl.float16), (z + 1024.0).to(tl.float16))  # (KS, BN)
-        x04 = _x_pair(x_row, cols, 0, 4 * P, K, mask_x, wn_ptr, rstd, ACT, NORM, KS, P, BLOCK_N)
-        x15 = _x_pair(x_row, cols, P, 5 * P, K, mask_x, wn_ptr, rstd, ACT, NORM, KS, P, BLOCK_N)
-        x26 = _x_pair(x_row, cols, 2 * P, 6 * P, K, mask_x, wn_ptr, rstd, ACT, NORM, KS, P, BLOCK_N)
-        x37 = _x_pair(x_row, cols, 3 * P, 7 * P, K, mask_x, wn_ptr, rstd, ACT, NORM, KS, P, BLOCK_N)
+        x04 = _x_pair(x_rows, 0, 4 * P, K, mask_x, ACT, KS, P, BLOCK_N)
+        x15 = _x_pair(x_rows, P, 5 * P, K, mask_x, ACT, KS, P, BLOCK_N)
+        x26 = _x_pair(x_rows, 2 * P, 6 * P, K, mask_x, ACT, KS, P, BLOCK_N)
+        x37 = _x_pair(x_rows, 3 * P, 7 * P, K, mask_x, ACT, KS, P, BLOCK_N)
         d = _dot8_h2(q, tl.broadcast_to(zz[:, None, :], (KS, P, BLOCK_N)), x04, x15, x26, x37)  # (KS, P, BN)
         part = tl.sum(d, axis=1) * 16.0  # (KS, BN)
     else:
         zc = z[:, None, :] + 8388608.0
         acc = tl.zeros((KS, P, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(8):
-            xj = _load_xn(x_row, cols + j * P, K, mask_x, wn_ptr, rstd, ACT, NORM).to(tl.float32)  # (KS, P)
+            xj = _load_x(x_rows + j * P, K, mask_x, ACT).to(tl.float32)  # (KS, P)
             wj = (((q >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zc
             acc += xj[:, :, None] * wj
         part = tl.sum(acc, axis=1)  # (KS, BN)
     y = tl.sum(part * s, axis=0)  # (BN,)
     _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-               r_ptr, sq_out_ptr, BLOCK_N, SPLIT, HAS_BIAS, RES)
+               BLOCK_N, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -232,7 +194,7 @@ def _load_x(ptrs, K, mask, ACT: tl.constexpr):
 
 @triton.jit
 def _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr, b_ptr, y_ptrs, pid_k, MN, split_k,
-                  HAS_BIAS: tl.constexpr, r_ptrs, sq_ptrs, RES: tl.constexpr):
+                  HAS_BIAS: tl.constexpr):
     # acc, offs, mask: (rows, BLOCK_N). Split-K without a second launch: every program stores its fp32
     # partial tile to ws (split_k, M, N),
     # then counts itself in at its tile's counter; the last to arrive sums the split_k partials in split
@@ -251,5 +213,5 @@ def _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr, b_ptr, y_ptr
         if HAS_BIAS:
             b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             tot += b[None, :]
-        _store_out(tot, mask, y_ptrs, r_ptrs, sq_ptrs, RES)
+        tl.store(y_ptrs, tot.to(y_ptrs.dtype.element_ty), mask=mask)
         tl.atomic_xchg(cnt_ptr, 0)
