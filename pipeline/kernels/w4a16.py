@@ -28,7 +28,7 @@ Kernel arithmetic (one K tile = one group, so scale and zero are per-column cons
     output column after the group's dot.
 
 Configs: `w4a16_configs.py`. Paths (one entry point): M <= 4 -> also the CUDA-core GEMVs (`w4a16_gemv.py`;
-with PDL the tuner times only the "wide" one); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough
+with PDL at M = 1 the tuner times only the "wide" one); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough
 programs stream the weights
 (fp32 partial tiles; the last program of each output tile to arrive, counted by an atomic counter, adds
 them in a fixed order: one launch, deterministic); M > 16 ->

@@ -68,11 +68,12 @@ def candidates(M: int) -> tuple[str, ...]:
 
 
 def tuning_set(M: int, pdl: bool) -> tuple[str, ...]:
-    """What the tuner times. With PDL at M <= 4 only the wide GEMVs, which issue their weight loads before the
+    """What the tuner times. With PDL at M = 1 only the wide GEMVs, which issue their weight loads before the
     wait: in launch chains with PDL they beat every looped kernel on all four Llama-7B shapes (1.58-2.35x of
     the roofline against 2.01-3.73x, bench/results/w4a16_decode_pdl_v1.json), which one launch timed alone
-    cannot show."""
-    return WIDE_SET if pdl and M <= 4 else candidates(M)
+    cannot show. Not at M = 2..4: the wide GEMV reads the weights once per row, and at M = 4 with PDL it ran
+    5.0-5.5x against 1.98-4.14x for gemv_n64_c4_sl (w4a16_decode_wtc_rejected.json)."""
+    return WIDE_SET if pdl and M == 1 else candidates(M)
 
 
 def default_config(M: int) -> str:
