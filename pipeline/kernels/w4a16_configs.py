@@ -18,6 +18,8 @@ CONFIGS = {
     "wide_n128_s2_h2": ("wide", 128, 2, 4, 1),
     "wide_n32_s8_h2": ("wide", 32, 8, 4, 1),
     "wide_n32_s4_w2_h2": ("wide", 32, 4, 2, 1),
+    "wide_n128_s4_h2": ("wide", 128, 4, 4, 1),
+    "wide_n64_s8_h2": ("wide", 64, 8, 4, 1),
     "fma_n128_c4": ("fma", 128, -4, 4, 4),
     "fma_n64_c8": ("fma", 64, -8, 2, 4),
     "fma_n256_c2": ("fma", 256, -2, 8, 3),
@@ -51,7 +53,7 @@ DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px")
 WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", "wide_n32_s8_h2",
-            "wide_n32_s4_w2_h2")
+            "wide_n32_s4_w2_h2", "wide_n128_s4_h2", "wide_n64_s8_h2")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
            "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
