@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import kvcache
-from pipeline.kernels.dispatch import arrival_counters, use_triton
+from pipeline.kernels.dispatch import arrival_counters, sm_count, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 LOG2E = 1.4426950408889634
@@ -198,12 +198,6 @@ def _merge_splits(OP, LSE, O, b, kvh, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_
         tl.store(O + b * s_ob + h * s_oh + offs_d, o.to(O.dtype.element_ty))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: a few splits, so the merge path is exercised
-
-
 WAVES = 3  # the context is split until about this many programs per SM
 
 
@@ -211,7 +205,7 @@ def _context_split(pairs, max_ctx, block_n, device, num_splits=None, waves=WAVES
     """(splits, tokens per split) for `pairs` (sequence, KV head) programs over at most max_ctx tokens:
     about `waves` programs per SM, each a whole number of block_n tiles, at most 64 splits."""
     if num_splits is None:
-        num_splits = math.ceil(waves * _num_sms(device) / pairs)
+        num_splits = math.ceil(waves * sm_count(device, cpu=2) / pairs)  # CPU: a few splits, merge exercised
     num_splits = max(1, min(num_splits, triton.cdiv(max_ctx, block_n), 64))
     part = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
     return triton.cdiv(max_ctx, part), part

@@ -48,6 +48,19 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
+def sm_count(device: torch.device, cpu: int) -> int:
+    """Multiprocessors of a CUDA device; `cpu` elsewhere (the interpreter's stand-in, chosen per kernel so
+    that small CPU tests still exercise its split paths)."""
+    if device.type != "cuda":
+        return cpu
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 _reported: set[tuple[str, str]] = set()
 _last_path: dict[str, str] = {}
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import arrival_counters, use_triton
+from pipeline.kernels.dispatch import arrival_counters, sm_count, use_triton
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner
@@ -319,28 +319,17 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 
 # ------------------------------------------------------------------------------- configs and tuner
 TUNER = Tuner("W4A16_TUNE")  # W4A16_TUNE=0: default configs, no timing
-_sms: dict[int, int] = {}
 
 
 def _m_bucket(M: int) -> int:
     return 1 << max(0, (M - 1).bit_length())
 
 
-def _sm_count(device) -> int:
-    """Multiprocessors of a CUDA device (4 elsewhere: the interpreter's stand-in)."""
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sms:
-        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sms[idx]
-
-
 def _split_for(M, N, K, g, BM, BN, split, device) -> int:
     """Programs along K: fixed, or enough for about -split programs per SM; no empty split."""
     G = K // g
     if split <= 0:
-        sms = _sm_count(device)
+        sms = sm_count(device, cpu=4)
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
         split = triton.cdiv(-split * sms, tiles)
     split = max(1, min(G, split))
@@ -402,19 +391,19 @@ def _alloc_out(M: int, N: int, dtype, device) -> torch.Tensor:
     return torch.empty(M, N, device=device, dtype=dtype)
 
 
-def _key(x2, w: W4Weight, bias, act: bool = False) -> tuple:
-    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act,
-            pdl_enabled(x2.device))
+def _key(x2, w: W4Weight, bias, act: bool, pdl: bool) -> tuple:
+    return (x2.device.index, x2.dtype, _m_bucket(x2.shape[0]), w.N, w.K, w.group_size, bias is not None, act, pdl)
 
 
 def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = None) -> tuple[str | None, dict]:
     """(chosen config, {config: ms}) of the tuner for this call's shape, if it has run."""
-    return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None))
+    return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None, pdl_enabled(x.device)))
 
 
 def _choose(x2, w, bias, out_dtype, act: bool = False) -> str:
     M = x2.shape[0]
-    return TUNER.choose(_key(x2, w, bias, act), tuning_set(M, pdl_enabled(x2.device)),
+    pdl = pdl_enabled(x2.device)
+    return TUNER.choose(_key(x2, w, bias, act, pdl), tuning_set(M, pdl),
                         lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), default_config(M), x2.device)
 
 
