@@ -3,6 +3,7 @@
     python bench/w4a16_decode.py                         # M = 1, 4, 16 on the four Llama-2-7B linears
     python bench/w4a16_decode.py --ms 1 --configs wide_n64_s4_h2,gemv_n32_c8_sl
     python bench/w4a16_decode.py --ncu wide_n64_s4_h2    # a few launches of one config, for `ncu`
+    python bench/w4a16_decode.py --ms 64,256 --pdl off --no-floors --cublas   # tile configs beside fp16 cuBLAS
 
 Per linear (K, N), fp16 activations, group 128, L2 defeated by rotating weight copies, calls replayed in
 one CUDA graph (bench/kernels.py's timing):
@@ -189,6 +190,13 @@ def bench(args) -> dict:
                 row[key] = {"us": t * 1e6, "x_roofline": t * 1e6 / entry["roofline_us"], "rel_err": err}
                 print(f"K={K} N={N} M={M} {key:22s} {t * 1e6:7.2f} us  {row[key]['x_roofline']:.2f}x  "
                       f"err {err:.1e}", flush=True)
+            if args.cublas:  # fp16 cuBLAS on the dequantized weights, same shapes, same run (speed baseline)
+                n16 = max(2, math.ceil(L2_DEFEAT_BYTES / (2 * K * N)))
+                w16 = [w4.dequantize_w4(ws[i % len(ws)], torch.float16) for i in range(n16)]
+                t = time_calls([lambda W=W: torch.nn.functional.linear(x, W) for W in w16], graph=True)
+                row["fp16_cublas"] = {"us": t * 1e6, "x_roofline": t * 1e6 / entry["roofline_us"], "rel_err": 0.0}
+                print(f"K={K} N={N} M={M} {'fp16_cublas':22s} {t * 1e6:7.2f} us", flush=True)
+                del w16
             entry["M"][str(M)] = row
         print(f"K={K} N={N}: roofline {entry['roofline_us']:.2f} us, launch floor {entry['launch_floor_us']:.2f} us, "
               + ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k.startswith("stream_floor")), flush=True)
@@ -201,12 +209,17 @@ def ptx_order() -> dict:
     """Per compiled W4A16 kernel with PDL: how many global loads its PTX issues before griddepcontrol.wait (the
     wide GEMV must issue its weight loads there for PDL to overlap them with the previous kernel)."""
     out = {}
-    for kern in (w4._gemv_wide_kernel, w4._gemv_kernel, w4._w4a16_kernel):
+    for kern in (w4._gemv_wide_kernel, w4._gemv_kernel, w4._w4a16_kernel, w4._w4a16_swap_kernel):
         try:
             caches = [c[0] if isinstance(c, tuple) else c for c in kern.device_caches.values()]
             for cache in caches:
                 for i, ck in enumerate(cache.values()):
                     ptx = ck.asm["ptx"]
+                    wg = [ln.strip() for ln in ptx.splitlines() if "wgmma.mma_async" in ln]
+                    # MMA kind and operand sources (a wgmma with A in registers lists A as a {%r..} vector)
+                    out[f"{kern.fn.__name__}#{i}_mma"] = {
+                        "wgmma": len(wg), "mma_sync": ptx.count("mma.sync"), "st_shared": ptx.count("st.shared"),
+                        "ldmatrix": ptx.count("ldmatrix"), "first_wgmma": wg[0][:200] if wg else ""}
                     if "griddepcontrol.wait" in ptx:
                         head = ptx.split("griddepcontrol.wait")[0]
                         out[f"{kern.fn.__name__}#{i}"] = {"ld_global_before_wait": head.count("ld.global"),
@@ -264,6 +277,7 @@ def main():
     ap.add_argument("--pdl", type=lambda s: s.split(","), default=["off", "on"],
                     help="programmatic dependent launch for the configs: off, on, or off,on (default)")
     ap.add_argument("--no-floors", dest="floors", action="store_false", help="skip the read-only stream floors")
+    ap.add_argument("--cublas", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape and M")
     ap.add_argument("--ncu", default="", help="run a few launches of this config only (for ncu)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()

@@ -52,7 +52,9 @@ from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, l
 from pipeline.kernels.tuner import Tuner
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, tuning_set)
-from pipeline.kernels.w4a16_gemv import _finish_split, _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
+from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
+from pipeline.kernels.w4a16_swap import (_dot, _nibbles_to_qz, _store_tile, _tile_ids,
+                                        _w4a16_swap_kernel)
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -131,20 +133,6 @@ def w4a16_linear_ref(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = N
 
 # ----------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _nibbles_to_qz(nib, zc, DKIND: tl.constexpr):
-    # nib: int32 in 0..15; zc: zero + magic offset, fp32; returns q - z exactly in the dot dtype
-    if DKIND == 1:
-        w = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q exactly
-        w = w - zc.to(tl.float16)
-    elif DKIND == 2:
-        w = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q exactly
-        w = w - zc.to(tl.bfloat16)
-    else:
-        w = nib.to(tl.float32) - zc
-    return w
-
-
-@triton.jit
 def _planes_f16(q, zc):
     # q (P, BN) int32 of 8 nibbles, zc (P, BN) fp16 = 1024 + zero -> the 8 planes q_j - z, (P, BN) fp16 each.
     # One lop3 ((x & 0x000f000f) | 0x64006400) makes nibbles j and j + 4 into the fp16 pair (1024 + q_j,
@@ -191,13 +179,6 @@ def _load_group(q_ptrs, s_ptr, z_ptr, xs_ptrs, g, N, K, offs_n, mask_n, mask_m, 
 
 
 @triton.jit
-def _dot(a, b, acc, DKIND: tl.constexpr):
-    if DKIND == 0:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexpr, PX: tl.constexpr,
                C: tl.constexpr):
     # acc (BM, BN) += sc * sum_j x_j @ (plane_j - z): one group, 8 dots of K = P
@@ -239,14 +220,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     gdc_wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     P: tl.constexpr = GROUP // 8
     if DKIND == 1:
         C: tl.constexpr = 1024.0
@@ -287,16 +261,8 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
                 d = tl.dot(x, w)  # (BM, BN) fp32 accumulate
             acc += s[None, :] * d
 
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if not SPLIT:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        offs = offs_m[:, None] * N + offs_n[None, :]
-        _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr + pid, b_ptr, y_ptrs, pid_k, M * N,
-                      split_k, HAS_BIAS)
+    _store_tile(acc, pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+                split_k, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -318,7 +284,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 
 
 # ------------------------------------------------------------------------------- configs and tuner
-TUNER = Tuner("W4A16_TUNE")  # W4A16_TUNE=0: default configs, no timing
+TUNER = Tuner("W4A16_TUNE")
+_DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr  # W4A16_TUNE=0: default configs, no timing
 
 
 def _m_bucket(M: int) -> int:
@@ -355,6 +322,10 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         _, BN, split, warps, stages = cfg
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * triton.cdiv(N, BN)
+    elif cfg[0] == "swap":
+        _, BM, BN, split, warps, stages = cfg
+        split = _split_for(M, N, K, g, BM, BN, split, x2.device)
+        tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     else:
         BM, BN, split, warps, stages, sliced, px = cfg
         px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: fp16 on a GPU only
@@ -376,11 +347,15 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, num_warps=warps,
             num_stages=stages, **launch_kwargs(pdl))
+    elif cfg[0] == "swap":
+        _w4a16_swap_kernel[(tiles, split)](
+            x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
+            GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=_DKIND[x2.dtype],
+            HAS_BIAS=bias is not None, ACT=act, PDL=pdl, num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     else:
-        dkind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x2.dtype]
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
-                                GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=dkind,
+                                GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=_DKIND[x2.dtype],
                                 HAS_BIAS=bias is not None, SLICED=int(sliced), ACT=act, PX=bool(px), PDL=pdl,
                                 num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     return y

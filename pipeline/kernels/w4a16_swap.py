@@ -1,0 +1,119 @@
+"""W4A16 tensor-core kernel with swapped operands: y^T = dequant(W) @ x^T, the weights as the left operand.
+
+Used through `pipeline.kernels.w4a16.w4a16_linear` (configs `swap_*`); layout, reference and launcher live in
+`w4a16.py`. Why swap: in `_w4a16_kernel` the dequantized weight tile is the right-hand operand of the dot, and
+on Hopper a wgmma reads that operand from shared memory only, so every dequantized fp16 tile is stored to
+shared memory and read back. The left operand of a wgmma may come from registers: with the weights on the left
+the dequantized tile can go straight from the unpack into the MMA, and only the small packed int32 tile (one
+value per 8 weights) and the activations take the shared-memory path. The activation count M becomes the
+MMA's N dimension, which may be as small as 8, so the same kernel also serves decode-sized M.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from pipeline.kernels.pdl import gdc_launch, gdc_wait
+from pipeline.kernels.w4a16_gemv import _finish_split, _group_range, _load_x
+
+
+@triton.jit
+def _nibbles_to_qz(nib, zc, DKIND: tl.constexpr):
+    # nib: int32 in 0..15; zc: zero + magic offset, fp32; returns q - z exactly in the dot dtype
+    if DKIND == 1:
+        w = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + q exactly
+        w = w - zc.to(tl.float16)
+    elif DKIND == 2:
+        w = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q exactly
+        w = w - zc.to(tl.bfloat16)
+    else:
+        w = nib.to(tl.float32) - zc
+    return w
+
+
+@triton.jit
+def _dot(a, b, acc, DKIND: tl.constexpr):
+    if DKIND == 0:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # (pid_m, pid_n) of output tile pid in grouped order: GROUP_M row tiles share each column tile (L2 reuse)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
+def _store_tile(acc, pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+                split_k, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # acc (BM, BN) fp32: + bias and store, or (split-K) this split's partial through _finish_split
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if not SPLIT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        _finish_split(acc, offs, mask, offs_n, mask_n, ws_ptr, cnt_ptr + pid, b_ptr, y_ptrs, pid_k, M * N,
+                      split_k, HAS_BIAS)
+
+
+@triton.jit
+def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
+                       split_k, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SPLIT: tl.constexpr, GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ACT: tl.constexpr, PDL: tl.constexpr = False):
+    # grid: (tiles of (M, N) in grouped order, split_k); each K step is one quantization group, whose
+    # packed (P, BN) slab is read as (BN, P): row n holds the 8 nibble planes of column n's g inputs.
+    gdc_launch(PDL)
+    gdc_wait(PDL)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    P: tl.constexpr = GROUP // 8
+    if DKIND == 1:
+        C: tl.constexpr = 1024.0
+    elif DKIND == 2:
+        C: tl.constexpr = 128.0
+    else:
+        C: tl.constexpr = 0.0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
+    offs_p = tl.arange(0, P)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
+    q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+    if P >= 16:  # 8 dots of K = P, one per nibble plane (P contiguous inputs each)
+        xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_p[:, None]  # (P, BM)
+        for g in range(g_lo, g_hi):
+            q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
+            sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
+            zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
+            d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = _load_x(xt_ptrs + g * GROUP + j * P, K, mask_m[None, :], ACT)  # (P, BM)
+                d = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND), xj, d, DKIND)
+            acc += sc[:, None] * d
+    else:  # g < 128: one dot of K = g on the unpacked tile, (BN, 8, P) -> (BN, g) in natural k order
+        xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + tl.arange(0, GROUP)[:, None]  # (g, BM)
+        shifts = tl.arange(0, 8) * 4
+        for g in range(g_lo, g_hi):
+            q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)
+            sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
+            nib = (q[:, None, :] >> shifts[None, :, None]) & 0xF  # (BN, 8, P)
+            w = tl.reshape(_nibbles_to_qz(nib, zc[:, None, None], DKIND), (BLOCK_N, GROUP))
+            xt = _load_x(xt_ptrs + g * GROUP, K, mask_m[None, :], ACT)  # (g, BM)
+            acc += sc[:, None] * _dot(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DKIND)
+    _store_tile(tl.trans(acc), pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                stride_ym, split_k, SPLIT, HAS_BIAS)
