@@ -59,11 +59,15 @@ CONFIGS = {
     "swap_m64_n256_c1": ("swap", 64, 256, -1, 8, 3),
     "swap_m128_n256_c1": ("swap", 128, 256, -1, 8, 3),
     "swap_m256_n128_c1": ("swap", 256, 128, -1, 8, 3),
+    "swap_m128_n128_c1_s4": ("swap", 128, 128, -1, 8, 4),
+    "swap_m64_n128_c1": ("swap", 64, 128, -1, 4, 4),
+    "swap_m128_n64_c1": ("swap", 128, 64, -1, 4, 4),
     "dequant_cublas": None,
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n128_c4", "swap_m16_n64_c8")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n128_c2", "swap_m64_n64_c4")
-SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m64_n256_c1", "swap_m128_n256_c1", "swap_m256_n128_c1")
+SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m64_n256_c1", "swap_m128_n256_c1", "swap_m256_n128_c1",
+                "swap_m128_n128_c1_s4", "swap_m64_n128_c1", "swap_m128_n64_c1")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px") + SWAP_DECODE

@@ -7,6 +7,10 @@ shared memory and read back. The left operand of a wgmma may come from registers
 the dequantized tile can go straight from the unpack into the MMA, and only the small packed int32 tile (one
 value per 8 weights) and the activations take the shared-memory path. The activation count M becomes the
 MMA's N dimension, which may be as small as 8, so the same kernel also serves decode-sized M.
+With fp16 activations the group's scale is folded into the dequantized weights ((q - z) is exact, so
+(q - z) * s rounds once, as the reference's fp16 weight does): the dots then accumulate straight into one
+accumulator and the MMAs of consecutive groups can overlap, instead of waiting for each group's sum to be
+scaled in fp32.
 """
 from __future__ import annotations
 
@@ -99,11 +103,17 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
             sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
-            d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for j in tl.static_range(8):
-                xj = _load_x(xt_ptrs + g * GROUP + j * P, K, mask_m[None, :], ACT)  # (P, BM)
-                d = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND), xj, d, DKIND)
-            acc += sc[:, None] * d
+            if DKIND != 2:  # fp16 / fp32: the scale folded into the weights, the dots chain into acc
+                sw = sc.to(x_ptr.dtype.element_ty)[:, None]  # exact: scales are fp16
+                for j in tl.static_range(8):
+                    xj = _load_x(xt_ptrs + g * GROUP + j * P, K, mask_m[None, :], ACT)  # (P, BM)
+                    acc = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND) * sw, xj, acc, DKIND)
+            else:  # bf16 cannot hold an fp16 scale exactly: scale each group's fp32 sum instead
+                d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    xj = _load_x(xt_ptrs + g * GROUP + j * P, K, mask_m[None, :], ACT)
+                    d = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND), xj, d, DKIND)
+                acc += sc[:, None] * d
     else:  # g < 128: one dot of K = g on the unpacked tile, (BN, 8, P) -> (BN, g) in natural k order
         xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + tl.arange(0, GROUP)[:, None]  # (g, BM)
         shifts = tl.arange(0, 8) * 4
