@@ -96,7 +96,7 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                   "px_split3": (16, 32, 3, 4, 1, 1, 1),
                   "fma_split3": ("fma", 32, 3, 4, 1), "fma_split1": ("fma", 64, 1, 4, 1),
                   "wide_ks2": ("wide", 32, 2, 4, 1), "wide_ks4": ("wide", 64, 4, 4, 0),
-                  "swap_split3": ("swap", 16, 32, 3, 4, 1), "swap_tile": ("swap", 32, 64, 1, 4, 1)}
+                  "swap_split3": ("swap", 16, 32, 3, 4, 1, 1), "swap_tile": ("swap", 32, 64, 1, 4, 1, 0)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")

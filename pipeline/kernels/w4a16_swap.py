@@ -43,6 +43,42 @@ def _dot(a, b, acc, DKIND: tl.constexpr):
 
 
 @triton.jit
+def _planes_f16_scaled(q, zc, s):
+    # q (BN, P) int32 of 8 nibbles, zc = 1024 + zero and s = scale, fp16 -> the 8 planes (q_j - z) * s, fp16:
+    # one lop3 ((x & 0x000f000f) | 0x64006400) makes nibbles j and j + 4 the fp16 pair (1024 + q_j, 1024 + q_j+4),
+    # sub.f16x2 makes both q - z exactly and mul.f16x2 rounds (q - z) * s once. Inline PTX: GPU only.
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, u, z2, s2;
+        mov.b32 z2, {$9, $9};
+        mov.b32 s2, {$10, $10};
+        lop3.b32 t, $8, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mul.f16x2 t, t, s2;
+        mov.b32 {$0, $4}, t;
+        shr.u32 u, $8, 4;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mul.f16x2 t, t, s2;
+        mov.b32 {$1, $5}, t;
+        shr.u32 u, $8, 8;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mul.f16x2 t, t, s2;
+        mov.b32 {$2, $6}, t;
+        shr.u32 u, $8, 12;
+        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 t, t, z2;
+        mul.f16x2 t, t, s2;
+        mov.b32 {$3, $7}, t;
+        }""",
+        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+        args=[q, zc, s], dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
+                                tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=1)
+
+
+@triton.jit
 def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # (pid_m, pid_n) of output tile pid in grouped order: GROUP_M row tiles share each column tile (L2 reuse)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -73,7 +109,7 @@ def _store_tile(acc, pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_
 def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                        split_k, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        SPLIT: tl.constexpr, GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ACT: tl.constexpr, PDL: tl.constexpr = False):
+                       ACT: tl.constexpr, PX: tl.constexpr = False, PDL: tl.constexpr = False):
     # grid: (tiles of (M, N) in grouped order, split_k); each K step is one quantization group, whose
     # packed (P, BN) slab is read as (BN, P): row n holds the 8 nibble planes of column n's g inputs.
     gdc_launch(PDL)
@@ -103,7 +139,19 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
             sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
-            if DKIND != 2:  # fp16 / fp32: the scale folded into the weights, the dots chain into acc
+            if PX:  # fp16 on a GPU: inline-PTX unpack, (q - z) * s for two weights per instruction
+                w0, w1, w2, w3, w4, w5, w6, w7 = _planes_f16_scaled(
+                    q, tl.broadcast_to(zc.to(tl.float16)[:, None], q.shape),
+                    tl.broadcast_to(sc.to(tl.float16)[:, None], q.shape))
+                acc = tl.dot(w0, _load_x(xt_ptrs + g * GROUP, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w1, _load_x(xt_ptrs + g * GROUP + P, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w2, _load_x(xt_ptrs + g * GROUP + 2 * P, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w3, _load_x(xt_ptrs + g * GROUP + 3 * P, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w4, _load_x(xt_ptrs + g * GROUP + 4 * P, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w5, _load_x(xt_ptrs + g * GROUP + 5 * P, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w6, _load_x(xt_ptrs + g * GROUP + 6 * P, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w7, _load_x(xt_ptrs + g * GROUP + 7 * P, K, mask_m[None, :], ACT), acc)
+            elif DKIND != 2:  # fp16 / fp32: the scale folded into the weights, the dots chain into acc
                 sw = sc.to(x_ptr.dtype.element_ty)[:, None]  # exact: scales are fp16
                 for j in tl.static_range(8):
                     xj = _load_x(xt_ptrs + g * GROUP + j * P, K, mask_m[None, :], ACT)  # (P, BM)
