@@ -62,6 +62,11 @@ CONFIGS = {
     "swap_m128_n128_c1_s4": ("swap", 128, 128, -1, 8, 4, 0),
     "swap_m64_n128_c1": ("swap", 64, 128, -1, 4, 4, 0),
     "swap_m128_n64_c1": ("swap", 128, 64, -1, 4, 4, 0),
+    "swap_m128_n128_c1_s2": ("swap", 128, 128, -1, 8, 2, 0),
+    "swap_m128_n128_c2_s2": ("swap", 128, 128, -2, 8, 2, 0),
+    "swap_m64_n128_c2_s3": ("swap", 64, 128, -2, 4, 3, 0),
+    "swap_m128_n64_c2_s2": ("swap", 128, 64, -2, 4, 2, 0),
+    "swap_m256_n128_c1_s2": ("swap", 256, 128, -1, 8, 2, 0),
     "swap_m16_n64_c8_px": ("swap", 16, 64, -8, 4, 3, 1),
     "swap_m32_n128_c2_px": ("swap", 32, 128, -2, 4, 3, 1),
     "swap_m128_n128_c1_px": ("swap", 128, 128, -1, 8, 3, 1),
@@ -72,7 +77,8 @@ SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n128_c4", "swap_m16_n64_c8", "swap_m
 SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n128_c2", "swap_m64_n64_c4", "swap_m32_n128_c2_px")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m64_n256_c1", "swap_m128_n256_c1", "swap_m256_n128_c1",
                 "swap_m128_n128_c1_s4", "swap_m64_n128_c1", "swap_m128_n64_c1", "swap_m128_n128_c1_px",
-                "swap_m256_n128_c1_px")
+                "swap_m256_n128_c1_px", "swap_m128_n128_c1_s2", "swap_m128_n128_c2_s2", "swap_m64_n128_c2_s3",
+                "swap_m128_n64_c2_s2", "swap_m256_n128_c1_s2")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px") + SWAP_DECODE

@@ -79,6 +79,13 @@ def _planes_f16_scaled(q, zc, s):
 
 
 @triton.jit
+def _xt(ptrs, K, mask_m, ACT: tl.constexpr):
+    # an activation slice loaded row-major (BM, P), contiguous along K, and handed to the dot transposed: the
+    # transpose is a shared-memory descriptor flag for the MMA, so the load can go straight to shared memory
+    return tl.trans(_load_x(ptrs, K, mask_m[:, None], ACT))
+
+
+@triton.jit
 def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # (pid_m, pid_n) of output tile pid in grouped order: GROUP_M row tiles share each column tile (L2 reuse)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -134,7 +141,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
     if P >= 16:  # 8 dots of K = P, one per nibble plane (P contiguous inputs each)
-        xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_p[:, None]  # (P, BM)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P), read as (P, BM) by tl.trans
         for g in range(g_lo, g_hi):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
             sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
@@ -143,27 +150,27 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
                 w0, w1, w2, w3, w4, w5, w6, w7 = _planes_f16_scaled(
                     q, tl.broadcast_to(zc.to(tl.float16)[:, None], q.shape),
                     tl.broadcast_to(sc.to(tl.float16)[:, None], q.shape))
-                acc = tl.dot(w0, _load_x(xt_ptrs + g * GROUP, K, mask_m[None, :], ACT), acc)
-                acc = tl.dot(w1, _load_x(xt_ptrs + g * GROUP + P, K, mask_m[None, :], ACT), acc)
-                acc = tl.dot(w2, _load_x(xt_ptrs + g * GROUP + 2 * P, K, mask_m[None, :], ACT), acc)
-                acc = tl.dot(w3, _load_x(xt_ptrs + g * GROUP + 3 * P, K, mask_m[None, :], ACT), acc)
-                acc = tl.dot(w4, _load_x(xt_ptrs + g * GROUP + 4 * P, K, mask_m[None, :], ACT), acc)
-                acc = tl.dot(w5, _load_x(xt_ptrs + g * GROUP + 5 * P, K, mask_m[None, :], ACT), acc)
-                acc = tl.dot(w6, _load_x(xt_ptrs + g * GROUP + 6 * P, K, mask_m[None, :], ACT), acc)
-                acc = tl.dot(w7, _load_x(xt_ptrs + g * GROUP + 7 * P, K, mask_m[None, :], ACT), acc)
+                acc = tl.dot(w0, _xt(x_ptrs + g * GROUP, K, mask_m, ACT), acc)
+                acc = tl.dot(w1, _xt(x_ptrs + g * GROUP + P, K, mask_m, ACT), acc)
+                acc = tl.dot(w2, _xt(x_ptrs + g * GROUP + 2 * P, K, mask_m, ACT), acc)
+                acc = tl.dot(w3, _xt(x_ptrs + g * GROUP + 3 * P, K, mask_m, ACT), acc)
+                acc = tl.dot(w4, _xt(x_ptrs + g * GROUP + 4 * P, K, mask_m, ACT), acc)
+                acc = tl.dot(w5, _xt(x_ptrs + g * GROUP + 5 * P, K, mask_m, ACT), acc)
+                acc = tl.dot(w6, _xt(x_ptrs + g * GROUP + 6 * P, K, mask_m, ACT), acc)
+                acc = tl.dot(w7, _xt(x_ptrs + g * GROUP + 7 * P, K, mask_m, ACT), acc)
             elif DKIND != 2:  # fp16 / fp32: the scale folded into the weights, the dots chain into acc
                 sw = sc.to(x_ptr.dtype.element_ty)[:, None]  # exact: scales are fp16
                 for j in tl.static_range(8):
-                    xj = _load_x(xt_ptrs + g * GROUP + j * P, K, mask_m[None, :], ACT)  # (P, BM)
+                    xj = _xt(x_ptrs + g * GROUP + j * P, K, mask_m, ACT)  # (P, BM)
                     acc = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND) * sw, xj, acc, DKIND)
             else:  # bf16 cannot hold an fp16 scale exactly: scale each group's fp32 sum instead
                 d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for j in tl.static_range(8):
-                    xj = _load_x(xt_ptrs + g * GROUP + j * P, K, mask_m[None, :], ACT)
+                    xj = _xt(x_ptrs + g * GROUP + j * P, K, mask_m, ACT)
                     d = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND), xj, d, DKIND)
                 acc += sc[:, None] * d
     else:  # g < 128: one dot of K = g on the unpacked tile, (BN, 8, P) -> (BN, g) in natural k order
-        xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + tl.arange(0, GROUP)[:, None]  # (g, BM)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         shifts = tl.arange(0, 8) * 4
         for g in range(g_lo, g_hi):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)
@@ -171,7 +178,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
             nib = (q[:, None, :] >> shifts[None, :, None]) & 0xF  # (BN, 8, P)
             w = tl.reshape(_nibbles_to_qz(nib, zc[:, None, None], DKIND), (BLOCK_N, GROUP))
-            xt = _load_x(xt_ptrs + g * GROUP, K, mask_m[None, :], ACT)  # (g, BM)
+            xt = _xt(x_ptrs + g * GROUP, K, mask_m, ACT)  # (g, BM)
             acc += sc[:, None] * _dot(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DKIND)
     _store_tile(tl.trans(acc), pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 stride_ym, split_k, SPLIT, HAS_BIAS)
