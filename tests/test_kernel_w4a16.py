@@ -96,7 +96,8 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                   "px_split3": (16, 32, 3, 4, 1, 1, 1),
                   "fma_split3": ("fma", 32, 3, 4, 1), "fma_split1": ("fma", 64, 1, 4, 1),
                   "wide_ks2": ("wide", 32, 2, 4, 1), "wide_ks4": ("wide", 64, 4, 4, 0),
-                  "swap_split3": ("swap", 16, 32, 3, 4, 1, 1), "swap_tile": ("swap", 32, 64, 1, 4, 1, 0)}
+                  "swap_split3": ("swap", 16, 32, 3, 4, 1, 1), "swap_tile": ("swap", 32, 64, 1, 4, 1, 1),
+                  "swap_k8": ("swap", 16, 32, 2, 4, 1, 8), "swap_k2": ("swap", 32, 32, 1, 4, 1, 2)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
@@ -109,7 +110,8 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                                          (1, 40, 640, 128, "wide_ks2"), (2, 70, 192, 64, "wide_ks4"),
                                          (1, 33, 128, 32, "wide_ks4"), (3, 72, 384, 64, "wide_ks4"),
                                          (3, 40, 640, 128, "swap_split3"), (19, 70, 192, 64, "swap_tile"),
-                                         (2, 33, 128, 32, "swap_split3")])
+                                         (2, 33, 128, 32, "swap_split3"), (3, 40, 384, 128, "swap_k8"),
+                                         (17, 40, 256, 128, "swap_k2")])
 def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(N, K, g), g)
@@ -162,7 +164,7 @@ def test_gpu_bf16(poisoned, K, N):
     for M, name in ((1, "gemv_n64_c4"), (1, "wide_n128_s2"), (3, "wide_n64_s4_h2"), (16, "gemv_n128_c8_sl"),
                     (64, "tile_m64_n128_c2"),
                     (256, "tile_m128_n128_c1_sl"), (2048, "dequant_cublas"), (16, "swap_m16_n64_c4"),
-                    (256, "swap_m128_n128_c1")):
+                    (256, "swap_m128_n128_c1"), (256, "swap_m128_n128_c1_k8")):
         x = torch.randn(M, K, device="cuda").bfloat16()
         err = rel_err(w4.w4a16_linear(x, w, config=name), ref64(x, w))
         assert err < TOL[torch.bfloat16], f"bf16 M={M} {name}: rel err {err:.2e}"
@@ -180,7 +182,7 @@ def test_gpu_small_groups_and_odd_shapes(poisoned, g):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
 @pytest.mark.parametrize("cfg", ["gemv_split3", "sliced_split2", "fma_split3", "tile", "px_split3", "wide_ks2",
-                                 "swap_split3"])
+                                 "swap_split3", "swap_k8"])
 def test_interpreter_fused_silu_mul_and_counters_rearmed(monkeypatch, poisoned, cfg):
     """act="silu_mul" equals silu_mul then the GEMM; split-K counters are back to 0 after every launch."""
     from pipeline.kernels.norm import silu_mul_ref

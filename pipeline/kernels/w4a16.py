@@ -323,8 +323,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * triton.cdiv(N, BN)
     elif cfg[0] == "swap":
-        _, BM, BN, split, warps, stages, px = cfg
-        px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: fp16 on a GPU only
+        _, BM, BN, split, warps, stages, kw = cfg
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     else:
@@ -352,7 +351,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         _w4a16_swap_kernel[(tiles, split)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=_DKIND[x2.dtype],
-            HAS_BIAS=bias is not None, ACT=act, PX=bool(px), PDL=pdl, num_warps=warps, num_stages=stages,
+            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, num_warps=warps, num_stages=stages,
             **launch_kwargs(pdl))
     else:
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,

@@ -11,8 +11,8 @@ from __future__ import annotations
 # that loads KS whole groups at once (split = K/g/KS programs along K), h2: fp16x2 inline-PTX arithmetic
 # (fp16 on a GPU; elsewhere fp32). None: Triton dequantize + cuBLAS. px (`_px`): the 8 slices
 # unpacked by inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
-# ("swap", BLOCK_M, BLOCK_N, split, warps, stages, px): `w4a16_swap._w4a16_swap_kernel`, y^T = W x^T with the
-# dequantized weights as the MMA's register operand; split and px as above.
+# ("swap", BLOCK_M, BLOCK_N, split, warps, stages, kw): `w4a16_swap._w4a16_swap_kernel`, y^T = W x^T with the
+# dequantized weights as the MMA's register operand; split as above; kw nibble planes (of g/8 inputs) per dot.
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
     "wide_n128_s2": ("wide", 128, 2, 4, 0),
@@ -49,36 +49,28 @@ CONFIGS = {
     "tile_m128_n128_c1_sl": (128, 128, -1, 8, 3, 1, 0),
     "tile_m128_n256_c1_sl": (128, 256, -1, 8, 3, 1, 0),
     "tile_m128_n64_c2_sl": (128, 64, -2, 4, 4, 1, 0),
-    "swap_m16_n64_c4": ("swap", 16, 64, -4, 4, 4, 0),
-    "swap_m16_n128_c4": ("swap", 16, 128, -4, 4, 3, 0),
-    "swap_m16_n64_c8": ("swap", 16, 64, -8, 4, 3, 0),
-    "swap_m32_n128_c2": ("swap", 32, 128, -2, 4, 3, 0),
-    "swap_m64_n128_c2": ("swap", 64, 128, -2, 4, 3, 0),
-    "swap_m64_n64_c4": ("swap", 64, 64, -4, 4, 4, 0),
-    "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 0),
-    "swap_m64_n256_c1": ("swap", 64, 256, -1, 8, 3, 0),
-    "swap_m128_n256_c1": ("swap", 128, 256, -1, 8, 3, 0),
-    "swap_m256_n128_c1": ("swap", 256, 128, -1, 8, 3, 0),
-    "swap_m128_n128_c1_s4": ("swap", 128, 128, -1, 8, 4, 0),
-    "swap_m64_n128_c1": ("swap", 64, 128, -1, 4, 4, 0),
-    "swap_m128_n64_c1": ("swap", 128, 64, -1, 4, 4, 0),
-    "swap_m128_n128_c1_s2": ("swap", 128, 128, -1, 8, 2, 0),
-    "swap_m128_n128_c2_s2": ("swap", 128, 128, -2, 8, 2, 0),
-    "swap_m64_n128_c2_s3": ("swap", 64, 128, -2, 4, 3, 0),
-    "swap_m128_n64_c2_s2": ("swap", 128, 64, -2, 4, 2, 0),
-    "swap_m256_n128_c1_s2": ("swap", 256, 128, -1, 8, 2, 0),
-    "swap_m16_n64_c8_px": ("swap", 16, 64, -8, 4, 3, 1),
-    "swap_m32_n128_c2_px": ("swap", 32, 128, -2, 4, 3, 1),
-    "swap_m128_n128_c1_px": ("swap", 128, 128, -1, 8, 3, 1),
-    "swap_m256_n128_c1_px": ("swap", 256, 128, -1, 8, 3, 1),
+    "swap_m16_n64_c4": ("swap", 16, 64, -4, 4, 4, 1),
+    "swap_m16_n64_c8": ("swap", 16, 64, -8, 4, 3, 1),
+    "swap_m32_n128_c2": ("swap", 32, 128, -2, 4, 3, 1),
+    "swap_m64_n64_c4": ("swap", 64, 64, -4, 4, 4, 1),
+    "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 1),
+    "swap_m128_n128_c1_s2": ("swap", 128, 128, -1, 8, 2, 1),
+    "swap_m16_n64_c8_k8": ("swap", 16, 64, -8, 4, 3, 8),
+    "swap_m16_n64_c8_k2": ("swap", 16, 64, -8, 4, 3, 2),
+    "swap_m32_n128_c2_k8": ("swap", 32, 128, -2, 4, 3, 8),
+    "swap_m64_n64_c4_k8": ("swap", 64, 64, -4, 4, 4, 8),
+    "swap_m128_n128_c1_k8": ("swap", 128, 128, -1, 8, 3, 8),
+    "swap_m128_n128_c1_k4": ("swap", 128, 128, -1, 8, 3, 4),
+    "swap_m128_n128_c1_k2": ("swap", 128, 128, -1, 8, 3, 2),
+    "swap_m128_n256_c1_k8": ("swap", 128, 256, -1, 8, 3, 8),
+    "swap_m256_n128_c1_k8": ("swap", 256, 128, -1, 8, 3, 8),
+    "swap_m64_n128_c2_k8": ("swap", 64, 128, -2, 4, 3, 8),
     "dequant_cublas": None,
 }
-SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n128_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_px")
-SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n128_c2", "swap_m64_n64_c4", "swap_m32_n128_c2_px")
-SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m64_n256_c1", "swap_m128_n256_c1", "swap_m256_n128_c1",
-                "swap_m128_n128_c1_s4", "swap_m64_n128_c1", "swap_m128_n64_c1", "swap_m128_n128_c1_px",
-                "swap_m256_n128_c1_px", "swap_m128_n128_c1_s2", "swap_m128_n128_c2_s2", "swap_m64_n128_c2_s3",
-                "swap_m128_n64_c2_s2", "swap_m256_n128_c1_s2")
+SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c8_k2")
+SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n64_c4", "swap_m32_n128_c2_k8", "swap_m64_n64_c4_k8", "swap_m64_n128_c2_k8")
+SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_s2", "swap_m128_n128_c1_k8", "swap_m128_n128_c1_k4",
+                "swap_m128_n128_c1_k2", "swap_m128_n256_c1_k8", "swap_m256_n128_c1_k8")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px") + SWAP_DECODE

@@ -43,39 +43,34 @@ def _dot(a, b, acc, DKIND: tl.constexpr):
 
 
 @triton.jit
-def _planes_f16_scaled(q, zc, s):
-    # q (BN, P) int32 of 8 nibbles, zc = 1024 + zero and s = scale, fp16 -> the 8 planes (q_j - z) * s, fp16:
-    # one lop3 ((x & 0x000f000f) | 0x64006400) makes nibbles j and j + 4 the fp16 pair (1024 + q_j, 1024 + q_j+4),
-    # sub.f16x2 makes both q - z exactly and mul.f16x2 rounds (q - z) * s once. Inline PTX: GPU only.
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, u, z2, s2;
-        mov.b32 z2, {$9, $9};
-        mov.b32 s2, {$10, $10};
-        lop3.b32 t, $8, 0x000f000f, 0x64006400, 0xea;
-        sub.f16x2 t, t, z2;
-        mul.f16x2 t, t, s2;
-        mov.b32 {$0, $4}, t;
-        shr.u32 u, $8, 4;
-        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
-        sub.f16x2 t, t, z2;
-        mul.f16x2 t, t, s2;
-        mov.b32 {$1, $5}, t;
-        shr.u32 u, $8, 8;
-        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
-        sub.f16x2 t, t, z2;
-        mul.f16x2 t, t, s2;
-        mov.b32 {$2, $6}, t;
-        shr.u32 u, $8, 12;
-        lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea;
-        sub.f16x2 t, t, z2;
-        mul.f16x2 t, t, s2;
-        mov.b32 {$3, $7}, t;
-        }""",
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-        args=[q, zc, s], dtype=(tl.float16, tl.float16, tl.float16, tl.float16,
-                                tl.float16, tl.float16, tl.float16, tl.float16),
-        is_pure=True, pack=1)
+def _plane(q, zc, sw, j: tl.constexpr, DKIND: tl.constexpr):
+    # nibble plane j of q (BN, P): (q_j - z) * sw in the dot dtype, inputs j*P .. j*P + P - 1 of the group
+    return _nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND) * sw
+
+
+@triton.jit
+def _planes(q, zc, sw, j0: tl.constexpr, KW: tl.constexpr, DKIND: tl.constexpr):
+    # planes j0 .. j0 + KW - 1 side by side, (BN, KW * P) in natural k order, built by joins whose new
+    # minor dims are permuted in front of P: register moves only, no shared-memory round trip
+    BN: tl.constexpr = q.shape[0]
+    P: tl.constexpr = q.shape[1]
+    if KW == 1:
+        w = _plane(q, zc, sw, j0, DKIND)
+    elif KW == 2:
+        w = tl.join(_plane(q, zc, sw, j0, DKIND), _plane(q, zc, sw, j0 + 1, DKIND))  # (BN, P, 2)
+        w = tl.reshape(tl.permute(w, (0, 2, 1)), (BN, 2 * P))
+    elif KW == 4:
+        a = tl.join(_plane(q, zc, sw, j0, DKIND), _plane(q, zc, sw, j0 + 1, DKIND))
+        b = tl.join(_plane(q, zc, sw, j0 + 2, DKIND), _plane(q, zc, sw, j0 + 3, DKIND))
+        w = tl.reshape(tl.permute(tl.join(a, b), (0, 3, 2, 1)), (BN, 4 * P))  # (BN, P, 2, 2): plane 2*d3 + d2
+    else:
+        a = tl.join(_plane(q, zc, sw, j0, DKIND), _plane(q, zc, sw, j0 + 1, DKIND))
+        b = tl.join(_plane(q, zc, sw, j0 + 2, DKIND), _plane(q, zc, sw, j0 + 3, DKIND))
+        c = tl.join(_plane(q, zc, sw, j0 + 4, DKIND), _plane(q, zc, sw, j0 + 5, DKIND))
+        d = tl.join(_plane(q, zc, sw, j0 + 6, DKIND), _plane(q, zc, sw, j0 + 7, DKIND))
+        w = tl.join(tl.join(a, b), tl.join(c, d))  # (BN, P, 2, 2, 2): plane 4*d4 + 2*d3 + d2
+        w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BN, 8 * P))
+    return w
 
 
 @triton.jit
@@ -116,7 +111,7 @@ def _store_tile(acc, pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_
 def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                        split_k, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        SPLIT: tl.constexpr, GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ACT: tl.constexpr, PX: tl.constexpr = False, PDL: tl.constexpr = False):
+                       ACT: tl.constexpr, KW: tl.constexpr = 1, PDL: tl.constexpr = False):
     # grid: (tiles of (M, N) in grouped order, split_k); each K step is one quantization group, whose
     # packed (P, BN) slab is read as (BN, P): row n holds the 8 nibble planes of column n's g inputs.
     gdc_launch(PDL)
@@ -141,33 +136,21 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
     if P >= 16:  # 8 dots of K = P, one per nibble plane (P contiguous inputs each)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :]  # (BM, P), read as (P, BM) by tl.trans
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, KW * P)[None, :]  # (BM, KW*P), used transposed
         for g in range(g_lo, g_hi):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
             sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
-            if PX:  # fp16 on a GPU: inline-PTX unpack, (q - z) * s for two weights per instruction
-                w0, w1, w2, w3, w4, w5, w6, w7 = _planes_f16_scaled(
-                    q, tl.broadcast_to(zc.to(tl.float16)[:, None], q.shape),
-                    tl.broadcast_to(sc.to(tl.float16)[:, None], q.shape))
-                acc = tl.dot(w0, _xt(x_ptrs + g * GROUP, K, mask_m, ACT), acc)
-                acc = tl.dot(w1, _xt(x_ptrs + g * GROUP + P, K, mask_m, ACT), acc)
-                acc = tl.dot(w2, _xt(x_ptrs + g * GROUP + 2 * P, K, mask_m, ACT), acc)
-                acc = tl.dot(w3, _xt(x_ptrs + g * GROUP + 3 * P, K, mask_m, ACT), acc)
-                acc = tl.dot(w4, _xt(x_ptrs + g * GROUP + 4 * P, K, mask_m, ACT), acc)
-                acc = tl.dot(w5, _xt(x_ptrs + g * GROUP + 5 * P, K, mask_m, ACT), acc)
-                acc = tl.dot(w6, _xt(x_ptrs + g * GROUP + 6 * P, K, mask_m, ACT), acc)
-                acc = tl.dot(w7, _xt(x_ptrs + g * GROUP + 7 * P, K, mask_m, ACT), acc)
-            elif DKIND != 2:  # fp16 / fp32: the scale folded into the weights, the dots chain into acc
+            if DKIND != 2:  # fp16 / fp32: the scale folded into the weights, the dots chain into acc
                 sw = sc.to(x_ptr.dtype.element_ty)[:, None]  # exact: scales are fp16
-                for j in tl.static_range(8):
-                    xj = _xt(x_ptrs + g * GROUP + j * P, K, mask_m, ACT)  # (P, BM)
-                    acc = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND) * sw, xj, acc, DKIND)
+                for j in tl.static_range(8 // KW):  # one dot per KW planes (K = KW * P)
+                    xj = _xt(x_ptrs + g * GROUP + j * KW * P, K, mask_m, ACT)  # (KW * P, BM)
+                    acc = _dot(_planes(q, zc, sw, j * KW, KW, DKIND), xj, acc, DKIND)
             else:  # bf16 cannot hold an fp16 scale exactly: scale each group's fp32 sum instead
                 d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for j in tl.static_range(8):
-                    xj = _xt(x_ptrs + g * GROUP + j * P, K, mask_m, ACT)
-                    d = _dot(_nibbles_to_qz((q >> (4 * j)) & 0xF, zc[:, None], DKIND), xj, d, DKIND)
+                for j in tl.static_range(8 // KW):
+                    xj = _xt(x_ptrs + g * GROUP + j * KW * P, K, mask_m, ACT)
+                    d = _dot(_planes(q, zc, 1.0, j * KW, KW, DKIND), xj, d, DKIND)
                 acc += sc[:, None] * d
     else:  # g < 128: one dot of K = g on the unpacked tile, (BN, 8, P) -> (BN, g) in natural k order
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
