@@ -162,9 +162,9 @@ def test_gpu_real_sizes_every_config(poisoned, K, N):
 def test_gpu_bf16(poisoned, K, N):
     w = w4.pack_w4(*make_quant(N, K, 128), 128).to("cuda")
     for M, name in ((1, "gemv_n64_c4"), (1, "wide_n128_s2"), (3, "wide_n64_s4_h2"), (16, "gemv_n128_c8_sl"),
-                    (64, "tile_m64_n128_c2"),
-                    (256, "tile_m128_n128_c1_sl"), (2048, "dequant_cublas"), (16, "swap_m16_n64_c4"),
-                    (256, "swap_m128_n128_c1"), (256, "swap_m128_n128_c1_k8")):
+                    (64, "tile_m32_n64_c4_sl"), (2048, "dequant_cublas"), (16, "swap_m16_n64_c4"),
+                    (256, "swap_m128_n128_c1"), (256, "swap_m128_n64_c1_k8"),
+                    (64, "swap_m64_n64_c4_k8")):
         x = torch.randn(M, K, device="cuda").bfloat16()
         err = rel_err(w4.w4a16_linear(x, w, config=name), ref64(x, w))
         assert err < TOL[torch.bfloat16], f"bf16 M={M} {name}: rel err {err:.2e}"

@@ -28,12 +28,12 @@ Kernel arithmetic (one K tile = one group, so scale and zero are per-column cons
     output column after the group's dot.
 
 Configs: `w4a16_configs.py`. Paths (one entry point): M <= 4 -> also the CUDA-core GEMVs (`w4a16_gemv.py`;
-with PDL at M = 1 the tuner times only the "wide" one); M <= 16 -> BLOCK_M = 16 with split-K over groups so that enough
-programs stream the weights
-(fp32 partial tiles; the last program of each output tile to arrive, counted by an atomic counter, adds
-them in a fixed order: one launch, deterministic); M > 16 ->
-tiled tensor-core path (grouped tile order for L2), or for large M a Triton dequantize to a (K, N)
-scratch + cuBLAS; the tuner keeps whichever it measures fastest.
+with PDL at M = 1 the tuner times only the "wide" one); M <= 16 -> BLOCK_M = 16 tensor-core tiles with split-K over
+groups so that enough programs stream the weights (fp32 partial tiles; the last program of each output tile to
+arrive, counted by an atomic counter, adds them in a fixed order: one launch, deterministic); from M = 16 up also
+the swapped-operand kernel (`w4a16_swap.py`: y^T = W x^T, the dequantized weights as the MMA's register operand,
+no shared-memory round trip for them); for large M a Triton dequantize to a (K, N) scratch + cuBLAS. The tuner
+keeps whichever it measures fastest per shape.
 The tuner (`pipeline/kernels/tuner.py`) times a small, named config set once per (device, dtype, M bucket, N, K, g)
 on the first call outside CUDA-graph capture; inside capture it uses the tuned or a default config.
 """

@@ -39,62 +39,31 @@ CONFIGS = {
     "gemv_n64_c4_px": (16, 64, -4, 4, 4, 1, 1),
     "gemv_n128_c8_px": (16, 128, -8, 4, 3, 1, 1),
     "gemv_n64_c16_px": (16, 64, -16, 4, 4, 1, 1),
-    "tile_m32_n64_c4_px": (32, 64, -4, 4, 4, 1, 1),
-    "tile_m64_n64_c4_px": (64, 64, -4, 4, 3, 1, 1),
     "tile_m32_n64_c4_sl": (32, 64, -4, 4, 4, 1, 0),
-    "tile_m64_n64_c4_sl": (64, 64, -4, 4, 3, 1, 0),
-    "tile_m64_n128_c2": (64, 128, -2, 4, 3, 0, 0),
-    "tile_m64_n128_c2_sl": (64, 128, -2, 4, 3, 1, 0),
-    "tile_m128_n128_c1": (128, 128, -1, 8, 3, 0, 0),
-    "tile_m128_n128_c1_sl": (128, 128, -1, 8, 3, 1, 0),
-    "tile_m128_n256_c1_sl": (128, 256, -1, 8, 3, 1, 0),
-    "tile_m128_n64_c2_sl": (128, 64, -2, 4, 4, 1, 0),
     "swap_m16_n64_c4": ("swap", 16, 64, -4, 4, 4, 1),
     "swap_m16_n64_c8": ("swap", 16, 64, -8, 4, 3, 1),
     "swap_m32_n128_c2": ("swap", 32, 128, -2, 4, 3, 1),
-    "swap_m64_n64_c4": ("swap", 64, 64, -4, 4, 4, 1),
-    "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 1),
-    "swap_m128_n128_c1_s2": ("swap", 128, 128, -1, 8, 2, 1),
-    "swap_m16_n64_c8_k8": ("swap", 16, 64, -8, 4, 3, 8),
-    "swap_m16_n64_c8_k2": ("swap", 16, 64, -8, 4, 3, 2),
-    "swap_m32_n128_c2_k8": ("swap", 32, 128, -2, 4, 3, 8),
     "swap_m64_n64_c4_k8": ("swap", 64, 64, -4, 4, 4, 8),
-    "swap_m128_n128_c1_k8": ("swap", 128, 128, -1, 8, 3, 8),
-    "swap_m128_n128_c1_k4": ("swap", 128, 128, -1, 8, 3, 4),
-    "swap_m128_n128_c1_k2": ("swap", 128, 128, -1, 8, 3, 2),
-    "swap_m128_n256_c1_k8": ("swap", 128, 256, -1, 8, 3, 8),
-    "swap_m256_n128_c1_k8": ("swap", 256, 128, -1, 8, 3, 8),
-    "swap_m64_n128_c2_k8": ("swap", 64, 128, -2, 4, 3, 8),
-    "swap_m64_n64_c4_k4": ("swap", 64, 64, -4, 4, 4, 4),
     "swap_m64_n64_c2_k8": ("swap", 64, 64, -2, 4, 4, 8),
+    "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 1),
+    "swap_m128_n128_c1_k4": ("swap", 128, 128, -1, 8, 3, 4),
     "swap_m128_n64_c1_k8": ("swap", 128, 64, -1, 4, 3, 8),
     "swap_m128_n64_c2_k4": ("swap", 128, 64, -2, 4, 3, 4),
-    "swap_m64_n128_c1_k8": ("swap", 64, 128, -1, 4, 3, 8),
     "swap_m256_n128_c1_k4": ("swap", 256, 128, -1, 8, 3, 4),
-    "swap_m256_n128_c1_k2": ("swap", 256, 128, -1, 8, 3, 2),
-    "swap_m256_n64_c1_k8": ("swap", 256, 64, -1, 4, 3, 8),
-    "swap_m128_n128_c2_k4": ("swap", 128, 128, -2, 8, 3, 4),
     "dequant_cublas": None,
 }
-SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c8_k2")
-SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n64_c4", "swap_m32_n128_c2_k8", "swap_m64_n64_c4_k8", "swap_m64_n128_c2_k8",
-            "swap_m64_n64_c4_k4", "swap_m64_n64_c2_k8")
-SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_s2", "swap_m128_n128_c1_k8", "swap_m128_n128_c1_k4",
-                "swap_m128_n128_c1_k2", "swap_m128_n256_c1_k8", "swap_m256_n128_c1_k8", "swap_m64_n64_c4_k8",
-                "swap_m64_n64_c4_k4", "swap_m64_n64_c2_k8", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
-                "swap_m64_n128_c1_k8", "swap_m256_n128_c1_k4", "swap_m256_n128_c1_k2", "swap_m256_n64_c1_k8",
-                "swap_m128_n128_c2_k4")
+SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8")
+SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8")
+SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
+                "swap_m256_n128_c1_k4")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px") + SWAP_DECODE
 WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", "wide_n32_s8_h2",
             "wide_n32_s4_w2_h2", "wide_n128_s4_h2", "wide_n64_s8_h2")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
-MID_SET = ("gemv_n64_c4_sl", "gemv_n128_c8_sl", "tile_m32_n64_c4_sl", "tile_m64_n64_c4_sl", "gemv_n64_c8_px",
-           "tile_m32_n64_c4_px", "tile_m64_n64_c4_px",
-           "tile_m64_n128_c2", "tile_m64_n128_c2_sl") + SWAP_MID
-PREFILL_SET = ("tile_m64_n128_c2_sl", "tile_m128_n128_c1", "tile_m128_n128_c1_sl", "tile_m128_n256_c1_sl",
-               "tile_m128_n64_c2_sl", "dequant_cublas") + SWAP_PREFILL
+MID_SET = ("gemv_n64_c4_sl", "tile_m32_n64_c4_sl") + SWAP_MID
+PREFILL_SET = ("dequant_cublas",) + SWAP_PREFILL
 INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
 
 
@@ -114,4 +83,4 @@ def tuning_set(M: int, pdl: bool) -> tuple[str, ...]:
 
 
 def default_config(M: int) -> str:
-    return "gemv_n64_c4" if M <= 16 else "tile_m64_n128_c2" if M <= 64 else "tile_m128_n128_c1"
+    return "gemv_n64_c4" if M <= 16 else "swap_m64_n64_c4_k8" if M <= 64 else "swap_m128_n128_c1"
