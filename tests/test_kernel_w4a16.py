@@ -228,3 +228,17 @@ def test_gpu_split_k_bit_identical_over_many_launches():
         bad = sum(not torch.equal(o, first) for o in outs)
         assert bad == 0, f"M={M} {name}: {bad}/300 launches differ from the first"
         assert rel_err(first, ref64(x, w)) < TOL[torch.float16]
+
+
+def test_swap_pipeline_depth_fits_shared_memory():
+    """The fused SwiGLU reads gate and up tiles: the deepest swap configs drop stages instead of failing to compile
+    (a 256-row tile with 3 stages needed 305 KB of the H100's 227 KB)."""
+    assert w4._swap_stages(128, 128, 128, 3, False, 2) == 3
+    assert w4._swap_stages(256, 128, 128, 3, False, 2) == 3
+    assert w4._swap_stages(256, 128, 128, 3, True, 2) == 1
+    for name, cfg in w4.CONFIGS.items():
+        if cfg and cfg[0] == "swap":
+            _, BM, BN, _, _, stages, _ = cfg
+            for act in (False, True):
+                depth = w4._swap_stages(BM, BN, 128, stages, act, 2)
+                assert 1 <= depth <= stages and depth * (BN * 64 + BM * 256 * (2 if act else 1)) <= 220 * 1024, name

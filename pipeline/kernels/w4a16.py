@@ -303,6 +303,15 @@ def _split_for(M, N, K, g, BM, BN, split, device) -> int:
     return triton.cdiv(G, triton.cdiv(G, split))
 
 
+def _swap_stages(BM: int, BN: int, g: int, stages: int, act: bool, itemsize: int) -> int:
+    """Pipeline depth of a swap config that fits the shared memory (227 KB on H100): per stage one group's codes
+    (BN * g / 2 bytes) and activations (BM * g, twice with the fused SwiGLU, which reads gate and up)."""
+    per_stage = BN * g // 2 + BM * g * itemsize * (2 if act else 1)
+    while stages > 1 and stages * per_stage > 220 * 1024:
+        stages -= 1
+    return stages
+
+
 def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.Tensor:
     """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
@@ -324,6 +333,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         tiles = M * triton.cdiv(N, BN)
     elif cfg[0] == "swap":
         _, BM, BN, split, warps, stages, kw = cfg
+        stages = _swap_stages(BM, BN, g, stages, act, x2.element_size())
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     else:
