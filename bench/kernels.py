@@ -3,6 +3,7 @@
     python bench/kernels.py                    # every section
     python bench/kernels.py --only w4a16       # one section (comma-separated list allowed)
     python bench/kernels.py --only w4a16 --quick   # fewer M values, for a smoke run
+    python bench/kernels.py --only w4a16 --ms 64,256   # chosen M values
 
 Writes <out>/kernels_<section>.json (out = --out, else $OUT, else bench/results) and prints a short
 table per section, last. Other kernels add a function to SECTIONS.
@@ -105,7 +106,7 @@ def bench_w4a16(args) -> dict:
     dev = torch.device("cuda")
     dtype = torch.float16
     g = 128
-    Ms = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256, 2048]
+    Ms = args.ms or ([1, 16, 256] if args.quick else [1, 4, 16, 64, 256, 2048])
     bw = copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "copy_bw_GBps": bw / 1e9, "group_size": g,
@@ -246,6 +247,8 @@ def main():
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated of {list(SECTIONS)}")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ms", type=lambda v: [int(m) for m in v.split(",")], default=None,
+                    help="W4A16 activation rows to time, e.g. 1,16,64,256,2048 (default: all six; --quick: 1,16,256)")
     args = ap.parse_args()
     names = [n for n in args.only.split(",") if n]
     bad = [n for n in names if n not in SECTIONS]
