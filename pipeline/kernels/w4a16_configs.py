@@ -51,8 +51,6 @@ CONFIGS = {
     "swap_m128_n64_c1_k8": ("swap", 128, 64, -1, 4, 3, 8),
     "swap_m128_n64_c2_k4": ("swap", 128, 64, -2, 4, 3, 4),
     "swap_m256_n128_c1_k4": ("swap", 256, 128, -1, 8, 3, 4),
-    "swap_m128_n64_c1_k8_s2": ("swap", 128, 64, -1, 4, 2, 8),
-    "swap_m128_n64_c2_k8_s2": ("swap", 128, 64, -2, 4, 2, 8),
     "dequant_cublas": None,
     "dequant_l2_n1024": ("dequant", 1024),
     "dequant_l2_n2048": ("dequant", 2048),
@@ -61,7 +59,7 @@ CONFIGS = {
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
-                "swap_m256_n128_c1_k4", "swap_m128_n64_c1_k8_s2", "swap_m128_n64_c2_k8_s2")
+                "swap_m256_n128_c1_k4")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px") + SWAP_DECODE
