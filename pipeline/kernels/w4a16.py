@@ -266,37 +266,21 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, n0, NC, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    # writes columns n0 .. n0 + NC - 1 of W^T, (K, NC) in w's dtype; grid (K//g, cdiv(NC, BLOCK_N))
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))
     gi = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = n0 + offs_c
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     P: tl.constexpr = GROUP // 8
     offs_p = tl.arange(0, P)
-    mask_n = (offs_c < NC) & (offs_n < N)
+    mask_n = offs_n < N
     q = tl.load(q_ptr + (gi * P + offs_p)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
     s = tl.load(s_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + gi * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     nib = (q[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) & 0xF
     w = tl.reshape((nib.to(tl.float32) - z[None, None, :]) * s[None, None, :], (GROUP, BLOCK_N))
     offs_k = gi * GROUP + tl.arange(0, GROUP)
-    tl.store(w_ptr + offs_k[:, None] * NC + offs_c[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n[None, :])
-
-
-def _dequant_matmul(x2, w: W4Weight, bias, chunk: int = 0) -> torch.Tensor:
-    """y = x2 @ dequant(w).T by cuBLAS on Triton-dequantized fp16 weights. chunk > 0: `chunk` output columns at a
-    time through one (K, chunk) scratch that is rewritten per chunk, so it stays in L2 (50 MB on an H100) and
-    cuBLAS reads it from there instead of HBM; chunk = 0: the whole (K, N) weight at once."""
-    M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
-    nc = min(chunk, N) if chunk > 0 else N
-    wt = torch.empty(K, nc, device=x2.device, dtype=x2.dtype)
-    y = _alloc_out(M, N, x2.dtype, x2.device)
-    for n0 in range(0, N, nc):
-        width = min(nc, N - n0)
-        _dequant_kernel[(K // g, triton.cdiv(width, 128))](w.qweight, w.scales, w.zeros, wt, N, n0, nc, GROUP=g,
-                                                          BLOCK_N=128, num_warps=4)
-        torch.mm(x2, wt[:, :width], out=y[:, n0:n0 + width])
-    return y if bias is None else y + bias.to(y.dtype)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=mask_n[None, :])
 
 
 # ------------------------------------------------------------------------------- configs and tuner
@@ -331,8 +315,14 @@ def _swap_stages(BM: int, BN: int, g: int, stages: int, act: bool, itemsize: int
 def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.Tensor:
     """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
-    if cfg is None or cfg[0] == "dequant":  # dequantize to a scratch, then cuBLAS
-        return _dequant_matmul(silu_mul(x2) if act else x2, w, bias, 0 if cfg is None else cfg[1])
+    if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
+        if act:
+            x2 = silu_mul(x2)
+        wt = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
+        _dequant_kernel[(K // g, triton.cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
+                                                      BLOCK_N=128, num_warps=4)
+        y = x2 @ wt
+        return y if bias is None else y + bias.to(y.dtype)
     if cfg[0] == "wide":
         _, BN, KS, warps, h2 = cfg
         split = triton.cdiv(K // g, KS)

@@ -13,7 +13,6 @@ from __future__ import annotations
 # unpacked by inline PTX, two nibbles per instruction (fp16 on a GPU; elsewhere the plain unpack).
 # ("swap", BLOCK_M, BLOCK_N, split, warps, stages, kw): `w4a16_swap._w4a16_swap_kernel`, y^T = W x^T with the
 # dequantized weights as the MMA's register operand; split as above; kw nibble planes (of g/8 inputs) per dot.
-# ("dequant", chunk): Triton dequantize + cuBLAS, `chunk` output columns at a time through an L2-resident scratch.
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
     "wide_n128_s2": ("wide", 128, 2, 4, 0),
@@ -52,9 +51,6 @@ CONFIGS = {
     "swap_m128_n64_c2_k4": ("swap", 128, 64, -2, 4, 3, 4),
     "swap_m256_n128_c1_k4": ("swap", 256, 128, -1, 8, 3, 4),
     "dequant_cublas": None,
-    "dequant_l2_n1024": ("dequant", 1024),
-    "dequant_l2_n2048": ("dequant", 2048),
-    "dequant_l2_n4096": ("dequant", 4096),
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8")
@@ -67,7 +63,7 @@ WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", 
             "wide_n32_s4_w2_h2", "wide_n128_s4_h2", "wide_n64_s8_h2")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "tile_m32_n64_c4_sl") + SWAP_MID
-PREFILL_SET = ("dequant_cublas", "dequant_l2_n1024", "dequant_l2_n2048", "dequant_l2_n4096") + SWAP_PREFILL
+PREFILL_SET = ("dequant_cublas",) + SWAP_PREFILL
 INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
 
 
