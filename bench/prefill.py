@@ -1,0 +1,180 @@
+"""Engine prefill speed: prompt tokens/s of one prefill step, synthetic Llama-2-7B (random int4 weights), one GPU.
+
+    python bench/prefill.py                      # w4a16 and w4a16_kv8, four chunk layouts, writes prefill.json
+    python bench/prefill.py --out DIR --rows w4a16
+    python bench/prefill.py --dry-run            # CPU, tiny shapes: the same code paths, no meaningful times
+
+A prefill step is `ModelRunner.prefill` on one batch of prompt chunks (what `Engine._prefill` sends), timed with the
+GPU synchronised before and after (median of --reps after one untimed call that tunes the GEMMs). Layouts:
+1x2048 (one whole prompt), 4x512, 16x128 (several whole prompts) and 2x1024+1024 (two second chunks: 1024 new
+tokens each after 1024 cached ones, the masked attention path). Baselines measured in the same run:
+- fp16 linears: the same step's seven linears per layer plus the lm_head rows as fp16 cuBLAS `F.linear` at the
+  same M, i.e. what the matmuls alone cost a dense fp16 model (the step can only beat it where int4 GEMMs do);
+- FLOP floor: matmul + attention FLOPs over the fp16 cuBLAS TFLOP/s of the M = T (4096 x 11008) product.
+Then one step of the 4x512 layout under torch.profiler: the top kernels by GPU time, the GPU busy time and the
+wall time (their difference is time the GPU waited for the host). Writes <out>/prefill.json and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine as eb  # noqa: E402  (bench/engine.py: workspace builders, shapes)
+from pipeline.engine import Engine  # noqa: E402
+
+LAYOUTS = {"1x2048": [(2048, 2048)], "4x512": [(512, 512)] * 4, "16x128": [(128, 128)] * 16,
+           "2x1024+1024": [(1024, 2048)] * 2}  # (new tokens n, context after the chunk)
+ROWS = {"w4a16": 0, "w4a16_kv8": 4}  # row -> quant_policy
+
+
+def step_inputs(eng: Engine, layout, seed: int = 0):
+    """Tokens, positions, slots, per-sequence meta and the rows whose logits a real step would sample."""
+    bs, dev = eng.block_size, eng.runner.device
+    gen = torch.Generator().manual_seed(seed)
+    tokens, positions, slots, meta, select = [], [], [], [], []
+    next_block = 0
+    for n, ctx in layout:
+        nb = -(-ctx // bs)
+        blocks = list(range(next_block, next_block + nb))
+        next_block += nb
+        meta.append((len(tokens), n, eng._table(blocks), ctx))
+        tokens += torch.randint(0, eng.runner.args.vocab_size, (n,), generator=gen).tolist()
+        positions += list(range(ctx - n, ctx))
+        slots += [eng._slot(blocks, p) for p in range(ctx - n, ctx)]
+        select.append(len(tokens) - 1)
+    t, p, s = eng._dev(tokens, positions, slots)
+    return t, p, s, meta, torch.tensor(select, dtype=torch.long, device=dev)
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    eb.sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        eb.sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def flops(args, layout) -> float:
+    """Matmul FLOPs of the decoder linears and the selected lm_head rows, plus attention (causal where n = ctx)."""
+    per_token = sum(2 * N * K for N, K in eb.linear_shapes(args).values()) * args.n_layers
+    T = sum(n for n, _ in layout)
+    attn = 0.0
+    for n, ctx in layout:
+        pairs = n * (n + 1) / 2 if n == ctx else n * (ctx - n) + n * (n + 1) / 2  # (query, key) pairs attended
+        attn += 4 * pairs * args.n_heads * args.head_dim * args.n_layers
+    return per_token * T + attn + 2 * len(layout) * args.dim * args.vocab_size
+
+
+def fp16_linears_s(args, T: int, n_sel: int, reps: int) -> float:
+    """One layer's seven linears at M = T in fp16 cuBLAS, times the layer count, plus the lm_head rows."""
+    x = {K: torch.randn(T, K, device=eb.DEV, dtype=torch.float16) for _, K in eb.linear_shapes(args).values()}
+    ws = {n: torch.randn(N, K, device=eb.DEV, dtype=torch.float16) * K ** -0.5
+          for n, (N, K) in eb.linear_shapes(args).items()}
+    head = torch.randn(args.vocab_size, args.dim, device=eb.DEV, dtype=torch.float16)
+    layer = timed(lambda: [F.linear(x[w.shape[1]], w) for w in ws.values()], reps)
+    lm = timed(lambda: F.linear(x[args.dim][:n_sel], head), reps)
+    return layer * args.n_layers + lm
+
+
+def cublas_tflops(T: int, reps: int) -> float:
+    a = torch.randn(T, 4096, device=eb.DEV, dtype=torch.float16)
+    b = torch.randn(11008, 4096, device=eb.DEV, dtype=torch.float16)
+    return 2 * T * 4096 * 11008 / timed(lambda: F.linear(a, b), reps) / 1e12
+
+
+def profile_step(eng: Engine, inputs) -> dict:
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if eb.DEV == "cuda" else [])
+    eb.sync()
+    t0 = time.perf_counter()
+    with tprofile(activities=acts) as prof:
+        eng.runner.prefill(*inputs)
+        eb.sync()
+    wall = time.perf_counter() - t0
+    by = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.device_type.name == "CUDA":
+            by[ev.key[:70]] = (by.get(ev.key[:70], (0, 0))[0] + t / 1e3, ev.count)
+    busy = sum(t for t, _ in by.values())
+    top = {k: {"ms": round(t, 3), "calls": c} for k, (t, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:14]}
+    return {"wall_ms_under_profiler": round(wall * 1e3, 2), "gpu_kernel_ms": round(busy, 2),
+            "kernel_launches": sum(c for _, c in by.values()), "top_kernels": top}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated of {list(ROWS)}")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, chunks of 1/4 the length")
+    a = ap.parse_args()
+    rows = a.rows.split(",")
+    for r in rows:
+        if r not in ROWS:
+            ap.error(f"--rows {r!r}: must be one of {list(ROWS)}")
+    layouts = LAYOUTS
+    if a.dry_run:
+        eb.DEV, a.reps = "cpu", 1
+        layouts = {k: [(n // 16, c // 16) for n, c in v] for k, v in LAYOUTS.items()}
+    args = eb.TINY if a.dry_run else eb.LLAMA7B
+    res = {"device": torch.cuda.get_device_name() if eb.DEV == "cuda" else "cpu (dry run)", "torch": torch.__version__,
+           "date": "2026-11-25", "model": "tiny" if a.dry_run else "synthetic-llama2-7b", "layouts": layouts,
+           "rows": {}, "baselines": {}}
+    root = Path("/tmp/prefillbench")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    ws = eb.build_ws(root, args, "w4")
+    for L, layout in layouts.items():
+        T = sum(n for n, _ in layout)
+        fp16 = fp16_linears_s(args, T, len(layout), a.reps)
+        res["baselines"][L] = {"tokens": T, "fp16_linears_ms": round(fp16 * 1e3, 2),
+                               "cublas_tflops": round(cublas_tflops(T, a.reps), 1), "flops": flops(args, layout)}
+    for row in rows:
+        need = max(sum(c for _, c in layout) for layout in layouts.values())  # tokens cached at once, at most
+        eng = Engine.from_workspace(ws, eb.DEV, {"quant_policy": ROWS[row], "session_len": 4096, "max_batch_size": 16,
+                                                 "num_blocks": need // 16 + 32})  # blocks of >= 16 tokens
+        out = {}
+        for L, layout in layouts.items():
+            inputs = step_inputs(eng, layout)
+            s = timed(lambda: eng.runner.prefill(*inputs), a.reps)
+            b = res["baselines"][L]
+            out[L] = {"ms": round(s * 1e3, 2), "tokens_per_s": round(b["tokens"] / s),
+                      "x_fp16_linears": round(s * 1e3 / b["fp16_linears_ms"], 2),
+                      "of_flop_floor": round(b["flops"] / (b["cublas_tflops"] * 1e12) / s, 3)}
+            print(row, L, out[L], flush=True)
+        out["profile_4x512"] = profile_step(eng, step_inputs(eng, layouts["4x512"]))
+        res["rows"][row] = out
+        del eng
+        eb.free()
+    shutil.rmtree(root, ignore_errors=True)
+    outp = Path(a.out)
+    outp.mkdir(parents=True, exist_ok=True)
+    (outp / "prefill.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({r: v["profile_4x512"] for r, v in res["rows"].items()}, indent=1))
+    print(f"{'row':10s} {'layout':12s} {'ms':>8s} {'tok/s':>8s} {'x fp16 linears':>15s} {'of FLOP floor':>14s}")
+    for row, v in res["rows"].items():
+        for L in layouts:
+            r = v[L]
+            print(f"{row:10s} {L:12s} {r['ms']:8.2f} {r['tokens_per_s']:8d} {r['x_fp16_linears']:15.2f} "
+                  f"{r['of_flop_floor']:14.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""bench/prefill.py end to end on the CPU (tiny shapes): every layout and row timed, the profile and baselines written."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_prefill_dry_run(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "bench/prefill.py"), "--dry-run", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "prefill.json").read_text())
+    assert set(res["rows"]) == {"w4a16", "w4a16_kv8"}
+    for row in res["rows"].values():
+        for layout in ("1x2048", "4x512", "16x128", "2x1024+1024"):
+            assert row[layout]["tokens_per_s"] > 0 and row[layout]["ms"] > 0
+        assert row["profile_4x512"]["wall_ms_under_profiler"] > 0
+    assert res["baselines"]["4x512"]["tokens"] == 4 * 512 // 16
+    assert "of FLOP floor" in p.stdout.splitlines()[-9]
