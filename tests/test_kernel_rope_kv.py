@@ -78,6 +78,14 @@ def test_interpreter(kv_mode, kv_bits, chunks, monkeypatch):
           chunks=chunks)
 
 
+@pytest.mark.parametrize("kv_mode,kv_bits", MODES)
+def test_interpreter_many_tokens_layout(kv_mode, kv_bits, monkeypatch):
+    """The prefill layout (two KV heads per program, fewer warps), chosen from PROGRAMS tokens on: same results."""
+    mod = interpreted("rope_kv", monkeypatch)
+    monkeypatch.setattr(mod, "PROGRAMS", 4)
+    check(mod, "cpu", torch.float16, T=6, H=8, n_kv=4, D=32, bs=8, num_blocks=7, kv_mode=kv_mode, kv_bits=kv_bits)
+
+
 def test_public_function_and_errors(monkeypatch):
     mod = interpreted("rope_kv", monkeypatch)
     cos, sin = rope_tables(16, 16, "cpu")

@@ -206,10 +206,16 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     if T == 0:
         return (q_out, k_out) if return_k else q_out
-    # few tokens (decode): spread each token's heads over programs so that more than one SM works
-    chunks = chunks or max(1, min(n_kv, triton.cdiv(PROGRAMS, T)))
+    # few tokens (decode): spread each token's heads over programs so that more than one SM works; many tokens
+    # (prefill): two KV heads per program and small programs (one warp per ~64-element quarter tile), so that many
+    # are resident per SM: one program per token with every head (the decode shape at T = 2048) ran 10x its
+    # byte floor, latency-bound at low occupancy
+    many = T >= PROGRAMS
+    chunks = chunks or (max(1, n_kv // 2) if many else max(1, min(n_kv, triton.cdiv(PROGRAMS, T))))
     q_per, kv_per = triton.cdiv(H, chunks), triton.cdiv(n_kv, chunks)
     chunks = max(triton.cdiv(H, q_per), triton.cdiv(n_kv, kv_per))
+    quarter = triton.next_power_of_2(q_per) * D // 4  # elements of the largest quarter tile of a program
+    warps = max(1, min(4, quarter // 64)) if many else 4
     pdl = pdl_enabled(q.device)
     _rope_kv_kernel[(T, chunks)](
         q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, ks, kz, vs, vz, q_out, k_out,
@@ -218,7 +224,7 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), q_per, kv_per,
         H=H, HKV=n_kv, BLOCK_HQ=triton.next_power_of_2(q_per), BLOCK_HKV=triton.next_power_of_2(kv_per),
         HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[2], MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, WRITE_K=return_k,
-        PDL=pdl, num_warps=4, **launch_kwargs(pdl))
+        PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
     return (q_out, k_out) if return_k else q_out
 
 
