@@ -274,3 +274,35 @@ def test_gpu_greedy_lookahead_with_graphs_equals_plain(tiny):
     for prompts, n in ((PROMPTS[:1], 300), (PROMPTS[:3], 40)):   # 300: crosses the 256 context bucket
         p = SamplingParams(max_new_tokens=n, ignore_eos=True)
         assert ahead.generate(prompts, p) == plain.generate(prompts, p)
+
+
+@pytest.mark.parametrize("qp", [0, 4, 8])
+def test_batched_prefill_attention_equals_per_chunk(tiny, qp):
+    """One attention call for a step's chunks (padded queries and keys, masks) gives the per-chunk loop's logits:
+    whole prompts of different lengths and a later chunk of a cached prompt in the same step."""
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256, "quant_policy": qp})
+    r, gen = eng.runner, torch.Generator().manual_seed(0)
+    layout = [(9, 9), (4, 20), (17, 17)]  # (new tokens, context after the chunk)
+    # the later chunk's first 16 tokens must be in the cache: prefill them alone first
+    blocks = {i: list(range(4 * i, 4 * i + 4)) for i in range(len(layout))}
+    first = torch.randint(0, ARGS.vocab_size, (16,), generator=gen)
+    r.prefill(first, torch.arange(16), torch.tensor([eng._slot(blocks[1], p) for p in range(16)]),
+              [(0, 16, eng._table(blocks[1]), 16)])
+    tokens, pos, slots, meta = [], [], [], []
+    for i, (n, ctx) in enumerate(layout):
+        meta.append((len(tokens), n, eng._table(blocks[i]), ctx))
+        tokens += torch.randint(0, ARGS.vocab_size, (n,), generator=gen).tolist()
+        pos += list(range(ctx - n, ctx))
+        slots += [eng._slot(blocks[i], p) for p in range(ctx - n, ctx)]
+    args = (torch.tensor(tokens), torch.tensor(pos), torch.tensor(slots), meta)
+    assert r._batch_plan(meta, torch.device("cpu")) is not None
+    batched = r.prefill(*args)
+    r.batched_prefill = False
+    looped = r.prefill(*args)
+    assert batched.shape == looped.shape == (sum(n for n, _ in layout), ARGS.vocab_size)
+    assert (batched - looped).abs().max() <= 1e-4 * looped.abs().max()
+    r.batched_prefill = True
+    # padding that more than doubles the keys gathered keeps the loop: 3 x 200 keys for 204 real ones
+    t = eng._table([0])
+    assert r._batch_plan([(0, 2, t, 2), (2, 2, t, 2), (4, 1, t, 200)], torch.device("cpu")) is None
+    assert r._batch_plan([(0, 2, t, 2)], torch.device("cpu")) is None  # a single chunk: the plain path

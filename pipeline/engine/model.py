@@ -97,6 +97,7 @@ class ModelRunner:
         cos, sin = rope_cos_sin(args, torch.arange(max_pos, device=device))
         self.cos, self.sin = cos.contiguous(), sin.contiguous()   # (max_pos, hd/2) fp32
         self.k_cache = self.v_cache = None
+        self.batched_prefill = True   # one attention call per layer for a step's chunks (False: one per chunk)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -233,6 +234,56 @@ class ModelRunner:
                                           self.scale, max_context_len=max_context_len, **self.kv[l])
         return self._forward(tokens, attend)
 
+    def _batch_plan(self, seqs, q_device) -> Optional[dict]:
+        """Index tensors for one attention call over every chunk of a prefill step (None: one call per chunk).
+        Chunks are padded to the longest chunk (queries) and the longest context (keys); batched only while the
+        padding at most doubles the keys gathered, so one long prompt beside short ones keeps the per-chunk loop."""
+        if not self.batched_prefill or len(seqs) < 2:
+            return None
+        ctxs = [ctx for *_, ctx in seqs]
+        B, n_max, c_max = len(seqs), max(n for _, n, _, _ in seqs), max(ctxs)
+        if B * c_max > 2 * sum(ctxs):
+            return None
+        offs = torch.tensor([off for off, *_ in seqs], dtype=torch.long)
+        ns = torch.tensor([n for _, n, _, _ in seqs], dtype=torch.long)
+        cs = torch.tensor(ctxs, dtype=torch.long)
+        i = torch.arange(n_max)
+        q_ok = i[None, :] < ns[:, None]                                          # (B, n_max) real query rows
+        q_idx = torch.where(q_ok, offs[:, None] + i[None, :], 0)                 # rows of q (padding: row 0)
+        kpos = torch.arange(c_max)
+        qpos = cs[:, None] - ns[:, None] + i[None, :]                            # (B, n_max) position of each query
+        mask = (kpos[None, None, :] <= qpos[:, :, None]) | ~q_ok[:, :, None]      # causal; padding rows see all
+        k_ok = kpos[None, :] < cs[:, None]                                       # (B, c_max) keys in the context
+        dev = q_device
+        return {"tables": torch.stack([bt for _, _, bt, _ in seqs]).to(dev), "q_idx": q_idx.to(dev),
+                "q_ok": q_ok.to(dev), "mask": (mask & k_ok[:, None, :]).unsqueeze(1).to(dev),
+                "k_ok": k_ok.to(dev), "c_max": c_max, "rows": q_idx[q_ok].to(dev), "sel": q_ok.reshape(-1).to(dev)}
+
+    def _batched_prefill_attention(self, l: int, q: torch.Tensor, plan: dict) -> torch.Tensor:
+        """Every chunk's queries against its sequence's cached (dequantized) keys and values in one SDPA call."""
+        G = self.args.n_heads // self.args.n_kv_heads
+        cache_k, cache_v, kw = self.k_cache[l], self.v_cache[l], self.kv[l]
+        bs = cache_k.shape[2]
+        pos = torch.arange(plan["c_max"], device=q.device)
+        blk = plan["tables"][:, pos // bs].long()                                # (B, c_max)
+        row = pos % bs
+        kv = []
+        for cache, which in ((cache_k, "k"), (cache_v, "v")):
+            x = cache[blk, :, row]                                               # (B, c_max, nkv, D or D/2)
+            if self.kv_mode != "none":
+                s, z = kw.get(which + "_scale"), kw.get(which + "_zp")
+                if self.kv_mode == "dynamic":
+                    s, z = s[blk, :, row], z[blk, :, row]                        # (B, c_max, nkv)
+                x = dequant_kv(x, self.kv_mode, self.kv_bits, s, z).to(self.dtype)
+            x = torch.where(plan["k_ok"][:, :, None, None], x, 0)                # no stale rows (0 * NaN)
+            kv.append(x.transpose(1, 2).repeat_interleave(G, 1))                 # (B, nh, c_max, hd)
+        qs = q[plan["q_idx"]].transpose(1, 2)                                    # (B, nh, n_max, hd)
+        o = F.scaled_dot_product_attention(qs, kv[0], kv[1], attn_mask=plan["mask"], scale=self.scale)
+        o = o.transpose(1, 2).reshape(-1, *q.shape[1:])                          # (B * n_max, nh, hd)
+        out = torch.empty_like(q)
+        out[plan["rows"]] = o[plan["sel"]]
+        return out
+
     def prefill(self, tokens, positions, slots, seqs, select=None) -> torch.Tensor:
         """Chunks of several sequences, concatenated: tokens/positions/slots (T,). seqs: [(offset, n,
         block_table (max_blocks,) int32, ctx_len)] where the chunk holds the sequence's last n of ctx_len
@@ -240,9 +291,13 @@ class ModelRunner:
         a = self.args
         G = a.n_heads // a.n_kv_heads
 
+        batched = self._batch_plan(seqs, q_device=tokens.device)
+
         def attend(l, q, k, v):
             q = rope_kv_write(q, k, v, positions, self.cos, self.sin, self.k_cache[l], self.v_cache[l], slots,
                               **self.kv[l])
+            if batched is not None:
+                return self._batched_prefill_attention(l, q, batched)
             out = torch.empty_like(q)
             for off, n, bt, ctx in seqs:
                 K, V = (self._cached_kv(l, w, bt, ctx).transpose(0, 1).repeat_interleave(G, 0)[None]
