@@ -306,3 +306,4 @@ def test_batched_prefill_attention_equals_per_chunk(tiny, qp):
     t = eng._table([0])
     assert r._batch_plan([(0, 2, t, 2), (2, 2, t, 2), (4, 1, t, 200)], torch.device("cpu")) is None
     assert r._batch_plan([(0, 2, t, 2)], torch.device("cpu")) is None  # a single chunk: the plain path
+    assert r._batch_plan([(0, 1, t, 4096), (1, 1, t, 4096), (2, 1, t, 4096)], torch.device("cpu")) is None  # > 8192 keys

@@ -37,6 +37,9 @@ from ..workspace import QUANT_POLICIES, cat_out, read_config, reassemble
 log = logging.getLogger(__name__)
 
 
+BATCHED_PREFILL_KEYS = 8192  # padded key rows (sequences x longest context) one batched prefill attention gathers
+
+
 def linear(x: torch.Tensor, w, b: Optional[torch.Tensor] = None) -> torch.Tensor:
     if isinstance(w, W4Weight):
         return w4a16_linear(x, w, b)
@@ -237,12 +240,14 @@ class ModelRunner:
     def _batch_plan(self, seqs, q_device) -> Optional[dict]:
         """Index tensors for one attention call over every chunk of a prefill step (None: one call per chunk).
         Chunks are padded to the longest chunk (queries) and the longest context (keys); batched only while the
-        padding at most doubles the keys gathered, so one long prompt beside short ones keeps the per-chunk loop."""
+        padding at most doubles the keys gathered, so one long prompt beside short ones keeps the per-chunk loop, and
+        while the padded key rows stay within BATCHED_PREFILL_KEYS (the gathered, dequantized K and V are transient
+        memory outside the KV cache's budget)."""
         if not self.batched_prefill or len(seqs) < 2:
             return None
         ctxs = [ctx for *_, ctx in seqs]
         B, n_max, c_max = len(seqs), max(n for _, n, _, _ in seqs), max(ctxs)
-        if B * c_max > 2 * sum(ctxs):
+        if B * c_max > min(2 * sum(ctxs), BATCHED_PREFILL_KEYS):
             return None
         offs = torch.tensor([off for off, *_ in seqs], dtype=torch.long)
         ns = torch.tensor([n for _, n, _, _ in seqs], dtype=torch.long)
