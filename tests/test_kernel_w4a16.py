@@ -242,3 +242,11 @@ def test_swap_pipeline_depth_fits_shared_memory():
             for act in (False, True):
                 depth = w4._swap_stages(BM, BN, 128, stages, act, 2)
                 assert 1 <= depth <= stages and depth * (BN * 64 + BM * 256 * (2 if act else 1)) <= 220 * 1024, name
+
+
+def test_every_named_config_is_tuned_somewhere():
+    """The GPU every-config test walks `candidates(M)`: a name outside every set would never be compiled in a test."""
+    from pipeline.kernels import w4a16_configs as c
+    tuned = {n for M in (1, 2, 4, 8, 16, 32, 64, 128, 2048) for n in c.candidates(M)} | set(c.WIDE_SET)
+    assert set(c.CONFIGS) == tuned
+    assert all(c.default_config(M) in c.CONFIGS for M in (1, 16, 64, 256))
