@@ -284,8 +284,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 
 
 # ------------------------------------------------------------------------------- configs and tuner
-TUNER = Tuner("W4A16_TUNE")
-_DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr  # W4A16_TUNE=0: default configs, no timing
+TUNER = Tuner("W4A16_TUNE")  # W4A16_TUNE=0: default configs, no timing
+_DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr
 
 
 def _m_bucket(M: int) -> int:

@@ -7,10 +7,12 @@ shared memory and read back. The left operand of a wgmma may come from registers
 the dequantized tile can go straight from the unpack into the MMA, and only the small packed int32 tile (one
 value per 8 weights) and the activations take the shared-memory path. The activation count M becomes the
 MMA's N dimension, which may be as small as 8, so the same kernel also serves decode-sized M.
-With fp16 activations the group's scale is folded into the dequantized weights ((q - z) is exact, so
-(q - z) * s rounds once, as the reference's fp16 weight does): the dots then accumulate straight into one
-accumulator and the MMAs of consecutive groups can overlap, instead of waiting for each group's sum to be
-scaled in fp32.
+With fp16 (and fp32) activations the group's scale is folded into the dequantized weights ((q - z) is exact, so
+(q - z) * s rounds once, as the reference's fp16 weight does): the dots accumulate straight into one accumulator
+instead of each group's sum being scaled in fp32 (bf16 keeps that: it cannot hold an fp16 scale exactly).
+Triton waits for every wgmma whose left operand is in registers before the next one, so `KW` nibble planes (of g/8
+inputs each) are joined in registers into one (BN, KW * g/8) operand per dot: KW = 8 makes one wait per group.
+Measured: bench/results/w4a16_swap_v*.json, BENCHMARKS.md "W4A16 v10".
 """
 from __future__ import annotations
 
