@@ -276,11 +276,13 @@ def test_gpu_greedy_lookahead_with_graphs_equals_plain(tiny):
         assert ahead.generate(prompts, p) == plain.generate(prompts, p)
 
 
-@pytest.mark.parametrize("qp", [0, 4, 8])
-def test_batched_prefill_attention_equals_per_chunk(tiny, qp):
+@pytest.mark.parametrize("qp,kv_mode", [(0, None), (4, None), (8, None), (4, "dynamic")])
+def test_batched_prefill_attention_equals_per_chunk(tiny, qp, kv_mode):
     """One attention call for a step's chunks (padded queries and keys, masks) gives the per-chunk loop's logits:
     whole prompts of different lengths and a later chunk of a cached prompt in the same step."""
-    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256, "quant_policy": qp})
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256, "quant_policy": qp,
+                                                             **({"kv_mode": kv_mode} if kv_mode else {})})
+    assert eng.runner.kv_mode == kv_mode or kv_mode is None
     r, gen = eng.runner, torch.Generator().manual_seed(0)
     layout = [(9, 9), (4, 20), (17, 17)]  # (new tokens, context after the chunk)
     # the later chunk's first 16 tokens must be in the cache: prefill them alone first

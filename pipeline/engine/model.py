@@ -187,7 +187,8 @@ class ModelRunner:
             self.kv.append(kw)
 
     def _cached_kv(self, l: int, which: str, bt: torch.Tensor, n: int) -> torch.Tensor:
-        """Rows 0..n-1 of one sequence's K or V in layer l, dequantized: (n, nkv, hd) in the compute dtype."""
+        """Rows 0..n-1 of one sequence's K or V in layer l, dequantized: (n, nkv, hd) in the compute dtype; with
+        block tables (B, max_blocks) of B sequences: (B, n, nkv, hd)."""
         cache = (self.k_cache if which == "k" else self.v_cache)[l]
         kw = self.kv[l]
         s, z = kw.get(which + "_scale"), kw.get(which + "_zp")
@@ -261,25 +262,15 @@ class ModelRunner:
         k_ok = kpos[None, :] < cs[:, None]                                       # (B, c_max) keys in the context
         dev = q_device
         return {"tables": torch.stack([bt for _, _, bt, _ in seqs]).to(dev), "q_idx": q_idx.to(dev),
-                "q_ok": q_ok.to(dev), "mask": (mask & k_ok[:, None, :]).unsqueeze(1).to(dev),
+                "mask": (mask & k_ok[:, None, :]).unsqueeze(1).to(dev),
                 "k_ok": k_ok.to(dev), "c_max": c_max, "rows": q_idx[q_ok].to(dev), "sel": q_ok.reshape(-1).to(dev)}
 
     def _batched_prefill_attention(self, l: int, q: torch.Tensor, plan: dict) -> torch.Tensor:
         """Every chunk's queries against its sequence's cached (dequantized) keys and values in one SDPA call."""
         G = self.args.n_heads // self.args.n_kv_heads
-        cache_k, cache_v, kw = self.k_cache[l], self.v_cache[l], self.kv[l]
-        bs = cache_k.shape[2]
-        pos = torch.arange(plan["c_max"], device=q.device)
-        blk = plan["tables"][:, pos // bs].long()                                # (B, c_max)
-        row = pos % bs
         kv = []
-        for cache, which in ((cache_k, "k"), (cache_v, "v")):
-            x = cache[blk, :, row]                                               # (B, c_max, nkv, D or D/2)
-            if self.kv_mode != "none":
-                s, z = kw.get(which + "_scale"), kw.get(which + "_zp")
-                if self.kv_mode == "dynamic":
-                    s, z = s[blk, :, row], z[blk, :, row]                        # (B, c_max, nkv)
-                x = dequant_kv(x, self.kv_mode, self.kv_bits, s, z).to(self.dtype)
+        for which in "kv":
+            x = self._cached_kv(l, which, plan["tables"], plan["c_max"])        # (B, c_max, nkv, hd)
             x = torch.where(plan["k_ok"][:, :, None, None], x, 0)                # no stale rows (0 * NaN)
             kv.append(x.transpose(1, 2).repeat_interleave(G, 1))                 # (B, nh, c_max, hd)
         qs = q[plan["q_idx"]].transpose(1, 2)                                    # (B, nh, n_max, hd)

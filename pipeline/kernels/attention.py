@@ -296,9 +296,10 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
 
 
 def gather_kv(cache, block_table, n, side=False):
-    """Rows 0..n-1 of one sequence from a paged cache -> (n, n_kv_heads, ...)."""
+    """Rows 0..n-1 of one sequence from a paged cache -> (n, n_kv_heads, ...); block tables (B, max_blocks) of B
+    sequences -> (B, n, n_kv_heads, ...) (rows past a sequence's context are whatever its table points at)."""
     pos = torch.arange(n, device=cache.device)
-    blk = block_table[pos // cache.shape[2]].long()
+    blk = block_table[..., pos // cache.shape[2]].long()
     return cache[blk, :, pos % cache.shape[2]]
 
 
