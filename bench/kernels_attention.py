@@ -203,7 +203,7 @@ def bench_attention_aux(args) -> dict:
     inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2, device=dev).float() / D)
     freqs = torch.outer(torch.arange(32768, device=dev).float(), inv)
     cos, sin = freqs.cos(), freqs.sin()
-    for T, H, n_kv in [(1, 32, 8), (64, 32, 32), (64, 32, 8), (2048, 32, 8)]:
+    for T, H, n_kv in [(1, 32, 8), (64, 32, 32), (64, 32, 8), (2048, 32, 8), (2048, 32, 32)]:
         nbytes = T * (H + 2 * n_kv) * D * 2 + T * H * D * 2 + T * 2 * n_kv * D + T * D * 4  # q,k,v in; q out; int8 K,V; cos,sin
         num_blocks = T // BLOCK + 8
         inputs = []
@@ -216,11 +216,14 @@ def bench_attention_aux(args) -> dict:
         p = {n: torch.rand(n_kv, device=dev) * 0.05 + 0.01 for n in ("k_scale", "v_scale")}
         p.update({n: torch.zeros(n_kv, device=dev) for n in ("k_zp", "v_zp")})
 
-        def fn(launch, i):
+        def fn(launch, i, **kw):
             (q, k, v), (kc, vc), slots, pos = i
-            return lambda: launch(q, k, v, pos, cos, sin, kc, vc, slots, "static", 8, **p)
+            return lambda: launch(q, k, v, pos, cos, sin, kc, vc, slots, "static", 8, **p, **kw)
         add(f"rope_kv_write int8 H={H}/{n_kv}", [T, H, n_kv, D], nbytes,
             [fn(rope_kv._launch, i) for i in inputs], [fn(rope_kv.rope_kv_write_ref, i) for i in inputs])
+        if T >= rope_kv.PROGRAMS:  # the same call in the decode layout (one program per token, every head, 4 warps)
+            add(f"rope_kv_write int8 H={H}/{n_kv}, one program per token", [T, H, n_kv, D], nbytes,
+                [fn(rope_kv._launch, i, chunks=1) for i in inputs], [fn(rope_kv.rope_kv_write_ref, i) for i in inputs])
     lines = [f"RMSNorm / SiLU-mul / rope_kv_write, fp16, {res['device']}; x = time / byte floor at copy bandwidth",
              "kernel                         | shape              | ours us (graph) | x floor | ours eager | torch eager us"]
     for r in res["rows"]:

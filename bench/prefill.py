@@ -2,6 +2,7 @@
 
     python bench/prefill.py                      # w4a16 and w4a16_kv8, four chunk layouts, writes prefill.json
     python bench/prefill.py --out DIR --rows w4a16
+    python bench/prefill.py --ablate-batching    # also the per-chunk attention loop, same run
     python bench/prefill.py --dry-run            # CPU, tiny shapes: the same code paths, no meaningful times
 
 A prefill step is `ModelRunner.prefill` on one batch of prompt chunks (what `Engine._prefill` sends), timed with the
@@ -124,6 +125,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated of {list(ROWS)}")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ablate-batching", action="store_true",
+                    help="also time multi-chunk layouts with one attention call per chunk (the engine's loop)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, chunks of 1/4 the length")
     a = ap.parse_args()
     rows = a.rows.split(",")
@@ -166,6 +169,11 @@ def main():
             out[L] = {"ms": round(s * 1e3, 2), "tokens_per_s": round(b["tokens"] / s),
                       "x_fp16_linears": round(s * 1e3 / b["fp16_linears_ms"], 2),
                       "of_flop_floor": round(b["flops"] / (b["cublas_tflops"] * 1e12) / s, 3)}
+            if a.ablate_batching and len(layout) > 1:  # the same step with one attention call per chunk
+                eng.runner.batched_prefill = False
+                loop = timed(lambda: eng.runner.prefill(*inputs), a.reps)
+                eng.runner.batched_prefill = True
+                out[L]["per_chunk_attention_ms"] = round(loop * 1e3, 2)
             print(row, L, out[L], flush=True)
             res["rows"][row] = out
             save()

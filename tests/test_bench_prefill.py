@@ -8,7 +8,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_prefill_dry_run(tmp_path):
-    p = subprocess.run([sys.executable, str(REPO / "bench/prefill.py"), "--dry-run", "--out", str(tmp_path)],
+    p = subprocess.run([sys.executable, str(REPO / "bench/prefill.py"), "--dry-run", "--ablate-batching", "--out",
+                        str(tmp_path)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "prefill.json").read_text())
@@ -17,5 +18,6 @@ def test_bench_prefill_dry_run(tmp_path):
         for layout in ("1x2048", "4x512", "16x128", "2x1024+1024"):
             assert row[layout]["tokens_per_s"] > 0 and row[layout]["ms"] > 0
         assert row["profile_4x512"]["wall_ms_under_profiler"] > 0
+        assert row["4x512"]["per_chunk_attention_ms"] > 0 and "per_chunk_attention_ms" not in row["1x2048"]
     assert res["baselines"]["4x512"]["tokens"] == 4 * 512 // 16
     assert "of FLOP floor" in p.stdout.splitlines()[-9]
