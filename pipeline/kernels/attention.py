@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import kvcache
-from pipeline.kernels.dispatch import arrival_counters, sm_count, use_triton
+from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 LOG2E = 1.4426950408889634
@@ -206,9 +206,9 @@ def _context_split(pairs, max_ctx, block_n, device, num_splits=None, waves=WAVES
     about `waves` programs per SM, each a whole number of block_n tiles, at most 64 splits."""
     if num_splits is None:
         num_splits = math.ceil(waves * sm_count(device, cpu=2) / pairs)  # CPU: a few splits, merge exercised
-    num_splits = max(1, min(num_splits, triton.cdiv(max_ctx, block_n), 64))
-    part = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
-    return triton.cdiv(max_ctx, part), part
+    num_splits = max(1, min(num_splits, cdiv(max_ctx, block_n), 64))
+    part = cdiv(cdiv(max_ctx, num_splits), block_n) * block_n
+    return cdiv(max_ctx, part), part
 
 
 def _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params):

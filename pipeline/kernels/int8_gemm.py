@@ -197,7 +197,7 @@ def _launch(xq, xs, wq, ws, bias, out_dtype, cfg) -> torch.Tensor:
     M, K = xq.shape
     N = wq.shape[0]
     y = _alloc_out(M, N, out_dtype, xq.device)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    grid = (dispatch.cdiv(M, BM) * dispatch.cdiv(N, BN),)
     b = bias if bias is not None else ws
     if kind == "tma" and K % 16:  # descriptors need 16-byte row strides
         kind = "ptr"

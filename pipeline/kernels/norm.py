@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.dispatch import cdiv, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -149,7 +149,7 @@ def _launch_silu_mul(gate, up=None, out=None):
     BLOCK = min(1024, triton.next_power_of_2(N))
     if g2.shape[0]:
         pdl = pdl_enabled(g.device)
-        _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](g2, u2, y2, N, g2.stride(0), u2.stride(0),
+        _silu_mul_kernel[(g2.shape[0], cdiv(N, BLOCK))](g2, u2, y2, N, g2.stride(0), u2.stride(0),
                                                                y2.stride(0), BLOCK=BLOCK, PDL=pdl, num_warps=4,
                                                                **launch_kwargs(pdl))
     return out

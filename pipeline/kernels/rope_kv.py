@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import kvcache
-from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.dispatch import cdiv, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 PROGRAMS = 256  # aim for at least this many programs: a decode step's few tokens split their heads
@@ -211,9 +211,9 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
     # are resident per SM: one program per token with every head (the decode shape at T = 2048) ran 10x its
     # byte floor, latency-bound at low occupancy
     many = T >= PROGRAMS
-    chunks = chunks or (max(1, n_kv // 2) if many else max(1, min(n_kv, triton.cdiv(PROGRAMS, T))))
-    q_per, kv_per = triton.cdiv(H, chunks), triton.cdiv(n_kv, chunks)
-    chunks = max(triton.cdiv(H, q_per), triton.cdiv(n_kv, kv_per))
+    chunks = chunks or (max(1, n_kv // 2) if many else max(1, min(n_kv, cdiv(PROGRAMS, T))))
+    q_per, kv_per = cdiv(H, chunks), cdiv(n_kv, chunks)
+    chunks = max(cdiv(H, q_per), cdiv(n_kv, kv_per))
     quarter = triton.next_power_of_2(q_per) * D // 4  # elements of the largest quarter tile of a program
     warps = max(1, min(4, quarter // 64)) if many else 4
     pdl = pdl_enabled(q.device)

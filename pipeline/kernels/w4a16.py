@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import arrival_counters, sm_count, use_triton
+from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_triton
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner
@@ -288,11 +288,6 @@ TUNER = Tuner("W4A16_TUNE")  # W4A16_TUNE=0: default configs, no timing
 _DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil(a / b) (triton.cdiv goes through Triton's constexpr wrapper: ~2-3 us a call on the host)."""
-    return -(-a // b)
-
-
 def _m_bucket(M: int) -> int:
     return 1 << max(0, (M - 1).bit_length())
 
@@ -302,10 +297,10 @@ def _split_for(M, N, K, g, BM, BN, split, device) -> int:
     G = K // g
     if split <= 0:
         sms = sm_count(device, cpu=4)
-        tiles = _cdiv(M, BM) * _cdiv(N, BN)
-        split = _cdiv(-split * sms, tiles)
+        tiles = cdiv(M, BM) * cdiv(N, BN)
+        split = cdiv(-split * sms, tiles)
     split = max(1, min(G, split))
-    return _cdiv(G, _cdiv(G, split))
+    return cdiv(G, cdiv(G, split))
 
 
 def _swap_stages(BM: int, BN: int, g: int, stages: int, act: bool, itemsize: int) -> int:
@@ -324,28 +319,28 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
         if act:
             x2 = silu_mul(x2)
         wt = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
-        _dequant_kernel[(K // g, _cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
+        _dequant_kernel[(K // g, cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
                                                       BLOCK_N=128, num_warps=4)
         y = x2 @ wt
         return y if bias is None else y + bias.to(y.dtype)
     if cfg[0] == "wide":
         _, BN, KS, warps, h2 = cfg
-        split = _cdiv(K // g, KS)
-        tiles = M * _cdiv(N, BN)
+        split = cdiv(K // g, KS)
+        tiles = M * cdiv(N, BN)
     elif cfg[0] == "fma":
         _, BN, split, warps, stages = cfg
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
-        tiles = M * _cdiv(N, BN)
+        tiles = M * cdiv(N, BN)
     elif cfg[0] == "swap":
         _, BM, BN, split, warps, stages, kw = cfg
         stages = _swap_stages(BM, BN, g, stages, act, x2.element_size())
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
-        tiles = _cdiv(M, BM) * _cdiv(N, BN)
+        tiles = cdiv(M, BM) * cdiv(N, BN)
     else:
         BM, BN, split, warps, stages, sliced, px = cfg
         px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: fp16 on a GPU only
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
-        tiles = _cdiv(M, BM) * _cdiv(N, BN)
+        tiles = cdiv(M, BM) * cdiv(N, BN)
     y = _alloc_out(M, N, out_dtype, x2.device)
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
@@ -353,12 +348,12 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     pdl = pdl_enabled(x2.device)
     if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
-        _gemv_wide_kernel[(_cdiv(N, BN) * split * M,)](
+        _gemv_wide_kernel[(cdiv(N, BN) * split * M,)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_N=BN, KS=KS, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, H2=h2, PDL=pdl,
             num_warps=warps, num_stages=1, **launch_kwargs(pdl))
     elif cfg[0] == "fma":
-        _gemv_kernel[(_cdiv(N, BN), split, M)](
+        _gemv_kernel[(cdiv(N, BN), split, M)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_N=BN, SPLIT=split > 1, HAS_BIAS=bias is not None, ACT=act, PDL=pdl, num_warps=warps,
             num_stages=stages, **launch_kwargs(pdl))
