@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import dispatch
+from pipeline.kernels.tiles import tile_ids
 from pipeline.kernels.tuner import Tuner
 
 log = logging.getLogger(__name__)
@@ -71,18 +72,6 @@ def _int_mm(xq, xs, wq, ws, bias, out_dtype):
 
 # ----------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped tile order: GROUP_M row-tiles share the weight columns they read (L2 reuse)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
-
-
-@triton.jit
 def _store_epilogue(acc, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, stride_ym, offs_m, offs_n, HAS_BIAS: tl.constexpr):
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -100,7 +89,7 @@ def _int8_mm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
             EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     # x (M, K) int8 row-major, w (N, K) int8 row-major (both K-major: what int8 MMA wants)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)  # wrapped: weight loads need no mask
@@ -128,7 +117,7 @@ def _int8_mm_tma_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, s
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 HAS_BIAS: tl.constexpr):
     # same math; tiles come through the bulk tensor copy engine (out-of-range elements read as 0)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)

@@ -53,8 +53,8 @@ from pipeline.kernels.tuner import Tuner
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, tuning_set)
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
-from pipeline.kernels.w4a16_swap import (_dot, _nibbles_to_qz, _store_tile, _tile_ids,
-                                        _w4a16_swap_kernel)
+from pipeline.kernels.tiles import tile_offsets
+from pipeline.kernels.w4a16_swap import _dot, _nibbles_to_qz, _store_tile, _w4a16_swap_kernel
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -220,7 +220,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
     gdc_wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     P: tl.constexpr = GROUP // 8
     if DKIND == 1:
         C: tl.constexpr = 1024.0
@@ -228,12 +228,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
         C: tl.constexpr = 128.0
     else:
         C: tl.constexpr = 0.0
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     offs_p = tl.arange(0, P)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
 
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[:, None] * N + offs_n[None, :]  # (P, BN)

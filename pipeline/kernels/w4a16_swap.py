@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.pdl import gdc_launch, gdc_wait
+from pipeline.kernels.tiles import tile_offsets
 from pipeline.kernels.w4a16_gemv import _finish_split, _group_range, _load_x
 
 
@@ -83,17 +84,6 @@ def _xt(ptrs, K, mask_m, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # (pid_m, pid_n) of output tile pid in grouped order: GROUP_M row tiles share each column tile (L2 reuse)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
-
-
-@triton.jit
 def _store_tile(acc, pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                 split_k, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     # acc (BM, BN) fp32: + bias and store, or (split-K) this split's partial through _finish_split
@@ -120,7 +110,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     gdc_wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     P: tl.constexpr = GROUP // 8
     if DKIND == 1:
         C: tl.constexpr = 1024.0
@@ -128,12 +118,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
         C: tl.constexpr = 128.0
     else:
         C: tl.constexpr = 0.0
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
     offs_p = tl.arange(0, P)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
