@@ -302,8 +302,23 @@ def test_batched_prefill_attention_equals_per_chunk(tiny, qp, kv_mode):
     r.batched_prefill = False
     looped = r.prefill(*args)
     assert batched.shape == looped.shape == (sum(n for n, _ in layout), ARGS.vocab_size)
-    assert (batched - looped).abs().max() <= 1e-4 * looped.abs().max()
+    # fp32 sums in another order can flip an int4 KV code in a later layer: a looser bound for 4-bit KV
+    tol = 1e-3 if qp == 4 else 1e-4
+    assert (batched - looped).abs().max() <= tol * looped.abs().max()
     r.batched_prefill = True
+    # whole prompts only: plain causal attention over the padded batch (no mask), same logits as the loop
+    fresh = [(0, 9, eng._table(blocks[0]), 9), (9, 17, eng._table(blocks[2]), 17), (26, 5, eng._table(blocks[1]), 5)]
+    assert r._batch_plan(fresh, torch.device("cpu"))["mask"] is None
+    ids = torch.randint(0, ARGS.vocab_size, (31,), generator=gen)
+    pos = torch.cat([torch.arange(9), torch.arange(17), torch.arange(5)])
+    sl = torch.tensor([eng._slot(blocks[b], int(p)) for b, p in zip([0] * 9 + [2] * 17 + [1] * 5, pos)])
+    batched = r.prefill(ids, pos, sl, fresh)
+    r.batched_prefill = False
+    looped = r.prefill(ids, pos, sl, fresh)
+    r.batched_prefill = True
+    assert (batched - looped).abs().max() <= tol * looped.abs().max()
+    with pytest.raises(ValueError, match="concatenated in order"):
+        r._batch_plan([(0, 9, eng._table(blocks[0]), 9), (5, 17, eng._table(blocks[2]), 17)], torch.device("cpu"))
     # padding that more than doubles the keys gathered keeps the loop: 3 x 200 keys for 204 real ones
     t = eng._table([0])
     assert r._batch_plan([(0, 2, t, 2), (2, 2, t, 2), (4, 1, t, 200)], torch.device("cpu")) is None

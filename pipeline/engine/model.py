@@ -16,6 +16,8 @@ Compute dtype: fp16 on CUDA (bf16 for a bf16 workspace), fp32 on CPU (kernels' P
 """
 from __future__ import annotations
 
+import itertools
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,35 +252,42 @@ class ModelRunner:
         B, n_max, c_max = len(seqs), max(n for _, n, _, _ in seqs), max(ctxs)
         if B * c_max > min(2 * sum(ctxs), BATCHED_PREFILL_KEYS):
             return None
+        starts = [0] + list(itertools.accumulate(n for _, n, _, _ in seqs))[:-1]
+        if [off for off, *_ in seqs] != starts:
+            raise ValueError(f"prefill chunks must be concatenated in order: offsets {[o for o, *_ in seqs]}, "
+                             f"expected {starts}")
         offs = torch.tensor([off for off, *_ in seqs], dtype=torch.long)
         ns = torch.tensor([n for _, n, _, _ in seqs], dtype=torch.long)
         cs = torch.tensor(ctxs, dtype=torch.long)
         i = torch.arange(n_max)
         q_ok = i[None, :] < ns[:, None]                                          # (B, n_max) real query rows
         q_idx = torch.where(q_ok, offs[:, None] + i[None, :], 0)                 # rows of q (padding: row 0)
-        kpos = torch.arange(c_max)
-        qpos = cs[:, None] - ns[:, None] + i[None, :]                            # (B, n_max) position of each query
-        mask = (kpos[None, None, :] <= qpos[:, :, None]) | ~q_ok[:, :, None]      # causal; padding rows see all
-        k_ok = kpos[None, :] < cs[:, None]                                       # (B, c_max) keys in the context
+        out_idx = torch.empty(int(ns.sum()), dtype=torch.long)                   # row of q -> its padded row
+        out_idx[q_idx[q_ok]] = (torch.arange(B)[:, None] * n_max + i[None, :])[q_ok]
         dev = q_device
-        return {"tables": torch.stack([bt for _, _, bt, _ in seqs]).to(dev), "q_idx": q_idx.to(dev),
-                "mask": (mask & k_ok[:, None, :]).unsqueeze(1).to(dev),
-                "k_ok": k_ok.to(dev), "c_max": c_max, "rows": q_idx[q_ok].to(dev), "sel": q_ok.reshape(-1).to(dev)}
+        plan = {"tables": torch.stack([bt for _, _, bt, _ in seqs]).to(dev), "q_idx": q_idx.to(dev),
+                "out_idx": out_idx.to(dev), "c_max": c_max, "mask": None}
+        if any(n != ctx for _, n, _, ctx in seqs):   # a later chunk: explicit mask (else plain causal, flash kernels)
+            kpos = torch.arange(c_max)
+            qpos = cs[:, None] - ns[:, None] + i[None, :]                        # (B, n_max) position of each query
+            mask = (kpos[None, None, :] <= qpos[:, :, None]) | ~q_ok[:, :, None]  # causal; padding rows see all
+            plan["mask"] = (mask & (kpos[None, :] < cs[:, None])[:, None, :]).unsqueeze(1).to(dev)
+        return plan
 
     def _batched_prefill_attention(self, l: int, q: torch.Tensor, plan: dict) -> torch.Tensor:
-        """Every chunk's queries against its sequence's cached (dequantized) keys and values in one SDPA call."""
+        """Every chunk's queries against its sequence's cached (dequantized) keys and values in one SDPA call.
+        Key rows past a sequence's context are hidden by the mask (or, for whole prompts, by causality: a real
+        query row i only sees keys 0..i); they hold finite values (the cache is zero-initialised and only ever
+        written with finite K and V), so no 0 * NaN reaches a real row."""
         G = self.args.n_heads // self.args.n_kv_heads
-        kv = []
-        for which in "kv":
-            x = self._cached_kv(l, which, plan["tables"], plan["c_max"])        # (B, c_max, nkv, hd)
-            x = torch.where(plan["k_ok"][:, :, None, None], x, 0)                # no stale rows (0 * NaN)
-            kv.append(x.transpose(1, 2).repeat_interleave(G, 1))                 # (B, nh, c_max, hd)
+        K, V = (self._cached_kv(l, w, plan["tables"], plan["c_max"]).transpose(1, 2).repeat_interleave(G, 1)
+                for w in "kv")                                                   # (B, nh, c_max, hd)
         qs = q[plan["q_idx"]].transpose(1, 2)                                    # (B, nh, n_max, hd)
-        o = F.scaled_dot_product_attention(qs, kv[0], kv[1], attn_mask=plan["mask"], scale=self.scale)
-        o = o.transpose(1, 2).reshape(-1, *q.shape[1:])                          # (B * n_max, nh, hd)
-        out = torch.empty_like(q)
-        out[plan["rows"]] = o[plan["sel"]]
-        return out
+        if plan["mask"] is None:
+            o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, K, V, attn_mask=plan["mask"], scale=self.scale)
+        return o.transpose(1, 2).reshape(-1, *q.shape[1:])[plan["out_idx"]]     # (T, nh, hd), no host sync
 
     def prefill(self, tokens, positions, slots, seqs, select=None) -> torch.Tensor:
         """Chunks of several sequences, concatenated: tokens/positions/slots (T,). seqs: [(offset, n,

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import kvcache
-from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_triton
+from pipeline.kernels.dispatch import arrival_counters, cdiv, next_pow2, sm_count, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 LOG2E = 1.4426950408889634
@@ -288,9 +288,9 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), s_sb, s_sh,
         out.stride(0), out.stride(1), op.stride(0), op.stride(1), op.stride(2) if split else 0,
         lse.stride(0), lse.stride(1),
-        G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
+        G=G, BLOCK_G=max(16, next_pow2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
         MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split,
-        BLOCK_S=triton.next_power_of_2(num_splits), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_S=next_pow2(num_splits), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
         **launch_kwargs(pdl))
     return out
 

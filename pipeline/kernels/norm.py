@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import cdiv, use_triton
+from pipeline.kernels.dispatch import cdiv, next_pow2, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,7 +72,7 @@ def _rows(t: torch.Tensor, name: str, n: int) -> torch.Tensor:
     """View (..., n) as (rows, n) with unit column stride (copies only if it must)."""
     if t.shape[-1] != n:
         raise ValueError(f"{name} has last dim {t.shape[-1]}, expected {n}")
-    t2 = t.reshape(-1, n)
+    t2 = t if t.dim() == 2 else t.reshape(-1, n)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
@@ -88,16 +88,16 @@ def _launch_rms_norm(x, weight, eps, residual=None, out=None, residual_out=None)
     for name, t in (("residual", residual), ("out", out), ("residual_out", residual_out)):
         if t is not None and (t.shape != x.shape or t.dtype != x.dtype):
             raise ValueError(f"{name} must match x {tuple(x.shape)} {x.dtype}, got {tuple(t.shape)} {t.dtype}")
-    BLOCK = triton.next_power_of_2(N)
+    BLOCK = next_pow2(N)
     if BLOCK > 65536:
         raise ValueError(f"hidden size {N} too large for the one-row-per-program kernel (max 65536)")
     x2 = _rows(x, "x", N)
     out = torch.empty_like(x) if out is None else out
-    y2 = out.view(-1, N)
+    y2 = out if out.dim() == 2 else out.view(-1, N)
     if residual is not None:
         r2 = _rows(residual, "residual", N)
         residual_out = torch.empty_like(x) if residual_out is None else residual_out
-        h2 = residual_out.view(-1, N)
+        h2 = residual_out if residual_out.dim() == 2 else residual_out.view(-1, N)
     else:
         r2 = h2 = x2
     if x2.shape[0]:
@@ -145,8 +145,8 @@ def _launch_silu_mul(gate, up=None, out=None):
     out = torch.empty(g.shape, dtype=g.dtype, device=g.device) if out is None else out
     if out.shape != g.shape or out.dtype != g.dtype or out.device != g.device:
         raise ValueError(f"out must be {tuple(g.shape)} {g.dtype}, got {tuple(out.shape)} {out.dtype}")
-    g2, u2, y2 = _rows(g, "gate", N), _rows(u, "up", N), out.view(-1, N)
-    BLOCK = min(1024, triton.next_power_of_2(N))
+    g2, u2, y2 = _rows(g, "gate", N), _rows(u, "up", N), (out if out.dim() == 2 else out.view(-1, N))
+    BLOCK = min(1024, next_pow2(N))
     if g2.shape[0]:
         pdl = pdl_enabled(g.device)
         _silu_mul_kernel[(g2.shape[0], cdiv(N, BLOCK))](g2, u2, y2, N, g2.stride(0), u2.stride(0),

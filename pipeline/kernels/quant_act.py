@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import use_triton
+from pipeline.kernels.dispatch import next_pow2, use_triton
 from pipeline.kernels.norm import _residual_row, _rmsnorm_row, _rows, rms_norm_ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,7 +72,7 @@ def _launch(x, weight=None, eps=0.0, residual=None):
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
-    BLOCK = triton.next_power_of_2(N)
+    BLOCK = next_pow2(N)
     if BLOCK > 65536:
         raise ValueError(f"hidden size {N} too large for the one-row-per-program kernel (max 65536)")
     x2 = _rows(x, "x", N)

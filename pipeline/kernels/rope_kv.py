@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels import kvcache
-from pipeline.kernels.dispatch import cdiv, use_triton
+from pipeline.kernels.dispatch import cdiv, next_pow2, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 
 PROGRAMS = 256  # aim for at least this many programs: a decode step's few tokens split their heads
@@ -214,7 +214,7 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
     chunks = chunks or (max(1, n_kv // 2) if many else max(1, min(n_kv, cdiv(PROGRAMS, T))))
     q_per, kv_per = cdiv(H, chunks), cdiv(n_kv, chunks)
     chunks = max(cdiv(H, q_per), cdiv(n_kv, kv_per))
-    quarter = triton.next_power_of_2(q_per) * D // 4  # elements of the largest quarter tile of a program
+    quarter = next_pow2(q_per) * D // 4  # elements of the largest quarter tile of a program
     warps = max(1, min(4, quarter // 64)) if many else 4
     pdl = pdl_enabled(q.device)
     _rope_kv_kernel[(T, chunks)](
@@ -222,7 +222,7 @@ def _launch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, kv_mod
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), s_sb, s_sh,
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), q_per, kv_per,
-        H=H, HKV=n_kv, BLOCK_HQ=triton.next_power_of_2(q_per), BLOCK_HKV=triton.next_power_of_2(kv_per),
+        H=H, HKV=n_kv, BLOCK_HQ=next_pow2(q_per), BLOCK_HKV=next_pow2(kv_per),
         HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[2], MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, WRITE_K=return_k,
         PDL=pdl, num_warps=warps, **launch_kwargs(pdl))
     return (q_out, k_out) if return_k else q_out
