@@ -7,11 +7,13 @@
 
 A prefill step is `ModelRunner.prefill` on one batch of prompt chunks (what `Engine._prefill` sends), timed with the
 GPU synchronised before and after (median of --reps after one untimed call that tunes the GEMMs). Layouts:
-1x2048 (one whole prompt), 4x512, 16x128 (several whole prompts) and 2x1024+1024 (two second chunks: 1024 new
+1x512 and 1x2048 (one whole prompt), 4x512, 16x128 (several whole prompts) and 2x1024+1024 (two second chunks: 1024 new
 tokens each after 1024 cached ones, the masked attention path). Baselines measured in the same run:
 - fp16 linears: the same step's seven linears per layer plus the lm_head rows as fp16 cuBLAS `F.linear` at the
   same M, i.e. what the matmuls alone cost a dense fp16 model (the step can only beat it where int4 GEMMs do);
 - FLOP floor: matmul + attention FLOPs over the fp16 cuBLAS TFLOP/s of the M = T (4096 x 11008) product.
+Per layout also the host's time to enqueue the step (near the step's time: launch-bound) and, for whole prompts, the
+same prompts through `Engine.generate` with one new token (a time to first token without HTTP).
 Then one step of the 4x512 layout under torch.profiler: the top kernels by GPU time, the GPU busy time and the
 wall time (their difference is time the GPU waited for the host). Writes <out>/prefill.json after every row (a run
 cut off by a time limit keeps what it measured) and prints a table last. About 3 minutes on an H100 for both rows.
@@ -34,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine as eb  # noqa: E402  (bench/engine.py: workspace builders, shapes)
-from pipeline.engine import Engine  # noqa: E402
+from pipeline.engine import Engine, SamplingParams  # noqa: E402
 
-LAYOUTS = {"1x2048": [(2048, 2048)], "4x512": [(512, 512)] * 4, "16x128": [(128, 128)] * 16,
+LAYOUTS = {"1x512": [(512, 512)], "1x2048": [(2048, 2048)], "4x512": [(512, 512)] * 4, "16x128": [(128, 128)] * 16,
            "2x1024+1024": [(1024, 2048)] * 2}  # (new tokens n, context after the chunk)
 ROWS = {"w4a16": 0, "w4a16_kv8": 4}  # row -> quant_policy
 
@@ -70,6 +72,28 @@ def timed(fn, reps: int) -> float:
         eb.sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def enqueue_s(fn, reps: int) -> float:
+    """Host seconds until `fn` returns, GPU idle at the start (its kernels queued, not finished): when this is
+    close to the synchronised time, the step is bound by the host issuing launches, not by the GPU."""
+    ts = []
+    for _ in range(reps):
+        eb.sync()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+        eb.sync()
+    return statistics.median(ts)
+
+
+def engine_s(eng: Engine, layout, reps: int) -> float:
+    """Seconds of `Engine.generate` answering one token for whole prompts of this layout (the engine's own
+    scheduling, host lists, prefill, sampling and detokenisation: a time-to-first-token without HTTP)."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, eng.runner.args.vocab_size, (n,), generator=gen).tolist() for n, _ in layout]
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    return timed(lambda: eng.generate(prompts, params), reps)
 
 
 def flops(args, layout) -> float:
@@ -168,7 +192,10 @@ def main():
             b = res["baselines"][L]
             out[L] = {"ms": round(s * 1e3, 2), "tokens_per_s": round(b["tokens"] / s),
                       "x_fp16_linears": round(s * 1e3 / b["fp16_linears_ms"], 2),
-                      "of_flop_floor": round(b["flops"] / (b["cublas_tflops"] * 1e12) / s, 3)}
+                      "of_flop_floor": round(b["flops"] / (b["cublas_tflops"] * 1e12) / s, 3),
+                      "host_enqueue_ms": round(enqueue_s(lambda: eng.runner.prefill(*inputs), a.reps) * 1e3, 2)}
+            if all(n == c for n, c in layout):  # whole prompts: the same step through Engine.generate
+                out[L]["engine_generate_ms"] = round(engine_s(eng, layout, a.reps) * 1e3, 2)
             if a.ablate_batching and len(layout) > 1:  # the same step with one attention call per chunk
                 eng.runner.batched_prefill = False
                 loop = timed(lambda: eng.runner.prefill(*inputs), a.reps)
@@ -185,12 +212,13 @@ def main():
     res["seconds"] = round(time.time() - t_start, 1)
     save()
     print(json.dumps({r: v["profile_4x512"] for r, v in res["rows"].items()}, indent=1))
-    print(f"{'row':10s} {'layout':12s} {'ms':>8s} {'tok/s':>8s} {'x fp16 linears':>15s} {'of FLOP floor':>14s}")
+    print(f"{'row':10s} {'layout':12s} {'ms':>8s} {'tok/s':>8s} {'x fp16 linears':>15s} {'of FLOP floor':>14s} "
+          f"{'host enqueue ms':>16s} {'engine ms':>10s}")
     for row, v in res["rows"].items():
         for L in layouts:
             r = v[L]
             print(f"{row:10s} {L:12s} {r['ms']:8.2f} {r['tokens_per_s']:8d} {r['x_fp16_linears']:15.2f} "
-                  f"{r['of_flop_floor']:14.3f}")
+                  f"{r['of_flop_floor']:14.3f} {r['host_enqueue_ms']:16.2f} {r.get('engine_generate_ms', float('nan')):10.2f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.attention import dequant_kv, gather_kv, paged_decode_attention
+from ..kernels.attention import dequant_kv, gather_kv, kv_rows, paged_decode_attention
 from ..kernels.int8_gemm import int8_linear
 from ..kernels.norm import rms_norm, silu_mul
 from ..kernels.quant_act import rms_norm_quant
@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 
 BATCHED_PREFILL_KEYS = 8192  # padded key rows (sequences x longest context) one batched prefill attention gathers
+
+
+def _expand_heads(x: torch.Tensor, G: int, dim: int) -> torch.Tensor:
+    """KV heads repeated G times along `dim` for grouped-query attention (no copy when G == 1)."""
+    return x if G == 1 else x.repeat_interleave(G, dim)
 
 
 def linear(x: torch.Tensor, w, b: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -188,15 +193,16 @@ class ModelRunner:
                            for n in ("k_scale", "k_zp", "v_scale", "v_zp")})
             self.kv.append(kw)
 
-    def _cached_kv(self, l: int, which: str, bt: torch.Tensor, n: int) -> torch.Tensor:
-        """Rows 0..n-1 of one sequence's K or V in layer l, dequantized: (n, nkv, hd) in the compute dtype; with
-        block tables (B, max_blocks) of B sequences: (B, n, nkv, hd)."""
+    def _cached_kv(self, l: int, which: str, rows) -> torch.Tensor:
+        """One sequence's (or a padded batch's) K or V rows of layer l, dequantized, in the compute dtype.
+        rows: `kv_rows` of the sequence (block table (max_blocks,) -> (n, nkv, hd)) or of B sequences (tables
+        (B, max_blocks) -> (B, n, nkv, hd)); computed once per step, shared by every layer."""
         cache = (self.k_cache if which == "k" else self.v_cache)[l]
         kw = self.kv[l]
         s, z = kw.get(which + "_scale"), kw.get(which + "_zp")
         if self.kv_mode == "dynamic":
-            s, z = gather_kv(s, bt, n), gather_kv(z, bt, n)
-        x = gather_kv(cache, bt, n)
+            s, z = gather_kv(s, rows), gather_kv(z, rows)
+        x = gather_kv(cache, rows)
         if self.kv_mode == "none":
             return x
         return dequant_kv(x, self.kv_mode, self.kv_bits, s, z).to(self.dtype)
@@ -262,11 +268,13 @@ class ModelRunner:
         i = torch.arange(n_max)
         q_ok = i[None, :] < ns[:, None]                                          # (B, n_max) real query rows
         q_idx = torch.where(q_ok, offs[:, None] + i[None, :], 0)                 # rows of q (padding: row 0)
-        out_idx = torch.empty(int(ns.sum()), dtype=torch.long)                   # row of q -> its padded row
-        out_idx[q_idx[q_ok]] = (torch.arange(B)[:, None] * n_max + i[None, :])[q_ok]
+        out_b, out_i = (torch.empty(int(ns.sum()), dtype=torch.long) for _ in range(2))  # row of q -> (chunk, row)
+        out_b[q_idx[q_ok]] = torch.arange(B)[:, None].expand(B, n_max)[q_ok]
+        out_i[q_idx[q_ok]] = i[None, :].expand(B, n_max)[q_ok]
         dev = q_device
-        plan = {"tables": torch.stack([bt for _, _, bt, _ in seqs]).to(dev), "q_idx": q_idx.to(dev),
-                "out_idx": out_idx.to(dev), "c_max": c_max, "mask": None}
+        tables = torch.stack([bt for _, _, bt, _ in seqs]).to(dev)
+        plan = {"rows": kv_rows(tables, c_max, self.block_size), "q_idx": q_idx.to(dev),
+                "out": (out_b.to(dev), out_i.to(dev)), "mask": None}
         if any(n != ctx for _, n, _, ctx in seqs):   # a later chunk: explicit mask (else plain causal, flash kernels)
             kpos = torch.arange(c_max)
             qpos = cs[:, None] - ns[:, None] + i[None, :]                        # (B, n_max) position of each query
@@ -280,14 +288,14 @@ class ModelRunner:
         query row i only sees keys 0..i); they hold finite values (the cache is zero-initialised and only ever
         written with finite K and V), so no 0 * NaN reaches a real row."""
         G = self.args.n_heads // self.args.n_kv_heads
-        K, V = (self._cached_kv(l, w, plan["tables"], plan["c_max"]).transpose(1, 2).repeat_interleave(G, 1)
+        K, V = (_expand_heads(self._cached_kv(l, w, plan["rows"]).transpose(1, 2), G, 1)
                 for w in "kv")                                                   # (B, nh, c_max, hd)
         qs = q[plan["q_idx"]].transpose(1, 2)                                    # (B, nh, n_max, hd)
         if plan["mask"] is None:
             o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(qs, K, V, attn_mask=plan["mask"], scale=self.scale)
-        return o.transpose(1, 2).reshape(-1, *q.shape[1:])[plan["out_idx"]]     # (T, nh, hd), no host sync
+        return o.transpose(1, 2)[plan["out"]]                                     # (T, nh, hd), no host sync
 
     def prefill(self, tokens, positions, slots, seqs, select=None) -> torch.Tensor:
         """Chunks of several sequences, concatenated: tokens/positions/slots (T,). seqs: [(offset, n,
@@ -297,6 +305,8 @@ class ModelRunner:
         G = a.n_heads // a.n_kv_heads
 
         batched = self._batch_plan(seqs, q_device=tokens.device)
+        rows = None if batched is not None else [kv_rows(bt.to(tokens.device), ctx, self.block_size)
+                                                 for _, _, bt, ctx in seqs]   # per chunk, shared by the layers
 
         def attend(l, q, k, v):
             q = rope_kv_write(q, k, v, positions, self.cos, self.sin, self.k_cache[l], self.v_cache[l], slots,
@@ -304,8 +314,8 @@ class ModelRunner:
             if batched is not None:
                 return self._batched_prefill_attention(l, q, batched)
             out = torch.empty_like(q)
-            for off, n, bt, ctx in seqs:
-                K, V = (self._cached_kv(l, w, bt, ctx).transpose(0, 1).repeat_interleave(G, 0)[None]
+            for (off, n, bt, ctx), r in zip(seqs, rows):
+                K, V = (_expand_heads(self._cached_kv(l, w, r).transpose(0, 1), G, 0)[None]
                         for w in "kv")                                       # (1, nh, ctx, hd)
                 qs = q[off:off + n].transpose(0, 1)[None]                    # (1, nh, n, hd)
                 if n == ctx:    # the whole sequence in this chunk: plain causal (lets SDPA use flash kernels)

@@ -295,12 +295,19 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     return out
 
 
-def gather_kv(cache, block_table, n, side=False):
-    """Rows 0..n-1 of one sequence from a paged cache -> (n, n_kv_heads, ...); block tables (B, max_blocks) of B
-    sequences -> (B, n, n_kv_heads, ...) (rows past a sequence's context are whatever its table points at)."""
-    pos = torch.arange(n, device=cache.device)
-    blk = block_table[..., pos // cache.shape[2]].long()
-    return cache[blk, :, pos % cache.shape[2]]
+def kv_rows(block_table, n, block_size):
+    """Where rows 0..n-1 of a sequence live in a paged cache: (block ids, offsets in the block), for `gather_kv`.
+    block_table (max_blocks,) -> ((n,), (n,)); (B, max_blocks) of B sequences -> ((B, n), (n,))."""
+    pos = torch.arange(n, device=block_table.device)
+    return block_table[..., pos // block_size].long(), pos % block_size
+
+
+def gather_kv(cache, rows):
+    """The rows `kv_rows` located, from a paged cache (codes (num_blocks, n_kv, block, ...) or per-token scales
+    (num_blocks, n_kv, block)) -> (n, n_kv_heads, ...), or (B, n, n_kv_heads, ...) for B sequences (rows past a
+    sequence's context are whatever its table points at)."""
+    blk, off = rows
+    return cache[blk, :, off]
 
 
 def dequant_kv(x, kv_mode, kv_bits, scale, zp):
@@ -319,12 +326,12 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     G = H // k_cache.shape[1]
     out = torch.empty_like(q) if out is None else out
     for b, n in enumerate(context_lens.tolist()):
-        bt = block_tables[b]
+        rows = kv_rows(block_tables[b], n, k_cache.shape[2])
         kv = []
         for cache, s, z in ((k_cache, k_scale, k_zp), (v_cache, v_scale, v_zp)):
-            x = gather_kv(cache, bt, n)  # (n, n_kv, D or D/2)
+            x = gather_kv(cache, rows)  # (n, n_kv, D or D/2)
             if kv_mode == "dynamic":
-                s, z = gather_kv(s, bt, n), gather_kv(z, bt, n)  # (n, n_kv)
+                s, z = gather_kv(s, rows), gather_kv(z, rows)  # (n, n_kv)
             kv.append(dequant_kv(x, kv_mode, kv_bits, s, z).repeat_interleave(G, dim=1))  # (n, H, D)
         att = torch.einsum("hd,nhd->hn", q[b].float(), kv[0]) * scale
         out[b] = torch.einsum("hn,nhd->hd", att.softmax(-1), kv[1]).to(q.dtype)
