@@ -40,7 +40,10 @@ from pipeline.engine import Engine, SamplingParams  # noqa: E402
 
 LAYOUTS = {"1x512": [(512, 512)], "1x2048": [(2048, 2048)], "4x512": [(512, 512)] * 4, "16x128": [(128, 128)] * 16,
            "2x1024+1024": [(1024, 2048)] * 2}  # (new tokens n, context after the chunk)
-ROWS = {"w4a16": 0, "w4a16_kv8": 4}  # row -> quant_policy
+ROWS = {"w4a16": 0, "w4a16_kv8": 4, "w4a16_kv8_fullcache": 4}  # row -> quant_policy
+# rows whose engine sizes its KV cache like the server does (cache_max_entry_count of the free memory), not just
+# what the layouts need: shows whether a nearly full device changes the step (allocator retries, cudaMalloc/Free)
+FULL_CACHE = {"w4a16_kv8_fullcache"}
 
 
 def step_inputs(eng: Engine, layout, seed: int = 0):
@@ -85,6 +88,12 @@ def enqueue_s(fn, reps: int) -> float:
         ts.append(time.perf_counter() - t0)
         eb.sync()
     return statistics.median(ts)
+
+
+def alloc_stats() -> dict:
+    """Counters of the CUDA caching allocator (zeros on a CPU)."""
+    st = torch.cuda.memory_stats() if eb.DEV == "cuda" else {}
+    return {k: st.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
 
 
 def engine_s(eng: Engine, layout, reps: int) -> float:
@@ -183,8 +192,10 @@ def main():
     save()
     for row in rows:
         need = max(sum(c for _, c in layout) for layout in layouts.values())  # tokens cached at once, at most
+        sizing = {} if row in FULL_CACHE else {"num_blocks": need // 16 + 32}  # blocks of >= 16 tokens
         eng = Engine.from_workspace(ws, eb.DEV, {"quant_policy": ROWS[row], "session_len": 4096, "max_batch_size": 16,
-                                                 "num_blocks": need // 16 + 32})  # blocks of >= 16 tokens
+                                                 **sizing})
+        mem0 = alloc_stats()
         out = {}
         for L, layout in layouts.items():
             inputs = step_inputs(eng, layout)
@@ -196,6 +207,10 @@ def main():
                       "host_enqueue_ms": round(enqueue_s(lambda: eng.runner.prefill(*inputs), a.reps) * 1e3, 2)}
             if all(n == c for n, c in layout):  # whole prompts: the same step through Engine.generate
                 out[L]["engine_generate_ms"] = round(engine_s(eng, layout, a.reps) * 1e3, 2)
+                if row in FULL_CACHE:  # and with the engine stepping in its own thread, as the server runs it
+                    eng.start()
+                    out[L]["engine_thread_ms"] = round(engine_s(eng, layout, a.reps) * 1e3, 2)
+                    eng.stop()
             if a.ablate_batching and len(layout) > 1:  # the same step with one attention call per chunk
                 eng.runner.batched_prefill = False
                 loop = timed(lambda: eng.runner.prefill(*inputs), a.reps)
@@ -204,6 +219,9 @@ def main():
             print(row, L, out[L], flush=True)
             res["rows"][row] = out
             save()
+        mem1 = alloc_stats()
+        out["kv_cache_tokens"] = eng.blocks.num_blocks * eng.block_size
+        out["allocator_during_row"] = {k: mem1[k] - mem0[k] for k in mem0}   # cudaMalloc/cudaFree calls, retries
         out["profile_4x512"] = profile_step(eng, step_inputs(eng, layouts["4x512"]))
         save()
         del eng
@@ -212,6 +230,8 @@ def main():
     res["seconds"] = round(time.time() - t_start, 1)
     save()
     print(json.dumps({r: v["profile_4x512"] for r, v in res["rows"].items()}, indent=1))
+    for r, v in res["rows"].items():
+        print(f"{r}: KV cache {v['kv_cache_tokens']} tokens, allocator during the row {v['allocator_during_row']}")
     print(f"{'row':10s} {'layout':12s} {'ms':>8s} {'tok/s':>8s} {'x fp16 linears':>15s} {'of FLOP floor':>14s} "
           f"{'host enqueue ms':>16s} {'engine ms':>10s}")
     for row, v in res["rows"].items():

@@ -13,12 +13,12 @@ def test_bench_prefill_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads((tmp_path / "prefill.json").read_text())
-    assert set(res["rows"]) == {"w4a16", "w4a16_kv8"}
+    assert set(res["rows"]) == {"w4a16", "w4a16_kv8", "w4a16_kv8_fullcache"}
     for row in res["rows"].values():
         for layout in ("1x512", "1x2048", "4x512", "16x128", "2x1024+1024"):
             assert row[layout]["tokens_per_s"] > 0 and row[layout]["ms"] > 0 and row[layout]["host_enqueue_ms"] > 0
         assert row["4x512"]["engine_generate_ms"] > 0 and "engine_generate_ms" not in row["2x1024+1024"]
-        assert row["profile_4x512"]["wall_ms_under_profiler"] > 0
+        assert row["profile_4x512"]["wall_ms_under_profiler"] > 0 and row["kv_cache_tokens"] > 0
         assert row["4x512"]["per_chunk_attention_ms"] > 0 and "per_chunk_attention_ms" not in row["1x2048"]
     assert res["baselines"]["4x512"]["tokens"] == 4 * 512 // 16
-    assert "of FLOP floor" in p.stdout.splitlines()[-11]
+    assert "of FLOP floor" in p.stdout.splitlines()[-16]
