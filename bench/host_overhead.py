@@ -7,9 +7,11 @@ Per row: the same small call enqueued --calls times back to back, the GPU synchr
 wall time per call is the host's cost of issuing it (the kernels themselves take a few microseconds); beside it the
 GPU time of one call from a CUDA-graph replay of the same calls, to show the host is the bound. Rows: our W4A16 linear
 at M = 1 / 16 / 64 (Triton kernels) and M = 2048 (dequantize kernel + cuBLAS), RMSNorm, SiLU-mul, rope_kv_write, with
-PDL off and on, and baselines measured in the same run: an fp16 `F.linear` (one cuBLAS launch) and a two-argument
+PDL off and on, our kernels launched directly (pipeline/kernels/launch.py) and, with PDL, also through Triton's
+JIT launch path (the A/B of that change in one run), and baselines measured in the same run: an fp16 `F.linear` (one cuBLAS launch) and a two-argument
 Triton kernel (Triton's own launch path with nothing of ours around it). Then cProfile of the W4A16 M = 1 call and of
-RMSNorm: the top functions by own time, to say where the microseconds go.
+RMSNorm: the top functions by own time, and a breakdown of those two calls timed piece by piece (allocations, the
+dispatcher, our Python with the launch stubbed, Triton's JIT launch alone, the compiled kernel launched directly).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.kernels import norm, pdl, rope_kv  # noqa: E402
+from pipeline.kernels import launch, norm, pdl, rope_kv  # noqa: E402
 from pipeline.kernels import w4a16 as w4  # noqa: E402
 
 
@@ -124,6 +126,78 @@ def rows(dev):
     return out
 
 
+class _Recorder:
+    """Stands in for a @triton.jit kernel: remembers the last launch's grid, args and kwargs; forwards it or not."""
+    def __init__(self, fn, forward: bool):
+        self.fn, self.forward, self.last = fn, forward, None
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.last = (grid, args, kwargs)
+            return self.fn[grid](*args, **kwargs) if self.forward else None
+        return call
+
+
+def _all_args(fn, args, kwargs) -> list:
+    """Every parameter of a JIT function in signature order (constexprs and defaults included), as Triton's own
+    launch path hands them to the compiled kernel."""
+    out = []
+    for i, p in enumerate(fn.params):
+        name = p.name
+        out.append(args[i] if i < len(args) else kwargs[name] if name in kwargs else p.default)
+    return out
+
+
+def breakdown(dev, calls: int) -> dict:
+    """Microseconds per call of the pieces of one eager W4A16 (M = 1) and RMSNorm call, each timed alone."""
+    import pipeline.kernels.w4a16 as mod
+    from pipeline.kernels import dispatch
+    g, K, N = 128, 4096, 4096
+    w = w4.pack_w4(torch.randint(0, 16, (N, K), dtype=torch.uint8, device=dev),
+                   (torch.rand(K // g, N, device=dev) * 0.01 + 1e-3).half(), torch.full((K // g, N), 8.0, device=dev).half(), g)
+    x = torch.randn(1, K, device=dev, dtype=torch.float16)
+    h = torch.randn(16, 4096, device=dev, dtype=torch.float16)
+    nw = torch.ones(4096, device=dev, dtype=torch.float16)
+    w4.w4a16_linear(x, w)                                   # tuned
+    cfg = mod.CONFIGS[mod._choose(x, w, None, x.dtype)]
+    kname = {"wide": "_gemv_wide_kernel", "fma": "_gemv_kernel", "swap": "_w4a16_swap_kernel"}.get(cfg[0], "_w4a16_kernel")
+    res = {"w4a16 config": cfg[0]}
+    pieces = {
+        "torch.empty (1, 4096) fp16": lambda: torch.empty(1, 4096, device=dev, dtype=torch.float16),
+        "torch.empty (8, 1, 4096) fp32": lambda: torch.empty(8, 1, 4096, device=dev, dtype=torch.float32),
+        "x.reshape(-1, K)": lambda: x.reshape(-1, K),
+        "dispatch.use_triton": lambda: dispatch.use_triton(x, "w4a16"),
+        "pdl.enabled": lambda: pdl.enabled(x.device),
+        "w4a16._choose (tuned)": lambda: mod._choose(x, w, None, x.dtype),
+        "torch.cuda.current_stream": lambda: torch.cuda.current_stream(),
+    }
+    for name, fn in pieces.items():
+        res[name] = round(host_us(fn, calls), 2)
+    for modname, kern_attr, call in ((mod, kname, lambda: w4.w4a16_linear(x, w)),
+                                     (norm, "_rmsnorm_kernel", lambda: norm.rms_norm(h, nw, 1e-5, residual=h))):
+        real = getattr(modname, kern_attr)
+        stub = _Recorder(real, forward=False)
+        setattr(modname, kern_attr, stub)
+        try:
+            res[f"{kern_attr}: our Python, launch stubbed"] = round(host_us(call, calls), 2)
+        finally:
+            setattr(modname, kern_attr, real)
+        grid, args, kwargs = stub.last
+        jit = getattr(real, "fn", real)   # the @triton.jit function under our direct-launch wrapper
+        res[f"{kern_attr}: Triton JIT launch alone"] = round(host_us(lambda: jit[grid](*args, **kwargs), calls), 2)
+        res[f"{kern_attr}: our direct launch alone"] = round(host_us(lambda: real[grid](*args, **kwargs), calls), 2)
+        try:
+            ck = jit[grid](*args, **kwargs)
+            full = _all_args(jit, args, kwargs)
+            launch = ck[tuple(grid) + (1,) * (3 - len(grid))]
+            launch(*full)
+            torch.cuda.synchronize()
+            res[f"{kern_attr}: compiled kernel launched directly"] = round(host_us(lambda: launch(*full), calls), 2)
+        except Exception as e:  # the CompiledKernel API differs on this Triton
+            res[f"{kern_attr}: compiled kernel launched directly"] = f"failed: {e!r}"[:300]
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
@@ -135,18 +209,23 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fns = rows(dev)
-    for on in (False, True):
+    for on, direct, tag in ((False, True, ""), (True, True, " (PDL)"), (True, False, " (PDL, JIT launch)")):
         pdl.set_default(on)
+        launch.set_enabled(direct)
         for name, fn in fns.items():
             if name.startswith("baseline") and on:
                 continue
-            key = f"{name}{' (PDL)' if on else ''}"
+            key = f"{name}{tag}"
             res["rows"][key] = {"host_us": round(host_us(fn, args.calls), 2), "gpu_us": round(gpu_us(fn), 2)}
             print(f"{key:36s} host {res['rows'][key]['host_us']:8.2f} us   gpu {res['rows'][key]['gpu_us']:8.2f} us",
                   flush=True)
     pdl.set_default(True)
+    launch.set_enabled(True)
+    res["direct_launch_disabled_reason"] = launch.disabled_reason()
     for name in ("w4a16 M=1", "rms_norm+residual"):
         res["profiles"][name] = profile_text(fns[name], args.calls)
+    res["breakdown_us"] = breakdown(dev, args.calls)
+    print(json.dumps(res["breakdown_us"], indent=1))
     (out / "host_overhead.json").write_text(json.dumps(res, indent=1))
     for name, text in res["profiles"].items():
         print(f"--- cProfile, {args.calls} calls of {name} (PDL on) ---\n{text[:6000]}")

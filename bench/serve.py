@@ -244,6 +244,11 @@ def table(r: dict) -> None:
     print(f"where the batched run's time went (engine steps): prefill {b['prefill_share_of_wall']:.0%} of the wall at "
           f"{b['prefill_tokens_per_s']:.0f} prompt tok/s, decode {b['decode_share_of_wall']:.0%} at "
           f"{b['decode_tokens_per_s_in_steps']:.0f} tok/s")
+    for name, r in (("batched", b), ("batch-1", one)):
+        st = r["engine_steps"]
+        if st.get("prefill_steps"):
+            print(f"{name}: {st['prefill_steps']} prefill steps, {1e3 * st['prefill_s'] / st['prefill_steps']:.1f} ms "
+                  f"each, of which {1e3 * st.get('prefill_enqueue_s', 0.0) / st['prefill_steps']:.1f} ms issuing launches")
     print(f"errors: {b['n_errors']} + {one['n_errors']}; mean running batch {b['mean_running_batch']:.1f}; "
           f"batched/batch-1 output tok/s = {b['output_tokens_per_s'] / one['output_tokens_per_s']:.2f}x"
           + (f"; batched/transformers = {b['output_tokens_per_s'] / hf['output_tokens_per_s']:.2f}x" if hf else ""))

@@ -91,7 +91,8 @@ class Engine:
         self._gen = torch.Generator().manual_seed(0)
         # where the engine's time goes (cumulative; /health shows it): decode steps vs prefill chunks
         self.steps = {"decode_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
-                      "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0}
+                      "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0,
+                      "prefill_enqueue_s": 0.0}   # of prefill_s: until the step's launches were all issued
         if dev.type == "cuda" and s.get("warmup", True):
             self.warmup()
 
@@ -395,6 +396,7 @@ class Engine:
                 done.append(s)
         sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
         logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
+        self.steps["prefill_enqueue_s"] += time.perf_counter() - t0   # near prefill_s: the host is the bound
         if done:
             self._accept(done, logits)
         elif self.runner.device.type == "cuda":   # nothing sampled: wait so the chunk's GPU time is counted here

@@ -55,6 +55,7 @@ from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERP
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
 from pipeline.kernels.tiles import tile_offsets
 from pipeline.kernels.w4a16_swap import _dot, _nibbles_to_qz, _store_tile, _w4a16_swap_kernel
+from pipeline.kernels.launch import fast_launch
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -207,6 +208,7 @@ def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexp
     return acc + sc[None, :] * d
 
 
+@fast_launch
 @triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -260,6 +262,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
                 split_k, SPLIT, HAS_BIAS)
 
 
+@fast_launch
 @triton.jit
 def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))
@@ -307,8 +310,9 @@ def _swap_stages(BM: int, BN: int, g: int, stages: int, act: bool, itemsize: int
     return stages
 
 
-def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.Tensor:
-    """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up)."""
+def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool | None = None) -> torch.Tensor:
+    """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up); pdl: launch with PDL
+    (default: what pdl.enabled says for x2's device)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
     if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
         if act:
@@ -340,7 +344,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False) -> torch.T
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
-    pdl = pdl_enabled(x2.device)
+    pdl = pdl_enabled(x2.device) if pdl is None else pdl
     if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
         _gemv_wide_kernel[(cdiv(N, BN) * split * M,)](
@@ -381,11 +385,16 @@ def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = Non
     return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None, pdl_enabled(x.device)))
 
 
-def _choose(x2, w, bias, out_dtype, act: bool = False) -> str:
+def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) -> str:
     M = x2.shape[0]
-    pdl = pdl_enabled(x2.device)
-    return TUNER.choose(_key(x2, w, bias, act, pdl), tuning_set(M, pdl),
-                        lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act), default_config(M), x2.device)
+    pdl = pdl_enabled(x2.device) if pdl is None else pdl
+    key = _key(x2, w, bias, act, pdl)
+    name = TUNER.tuned.get(key)
+    if name is not None:  # the common case: no candidate list, no closure
+        return name
+    return TUNER.choose(key, tuning_set(M, pdl),
+                        lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act, pdl), default_config(M),
+                        x2.device)
 
 
 def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
@@ -408,14 +417,15 @@ def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
         raise ValueError(f"bias shape {tuple(bias.shape)} != (N,) = ({w.N},)")
     if not use_triton(x, "w4a16"):
         return w4a16_linear_ref(silu_mul(x) if act else x, w, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k_in)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[0] == 0:
-        return x.new_empty(*lead, w.N)
+        return x.new_empty(*x.shape[:-1], w.N)
+    pdl = pdl_enabled(x.device)
     if isinstance(config, tuple) or (config is None and x.device.type != "cuda"):
         cfg = config or INTERPRET_CONFIG
     else:
-        cfg = CONFIGS[config or _choose(x2, w, bias, x.dtype, act is not None)]
-    return _launch(x2, w, bias, x.dtype, cfg, act is not None).reshape(*lead, w.N)
+        cfg = CONFIGS[config or _choose(x2, w, bias, x.dtype, act is not None, pdl)]
+    y = _launch(x2, w, bias, x.dtype, cfg, act is not None, pdl)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.N)
