@@ -7,8 +7,7 @@ Per row: the same small call enqueued --calls times back to back, the GPU synchr
 wall time per call is the host's cost of issuing it (the kernels themselves take a few microseconds); beside it the
 GPU time of one call from a CUDA-graph replay of the same calls, to show the host is the bound. Rows: our W4A16 linear
 at M = 1 / 16 / 64 (Triton kernels) and M = 2048 (dequantize kernel + cuBLAS), RMSNorm, SiLU-mul, rope_kv_write, with
-PDL off and on, our kernels launched directly (pipeline/kernels/launch.py) and, with PDL, also through Triton's
-JIT launch path (the A/B of that change in one run), and baselines measured in the same run: an fp16 `F.linear` (one cuBLAS launch) and a two-argument
+PDL off and on, and baselines measured in the same run: an fp16 `F.linear` (one cuBLAS launch) and a two-argument
 Triton kernel (Triton's own launch path with nothing of ours around it). Then cProfile of the W4A16 M = 1 call and of
 RMSNorm: the top functions by own time, and a breakdown of those two calls timed piece by piece (allocations, the
 dispatcher, our Python with the launch stubbed, Triton's JIT launch alone, the compiled kernel launched directly).
@@ -32,7 +31,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.kernels import launch, norm, pdl, rope_kv  # noqa: E402
+from pipeline.kernels import norm, pdl, rope_kv  # noqa: E402
 from pipeline.kernels import w4a16 as w4  # noqa: E402
 
 
@@ -183,12 +182,10 @@ def breakdown(dev, calls: int) -> dict:
         finally:
             setattr(modname, kern_attr, real)
         grid, args, kwargs = stub.last
-        jit = getattr(real, "fn", real)   # the @triton.jit function under our direct-launch wrapper
-        res[f"{kern_attr}: Triton JIT launch alone"] = round(host_us(lambda: jit[grid](*args, **kwargs), calls), 2)
-        res[f"{kern_attr}: our direct launch alone"] = round(host_us(lambda: real[grid](*args, **kwargs), calls), 2)
-        try:
-            ck = jit[grid](*args, **kwargs)
-            full = _all_args(jit, args, kwargs)
+        res[f"{kern_attr}: Triton JIT launch alone"] = round(host_us(lambda: real[grid](*args, **kwargs), calls), 2)
+        try:  # the floor: the compiled kernel launched with its arguments already bound
+            ck = real[grid](*args, **kwargs)
+            full = _all_args(real, args, kwargs)
             launch = ck[tuple(grid) + (1,) * (3 - len(grid))]
             launch(*full)
             torch.cuda.synchronize()
@@ -209,9 +206,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fns = rows(dev)
-    for on, direct, tag in ((False, True, ""), (True, True, " (PDL)"), (True, False, " (PDL, JIT launch)")):
+    for on, tag in ((False, ""), (True, " (PDL)")):
         pdl.set_default(on)
-        launch.set_enabled(direct)
         for name, fn in fns.items():
             if name.startswith("baseline") and on:
                 continue
@@ -220,8 +216,6 @@ def main():
             print(f"{key:36s} host {res['rows'][key]['host_us']:8.2f} us   gpu {res['rows'][key]['gpu_us']:8.2f} us",
                   flush=True)
     pdl.set_default(True)
-    launch.set_enabled(True)
-    res["direct_launch_disabled_reason"] = launch.disabled_reason()
     for name in ("w4a16 M=1", "rms_norm+residual"):
         res["profiles"][name] = profile_text(fns[name], args.calls)
     res["breakdown_us"] = breakdown(dev, args.calls)

@@ -37,7 +37,6 @@ import triton.language as tl
 from pipeline.kernels import kvcache
 from pipeline.kernels.dispatch import arrival_counters, cdiv, next_pow2, sm_count, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
-from pipeline.kernels.launch import fast_launch
 
 LOG2E = 1.4426950408889634
 
@@ -64,7 +63,6 @@ def _dot_kq(q, k):
     return tl.dot(q, tl.trans(k))
 
 
-@fast_launch
 @triton.jit
 def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             sm_scale, n_kv, part, n_splits,

@@ -20,7 +20,6 @@ import triton.language as tl
 
 from pipeline.kernels.dispatch import cdiv, next_pow2, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
-from pipeline.kernels.launch import fast_launch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -43,7 +42,6 @@ def _rmsnorm_row(hf, W, cols, m, n_cols, eps, dtype: tl.constexpr):
     return (hf * rstd).to(dtype).to(tl.float32) * w
 
 
-@fast_launch
 @triton.jit
 def _rmsnorm_kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
                     PDL: tl.constexpr = False):
@@ -57,7 +55,6 @@ def _rmsnorm_kernel(X, R, W, Y, H, n_cols, eps, s_x, s_r, s_y, s_h, BLOCK: tl.co
     tl.store(Y + row * s_y + cols, y.to(Y.dtype.element_ty), mask=m)
 
 
-@fast_launch
 @triton.jit
 def _silu_mul_kernel(G, U, Y, n_cols, s_g, s_u, s_y, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     gdc_launch(PDL)

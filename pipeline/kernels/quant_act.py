@@ -17,7 +17,6 @@ import triton.language as tl
 
 from pipeline.kernels.dispatch import next_pow2, use_triton
 from pipeline.kernels.norm import _residual_row, _rmsnorm_row, _rows, rms_norm_ref
-from pipeline.kernels.launch import fast_launch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QMAX = 127.0
@@ -41,7 +40,6 @@ def rms_norm_quant_ref(x, weight, eps, residual=None):
 
 
 # ----------------------------------------------------------------------------------------- kernel
-@fast_launch
 @triton.jit
 def _rmsnorm_quant_kernel(X, R, W, Q, S, H, n_cols, eps, s_x, s_r, s_q, s_h, BLOCK: tl.constexpr,
             NORM: tl.constexpr, HAS_RES: tl.constexpr):

@@ -31,7 +31,6 @@ import triton.language as tl
 from pipeline.kernels import kvcache
 from pipeline.kernels.dispatch import cdiv, next_pow2, use_triton
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
-from pipeline.kernels.launch import fast_launch
 
 PROGRAMS = 256  # aim for at least this many programs: a decode step's few tokens split their heads
 RNE_MAGIC = 12582912.0  # 1.5 * 2^23: (y + M) - M rounds fp32 |y| < 2^22 half to even, like torch.round
@@ -106,7 +105,6 @@ def _write_kv(cbase, SC, ZC, side, rmask, hmask, heads, j, a0, a1, b0, b1,
         _quant_store(cbase, rmask, j, a0, a1, b0, b1, scale[:, None], zp[:, None], HALF, BITS)
 
 
-@fast_launch
 @triton.jit
 def _rope_kv_kernel(Q, K, V, POS, COS, SIN, KC, VC, SLOT, KS, KZ, VS, VZ, QO, KO,
             s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cos,

@@ -55,7 +55,6 @@ from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERP
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
 from pipeline.kernels.tiles import tile_offsets
 from pipeline.kernels.w4a16_swap import _dot, _nibbles_to_qz, _store_tile, _w4a16_swap_kernel
-from pipeline.kernels.launch import fast_launch
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -208,7 +207,6 @@ def _group_mma(acc, q, sc, z, x0, x1, x2, x3, x4, x5, x6, x7, DKIND: tl.constexp
     return acc + sc[None, :] * d
 
 
-@fast_launch
 @triton.jit
 def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym, split_k,
             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -262,7 +260,6 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
                 split_k, SPLIT, HAS_BIAS)
 
 
-@fast_launch
 @triton.jit
 def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))

@@ -12,10 +12,8 @@ import triton
 import triton.language as tl
 
 from pipeline.kernels.pdl import gdc_launch, gdc_wait
-from pipeline.kernels.launch import fast_launch
 
 
-@fast_launch
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                  split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -129,7 +127,6 @@ def _x_pair(x_rows, da, db, K, mask, ACT: tl.constexpr, KS: tl.constexpr, P: tl.
     return tl.broadcast_to(_half_pair(a, b)[:, :, None], (KS, P, BN))
 
 
-@fast_launch
 @triton.jit
 def _gemv_wide_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                       split_k, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,

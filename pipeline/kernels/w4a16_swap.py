@@ -22,7 +22,6 @@ import triton.language as tl
 from pipeline.kernels.pdl import gdc_launch, gdc_wait
 from pipeline.kernels.tiles import tile_offsets
 from pipeline.kernels.w4a16_gemv import _finish_split, _group_range, _load_x
-from pipeline.kernels.launch import fast_launch
 
 
 @triton.jit
@@ -100,7 +99,6 @@ def _store_tile(acc, pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_
                       split_k, HAS_BIAS)
 
 
-@fast_launch
 @triton.jit
 def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                        split_k, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
