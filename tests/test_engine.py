@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.engine import Engine, SamplingParams
+import pipeline.engine.engine as engine_mod
 from pipeline.kernels.kvcache import kv_fake_quant
 from pipeline.kernels.w4a16 import dequantize_w4, pack_w4
 from pipeline.models.llama import ModelArgs, build_model
@@ -324,3 +325,17 @@ def test_batched_prefill_attention_equals_per_chunk(tiny, qp, kv_mode):
     assert r._batch_plan([(0, 2, t, 2), (2, 2, t, 2), (4, 1, t, 200)], torch.device("cpu")) is None
     assert r._batch_plan([(0, 2, t, 2)], torch.device("cpu")) is None  # a single chunk: the plain path
     assert r._batch_plan([(0, 1, t, 4096), (1, 1, t, 4096), (2, 1, t, 4096)], torch.device("cpu")) is None  # > 8192 keys
+
+
+def test_prefill_profile_is_written_from_the_engine_thread(tiny, tmp_path, monkeypatch):
+    """PIPELINE_PROFILE_PREFILL=<dir>: the engine's prefill steps, profiled in the thread that steps it."""
+    monkeypatch.setenv("PIPELINE_PROFILE_PREFILL", str(tmp_path))
+    monkeypatch.setattr(engine_mod, "_PROFILE", {})
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256}).start()
+    try:
+        eng.generate([PROMPTS[0], PROMPTS[1]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    finally:
+        eng.stop()
+    text = (tmp_path / "engine_prefill_profile.txt").read_text()
+    assert text.startswith("cProfile of 1 prefill steps (thread 'engine')")
+    assert "prefill" in text and "cumulative" in text

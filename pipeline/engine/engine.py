@@ -13,11 +13,18 @@ batch has room and their KV blocks (prompt + max_new_tokens, capped at session_l
 fit; every sequence in the decode phase advances one token (a CUDA graph per batch bucket on GPU); then
 prompt chunks (at most max_prefill_tokens per step in total) are prefilled, and a sequence whose prompt
 is complete samples its first token. Requests that do not fit wait in FIFO order; none is dropped.
+
+PIPELINE_PROFILE_PREFILL=<dir>: profile the prefill steps with cProfile (in whatever thread steps the engine, e.g.
+the server's) and rewrite <dir>/engine_prefill_profile.txt after each one: where a prefill step's host time goes.
 """
 from __future__ import annotations
 
+import cProfile
+import io
 import itertools
 import logging
+import os
+import pstats
 import threading
 import time
 from collections import deque
@@ -394,6 +401,9 @@ class Engine:
             if a + n == len(s.prompt):
                 select.append(len(tokens) - 1)
                 done.append(s)
+        prof = _profiler()
+        if prof is not None:
+            prof.enable()
         sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
         logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
         self.steps["prefill_enqueue_s"] += time.perf_counter() - t0   # near prefill_s: the host is the bound
@@ -401,6 +411,9 @@ class Engine:
             self._accept(done, logits)
         elif self.runner.device.type == "cuda":   # nothing sampled: wait so the chunk's GPU time is counted here
             torch.cuda.synchronize(self.runner.device)
+        if prof is not None:
+            prof.disable()
+            _dump_profile(prof, self.steps["prefill_steps"] + 1, threading.current_thread().name)
         self._count("prefill", len(tokens), t0)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -430,6 +443,27 @@ class Engine:
         if s in self.running:
             self.running.remove(s)
         s.emit(final=True, reason=reason, error=error)
+
+
+_PROFILE: dict = {}
+
+
+def _profiler() -> Optional[cProfile.Profile]:
+    """The process's prefill profiler when PIPELINE_PROFILE_PREFILL names a folder (see the module doc)."""
+    if not os.environ.get("PIPELINE_PROFILE_PREFILL"):
+        return None
+    return _PROFILE.setdefault("prof", cProfile.Profile())
+
+
+def _dump_profile(prof: cProfile.Profile, steps: int, thread: str) -> None:
+    out = Path(os.environ["PIPELINE_PROFILE_PREFILL"])
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    buf.write(f"cProfile of {steps} prefill steps (thread {thread!r})\n")
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(35)
+    st.sort_stats("cumulative").print_stats(35)
+    (out / "engine_prefill_profile.txt").write_text(buf.getvalue())
 
 
 __all__ = ["Engine", "SamplingParams", "GenerationOutput"]
