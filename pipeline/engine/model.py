@@ -17,7 +17,6 @@ Compute dtype: fp16 on CUDA (bf16 for a bf16 workspace), fp32 on CPU (kernels' P
 from __future__ import annotations
 
 import itertools
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +261,7 @@ class ModelRunner:
         if [off for off, *_ in seqs] != starts:
             raise ValueError(f"prefill chunks must be concatenated in order: offsets {[o for o, *_ in seqs]}, "
                              f"expected {starts}")
-        offs = torch.tensor([off for off, *_ in seqs], dtype=torch.long)
+        offs = torch.tensor(starts, dtype=torch.long)
         ns = torch.tensor([n for _, n, _, _ in seqs], dtype=torch.long)
         cs = torch.tensor(ctxs, dtype=torch.long)
         i = torch.arange(n_max)
