@@ -18,7 +18,8 @@ Paths, chosen automatically per device (reported once per device in the log):
 All three agree to fp32 rounding of the dot (|int32| < 2^24 holds exactly while K*127^2 < 2^24).
 
 A small tuner times a named config set once per (device, M bucket, N, K, dtype) on the first call
-outside CUDA-graph capture (INT8_TUNE=0 turns it off); `tuning_record` reports what it chose.
+outside CUDA-graph capture (INT8_TUNE=0 turns it off); `tuning_record` reports what it chose. Its choices are
+saved per GPU and reused by the next process (PIPELINE_TUNE_CACHE=0 turns that off).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from pipeline.kernels import dispatch
 from pipeline.kernels.tiles import tile_ids
-from pipeline.kernels.tuner import Tuner
+from pipeline.kernels.tuner import Tuner, config_version
 
 log = logging.getLogger(__name__)
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,7 +161,9 @@ MID_SET = ("gemv_n32_k256", "mid_m32_n64", "mid_m64_n64", "mid_m64_n128", "tma_m
 PREFILL_SET = ("mid_m64_n128", "tile_m128_n128", "tile_m128_n256", "tma_m128_n128", "tma_m128_n256",
                "tma_m256_n128", "tma_m128_n256_s4", "tma_m256_n128_s4", "tma_m128_n256_k64", "tma_m256_n128_k64")
 INTERPRET_CONFIG = ("ptr", 16, 32, 64, 4, 1)
-TUNER = Tuner("INT8_TUNE")  # INT8_TUNE=0: default configs, no timing
+# INT8_TUNE=0: default configs, no timing. Bump "1" when a kernel of this family changes (config edits change
+# the digest by themselves): saved tunings of other versions are ignored (pipeline/kernels/tuner.py).
+TUNER = Tuner("INT8_TUNE", version=config_version("1", CONFIGS))
 
 
 def candidates(M: int, device: torch.device) -> tuple[str, ...]:

@@ -35,7 +35,8 @@ the swapped-operand kernel (`w4a16_swap.py`: y^T = W x^T, the dequantized weight
 no shared-memory round trip for them); for large M a Triton dequantize to a (K, N) scratch + cuBLAS. The tuner
 keeps whichever it measures fastest per shape.
 The tuner (`pipeline/kernels/tuner.py`) times a small, named config set once per (device, dtype, M bucket, N, K, g)
-on the first call outside CUDA-graph capture; inside capture it uses the tuned or a default config.
+on the first call outside CUDA-graph capture; inside capture it uses the tuned or a default config. Its choices
+are saved per GPU and reused by the next process (PIPELINE_TUNE_CACHE=0 turns that off).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ import triton.language as tl
 from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_triton
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
-from pipeline.kernels.tuner import Tuner
+from pipeline.kernels.tuner import Tuner, config_version
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, tuning_set)
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
@@ -279,7 +280,9 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 
 
 # ------------------------------------------------------------------------------- configs and tuner
-TUNER = Tuner("W4A16_TUNE")  # W4A16_TUNE=0: default configs, no timing
+# W4A16_TUNE=0: default configs, no timing. Bump "1" when a kernel of this family changes (config edits change
+# the digest by themselves): saved tunings of other versions are ignored (pipeline/kernels/tuner.py).
+TUNER = Tuner("W4A16_TUNE", version=config_version("1", CONFIGS))
 _DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr
 
 
