@@ -87,6 +87,8 @@ class ServeConfig:
     cache_block_size: int = 64
     max_prefill_tokens: int = 2048
     cuda_graphs: bool = True
+    prefix_caching: bool = True       # reuse the KV blocks of shared prompt prefixes
+    engine_process: bool = True       # the engine steps in a process of its own (False: a thread of the server's)
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0

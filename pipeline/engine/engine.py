@@ -13,6 +13,9 @@ batch has room and their KV blocks (prompt + max_new_tokens, capped at session_l
 fit; every sequence in the decode phase advances one token (a CUDA graph per batch bucket on GPU); then
 prompt chunks (at most max_prefill_tokens per step in total) are prefilled, and a sequence whose prompt
 is complete samples its first token. Requests that do not fit wait in FIFO order; none is dropped.
+Prefix caching (setting prefix_caching, default on): a joining request reuses the cached KV blocks of its
+prompt's longest already-computed run of full blocks (see blocks.py) and prefills only the rest; prompt blocks
+are registered in the cache as their prefill completes them.
 
 PIPELINE_PROFILE_PREFILL=<dir>: profile the prefill steps with cProfile (in whatever thread steps the engine, e.g.
 the server's) and rewrite <dir>/engine_prefill_profile.txt after each one: where a prefill step's host time goes.
@@ -29,7 +32,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -40,13 +43,34 @@ from .handle import RequestHandle, Sequence
 from .model import ModelRunner
 from .params import GenerationOutput, SamplingParams
 from .sampling import sample
+from .text import Detokenizer, chat_prompt
 
 log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
-            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool}
+            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefix_caching": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
+
+
+def check_request(prompt_ids, params: SamplingParams, session_len: int, vocab_size: int,
+                  kv_capacity_tokens: int) -> tuple[list[int], int]:
+    """A request's prompt as ints and the tokens of KV it reserves; ValueError naming what is wrong.
+    (The engine-core process's front end runs the same checks, so a bad request fails at submit there too.)"""
+    params.validate()
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token id")
+    if len(prompt) >= session_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than session_len={session_len} "
+                         "allows (at most session_len - 1); shorten it or raise session_len")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got range [{min(prompt)}, {max(prompt)}]")
+    need = min(len(prompt) + params.max_new_tokens, session_len)
+    if need > kv_capacity_tokens:
+        raise ValueError(f"the request needs {need} tokens of KV cache, more than the whole cache holds "
+                         f"({kv_capacity_tokens}); lower max_new_tokens")
+    return prompt, need
 
 
 class Engine:
@@ -69,7 +93,10 @@ class Engine:
                 need = self.max_batch_size * self.max_blocks
                 num_blocks = min(need, int(CPU_KV_BUDGET * s["cache_max_entry_count"]) // per_block)
         num_blocks = runner.allocate_cache(num_blocks, self.block_size) or num_blocks   # tp: the ranks' minimum
-        self.blocks = BlockManager(num_blocks, self.block_size)
+        # automatic prefix caching: prompts that start with cached full blocks reuse their KV (blocks.py)
+        self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching=s.get("prefix_caching", True))
+        self.prefix_cache = {"queries": 0, "hits": 0}   # prompt tokens looked up / reused at admission
+        self._prompt_hashes: dict[int, list[bytes]] = {}   # id(sequence) -> its full prompt blocks' hashes
         self.graphs = None
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
         self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
@@ -96,6 +123,11 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._gen = torch.Generator().manual_seed(0)
+        # the engine-core process (core.py) turns these: it sends token ids (its front end detokenizes and checks
+        # stop strings), collects outputs through its own handles, and polls its socket after every decode step
+        self.detokenize = True
+        self.handle_factory: Callable[["Engine", int], RequestHandle] = RequestHandle
+        self.on_step: Optional[Callable[[], None]] = None
         # where the engine's time goes (cumulative; /health shows it): decode steps vs prefill chunks
         self.steps = {"decode_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
                       "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0,
@@ -146,25 +178,17 @@ class Engine:
         return cls(runner, tok, settings, c["model_name"], c["weight_type"], qp)
 
     # ------------------------------------------------------------------ public API
-    def submit(self, prompt_ids: list[int], params: Optional[SamplingParams] = None) -> RequestHandle:
+    def submit(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
+               request_id: Optional[int] = None) -> RequestHandle:
+        """Queue a request; returns its handle at once. request_id: the caller's own id (the engine-core process
+        uses its front end's ids); default: the engine numbers requests itself."""
         params = params or SamplingParams()
-        params.validate()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token id")
-        if len(prompt) >= self.session_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens, more than session_len={self.session_len} "
-                             "allows (at most session_len - 1); shorten it or raise session_len")
-        V = self.runner.args.vocab_size
-        if min(prompt) < 0 or max(prompt) >= V:
-            raise ValueError(f"prompt token ids must be in [0, {V}), got range [{min(prompt)}, {max(prompt)}]")
-        need = min(len(prompt) + params.max_new_tokens, self.session_len)
-        if blocks_for(need, self.block_size) > self.blocks.num_blocks:
-            raise ValueError(f"the request needs {need} tokens of KV cache, more than the whole cache holds "
-                             f"({self.blocks.num_blocks * self.block_size}); lower max_new_tokens")
-        rid = next(self._ids)
+        prompt, need = check_request(prompt_ids, params, self.session_len, self.runner.args.vocab_size,
+                                     self.blocks.num_blocks * self.block_size)
+        rid = next(self._ids) if request_id is None else int(request_id)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._gen
-        seq = Sequence(rid, prompt, params, RequestHandle(self, rid), gen, reserve=need)
+        detok = Detokenizer(self.tokenizer, params.stop) if self.detokenize else Detokenizer(None, [])
+        seq = Sequence(rid, prompt, params, self.handle_factory(self, rid), gen, reserve=need, detok=detok)
         with self._lock:
             self._inbox.append(seq)
         self._wake.set()
@@ -210,7 +234,15 @@ class Engine:
                     kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
-                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps=dict(self.steps))
+                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps=dict(self.steps),
+                    prefix_cache=self._prefix_cache_stats())
+
+    def _prefix_cache_stats(self) -> dict:
+        """Prefix caching counters: prompt tokens looked up and reused at admission, blocks holding a prefix hash
+        (in use or evictable), cached blocks evicted to make room."""
+        q, h = self.prefix_cache["queries"], self.prefix_cache["hits"]
+        return dict(enabled=self.blocks.prefix_caching, queries=q, hits=h, hit_rate=h / q if q else 0.0,
+                    cached_blocks=self.blocks.cached_blocks, evictions=self.blocks.evictions)
 
     def _count(self, phase: str, tokens: int, t0: float) -> None:
         """Count a step that has finished on the device (sampling reads the logits back, which waits for it)."""
@@ -219,14 +251,7 @@ class Engine:
         self.steps[phase + "_s"] += time.perf_counter() - t0
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        tok = self.tokenizer
-        if tok is None:
-            raise ValueError("this workspace has no tokenizer (triton_models/tokenizer is missing)")
-        if tok.chat_template:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # e.g. the byte-level tokenizer of synthetic models
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return tok(text, add_special_tokens=False).input_ids
+        return chat_prompt(self.tokenizer, messages)
 
     @torch.no_grad()
     def prompt_logits(self, ids: list[int]) -> torch.Tensor:
@@ -264,9 +289,17 @@ class Engine:
             self._finish(s, "cancelled")
         for s in [s for s in self.running if s.rid in cancels]:
             self._finish(s, "cancelled")
-        while self.waiting and len(self.running) < self.max_batch_size and self.blocks.can_allocate(self.waiting[0].reserve):
-            s = self.waiting.popleft()
-            s.blocks = self.blocks.allocate(s.reserve)
+        while self.waiting and len(self.running) < self.max_batch_size:
+            s = self.waiting[0]
+            hit = self._cached_prefix(s)
+            if not self.blocks.can_allocate(s.reserve, hit):
+                break
+            self.waiting.popleft()
+            s.blocks = self.blocks.allocate(s.reserve, hit)   # the hit blocks (shared) + fresh ones
+            s.n_cached = len(hit) * self.block_size           # their KV is in the cache: prefill starts past them
+            if self.blocks.prefix_caching:
+                self.prefix_cache["queries"] += len(s.prompt)
+                self.prefix_cache["hits"] += s.n_cached
             s.block_table = self._table(s.blocks)
             self.running.append(s)
         batch = list(self.running)
@@ -278,6 +311,27 @@ class Engine:
             for s in batch:
                 if not s.finished:
                     self._finish(s, "error", error=f"{type(e).__name__}: {e}")
+
+    def _cached_prefix(self, s: Sequence) -> list[int]:
+        """The cached blocks of the longest run of s's full prompt blocks in the prefix cache, never reaching its
+        last prompt token (prefill must compute it: its logits give the first new token)."""
+        if not self.blocks.prefix_caching:
+            return []
+        hashes = self._prompt_hashes.get(id(s))
+        if hashes is None:   # hashed once, kept for registration after its prefill chunks
+            hashes = self._prompt_hashes[id(s)] = self.blocks.prefix_hashes(s.prompt)
+        return self.blocks.lookup(hashes[:(len(s.prompt) - 1) // self.block_size])
+
+    def _register_prompt_blocks(self, chunks: list[tuple[Sequence, int, int]]) -> None:
+        """Cache the prompt blocks this prefill step completed ((s, start, n) chunks: every KV row of the block
+        written) under their prefix hashes. Prompt blocks only: a block with generated tokens may also hold the
+        row that greedy lookahead decoding wrote past a sequence's end."""
+        if not self.blocks.prefix_caching:
+            return
+        for s, a, n in chunks:
+            hashes = self._prompt_hashes.get(id(s), [])
+            for i in range(a // self.block_size, min((a + n) // self.block_size, len(hashes))):
+                self.blocks.register(s.blocks[i], hashes[i])   # a hash another block holds: that one stays
 
     def _slot(self, blocks, pos: int) -> int:
         return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -339,6 +393,8 @@ class Engine:
                 s.n_cached += 1
             self._accept_tokens(seqs, toks)
             self._count("decode", len(seqs), t0)
+            if self.on_step is not None:   # stream this step's tokens, take new requests and cancels
+                self.on_step()
             if following is None:
                 return
             if any(s.finished for s in seqs):
@@ -407,6 +463,7 @@ class Engine:
         sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
         logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
         self.steps["prefill_enqueue_s"] += time.perf_counter() - t0   # near prefill_s: the host is the bound
+        self._register_prompt_blocks(chunks)   # before sampling, which may finish a sequence (and free its blocks)
         if done:
             self._accept(done, logits)
         elif self.runner.device.type == "cuda":   # nothing sampled: wait so the chunk's GPU time is counted here
@@ -427,7 +484,7 @@ class Engine:
                 self._finish(s, "stop")
                 continue
             s.out_ids.append(t)
-            cut = s.detokenize(self.tokenizer)
+            cut = s.detok.add(t)
             if cut:
                 self._finish(s, "stop")
             elif len(s.out_ids) >= p.max_new_tokens or s.n_tokens >= self.session_len:
@@ -439,7 +496,8 @@ class Engine:
         if s.finished:
             return
         s.finished = True
-        self.blocks.free(s.blocks)
+        self.blocks.free(s.blocks)   # one reference less each: cached prompt blocks stay reusable (LRU)
+        self._prompt_hashes.pop(id(s), None)
         if s in self.running:
             self.running.remove(s)
         s.emit(final=True, reason=reason, error=error)

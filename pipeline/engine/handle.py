@@ -2,8 +2,8 @@
 
 RequestHandle is a thread-safe stream of GenerationOutput: iterate it (blocking) or `async for` over
 `h.aiter()` (asyncio); the last output has finished=True. Iterating when the engine's thread is not
-started steps the engine in the caller's thread. Text is detokenized incrementally (vLLM's
-prefix/read offsets), incomplete UTF-8 and any tail that may begin a stop string are held back.
+started steps the engine in the caller's thread. Text is detokenized incrementally (text.Detokenizer);
+incomplete UTF-8 and any tail that may begin a stop string are held back.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .params import GenerationOutput, SamplingParams
+from .text import Detokenizer
 
 
 class RequestHandle:
@@ -80,16 +81,13 @@ class Sequence:
     handle: RequestHandle
     generator: torch.Generator
     reserve: int                              # tokens of KV reserved at admission
+    detok: Detokenizer                        # output text and stop strings (no tokenizer: ids only)
     blocks: list[int] = field(default_factory=list)
     block_table: Optional[torch.Tensor] = None
     n_cached: int = 0                         # tokens whose K/V are in the cache
     out_ids: list[int] = field(default_factory=list)
-    text: str = ""
     finished: bool = False
     _sent_ids: int = 0
-    _sent_text: int = 0
-    _prefix: int = 0
-    _read: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -104,36 +102,8 @@ class Sequence:
     def last_token(self) -> int:
         return self.out_ids[-1] if self.out_ids else self.prompt[-1]
 
-    def detokenize(self, tok) -> bool:
-        """Extend self.text with the newest token; True (and text cut) when a stop string appeared."""
-        if tok is None:
-            return False
-        ids = self.out_ids
-        prev = tok.decode(ids[self._prefix:self._read], skip_special_tokens=True)
-        new = tok.decode(ids[self._prefix:], skip_special_tokens=True)
-        if len(new) > len(prev) and not new.endswith("\ufffd"):
-            self.text += new[len(prev):]
-            self._prefix, self._read = self._read, len(ids)
-        for st in self.params.stop:
-            i = self.text.find(st, max(0, self._sent_text - len(st)))
-            if st and i >= 0:
-                self.text = self.text[:i]
-                return True
-        return False
-
-    def _safe_end(self) -> int:
-        """End of the text that can be sent: hold back a tail that may start a stop string."""
-        end = len(self.text)
-        for st in self.params.stop:
-            for k in range(min(len(st) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(st[:k]):
-                    end = min(end, len(self.text) - k)
-                    break
-        return max(end, self._sent_text)
-
     def emit(self, final: bool = False, reason: Optional[str] = None, error: Optional[str] = None) -> None:
-        end = len(self.text) if final else self._safe_end()
-        out = GenerationOutput(self.rid, self.out_ids[self._sent_ids:], self.text[self._sent_text:end], final,
+        out = GenerationOutput(self.rid, self.out_ids[self._sent_ids:], self.detok.take(final), final,
                                reason, error, len(self.prompt), len(self.out_ids))
-        self._sent_ids, self._sent_text = len(self.out_ids), end
+        self._sent_ids = len(self.out_ids)
         self.handle._push(out)

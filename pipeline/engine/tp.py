@@ -52,6 +52,7 @@ from ..kernels.w4a16 import W4Weight
 from ..quant.w8 import W8Weight
 from ..workspace import QUANT_POLICIES, WEIGHTS, _load_linear, check_tp, config_args, kv_heads, load_tensor, read_config
 from .model import Layer, ModelRunner, compute_dtype
+from .procs import exit_text
 
 log = logging.getLogger(__name__)
 
@@ -287,17 +288,6 @@ def _kill(procs: list) -> None:
         p.wait()
 
 
-def _exit_text(code: Optional[int]) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 class TPRunner:
     """Rank 0's stand-in for the ModelRunner: broadcasts each call to the followers, runs its own shard."""
 
@@ -367,7 +357,7 @@ class TPRunner:
         for r, p in enumerate(self.procs, 1):
             if p.poll() is not None:
                 err = self.store_error(r)
-                return (f"tensor parallelism: rank {r} (pid {p.pid}, {self.devices[r]}) {_exit_text(p.returncode)}"
+                return (f"tensor parallelism: rank {r} (pid {p.pid}, {self.devices[r]}) {exit_text(p.returncode)}"
                         + (f" ({err})" if err else "") + f"; ending the server (tp={self.tp})")
         return None
 
@@ -442,7 +432,7 @@ def _await(store, procs: list, devices: list, key: str, what: str, timeout_s: fl
             if store.check([f"{key}/{r}"]):
                 pending.discard(r)
             elif p.poll() is not None:
-                raise RuntimeError(f"tensor parallelism: rank {r} (pid {p.pid}, {devices[r]}) {_exit_text(p.returncode)} "
+                raise RuntimeError(f"tensor parallelism: rank {r} (pid {p.pid}, {devices[r]}) {exit_text(p.returncode)} "
                                    f"before it could {what} (its log is above)")
         if pending and time.monotonic() - t0 > timeout_s:
             raise RuntimeError(f"tensor parallelism: ranks {sorted(pending)} did not {what} within {timeout_s:.0f} s "

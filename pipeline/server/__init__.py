@@ -2,31 +2,23 @@
 
     python -m pipeline.runner pipeline=serve serve.mode=api                          # 127.0.0.1:23333
     python -m pipeline.runner pipeline=serve serve.mode=api serve.api.port=0 'serve.api.keys=[sk-1]'
+    python -m pipeline.serve WORKSPACE --port 8000                                   # no graph, no config
 
-The serve stage builds the engine from the workspace and calls serve_api(ctx, engine), which logs the
-workspace, quant config, KV capacity and URL, then runs uvicorn until Ctrl-C. serve.api.port=0 binds
-a free port (the log line "API server listening on http://..." names it).
+The serve stage and `python -m pipeline.serve` open the engine (its own process by default) and call
+serve_api(engine, host=..., port=...), which logs the workspace, quant config, KV capacity and URL, then
+runs uvicorn until Ctrl-C. Port 0 binds a free port (the log line "API server listening on http://..."
+names it).
 """
 from __future__ import annotations
 
 import logging
 import socket
+from typing import Optional
 
 from .app import create_app
 
 log = logging.getLogger("pipeline.server")
 __all__ = ["create_app", "serve_api"]
-
-
-def _cfg_get(cfg, path: str, default=None):
-    """cfg's value at a dotted path (DictConfig or nested dicts), or default."""
-    node = cfg
-    for part in path.split("."):
-        try:
-            node = node[part]
-        except (KeyError, TypeError, AttributeError):
-            return default
-    return default if node is None else node
 
 
 def quant_label(st: dict) -> str:
@@ -36,27 +28,20 @@ def quant_label(st: dict) -> str:
     return w + kv
 
 
-def serve_api(ctx, engine) -> dict:
-    """Serve `engine` over HTTP until interrupted; returns a small summary."""
+def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), defaults: Optional[dict] = None,
+              workspace: str = "", quant: Optional[str] = None) -> dict:
+    """Serve `engine` (an EngineClient or a started Engine) over HTTP until interrupted; returns a summary.
+    quant: the label to show (default: derived from the workspace's weight type and KV policy)."""
     import uvicorn
 
-    cfg = ctx.full_cfg if getattr(ctx, "full_cfg", None) is not None else ctx.cfg
-    host = _cfg_get(cfg, "serve.api.host", "127.0.0.1")
-    port = int(_cfg_get(cfg, "serve.api.port", 23333))
-    keys = [str(k) for k in (_cfg_get(cfg, "serve.api.keys", []) or [])]
+    keys = [str(k) for k in keys or []]
     st = engine.stats()
     model_name = st["model_name"]                 # from the workspace's config.ini
-    quant = _cfg_get(cfg, "quant.name", "fp16") if "turbomind" in (getattr(ctx, "inputs", None) or {}) \
-        else quant_label(st)          # a given serve.workspace: describe what it holds, not the quant config
-    inputs = getattr(ctx, "inputs", None) or {}
-    workspace = _cfg_get(cfg, "serve.workspace") or (str(inputs["turbomind"] / "workspace") if "turbomind" in inputs else "")
+    quant = quant or quant_label(st)
     info = {"quant": quant, "weight_type": st["weight_type"], "quant_policy": st["quant_policy"],
             "kv_capacity_tokens": st["kv_capacity_tokens"], "session_len": st["session_len"],
             "max_batch_size": st["max_batch_size"], "device": st.get("device", "")}
-    defaults = {"max_tokens": _cfg_get(cfg, "serve.max_new_tokens", 128),
-                "temperature": _cfg_get(cfg, "serve.temperature", 1.0), "top_p": _cfg_get(cfg, "serve.top_p", 1.0),
-                "top_k": _cfg_get(cfg, "serve.top_k", 0),
-                "repetition_penalty": _cfg_get(cfg, "serve.repetition_penalty", 1.0)}
+    defaults = dict(defaults or {})
     app = create_app(engine, model_name=model_name, keys=keys, info=info, defaults=defaults)
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

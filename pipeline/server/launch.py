@@ -1,9 +1,11 @@
 """Start the API server as a real process, for tests and bench/serve.py:
 
     s = ApiServer(workdir, "model=tiny-random", "serve.session_len=256").start()   # free port from its log
+    s = ApiServer.for_workspace(workdir, ws, "--max-batch-size", "8").start()   # python -m pipeline.serve
     s.url, s.health(), s.wait_idle(free_blocks), s.rss(), s.stop()
 
-Runs `python -m pipeline.runner pipeline=serve serve.mode=api serve.api.port=0 ...` on 127.0.0.1.
+Runs `python -m pipeline.runner pipeline=serve serve.mode=api serve.api.port=0 ...` (or `python -m
+pipeline.serve WORKSPACE --port 0 ...`) on 127.0.0.1.
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ class ApiServer:
                     f"cache_dir={cache}", f"hydra.run.dir={self.workdir / 'run'}", *overrides]
         self.proc: subprocess.Popen | None = None
         self.url = ""
+
+    @classmethod
+    def for_workspace(cls, workdir: Path, workspace: Path, *flags: str) -> "ApiServer":
+        s = cls(workdir)
+        s.cmd = [sys.executable, "-m", "pipeline.serve", str(workspace), "--port", "0", *flags]
+        return s
 
     def start(self, timeout: float = 600) -> "ApiServer":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
