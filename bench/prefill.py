@@ -187,7 +187,7 @@ def main():
         T = sum(n for n, _ in layout)
         fp16 = fp16_linears_s(args, T, len(layout), a.reps)
         res["baselines"][L] = {"tokens": T, "fp16_linears_ms": round(fp16 * 1e3, 2),
-                               "cublas_tflops": round(cublas_tflops(T, a.reps), 1), "flops": flops(args, layout)}
+                               "cublas_tflops": float(f"{cublas_tflops(T, a.reps):.4g}"), "flops": flops(args, layout)}
         print(L, res["baselines"][L], flush=True)
     save()
     for row in rows:
