@@ -1,6 +1,8 @@
-"""Benchmark sections for decode attention, RMSNorm, SiLU-mul and rope_kv_write (registered in bench/kernels.py).
+"""Benchmark sections for decode and prefill attention, RMSNorm, SiLU-mul and rope_kv_write (registered in
+bench/kernels.py).
 
     python bench/kernels.py --only attention_decode,attention_aux     # both sections, one GPU call
+    python bench/kernels.py --only attention_prefill                  # BENCH_SWEEP=1: also a few tile configs
     python bench/kernels.py --only attention_decode --quick            # fewer shapes, smoke run
     BENCH_SWEEP=1 python bench/kernels.py --only attention_decode        # also time a few kernel configs
     BENCH_SPLITS=1 python bench/kernels.py --only attention_decode       # also the context split x block_n (B <= 16)
@@ -12,6 +14,12 @@ one run, calls captured in CUDA graphs, small caches rotated through copies so L
 Roofline = the KV bytes (codes + scales) read once at the measured device-to-device copy bandwidth.
 attention_aux: rms_norm (+residual), silu_mul, rope_kv_write against their byte floors and against
 the same computation in eager PyTorch.
+attention_prefill: one layer's prefill attention of a step's chunks (7B shapes: 32 query heads, 32 or 8 KV heads,
+head_dim 128, the engine's 64-token cache blocks, shuffled; fp16 and static int8 KV; chunk layouts 1x2048, 4x512,
+16x128 and 4x512 after 1024 cached tokens): the paged_prefill_attention kernel (one launch from a prebuilt plan)
+against the engine's gather + SDPA path (ModelRunner._batch_plan / _batched_prefill_attention, or its per-chunk
+loop where it does not batch), both eager and in CUDA graphs, caches rotated through copies; the error is against
+paged_prefill_attention_ref (the tests' reference).
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from pipeline.kernels import attention, norm, rope_kv
+from pipeline.kernels import attention, norm, prefill_attention, rope_kv
 
 L2_DEFEAT_BYTES = 256 << 20
 BLOCK = 16
@@ -37,11 +45,11 @@ def _copies(nbytes: int) -> int:
     return max(1, min(64, math.ceil(L2_DEFEAT_BYTES / nbytes)))
 
 
-def _kv(fmt: str, num_blocks: int, n_kv: int, dev):
+def _kv(fmt: str, num_blocks: int, n_kv: int, dev, block: int = BLOCK):
     """One paged K/V pair with its parameters: fmt in fp16, int8, int4, int8_dyn, int4_dyn."""
     bits = 16 if fmt == "fp16" else int(fmt[3])
     mode = "none" if bits == 16 else ("dynamic" if fmt.endswith("_dyn") else "static")
-    shape = (num_blocks, n_kv, BLOCK, D // 2 if bits == 4 else D)
+    shape = (num_blocks, n_kv, block, D // 2 if bits == 4 else D)
     if bits == 16:
         k, v = (torch.empty(shape, dtype=torch.float16, device=dev).normal_() for _ in range(2))
     else:
@@ -51,8 +59,8 @@ def _kv(fmt: str, num_blocks: int, n_kv: int, dev):
         p = {n: torch.rand(n_kv, device=dev) * 0.02 + 0.005 for n in ("k_scale", "v_scale")}
         p.update({n: torch.randn(n_kv, device=dev) * 0.1 for n in ("k_zp", "v_zp")})
     elif mode == "dynamic":
-        p = {n: torch.rand(num_blocks, n_kv, BLOCK, device=dev) * 0.02 + 0.005 for n in ("k_scale", "v_scale")}
-        p.update({n: torch.randn(num_blocks, n_kv, BLOCK, device=dev) * 0.1 for n in ("k_zp", "v_zp")})
+        p = {n: torch.rand(num_blocks, n_kv, block, device=dev) * 0.02 + 0.005 for n in ("k_scale", "v_scale")}
+        p.update({n: torch.randn(num_blocks, n_kv, block, device=dev) * 0.1 for n in ("k_zp", "v_zp")})
     else:
         p = {}
     nbytes = 2 * k.numel() * k.element_size() + sum(t.numel() * 4 for t in p.values())
@@ -233,4 +241,118 @@ def bench_attention_aux(args) -> dict:
     return res
 
 
-SECTIONS = {"attention_decode": bench_attention_decode, "attention_aux": bench_attention_aux}
+PREFILL_BLOCK = 64         # the engine's default cache block (cache_block_seq_len)
+PREFILL_MAX_BLOCKS = 64    # block tables' length: session_len 4096
+PREFILL_LAYOUTS = {"1x2048": ([2048], 0), "4x512": ([512] * 4, 0), "16x128": ([128] * 16, 0),
+                   "4x512+1024": ([512] * 4, 1024)}  # name: (chunk lengths, tokens already cached per sequence)
+
+
+def _sdpa_prefill(H: int, n_kv: int, kv: dict):
+    """The engine's gather + SDPA prefill attention over one layer's cache `kv`: a ModelRunner without weights."""
+    from types import SimpleNamespace
+    from pipeline.engine.model import ModelRunner
+    r = ModelRunner.__new__(ModelRunner)
+    r.args = SimpleNamespace(n_heads=H, n_kv_heads=n_kv, head_dim=D)
+    r.k_cache, r.v_cache = [kv["k"]], [kv["v"]]
+    r.kv = [{"kv_mode": kv["mode"], "kv_bits": kv["bits"], **kv["params"]}]
+    r.kv_mode, r.kv_bits, r.dtype = kv["mode"], kv["bits"], torch.float16
+    r.block_size, r.batched_prefill, r.scale = PREFILL_BLOCK, True, D ** -0.5
+    return r
+
+
+def bench_attention_prefill(args) -> dict:
+    kb = _kb()
+    dev = torch.device("cuda")
+    heads = [(32, 8)] if args.quick else [(32, 32), (32, 8)]
+    sweep = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 8, 3), (128, 4, 2)] if os.environ.get("BENCH_SWEEP") == "1" \
+        else []
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "head_dim": D, "block_size": PREFILL_BLOCK,
+           "timing": "one layer; median of 7; graph: CUDA graph replay, eager: plain launches (host included); "
+                     "ours from a plan built beforehand, sdpa from the engine's per-step index tensors",
+           "rows": [], "notes": []}
+    scale = D ** -0.5
+    for H, n_kv in heads:
+        for fmt in ("fp16", "int8"):
+            for name, (ns, prior) in PREFILL_LAYOUTS.items():
+                torch.manual_seed(len(ns) * 7 + prior + H + n_kv)
+                ctxs = [prior + n for n in ns]
+                need = [-(-c // PREFILL_BLOCK) for c in ctxs]
+                num_blocks = sum(need) + 8
+                perm = torch.randperm(num_blocks)
+                seqs, off, used = [], 0, 0
+                for n, ctx, nb in zip(ns, ctxs, need):
+                    bt = torch.zeros(PREFILL_MAX_BLOCKS, dtype=torch.int32)
+                    bt[:nb] = perm[used:used + nb].int()
+                    seqs.append((off, n, bt, ctx))
+                    off, used = off + n, used + nb
+                T = off
+                q = torch.randn(T, H, D, device=dev, dtype=torch.float16)
+                out = torch.empty_like(q)
+                kv0 = _kv(fmt, num_blocks, n_kv, dev, PREFILL_BLOCK)
+                kvl = [kv0] + [_kv(fmt, num_blocks, n_kv, dev, PREFILL_BLOCK) for _ in range(_copies(kv0["bytes"]) - 1)]
+                keys = sum(ctx - n + i + 1 for n, ctx in zip(ns, ctxs) for i in range(n))
+                row = {"H": H, "n_kv": n_kv, "fmt": fmt, "layout": name, "T": T, "flop": 4 * H * D * keys,
+                       "us": {}, "err": {}}
+
+                def ours(kv, plan, **kw):
+                    return prefill_attention._launch(q, kv["k"], kv["v"], None, scale, kv["mode"], kv["bits"],
+                                                     **kv["params"], plan=plan, out=out, **kw)
+                plan = prefill_attention.prefill_plan(seqs, H, n_kv, D, n_tokens=T, device=dev)
+                ref = prefill_attention.paged_prefill_attention_ref(q, kv0["k"], kv0["v"], seqs, scale, kv0["mode"],
+                                                                    kv0["bits"], **kv0["params"])
+                row["err"]["ours"] = kb.rel_err(ours(kv0, plan), ref.double())
+                for graph in (True, False):
+                    key = "ours" if graph else "ours_eager"
+                    row["us"][key] = 1e6 * kb.time_calls([lambda kv=kv: ours(kv, plan) for kv in kvl], graph=graph)
+                for bm, w, st in sweep:
+                    p = prefill_attention.prefill_plan(seqs, H, n_kv, D, n_tokens=T, block_m=bm, device=dev)
+                    row["us"][f"ours_m{bm}_w{w}_s{st}"] = 1e6 * kb.time_calls(
+                        [lambda kv=kv: ours(kv, p, num_warps=w, num_stages=st) for kv in kvl], graph=True)
+                # the engine's path: index tensors once per step (host), then the per-layer gather + SDPA
+                runners = [_sdpa_prefill(H, n_kv, kv) for kv in kvl]
+                batched = runners[0]._batch_plan(seqs, dev)
+                rows = None if batched is not None else [attention.kv_rows(bt.to(dev), ctx, PREFILL_BLOCK)
+                                                         for _, _, bt, ctx in seqs]
+
+                def sdpa(r):
+                    if batched is not None:
+                        return r._batched_prefill_attention(0, q, batched)
+                    return r._looped_prefill_attention(0, q, seqs, rows)
+                row["err"]["sdpa"] = kb.rel_err(sdpa(runners[0]), ref.double())
+                row["sdpa_path"] = "batched" if batched is not None else "per chunk"
+                for graph in (False, True):
+                    key = "sdpa_graph" if graph else "sdpa"
+                    try:
+                        row["us"][key] = 1e6 * kb.time_calls([lambda r=r: sdpa(r) for r in runners], graph=graph)
+                    except Exception as e:
+                        res["notes"].append(f"{key} H={H}/{n_kv} {fmt} {name}: {e!r}"[:240])
+                res["rows"].append(row)
+                us = row["us"]
+                print(f"H={H}/{n_kv} {fmt} {name}: " + ", ".join(f"{k}={v:.1f}" for k, v in us.items()) +
+                      f" us; ours {row['flop'] / us['ours'] / 1e6:.0f} TFLOP/s; err {row['err']}", flush=True)
+                del kvl, kv0, runners, batched, rows
+                torch.cuda.empty_cache()
+    lines = [f"Prefill attention (one layer), head_dim {D}, paged block {PREFILL_BLOCK}, {res['device']}; "
+             "us per call; x = sdpa path / ours",
+             "H/kv  | KV   | layout     |     T | ours graph | TFLOP/s | ours eager | sdpa eager | sdpa graph | "
+             "x eager | x graph"]
+    for r in res["rows"]:
+        us = r["us"]
+
+        def t(k):
+            return f"{us[k]:10.1f}" if k in us else "         -"
+
+        def x(a, b):
+            return f"{us[a] / us[b]:6.2f}x" if a in us and b in us else "      -"
+        lines.append(f"{r['H']:2}/{r['n_kv']:<2} | {r['fmt']:4} | {r['layout']:10} | {r['T']:5} | {t('ours')} | "
+                     f"{r['flop'] / us['ours'] / 1e6:7.0f} | {t('ours_eager')} | {t('sdpa')} | {t('sdpa_graph')} | "
+                     f"{x('sdpa', 'ours_eager')} | {x('sdpa_graph', 'ours')}")
+        for k in sorted(k for k in us if k.startswith("ours_m")):
+            lines.append(f"      {k}: {us[k]:.1f} us = {us[k] / us['ours']:.2f}x the default")
+    res["table"] = lines
+    return res
+
+
+SECTIONS = {"attention_decode": bench_attention_decode, "attention_aux": bench_attention_aux,
+            "attention_prefill": bench_attention_prefill}

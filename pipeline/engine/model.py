@@ -7,8 +7,9 @@ Usage:
     logits = r.decode(tokens, positions, slots, block_tables, context_lens)   # (B,) -> (B, V) fp32
 
 Per layer: rms_norm (fused residual) -> w_qkv (fp16, W4A16 or W8A8) -> rope_kv_write (rotary + KV quantize +
-paged write) -> attention (decode: paged_decode_attention; prefill: the chunk's queries against the
-sequence's cached KV, dequantized, through SDPA) -> wo -> rms_norm -> w13 -> silu_mul -> w2.
+paged write) -> attention (decode: paged_decode_attention; prefill: every chunk's queries against its
+sequence's cached KV, one paged_prefill_attention launch per layer from a plan built once per step (Triton), else
+the KV gathered, dequantized, through SDPA) -> wo -> rms_norm -> w13 -> silu_mul -> w2.
 W8A8 (weight_type int8): the norms before w_qkv and w13 are fused with the per-token int8 quantization
 of their output (rms_norm_quant); wo and w2 quantize their input per token (quantize_per_token); every
 int8 linear is the int8 GEMM with the token and channel scales in its epilogue.
@@ -26,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.attention import dequant_kv, gather_kv, kv_rows, paged_decode_attention
+from ..kernels.dispatch import use_triton
 from ..kernels.int8_gemm import int8_linear
 from ..kernels.norm import rms_norm, silu_mul
+from ..kernels.prefill_attention import PrefillPlan, paged_prefill_attention, prefill_plan
 from ..kernels.quant_act import rms_norm_quant
 from ..kernels.rope_kv import rope_kv_write
 from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
@@ -296,33 +299,55 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(qs, K, V, attn_mask=plan["mask"], scale=self.scale)
         return o.transpose(1, 2)[plan["out"]]                                     # (T, nh, hd), no host sync
 
-    def prefill(self, tokens, positions, slots, seqs, select=None) -> torch.Tensor:
+    def _looped_prefill_attention(self, l: int, q: torch.Tensor, seqs, rows) -> torch.Tensor:
+        """One SDPA call per chunk over its sequence's cached (dequantized) keys and values; rows: each chunk's
+        `kv_rows`."""
+        G = self.args.n_heads // self.args.n_kv_heads
+        out = torch.empty_like(q)
+        for (off, n, bt, ctx), r in zip(seqs, rows):
+            K, V = (_expand_heads(self._cached_kv(l, w, r).transpose(0, 1), G, 0)[None]
+                    for w in "kv")                                       # (1, nh, ctx, hd)
+            qs = q[off:off + n].transpose(0, 1)[None]                    # (1, nh, n, hd)
+            if n == ctx:    # the whole sequence in this chunk: plain causal (lets SDPA use flash kernels)
+                o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, scale=self.scale)
+            else:           # a later chunk: its queries see every earlier token and their own prefix
+                kpos = torch.arange(ctx, device=q.device)
+                mask = kpos[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]  # (n, ctx)
+                o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, scale=self.scale)
+            out[off:off + n] = o[0].transpose(0, 1)
+        return out
+
+    def prefill_plan(self, seqs, n_tokens: int, max_seqs: Optional[int] = None,
+                     out: Optional[PrefillPlan] = None) -> PrefillPlan:
+        """The prefill attention kernel's plan for a step's chunks, on the runner's device: the step's host work,
+        once for all layers. n_tokens: the step's rows (a bucket: tokens padded up to it); max_seqs: the chunks a
+        plan of this shape holds (default len(seqs)); out: a plan of the same shape to rewrite in place."""
+        a = self.args
+        return prefill_plan(seqs, a.n_heads, a.n_kv_heads, a.head_dim, n_tokens=n_tokens, max_seqs=max_seqs,
+                            block_size=self.block_size, device=self.device, out=out)
+
+    def prefill(self, tokens, positions, slots, seqs, select=None, plan: Optional[PrefillPlan] = None) -> torch.Tensor:
         """Chunks of several sequences, concatenated: tokens/positions/slots (T,). seqs: [(offset, n,
         block_table (max_blocks,) int32, ctx_len)] where the chunk holds the sequence's last n of ctx_len
-        tokens. select: row indices whose logits to return (default: all)."""
-        a = self.args
-        G = a.n_heads // a.n_kv_heads
-
-        batched = self._batch_plan(seqs, q_device=tokens.device)
-        rows = None if batched is not None else [kv_rows(bt.to(tokens.device), ctx, self.block_size)
-                                                 for _, _, bt, ctx in seqs]   # per chunk, shared by the layers
+        tokens. select: row indices whose logits to return (default: all).
+        plan: `prefill_plan(seqs, T)`; when the attention runs on Triton (GPU, interpreter) it is built here if not
+        given, and every layer's attention is one kernel launch from it. A prebuilt plan keeps that host work out
+        of the forward (tokens may be padded past the chunks' rows, up to plan.n_tokens, with slots -1)."""
+        if plan is None and use_triton(tokens, "paged_prefill_attention"):
+            plan = self.prefill_plan(seqs, tokens.shape[0])
+        batched = rows = None
+        if plan is None:
+            batched = self._batch_plan(seqs, q_device=tokens.device)
+            if batched is None:   # per chunk, shared by the layers
+                rows = [kv_rows(bt.to(tokens.device), ctx, self.block_size) for _, _, bt, ctx in seqs]
 
         def attend(l, q, k, v):
             q = rope_kv_write(q, k, v, positions, self.cos, self.sin, self.k_cache[l], self.v_cache[l], slots,
                               **self.kv[l])
+            if plan is not None:
+                return paged_prefill_attention(q, self.k_cache[l], self.v_cache[l], seqs, self.scale, plan=plan,
+                                               **self.kv[l])
             if batched is not None:
                 return self._batched_prefill_attention(l, q, batched)
-            out = torch.empty_like(q)
-            for (off, n, bt, ctx), r in zip(seqs, rows):
-                K, V = (_expand_heads(self._cached_kv(l, w, r).transpose(0, 1), G, 0)[None]
-                        for w in "kv")                                       # (1, nh, ctx, hd)
-                qs = q[off:off + n].transpose(0, 1)[None]                    # (1, nh, n, hd)
-                if n == ctx:    # the whole sequence in this chunk: plain causal (lets SDPA use flash kernels)
-                    o = F.scaled_dot_product_attention(qs, K, V, is_causal=True, scale=self.scale)
-                else:           # a later chunk: its queries see every earlier token and their own prefix
-                    kpos = torch.arange(ctx, device=q.device)
-                    mask = kpos[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]  # (n, ctx)
-                    o = F.scaled_dot_product_attention(qs, K, V, attn_mask=mask, scale=self.scale)
-                out[off:off + n] = o[0].transpose(0, 1)
-            return out
+            return self._looped_prefill_attention(l, q, seqs, rows)
         return self._forward(tokens, attend, select)
