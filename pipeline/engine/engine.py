@@ -37,20 +37,35 @@ from typing import Callable, Optional
 import torch
 
 from ..kernels import pdl
+from ..kernels.dispatch import use_triton
 from ..workspace import QUANT_POLICIES, TOKENIZER, read_config
 from .blocks import BlockManager, blocks_for
 from .handle import RequestHandle, Sequence
 from .model import ModelRunner
 from .params import GenerationOutput, SamplingParams
-from .sampling import sample
+from .sampling import sample, sample_device
 from .text import Detokenizer, chat_prompt
 
 log = logging.getLogger(__name__)
 
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
-            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefix_caching": bool}
+            "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefill_graphs": bool,
+            "prefix_caching": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
+
+
+def _setting(name: str, value):
+    """An override converted to its setting's type; booleans also from "true"/"false"/"1"/"0" strings."""
+    typ = SETTINGS[name]
+    if typ is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"engine override {name}={value!r} is not a boolean (true/false)")
+        return value.lower() in ("true", "1", "yes", "on")
+    try:
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"engine override {name}={value!r} is not a {typ.__name__}") from None
 
 
 def check_request(prompt_ids, params: SamplingParams, session_len: int, vocab_size: int,
@@ -109,6 +124,11 @@ class Engine:
         if dev.type == "cuda" and s.get("cuda_graphs", True):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
+        self.prefill_graphs = None
+        if (dev.type == "cuda" and s.get("cuda_graphs", True) and s.get("prefill_graphs", True)
+                and s.get("tp", 1) == 1 and use_triton(torch.empty(0, device=dev), "paged_prefill_attention")):
+            from .graphs import PrefillGraphs   # whole prefill steps as graphs (needs the Triton attention kernel)
+            self.prefill_graphs = PrefillGraphs(runner, self.max_prefill_tokens, self.max_batch_size, self.max_blocks)
         eos = runner.args.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -122,7 +142,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self._gen = torch.Generator().manual_seed(0)
+        self._gen = torch.Generator(device=dev).manual_seed(0)   # unseeded requests' draws (sampling.py)
         # the engine-core process (core.py) turns these: it sends token ids (its front end detokenizes and checks
         # stop strings), collects outputs through its own handles, and polls its socket after every decode step
         self.detokenize = True
@@ -145,8 +165,9 @@ class Engine:
         if hasattr(self.runner, "warmup_gemms"):
             self.runner.warmup_gemms(sizes)
         n_graphs = self.graphs.capture_all() if self.graphs is not None else 0
-        log.info("warm-up: GEMMs tuned for %d prefill sizes, %d decode graphs captured in %.1f s",
-                 len(sizes), n_graphs, time.perf_counter() - t0)
+        n_prefill = self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
+        log.info("warm-up: GEMMs tuned for %d prefill sizes, %d decode graphs and %d prefill graphs captured in %.1f s",
+                 len(sizes), n_graphs, n_prefill, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -158,7 +179,7 @@ class Engine:
         if bad:
             raise ValueError(f"unknown engine overrides {sorted(bad)}; valid: {sorted(SETTINGS)}")
         settings = {k: c[k] for k in ("session_len", "max_batch_size", "cache_max_entry_count", "cache_block_seq_len")}
-        settings.update({k: SETTINGS[k](v) for k, v in overrides.items()})
+        settings.update({k: _setting(k, v) for k, v in overrides.items()})
         qp = settings.get("quant_policy", c["quant_policy"])
         if qp not in QUANT_POLICIES:
             raise ValueError(f"quant_policy={qp} is not one of {sorted(QUANT_POLICIES)} (0: fp16 KV, 4: int8, 8: int4)")
@@ -186,7 +207,8 @@ class Engine:
         prompt, need = check_request(prompt_ids, params, self.session_len, self.runner.args.vocab_size,
                                      self.blocks.num_blocks * self.block_size)
         rid = next(self._ids) if request_id is None else int(request_id)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._gen
+        gen = self._gen if params.seed is None else \
+            torch.Generator(device=self.runner.device).manual_seed(params.seed)
         detok = Detokenizer(self.tokenizer, params.stop) if self.detokenize else Detokenizer(None, [])
         seq = Sequence(rid, prompt, params, self.handle_factory(self, rid), gen, reserve=need, detok=detok)
         with self._lock:
@@ -336,10 +358,13 @@ class Engine:
     def _slot(self, blocks, pos: int) -> int:
         return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _table(self, blocks) -> torch.Tensor:
+    def _host_table(self, blocks) -> torch.Tensor:
         t = torch.zeros(self.max_blocks, dtype=torch.int32)
         t[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return t.to(self.runner.device)
+        return t
+
+    def _table(self, blocks) -> torch.Tensor:
+        return self._host_table(blocks).to(self.runner.device)
 
     def _dev(self, *lists):
         """Host int lists -> int64 device tensors (tokens, positions, slots, ...)."""
@@ -349,7 +374,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
-        if self.lookahead and all(s.params.temperature == 0 and s.params.repetition_penalty == 1.0 for s in seqs) \
+        if self.lookahead and all(s.params.repetition_penalty == 1.0 for s in seqs) \
                 and len(seqs) == len(self.running) and not self.waiting:
             return self._decode_ahead(seqs)
         t0 = time.perf_counter()
@@ -373,21 +398,21 @@ class Engine:
         return tokens, positions, slots, bt, ctx
 
     def _decode_ahead(self, seqs: list[Sequence]) -> None:
-        """Greedy decode steps for a batch that nothing else is waiting on, each step queued on the device before
-        the host reads the previous one's tokens: the step's input tokens are the argmax its predecessor wrote on
-        the device, so the host's per-token work (reading tokens, stop checks, streaming, the next step's
+        """Decode steps (greedy or sampled; no repetition penalty) for a batch that nothing else is waiting on, each
+        step queued on the device before the host reads the previous one's tokens: the step's input tokens are
+        the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators), so the host's per-token work (reading tokens, stop checks, streaming, the next step's
         inputs) overlaps the device's step instead of idling it. Runs while the batch stays the same and every
         sequence has room for one more token; a new request, a cancel or a finished sequence ends it after the
         step in flight (its tokens are kept for the sequences still running; a finished sequence's extra token
         is dropped, and its extra KV row lies in blocks it still owned)."""
         pos = [s.n_tokens - 1 for s in seqs]
-        pending = self._launch_greedy(seqs, pos, [s.last_token for s in seqs])
+        pending = self._launch_step(seqs, pos, [s.last_token for s in seqs])
         while True:
             t0 = time.perf_counter()
             nxt = [p + 1 for p in pos]
             ahead = not (self._inbox or self._cancels or self._stopping) and all(
                 self._room_for_two(s, p) for s, p in zip(seqs, nxt))
-            following = self._launch_greedy(seqs, nxt, None) if ahead else None
+            following = self._launch_step(seqs, nxt, None) if ahead else None
             toks = pending()
             for s in seqs:
                 s.n_cached += 1
@@ -412,16 +437,26 @@ class Engine:
         return (next_pos < len(s.blocks) * self.block_size and s.n_tokens + 2 <= self.session_len
                 and len(s.out_ids) + 2 <= s.params.max_new_tokens)
 
-    def _launch_greedy(self, seqs: list[Sequence], pos: list[int], tokens: Optional[list[int]]):
-        """Queue one greedy decode step; tokens=None: the inputs are the tokens the previous step wrote on the
-        device. Returns a function that waits for this step only and gives its tokens (host ints)."""
+    def _launch_step(self, seqs: list[Sequence], pos: list[int], tokens: Optional[list[int]]):
+        """Queue one decode step and its token choice on the device (greedy: the graph's own argmax; sampled:
+        `sample_device`), leaving the chosen tokens where the next step reads its inputs; tokens=None: this step's
+        inputs are the tokens the previous one left. Returns a function that waits for this step only and gives
+        its tokens (host ints)."""
         n = len(seqs)
+        greedy = all(s.params.temperature == 0 for s in seqs)
         tok = self._dev(tokens)[0] if tokens is not None else None
         if self.graphs is not None:   # tok None: the graph's input buffer already holds them
-            out = self.graphs.run_greedy(*self._step_inputs(seqs, pos, tok), max_context=max(pos) + 1)
+            inputs = self._step_inputs(seqs, pos, tok)
+            if greedy:
+                out = self.graphs.run_greedy(*inputs, max_context=max(pos) + 1)
+            else:
+                out = sample_device(self.graphs.run(*inputs, max_context=max(pos) + 1), [s.params for s in seqs],
+                                    [s.generator for s in seqs])
+                self.graphs.tokens[:n].copy_(out)      # the next replay's inputs
         else:
-            out = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
-            out = out.argmax(-1)
+            logits = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
+            out = logits.argmax(-1) if greedy else sample_device(logits, [s.params for s in seqs],
+                                                                 [s.generator for s in seqs])
             self._next[:n].copy_(out)
         if self.runner.device.type != "cuda":
             host = out.tolist()
@@ -460,8 +495,13 @@ class Engine:
         prof = _profiler()
         if prof is not None:
             prof.enable()
-        sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
-        logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
+        pg = self.prefill_graphs
+        if pg is not None and pg.fits(len(tokens), len(meta)):   # the whole step is one graph launch
+            host_meta = [(off, n, self._host_table(s.blocks), ctx) for (off, n, _, ctx), (s, _, _) in zip(meta, chunks)]
+            logits = pg.run(tokens, positions, slots, host_meta, select or [0])[:len(select)]
+        else:
+            sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
+            logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
         self.steps["prefill_enqueue_s"] += time.perf_counter() - t0   # near prefill_s: the host is the bound
         self._register_prompt_blocks(chunks)   # before sampling, which may finish a sequence (and free its blocks)
         if done:

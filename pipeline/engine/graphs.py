@@ -16,6 +16,8 @@ Usage:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -108,3 +110,97 @@ class DecodeGraphs:
             self.tokens[:b].copy_(tok)   # the next step's inputs, for greedy decoding queued ahead (run_greedy)
         self.pool = g.pool()
         self.graphs[b, c], self.outputs[b, c] = g, (out, tok)
+
+
+PREFILL_MIN_BUCKET = 16
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Token-count buckets of the prefill graphs: 16, 24, 32, 48, 64, ... (powers of two and 1.5x between them, so
+    padding wastes at most a third), the last one max_tokens."""
+    out, b = [], PREFILL_MIN_BUCKET
+    while b < max_tokens:
+        out += [b] + ([b * 3 // 2] if b * 3 // 2 < max_tokens else [])
+        b *= 2
+    return out + [max_tokens]
+
+
+class PrefillGraphs:
+    """CUDA graphs of a whole prefill step, one per token-count bucket: every layer's linears, norms, rotary + KV
+    write and the paged prefill attention kernel (one launch per layer, its tiling read from a plan buffer), then
+    the logits of the rows that sample. A step of T tokens in C chunks replays the smallest bucket >= T (C <=
+    max_seqs): one host->device copy of its inputs, one of its plan, one graph launch, instead of ~30 launches
+    per layer. Padding rows write no KV (slot -1) and their attention rows are zeros.
+
+    Usage:
+        pg = PrefillGraphs(runner, max_tokens=2048, max_seqs=32, max_blocks=64)
+        logits = pg.run(tokens, positions, slots, seqs, select)   # host lists; seqs as ModelRunner.prefill takes
+    """
+
+    def __init__(self, runner, max_tokens: int, max_seqs: int, max_blocks: int):
+        self.runner, self.max_seqs, self.max_blocks = runner, max_seqs, max_blocks
+        self.buckets = prefill_buckets(max_tokens)
+        self.graphs, self.io, self.plans, self.outputs, self.pool = {}, {}, {}, {}, None
+        self.staging: dict[int, torch.Tensor] = {}   # pinned host copies of each bucket's inputs
+
+    def bucket(self, n: int) -> Optional[int]:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    def fits(self, n_tokens: int, n_seqs: int) -> bool:
+        return n_seqs <= self.max_seqs and self.bucket(n_tokens) is not None
+
+    def _views(self, b: int):
+        io = self.io[b]                       # int64 [tokens (b) | positions (b) | slots (b) | select (max_seqs)]
+        return io[:b], io[b:2 * b], io[2 * b:3 * b], io[3 * b:]
+
+    def _fill(self, b: int, tokens, positions, slots, seqs, select) -> None:
+        T, S = len(tokens), len(select)
+        host = self.staging[b]
+        host.zero_()
+        host[2 * b:3 * b].fill_(-1)                                        # padding rows write no KV
+        host[:T] = torch.tensor(tokens)
+        host[b:b + T] = torch.tensor(positions)
+        host[2 * b:2 * b + T] = torch.tensor(slots)
+        host[3 * b:3 * b + S] = torch.tensor(select)
+        self.io[b].copy_(host, non_blocking=True)   # the step syncs (sampling) before this buffer is reused
+        self.runner.prefill_plan(seqs, b, max_seqs=self.max_seqs, out=self.plans[b])
+
+    def run(self, tokens: list[int], positions: list[int], slots: list[int], seqs, select: list[int]) -> torch.Tensor:
+        """-> logits (len(select), V) fp32 of the selected rows (select non-empty: callers with nothing to sample
+        pass [0] and drop the row)."""
+        b = self.bucket(len(tokens))
+        if b not in self.graphs:
+            self._capture(b)
+        self._fill(b, tokens, positions, slots, seqs, select)
+        self.graphs[b].replay()
+        return self.outputs[b][:len(select)]
+
+    def capture_all(self) -> int:
+        for b in self.buckets:
+            if b not in self.graphs:
+                self._capture(b)
+        return len(self.graphs)
+
+    def _capture(self, b: int) -> None:
+        r, dev = self.runner, self.runner.device
+        self.io[b] = torch.zeros(3 * b + self.max_seqs, dtype=torch.long, device=dev)
+        self.staging[b] = torch.zeros(3 * b + self.max_seqs, dtype=torch.long, pin_memory=True)
+        table = torch.zeros(self.max_blocks, dtype=torch.int32, device=dev)
+        dummy = [(0, b, table, b)]                                         # slots -1: nothing is written
+        self.plans[b] = r.prefill_plan(dummy, b, max_seqs=self.max_seqs)
+        self._fill(b, [0] * b, list(range(b)), [-1] * b, dummy, [0])
+        tokens, positions, slots, select = self._views(b)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):   # warm-up: compiles and GEMM tuning for this row count, outside the capture
+            for _ in range(2):
+                r.prefill(tokens, positions, slots, dummy, select, plan=self.plans[b])
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = r.prefill(tokens, positions, slots, dummy, select, plan=self.plans[b])
+        self.pool = g.pool()
+        self.graphs[b], self.outputs[b] = g, out

@@ -1,4 +1,7 @@
-"""Next-token choice per row: repetition penalty, temperature, top-k, top-p, seeded sampling, greedy."""
+"""Next-token choice per row: repetition penalty, temperature, top-k, top-p, seeded sampling, greedy.
+
+`sample_device` chooses on the logits' device without a host sync, so a decode step of sampled requests can be
+queued ahead of the host (Engine._decode_ahead); `sample` is the host-facing form (repetition penalty, ints)."""
 from __future__ import annotations
 
 import torch
@@ -40,11 +43,32 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     return logits
 
 
+def sample_device(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """logits (B, V) -> tokens (B,) int64 on logits' device, with no host sync (a decode step can be queued behind
+    it): argmax for temperature 0; else temperature, top-k / top-p, and a draw by the exponential race
+    (argmax of p / E with E ~ Exp(1) i.i.d. per token picks token v with probability p_v), E drawn from the row's
+    own generator (on logits' device): a seeded request gives the same tokens whatever else is in the batch."""
+    logits = logits.float()
+    out = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        dev = logits.device
+        idx = torch.tensor(rows, device=dev)
+        temps = torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
+        sub = filter_top_k_top_p(logits[idx] / temps, [params[i].top_k for i in rows],
+                                 [params[i].top_p for i in rows])
+        probs = sub.softmax(-1)
+        race = torch.empty_like(probs)
+        for j, i in enumerate(rows):
+            race[j].exponential_(generator=generators[i])
+        out[idx] = (probs / race).argmax(-1)
+    return out
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
            generators: list[torch.Generator]) -> list[int]:
-    """logits (B, V) -> one token per row: repetition penalty (rows that use it), then argmax for temperature
-    0, else temperature, top-k / top-p and a draw from the row's own CPU generator (seeded requests give the same
-    tokens whatever else is in the batch)."""
+    """logits (B, V) -> one token per row (host ints): repetition penalty (rows that use it), then `sample_device`."""
     logits = logits.float()
     if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
         return logits.argmax(-1).tolist()
@@ -53,13 +77,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[i
         logits = logits.clone()
         for i in pen:
             logits[i] = apply_repetition_penalty(logits[i], seen[i], params[i].repetition_penalty)
-    out = logits.argmax(-1).tolist()
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
-    if rows:
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
-        sub = filter_top_k_top_p(logits[rows] / temps, [params[i].top_k for i in rows],
-                                 [params[i].top_p for i in rows])
-        probs = sub.softmax(-1).cpu()                                                      # one copy for all rows
-        for j, i in enumerate(rows):
-            out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
-    return out
+    return sample_device(logits, params, generators).tolist()

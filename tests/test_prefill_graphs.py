@@ -1,0 +1,76 @@
+"""Whole prefill steps as CUDA graphs per token bucket (pipeline/engine/graphs.py PrefillGraphs): the buckets,
+the padded step they replay (CPU, Triton's interpreter: padding rows change nothing), and on a GPU the graph's
+logits and the engine's tokens against eager prefill."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.engine import Engine, SamplingParams
+from pipeline.engine.graphs import prefill_buckets
+from test_engine import ARGS, PROMPTS, tiny  # noqa: F401 - the module's workspace fixture
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(2048) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert prefill_buckets(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert prefill_buckets(16) == [16]
+    b = prefill_buckets(2048)
+    assert all(y <= 1.5 * x for x, y in zip(b, b[1:]))        # padding at most a third of a bucket
+
+
+def chunks(eng, gen):
+    """A step of two whole prompts and a later chunk of a third (its first 16 tokens prefilled before)."""
+    r = eng.runner
+    blocks = {i: list(range(4 * i, 4 * i + 4)) for i in range(3)}
+    first = torch.randint(0, ARGS.vocab_size, (16,), generator=gen)
+    r.prefill(first, torch.arange(16), torch.tensor([eng._slot(blocks[1], p) for p in range(16)]),
+              [(0, 16, eng._table(blocks[1]), 16)])
+    tokens, pos, slots, meta = [], [], [], []
+    for i, (n, ctx) in enumerate([(9, 9), (4, 20), (17, 17)]):
+        meta.append((len(tokens), n, eng._table(blocks[i]), ctx))
+        tokens += torch.randint(0, ARGS.vocab_size, (n,), generator=gen).tolist()
+        pos += list(range(ctx - n, ctx))
+        slots += [eng._slot(blocks[i], p) for p in range(ctx - n, ctx)]
+    return tokens, pos, slots, meta
+
+
+@pytest.mark.parametrize("qp", [0, 4])
+def test_padded_step_with_a_bucket_plan_equals_the_step(tiny, qp):  # noqa: F811
+    """What a graph replays: tokens padded to the bucket (slot -1, position 0), a plan for the bucket and for
+    more chunks than the step has, fixed-size select: the selected rows' logits equal the unpadded step's."""
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256, "quant_policy": qp})
+    r = eng.runner
+    tokens, pos, slots, meta = chunks(eng, torch.Generator().manual_seed(0))
+    T, b, S = len(tokens), 48, 8
+    select = [8, 12, T - 1]
+    ref = r.prefill(torch.tensor(tokens), torch.tensor(pos), torch.tensor(slots), meta, torch.tensor(select))
+    pad = b - T
+    plan = r.prefill_plan(meta, b, max_seqs=S)
+    got = r.prefill(torch.tensor(tokens + [0] * pad), torch.tensor(pos + [0] * pad), torch.tensor(slots + [-1] * pad),
+                    meta, torch.tensor(select + [0] * (S - len(select))), plan=plan)
+    assert got.shape == (S, ARGS.vocab_size)
+    assert (got[:3] - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qp", [0, 4])
+def test_gpu_prefill_graph_logits_and_tokens_equal_eager(tiny, qp):  # noqa: F811
+    opts = {"session_len": 256, "max_batch_size": 4, "max_prefill_tokens": 64, "quant_policy": qp}
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
+    pg = eng.prefill_graphs
+    assert pg is not None and set(pg.graphs) == set(pg.buckets) == {16, 24, 32, 48, 64}
+    tokens, pos, slots, meta = chunks(eng, torch.Generator().manual_seed(1))
+    select = [8, 12, len(tokens) - 1]
+    ref = eng.runner.prefill(*eng._dev(tokens, pos, slots), meta, torch.tensor(select, device="cuda"))
+    host_meta = [(o, n, bt.cpu(), c) for o, n, bt, c in meta]
+    got = pg.run(tokens, pos, slots, host_meta, select)
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+    eager = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "prefill_graphs": False})
+    assert eager.prefill_graphs is None
+    p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = PROMPTS + [list(range(3, 90))]                        # 90 tokens: two chunks of a 64-token step
+    a, b = eng.generate(prompts, p), eager.generate(prompts, p)
+    assert sum(x == y for x, y in zip(a, b)) >= len(a) - 1, (a, b)  # fp16 GEMMs at another M may flip one argmax
+    assert eng.steps["prefill_steps"] > 0
