@@ -1,24 +1,79 @@
 """Serving throughput over HTTP: N concurrent streaming clients against the API server, the same engine at
-batch 1 (one client), and `transformers` generate with the same batch, all in one run.
+batch 1 (one client), a shared-prefix workload with prefix caching on and off, and `transformers` (static
+`generate` and continuous batching) on the same requests, all in one run; with the workload's roofline.
 
-    python bench/serve.py                                          # GPU: synthetic-llama2-7b, w4a16_kv8, 32 clients
+    python bench/serve.py        # GPU: synthetic-llama2-7b, w4a16_kv8, 32 clients, 128 requests, prefix workload, peers
     python bench/serve.py --model tiny-random --quant fp16 --clients 4 --requests 8 --batch1 2 --prompt-len 16:64 \\
-        --output-len 8:32 --device cpu                             # a smoke run on a CPU
+        --output-len 8:32 --prefix-len 128 --prefix-requests 8 --question-len 8:32 --device cpu   # a CPU smoke run
 
 Workload (seeded): prompt lengths ~ uniform integers in --prompt-len, output lengths ~ uniform integers in
 --output-len; prompts are random token ids (/v1/completions with a token-id prompt, so lengths are exact)
 and every request runs to its output length (ignore_eos). Clients pull requests from one queue, each
 keeping one request in flight. Per request: TTFT (send -> first token) and ITL (gaps between tokens,
 from stream_options.continuous_usage_stats: one SSE chunk per engine step, with its token count).
+The warm-up (4 requests) and batch-1 (--batch1) requests come from the same distributions but are other
+prompts than the batched run's: prefix caching is on, and a prompt sent again would hit the cache.
 The workspace is built by the pipeline (quant.search/clip off and a small calibration set by default:
 weights are random, so only their format matters for speed). Writes <out>/serve_<model>_<quant>.json
-(out = --out, else $OUT, else bench/results) and prints a table last.
+(out = --out, else $OUT, else bench/results) after each part, so a run cut short keeps what it measured,
+and prints a table last.
+
+Shared-prefix workload (--no-prefix skips it): --prefix-requests prompts, each = one shared random prefix of
+--prefix-len tokens (seeded) + its own random question of U(--question-len) tokens; outputs U(--prefix-output-len,
+default --output-len). The first --prefix-lead requests (default 1: the one that fills the cache) go alone,
+then the rest with --clients concurrent clients; every request counts in the reported numbers. (With
+--prefix-lead 0 the first wave of --clients requests is admitted before any prefix block is computed, and all
+of it misses.) It runs on the main server (serve.prefix_caching=true, after the runs above) and then on a second
+server, started after the first stops (GPU memory), with the same overrides + serve.prefix_caching=false (the
+same cached workspace), after the main warm-up. Right before the measured run, both servers get a warm-up of
+4 requests of the same shape with another shared prefix, sent the same way (so the cache-hit path is warm, and
+no measured request hits a block the warm-up brought).
+Reported for each: TTFT p50/p90/p99, output tok/s, the server's prefix-cache hit rate over the run (prompt
+tokens reused / prompt tokens looked up, from the `prefix_cache` counters of /health; None where the server
+has none), and TTFT p50 (off) / TTFT p50 (on).
+
+transformers peers (--no-hf skips both): LlamaForCausalLM with random weights of the workspace's shape, fp16
+on GPU, fp32 on CPU. `generate`: the first --clients requests as one left-padded batch, generated to the
+longest output length (useful tokens counted). Continuous batching (paged attention): the
+ContinuousBatchingManager that `model.generate_batch` drives, fed the batched run's requests with --clients
+in flight (the engine's max_batch_size), each with its own max_new_tokens (generate_batch takes one
+max_new_tokens for all: that would generate to the longest for every request), greedy, EOS off; its wall
+starts at the first request (the manager's set-up and CUDA-graph warm-up are stored apart). A failure of
+either row is stored as an error string.
+
+Roofline (`model_costs`, `roofline`; for the batched and batch-1 runs): a bound on the wall with no overlap
+between prefill and decode, from the workspace's config.ini. V = vocab, d = hidden size, A = n_heads * head_dim.
+  N = parameters of the layers' linears (q, k, v, o, gate, up, down); embeddings, lm_head, norms and biases not in N.
+  prefill (compute bound): FLOPs = 2 N sum(prompt_len) + 2 V d n_requests (lm_head at the last position)
+      + attention 2 * 2 n_layers A sum(prompt_len (prompt_len + 1) / 2) (QK^T and PV, causal);
+      time = FLOPs / --peak-tflops.
+  decode: the first output token comes from prefill: decode tokens = sum(output_len - 1), and the j-th decode
+      token of a request reads the KV of context prompt_len + j. steps = decode tokens / B, B = the mean decode
+      batch the engine ran (its step counters: decode_tokens / decode_steps);
+      bytes = steps * weight bytes + KV bytes per token * sum of the contexts;
+      FLOPs = 2 (N + V d) decode tokens + attention 2 * 2 n_layers A sum of the contexts;
+      time = max(bytes / --peak-tbps, FLOPs / --peak-tflops).
+  weight bytes (read once per decode step): the linears in their format (int4: 0.5 B/param + an fp16 scale and
+      zero per group of group_size inputs; int8: 1 B/param + an fp16 scale per output channel; fp16/bf16:
+      2 B/param) + the 16-bit lm_head (2 V d); the embedding table is gathered, not read. KV bytes per token:
+      2 (K, V) n_layers n_kv_heads (head_dim * KV bits / 8, 16-bit KV as 2 bytes, + 2 * 4 B of fp32 scale and
+      zero point when kv_mode is dynamic). The sum of the workspace's weight files (less the embeddings) is
+      stored beside it as a check.
+  roofline s = prefill + decode; roofline output tok/s = sum(output_len) / roofline s;
+  fraction = measured output tok/s / roofline output tok/s.
+  Defaults: 660 TFLOP/s (an H100's measured dense fp16) and 3.0 TB/s. Llama-2-7B w4a16_kv8 (group 64), the
+  default workload (128 requests, prompts U[128, 1024], outputs U[64, 256]) at B = 32, in expectation:
+  prefill 1.47 s + decode 2.01 s = 3.48 s, 5,890 output tok/s; the seed-0 draw of it: 3.52 s, 5,870 tok/s
+  (tests/test_bench_serve.py checks this).
+Prefill host share (every engine run, shown for the batched one): prefill_enqueue_s / prefill_s from the
+engine's step counters: the part of the prefill steps' time the host spent issuing launches (target <= 25%).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import statistics
@@ -29,16 +84,23 @@ from pathlib import Path
 
 import httpx
 
+# the repository, not bench/ (a script's folder comes first in sys.path): bench/kernels.py would shadow the
+# `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.server.launch import REPO, ApiServer  # noqa: E402
 
 FAST_BUILD = ["quant.search=false", "quant.clip=false", "quant.calib.samples=8", "quant.calib.seqlen=512"]
+WARMUP_REQUESTS = 4
+HF_CB_DEADLINE_S = 180      # the continuous-batching row gives up (an error string) past this
 
 
-def workload(n: int, prompt_len: tuple, output_len: tuple, vocab: int, seed: int) -> list[dict]:
+def workload(n: int, prompt_len: tuple, output_len: tuple, vocab: int, seed, prefix_len: int = 0) -> list[dict]:
+    """n requests; with prefix_len, every prompt starts with the same random prefix of that many tokens."""
     rng = random.Random(seed)
-    return [{"prompt": [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_len))],
+    prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+    return [{"prompt": prefix + [rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_len))],
              "max_tokens": rng.randint(*output_len)} for _ in range(n)]
 
 
@@ -74,8 +136,19 @@ async def one_request(c: httpx.AsyncClient, model: str, req: dict) -> dict:
     return {"ttft": times[0] - t0, "itl": itl, "tokens": counts[-1], "latency": times[-1] - t0}
 
 
-async def drive(url: str, model: str, reqs: list[dict], clients: int) -> dict:
-    """`clients` concurrent streaming clients over the request list; throughput and latency percentiles."""
+def cache_delta(h0: dict, h1: dict):
+    """The server's prefix-cache counters over a run (None where /health has no `prefix_cache`)."""
+    a, b = h0.get("prefix_cache"), h1.get("prefix_cache")
+    if not a or not b:
+        return None
+    q, hits = b.get("queries", 0) - a.get("queries", 0), b.get("hits", 0) - a.get("hits", 0)
+    return {"enabled": b.get("enabled"), "queries": q, "hits": hits, "hit_rate": hits / q if q else 0.0,
+            "evictions": b.get("evictions", 0) - a.get("evictions", 0), "cached_blocks": b.get("cached_blocks")}
+
+
+async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int = 0) -> dict:
+    """`clients` concurrent streaming clients over the request list (the first `lead` requests sent alone,
+    one after the other, before them); throughput and latency percentiles over every request."""
     queue: asyncio.Queue = asyncio.Queue()
     for r in reqs:
         queue.put_nowait(r)
@@ -90,33 +163,111 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int) -> dict:
             while True:
                 running.append((await c.get("/health")).json()["running"])
                 await asyncio.sleep(0.25)
-        steps0 = (await c.get("/health")).json()["steps"]
+        h0 = (await c.get("/health")).json()
         sampler = asyncio.ensure_future(sample_batch())
         t0 = time.perf_counter()
+        for _ in range(min(lead, len(reqs))):
+            results.append(await one_request(c, model, queue.get_nowait()))
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - t0
         sampler.cancel()
-        steps1 = (await c.get("/health")).json()["steps"]
-    steps = {k: steps1[k] - steps0[k] for k in steps0}   # the engine's own account of this run's work
+        h1 = (await c.get("/health")).json()
+    steps = {k: h1["steps"][k] - h0["steps"][k] for k in h0["steps"]}   # the engine's own account of this run
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft = [r["ttft"] for r in ok]
     itl = [x for r in ok for x in r["itl"]]
     out_tokens = sum(r["tokens"] for r in ok)
+    enqueue = steps.get("prefill_enqueue_s")
     return {"clients": clients, "requests": len(reqs), "ok": len(ok), "errors": errors[:5], "n_errors": len(errors),
             "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens_per_s": out_tokens / wall,
             "output_tokens": out_tokens, "prompt_tokens": sum(len(r["prompt"]) for r in reqs),
             "ttft_ms": {p: 1e3 * pct(ttft, p) for p in (50, 90, 99)},
             "itl_ms": {p: 1e3 * pct(itl, p) for p in (50, 90, 99)},
-            "mean_running_batch": statistics.mean(running) if running else 0.0, "engine_steps": steps,
+            "lead_requests": min(lead, len(reqs)),
+            "lead_ttft_ms": [1e3 * r.get("ttft", math.nan) for r in results[:lead]],
+            "mean_running_batch": statistics.mean(running) if running else 0.0,
+            "mean_decode_batch": steps["decode_tokens"] / steps["decode_steps"] if steps["decode_steps"] else 0.0,
+            "engine_steps": steps, "prefix_cache": cache_delta(h0, h1),
             "prefill_tokens_per_s": steps["prefill_tokens"] / max(steps["prefill_s"], 1e-9),
             "decode_tokens_per_s_in_steps": steps["decode_tokens"] / max(steps["decode_s"], 1e-9),
-            "prefill_share_of_wall": steps["prefill_s"] / wall, "decode_share_of_wall": steps["decode_s"] / wall}
+            "prefill_share_of_wall": steps["prefill_s"] / wall, "decode_share_of_wall": steps["decode_s"] / wall,
+            "prefill_host_share": enqueue / steps["prefill_s"] if enqueue is not None and steps["prefill_s"] > 0
+            else None}
 
 
-def hf_generate(ws: Path, reqs: list[dict], device: str) -> dict:
-    """transformers LlamaForCausalLM (fp16 on GPU, fp32 on CPU; random weights of the workspace's shape)
-    generating the same requests as one left-padded batch to the longest output length."""
+# ------------------------------------------------------------------------------------ roofline
+def model_costs(cfg: dict) -> dict:
+    """What the roofline needs from a workspace's config.ini (read_config): see the module doc."""
+    from pipeline.workspace import QUANT_POLICIES
+    d, L, hd = cfg["hidden_units"], cfg["num_layer"], cfg["size_per_head"]
+    A, kv = cfg["head_num"] * hd, cfg["kv_head_num"] * hd
+    linears = [(d, A + 2 * kv), (A, d), (d, 2 * cfg["inter_size"]), (cfg["inter_size"], d)]   # (K in, N out)
+    wt, g = cfg["weight_type"], cfg["group_size"]
+
+    def nbytes(k: int, n: int) -> float:
+        if wt == "int4":
+            return k * n / 2 + 2 * 2 * (k / g) * n      # packed nibbles + fp16 scale and zero per group
+        if wt == "int8":
+            return k * n + 2 * n                        # + an fp16 scale per output channel
+        return 2 * k * n
+    lm_head = cfg["vocab_size"] * d
+    bits = QUANT_POLICIES[cfg["quant_policy"]]
+    side = 2 * 4 if cfg.get("kv_mode") == "dynamic" else 0
+    return {"n_params": L * sum(k * n for k, n in linears), "lm_head_params": lm_head, "n_layers": L, "attn_dim": A,
+            "weight_bytes": L * sum(nbytes(k, n) for k, n in linears) + 2 * lm_head,
+            "kv_bytes_per_token": 2 * L * cfg["kv_head_num"] * (hd * (2 if bits == 16 else bits / 8) + side),
+            "weight_type": wt, "group_size": g, "kv_bits": bits, "kv_mode": cfg.get("kv_mode")}
+
+
+def weight_file_bytes(ws: Path) -> int:
+    """The workspace's weight files as read per decode step: all but the embedding table (unless it is the
+    tied lm_head) and the static KV scales."""
+    from pipeline.workspace import WEIGHTS
+    files = [f for f in (Path(ws) / WEIGHTS).iterdir() if f.is_file() and f.name != "config.ini"]
+    tied = not any(f.name == "output.weight" for f in files)
+    return sum(f.stat().st_size for f in files if "past_kv_scale" not in f.name
+               and (tied or f.name != "tok_embeddings.weight"))
+
+
+def roofline(prompt_lens: list, output_lens: list, costs: dict, mean_batch: float, peak_tflops: float,
+             peak_tbps: float) -> dict:
+    """The workload's roofline (module doc): seconds, output tok/s, and the terms they come from."""
+    c, flops_s, bytes_s = costs, peak_tflops * 1e12, peak_tbps * 1e12
+    causal = sum(p * (p + 1) / 2 for p in prompt_lens)
+    prefill_flops = (2 * c["n_params"] * sum(prompt_lens) + 2 * c["lm_head_params"] * len(prompt_lens)
+                     + 2 * 2 * c["n_layers"] * c["attn_dim"] * causal)
+    decode_tokens = sum(max(0, o - 1) for o in output_lens)
+    contexts = sum((o - 1) * p + (o - 1) * o / 2 for p, o in zip(prompt_lens, output_lens) if o > 1)
+    steps = decode_tokens / max(mean_batch, 1.0)
+    weight_bytes, kv_bytes = steps * c["weight_bytes"], contexts * c["kv_bytes_per_token"]
+    decode_flops = (2 * (c["n_params"] + c["lm_head_params"]) * decode_tokens
+                    + 2 * 2 * c["n_layers"] * c["attn_dim"] * contexts)
+    prefill = prefill_flops / flops_s
+    decode = max((weight_bytes + kv_bytes) / bytes_s, decode_flops / flops_s)
+    total = prefill + decode
+    return {"roofline_s": total, "roofline_output_tokens_per_s": sum(output_lens) / total if total else 0.0,
+            "prefill_s": prefill, "decode_s": decode, "prefill_flops": prefill_flops, "decode_flops": decode_flops,
+            "decode_tokens": decode_tokens, "decode_steps": steps, "mean_batch": mean_batch,
+            "mean_context": contexts / decode_tokens if decode_tokens else 0.0,
+            "decode_weight_bytes": weight_bytes, "decode_kv_bytes": kv_bytes,
+            "decode_bound": "memory" if (weight_bytes + kv_bytes) / bytes_s >= decode_flops / flops_s else "compute",
+            "peak_tflops": peak_tflops, "peak_tbps": peak_tbps}
+
+
+def run_roofline(run: dict, reqs: list[dict], costs: dict, args) -> dict:
+    """The roofline of an engine run's requests at the run's measured mean decode batch, and the fraction of
+    its output tok/s that the run reached."""
+    r = roofline([len(q["prompt"]) for q in reqs], [q["max_tokens"] for q in reqs], costs,
+                 run["mean_decode_batch"] or 1.0, args.peak_tflops, args.peak_tbps)
+    rate = r["roofline_output_tokens_per_s"]
+    r["fraction_reached"] = run["output_tokens_per_s"] / rate if rate else None
+    return r
+
+
+# ------------------------------------------------------------------------------------ transformers peers
+def hf_model(ws: Path, device: str):
+    """transformers LlamaForCausalLM, random weights of the workspace's shape (fp16 on GPU, fp32 on CPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -128,9 +279,22 @@ def hf_generate(ws: Path, reqs: list[dict], device: str) -> dict:
                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def hf_generate(model, reqs: list[dict], device: str) -> dict:
+    """transformers `generate` on the requests as one left-padded batch to the longest output length."""
+    import torch
     T = max(len(r["prompt"]) for r in reqs)
     ids = torch.zeros(len(reqs), T, dtype=torch.long)
     mask = torch.zeros(len(reqs), T, dtype=torch.long)
@@ -141,27 +305,98 @@ def hf_generate(ws: Path, reqs: list[dict], device: str) -> dict:
     new = max(r["max_tokens"] for r in reqs)
 
     def run(n: int) -> float:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         return time.perf_counter() - t0
     run(2)                                                     # warm-up
     prefill, total = run(1), run(new)
     useful = sum(r["max_tokens"] for r in reqs)
-    res = {"batch": len(reqs), "max_new_tokens": new, "wall_s": total, "ttft_ms_batch": 1e3 * prefill,
-           "itl_ms": 1e3 * (total - prefill) / max(1, new - 1), "output_tokens_per_s": useful / total,
-           "padded_tokens_per_s": len(reqs) * new / total, "requests_per_s": len(reqs) / total,
-           "dtype": str(dtype).removeprefix("torch.")}
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return res
+    return {"batch": len(reqs), "max_new_tokens": new, "wall_s": total, "ttft_ms_batch": 1e3 * prefill,
+            "itl_ms": 1e3 * (total - prefill) / max(1, new - 1), "output_tokens_per_s": useful / total,
+            "padded_tokens_per_s": len(reqs) * new / total, "requests_per_s": len(reqs) / total,
+            "dtype": str(model.dtype).removeprefix("torch.")}
 
 
+def hf_generate_batch(model, reqs: list[dict], clients: int, device: str) -> dict:
+    """transformers continuous batching (module doc): the requests with `clients` in flight, each to its own
+    max_new_tokens. Raises on a failed request, a dead generation thread or HF_CB_DEADLINE_S."""
+    import torch
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+    longest = max(r["max_tokens"] for r in reqs)
+    gen = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig()
+    if not device.startswith("cuda"):   # else it sizes its paged cache and batch from the host's memory: slow
+        page = getattr(cb, "page_size", getattr(cb, "block_size", 256))
+        cb.num_blocks = clients * -(-max(len(r["prompt"]) + r["max_tokens"] for r in reqs) // page) + 2
+        cb.max_batch_tokens = 512
+    hints = WorkloadHints(max_prompt_length=max(len(r["prompt"]) for r in reqs), max_generated_length=longest,
+                          num_requests=len(reqs))
+    pending, asked, done = list(enumerate(reqs)), {}, {}
+    t_setup = time.perf_counter()
+    with torch.no_grad(), model.continuous_batching_context_manager(
+            generation_config=gen, block=True, timeout=10, continuous_batching_config=cb, workload_hints=hints) as m:
+        setup = time.perf_counter() - t_setup
+        attn = getattr(model.config, "_attn_implementation", None)   # the paged one the manager switched to
+
+        def add() -> None:
+            i, r = pending.pop(0)
+            rid = m.add_request(input_ids=r["prompt"], request_id=f"bench_{i}", max_new_tokens=r["max_tokens"],
+                                eos_token_id=-1)
+            if rid is None:
+                raise RuntimeError(f"the manager refused request {i}")
+            asked[rid] = r
+        t0 = time.perf_counter()
+        for _ in range(min(clients, len(reqs))):
+            add()
+        while len(done) < len(reqs):
+            if time.perf_counter() - t0 > HF_CB_DEADLINE_S:
+                raise TimeoutError(f"{len(done)} of {len(reqs)} requests done after {HF_CB_DEADLINE_S} s")
+            res = m.get_result(timeout=1)
+            if res is None:
+                if not m.is_running():
+                    raise RuntimeError(f"the generation thread stopped with {len(done)} of {len(reqs)} requests done")
+                continue
+            if res.is_finished():
+                done[res.request_id] = res
+                if pending:
+                    add()
+        sync(device)
+        wall = time.perf_counter() - t0
+    failed = [f"{k}: {v.error}" for k, v in done.items() if v.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, e.g. {failed[0]}")
+    made = sum(len(v.generated_tokens) for v in done.values())
+    useful = sum(min(len(v.generated_tokens), asked[k]["max_tokens"]) for k, v in done.items())
+    return {"requests": len(reqs), "in_flight": clients, "per_request_max_new_tokens": True, "wall_s": wall,
+            "setup_s": setup, "output_tokens": useful, "generated_tokens": made,
+            "output_tokens_per_s": useful / wall, "requests_per_s": len(reqs) / wall,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "attn_implementation": attn}
+
+
+def hf_rows(ws: Path, reqs: list[dict], clients: int, device: str) -> tuple[dict, dict]:
+    """Both transformers rows on one model; a row that fails is {"error": ...}."""
+    def attempt(fn, *a):
+        try:
+            return fn(*a)
+        except Exception as e:  # noqa: BLE001 - a peer's failure is a result, not the bench's end
+            return {"error": f"{type(e).__name__}: {e}"[:2000]}
+        finally:
+            if device.startswith("cuda"):
+                import torch
+                torch.cuda.empty_cache()
+    model = attempt(hf_model, ws, device)
+    if isinstance(model, dict):
+        return model, model
+    static = attempt(hf_generate, model, reqs[:clients], device)
+    return static, attempt(hf_generate_batch, model, reqs, clients, device)
+
+
+# ------------------------------------------------------------------------------------ the run
 def span(s: str) -> tuple:
     a, b = s.split(":")
     return int(a), int(b)
@@ -176,9 +411,17 @@ def main() -> None:
     ap.add_argument("--batch1", type=int, default=8, help="requests for the batch-1 (one client) run")
     ap.add_argument("--prompt-len", type=span, default=(128, 1024))
     ap.add_argument("--output-len", type=span, default=(64, 256))
+    ap.add_argument("--prefix-len", type=int, default=1024, help="shared prefix tokens of the prefix workload")
+    ap.add_argument("--prefix-requests", type=int, default=64)
+    ap.add_argument("--question-len", type=span, default=(64, 256), help="own tokens after the shared prefix")
+    ap.add_argument("--prefix-output-len", type=span, default=None, help="default: --output-len")
+    ap.add_argument("--prefix-lead", type=int, default=1, help="prefix requests sent alone before the concurrent rest")
+    ap.add_argument("--no-prefix", action="store_true", help="skip the shared-prefix workload (and its second server)")
+    ap.add_argument("--peak-tflops", type=float, default=660.0, help="roofline: dense fp16 peak")
+    ap.add_argument("--peak-tbps", type=float, default=3.0, help="roofline: memory bandwidth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     ap.add_argument("--set", nargs="*", default=None,
                     help="runner overrides replacing the fast-build ones (`--set` alone: none)")
     ap.add_argument("--cache-dir", default=str(REPO / "outputs" / "cache"))
@@ -186,6 +429,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve_{args.model}_{args.quant}.json"
     device = args.device
     if device == "auto":
         import torch
@@ -198,26 +442,66 @@ def main() -> None:
     server.start(timeout=1800)
     build_s = time.time() - t0
     h = server.health()
-    ws = next(line.split("workspace: ", 1)[1].strip() for line in server.log().splitlines() if "workspace: " in line)
+    ws = Path(next(line.split("workspace: ", 1)[1].strip() for line in server.log().splitlines()
+                   if "workspace: " in line))
     from pipeline.workspace import read_config
-    vocab = read_config(Path(ws))["vocab_size"]
-    reqs = workload(args.requests, args.prompt_len, args.output_len, vocab, args.seed)
+    cfg = read_config(ws)
+    costs = {**model_costs(cfg), "weight_file_bytes": weight_file_bytes(ws)}
+    n = args.requests
+    pool = workload(n + WARMUP_REQUESTS + args.batch1, args.prompt_len, args.output_len, cfg["vocab_size"], args.seed)
+    reqs, warm, solo = pool[:n], pool[n:n + WARMUP_REQUESTS], pool[n + WARMUP_REQUESTS:]
+    pout = args.prefix_output_len or args.output_len
+    preqs, pwarm = ([], []) if args.no_prefix else (workload(
+        k, args.question_len, pout, cfg["vocab_size"], f"{args.seed}/{name}", prefix_len=args.prefix_len)
+        for k, name in ((args.prefix_requests, "prefix"), (WARMUP_REQUESTS, "prefix-warmup")))
+    res = {"command": " ".join(["python bench/serve.py", *sys.argv[1:]]), "device": device_name(device),
+           "model": args.model, "quant": args.quant, "server": {k: h.get(k) for k in (
+               "weight_type", "quant_policy", "kv_capacity_tokens", "max_batch_size", "session_len", "device")},
+           "workload": {"requests": n, "clients": args.clients, "prompt_len_uniform": args.prompt_len,
+                        "output_len_uniform": args.output_len, "seed": args.seed, "batch1_requests": args.batch1,
+                        "prefix": None if args.no_prefix else {
+                            "requests": args.prefix_requests, "prefix_len": args.prefix_len,
+                            "question_len_uniform": args.question_len, "output_len_uniform": pout,
+                            "lead_requests": args.prefix_lead}},
+           "startup_s": build_s, "roofline_model": {**costs, "peak_tflops": args.peak_tflops,
+                                                    "peak_tbps": args.peak_tbps}}
+
+    def save() -> None:
+        path.write_text(json.dumps(res, indent=1))
+
+    def run(url: str, rs: list[dict], clients: int, lead: int = 0) -> dict:
+        return asyncio.run(drive(url, h["model"], rs, clients, lead))
     try:
-        asyncio.run(drive(server.url, h["model"], reqs[:min(4, len(reqs))], min(4, args.clients)))   # warm-up
-        batched = asyncio.run(drive(server.url, h["model"], reqs, args.clients))
-        batch1 = asyncio.run(drive(server.url, h["model"], reqs[:args.batch1], 1))
+        run(server.url, warm, min(WARMUP_REQUESTS, args.clients))
+        res["engine_batched"] = b = run(server.url, reqs, args.clients)
+        b["roofline"] = run_roofline(b, reqs, costs, args)
+        save()
+        res["engine_batch1"] = one = run(server.url, solo, 1)
+        one["roofline"] = run_roofline(one, solo, costs, args)
+        save()
+        if preqs:
+            run(server.url, pwarm, min(WARMUP_REQUESTS, args.clients), args.prefix_lead)   # its shapes and paths
+            res["prefix_on"] = run(server.url, preqs, args.clients, args.prefix_lead)
+            save()
     finally:
         server.stop()
-    hf = None if args.no_hf else hf_generate(Path(ws), reqs[:args.clients], device)
-
-    res = {"command": " ".join(["python bench/serve.py", *sys.argv[1:]]), "device": device_name(device),
-           "model": args.model, "quant": args.quant, "server": {k: h[k] for k in (
-               "weight_type", "quant_policy", "kv_capacity_tokens", "max_batch_size", "session_len", "device")},
-           "workload": {"prompt_len_uniform": args.prompt_len, "output_len_uniform": args.output_len,
-                        "seed": args.seed}, "startup_s": build_s,
-           "engine_batched": batched, "engine_batch1": batch1, "transformers_generate": hf}
-    path = out / f"serve_{args.model}_{args.quant}.json"
-    path.write_text(json.dumps(res, indent=1))
+    if preqs:
+        t0 = time.time()
+        off = ApiServer(Path(tempfile.mkdtemp(prefix="bench_serve_noprefix_")), *overrides,
+                        "serve.prefix_caching=false", cache_dir=Path(args.cache_dir))
+        off.start(timeout=1800)
+        res["prefix_off_startup_s"] = time.time() - t0
+        try:
+            run(off.url, warm, min(WARMUP_REQUESTS, args.clients))
+            run(off.url, pwarm, min(WARMUP_REQUESTS, args.clients), args.prefix_lead)
+            res["prefix_off"] = run(off.url, preqs, args.clients, args.prefix_lead)
+        finally:
+            off.stop()
+        res["prefix_ttft_p50_off_over_on"] = res["prefix_off"]["ttft_ms"][50] / res["prefix_on"]["ttft_ms"][50]
+        save()
+    res["transformers_generate"], res["transformers_generate_batch"] = (None, None) if args.no_hf else \
+        hf_rows(ws, reqs, args.clients, device)
+    save()
     print(f"\nwrote {path}")
     table(res)
 
@@ -230,28 +514,60 @@ def device_name(device: str) -> str:
 
 
 def table(r: dict) -> None:
-    b, one, hf = r["engine_batched"], r["engine_batch1"], r["transformers_generate"]
+    b, one = r["engine_batched"], r["engine_batch1"]
+    hf, cb = r["transformers_generate"], r["transformers_generate_batch"]
+    on, off, pw = r.get("prefix_on"), r.get("prefix_off"), r["workload"]["prefix"]
     print(f"{r['model']} {r['quant']} on {r['device']}; prompts U{r['workload']['prompt_len_uniform']}, "
           f"outputs U{r['workload']['output_len_uniform']} tokens")
-    print(f"{'run':<34}{'req/s':>8}{'out tok/s':>11}{'TTFT p50/p90/p99 ms':>24}{'ITL p50/p90/p99 ms':>22}")
-    for name, x in ((f"engine, {b['clients']} HTTP clients", b), ("engine, 1 HTTP client (batch 1)", one)):
+    print(f"{'run':<40}{'req/s':>8}{'out tok/s':>11}{'TTFT p50/p90/p99 ms':>24}{'ITL p50/p90/p99 ms':>22}")
+    rows = [(f"engine, {b['clients']} HTTP clients", b), ("engine, 1 HTTP client (batch 1)", one)]
+    if on and off:
+        rows += [("prefix workload, cache on", on), ("prefix workload, cache off", off)]
+    for name, x in rows:
         t, i = x["ttft_ms"], x["itl_ms"]
-        print(f"{name:<34}{x['requests_per_s']:>8.2f}{x['output_tokens_per_s']:>11.1f}"
+        print(f"{name:<40}{x['requests_per_s']:>8.2f}{x['output_tokens_per_s']:>11.1f}"
               f"{t[50]:>10.0f}/{t[90]:.0f}/{t[99]:.0f}{i[50]:>12.1f}/{i[90]:.1f}/{i[99]:.1f}")
-    if hf:
-        print(f"{'transformers generate, batch ' + str(hf['batch']):<34}{hf['requests_per_s']:>8.2f}"
-              f"{hf['output_tokens_per_s']:>11.1f}{hf['ttft_ms_batch']:>10.0f} (batch){hf['itl_ms']:>14.1f} (mean)")
+    if hf is not None:
+        name = f"transformers generate, batch {b['clients']}"
+        print(f"{name:<40}error: {hf['error'][:200]}" if "error" in hf else
+              f"{name:<40}{hf['requests_per_s']:>8.2f}{hf['output_tokens_per_s']:>11.1f}"
+              f"{hf['ttft_ms_batch']:>10.0f} (batch){hf['itl_ms']:>14.1f} (mean)")
+    if cb is not None:
+        name = f"transformers continuous batching ({b['clients']})"
+        print(f"{name:<40}error: {cb['error'][:200]}" if "error" in cb else
+              f"{name:<40}{cb['requests_per_s']:>8.2f}{cb['output_tokens_per_s']:>11.1f}"
+              f"{'-':>10}{'-':>14}   (wall {cb['wall_s']:.1f} s)")
     print(f"where the batched run's time went (engine steps): prefill {b['prefill_share_of_wall']:.0%} of the wall at "
           f"{b['prefill_tokens_per_s']:.0f} prompt tok/s, decode {b['decode_share_of_wall']:.0%} at "
           f"{b['decode_tokens_per_s_in_steps']:.0f} tok/s")
-    for name, r in (("batched", b), ("batch-1", one)):
-        st = r["engine_steps"]
+    for name, x in (("batched", b), ("batch-1", one)):
+        st = x["engine_steps"]
         if st.get("prefill_steps"):
             print(f"{name}: {st['prefill_steps']} prefill steps, {1e3 * st['prefill_s'] / st['prefill_steps']:.1f} ms "
                   f"each, of which {1e3 * st.get('prefill_enqueue_s', 0.0) / st['prefill_steps']:.1f} ms issuing launches")
-    print(f"errors: {b['n_errors']} + {one['n_errors']}; mean running batch {b['mean_running_batch']:.1f}; "
+    share = b["prefill_host_share"]
+    print("prefill host share, batched run (prefill_enqueue_s / prefill_s): "
+          + ("n/a (no prefill_enqueue_s)" if share is None else f"{share:.0%} (target <= 25%)"))
+    m = r["roofline_model"]
+    print(f"roofline ({m['peak_tflops']:.0f} TFLOP/s, {m['peak_tbps']:.1f} TB/s; {m['weight_bytes'] / 1e9:.2f} GB "
+          f"weights/step, {m['kv_bytes_per_token'] / 1e3:.0f} kB KV/token; module doc):")
+    for name, x in (("batched", b), ("batch-1", one)):
+        f = x["roofline"]
+        print(f"  {name}: {f['roofline_s']:.2f} s (prefill {f['prefill_s']:.2f} + decode {f['decode_s']:.2f}, "
+              f"mean decode batch {f['mean_batch']:.1f}) = {f['roofline_output_tokens_per_s']:.0f} out tok/s; "
+              f"measured {x['output_tokens_per_s']:.1f} = {f['fraction_reached']:.1%} of it")
+    if on and off:
+        rate = lambda x: "n/a" if x["prefix_cache"] is None else f"{x['prefix_cache']['hit_rate']:.0%}"  # noqa: E731
+        print(f"prefix workload ({pw['requests']} requests, {pw['prefix_len']}-token shared prefix + "
+              f"U{pw['question_len_uniform']} own, the first {on['lead_requests']} alone): hit rate on {rate(on)}, "
+              f"off {rate(off)}; TTFT p50 off/on = {r['prefix_ttft_p50_off_over_on']:.2f}x (target >= 3x)")
+    print(f"errors: {b['n_errors']} + {one['n_errors']}"
+          + (f" + {on['n_errors']} + {off['n_errors']}" if on and off else "")
+          + f"; mean running batch {b['mean_running_batch']:.1f}; "
           f"batched/batch-1 output tok/s = {b['output_tokens_per_s'] / one['output_tokens_per_s']:.2f}x"
-          + (f"; batched/transformers = {b['output_tokens_per_s'] / hf['output_tokens_per_s']:.2f}x" if hf else ""))
+          + "".join(f"; batched/{k} = {b['output_tokens_per_s'] / x['output_tokens_per_s']:.2f}x"
+                    for k, x in (("transformers generate", hf), ("transformers cont. batching", cb))
+                    if x and "error" not in x))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,83 @@
-"""bench/serve.py end to end on the CPU (tiny model): the script a GPU call runs must work before the call."""
+"""bench/serve.py end to end on the CPU (tiny model): the script a GPU call runs must work before the call.
+And its roofline model against the issue's estimate for the default GPU workload."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "bench" / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
+    prefix = 128   # two 64-token KV blocks: every request after the first reuses them
     cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",
            "--requests", "4", "--batch1", "1", "--prompt-len", "8:16", "--output-len", "4:8", "--device", "cpu",
-           "--no-hf", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+           "--prefix-len", str(prefix), "--prefix-requests", "4", "--question-len", "8:16",
+           "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "where the batched run's time went" in r.stdout
+    assert "where the batched run's time went" in r.stdout and "TTFT p50 off/on" in r.stdout
     res = json.loads((tmp_path / "serve_tiny-random_fp16.json").read_text())
     b = res["engine_batched"]
     assert b["ok"] == b["requests"] == 4 and b["n_errors"] == 0
     steps = b["engine_steps"]
-    assert steps["prefill_tokens"] == b["prompt_tokens"]            # every prompt token prefilled once
+    assert steps["prefill_tokens"] == b["prompt_tokens"]            # every prompt token prefilled once (no reuse)
     assert steps["decode_tokens"] == b["output_tokens"] - b["ok"]   # the first token of each comes from prefill
     assert 0 < b["prefill_share_of_wall"] + b["decode_share_of_wall"] <= 1.0
+    assert 0 < b["prefill_host_share"] <= 1.0
+    assert b["mean_decode_batch"] == steps["decode_tokens"] / steps["decode_steps"]
+    for run in (b, res["engine_batch1"]):
+        f = run["roofline"]
+        assert f["roofline_s"] == pytest.approx(f["prefill_s"] + f["decode_s"]) and f["roofline_s"] > 0
+        assert f["roofline_output_tokens_per_s"] == pytest.approx(run["output_tokens"] / f["roofline_s"])
+        assert f["fraction_reached"] == pytest.approx(run["output_tokens_per_s"] / f["roofline_output_tokens_per_s"])
+    m = res["roofline_model"]
+    assert m["weight_bytes"] <= m["weight_file_bytes"] <= 1.05 * m["weight_bytes"]   # files: + norms, headers
+
+    on, off = res["prefix_on"], res["prefix_off"]
+    for run in (on, off):
+        assert run["ok"] == run["requests"] == 4 and run["n_errors"] == 0 and run["lead_requests"] == 1
+    assert on["prefix_cache"]["enabled"] and not off["prefix_cache"]["enabled"]
+    assert on["prefix_cache"]["hits"] == 3 * prefix                 # the first request filled the cache
+    assert on["prefix_cache"]["hit_rate"] == on["prefix_cache"]["hits"] / on["prompt_tokens"]
+    assert on["engine_steps"]["prefill_tokens"] == on["prompt_tokens"] - on["prefix_cache"]["hits"]
+    assert off["prefix_cache"]["hits"] == 0 and off["engine_steps"]["prefill_tokens"] == off["prompt_tokens"]
+    assert res["prefix_ttft_p50_off_over_on"] == off["ttft_ms"]["50"] / on["ttft_ms"]["50"]
+
+    static, cb = res["transformers_generate"], res["transformers_generate_batch"]
+    assert "error" not in static and "error" not in cb, (static, cb)
+    assert cb["output_tokens"] == cb["generated_tokens"] == b["output_tokens"]   # each to its own max_new_tokens
+
+
+def test_roofline_of_the_default_gpu_workload_matches_the_issue_estimate(bench):
+    """Llama-2-7B w4a16_kv8 (group 64), 128 requests, prompts U[128, 1024], outputs U[64, 256], 32 running:
+    the issue's estimate is ~3.5 s, ~5,900 output tok/s on an H100 (660 TFLOP/s, 3.0 TB/s)."""
+    cfg = dict(hidden_units=4096, num_layer=32, size_per_head=128, head_num=32, kv_head_num=32, inter_size=11008,
+               vocab_size=32000, weight_type="int4", group_size=64, quant_policy=4, kv_mode="static")
+    c = bench.model_costs(cfg)
+    assert c["n_params"] == 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
+    assert c["weight_bytes"] == pytest.approx(c["n_params"] * (0.5 + 4 / 64) + 2 * 32000 * 4096)   # ~3.9 GB
+    assert c["kv_bytes_per_token"] == 2 * 32 * 4096                                               # int8 K and V
+    reqs = bench.workload(128, (128, 1024), (64, 256), 32000, 0)
+    r = bench.roofline([len(q["prompt"]) for q in reqs], [q["max_tokens"] for q in reqs], c, 32, 660, 3.0)
+    assert 3.3 < r["roofline_s"] < 3.7 and 5600 < r["roofline_output_tokens_per_s"] < 6200, r
+    assert 1.3 < r["prefill_s"] < 1.6 and r["decode_bound"] == "memory"
+    assert r["decode_steps"] == pytest.approx(sum(q["max_tokens"] - 1 for q in reqs) / 32)
+    # fp16 weights, dynamic int8 KV (fp32 scale and zero point per token and head); batch 1 is weight-bound
+    c16 = bench.model_costs({**cfg, "weight_type": "fp16", "kv_mode": "dynamic"})
+    assert c16["weight_bytes"] == 2 * (c16["n_params"] + 32000 * 4096)
+    assert c16["kv_bytes_per_token"] == 2 * 32 * 32 * (128 + 8)
+    one = bench.roofline([512], [129], c16, 1, 660, 3.0)
+    assert one["decode_s"] == pytest.approx((128 * c16["weight_bytes"] + c16["kv_bytes_per_token"]
+                                             * sum(512 + j for j in range(1, 129))) / 3e12)
