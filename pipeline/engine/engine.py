@@ -165,9 +165,37 @@ class Engine:
         if hasattr(self.runner, "warmup_gemms"):
             self.runner.warmup_gemms(sizes)
         n_graphs = self.graphs.capture_all() if self.graphs is not None else 0
-        n_prefill = self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
+        n_prefill = 0
+        if not self._probe_prefill_kernel():
+            self.prefill_graphs = None
+        if self.prefill_graphs is not None:
+            try:
+                n_prefill = self.prefill_graphs.capture_all()
+            except Exception as e:  # noqa: BLE001 - serve without them rather than not at all
+                log.warning("prefill CUDA graphs failed to capture (%s: %s): prefill steps run eagerly",
+                            type(e).__name__, str(e)[:500])
+                self.prefill_graphs = None
+                torch.cuda.synchronize(self.runner.device)
         log.info("warm-up: GEMMs tuned for %d prefill sizes, %d decode graphs and %d prefill graphs captured in %.1f s",
                  len(sizes), n_graphs, n_prefill, time.perf_counter() - t0)
+
+    def _probe_prefill_kernel(self) -> bool:
+        """Run the paged prefill attention kernel once (16 tokens writing no KV): False, with a warning, and prefill
+        through gather + SDPA from then on, if it does not compile or run on this GPU / Triton."""
+        r = self.runner
+        if not getattr(r, "prefill_kernel", False) or not use_triton(torch.empty(0, device=r.device),
+                                                                     "paged_prefill_attention"):
+            return False
+        try:
+            n = 16
+            r.prefill(*self._dev([0] * n, list(range(n)), [-1] * n), [(0, n, self._table([0]), n)])
+            torch.cuda.synchronize(r.device)
+            return True
+        except Exception as e:  # noqa: BLE001
+            log.warning("the paged prefill attention kernel failed here (%s: %s): prefill attends through gather + "
+                        "SDPA", type(e).__name__, str(e)[:500])
+            r.prefill_kernel = False
+            return False
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -110,6 +110,7 @@ class ModelRunner:
         self.cos, self.sin = cos.contiguous(), sin.contiguous()   # (max_pos, hd/2) fp32
         self.k_cache = self.v_cache = None
         self.batched_prefill = True   # one attention call per layer for a step's chunks (False: one per chunk)
+        self.prefill_kernel = True    # paged_prefill_attention on the Triton path (False: gather + SDPA)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -333,7 +334,7 @@ class ModelRunner:
         plan: `prefill_plan(seqs, T)`; when the attention runs on Triton (GPU, interpreter) it is built here if not
         given, and every layer's attention is one kernel launch from it. A prebuilt plan keeps that host work out
         of the forward (tokens may be padded past the chunks' rows, up to plan.n_tokens, with slots -1)."""
-        if plan is None and use_triton(tokens, "paged_prefill_attention"):
+        if plan is None and self.prefill_kernel and use_triton(tokens, "paged_prefill_attention"):
             plan = self.prefill_plan(seqs, tokens.shape[0])
         batched = rows = None
         if plan is None:
