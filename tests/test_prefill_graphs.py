@@ -23,8 +23,8 @@ def chunks(eng, gen):
     """A step of two whole prompts and a later chunk of a third (its first 16 tokens prefilled before)."""
     r = eng.runner
     blocks = {i: list(range(4 * i, 4 * i + 4)) for i in range(3)}
-    first = torch.randint(0, ARGS.vocab_size, (16,), generator=gen)
-    r.prefill(first, torch.arange(16), torch.tensor([eng._slot(blocks[1], p) for p in range(16)]),
+    first = torch.randint(0, ARGS.vocab_size, (16,), generator=gen).tolist()
+    r.prefill(*eng._dev(first, list(range(16)), [eng._slot(blocks[1], p) for p in range(16)]),
               [(0, 16, eng._table(blocks[1]), 16)])
     tokens, pos, slots, meta = [], [], [], []
     for i, (n, ctx) in enumerate([(9, 9), (4, 20), (17, 17)]):
@@ -44,7 +44,7 @@ def test_padded_step_with_a_bucket_plan_equals_the_step(tiny, qp):  # noqa: F811
     tokens, pos, slots, meta = chunks(eng, torch.Generator().manual_seed(0))
     T, b, S = len(tokens), 48, 8
     select = [8, 12, T - 1]
-    ref = r.prefill(torch.tensor(tokens), torch.tensor(pos), torch.tensor(slots), meta, torch.tensor(select))
+    ref = r.prefill(*eng._dev(tokens, pos, slots, select)[:3], meta, torch.tensor(select))
     pad = b - T
     plan = r.prefill_plan(meta, b, max_seqs=S)
     got = r.prefill(torch.tensor(tokens + [0] * pad), torch.tensor(pos + [0] * pad), torch.tensor(slots + [-1] * pad),

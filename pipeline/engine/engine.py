@@ -10,9 +10,9 @@ Usage (API contract: /work/notes/ENGINE_API.md):
 
 Each step: finished / cancelled requests leave and free their blocks; waiting requests join while the
 batch has room and their KV blocks (prompt + max_new_tokens, capped at session_len, reserved at once)
-fit; every sequence in the decode phase advances one token (a CUDA graph per batch bucket on GPU); then
-prompt chunks (at most max_prefill_tokens per step in total) are prefilled, and a sequence whose prompt
-is complete samples its first token. Requests that do not fit wait in FIFO order; none is dropped.
+fit; prompt chunks (at most max_prefill_tokens per step in total) are prefilled, and a sequence whose prompt
+is complete samples its first token; then every sequence that was in the decode phase advances one token (a
+CUDA graph per batch bucket on GPU). Requests that do not fit wait in FIFO order; none is dropped.
 Prefix caching (setting prefix_caching, default on): a joining request reuses the cached KV blocks of its
 prompt's longest already-computed run of full blocks (see blocks.py) and prefills only the rest; prompt blocks
 are registered in the cache as their prefill completes them.
@@ -354,8 +354,11 @@ class Engine:
             self.running.append(s)
         batch = list(self.running)
         try:
-            self._decode([s for s in batch if s.n_cached == s.n_tokens - 1 and s.out_ids])
+            # prefill first: a new request's first token does not wait behind the running batch's decode step
+            # (those sequences decode right after, in this same step); the decoders are chosen before it
+            decoders = [s for s in batch if s.n_cached == s.n_tokens - 1 and s.out_ids]
             self._prefill([s for s in batch if s.n_cached < len(s.prompt)])
+            self._decode([s for s in decoders if not s.finished])
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests, never the engine
             log.exception("engine step failed")
             for s in batch:
