@@ -70,10 +70,21 @@ def fingerprint(path: Optional[str]) -> Any:
     return None
 
 
+# Keys removed from the schema (pipeline/schema.py), with the one value they ever had: a stage that still
+# declares one in READS reads this value, and a stage reading a whole sub-tree (evaluate and turbomind read
+# `quant`) hashes it as before, so cache keys made before the removal stay valid.
+RETIRED = {"quant.num_tp": 1, "quant.extra": {}}
+
+
 def sub_config(cfg: DictConfig, reads: list[str]) -> DictConfig:
+    """The sub-trees of cfg named by reads (a stage's READS), read-only; what the stage sees and hashes."""
     sub = OmegaConf.create({})
     for path in reads:
-        OmegaConf.update(sub, path, OmegaConf.select(cfg, path, throw_on_missing=True), force_add=True)
+        val = OmegaConf.select(cfg, path, throw_on_missing=True)
+        OmegaConf.update(sub, path, RETIRED[path] if val is None and path in RETIRED else val, force_add=True)
+    for path, val in RETIRED.items():
+        if any(path.startswith(r + ".") for r in reads) and OmegaConf.select(cfg, path) is None:
+            OmegaConf.update(sub, path, val, force_add=True)
     OmegaConf.set_readonly(sub, True)
     return sub
 

@@ -2,15 +2,52 @@
 
 A mistyped key or a wrong type fails when Hydra composes the config, naming the key, e.g.
     Key 'grup_size' not in 'QuantConfig'  full_key: quant.grup_size
+Mode fields are enums: a wrong value fails at start, before any stage runs, naming the allowed values, e.g.
+    Invalid value 'apii', expected one of [generate, chat, api]  full_key: serve.mode
+They are StrEnums, so code compares them with plain strings (`cfg.serve.mode == "api"`) and they hash into
+stage keys (pipeline/cache.py) as those strings.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from enum import StrEnum
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from .models.llama import ModelArgs
+
+
+class ServeMode(StrEnum):
+    generate = "generate"             # answer serve.prompts and exit
+    chat = "chat"                     # terminal chat
+    api = "api"                       # OpenAI-compatible HTTP server
+
+
+class KvMode(StrEnum):
+    static = "static"                 # calibrated zp/scale per layer and KV head (kv_qparams)
+    dynamic = "dynamic"               # per token, computed at run time
+
+
+class EvalDtype(StrEnum):
+    auto = "auto"                     # fp16 on GPU, fp32 on CPU
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class CalibDataset(StrEnum):          # pipeline/quant/calib_data.py (SOURCES)
+    embedded = "embedded"
+    file = "file"
+    c4 = "c4"
+    wikitext2 = "wikitext2"
+    ptb = "ptb"
+    pileval = "pileval"
+
+
+class Verify(StrEnum):
+    full = "full"                     # sizes and sha256 of every cached file
+    size = "size"                     # sizes only (faster warm runs on 7B artifacts)
 
 
 @dataclass
@@ -31,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class CalibConfig:
-    dataset: str = "embedded"         # embedded | file | c4 | wikitext2 | ptb | pileval
+    dataset: CalibDataset = CalibDataset.embedded
     path: Optional[str] = None        # local .txt / .jsonl / .parquet (dataset=file)
     samples: int = 128
     seqlen: int = 2048
@@ -50,14 +87,12 @@ class QuantConfig:
     search_samples: int = 8           # calibration sequences (a seeded subset) the AWQ search losses run on
     kv_bits: Optional[int] = None     # None: 16-bit KV; 8 or 4
     kv_sym: bool = False
-    kv_mode: str = "static"           # static (calibrated zp/scale) | dynamic (per token)
-    num_tp: int = 1                   # tensor-parallel split of the KV qparams
+    kv_mode: KvMode = KvMode.static
     a_bits: Optional[int] = None      # None: 16-bit activations; 8: W8A8 (SmoothQuant, int8 per-token dynamic)
     smooth_alpha: float = 0.5         # SmoothQuant migration strength; 0 = no smoothing (s = 1)
     smooth_search: bool = False       # search alpha per layer and group on the W8A8 block output error
     smooth_grid: List[float] = field(default_factory=lambda: [i / 10 for i in range(11)])  # alphas tried
     calib: CalibConfig = field(default_factory=CalibConfig)
-    extra: Dict[str, Any] = field(default_factory=dict)  # method-specific settings
 
 
 @dataclass
@@ -66,7 +101,7 @@ class EvalConfig:
     windows: int = 40                 # non-overlapping windows
     seqlen: int = 512
     batch_size: int = 4
-    dtype: str = "auto"               # compute dtype: auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
+    dtype: EvalDtype = EvalDtype.auto  # compute dtype
 
 
 @dataclass
@@ -78,7 +113,7 @@ class ApiConfig:
 
 @dataclass
 class ServeConfig:
-    mode: str = "generate"            # generate | chat | api
+    mode: ServeMode = ServeMode.generate
     tp: int = 1                       # tensor-parallel ranks (one process per device; pipeline/engine/tp.py)
     tp_timeout: float = 120.0         # seconds: bound on every collective and on the ranks' start-up
     max_batch_size: int = 32
@@ -124,7 +159,7 @@ class Config:
     cache_dir: str = "outputs/cache"
     download_dir: str = "outputs/downloads"
     device: str = "auto"              # auto | cpu | cuda | cuda:N
-    verify: str = "full"              # cache verification: full (checksums) | size
+    verify: Verify = Verify.full      # cache verification
     lock_stale_after: float = 120.0   # seconds without a heartbeat before a lock is taken over
 
 

@@ -99,3 +99,41 @@ def test_stage_keys_unchanged_for_unchanged_values(preset):
     keys = {st.name: st.key for st in steps if st.name in same}
     expected = {n: k for n, k in KEYS_AT_50F6D68[preset].items() if n in same}
     assert keys == expected
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("serve.mode=apii", "[generate, chat, api]"),
+    ("quant.kv_mode=dinamic", "[static, dynamic]"),
+    ("eval.dtype=fp8", "[auto, float32, float16, bfloat16]"),
+    ("verify=sha", "[full, size]"),
+    ("quant.calib.dataset=c5", "[embedded, file, c4, wikitext2, ptb, pileval]"),
+])
+def test_wrong_mode_value_fails_at_compose_naming_the_allowed_values(override, allowed):
+    with pytest.raises(Exception) as err:
+        make(override)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__
+    text = "\n".join(chain)
+    key, value = override.split("=")
+    assert f"Invalid value '{value}', expected one of {allowed}" in text and f"full_key: {key}" in text
+
+
+def test_mode_overrides_still_work_and_compare_as_strings():
+    cfg = make("serve.mode=api", "quant=kv8_dynamic", "eval.dtype=float16", "verify=size")
+    assert cfg.serve.mode == "api" and cfg.quant.kv_mode == "dynamic" and cfg.eval.dtype == "float16"
+    assert cfg.verify == "size" and f"{cfg.serve.mode}" == "api"
+    assert make("serve=chat").serve.mode == "chat"
+
+
+def test_calib_dataset_enum_matches_the_calibration_sources():
+    from pipeline.quant.calib_data import SOURCES
+    from pipeline.schema import CalibDataset
+    assert [d.value for d in CalibDataset] == list(SOURCES)
+
+
+@pytest.mark.parametrize("key", ["quant.num_tp", "quant.extra"])
+def test_dead_keys_are_gone(key):
+    with pytest.raises(Exception, match=f"Could not override '{key}'"):
+        make(f"{key}=1")
