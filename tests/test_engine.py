@@ -298,6 +298,23 @@ def test_gpu_greedy_lookahead_with_graphs_equals_plain(tiny):
         assert ahead.generate(prompts, p) == plain.generate(prompts, p)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_sampled_lookahead_with_graphs_equals_plain(tiny):
+    """Sampled decoding queued ahead over the decode graphs (tokens drawn on the device from each request's CUDA
+    generator, written into the graph's token input): the same tokens as plain step-by-step decoding."""
+    opts = {"session_len": 512, "max_batch_size": 4, "max_prefill_tokens": 64}
+    plain = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "lookahead": False})
+    ahead = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
+    params = [SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=50, seed=s)
+              for s in (1, 2)] + [SamplingParams(max_new_tokens=30, ignore_eos=True)]
+    outs = []
+    for eng in (plain, ahead):
+        hs = [eng.submit(PROMPTS[i], p) for i, p in enumerate(params)]
+        outs.append([[t for o in h for t in o.token_ids] for h in hs])
+    assert outs[0] == outs[1] and outs[0][0] != outs[0][1]
+
+
 @pytest.mark.parametrize("qp,kv_mode", [(0, None), (4, None), (8, None), (4, "dynamic")])
 def test_batched_prefill_attention_equals_per_chunk(tiny, qp, kv_mode):
     """One attention call for a step's chunks (padded queries and keys, masks) gives the per-chunk loop's logits:
