@@ -3,7 +3,8 @@
 Layout:  <root>/<stage>/<key>/{files..., manifest.json}
          <root>/<stage>/.locks/<key>.lock          (owner pid/host/time; heartbeat = mtime)
 An artifact is used only when its manifest parses and every file matches its size and sha256;
-anything else (missing, partial, corrupt) is a miss and is recomputed.
+anything else (missing, partial, corrupt) is a miss and is recomputed. `python -m pipeline.cachectl`
+lists and removes entries (pipeline/cachectl.py).
 """
 from __future__ import annotations
 
@@ -36,6 +37,34 @@ def stage_key(name: str, version: int, config: dict, upstream: dict[str, str]) -
     return stable_hash({"stage": name, "version": version, "config": config, "upstream": upstream})[:16]
 
 
+def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> None:
+    """safetensors.torch.save_file, then the header's `__metadata__` rewritten with sorted keys: safetensors
+    writes that map from a Rust HashMap, in an order that changes from run to run, so equal tensors and
+    metadata gave files with different bytes (and checksums). Tensor entries keep safetensors' own order."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata:
+        return
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(blob) <= n:  # the same entries reordered: the same length, rewritten in place
+            f.seek(8)
+            f.write(blob + b" " * (n - len(blob)))
+            return
+    # escaped differently from safetensors' writer: a longer header, so the file is written again
+    blob += b" " * (-(8 + len(blob)) % 8)
+    tmp = path.with_name(path.name + ".sorting")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        src.seek(8 + n)
+        dst.write(len(blob).to_bytes(8, "little") + blob)
+        shutil.copyfileobj(src, dst, 1 << 22)
+    os.replace(tmp, path)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -53,28 +82,66 @@ class Cache:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def lookup(self, stage: str, key: str) -> Optional[dict]:
-        """The manifest of a complete, intact artifact, or None (a miss)."""
+    def lock_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / ".locks" / f"{key}.lock"
+
+    def check(self, stage: str, key: str, verify: Optional[str] = None) -> tuple[Optional[dict], str]:
+        """(manifest, "") for a complete, intact artifact, else (None, why not): "no entry", "incomplete: ...",
+        "stale: ..." (another cache format) or "corrupt: ...". verify: full | size (default: the cache's)."""
         d = self.path(stage, key)
+        if not d.is_dir():
+            if any((self.root / stage).glob(f".tmp-{key}-*")):
+                return None, "incomplete: only a temp folder (a run computing it now, or one that was killed)"
+            return None, "no entry"
         try:
             man = json.loads((d / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-        if man.get("format_version") != FORMAT_VERSION or man.get("key") != key or man.get("stage") != stage:
-            return None
+        except OSError:
+            return None, "incomplete: no manifest.json"
+        except ValueError:
+            return None, "corrupt: manifest.json does not parse"
+        if man.get("format_version") != FORMAT_VERSION:
+            return None, f"stale: cache format version {man.get('format_version')}, this code reads {FORMAT_VERSION}"
+        if man.get("key") != key or man.get("stage") != stage:
+            return None, f"corrupt: its manifest names {man.get('stage')}/{man.get('key')}"
         for rel, meta in man.get("files", {}).items():
             f = d / rel
             try:
-                if f.stat().st_size != meta["size"]:
-                    log.warning("cache %s/%s: %s has the wrong size: recomputing", stage, key, rel)
-                    return None
+                size = f.stat().st_size
             except OSError:
-                log.warning("cache %s/%s: %s is missing: recomputing", stage, key, rel)
-                return None
-            if self.verify == "full" and file_sha256(f) != meta["sha256"]:
-                log.warning("cache %s/%s: %s fails its checksum: recomputing", stage, key, rel)
-                return None
+                return None, f"corrupt: {rel} is missing"
+            if size != meta["size"]:
+                return None, f"corrupt: {rel} has the wrong size"
+            if (verify or self.verify) == "full" and file_sha256(f) != meta["sha256"]:
+                return None, f"corrupt: {rel} fails its checksum"
+        return man, ""
+
+    def lookup(self, stage: str, key: str) -> Optional[dict]:
+        """The manifest of a complete, intact artifact, or None (a miss)."""
+        man, why = self.check(stage, key)
+        if man is None and why.startswith("corrupt"):
+            log.warning("cache %s/%s: %s: recomputing", stage, key, why.partition(": ")[2])
         return man
+
+    def lock_owner(self, stage: str, key: str) -> Optional[dict]:
+        """Who holds key's lock ({pid, host, ...}) while a live process holds it, else None."""
+        return KeyLock(self.lock_path(stage, key), self.stale_after).live_owner()
+
+    def remove(self, stage: str, key: str) -> Optional[dict]:
+        """Delete key's entry (and temp folders left for it) unless a live process holds its lock: then return
+        that owner and delete nothing. Atomic per entry: renamed aside under the lock, then removed."""
+        lk = KeyLock(self.lock_path(stage, key), self.stale_after)
+        if not lk.acquire(blocking=False):
+            return lk.live_owner() or {"pid": None, "host": None}
+        try:
+            final = self.path(stage, key)
+            if final.exists():
+                trash = final.with_name(f".trash-{key}-{uuid.uuid4().hex[:8]}")
+                final.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            self.clear_tmp(stage, key)
+        finally:
+            lk.release()
+        return None
 
     def new_tmp(self, stage: str, key: str) -> Path:
         tmp = self.root / stage / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
@@ -125,7 +192,7 @@ class Cache:
 
     @contextmanager
     def lock(self, stage: str, key: str, on_wait=None):
-        lk = KeyLock(self.root / stage / ".locks" / f"{key}.lock", self.stale_after)
+        lk = KeyLock(self.lock_path(stage, key), self.stale_after)
         lk.acquire(on_wait)
         try:
             self.clear_tmp(stage, key)
@@ -186,6 +253,11 @@ class KeyLock:
             except (PermissionError, KeyError, ValueError):
                 pass
         return time.time() - owner["mtime"] > self.stale_after
+
+    def live_owner(self) -> Optional[dict]:
+        """The lock file's owner while it is held and not stale, else None."""
+        owner = self._owner()
+        return owner if owner is not None and not self._is_stale(owner) else None
 
     def _break(self, owner: dict) -> None:
         """Remove a stale lock, guarded by a short-lived break file so two waiters cannot both break."""

@@ -130,22 +130,48 @@ def _pause_for_tests(stage: str) -> None:
 
 
 @dataclass
+class StageStatus:
+    """What execute would do with a planned stage (the plan view, pipeline.dry_run=true)."""
+    stage: PlannedStage
+    cached: bool
+    why: str = ""                   # when not cached: no entry | incomplete: ... | corrupt: ... | upstream ...
+    owner: Optional[dict] = None    # the live process computing it now, if any
+
+
+def status(steps: list[PlannedStage], cache: Cache) -> list[StageStatus]:
+    """Each planned stage with whether its artifact is in the cache and, if not, why. Runs nothing."""
+    out: list[StageStatus] = []
+    missing: set[str] = set()
+    for st in steps:
+        man, why = cache.check(st.name, st.key) if st.cached else (None, "a terminal stage (not cached): runs")
+        owner = None
+        if man is None:
+            missing.add(st.name)
+            owner = cache.lock_owner(st.name, st.key) if st.cached else None
+            ups = [u for u in st.upstream if u in missing]
+            if ups:
+                why += f"; upstream not cached: {', '.join(ups)}"
+        out.append(StageStatus(st, man is not None, why, owner))
+    return out
+
+
+@dataclass
 class StageResult:
     name: str
     key: str
-    status: str                     # cached | ran | failed
+    status: str                     # cached | ran | failed | planned (dry run)
     seconds: float = 0.0
     summary: dict = field(default_factory=dict)
     path: Optional[Path] = None
 
 
 def execute(cfg: DictConfig, steps: list[PlannedStage], cache: Cache, run_dir: Path, track=None,
-            on_start=None, on_wait=None) -> list[StageResult]:
-    """Run the planned stages, skipping the ones whose artifact is in the cache. Raises on failure,
-    after recording the results so far in `execute.results`."""
+            on_start=None, on_wait=None, results: Optional[list] = None) -> list[StageResult]:
+    """Run the planned stages, skipping the ones whose artifact is in the cache; returns their StageResults.
+    Each result is appended to `results` (a new list unless an empty one is given) as its stage ends, so a caller that passes
+    its own list still has the results so far (the failed stage last) when a stage raises."""
     device = resolve_device(cfg.device)
-    results: list[StageResult] = []
-    execute.results = results
+    results = [] if results is None else results
     paths: dict[str, Path] = {}
     for st in steps:
         ctx_kwargs = dict(name=st.name, cfg=sub_config(cfg, st.module.READS),

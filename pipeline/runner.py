@@ -5,6 +5,7 @@
     python -m pipeline.runner -m quant=fp16,kv8,w4a16,w4a16_kv8  # sweep; shared stages run once
     python -m pipeline.runner pipeline=evaluate eval.path=data/test.txt eval.windows=40
     python -m pipeline.runner -m hydra/launcher=local launch.jobs=2 eval.seqlen=256,512  # parallel jobs
+    python -m pipeline.runner quant=w4a16 pipeline.dry_run=true   # the plan: stages, keys, cached or why not
 Rerunning a command skips every stage whose artifact is in the cache (cache_dir); a killed run resumes
 at the first stage without a complete artifact. A multirun ends with one summary of all its jobs
 (pipeline/report.py) and exits non-zero when any job failed.
@@ -76,12 +77,37 @@ def closing_table(results) -> Table:
     return t
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> list:
-    """Validate, plan and execute; returns the StageResults. Raises on a bad config or a failing stage."""
+def prepare(cfg: DictConfig) -> tuple[list, Cache]:
+    """Validate and plan (nothing runs); the planned stages and the cache. Raises on a bad config."""
     from .stages import load
     load.validate(cfg.model)
     steps = graph.plan(cfg)
-    cache = Cache(Path(cfg.cache_dir), verify=cfg.verify, stale_after=cfg.lock_stale_after)
+    return steps, Cache(Path(cfg.cache_dir), verify=cfg.verify, stale_after=cfg.lock_stale_after)
+
+
+def show_plan(cfg: DictConfig) -> list:
+    """pipeline.dry_run=true: print each planned stage in order with its key, cached or not and why; runs
+    nothing. Returns StageResults with status cached | planned (for report.json)."""
+    steps, cache = prepare(cfg)
+    states = graph.status(steps, cache)
+    todo = sum(not s.cached for s in states)
+    console.print(f"plan ({cfg.pipeline.name}: {', '.join(cfg.pipeline.targets)}): {len(states)} stages, "
+                  f"{len(states) - todo} cached, {todo} to run; cache {cache.root}", soft_wrap=True)
+    width = max(len(s.stage.name) for s in states)
+    for s in states:
+        what = "cached" if s.cached else f"runs: {s.why}"
+        if s.owner:
+            what += f" (being computed now by pid {s.owner.get('pid')} on {s.owner.get('host')})"
+        console.print(f"  {s.stage.name:<{width}}  {s.stage.key}  {what}", soft_wrap=True, markup=False)
+    console.print("dry run: nothing ran (drop pipeline.dry_run=true to run it)")
+    return [graph.StageResult(s.stage.name, s.stage.key, "cached" if s.cached else "planned") for s in states]
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path, results: list | None = None) -> list:
+    """Validate, plan and execute; returns the StageResults, also appended to `results` when given (so the
+    caller keeps those of the stages before a failure). Raises on a bad config or a failing stage."""
+    results = [] if results is None else results
+    steps, cache = prepare(cfg)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         overall = progress.add_task("pipeline", total=len(steps))
@@ -104,14 +130,16 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> list:
                      owner.get("pid"), owner.get("host"))
 
         try:
-            results = graph.execute(cfg, steps, cache, run_dir, track=track, on_start=on_start, on_wait=on_wait)
+            graph.execute(cfg, steps, cache, run_dir, track=track, on_start=on_start, on_wait=on_wait,
+                          results=results)
         finally:
-            progress.update(overall, completed=len(getattr(graph.execute, "results", [])))
+            progress.update(overall, completed=len(results))
     return results
 
 
-def write_report(run_dir: Path, results, ok: bool, error: str | None = None, wall_s: float = 0.0) -> None:
-    rep = {"ok": ok, "error": error, "overrides": task_overrides(), "resume": resume_command(),
+def write_report(run_dir: Path, results, ok: bool, error: str | None = None, wall_s: float = 0.0,
+                 dry_run: bool = False) -> None:
+    rep = {"ok": ok, "error": error, **({"dry_run": True} if dry_run else {}), "overrides": task_overrides(), "resume": resume_command(),
            "wall_s": round(wall_s, 2), "pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
            "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 2),
                        "summary": r.summary, "path": str(r.path) if r.path else None} for r in results]}
@@ -126,16 +154,19 @@ def job(cfg: DictConfig):
     reference (joblib, submitit and Ray re-import pipeline.runner in their workers)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and cfg.launch.spread_gpus and cfg.device in ("auto", "cuda"):
+    if multirun and not cfg.pipeline.dry_run and cfg.launch.spread_gpus and cfg.device in ("auto", "cuda"):
         gpus.pin_job_gpu(HydraConfig.get().job.num, Path(HydraConfig.get().sweep.dir) / ".gpus")
     absolutize(cfg, Path.cwd())
     (run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.time()
+    dry_run = bool(cfg.pipeline.dry_run)
+    results: list = []
     try:
-        results = run_pipeline(cfg, run_dir)
+        if dry_run:
+            results = show_plan(cfg)
+        else:
+            run_pipeline(cfg, run_dir, results)
     except Exception as e:  # noqa: BLE001 - every failure ends in one clear message and the resume command
-        results = getattr(graph.execute, "results", [])
-        graph.execute.results = []
         msg = " ".join(str(e).split()) or type(e).__name__
         log.debug("%s", traceback.format_exc())
         (run_dir / "traceback.txt").write_text(traceback.format_exc())
@@ -147,7 +178,9 @@ def job(cfg: DictConfig):
         if multirun:
             return {"ok": False, "error": msg}
         sys.exit(1)
-    graph.execute.results = []
+    if dry_run:
+        write_report(run_dir, results, True, wall_s=time.time() - t0, dry_run=True)
+        return {"ok": True, "dry_run": True, "stages": {r.name: r.status for r in results}}
     console.print(closing_table(results))
     console.print(f"done in {time.time() - t0:.1f} s; run folder: {run_dir}")
     write_report(run_dir, results, True, wall_s=time.time() - t0)

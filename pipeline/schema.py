@@ -54,6 +54,7 @@ class Verify(StrEnum):
 class PipelineConfig:
     name: str = "deploy"
     targets: List[str] = field(default_factory=lambda: ["evaluate"])  # stages to reach; upstream ones follow
+    dry_run: bool = False             # print the plan (each stage, its key, cached or why not); run nothing
 
 
 @dataclass
