@@ -43,13 +43,19 @@ def rerun_command(overrides: list[str]) -> str:
     return " ".join(["python -m pipeline.runner", *map(shlex.quote, overrides)])
 
 
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs the basic sweeper makes of these overrides (`quant=fp16,kv8` -> two jobs). Raises on a
+    syntax it does not know."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
 def expected_jobs(config: DictConfig) -> list[list[str]]:
     """The jobs the basic sweeper makes of the command line's overrides ([] when it cannot tell)."""
     try:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        return sweep_jobs(list(config.hydra.overrides.task))
     except Exception as e:  # noqa: BLE001 - another sweeper's syntax: the job folders alone
         log.debug("cannot expand the sweep's overrides: %s", e)
         return []

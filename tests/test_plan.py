@@ -137,3 +137,168 @@ def test_calib_dataset_enum_matches_the_calibration_sources():
 def test_dead_keys_are_gone(key):
     with pytest.raises(Exception, match=f"Could not override '{key}'"):
         make(f"{key}=1")
+
+
+# ---- the plan (pipeline.dry_run=true) and the cache command, on fake entries in a temp cache ----------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from pipeline import cachectl  # noqa: E402
+from pipeline.cache import Cache, KeyLock, save_safetensors  # noqa: E402
+
+TINY = ["model=tiny-random", "pipeline=evaluate", "quant=w4a16_kv8"]
+
+
+def fake_entry(cache: Cache, stage: str, key: str, payload: bytes = b"x" * 100) -> Path:
+    tmp = cache.new_tmp(stage, key)
+    (tmp / "data.bin").write_bytes(payload)
+    cache.commit(stage, key, tmp, {"version": 1, "config": {}, "summary": {}, "upstream": {}})
+    return cache.path(stage, key)
+
+
+@pytest.fixture
+def planned(tmp_path):
+    """A plan of tiny-random w4a16_kv8 with: load and calibrate cached, awq corrupt, pack missing, kv_qparams
+    only a temp folder, evaluate cached."""
+    cfg = make(*TINY, f"cache_dir={tmp_path / 'cache'}")
+    steps = graph.plan(cfg)
+    keys = {st.name: st.key for st in steps}
+    cache = Cache(tmp_path / "cache")
+    for name in ("load", "calibrate", "awq", "evaluate"):
+        fake_entry(cache, name, keys[name])
+    with open(cache.path("awq", keys["awq"]) / "data.bin", "r+b") as f:
+        f.write(b"y")                                                    # same size, wrong checksum
+    cache.new_tmp("kv_qparams", keys["kv_qparams"])
+    return cfg, steps, keys, cache
+
+
+def test_status_says_cached_or_why_not(planned):
+    cfg, steps, keys, cache = planned
+    st = {s.stage.name: s for s in graph.status(steps, cache)}
+    assert [s.stage.name for s in graph.status(steps, cache)] == [x.name for x in steps]
+    assert st["load"].cached and st["calibrate"].cached and st["evaluate"].cached
+    assert st["awq"].why == "corrupt: data.bin fails its checksum"
+    assert st["pack"].why == "no entry; upstream not cached: awq"
+    assert st["kv_qparams"].why.startswith("incomplete: only a temp folder")
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(planned, capsys):
+    cfg, steps, keys, cache = planned
+    before = sorted(p.relative_to(cache.root) for p in cache.root.rglob("*"))
+    results = runner.show_plan(cfg)
+    out = capsys.readouterr().out
+    assert "6 stages, 3 cached, 3 to run" in out
+    lines = [ln.split() for ln in out.splitlines() if ln.startswith("  ")]
+    assert [ln[0] for ln in lines] == [s.name for s in steps] and [ln[1] for ln in lines] == [s.key for s in steps]
+    assert f"pack        {keys['pack']}  runs: no entry; upstream not cached: awq" in out
+    assert {r.name: r.status for r in results} == {"load": "cached", "calibrate": "cached", "awq": "planned",
+                                                   "pack": "planned", "kv_qparams": "planned", "evaluate": "cached"}
+    assert sorted(p.relative_to(cache.root) for p in cache.root.rglob("*")) == before
+
+
+def test_dry_run_from_the_command_line_exits_0(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pipeline.runner", *TINY, f"cache_dir={tmp_path / 'cache'}",
+                        f"hydra.run.dir={tmp_path / 'run'}", "pipeline.dry_run=true"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "6 stages, 0 cached, 6 to run" in p.stdout and "runs: no entry" in p.stdout
+    assert not (tmp_path / "cache").exists()
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["ok"] and rep["dry_run"] and {s["status"] for s in rep["stages"]} == {"planned"}
+
+
+def ctl(*args: str) -> tuple[int, str]:
+    said: list[str] = []
+    rc = cachectl.main(list(args), say=said.append)
+    return rc, "\n".join(said)
+
+
+def test_ls_lists_entries_with_size_age_state_and_named(planned):
+    cfg, steps, keys, cache = planned
+    other = fake_entry(cache, "load", "0123456789abcdef")
+    rc, out = ctl("ls", *TINY, f"cache_dir={cache.root}")
+    assert rc == 0 and "5 entries" in out
+    rows = {(ln.split()[0], ln.split()[1]): ln for ln in out.splitlines()[2:]}
+    assert "complete" in rows["load", keys["load"]] and " yes " in rows["load", keys["load"]]
+    assert " no " in rows["load", other.name]
+    assert "corrupt: data.bin has" not in rows["awq", keys["awq"]]  # ls checks sizes unless --verify
+    assert "fails its checksum" in ctl("ls", "--verify", *TINY, f"cache_dir={cache.root}")[1]
+    assert "temp folder of an unfinished run" in out
+
+
+def test_rm_one_key_or_a_whole_stage_and_never_a_locked_one(planned):
+    cfg, steps, keys, cache = planned
+    fake_entry(cache, "load", "0123456789abcdef")
+    rc, out = ctl("rm", "load", "0123456789abcdef", f"cache_dir={cache.root}")
+    assert rc == 0 and "removed load/0123456789abcdef" in out
+    assert cache.path("load", keys["load"]).exists() and not cache.path("load", "0123456789abcdef").exists()
+    lk = KeyLock(cache.lock_path("evaluate", keys["evaluate"]))
+    assert lk.acquire(blocking=False)                                   # a live process (this one) computes it
+    try:
+        rc, out = ctl("rm", "evaluate", f"cache_dir={cache.root}")
+        assert rc == 1 and f"locked by pid {os.getpid()}" in out and cache.path("evaluate", keys["evaluate"]).exists()
+    finally:
+        lk.release()
+    rc, out = ctl("rm", "evaluate", f"cache_dir={cache.root}")
+    assert rc == 0 and f"removed evaluate/{keys['evaluate']}" in out
+    assert not list((cache.root / "evaluate").glob("[0-9a-f]*")) and not list((cache.root / "evaluate").glob(".trash-*"))
+
+
+def test_gc_keeps_what_the_given_configs_name(planned):
+    cfg, steps, keys, cache = planned
+    stray = fake_entry(cache, "awq", "0123456789abcdef")
+    gone_stage = fake_entry(cache, "old_stage", "fedcba9876543210")
+    rc, out = ctl("gc", "--dry-run", *TINY, f"cache_dir={cache.root}")
+    assert rc == 0 and "would remove awq/0123456789abcdef" in out and "would remove old_stage/" in out
+    assert stray.exists()                                               # a dry run removes nothing
+    rc, out = ctl("gc", *TINY, f"cache_dir={cache.root}")
+    assert rc == 0 and not stray.exists() and not gone_stage.exists()
+    assert all(cache.path(n, keys[n]).exists() for n in ("load", "calibrate", "awq", "evaluate"))
+    # the temp folder is named by the config (kv_qparams' key): kept; fp16 alone names only load and evaluate
+    rc, out = ctl("gc", "model=tiny-random", "pipeline=evaluate", "quant=fp16,kv8_dynamic", f"cache_dir={cache.root}")
+    assert rc == 0 and cache.path("load", keys["load"]).exists() and not cache.path("awq", keys["awq"]).exists()
+    assert not list((cache.root / "kv_qparams").glob(".tmp-*"))
+
+
+def test_gc_never_removes_an_entry_being_computed(planned):
+    cfg, steps, keys, cache = planned
+    tmp = cache.new_tmp("awq", "0123456789abcdef")
+    lk = KeyLock(cache.lock_path("awq", "0123456789abcdef"))
+    assert lk.acquire(blocking=False)
+    try:
+        rc, out = ctl("gc", *TINY, f"cache_dir={cache.root}")
+        assert rc == 1 and tmp.exists() and "kept awq/0123456789abcdef: locked by pid" in out
+    finally:
+        lk.release()
+
+
+def test_save_safetensors_sorts_metadata_so_bytes_do_not_depend_on_order(tmp_path):
+    import torch
+    from safetensors import safe_open
+    tensors = {"b": torch.ones(3), "a": torch.arange(5.0)}
+    meta = {"format": "pt", "layout": "canonical-awq-gemm", "z": "1", "m": "é/\"x"}
+    blobs = set()
+    for i, order in enumerate([list(meta), sorted(meta), sorted(meta, reverse=True)] * 2):
+        f = tmp_path / f"{i}.safetensors"
+        save_safetensors(tensors, f, {k: meta[k] for k in order})
+        blobs.add(f.read_bytes())
+        with safe_open(str(f), "pt") as fh:
+            assert fh.metadata() == meta and torch.equal(fh.get_tensor("a"), tensors["a"])
+    assert len(blobs) == 1
+    n = int.from_bytes(next(iter(blobs))[:8], "little")
+    assert list(json.loads(next(iter(blobs))[8:8 + n])["__metadata__"]) == sorted(meta)
+
+
+def test_save_safetensors_rewrites_a_header_that_grows(tmp_path, monkeypatch):
+    import torch
+    from safetensors import safe_open
+    from pipeline import cache as cache_mod
+    dumps = json.dumps
+    monkeypatch.setattr(cache_mod.json, "dumps", lambda obj, **kw: dumps(obj, indent=2, ensure_ascii=False))
+    save_safetensors({"a": torch.arange(7.0)}, tmp_path / "x.safetensors", {"z": "1", "a": "2"})
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"z": "1", "a": "2"} and torch.equal(fh.get_tensor("a"), torch.arange(7.0))
+    assert not list(tmp_path.glob("*.sorting"))
