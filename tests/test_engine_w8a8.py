@@ -1,7 +1,7 @@
 """W8A8 (workspace weight_type int8) through the engine on the CPU (the kernels' PyTorch references).
 
 - A quant_w8 artifact of a tiny random llama (int8 per output channel weights + fp16 scales under the
-  Hugging Face names, as pipeline/stages/quant_w8.py writes it) -> turbomind's `read_quant_w8` -> workspace.
+  Hugging Face names, as pipeline/artifacts/w8a8.py writes it) -> `pipeline.artifacts.w8a8.read_quant_w8` -> workspace.
   Reference: the same model with `apply_w8a8` (what evaluate runs). Greedy tokens of four prompts of
   different lengths, batched, are identical; teacher-forced logits agree within 1e-4 of the max logit
   (same integers and scales, both fp32: only summation order differs, which can flip one activation's
@@ -28,8 +28,7 @@ from pipeline.models.llama import build_model
 from pipeline.models.sources import save_byte_tokenizer, synthetic_tensors
 from pipeline.models.store import write_model
 from pipeline.quant.w8 import W8A8Linear, W8Weight, hf_name, quantize_w8, w8a8_linear
-from pipeline.stages.quant_w8 import apply_w8a8
-from pipeline.stages.turbomind import read_quant_w8
+from pipeline.artifacts.w8a8 import apply_w8a8, read_quant_w8
 from pipeline.workspace import write_workspace
 
 from test_engine import ARGS, LINEARS, PROMPTS, kv_params, ref_greedy, static_kv_fake_quant

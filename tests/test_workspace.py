@@ -86,7 +86,7 @@ def test_bad_tp_names_the_limits(tmp_path):
 
 def test_from_hf_fp16_and_autoawq_folders(tmp_path):
     from pipeline.engine import Engine, SamplingParams
-    from pipeline.stages.turbomind import from_hf_folder
+    from pipeline.artifacts.workspace import from_hf_folder
     args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=300)
     t = synthetic_tensors(args, 0, torch.float16)
     hf = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",

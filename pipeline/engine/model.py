@@ -36,7 +36,7 @@ from ..kernels.rope_kv import rope_kv_write
 from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
 from ..models.llama import ModelArgs, rope_cos_sin
 from ..quant.w8 import W8Weight, w8a8_linear
-from ..workspace import QUANT_POLICIES, cat_out, read_config, reassemble
+from ..artifacts.workspace import QUANT_POLICIES, cat_out, read_config, reassemble
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..kernels.w4a16 import W4Weight
 from ..quant.w8 import W8Weight
-from ..workspace import QUANT_POLICIES, WEIGHTS, _load_linear, check_tp, config_args, kv_heads, load_tensor, read_config
+from ..artifacts.workspace import QUANT_POLICIES, WEIGHTS, _load_linear, check_tp, config_args, kv_heads, load_tensor, read_config
 from .model import Layer, ModelRunner, compute_dtype
 from .procs import exit_text
 

@@ -17,6 +17,16 @@ from ..models.store import read_args, read_tensors
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+def compute_dtype(load_dir: Path, device) -> torch.dtype:
+    """The dtype blockwise passes run in: fp32 on CPU; the checkpoint's 16-bit dtype (or fp16) on a GPU."""
+    if device.type != "cuda":
+        return torch.float32
+    from safetensors import safe_open
+    with safe_open(str(Path(load_dir) / "model.safetensors"), framework="pt") as f:
+        dt = f.get_slice(next(iter(f.keys()))).get_dtype()
+    return torch.bfloat16 if dt == "BF16" else torch.float16
+
+
 def block_tensor_names(args: ModelArgs, i: int) -> list[str]:
     p = f"layers.{i}."
     names = [p + "attn_norm.weight", p + "mlp_norm.weight"] + [p + f"{n}.weight" for n in LINEARS]

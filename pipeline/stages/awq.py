@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from ..models.store import read_args
 from ..quant import awq
+from ..quant.blockwise import compute_dtype
 from ..quant.w4 import check_bits, check_group, check_group_size, linear_inputs
-from .calibrate import compute_dtype
 
 VERSION = 2
 READS = ["quant.w_bits", "quant.group_size", "quant.zero_point", "quant.search", "quant.n_grid", "quant.clip",

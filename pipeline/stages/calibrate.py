@@ -13,8 +13,8 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from ..models.store import parse_dtype, read_args, read_tokenizer
-from ..quant.blockwise import walk_blocks
+from ..models.store import read_args, read_tokenizer
+from ..quant.blockwise import compute_dtype, walk_blocks
 from ..quant.calib_data import calib_tokens
 from ..quant.stats import block_stats, observe_block
 
@@ -24,16 +24,6 @@ READS = ["quant.calib"]
 
 def inputs(cfg) -> list[str]:
     return ["load"]
-
-
-def compute_dtype(load_dir, device) -> torch.dtype:
-    """fp32 on CPU; the checkpoint's 16-bit dtype (or fp16) on a GPU."""
-    if device.type != "cuda":
-        return torch.float32
-    from safetensors import safe_open
-    with safe_open(str(load_dir / "model.safetensors"), framework="pt") as f:
-        dt = f.get_slice(next(iter(f.keys()))).get_dtype()
-    return torch.bfloat16 if dt == "BF16" else parse_dtype("float16")
 
 
 @torch.no_grad()

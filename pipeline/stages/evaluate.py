@@ -11,7 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..artifacts.packed_w4 import apply_packed
+from ..artifacts.w8a8 import apply_w8a8
 from ..data import eval_text
+from ..methods import upstream
 from ..models.store import parse_dtype, read_model, read_tokenizer
 
 VERSION = 1
@@ -19,14 +22,7 @@ READS = ["eval", "quant"]
 
 
 def inputs(cfg) -> list[str]:
-    ups = ["load"]
-    if cfg.quant.a_bits:
-        ups.append("quant_w8")  # W8A8; it also holds the KV qparams of the smoothed model
-    elif cfg.quant.w_bits:
-        ups.append("pack")
-    if cfg.quant.kv_bits and cfg.quant.kv_mode == "static" and not cfg.quant.a_bits:
-        ups.append("kv_qparams")
-    return ups
+    return upstream(cfg)
 
 
 def windows(tokens: torch.Tensor, seqlen: int, n: int) -> torch.Tensor:
@@ -75,10 +71,8 @@ def build_eval_model(ctx, dtype):
     model = read_model(ctx.inputs["load"], device=ctx.device, dtype=dtype)
     q = ctx.cfg.quant
     if q.a_bits:
-        from .quant_w8 import apply_w8a8
         apply_w8a8(model, ctx.inputs["quant_w8"])
     elif q.w_bits:
-        from .pack import apply_packed
         apply_packed(model, ctx.inputs["pack"])
     if q.kv_bits:
         from ..quant.kv import attach_kv_fake_quant

@@ -2,17 +2,18 @@
 
 Reads `quant.num_tp`; input: calibrate (and load for the model shape). Computes every variant
 (int8/int4 x asymmetric/symmetric) so that kv8 and kv4 configs share one artifact.
-Artifact: kv_qparams.safetensors (all heads; names in pipeline/quant/kv.py), tp{r}/kv_qparams.safetensors
-per tensor-parallel rank (its contiguous slice of KV heads), kv_qparams.json (summary).
+Artifact: pipeline/artifacts/kv_qparams.py (kv_qparams.safetensors, all heads; tp{r}/kv_qparams.safetensors
+per tensor-parallel rank), kv_qparams.json (summary).
 """
 from __future__ import annotations
 
 import json
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..artifacts.kv_qparams import write_kv_qparams
 from ..models.store import read_args
-from ..quant.kv import FILE, kv_qparams, split_tp
+from ..quant.kv import kv_qparams, split_tp
 
 VERSION = 1
 READS = ["quant.num_tp"]
@@ -27,10 +28,7 @@ def run(ctx) -> dict:
     stats = load_file(str(ctx.inputs["calibrate"] / "stats.safetensors"))
     qp = kv_qparams(stats, args.n_layers)
     ranks = split_tp(qp, ctx.cfg.quant.num_tp, args.n_kv_heads)
-    save_file(qp, str(ctx.out / FILE))
-    for r, part in enumerate(ranks):
-        (ctx.out / f"tp{r}").mkdir()
-        save_file(part, str(ctx.out / f"tp{r}" / FILE))
+    write_kv_qparams(ctx.out, qp, ranks)
     k8 = [qp[f"layers.{i}.k.int8.asym.scale"].max().item() for i in range(args.n_layers)]
     res = {"layers": args.n_layers, "kv_heads": args.n_kv_heads, "num_tp": len(ranks),
            "variants": sorted({k.split(".", 3)[3].rsplit(".", 1)[0] for k in qp}),

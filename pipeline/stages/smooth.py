@@ -27,9 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from ..models.store import read_args, read_tensors
 from ..quant.awq import GROUPS
-from ..quant.blockwise import walk_blocks
+from ..quant.blockwise import compute_dtype, walk_blocks
 from ..quant.smooth import check_alpha, check_grid, group_ranges, layer_scales, search_block
-from .calibrate import compute_dtype
 
 VERSION = 2
 READS = ["quant.smooth_alpha", "quant.smooth_search", "quant.smooth_grid", "quant.search_samples"]

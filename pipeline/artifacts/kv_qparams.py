@@ -1,0 +1,38 @@
+"""Static KV-cache quantization parameters: the kv_qparams stage's artifact (quant_w8 writes the same file
+for the smoothed model). Names and math: pipeline/quant/kv.py.
+
+    kv_qparams.safetensors   layers.{i}.{k|v}.int{8|4}.{asym|sym}.{scale|zp}, (n_kv_heads,) fp32 each
+    tp{r}/kv_qparams.safetensors   (kv_qparams stage, quant.num_tp > 1) rank r's contiguous slice of KV heads
+
+    write_kv_qparams(out, qp, ranks=())
+    qp = read_kv_qparams(d)                              # name -> tensor
+    per_layer = read_static(d, n_layers, bits, sym)      # layer -> (k_scale, k_zp, v_scale, v_zp)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ..quant.kv import FILE, variant
+
+FORMAT = 1
+
+
+def write_kv_qparams(out: Path, qp: dict, ranks=()) -> None:
+    out = Path(out)
+    save_file(qp, str(out / FILE))
+    for r, part in enumerate(ranks):
+        (out / f"tp{r}").mkdir()
+        save_file(part, str(out / f"tp{r}" / FILE))
+
+
+def read_kv_qparams(d: Path) -> dict:
+    return load_file(str(Path(d) / FILE))
+
+
+def read_static(d: Path, n_layers: int, bits: int, sym: bool) -> dict:
+    """layer -> (k_scale, k_zp, v_scale, v_zp), each (n_kv_heads,) fp32."""
+    qp = read_kv_qparams(d)
+    v = variant(bits, sym)
+    return {i: tuple(qp[f"layers.{i}.{t}.{v}.{s}"] for t in "kv" for s in ("scale", "zp")) for i in range(n_layers)}

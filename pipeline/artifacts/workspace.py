@@ -1,0 +1,395 @@
+"""TurboMind-style workspace: layout, config.ini, tensor-parallel split and reassembly.
+
+Layout (what `lmdeploy convert` writes, with our tensor format):
+    workspace/triton_models/weights/config.ini          [llama] section, see `write_config`
+    workspace/triton_models/weights/<name>              one safetensors file per tensor and TP rank, key "t"
+        tok_embeddings.weight  norm.weight  output.weight (absent when tied)
+        layers.N.attention_norm.weight  layers.N.ffn_norm.weight
+        layers.N.attention.w_qkv.R.{weight | qweight,scales[,zeros]}[,bias] column-parallel (output dim),
+                                  rank R holds [q heads of R | k heads of R | v heads of R]
+        layers.N.attention.wo.R.{weight | qweight,scales[,zeros]}           row-parallel (input dim)
+        layers.N.attention.wo.bias                                          (o_bias models; added once)
+        layers.N.feed_forward.w13.R.{...}   column-parallel, rank R holds [gate rows of R | up rows of R]
+        layers.N.feed_forward.w2.R.{...}    row-parallel
+        layers.N.past_kv_scale.R.weight     (4, KV heads of R) fp32 rows: k_scale, k_zp, v_scale, v_zp
+    KV heads: n_kv_heads / tp per rank, or, when tp is a multiple of n_kv_heads (GQA/MQA), one per rank,
+    replicated on tp / n_kv_heads ranks (`kv_heads`); `check_tp` names the valid tp values.
+    workspace/triton_models/tokenizer/                  Hugging Face tokenizer (with chat template)
+
+int4 tensors are stored in the serving kernel's layout (`pipeline.kernels.w4a16.pack_w4`: qweight
+(K//8, N) int32, scales/zeros (K//g, N) fp16); int8 (W8A8, weight_type int8) as qweight (N, K) int8 and
+scales (N,) fp16 per output channel: a column-parallel rank holds its rows and their scales, a row-parallel
+rank its input columns and all N scales (the same on every rank); 16-bit weights as (N, K) fp16 (bf16 if
+the source is bf16).
+
+quant_policy (as in LMDeploy's TurboMind): 0 = 16-bit KV, 4 = int8 KV, 8 = int4 KV (our choice for int4).
+The KV qparams are static (calibrated, `past_kv_scale` files) when present and kv_mode = static, else
+per-token dynamic. Edit quant_policy in config.ini to switch KV quantization for the next serve.
+
+Usage:
+    write_workspace(out, args, tensors, tokenizer_dir, tp=2, w4={"layers.0.q": (q, s, z), ...}, group_size=128)
+    write_workspace(out, args, tensors, tokenizer_dir, w8={"layers.0.q": W8Weight(q_int8, scales), ...})
+    cfg = read_config(ws); args = config_args(cfg)
+    canon = reassemble(ws)             # canonical names -> tensor, (q, scales, zeros) or W8Weight: exact inverse
+    python -m pipeline.workspace --hf /models/llama-2-7b --out ./workspace [--tp 2]   # HF or AutoAWQ folder
+    from_hf_folder(path, out, tp=1)    # the same from Python (fp16 or AutoAWQ int4 GEMM folder)
+"""
+from __future__ import annotations
+
+import configparser
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..models.llama import ModelArgs
+
+FORMAT = 1                                    # the on-disk layout below; bump when it changes
+WEIGHTS, TOKENIZER = "triton_models/weights", "triton_models/tokenizer"
+QUANT_POLICIES = {0: 16, 4: 8, 8: 4}          # quant_policy -> KV bits
+COL = {"w_qkv": "attention", "w13": "feed_forward"}
+ROW = {"wo": "attention", "w2": "feed_forward"}
+SERVE_DEFAULTS = dict(session_len=4096, max_batch_size=32, cache_max_entry_count=0.8, cache_block_seq_len=64)
+
+
+# ------------------------------------------------------------------------------------ config.ini
+def write_config(wdir: Path, args: ModelArgs, *, model_name: str, weight_type: str, group_size: int,
+                 quant_policy: int, kv_mode: str, tp: int, **serve) -> None:
+    s = {**SERVE_DEFAULTS, **serve}
+    c = configparser.ConfigParser()
+    c["llama"] = {
+        "model_name": model_name, "model_arch": args.arch, "head_num": args.n_heads, "kv_head_num": args.n_kv_heads,
+        "size_per_head": args.head_dim, "hidden_units": args.dim, "inter_size": args.hidden_dim,
+        "num_layer": args.n_layers, "vocab_size": args.vocab_size, "norm_eps": args.norm_eps,
+        "rotary_embedding": args.head_dim, "rope_theta": args.rope_theta,
+        "rope_scaling": json.dumps(args.rope_scaling), "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": int(args.tie_embeddings), "attn_bias": int(args.qkv_bias), "o_bias": int(args.o_bias),
+        "bos_id": json.dumps(args.bos_token_id), "eos_id": json.dumps(args.eos_token_id),
+        "weight_type": weight_type, "group_size": group_size, "quant_policy": quant_policy, "kv_mode": kv_mode,
+        "tensor_para_size": tp, **s}
+    with open(wdir / "config.ini", "w") as f:
+        c.write(f)
+
+
+def read_config(ws: Path) -> dict:
+    """config.ini as a typed dict (ints, floats, JSON values decoded)."""
+    path = Path(ws) / WEIGHTS / "config.ini"
+    if not path.exists():
+        raise ValueError(f"{ws} is not a workspace: {path} does not exist (build one with the turbomind stage)")
+    c = configparser.ConfigParser()
+    c.read(path)
+    out = {}
+    for k, v in c["llama"].items():
+        for conv in (int, float, json.loads):
+            try:
+                out[k] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = v
+    qp = out["quant_policy"]
+    if qp not in QUANT_POLICIES:
+        raise ValueError(f"quant_policy={qp} in {path} is not one of {sorted(QUANT_POLICIES)} "
+                         "(0: 16-bit KV, 4: int8 KV, 8: int4 KV)")
+    return out
+
+
+def config_args(c: dict) -> ModelArgs:
+    return ModelArgs(arch=c["model_arch"], dim=c["hidden_units"], n_layers=c["num_layer"], n_heads=c["head_num"],
+                     n_kv_heads=c["kv_head_num"], head_dim=c["size_per_head"], hidden_dim=c["inter_size"],
+                     vocab_size=c["vocab_size"], norm_eps=c["norm_eps"], rope_theta=float(c["rope_theta"]),
+                     rope_scaling=c["rope_scaling"], max_seq_len=c["max_position_embeddings"],
+                     tie_embeddings=bool(c["tie_word_embeddings"]), qkv_bias=bool(c["attn_bias"]),
+                     o_bias=bool(c["o_bias"]), bos_token_id=c["bos_id"], eos_token_id=c["eos_id"])
+
+
+# ------------------------------------------------------------------------------------ tensor files
+def save_tensor(wdir: Path, name: str, t: torch.Tensor) -> None:
+    save_file({"t": t.contiguous().cpu()}, str(Path(wdir) / name))
+
+
+def load_tensor(wdir: Path, name: str, device="cpu") -> torch.Tensor:
+    path = Path(wdir) / name
+    if not path.exists():
+        raise ValueError(f"workspace tensor {name!r} is missing from {wdir}")
+    return load_file(str(path), device=str(device))["t"]
+
+
+# A linear is a dense (N, K) tensor, a quantizer triple (q (N, K) uint8, scales, zeros (K//g, N)), or
+# an int8 W8Weight (qweight (N, K) int8, scales (N,)).
+def _is_w8(lin) -> bool:
+    from ..quant.w8 import W8Weight
+    return isinstance(lin, W8Weight)
+
+
+def cut_out(lin, a: int, b: int):
+    """Output rows a:b."""
+    if isinstance(lin, torch.Tensor):
+        return lin[a:b]
+    if _is_w8(lin):
+        return type(lin)(lin.qweight[a:b], lin.scales[a:b])
+    q, s, z = lin
+    return q[a:b], s[:, a:b], z[:, a:b]
+
+
+def cut_in(lin, a: int, b: int, g: int):
+    """Input columns a:b (whole quantization groups for int4)."""
+    if isinstance(lin, torch.Tensor):
+        return lin[:, a:b]
+    if _is_w8(lin):                          # per output channel scales: every input slice keeps all N
+        return type(lin)(lin.qweight[:, a:b], lin.scales)
+    if a % g or b % g:
+        raise ValueError(f"row-parallel split [{a}:{b}] of an int4 weight does not fall on group_size={g} "
+                         "boundaries; choose a tp that divides the input dim into whole groups")
+    q, s, z = lin
+    return q[:, a:b], s[a // g:b // g], z[a // g:b // g]
+
+
+def cat_out(parts):
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, 0)
+    if _is_w8(parts[0]):
+        return type(parts[0])(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+    return tuple(torch.cat([p[i] for p in parts], 0 if i == 0 else 1) for i in range(3))
+
+
+def cat_in(parts):
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, 1)
+    if _is_w8(parts[0]):
+        s = parts[0].scales
+        if not all(torch.equal(p.scales, s) for p in parts[1:]):
+            raise ValueError("row-parallel int8 shards carry different scales: every rank must hold all N "
+                             "scales of the whole linear (rebuild the workspace)")
+        return type(parts[0])(torch.cat([p.qweight for p in parts], 1), s)
+    return tuple(torch.cat([p[i] for p in parts], 1 if i == 0 else 0) for i in range(3))
+
+
+def out_slices(args: ModelArgs, kind: str, r: int, tp: int) -> list[tuple[str, int, int]]:
+    """Canonical pieces (name suffix, row start, row end) making up rank r's column-parallel tensor."""
+    hd = args.head_dim
+    if kind == "w_qkv":
+        nq, (a, b) = args.n_heads // tp, kv_heads(args, r, tp)
+        return [("q", r * nq * hd, (r + 1) * nq * hd), ("k", a * hd, b * hd), ("v", a * hd, b * hd)]
+    f = args.hidden_dim // tp
+    return [("gate", r * f, (r + 1) * f), ("up", r * f, (r + 1) * f)]
+
+
+def kv_heads(args: ModelArgs, r: int, tp: int) -> tuple[int, int]:
+    """KV heads [a, b) of rank r: n_kv_heads / tp each when tp divides n_kv_heads; otherwise (tp a multiple
+    of n_kv_heads, GQA/MQA) one head per rank, replicated on tp / n_kv_heads ranks, the one its q heads use."""
+    nkv = args.n_kv_heads
+    if nkv % tp == 0:
+        return r * nkv // tp, (r + 1) * nkv // tp
+    h = r // (tp // nkv)
+    return h, h + 1
+
+
+def check_tp(args: ModelArgs, tp: int) -> None:
+    nh, nkv, f = args.n_heads, args.n_kv_heads, args.hidden_dim
+    ok = [t for t in range(1, nh + 1) if nh % t == 0 and f % t == 0 and (nkv % t == 0 or t % nkv == 0)]
+    if tp < 1 or tp not in ok:
+        raise ValueError(f"tp={tp} does not fit n_heads={nh}, n_kv_heads={nkv}, hidden_dim={f}: tp must divide "
+                         f"n_heads and hidden_dim, and divide n_kv_heads or be a multiple of it "
+                         f"(KV heads replicated); valid tp values for this model: {ok}")
+
+
+def _save_linear(wdir: Path, prefix: str, lin, group_size: int) -> None:
+    if isinstance(lin, torch.Tensor):
+        save_tensor(wdir, prefix + ".weight", lin)
+        return
+    if _is_w8(lin):
+        save_tensor(wdir, prefix + ".qweight", lin.qweight)
+        save_tensor(wdir, prefix + ".scales", lin.scales)
+        return
+    from ..kernels.w4a16 import pack_w4
+    w = pack_w4(lin[0], lin[1], lin[2], group_size)       # re-laid out for the serving kernel
+    for part in ("qweight", "scales", "zeros"):
+        save_tensor(wdir, f"{prefix}.{part}", getattr(w, part))
+
+
+def _load_linear(wdir: Path, prefix: str, weight_type: str, group_size: int, device="cpu"):
+    """Rank file(s) -> dense tensor, W4Weight (kernel layout) or W8Weight."""
+    if weight_type == "int8":
+        from ..quant.w8 import W8Weight
+        return W8Weight(load_tensor(wdir, prefix + ".qweight", device), load_tensor(wdir, prefix + ".scales", device))
+    if weight_type != "int4":
+        return load_tensor(wdir, prefix + ".weight", device)
+    from ..kernels.w4a16 import W4Weight
+    qw, s, z = (load_tensor(wdir, f"{prefix}.{p}", device) for p in ("qweight", "scales", "zeros"))
+    return W4Weight(qw, s, z, qw.shape[0] * 8, qw.shape[1], group_size)
+
+
+# ------------------------------------------------------------------------------------ write
+def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Optional[Path], *, tp: int = 1,
+                    w4: Optional[dict] = None, w8: Optional[dict] = None, group_size: int = 128,
+                    kv_qparams: Optional[dict] = None,
+                    kv_bits: Optional[int] = None, kv_mode: str = "static", model_name: str = "model",
+                    dtype: torch.dtype = torch.float16, track=lambda it, **k: it, **serve) -> dict:
+    """Write a workspace. tensors: canonical name -> tensor (all weights; quantized linears may be absent);
+    w4: canonical linear name (e.g. "layers.0.q") -> (q, scales, zeros) in the quantizer format;
+    w8: canonical linear name -> W8Weight (int8 (N, K), scales (N,)), as quant_w8 writes them (W8A8);
+    kv_qparams: layer -> (k_scale, k_zp, v_scale, v_zp), each (n_kv_heads,) fp32."""
+    check_tp(args, tp)
+    if w4 and w8:
+        raise ValueError("write_workspace: give w4 (int4) or w8 (int8) linears, not both")
+    qlin = w4 or w8 or {}                               # quantized linears by canonical name
+    wdir = Path(out) / WEIGHTS
+    wdir.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    dense = lambda n: tensors[n + ".weight"].to(dtype)  # noqa: E731
+    lin = lambda n: qlin[n] if n in qlin else dense(n)  # noqa: E731
+    save_tensor(wdir, "tok_embeddings.weight", dense("embed"))
+    save_tensor(wdir, "norm.weight", dense("norm"))
+    if not args.tie_embeddings:
+        save_tensor(wdir, "output.weight", dense("lm_head"))
+    hd = args.head_dim
+    for i in track(range(args.n_layers), total=args.n_layers, description="workspace"):
+        p, L = f"layers.{i}.", f"layers.{i}"
+        save_tensor(wdir, f"{L}.attention_norm.weight", dense(p + "attn_norm"))
+        save_tensor(wdir, f"{L}.ffn_norm.weight", dense(p + "mlp_norm"))
+        if args.o_bias:
+            save_tensor(wdir, f"{L}.attention.wo.bias", tensors[p + "o.bias"].to(dtype))
+        for r in range(tp):
+            for kind, sub in COL.items():
+                pieces = out_slices(args, kind, r, tp)
+                _save_linear(wdir, f"{L}.{sub}.{kind}.{r}", cat_out([cut_out(lin(p + n), a, b) for n, a, b in pieces]),
+                             group_size)
+                if kind == "w_qkv" and args.qkv_bias:
+                    save_tensor(wdir, f"{L}.{sub}.{kind}.{r}.bias",
+                                torch.cat([tensors[p + n + ".bias"][a:b] for n, a, b in pieces]).to(dtype))
+            for kind, sub in ROW.items():
+                K = args.n_heads * hd if kind == "wo" else args.hidden_dim
+                name = p + ("o" if kind == "wo" else "down")
+                _save_linear(wdir, f"{L}.{sub}.{kind}.{r}", cut_in(lin(name), r * K // tp, (r + 1) * K // tp, group_size),
+                             group_size)
+            if kv_qparams is not None:
+                a, b = kv_heads(args, r, tp)
+                qp = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in kv_qparams[i]])  # (4, nkv)
+                save_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", qp[:, a:b])
+    policy = {None: 0, 16: 0, 8: 4, 4: 8}[kv_bits]
+    mode = "static" if kv_qparams is not None else kv_mode if policy else "none"
+    weight_type = "int8" if w8 else "int4" if w4 else {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    write_config(wdir, args, model_name=model_name, weight_type=weight_type, group_size=group_size,
+                 quant_policy=policy, kv_mode=mode, tp=tp, **serve)
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, Path(out) / TOKENIZER, dirs_exist_ok=True)
+    return {"weight_type": weight_type, "tp": tp, "quant_policy": policy, "kv_mode": mode}
+
+
+# ------------------------------------------------------------------------------------ read back
+def reassemble(ws: Path, device="cpu") -> tuple[ModelArgs, dict]:
+    """All ranks -> canonical tensors: names like write_workspace's `tensors` ("layers.0.q.weight"), and
+    for int4 linears the quantizer triple, for int8 the W8Weight, under the linear's name ("layers.0.q").
+    Exact inverse."""
+    from ..kernels.w4a16 import unpack_w4
+    c = read_config(ws)
+    args, tp, wt, g = config_args(c), c["tensor_para_size"], c["weight_type"], c["group_size"]
+    wdir = Path(ws) / WEIGHTS
+    out = {"embed.weight": load_tensor(wdir, "tok_embeddings.weight", device),
+           "norm.weight": load_tensor(wdir, "norm.weight", device)}
+    if not args.tie_embeddings:
+        out["lm_head.weight"] = load_tensor(wdir, "output.weight", device)
+
+    def put(name, lin):
+        if wt in ("int4", "int8"):
+            out[name] = lin
+        else:
+            out[name + ".weight"] = lin
+
+    def rank(prefix):
+        lin = _load_linear(wdir, prefix, wt, g, device)
+        return unpack_w4(lin) if wt == "int4" else lin
+
+    for i in range(args.n_layers):
+        p, L = f"layers.{i}.", f"layers.{i}"
+        out[p + "attn_norm.weight"] = load_tensor(wdir, f"{L}.attention_norm.weight", device)
+        out[p + "mlp_norm.weight"] = load_tensor(wdir, f"{L}.ffn_norm.weight", device)
+        for kind, sub in COL.items():
+            ranks = [rank(f"{L}.{sub}.{kind}.{r}") for r in range(tp)]
+            biases = ([load_tensor(wdir, f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)]
+                      if kind == "w_qkv" and args.qkv_bias else None)
+            pieces, seen = {}, set()
+            for r in range(tp):
+                off = 0
+                for n, a, b in out_slices(args, kind, r, tp):
+                    if (n, a) not in seen:    # replicated KV heads: take each once
+                        seen.add((n, a))
+                        pieces.setdefault(n, []).append(cut_out(ranks[r], off, off + b - a))
+                        if biases:
+                            pieces.setdefault(n + ".bias", []).append(biases[r][off:off + b - a])
+                    off += b - a
+            for n, parts in pieces.items():
+                if n.endswith(".bias"):
+                    out[p + n] = torch.cat(parts)
+                else:
+                    put(p + n, cat_out(parts))
+        for kind, sub in ROW.items():
+            put(p + ("o" if kind == "wo" else "down"), cat_in([rank(f"{L}.{sub}.{kind}.{r}") for r in range(tp)]))
+        if args.o_bias:
+            out[p + "o.bias"] = load_tensor(wdir, f"{L}.attention.wo.bias", device)
+        if (wdir / f"{L}.past_kv_scale.0.weight").exists():
+            firsts = {kv_heads(args, r, tp)[0]: r for r in reversed(range(tp))}   # one rank per KV head range
+            out[p + "past_kv_scale"] = torch.cat([load_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", device)
+                                                  for _, r in sorted(firsts.items())], 1)
+    return args, out
+
+
+# ------------------------------------------------------------------------------------ HF / AutoAWQ folders
+def from_hf_folder(path: Path, out: Path, tp: int = 1, model_name: Optional[str] = None, **serve) -> dict:
+    """A workspace from a Hugging Face folder: fp16 weights, or AutoAWQ int4 (quantization_config.quant_method
+    == "awq", GEMM layout: qweight (K, N/8), qzeros (K/g, N/8), scales (K/g, N))."""
+    from ..models.adapters import adapter_for_hf_config, args_from_hf_config, rename, to_canonical
+    from ..quant.w4 import unpack
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "awq":
+        from ..models.sources import load_hf_folder
+        args, tensors, _ = load_hf_folder(path)
+        return _write(out, path, args, tensors, tp=tp, model_name=model_name or path.name,
+                      dtype=next(iter(tensors.values())).dtype, **serve)
+    if qc.get("bits", 4) != 4 or qc.get("version", "gemm").lower() != "gemm":
+        raise ValueError(f"{path}: AutoAWQ bits={qc.get('bits')} version={qc.get('version')}; supported: 4-bit GEMM")
+    ad = adapter_for_hf_config(cfg, str(path / "config.json"))
+    args = args_from_hf_config(cfg, ad)
+    raw = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            raw.update({k: fh.get_tensor(k) for k in fh.keys()})
+    w4, rest = {}, {}
+    for name, t in raw.items():
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            canon = rename(base + ".weight", ad.names)
+            if canon is None:
+                raise ValueError(f"AutoAWQ tensor {name!r} in {path} has no canonical name")
+            w4[canon[: -len(".weight")]] = unpack(t, raw[base + ".qzeros"], raw[base + ".scales"], 4)
+        elif not name.endswith((".qzeros", ".scales")):
+            rest[name] = t
+    if "lm_head.weight" not in rest and "output.weight" not in rest:
+        args.tie_embeddings = True
+    tensors = to_canonical(rest, ad, args)
+    return _write(out, path, args, tensors, tp=tp, w4=w4, group_size=qc["group_size"],
+                  model_name=model_name or path.name, dtype=torch.float16, **serve)
+
+
+def _write(out: Path, src: Path, args, tensors, **kw) -> dict:
+    """write_workspace with the folder's tokenizer (skipped, with a note, when the folder has none)."""
+    import shutil
+    import tempfile
+    from ..models.sources import save_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / "tokenizer"
+        try:
+            save_tokenizer(src, tok)
+        except (OSError, ValueError) as e:
+            print(f"note: no tokenizer saved from {src} ({type(e).__name__}: {e})")
+            shutil.rmtree(tok, ignore_errors=True)
+            tok = None
+        return write_workspace(out, args, tensors, tok, **kw)
