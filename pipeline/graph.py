@@ -143,7 +143,7 @@ def status(steps: list[PlannedStage], cache: Cache) -> list[StageStatus]:
     out: list[StageStatus] = []
     missing: set[str] = set()
     for st in steps:
-        man, why = cache.check(st.name, st.key) if st.cached else (None, "a terminal stage (not cached): runs")
+        man, why = cache.check(st.name, st.key) if st.cached else (None, "a terminal stage, never cached")
         owner = None
         if man is None:
             missing.add(st.name)
