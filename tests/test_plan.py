@@ -302,3 +302,25 @@ def test_save_safetensors_rewrites_a_header_that_grows(tmp_path, monkeypatch):
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as fh:
         assert fh.metadata() == {"z": "1", "a": "2"} and torch.equal(fh.get_tensor("a"), torch.arange(7.0))
     assert not list(tmp_path.glob("*.sorting"))
+
+
+def test_execute_returns_its_results_and_keeps_them_when_a_stage_fails(tmp_path):
+    from types import SimpleNamespace
+    cfg = make("model=tiny-random", f"cache_dir={tmp_path / 'cache'}", "device=cpu")
+    cache = Cache(tmp_path / "cache")
+
+    def stage(name, fail=False):
+        def run(ctx):
+            if fail:
+                raise RuntimeError(f"{name} broke")
+            (ctx.out / "x").write_text(name)
+            return {"stage": name}
+        return graph.PlannedStage(name, SimpleNamespace(READS=[], VERSION=1, run=run), f"{name}000000000000",
+                                  [], {}, True)
+
+    ok = graph.execute(cfg, [stage("a")], cache, tmp_path / "run")
+    assert [(r.name, r.status) for r in ok] == [("a", "ran")] and not hasattr(graph.execute, "results")
+    results: list = []
+    with pytest.raises(RuntimeError, match="b broke"):
+        graph.execute(cfg, [stage("a"), stage("b", fail=True)], cache, tmp_path / "run", results=results)
+    assert [(r.name, r.status) for r in results] == [("a", "cached"), ("b", "failed")]
