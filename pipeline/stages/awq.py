@@ -14,10 +14,11 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..methods import require
 from ..models.store import read_args
 from ..quant import awq
 from ..quant.blockwise import compute_dtype
-from ..quant.w4 import check_bits, check_group, check_group_size, linear_inputs
+from ..quant.w4 import check_group_size, linear_inputs
 
 VERSION = 2
 READS = ["quant.w_bits", "quant.group_size", "quant.zero_point", "quant.search", "quant.n_grid", "quant.clip",
@@ -29,12 +30,8 @@ def needs_calibration(q) -> bool:
 
 
 def inputs(cfg) -> list[str]:
-    q = cfg.quant
-    check_bits(q.w_bits)
-    check_group(q.group_size)
-    if cfg.model.source == "synthetic":  # the shape is known before anything runs: refuse a bad group now
-        check_group_size(cfg.model.shape, q.group_size, f" of model {cfg.model.name}")
-    return ["load", "calibrate"] if needs_calibration(q) else ["load"]
+    """load, plus calibrate for the methods that search (awq; not rtn): pipeline/methods."""
+    return ["load", "calibrate"] if "calibrate" in require(cfg, "awq").stages else ["load"]
 
 
 def identity(args, q) -> dict:

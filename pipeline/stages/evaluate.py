@@ -11,10 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..artifacts.packed_w4 import apply_packed
-from ..artifacts.w8a8 import apply_w8a8
 from ..data import eval_text
-from ..methods import upstream
+from ..methods import select
 from ..models.store import parse_dtype, read_model, read_tokenizer
 
 VERSION = 1
@@ -22,7 +20,8 @@ READS = ["eval", "quant"]
 
 
 def inputs(cfg) -> list[str]:
-    return upstream(cfg)
+    """load, the weight method's artifact, the KV qparams of a static KV method (pipeline/methods)."""
+    return select(cfg).upstream()
 
 
 def windows(tokens: torch.Tensor, seqlen: int, n: int) -> torch.Tensor:
@@ -69,14 +68,9 @@ def kv_bytes_per_token(args, quant) -> float:
 def build_eval_model(ctx, dtype):
     """The reference model with the quant config's weights and KV handling applied."""
     model = read_model(ctx.inputs["load"], device=ctx.device, dtype=dtype)
-    q = ctx.cfg.quant
-    if q.a_bits:
-        apply_w8a8(model, ctx.inputs["quant_w8"])
-    elif q.w_bits:
-        apply_packed(model, ctx.inputs["pack"])
-    if q.kv_bits:
-        from ..quant.kv import attach_kv_fake_quant
-        attach_kv_fake_quant(model, q, ctx.inputs.get("quant_w8" if q.a_bits else "kv_qparams"))
+    m = select(ctx.cfg, validate=False)
+    m.weight.apply(model, ctx.inputs)
+    m.kv.apply(model, ctx.cfg.quant, m.kv_dir(ctx.inputs))
     return model
 
 

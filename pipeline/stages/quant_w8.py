@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ..artifacts.kv_qparams import write_kv_qparams
 from ..artifacts.w8a8 import write_w8a8
+from ..methods import require
 from ..models.store import read_args, read_tensors, tensor_names
 from ..quant import awq
 from ..quant.blockwise import LINEARS
@@ -24,13 +25,8 @@ READS = ["quant.w_bits", "quant.a_bits"]
 
 
 def inputs(cfg) -> list[str]:
+    require(cfg, "quant_w8")        # W8A8 (smoothquant): w_bits=8, a_bits=8, checked
     return ["load", "smooth", "calibrate"]
-
-
-def check(q) -> None:
-    if q.a_bits != 8 or q.w_bits != 8:
-        raise ValueError(f"quant_w8 makes W8A8: needs quant.w_bits=8 and quant.a_bits=8, got "
-                         f"w_bits={q.w_bits}, a_bits={q.a_bits}")
 
 
 def smoothed_kv_stats(stats: dict, scales: dict, args) -> dict:
@@ -46,7 +42,6 @@ def smoothed_kv_stats(stats: dict, scales: dict, args) -> dict:
 
 @torch.no_grad()
 def run(ctx) -> dict:
-    check(ctx.cfg.quant)
     load_dir = ctx.inputs["load"]
     args = read_args(load_dir)
     scales = load_file(str(ctx.inputs["smooth"] / "smooth.safetensors"))

@@ -25,22 +25,18 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..methods import require
 from ..models.store import read_args, read_tensors
 from ..quant.awq import GROUPS
 from ..quant.blockwise import compute_dtype, walk_blocks
-from ..quant.smooth import check_alpha, check_grid, group_ranges, layer_scales, search_block
+from ..quant.smooth import check_grid, group_ranges, layer_scales, search_block
 
 VERSION = 2
 READS = ["quant.smooth_alpha", "quant.smooth_search", "quant.smooth_grid", "quant.search_samples"]
 
 
 def inputs(cfg) -> list[str]:
-    q = cfg.quant
-    check_alpha(q.smooth_alpha)
-    if q.smooth_search:
-        check_grid(q.smooth_grid)
-        if q.search_samples < 1:
-            raise ValueError(f"quant.search_samples={q.search_samples} must be >= 1 for quant.smooth_search=true")
+    require(cfg, "smooth")          # a method that smooths (smoothquant), its config checked
     return ["load", "calibrate"]
 
 

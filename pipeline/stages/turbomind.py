@@ -14,55 +14,27 @@ Also from a folder, without the stage graph:
 """
 from __future__ import annotations
 
-from ..artifacts.kv_qparams import read_static
-from ..artifacts.packed_w4 import read_dense, read_unpacked
-from ..artifacts.w8a8 import read_quant_w8
 from ..artifacts.workspace import write_workspace
-from ..methods import upstream
-from ..models.store import read_args, read_tensors
-from ..quant.blockwise import LINEARS
+from ..methods import select
+from ..models.store import read_args
 
 VERSION = 1
 READS = ["quant", "serve.tp", "model.name"]
 
 
-SERVED = {(None, None): "16-bit", (4, None): "W4A16", (8, 8): "W8A8"}   # (w_bits, a_bits) -> weight path
-
-
-def check_served(q) -> None:
-    if (q.w_bits, q.a_bits) not in SERVED:
-        raise ValueError(f"quant={q.name} (w_bits={q.w_bits}, a_bits={q.a_bits}): the serving engine runs 16-bit "
-                         "weights (w_bits null), W4A16 (w_bits=4) or W8A8 (w_bits=8, a_bits=8); other formats are "
-                         "evaluated, not served: run this one with pipeline=evaluate for its perplexity, or serve "
-                         "quant=w4a16_kv8 or quant=w8a8")
-
-
 def inputs(cfg) -> list[str]:
-    """Same upstream as evaluate: load, pack (w_bits=4) or quant_w8 (W8A8), kv_qparams (static KV).
-    Refuses, before anything runs, weight formats the serving engine has no kernel path for."""
-    check_served(cfg.quant)
-    return upstream(cfg)
+    """Same upstream as evaluate (pipeline/methods). Refuses, before anything runs, weight formats the serving
+    engine has no kernel path for."""
+    return select(cfg, serving=True).upstream()
 
 
 def run(ctx) -> dict:
     q, tp = ctx.cfg.quant, ctx.cfg.serve.tp
     load_dir = ctx.inputs["load"]
     args = read_args(load_dir)
-    w4 = w8 = None
-    check_served(q)
-    if q.a_bits:
-        tensors, w8 = read_quant_w8(ctx.inputs["quant_w8"], load_dir, args)
-    elif q.w_bits:
-        pdir = ctx.inputs["pack"]
-        tensors = read_dense(pdir)
-        w4 = {f"layers.{i}.{n}": read_unpacked(pdir, f"layers.{i}.{n}", ctx.device)
-              for i in range(args.n_layers) for n in LINEARS}
-    else:
-        tensors = read_tensors(load_dir)
-    kvq = None
-    if q.kv_bits:
-        if q.kv_mode == "static":   # W8A8: the qparams of the smoothed model, written by quant_w8
-            kvq = read_static(ctx.inputs["quant_w8" if q.a_bits else "kv_qparams"], args.n_layers, q.kv_bits, q.kv_sym)
+    m = select(ctx.cfg, validate=False)
+    tensors, w4, w8 = m.weight.read(ctx.inputs, args, ctx.device)
+    kvq = m.kv.read(m.kv_dir(ctx.inputs), args, q)
     dtype = next(t for t in tensors.values() if t.is_floating_point()).dtype
     info = write_workspace(ctx.out / "workspace", args, tensors, load_dir / "tokenizer", tp=tp, w4=w4, w8=w8,
                            group_size=q.group_size, kv_qparams=kvq, kv_bits=q.kv_bits, kv_mode=q.kv_mode,
