@@ -143,6 +143,16 @@ def run_load(server, rounds: int, per_client: int, max_tokens: int, budget_s: fl
     return rss
 
 
+def test_64_streaming_clients_all_answered(server):
+    """Behaviour: 64 concurrent streaming clients each get a whole answer and the KV blocks all come back."""
+    start = server.wait_idle(NUM_BLOCKS)["free_blocks"]
+    res = load_round(server, 64, 1, 8)
+    assert len(res) == 64 and all(r["done"] for r in res)
+    assert all(r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 8 for r in res)
+    server.wait_idle(start)
+
+
+@pytest.mark.slow   # wall-clock and RSS budgets over 4 rounds: the behaviour is test_64_streaming_clients_all_answered
 def test_load_64_streaming_clients(server):
     run_load(server, rounds=4, per_client=2, max_tokens=8, budget_s=60)
 

@@ -8,7 +8,8 @@ import httpx
 import openai
 import pytest
 
-from pipeline.server.launch import REPO, ApiServer
+from conftest import DOWNLOADS
+from pipeline.server.launch import ApiServer
 
 MODEL = "smollm2-135m"
 SESSION = 512
@@ -16,10 +17,10 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # the default cache_dir: the GGUF dequantization and workspace are built once and reused by later runs
+def server(tmp_path_factory, smollm2_cache):
+    # the session's SmolLM2 cache: the GGUF dequantization and workspace are built once, shared with test_browser
     s = ApiServer(tmp_path_factory.mktemp("api_smol"), "quant=fp16", f"serve.session_len={SESSION}", "serve.max_batch_size=8",
-                  cache_dir=REPO / "outputs" / "cache").start()
+                  f"download_dir={DOWNLOADS}", cache_dir=smollm2_cache).start()
     yield s
     assert s.stop() == 0, s.log()[-3000:]
 
@@ -61,6 +62,8 @@ def test_multi_turn_and_completions(client):
     assert "Paris" in c.choices[0].text
 
 
+@pytest.mark.slow   # 40-150 s on 2 cores; faster twins: test_engine's batched greedy == reference, test_api_load's
+#                     concurrent greedy answers all equal over HTTP (tiny model)
 def test_concurrent_greedy_answers_match_sequential(server, client):
     """Requests batched together by the engine answer what each answers alone."""
     prompts = ["Name a color.", "What is 2+2?", "Say hello.", "Name a fruit."]

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow   # a bench smoke run (~26 s on 2 cores): checks the GPU script runs, not a user-facing behaviour
 def test_bench_prefill_dry_run(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "bench/prefill.py"), "--dry-run", "--ablate-batching", "--out",
                         str(tmp_path)],

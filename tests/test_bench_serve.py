@@ -19,6 +19,7 @@ def bench():
     return mod
 
 
+@pytest.mark.slow   # a bench smoke run (21-35 s on 2 cores): the GPU script end to end on the tiny model
 def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     prefix = 128   # two 64-token KV blocks: every request after the first reuses them
     cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",

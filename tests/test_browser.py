@@ -1,6 +1,6 @@
 """The chat page at / in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium)
 against real API servers on 127.0.0.1: SmolLM2 for answers, tiny-random with API keys for the 401 path.
-Screenshots mid-answer (desktop and phone width) go to outputs/tests/browser/."""
+Screenshots mid-answer (desktop and phone width) go to the session's temp folder (pytest's basetemp), browser/."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ import time
 import httpx
 import pytest
 
-from pipeline.server.launch import REPO, ApiServer
+from conftest import DOWNLOADS
+from pipeline.server.launch import ApiServer
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SHOTS = REPO / "outputs" / "tests" / "browser"
 KEY = "sk-page-test"
 
 try:
@@ -37,9 +37,9 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
+def smol(tmp_path_factory, smollm2_cache):
     s = ApiServer(tmp_path_factory.mktemp("page_smol"), "quant=fp16", "serve.session_len=512", "serve.max_batch_size=4",
-                  cache_dir=REPO / "outputs" / "cache").start()
+                  f"download_dir={DOWNLOADS}", cache_dir=smollm2_cache).start()
     yield s
     assert s.stop() == 0, s.log()[-3000:]
 
@@ -135,20 +135,21 @@ def test_streams_the_api_greedy_answer_and_survives_reload(browser, smol):
     assert js(d, "return document.querySelectorAll('.msg').length") == 0 and stored(d) == []
 
 
-def test_stop_cancels_on_the_server_and_frees_kv_blocks(browser, smol):
+def test_stop_cancels_on_the_server_and_frees_kv_blocks(browser, smol, tmp_path_factory):
     d = browser
+    shots = tmp_path_factory.getbasetemp() / "browser"              # kept with the session's temp folders
     h0 = smol.wait_idle(smol.health()["total_blocks"])
     open_page(d, smol, {"temperature": 0, "top_p": 1, "max_tokens": 400})
     send(d, "Write a long story about a dragon who learns to bake bread, with many details.")
     wait(d, lambda: len(last_answer(d) or "") > 60, 60, "answer streaming")
     busy = smol.health()
     assert busy["running"] == 1 and busy["free_blocks"] < h0["free_blocks"]
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    d.save_screenshot(str(SHOTS / "chat_desktop_mid_answer.png"))
+    shots.mkdir(parents=True, exist_ok=True)
+    d.save_screenshot(str(shots / "chat_desktop_mid_answer.png"))
     d.set_window_size(390, 844)                                  # phone width
     time.sleep(0.3)
     assert not idle(d), "the answer should still be streaming for the phone screenshot"
-    d.save_screenshot(str(SHOTS / "chat_phone_mid_answer.png"))
+    d.save_screenshot(str(shots / "chat_phone_mid_answer.png"))
     overflow = js(d, "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"page scrolls sideways by {overflow} px at phone width"
     d.set_window_size(1280, 900)
@@ -157,7 +158,7 @@ def test_stop_cancels_on_the_server_and_frees_kv_blocks(browser, smol):
     h = smol.wait_idle(h0["free_blocks"], timeout=10)            # KV blocks back where they were
     assert h["requests_cancelled"] == h0["requests_cancelled"] + 1
     assert stored(d)[-1]["note"] == "stopped" and len(stored(d)[-1]["content"]) > 60
-    assert (SHOTS / "chat_phone_mid_answer.png").stat().st_size > 5000
+    assert (shots / "chat_phone_mid_answer.png").stat().st_size > 5000
 
 
 def test_too_long_prompt_shows_400_in_words(browser, smol):

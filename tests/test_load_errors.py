@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from conftest import compose
+
 
 def no_artifacts(cache):
     return not cache.exists() or not list(cache.rglob("manifest.json"))
@@ -53,8 +55,17 @@ def test_gguf_that_is_not_gguf(cli, tmp_path):
     ("model.source=hub", "model.source='hub'"),
     ("quant.w_bits=3", "(w_bits=3, a_bits=None): the serving engine"),
 ])
-def test_bad_config_values(cli, override, needle):
-    p = cli("model=tiny-random", override, check=False)
+def test_bad_config_values(override, needle):
+    """Checked in-process: Hydra's compose with the schema, then the checks the runner makes before any stage runs."""
+    with pytest.raises(Exception) as e:
+        compose("model=tiny-random", override)
+    assert needle in str(e.value)
+
+
+def test_bad_config_value_end_to_end(cli):
+    """The same error path through a real runner process: non-zero exit, the message, the resume command, no artifact."""
+    p = cli("model=tiny-random", "quant.w_bits=3", check=False)
     assert p.returncode != 0
-    assert needle in p.stdout + p.stderr
+    assert "(w_bits=3, a_bits=None): the serving engine" in p.stdout + p.stderr
+    assert "resume with: python -m pipeline.runner" in p.stdout
     assert no_artifacts(cli.tmp / "cache")

@@ -211,6 +211,7 @@ def test_smollm2_cli_serve_tp3_w4a16(tmp_path):
     assert "Paris" in p.stdout
 
 
+@pytest.mark.slow   # a bench smoke run (bench/tp.py with gloo on the CPU); tp behaviour: the tests above
 def test_bench_tp_dry_run(tmp_path):
     """bench/tp.py (issue 8, 2 GPUs) end to end on the CPU with gloo and tiny shapes."""
     out = tmp_path / "tp.json"
