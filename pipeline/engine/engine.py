@@ -1,6 +1,6 @@
 """The serving engine: persistent batching over a paged KV cache, streaming, cancellation.
 
-Usage (API contract: /work/notes/ENGINE_API.md):
+Usage (API contract: docs/engine-api.md):
     eng = Engine.from_workspace(ws, device="auto", overrides={"quant_policy": 4, "max_batch_size": 8})
     eng.start()
     h = eng.submit(ids, SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0, stop=["\\n\\n"]))

@@ -1,4 +1,4 @@
-"""Request-side types of the engine API (see /work/notes/ENGINE_API.md)."""
+"""Request-side types of the engine API (see docs/engine-api.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

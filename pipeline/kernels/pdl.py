@@ -16,8 +16,8 @@ and launch with `kernel[grid](..., PDL=on, **launch_kwargs(on))`.
 
 When it is used: `PIPELINE_PDL=1` forces it on, `=0` off; unset, the process default decides (`set_default`,
 off until something turns it on). The engine turns it on for W4A16 weights, where it was measured faster (H100,
-batch-1 decode of Llama-2-7B shapes: 307.8 -> 369.6 and 322.0 -> 358.1 tokens/s in two runs), and leaves it off
-for W8A8, where it was measured slower (256.4 -> 241.0 with PDL on the int8 GEMM too), and fp16 (not measured).
+batch-1 decode of Llama-2-7B shapes), and leaves it off for W8A8, where it was measured slower with PDL on the int8
+GEMM too, and fp16 (not measured); the figures: docs/perf-log.md, "Engine, session 4: programmatic dependent launch".
 It is always off on CPUs, in the interpreter, below compute capability 9.0 and on Triton builds without the
 `launch_pdl` option.
 """

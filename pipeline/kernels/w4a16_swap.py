@@ -12,7 +12,7 @@ With fp16 (and fp32) activations the group's scale is folded into the dequantize
 instead of each group's sum being scaled in fp32 (bf16 keeps that: it cannot hold an fp16 scale exactly).
 Triton waits for every wgmma whose left operand is in registers before the next one, so `KW` nibble planes (of g/8
 inputs each) are joined in registers into one (BN, KW * g/8) operand per dot: KW = 8 makes one wait per group.
-Measured: bench/results/w4a16_swap_v*.json, BENCHMARKS.md "W4A16 v10".
+Measured: bench/results/w4a16_swap_v*.json, docs/perf-log.md "W4A16 v10".
 """
 from __future__ import annotations
 
