@@ -218,6 +218,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow   # a bench smoke run (~5 s): bench/engine.py as the GPU image runs it; W8A8 engine behaviour: the tests above
 def test_bench_engine_dry_run_w8a8_rows_without_hydra(tmp_path):
     """The w8a8 / w8a8_kv8 decode rows beside fp16 (CPU, tiny shapes); weight bytes as a decode step reads them."""
     import subprocess
