@@ -1,4 +1,4 @@
-"""Serving engine over a TurboMind-style workspace (see engine.py for the step loop, ENGINE_API.md for the API)."""
+"""Serving engine over a TurboMind-style workspace (see engine.py for the step loop, docs/engine-api.md for the API)."""
 from .engine import Engine
 from .params import GenerationOutput, SamplingParams
 
