@@ -153,3 +153,42 @@ def test_int4_workspace_with_o_bias_needs_no_dense_weights(tmp_path):
     write_workspace(tmp_path / "ws", args, rest, None, tp=2, w4=w4, group_size=64)
     back_args, back = reassemble(tmp_path / "ws")
     assert back_args.o_bias and torch.equal(back["layers.1.o.bias"], t["layers.1.o.bias"])
+
+
+# ------------------------------------------------------------------------------------ format versions
+def test_a_workspace_of_another_format_version_is_refused_naming_both_and_the_rebuild(tmp_path):
+    from pipeline.artifacts.workspace import FORMAT
+    from pipeline.engine import Engine
+    t = synthetic_tensors(ARGS, 0, torch.float16)
+    write_workspace(tmp_path / "ws", ARGS, t, None)
+    ini = tmp_path / "ws" / WEIGHTS / "config.ini"
+    assert read_config(tmp_path / "ws")["format_version"] == FORMAT == 2
+    text = ini.read_text()
+    ini.write_text(text.replace(f"format_version = {FORMAT}", "format_version = 3"))
+    with pytest.raises(ValueError) as e:
+        read_config(tmp_path / "ws")
+    msg = str(e.value)
+    assert "format_version 3" in msg and f"format_version {FORMAT}" in msg and str(tmp_path / "ws") in msg
+    assert "python -m pipeline.runner pipeline=serve" in msg and "python -m pipeline.workspace --hf" in msg
+    # a workspace from before format versions (no format_version) is version 1: refused by the engine too
+    ini.write_text("\n".join(x for x in text.splitlines() if not x.startswith("format_version")) + "\n")
+    with pytest.raises(ValueError, match=f"format_version 1, but this code reads format_version {FORMAT}"):
+        Engine.from_workspace(tmp_path / "ws", "cpu", {"session_len": 64})
+
+
+def test_an_artifact_of_another_format_version_is_refused(tmp_path):
+    from pipeline.artifacts import kv_qparams, packed_w4, w8a8
+    qp = {"layers.0.k.int8.asym.scale": torch.ones(2)}
+    kv_qparams.write_kv_qparams(tmp_path, qp)
+    assert torch.equal(kv_qparams.read_kv_qparams(tmp_path)["layers.0.k.int8.asym.scale"], torch.ones(2))
+    save_file(qp, str(tmp_path / "kv_qparams.safetensors"), metadata={"format_version": "7"})
+    with pytest.raises(ValueError, match=r"format_version 7, but this code reads format_version 1: rebuild it with "
+                                         r"`python -m pipeline.runner"):
+        kv_qparams.read_kv_qparams(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"bits": 4, "group_size": 64}}))
+    save_file({"norm.weight": torch.ones(4)}, str(tmp_path / "model.safetensors"), metadata={"format_version": "9"})
+    for read in (packed_w4.read_dense, w8a8.check):
+        with pytest.raises(ValueError, match="format_version 9"):
+            read(tmp_path)
+    save_file({"norm.weight": torch.ones(4)}, str(tmp_path / "model.safetensors"))     # written before versions: 1
+    assert set(packed_w4.read_dense(tmp_path)) == {"norm.weight"}

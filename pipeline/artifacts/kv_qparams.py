@@ -14,20 +14,28 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from . import check_format, safetensors_format
 from ..quant.kv import FILE, variant
 
 FORMAT = 1
+REBUILD = "python -m pipeline.runner pipeline=quantize quant=<the quant> (the kv_qparams stage)"
 
 
 def write_kv_qparams(out: Path, qp: dict, ranks=()) -> None:
     out = Path(out)
-    save_file(qp, str(out / FILE))
+    meta = {"format_version": str(FORMAT)}
+    save_file(qp, str(out / FILE), metadata=meta)
     for r, part in enumerate(ranks):
         (out / f"tp{r}").mkdir()
-        save_file(part, str(out / f"tp{r}" / FILE))
+        save_file(part, str(out / f"tp{r}" / FILE), metadata=meta)
+
+
+def check(d: Path) -> None:
+    check_format(safetensors_format(Path(d) / FILE), FORMAT, "KV qparams", d, REBUILD)
 
 
 def read_kv_qparams(d: Path) -> dict:
+    check(d)
     return load_file(str(Path(d) / FILE))
 
 

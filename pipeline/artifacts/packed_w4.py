@@ -22,10 +22,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import check_format, safetensors_format
 from ..models.store import read_tensors, tensor_names
 from ..quant.w4 import dequantize, unpack
 
 FORMAT = 1
+REBUILD = "python -m pipeline.runner pipeline=quantize quant=<the quant> (the pack stage)"
 FILE = "model.safetensors"
 PARTS = (".qweight", ".qzeros", ".scales")
 
@@ -33,12 +35,17 @@ PARTS = (".qweight", ".qzeros", ".scales")
 def write_packed(out: Path, tensors: dict, load_dir: Path, *, bits: int, group_size: int, zero_point: bool) -> None:
     """tensors: canonical names -> tensors, packed linears as `<linear>.{qweight,qzeros,scales}`."""
     out, load_dir = Path(out), Path(load_dir)
-    save_file(tensors, str(out / FILE), metadata={"format": "pt", "layout": "canonical-awq-gemm"})
+    save_file(tensors, str(out / FILE), metadata={"format": "pt", "layout": "canonical-awq-gemm",
+                                                   "format_version": str(FORMAT)})
     cfg = json.loads((load_dir / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size,
                                   "zero_point": zero_point, "version": "gemm"}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copytree(load_dir / "tokenizer", out / "tokenizer")
+
+
+def check(pack_dir: Path) -> None:
+    check_format(safetensors_format(Path(pack_dir) / FILE), FORMAT, "pack artifact", pack_dir, REBUILD)
 
 
 def quant_config(pack_dir: Path) -> dict:
@@ -47,6 +54,7 @@ def quant_config(pack_dir: Path) -> dict:
 
 def read_unpacked(pack_dir: Path, prefix: str, device="cpu"):
     """(q (N, K) uint8, scales (K/g, N) fp16, zeros (K/g, N) uint8) of one packed linear."""
+    check(pack_dir)
     bits = quant_config(pack_dir)["bits"]
     with safe_open(str(Path(pack_dir) / FILE), framework="pt", device=str(device)) as f:
         return unpack(f.get_tensor(prefix + ".qweight"), f.get_tensor(prefix + ".qzeros"),
@@ -55,6 +63,7 @@ def read_unpacked(pack_dir: Path, prefix: str, device="cpu"):
 
 def read_dense(pack_dir: Path) -> dict:
     """Canonical name -> tensor for everything but the packed linears (norms, embed, lm_head, biases)."""
+    check(pack_dir)
     return read_tensors(pack_dir, [n for n in tensor_names(pack_dir) if not n.endswith(PARTS)])
 
 
@@ -62,6 +71,7 @@ def read_dense(pack_dir: Path) -> dict:
 def apply_packed(model, pack_dir) -> None:
     """Load a pack artifact into the reference model: dequantized linears, folded norms, the rest."""
     pack_dir = Path(pack_dir)
+    check(pack_dir)
     qc = quant_config(pack_dir)
     dev = next(model.parameters()).device
     params = dict(model.named_parameters())

@@ -22,21 +22,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import check_format, safetensors_format
 from ..models.store import tensor_names
 from ..quant.blockwise import LINEARS
 from ..quant.w8 import W8A8Linear, W8Weight, compressed_tensors_config, hf_config, hf_name
 
 FORMAT = 1
+REBUILD = "python -m pipeline.runner pipeline=evaluate quant=w8a8 (the quant_w8 stage)"
 FILE = "model.safetensors"
 
 
 def write_w8a8(out: Path, tensors: dict, args, load_dir: Path) -> None:
     out, load_dir = Path(out), Path(load_dir)
-    save_file(tensors, str(out / FILE), metadata={"format": "pt"})
+    save_file(tensors, str(out / FILE), metadata={"format": "pt", "format_version": str(FORMAT)})
     cfg = hf_config(args) | {"quantization_config": compressed_tensors_config()}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copy(load_dir / "config.json", out / "model_args.json")
     shutil.copytree(load_dir / "tokenizer", out / "tokenizer")
+
+
+def check(d: Path) -> None:
+    check_format(safetensors_format(Path(d) / FILE), FORMAT, "quant_w8 artifact", d, REBUILD)
 
 
 def read_w8(d: Path, prefix: str, device="cpu"):
@@ -51,6 +57,7 @@ def read_w8(d: Path, prefix: str, device="cpu"):
 def read_quant_w8(qdir: Path, load_dir: Path, args) -> tuple[dict, dict]:
     """A quant_w8 artifact (Hugging Face names) -> (canonical tensors without the linears' weights,
     {"layers.0.q": W8Weight(int8 (N, K), scales (N,) fp16), ...})."""
+    check(qdir)
     lin = {f"layers.{i}.{n}" for i in range(args.n_layers) for n in LINEARS}
     names = [n for n in tensor_names(load_dir) if not (n.endswith(".weight") and n[: -len(".weight")] in lin)]
     with safe_open(str(Path(qdir) / FILE), framework="pt", device="cpu") as f:
@@ -66,6 +73,7 @@ def read_quant_w8(qdir: Path, load_dir: Path, args) -> tuple[dict, dict]:
 def apply_w8a8(model, d) -> None:
     """Load a quant_w8 artifact into the reference model: W8A8Linear layers, folded norms, the rest."""
     d = Path(d)
+    check(d)
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     for i, block in enumerate(model.layers):

@@ -47,8 +47,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models.llama import ModelArgs
+from . import check_format
 
-FORMAT = 1                                    # the on-disk layout below; bump when it changes
+FORMAT = 2                                    # the on-disk layout below (config.ini's format_version)
+# 2: int4 in the serving kernel's layout (pack_w4: qweight (K//8, N)); 1 (no format_version): older layouts
+REBUILD = ("python -m pipeline.runner pipeline=serve quant=<the quant> serve.tp=<tp> (the turbomind stage), or "
+           "python -m pipeline.workspace --hf <folder> --out <workspace> --tp <tp>")
 WEIGHTS, TOKENIZER = "triton_models/weights", "triton_models/tokenizer"
 QUANT_POLICIES = {0: 16, 4: 8, 8: 4}          # quant_policy -> KV bits
 COL = {"w_qkv": "attention", "w13": "feed_forward"}
@@ -69,6 +73,7 @@ def write_config(wdir: Path, args: ModelArgs, *, model_name: str, weight_type: s
         "rope_scaling": json.dumps(args.rope_scaling), "max_position_embeddings": args.max_seq_len,
         "tie_word_embeddings": int(args.tie_embeddings), "attn_bias": int(args.qkv_bias), "o_bias": int(args.o_bias),
         "bos_id": json.dumps(args.bos_token_id), "eos_id": json.dumps(args.eos_token_id),
+        "format_version": FORMAT,
         "weight_type": weight_type, "group_size": group_size, "quant_policy": quant_policy, "kv_mode": kv_mode,
         "tensor_para_size": tp, **s}
     with open(wdir / "config.ini", "w") as f:
@@ -92,6 +97,7 @@ def read_config(ws: Path) -> dict:
                 continue
         else:
             out[k] = v
+    check_format(out.get("format_version"), FORMAT, "workspace", ws, REBUILD)
     qp = out["quant_policy"]
     if qp not in QUANT_POLICIES:
         raise ValueError(f"quant_policy={qp} in {path} is not one of {sorted(QUANT_POLICIES)} "

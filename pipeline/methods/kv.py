@@ -2,7 +2,7 @@
 dynamic (per token at run time, int8 or int4). Bits: quant.kv_bits; symmetric: quant.kv_sym."""
 from __future__ import annotations
 
-from ..artifacts.kv_qparams import read_static
+from ..artifacts.kv_qparams import check, read_static
 from ..quant.kv import attach_kv_fake_quant, check_kv
 from .base import KvMethod
 
@@ -25,6 +25,8 @@ class StaticKV(KvMethod):
         check_kv(cfg.quant)
 
     def apply(self, model, q, kv_dir) -> None:
+        if kv_dir is not None:
+            check(kv_dir)
         attach_kv_fake_quant(model, q, kv_dir)
 
     def read(self, kv_dir, args, q):

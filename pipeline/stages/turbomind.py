@@ -18,7 +18,7 @@ from ..artifacts.workspace import write_workspace
 from ..methods import select
 from ..models.store import read_args
 
-VERSION = 1
+VERSION = 2                 # 2: workspace FORMAT 2 (int4 in the kernel layout, format_version in config.ini)
 READS = ["quant", "serve.tp", "model.name"]
 
 
