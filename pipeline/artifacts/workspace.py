@@ -30,6 +30,7 @@ Usage:
     write_workspace(out, args, tensors, tokenizer_dir, tp=2, w4={"layers.0.q": (q, s, z), ...}, group_size=128)
     write_workspace(out, args, tensors, tokenizer_dir, w8={"layers.0.q": W8Weight(q_int8, scales), ...})
     cfg = read_config(ws); args = config_args(cfg)
+    w = Workspace.open(ws)             # opened once: w.config, w.args, w.tensor(name), w.linear(prefix) as stored
     canon = reassemble(ws)             # canonical names -> tensor, (q, scales, zeros) or W8Weight: exact inverse
     python -m pipeline.workspace --hf /models/llama-2-7b --out ./workspace [--tp 2]   # HF or AutoAWQ folder
     from_hf_folder(path, out, tp=1)    # the same from Python (fp16 or AutoAWQ int4 GEMM folder)
@@ -39,6 +40,7 @@ from __future__ import annotations
 import configparser
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -231,6 +233,49 @@ def _load_linear(wdir: Path, prefix: str, weight_type: str, group_size: int, dev
     return W4Weight(qw, s, z, qw.shape[0] * 8, qw.shape[1], group_size)
 
 
+# ------------------------------------------------------------------------------------ opened once
+@dataclass(frozen=True)
+class Workspace:
+    """A workspace opened once: config.ini parsed and its format checked, the ModelArgs; tensors read on demand.
+    What Engine.from_workspace, ModelRunner and every TP rank read (`Workspace.open` takes a path or a Workspace)."""
+    path: Path
+    config: dict
+    args: ModelArgs
+
+    @classmethod
+    def open(cls, ws) -> "Workspace":
+        if isinstance(ws, Workspace):
+            return ws
+        c = read_config(ws)
+        return cls(Path(ws), c, config_args(c))
+
+    @property
+    def wdir(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def tp(self) -> int:
+        return self.config["tensor_para_size"]
+
+    @property
+    def weight_type(self) -> str:
+        return self.config["weight_type"]
+
+    @property
+    def group_size(self) -> int:
+        return self.config["group_size"]
+
+    def has(self, name: str) -> bool:
+        return (self.wdir / name).exists()
+
+    def tensor(self, name: str, device="cpu") -> torch.Tensor:
+        return load_tensor(self.wdir, name, device)
+
+    def linear(self, prefix: str, device="cpu"):
+        """One rank's linear as stored: dense (N, K), W4Weight (kernel layout) or W8Weight; never re-packed."""
+        return _load_linear(self.wdir, prefix, self.weight_type, self.group_size, device)
+
+
 # ------------------------------------------------------------------------------------ write
 def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Optional[Path], *, tp: int = 1,
                     w4: Optional[dict] = None, w8: Optional[dict] = None, group_size: int = 128,
@@ -289,14 +334,15 @@ def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Op
 
 
 # ------------------------------------------------------------------------------------ read back
-def reassemble(ws: Path, device="cpu") -> tuple[ModelArgs, dict]:
+def reassemble(ws, device="cpu") -> tuple[ModelArgs, dict]:
     """All ranks -> canonical tensors: names like write_workspace's `tensors` ("layers.0.q.weight"), and
     for int4 linears the quantizer triple, for int8 the W8Weight, under the linear's name ("layers.0.q").
-    Exact inverse."""
+    Exact inverse (tests and the tp=1 engine over a workspace built for tp > 1)."""
     from ..kernels.w4a16 import unpack_w4
-    c = read_config(ws)
-    args, tp, wt, g = config_args(c), c["tensor_para_size"], c["weight_type"], c["group_size"]
-    wdir = Path(ws) / WEIGHTS
+    w = Workspace.open(ws)
+    c, args = w.config, w.args
+    tp, wt, g = c["tensor_para_size"], c["weight_type"], c["group_size"]
+    wdir = w.wdir
     out = {"embed.weight": load_tensor(wdir, "tok_embeddings.weight", device),
            "norm.weight": load_tensor(wdir, "norm.weight", device)}
     if not args.tie_embeddings:

@@ -38,7 +38,7 @@ import torch
 
 from ..kernels import pdl
 from ..kernels.dispatch import use_triton
-from ..workspace import QUANT_POLICIES, TOKENIZER, read_config
+from ..artifacts.workspace import QUANT_POLICIES, TOKENIZER, Workspace
 from .blocks import BlockManager, blocks_for
 from .handle import RequestHandle, Sequence
 from .model import ModelRunner
@@ -200,8 +200,8 @@ class Engine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_workspace(cls, ws, device="auto", overrides: Optional[dict] = None) -> "Engine":
-        ws = Path(ws)
-        c = read_config(ws)
+        w = Workspace.open(ws)          # config.ini parsed and checked once; the runner reads this object
+        ws, c = w.path, w.config
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         bad = set(overrides) - set(SETTINGS)
         if bad:
@@ -216,10 +216,10 @@ class Engine:
         dev = torch.device(device)
         if settings.get("tp", 1) > 1:   # tensor parallelism: this process is rank 0 (pipeline/engine/tp.py)
             from .tp import launch
-            runner = launch(ws, dev, settings["tp"], {**settings, "quant_policy": qp}, settings.get("tp_timeout", 120.0))
+            runner = launch(w, dev, settings["tp"], {**settings, "quant_policy": qp}, settings.get("tp_timeout", 120.0))
             settings["cuda_graphs"] = False   # each rank captures its own graphs inside the TP group
         else:
-            runner = ModelRunner.from_workspace(ws, dev, settings["session_len"], qp, settings.get("kv_mode"))
+            runner = ModelRunner.from_workspace(w, dev, settings["session_len"], qp, settings.get("kv_mode"))
         tok = None
         if (ws / TOKENIZER).exists():
             from transformers import AutoTokenizer

@@ -36,7 +36,7 @@ from ..kernels.rope_kv import rope_kv_write
 from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
 from ..models.llama import ModelArgs, rope_cos_sin
 from ..quant.w8 import W8Weight, w8a8_linear
-from ..artifacts.workspace import QUANT_POLICIES, cat_out, read_config, reassemble
+from ..artifacts.workspace import QUANT_POLICIES, Workspace, cat_out, reassemble
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,38 @@ def compute_dtype(device: torch.device, weight_type: str) -> torch.dtype:
     return torch.bfloat16 if weight_type == "bf16" else torch.float16
 
 
+def load_layers(w: Workspace, rank: int, tp: int, device, dtype, mode: str, qp: int) -> tuple[list[Layer], str]:
+    """Rank `rank`'s decoder layers of an opened workspace, as stored (tp=1: the whole model; TP ranks: their
+    shards); 16-bit tensors in dtype, int4/int8 linears as written. Returns the layers and the KV mode (static
+    falls back to dynamic when the workspace has no past_kv_scale files)."""
+    args = w.args
+
+    def t(name):
+        return w.tensor(name, device).to(dtype)
+
+    def lin(prefix):
+        x = w.linear(prefix, device)
+        return x if isinstance(x, (W4Weight, W8Weight)) else x.to(dtype)
+
+    layers = []
+    for i in range(args.n_layers):
+        L = f"layers.{i}"
+        kvs = f"{L}.past_kv_scale.{rank}.weight"
+        has_kvs = w.has(kvs)
+        if mode == "static" and not has_kvs:
+            if i == 0:
+                log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
+                            "per-token dynamic KV quantization", qp, w.path)
+            mode = "dynamic"
+        layers.append(Layer(
+            t(f"{L}.attention_norm.weight"), t(f"{L}.ffn_norm.weight"),
+            lin(f"{L}.attention.w_qkv.{rank}"), t(f"{L}.attention.w_qkv.{rank}.bias") if args.qkv_bias else None,
+            lin(f"{L}.attention.wo.{rank}"), t(f"{L}.attention.wo.bias") if args.o_bias and rank == 0 else None,
+            lin(f"{L}.feed_forward.w13.{rank}"), lin(f"{L}.feed_forward.w2.{rank}"),
+            w.tensor(kvs, device).float().contiguous() if has_kvs else None))
+    return layers, mode
+
+
 class ModelRunner:
     def __init__(self, args: ModelArgs, layers: list[Layer], embed, norm, lm_head, device, dtype,
                  kv_bits: int, kv_mode: str, session_len: int):
@@ -114,14 +146,25 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_workspace(cls, ws: Path, device: torch.device, session_len: int,
+    def from_workspace(cls, ws, device: torch.device, session_len: int,
                        quant_policy: Optional[int] = None, kv_mode: Optional[str] = None) -> "ModelRunner":
-        c = read_config(ws)
+        """ws: a path or an opened Workspace. A workspace built for tp=1 is read as stored (rank 0's files, the
+        int4 linears already in the kernel layout); one built for tp > 1 is reassembled from its shards."""
+        w = Workspace.open(ws)
+        c = w.config
         qp = c["quant_policy"] if quant_policy is None else quant_policy
         if qp not in QUANT_POLICIES:
             raise ValueError(f"quant_policy={qp} is not one of {sorted(QUANT_POLICIES)} (0: fp16 KV, 4: int8, 8: int4)")
         dtype = compute_dtype(device, c["weight_type"])
-        args, canon = reassemble(ws, device)
+        if w.tp == 1:
+            kv_bits = QUANT_POLICIES[qp]
+            mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
+            layers, mode = load_layers(w, 0, 1, device, dtype, mode, qp)
+            embed = w.tensor("tok_embeddings.weight", device).to(dtype)
+            lm_head = embed if w.args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
+            return cls(w.args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype,
+                       kv_bits, mode, session_len)
+        args, canon = reassemble(w, device)
         g = c["group_size"]
 
         def lin(*names):

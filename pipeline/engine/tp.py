@@ -48,10 +48,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..kernels.w4a16 import W4Weight
-from ..quant.w8 import W8Weight
-from ..artifacts.workspace import QUANT_POLICIES, WEIGHTS, _load_linear, check_tp, config_args, kv_heads, load_tensor, read_config
-from .model import Layer, ModelRunner, compute_dtype
+from ..artifacts.workspace import QUANT_POLICIES, Workspace, check_tp, config_args, kv_heads
+from .model import ModelRunner, compute_dtype, load_layers
 from .procs import exit_text
 
 log = logging.getLogger(__name__)
@@ -78,41 +76,22 @@ class ShardRunner(ModelRunner):
     rank, tp, vocab_size = 0, 1, 0
 
     @classmethod
-    def load(cls, ws: Path, rank: int, tp: int, device: torch.device, session_len: int,
+    def load(cls, ws, rank: int, tp: int, device: torch.device, session_len: int,
              quant_policy: Optional[int] = None, kv_mode: Optional[str] = None) -> "ShardRunner":
-        c = read_config(ws)
-        args = config_args(c)
-        check_workspace_tp(ws, c, tp)
+        w = Workspace.open(ws)
+        c, args = w.config, w.args
+        check_workspace_tp(w.path, c, tp)
         qp = c["quant_policy"] if quant_policy is None else quant_policy
         kv_bits = QUANT_POLICIES[qp]
         mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
-        dtype, wt, g = compute_dtype(device, c["weight_type"]), c["weight_type"], c["group_size"]
-        wdir = Path(ws) / WEIGHTS
+        dtype = compute_dtype(device, c["weight_type"])
         a, b = kv_heads(args, rank, tp)
         local = dataclasses.replace(args, n_heads=args.n_heads // tp, n_kv_heads=b - a)
 
         def t(name):
-            return load_tensor(wdir, name, device).to(dtype)
+            return w.tensor(name, device).to(dtype)
 
-        def lin(prefix):
-            w = _load_linear(wdir, prefix, wt, g, device)
-            return w if isinstance(w, (W4Weight, W8Weight)) else w.to(dtype)
-
-        layers = []
-        for i in range(args.n_layers):
-            L = f"layers.{i}"
-            kvs = wdir / f"{L}.past_kv_scale.{rank}.weight"
-            if mode == "static" and not kvs.exists():
-                if i == 0:
-                    log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
-                                "per-token dynamic KV quantization", qp, ws)
-                mode = "dynamic"
-            layers.append(Layer(
-                t(f"{L}.attention_norm.weight"), t(f"{L}.ffn_norm.weight"),
-                lin(f"{L}.attention.w_qkv.{rank}"), t(f"{L}.attention.w_qkv.{rank}.bias") if args.qkv_bias else None,
-                lin(f"{L}.attention.wo.{rank}"), t(f"{L}.attention.wo.bias") if args.o_bias and rank == 0 else None,
-                lin(f"{L}.feed_forward.w13.{rank}"), lin(f"{L}.feed_forward.w2.{rank}"),
-                load_tensor(wdir, kvs.name, device).float().contiguous() if kvs.exists() else None))
+        layers, mode = load_layers(w, rank, tp, device, dtype, mode, qp)
         embed = t("tok_embeddings.weight")                                  # (V, D), replicated
         head = embed if args.tie_embeddings else t("output.weight")
         V = args.vocab_size
@@ -258,7 +237,7 @@ def _follower_main(rank: int, tp: int, port: int, ws: str, device: str, spec: di
         os._exit(1)
 
 
-def _load(ws: Path, rank: int, tp: int, dev: torch.device, spec: dict) -> ShardRunner:
+def _load(ws, rank: int, tp: int, dev: torch.device, spec: dict) -> ShardRunner:
     r = ShardRunner.load(ws, rank, tp, dev, spec["session_len"], spec["quant_policy"], spec.get("kv_mode"))
     r.group = dist.group.WORLD
     return r
@@ -440,13 +419,14 @@ def _await(store, procs: list, devices: list, key: str, what: str, timeout_s: fl
         time.sleep(0.05)
 
 
-def launch(ws: Path, device: torch.device, tp: int, spec: dict, timeout_s: float = 120.0) -> TPRunner:
+def launch(ws, device: torch.device, tp: int, spec: dict, timeout_s: float = 120.0) -> TPRunner:
     """Spawn ranks 1..tp-1, join them in a process group, load rank 0's shard; returns rank 0's TPRunner.
     spec: session_len, quant_policy, kv_mode, max_batch_size, cache_max_entry_count, num_blocks, cuda_graphs."""
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process: one tensor-parallel "
                            "engine per process (stop the other engine first)")
-    check_workspace_tp(ws, read_config(ws), tp)
+    w = Workspace.open(ws)                  # rank 0 reads it in this process; ranks 1.. open its path
+    check_workspace_tp(w.path, w.config, tp)
     if device.type == "cuda":
         n = torch.cuda.device_count()
         if n < tp:
@@ -462,7 +442,7 @@ def launch(ws: Path, device: torch.device, tp: int, spec: dict, timeout_s: float
     procs = []
     try:
         for r in range(1, tp):
-            a = dict(rank=r, tp=tp, port=store.port, ws=str(Path(ws).resolve()), device=str(devices[r]), spec=spec,
+            a = dict(rank=r, tp=tp, port=store.port, ws=str(w.path.resolve()), device=str(devices[r]), spec=spec,
                      timeout_s=timeout_s, parent=os.getpid())
             procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.engine.tp", json.dumps(a)], env=env))
             log.info("tensor parallelism: rank %d pid %d on %s", r, procs[-1].pid, devices[r])
@@ -470,7 +450,7 @@ def launch(ws: Path, device: torch.device, tp: int, spec: dict, timeout_s: float
         if devices[0].type == "cuda":
             torch.cuda.set_device(devices[0])
         ctrl = _init_groups(store, 0, tp, devices[0], timeout_s)
-        runner = _load(ws, 0, tp, devices[0], spec)
+        runner = _load(w, 0, tp, devices[0], spec)
         _await(store, procs, devices, "ready", "load its shards", timeout_s)
     except BaseException:
         _kill(procs)
