@@ -205,10 +205,11 @@ def _same(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("kind", ["fp16", "int4", "int8"])
-def test_tp1_workspace_is_loaded_as_stored_and_equals_the_reassembled_shards(tmp_path, kind):
+@pytest.mark.parametrize("kind,tp", [("fp16", 2), ("fp16", 8), ("int4", 2), ("int4", 4), ("int8", 2), ("int8", 8)])
+def test_tp1_workspace_is_loaded_as_stored_and_equals_the_joined_shards(tmp_path, kind, tp):
     """ModelRunner over a tp=1 workspace reads the stored kernel-layout tensors (no unpack/repack); over the same
-    weights written for tp=2 it reassembles the shards: every tensor the kernels see is identical."""
+    weights written for tp > 1 (tp=8: KV heads replicated) it joins the ranks' files in the stored layout:
+    every tensor the kernels see is identical, and equal to the quantizer's tensors packed for the kernel."""
     from pipeline.artifacts.workspace import Workspace
     from pipeline.engine.model import ModelRunner
     t = synthetic_tensors(ARGS, 0, torch.float16)
@@ -216,7 +217,7 @@ def test_tp1_workspace_is_loaded_as_stored_and_equals_the_reassembled_shards(tmp
     qp = {0: (torch.rand(4), torch.rand(4), torch.rand(4), torch.rand(4))}
     kvq = {i: qp[0] for i in range(ARGS.n_layers)}
     write_workspace(tmp_path / "ws1", ARGS, t, None, tp=1, kv_qparams=kvq, kv_bits=8, **kw)
-    write_workspace(tmp_path / "ws2", ARGS, t, None, tp=2, kv_qparams=kvq, kv_bits=8, **kw)
+    write_workspace(tmp_path / "ws2", ARGS, t, None, tp=tp, kv_qparams=kvq, kv_bits=8, **kw)
     dev = torch.device("cpu")
     direct = ModelRunner.from_workspace(Workspace.open(tmp_path / "ws1"), dev, 64)
     merged = ModelRunner.from_workspace(tmp_path / "ws2", dev, 64)
@@ -226,3 +227,9 @@ def test_tp1_workspace_is_loaded_as_stored_and_equals_the_reassembled_shards(tmp
             assert _same(getattr(a, f), getattr(b, f)), (kind, f)
     for f in ("embed", "norm", "lm_head"):
         assert _same(getattr(direct, f), getattr(merged, f)), f
+    if kind == "int4":    # what the kernels get is pack_w4 of the quantizer's (q, scales, zeros), rows [q | k | v]
+        from pipeline.kernels.w4a16 import pack_w4
+        w4 = kw["w4"]
+        qkv = [w4[f"layers.1.{n}"] for n in "qkv"]
+        ref = pack_w4(torch.cat([x[0] for x in qkv]), torch.cat([x[1] for x in qkv], 1), torch.cat([x[2] for x in qkv], 1), 64)
+        assert _same(merged.layers[1].w_qkv, ref) and _same(direct.layers[1].w2, pack_w4(*w4["layers.1.down"], 64))

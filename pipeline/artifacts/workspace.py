@@ -275,6 +275,69 @@ class Workspace:
         """One rank's linear as stored: dense (N, K), W4Weight (kernel layout) or W8Weight; never re-packed."""
         return _load_linear(self.wdir, prefix, self.weight_type, self.group_size, device)
 
+    def merged_layer(self, i: int, device="cpu") -> dict:
+        """Layer i of a workspace built for tp > 1 as one tp = 1 model, joined from its ranks' files in the
+        stored layout (int4 stays in the kernel layout: its N and grouped-K splits join without unpacking):
+        w_qkv, b_qkv, wo, b_o, w13, w2, kv_static (None where absent)."""
+        args, tp, L = self.args, self.tp, f"layers.{i}"
+        out = {}
+        for kind, sub in COL.items():
+            ranks = [self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)]
+            bias = kind == "w_qkv" and args.qkv_bias
+            biases = [self.tensor(f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)] if bias else None
+            pieces, bparts, seen = {}, {}, set()
+            for r in range(tp):
+                off = 0
+                for n, a, b in out_slices(args, kind, r, tp):
+                    if (n, a) not in seen:    # replicated KV heads: take each once
+                        seen.add((n, a))
+                        pieces.setdefault(n, []).append(_stored_cut_out(ranks[r], off, off + b - a))
+                        if biases:
+                            bparts.setdefault(n, []).append(biases[r][off:off + b - a])
+                    off += b - a
+            out[kind] = _stored_cat_out([_stored_cat_out(v) for v in pieces.values()])
+            if kind == "w_qkv":
+                out["b_qkv"] = torch.cat([torch.cat(v) for v in bparts.values()]) if biases else None
+        for kind, sub in ROW.items():
+            out[kind] = _stored_cat_in([self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)])
+        out["b_o"] = self.tensor(f"{L}.attention.wo.bias", device) if args.o_bias else None
+        out["kv_static"] = None
+        if self.has(f"{L}.past_kv_scale.0.weight"):
+            firsts = {kv_heads(args, r, tp)[0]: r for r in reversed(range(tp))}   # one rank per KV head range
+            out["kv_static"] = torch.cat([self.tensor(f"{L}.past_kv_scale.{r}.weight", device)
+                                          for _, r in sorted(firsts.items())], 1)
+        return out
+
+
+# A linear as stored: dense (N, K), W8Weight (qweight (N, K), scales (N,)) or W4Weight in the kernel layout
+# (qweight (K//8, N), scales/zeros (K//g, N)): N is dim 1 there, and K splits on whole groups.
+def _stored_cut_out(lin, a: int, b: int):
+    if not isinstance(lin, torch.Tensor) and not _is_w8(lin):
+        return type(lin)(lin.qweight[:, a:b], lin.scales[:, a:b], lin.zeros[:, a:b], lin.K, b - a, lin.group_size)
+    return cut_out(lin, a, b)
+
+
+def _stored_cat_out(parts):
+    p = parts[0]
+    if len(parts) == 1:
+        return p
+    if not isinstance(p, torch.Tensor) and not _is_w8(p):
+        return type(p)(*(torch.cat([getattr(x, f) for x in parts], 1).contiguous() for f in ("qweight", "scales", "zeros")),
+                       p.K, sum(x.N for x in parts), p.group_size)
+    out = cat_out(parts)
+    return out if isinstance(out, torch.Tensor) else type(out)(out.qweight.contiguous(), out.scales.contiguous())
+
+
+def _stored_cat_in(parts):
+    p = parts[0]
+    if len(parts) == 1:
+        return p
+    if not isinstance(p, torch.Tensor) and not _is_w8(p):
+        return type(p)(*(torch.cat([getattr(x, f) for x in parts], 0).contiguous() for f in ("qweight", "scales", "zeros")),
+                       sum(x.K for x in parts), p.N, p.group_size)
+    out = cat_in(parts)
+    return out.contiguous() if isinstance(out, torch.Tensor) else type(out)(out.qweight.contiguous(), out.scales.contiguous())
+
 
 # ------------------------------------------------------------------------------------ write
 def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Optional[Path], *, tp: int = 1,

@@ -33,10 +33,10 @@ from ..kernels.norm import rms_norm, silu_mul
 from ..kernels.prefill_attention import PrefillPlan, paged_prefill_attention, prefill_plan
 from ..kernels.quant_act import rms_norm_quant
 from ..kernels.rope_kv import rope_kv_write
-from ..kernels.w4a16 import W4Weight, pack_w4, w4a16_linear
+from ..kernels.w4a16 import W4Weight, w4a16_linear
 from ..models.llama import ModelArgs, rope_cos_sin
 from ..quant.w8 import W8Weight, w8a8_linear
-from ..artifacts.workspace import QUANT_POLICIES, Workspace, cat_out, reassemble
+from ..artifacts.workspace import QUANT_POLICIES, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ class ModelRunner:
     def from_workspace(cls, ws, device: torch.device, session_len: int,
                        quant_policy: Optional[int] = None, kv_mode: Optional[str] = None) -> "ModelRunner":
         """ws: a path or an opened Workspace. A workspace built for tp=1 is read as stored (rank 0's files, the
-        int4 linears already in the kernel layout); one built for tp > 1 is reassembled from its shards."""
+        int4 linears already in the kernel layout); one built for tp > 1 is joined from its ranks' files in the
+        same stored layout (Workspace.merged_layer). Neither unpacks nor repacks."""
         w = Workspace.open(ws)
         c = w.config
         qp = c["quant_policy"] if quant_policy is None else quant_policy
@@ -164,41 +165,28 @@ class ModelRunner:
             lm_head = embed if w.args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
             return cls(w.args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype,
                        kv_bits, mode, session_len)
-        args, canon = reassemble(w, device)
-        g = c["group_size"]
-
-        def lin(*names):
-            parts = [canon[n] if n in canon else canon[n + ".weight"] for n in names]
-            w = cat_out(parts) if len(parts) > 1 else parts[0]
-            if isinstance(w, W8Weight):
-                return W8Weight(w.qweight.contiguous(), w.scales.contiguous())
-            return pack_w4(*w, g) if isinstance(w, tuple) else w.to(dtype)
-
-        def opt(name):
-            return canon[name].to(dtype) if name in canon else None
-
+        # a workspace built for tp > 1: its ranks' files joined in the stored layout (no unpack / repack)
         kv_bits = QUANT_POLICIES[qp]
         mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
-        layers = []
+        args, layers = w.args, []
         for i in range(args.n_layers):
-            p = f"layers.{i}."
-            b_qkv = torch.cat([canon[p + n + ".bias"] for n in "qkv"]).to(dtype) if args.qkv_bias else None
-            kvs = canon.get(p + "past_kv_scale")
-            if mode == "static" and kvs is None:
+            m, L = w.merged_layer(i, device), f"layers.{i}"
+            if mode == "static" and m["kv_static"] is None:
                 if i == 0:
                     log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
-                                "per-token dynamic KV quantization", qp, ws)
+                                "per-token dynamic KV quantization", qp, w.path)
                 mode = "dynamic"
-            layers.append(Layer(canon[p + "attn_norm.weight"].to(dtype), canon[p + "mlp_norm.weight"].to(dtype),
-                                lin(p + "q", p + "k", p + "v"), b_qkv, lin(p + "o"), opt(p + "o.bias"),
-                                lin(p + "gate", p + "up"), lin(p + "down"),
-                                None if kvs is None else kvs.float().contiguous()))
-            for n in ("q", "k", "v", "o", "gate", "up", "down"):
-                canon.pop(p + n, None), canon.pop(p + n + ".weight", None)
-        embed = canon["embed.weight"].to(dtype)
-        lm_head = canon["lm_head.weight"].to(dtype) if "lm_head.weight" in canon else embed
-        return cls(args, layers, embed, canon["norm.weight"].to(dtype), lm_head, device, dtype, kv_bits, mode,
-                   session_len)
+            dense = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) else x  # noqa: E731
+            layers.append(Layer(w.tensor(f"{L}.attention_norm.weight", device).to(dtype),
+                                w.tensor(f"{L}.ffn_norm.weight", device).to(dtype),
+                                dense(m["w_qkv"]), None if m["b_qkv"] is None else m["b_qkv"].to(dtype),
+                                dense(m["wo"]), None if m["b_o"] is None else m["b_o"].to(dtype),
+                                dense(m["w13"]), dense(m["w2"]),
+                                None if m["kv_static"] is None else m["kv_static"].float().contiguous()))
+        embed = w.tensor("tok_embeddings.weight", device).to(dtype)
+        lm_head = embed if args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
+        return cls(args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype, kv_bits,
+                   mode, session_len)
 
     @torch.no_grad()
     def warmup_gemms(self, sizes: list[int]) -> None:
