@@ -198,6 +198,28 @@ def kv_heads(args: ModelArgs, r: int, tp: int) -> tuple[int, int]:
     return h, h + 1
 
 
+def col_pieces(args: ModelArgs, kind: str, tp: int, ranks: list, biases: Optional[list], cut) -> tuple[dict, dict]:
+    """A column-parallel linear's ranks -> its canonical pieces in order (name -> parts, cut with `cut`) and its
+    bias's (name -> parts); a KV head replicated on several ranks is taken once."""
+    pieces, bparts, seen = {}, {}, set()
+    for r in range(tp):
+        off = 0
+        for n, a, b in out_slices(args, kind, r, tp):
+            if (n, a) not in seen:
+                seen.add((n, a))
+                pieces.setdefault(n, []).append(cut(ranks[r], off, off + b - a))
+                if biases:
+                    bparts.setdefault(n, []).append(biases[r][off:off + b - a])
+            off += b - a
+    return pieces, bparts
+
+
+def kv_head_ranks(args: ModelArgs, tp: int) -> list[int]:
+    """One rank per KV head range, in head order (the ranks whose past_kv_scale files make up all heads)."""
+    firsts = {kv_heads(args, r, tp)[0]: r for r in reversed(range(tp))}
+    return [r for _, r in sorted(firsts.items())]
+
+
 def check_tp(args: ModelArgs, tp: int) -> None:
     nh, nkv, f = args.n_heads, args.n_kv_heads, args.hidden_dim
     ok = [t for t in range(1, nh + 1) if nh % t == 0 and f % t == 0 and (nkv % t == 0 or t % nkv == 0)]
@@ -285,16 +307,7 @@ class Workspace:
             ranks = [self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)]
             bias = kind == "w_qkv" and args.qkv_bias
             biases = [self.tensor(f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)] if bias else None
-            pieces, bparts, seen = {}, {}, set()
-            for r in range(tp):
-                off = 0
-                for n, a, b in out_slices(args, kind, r, tp):
-                    if (n, a) not in seen:    # replicated KV heads: take each once
-                        seen.add((n, a))
-                        pieces.setdefault(n, []).append(_stored_cut_out(ranks[r], off, off + b - a))
-                        if biases:
-                            bparts.setdefault(n, []).append(biases[r][off:off + b - a])
-                    off += b - a
+            pieces, bparts = col_pieces(args, kind, tp, ranks, biases, _stored_cut_out)
             out[kind] = _stored_cat_out([_stored_cat_out(v) for v in pieces.values()])
             if kind == "w_qkv":
                 out["b_qkv"] = torch.cat([torch.cat(v) for v in bparts.values()]) if biases else None
@@ -303,9 +316,8 @@ class Workspace:
         out["b_o"] = self.tensor(f"{L}.attention.wo.bias", device) if args.o_bias else None
         out["kv_static"] = None
         if self.has(f"{L}.past_kv_scale.0.weight"):
-            firsts = {kv_heads(args, r, tp)[0]: r for r in reversed(range(tp))}   # one rank per KV head range
             out["kv_static"] = torch.cat([self.tensor(f"{L}.past_kv_scale.{r}.weight", device)
-                                          for _, r in sorted(firsts.items())], 1)
+                                          for r in kv_head_ranks(args, tp)], 1)
         return out
 
 
@@ -429,29 +441,18 @@ def reassemble(ws, device="cpu") -> tuple[ModelArgs, dict]:
             ranks = [rank(f"{L}.{sub}.{kind}.{r}") for r in range(tp)]
             biases = ([load_tensor(wdir, f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)]
                       if kind == "w_qkv" and args.qkv_bias else None)
-            pieces, seen = {}, set()
-            for r in range(tp):
-                off = 0
-                for n, a, b in out_slices(args, kind, r, tp):
-                    if (n, a) not in seen:    # replicated KV heads: take each once
-                        seen.add((n, a))
-                        pieces.setdefault(n, []).append(cut_out(ranks[r], off, off + b - a))
-                        if biases:
-                            pieces.setdefault(n + ".bias", []).append(biases[r][off:off + b - a])
-                    off += b - a
+            pieces, bparts = col_pieces(args, kind, tp, ranks, biases, cut_out)
             for n, parts in pieces.items():
-                if n.endswith(".bias"):
-                    out[p + n] = torch.cat(parts)
-                else:
-                    put(p + n, cat_out(parts))
+                put(p + n, cat_out(parts))
+            for n, parts in bparts.items():
+                out[p + n + ".bias"] = torch.cat(parts)
         for kind, sub in ROW.items():
             put(p + ("o" if kind == "wo" else "down"), cat_in([rank(f"{L}.{sub}.{kind}.{r}") for r in range(tp)]))
         if args.o_bias:
             out[p + "o.bias"] = load_tensor(wdir, f"{L}.attention.wo.bias", device)
         if (wdir / f"{L}.past_kv_scale.0.weight").exists():
-            firsts = {kv_heads(args, r, tp)[0]: r for r in reversed(range(tp))}   # one rank per KV head range
             out[p + "past_kv_scale"] = torch.cat([load_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", device)
-                                                  for _, r in sorted(firsts.items())], 1)
+                                                  for r in kv_head_ranks(args, tp)], 1)
     return args, out
 
 
