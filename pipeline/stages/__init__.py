@@ -5,6 +5,10 @@
     CACHED: bool = True            False for terminal stages whose output is not an artifact (serve)
     inputs(cfg) -> list[str]       upstream stages, given the whole config
     run(ctx) -> dict               writes files into ctx.out, returns a small JSON summary
+
+A stage never imports another stage (tests/test_import_graph.py): the formats it writes and reads live in
+pipeline/artifacts/, and which stages a quant config needs (evaluate's, turbomind's and awq's inputs, and the
+config checks) in the method table, pipeline/methods/.
 """
 from __future__ import annotations
 
