@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import check_format, safetensors_format
 from ..quant.kv import FILE, variant
+from ..cache import save_safetensors
 
 FORMAT = 1
 REBUILD = "python -m pipeline.runner pipeline=quantize quant=<the quant> (the kv_qparams stage)"
@@ -24,10 +25,10 @@ REBUILD = "python -m pipeline.runner pipeline=quantize quant=<the quant> (the kv
 def write_kv_qparams(out: Path, qp: dict, ranks=()) -> None:
     out = Path(out)
     meta = {"format_version": str(FORMAT)}
-    save_file(qp, str(out / FILE), metadata=meta)
+    save_safetensors(qp, out / FILE, metadata=meta)
     for r, part in enumerate(ranks):
         (out / f"tp{r}").mkdir()
-        save_file(part, str(out / f"tp{r}" / FILE), metadata=meta)
+        save_safetensors(part, out / f"tp{r}" / FILE, metadata=meta)
 
 
 def check(d: Path) -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import check_format, safetensors_format
 from ..models.store import read_tensors, tensor_names
 from ..quant.w4 import dequantize, unpack
+from ..cache import save_safetensors
 
 FORMAT = 1
 REBUILD = "python -m pipeline.runner pipeline=quantize quant=<the quant> (the pack stage)"
@@ -35,7 +35,7 @@ PARTS = (".qweight", ".qzeros", ".scales")
 def write_packed(out: Path, tensors: dict, load_dir: Path, *, bits: int, group_size: int, zero_point: bool) -> None:
     """tensors: canonical names -> tensors, packed linears as `<linear>.{qweight,qzeros,scales}`."""
     out, load_dir = Path(out), Path(load_dir)
-    save_file(tensors, str(out / FILE), metadata={"format": "pt", "layout": "canonical-awq-gemm",
+    save_safetensors(tensors, out / FILE, metadata={"format": "pt", "layout": "canonical-awq-gemm",
                                                    "format_version": str(FORMAT)})
     cfg = json.loads((load_dir / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size,

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import check_format, safetensors_format
 from ..models.store import tensor_names
 from ..quant.blockwise import LINEARS
 from ..quant.w8 import W8A8Linear, W8Weight, compressed_tensors_config, hf_config, hf_name
+from ..cache import save_safetensors
 
 FORMAT = 1
 REBUILD = "python -m pipeline.runner pipeline=evaluate quant=w8a8 (the quant_w8 stage)"
@@ -34,7 +34,7 @@ FILE = "model.safetensors"
 
 def write_w8a8(out: Path, tensors: dict, args, load_dir: Path) -> None:
     out, load_dir = Path(out), Path(load_dir)
-    save_file(tensors, str(out / FILE), metadata={"format": "pt", "format_version": str(FORMAT)})
+    save_safetensors(tensors, out / FILE, metadata={"format": "pt", "format_version": str(FORMAT)})
     cfg = hf_config(args) | {"quantization_config": compressed_tensors_config()}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copy(load_dir / "config.json", out / "model_args.json")

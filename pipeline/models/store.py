@@ -6,9 +6,9 @@ from typing import Iterable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .llama import ModelArgs, Transformer, build_model
+from ..cache import save_safetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -23,7 +23,7 @@ def parse_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype
 
 def write_model(out: Path, args: ModelArgs, tensors: dict[str, torch.Tensor]) -> None:
     args.to_json(out / "config.json")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / "model.safetensors"),
+    save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, out / "model.safetensors",
               metadata={"format": "pt", "layout": "canonical"})
 
 
