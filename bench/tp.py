@@ -4,7 +4,7 @@
     python bench/tp.py --out $OUT/tp7b.json --models 7b           # one model per call (10-minute limit)
     python bench/tp.py --dry-run                                  # CPU, gloo, tiny shapes: every section runs
 
-Per model, on one workspace built with tp=2 (the tp=1 engine reassembles its shards):
+Per model, on one workspace built with tp=2 (the tp=1 engine joins its rank files in the kernel layout):
   correctness  greedy tokens of 4 prompts x 32 new tokens, tp=2 vs tp=1 (fp16 and w4a16): equal, or the first
                position where they part; max |logit diff| / max |logit| of prompt_logits over 64 tokens
   decode       batch 1, prompt 1 token, 512 new tokens, ignore_eos: tokens/s (CUDA graphs per rank)
