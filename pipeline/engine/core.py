@@ -36,6 +36,8 @@ import traceback
 import msgpack
 import zmq
 
+from .params import SamplingParams
+
 BEAT_S = 0.5
 log = logging.getLogger("pipeline.engine.core")
 
@@ -71,7 +73,6 @@ class Core:
             self.pending.clear()
 
     def handle(self, msg) -> None:
-        from .params import SamplingParams
         op = msg[0]
         if op == "add":
             _, rid, prompt, params = msg
