@@ -129,6 +129,20 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/completions", {"model": "tiny-random", "prompt": []}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny-random", "messages": MSG}, 400, "unknown field 'messages'"),
     ("/v1/nothing", {}, 404, "no route"),
+    # issue 23: what used to be 500s, and OpenAI fields we cannot honour
+    ("/v1/completions", {"model": "tiny-random", "prompt": "a\ud800b"}, 400, "'prompt'"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": "\ud800"}]}, 400,
+     "'messages.0.content'"),
+    ("/v1/chat/completions", {"model": "\udfff", "messages": MSG}, 400, "'model'"),
+    ("/v1/chat/completions", b'{"model": "tiny-random", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+     "nested too deeply"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "seed": 2**64}, 400, "seed=18446744073709551616"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "seed": -2**63 - 1}, 400, "-2^63 to 2^64-1"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": 1.5}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "prediction": {"type": "content"}}, 400,
+     "prediction is not supported"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "store": True, "tools": []}, 400,
+     "unknown field 'tools'"),
 ]
 
 
@@ -148,3 +162,28 @@ def test_server_keeps_serving_after_bad_input(server, client):
     assert r.choices[0].finish_reason in ("stop", "length") and server.alive()
     h = server.health()
     assert h["free_blocks"] == h["total_blocks"] and h["running"] == h["waiting"] == 0
+
+
+def test_newer_client_fields_ignored_and_integral_floats(server):
+    """issue 23: fields that change nothing here are accepted; max_tokens 1.0 is 1; seeds up to 2^64-1 work."""
+    extra = {"store": True, "metadata": {"a": "b"}, "parallel_tool_calls": False, "service_tier": "auto",
+             "user": "u1", "prediction": None, "stream_options": None}
+    r = post(server, "/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": 1.0,
+                                              "ignore_eos": True, **extra})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
+    r = post(server, "/v1/completions", {"model": "tiny-random", "prompt": "x", "max_tokens": 2.0, "ignore_eos": True,
+                                         "seed": 2**64 - 1, **extra})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def test_model_object_and_openapi(server, client):
+    m = client.models.retrieve("tiny-random")
+    assert m.id == "tiny-random" and m.object == "model" and m.owned_by == "llm-pipeline"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    r = httpx.get(server.url + "/v1/models/gpt-4", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["code"] == "model_not_found"
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert spec["openapi"].startswith("3.") and "/v1/chat/completions" in spec["paths"]
+    assert "/v1/models/{model_id}" in spec["paths"] or "/v1/models/{model_id:path}" in spec["paths"]

@@ -3,7 +3,7 @@
     app = create_app(engine, model_name="smollm2-135m", keys=["sk-..."], info={...})
     uvicorn.run(app, host="127.0.0.1", port=23333)
 
-Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both with
+Routes: GET /health, GET /v1/models, GET /v1/models/{id}, GET /openapi.json, POST /v1/chat/completions, POST /v1/completions (both with
 `stream: true` as server-sent events), GET / (the chat page, static/). Every error is an OpenAI-style
 JSON body {"error": {"message", "type", "param", "code"}}; a bad request never stops the server.
 Concurrent requests go to the engine at once; its persistent batching runs them together and queues
@@ -241,7 +241,7 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
     """The FastAPI app serving `engine` (already started) as `model_name`. keys: accepted bearer tokens;
     info: shown by /health, /v1/models and the page; defaults: sampling settings a request leaves out."""
     srv = Server(engine, model_name, dict(defaults or {}), dict(info or {}))
-    app = FastAPI(title="llm-pipeline", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llm-pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = srv
     keys = [k.encode() for k in keys]
 
@@ -286,10 +286,17 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
+    def model_object() -> dict:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "llm-pipeline", **srv.info}
+
     @v1.get("/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "llm-pipeline", **srv.info}]}
+        return {"object": "list", "data": [model_object()]}
+
+    @v1.get("/models/{model_id:path}")
+    def model(model_id: str):
+        srv.check_model(model_id)
+        return model_object()
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):

@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI-compatible API (pydantic, strict) and OpenAI-style errors.
 
 Strict models: a wrong type (`"max_tokens": "10"`) or an unknown field (`"temprature": 0`) is a 400
-naming the field, never silently coerced or ignored. Extensions beyond OpenAI's fields: top_k,
+naming the field, never silently coerced or ignored; except the OpenAI fields in IGNORED (they change
+nothing here: `store`, `metadata`, ...), which are dropped, and integral floats (`"max_tokens": 1.0`) for
+integer fields, which OpenAI and vLLM accept. Extensions beyond OpenAI's fields: top_k,
 repetition_penalty, ignore_eos (used by bench/serve.py to fix output lengths).
 """
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ApiError(Exception):
@@ -26,6 +28,30 @@ class ApiError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _any(value, data: dict) -> Optional[str]:
+    return None
+
+
+def _null_only(value, data: dict) -> Optional[str]:
+    return None if value is None else "is not supported (only null)"
+
+
+def _no_tools(value, data: dict) -> Optional[str]:
+    return None if data.get("tools") is None else "is not supported (tools are not supported)"
+
+
+# OpenAI request fields that change nothing on this server: accepted and dropped before validation.
+# name -> check(value, body) giving None (ignore it) or why this value is refused (a 400 naming the field).
+IGNORED = {
+    "store": _any,                  # store the completion for OpenAI's distillation / evals
+    "metadata": _any,               # tags for stored completions
+    "service_tier": _any,           # OpenAI's latency tier
+    "parallel_tool_calls": _no_tools,
+    "prediction": _null_only,       # predicted outputs (speculative content)
+}
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1      # what torch.Generator.manual_seed takes
 
 
 class TextPart(_Strict):
@@ -65,8 +91,16 @@ class _Sampling(_Strict):
     frequency_penalty: float = 0.0
     user: Optional[str] = None
 
+    @field_validator("max_tokens", "max_completion_tokens", "top_k", "seed", "n", mode="before")
+    @classmethod
+    def _integral_float(cls, v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
     def check(self) -> None:
         """What pydantic's field constraints cannot say."""
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ApiError(400, f"seed={self.seed} is out of range: give an integer from -2^63 to 2^64-1 "
+                           f"({SEED_MIN}..{SEED_MAX})", param="seed")
         if self.n != 1:
             raise ApiError(400, f"n={self.n} is not supported; this server returns one choice per prompt (n=1)",
                            param="n")
@@ -132,14 +166,47 @@ def _is_union_tag(p) -> bool:
                                    or p.startswith(("literal", "function")))
 
 
+def _check_strings(data) -> None:
+    """A lone surrogate ("\\ud800", valid JSON but not UTF-8) anywhere in the body: a 400 naming where.
+    Iterative, so any depth json.loads returned is fine."""
+    stack = [((), data)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((path + (k,), x) for k, x in v.items())
+            items = v.keys()
+        elif isinstance(v, list):
+            stack.extend((path + (i,), x) for i, x in enumerate(v))
+            items = ()
+        else:
+            items = (v,) if isinstance(v, str) else ()
+        for s in items:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                at = path + (s,) if isinstance(v, dict) else path          # a key: name the key itself
+                where = ".".join(ascii(p)[1:-1] if isinstance(p, str) else str(p) for p in at)
+                raise ApiError(400, f"'{where}': the string {ascii(s)[:80]} has a lone surrogate (not valid "
+                               "Unicode text)", param=where) from None
+
+
 def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
     """bytes -> a checked request, or ApiError(400) naming what is wrong."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    _check_strings(data)
+    for name, check in IGNORED.items():
+        if name in data:
+            why = check(data[name], data)
+            if why is not None:
+                raise ApiError(400, f"{name} {why}", param=name)
+            del data[name]
     try:
         req = model.model_validate(data)
     except ValidationError as e:
