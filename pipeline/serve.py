@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         print(f"(logs: {log_file})", file=sys.stderr, flush=True)
     try:
         engine = open_engine(a.workspace, a.device, overrides, engine_process=not a.in_process, log_file=log_file,
-                             on_failure=_exit_on_failure if a.mode == "api" else None, hang_timeout=a.engine_timeout)
+                             on_failure=exit_on_failure if a.mode == "api" else None, hang_timeout=a.engine_timeout)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _exit_on_failure(reason: str) -> None:
+def exit_on_failure(reason: str) -> None:
+    """The API server's answer to a dead or hung engine (already reported): exit at once with EXIT_CODE."""
     from .engine.client import EXIT_CODE
     sys.stdout.flush()
     os._exit(EXIT_CODE)

@@ -308,11 +308,11 @@ class Workspace:
             bias = kind == "w_qkv" and args.qkv_bias
             biases = [self.tensor(f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)] if bias else None
             pieces, bparts = col_pieces(args, kind, tp, ranks, biases, _stored_cut_out)
-            out[kind] = _stored_cat_out([_stored_cat_out(v) for v in pieces.values()])
+            out[kind] = _stored_cat([_stored_cat(v, True) for v in pieces.values()], True)
             if kind == "w_qkv":
                 out["b_qkv"] = torch.cat([torch.cat(v) for v in bparts.values()]) if biases else None
         for kind, sub in ROW.items():
-            out[kind] = _stored_cat_in([self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)])
+            out[kind] = _stored_cat([self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)], False)
         out["b_o"] = self.tensor(f"{L}.attention.wo.bias", device) if args.o_bias else None
         out["kv_static"] = None
         if self.has(f"{L}.past_kv_scale.0.weight"):
@@ -329,26 +329,20 @@ def _stored_cut_out(lin, a: int, b: int):
     return cut_out(lin, a, b)
 
 
-def _stored_cat_out(parts):
+def _stored_cat(parts, out_features: bool):
+    """Stored linears joined along their output features (column-parallel shards: `cat_out`) or their input
+    features (row-parallel: `cat_in`); int4 joins in the kernel layout (N is dim 1, K dim 0 there)."""
     p = parts[0]
     if len(parts) == 1:
         return p
     if not isinstance(p, torch.Tensor) and not _is_w8(p):
-        return type(p)(*(torch.cat([getattr(x, f) for x in parts], 1).contiguous() for f in ("qweight", "scales", "zeros")),
-                       p.K, sum(x.N for x in parts), p.group_size)
-    out = cat_out(parts)
-    return out if isinstance(out, torch.Tensor) else type(out)(out.qweight.contiguous(), out.scales.contiguous())
-
-
-def _stored_cat_in(parts):
-    p = parts[0]
-    if len(parts) == 1:
-        return p
-    if not isinstance(p, torch.Tensor) and not _is_w8(p):
-        return type(p)(*(torch.cat([getattr(x, f) for x in parts], 0).contiguous() for f in ("qweight", "scales", "zeros")),
-                       sum(x.K for x in parts), p.N, p.group_size)
-    out = cat_in(parts)
-    return out.contiguous() if isinstance(out, torch.Tensor) else type(out)(out.qweight.contiguous(), out.scales.contiguous())
+        K, N = (p.K, sum(x.N for x in parts)) if out_features else (sum(x.K for x in parts), p.N)
+        return type(p)(*(torch.cat([getattr(x, f) for x in parts], 1 if out_features else 0).contiguous()
+                         for f in ("qweight", "scales", "zeros")), K, N, p.group_size)
+    out = (cat_out if out_features else cat_in)(parts)
+    if isinstance(out, torch.Tensor):
+        return out.contiguous()
+    return type(out)(out.qweight.contiguous(), out.scales.contiguous())
 
 
 # ------------------------------------------------------------------------------------ write

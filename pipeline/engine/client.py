@@ -180,7 +180,8 @@ class EngineClient:
         try:
             self._send(["stats", token])
             if not ev.wait(timeout):
-                raise TimeoutError(f"the engine core (pid {self.proc.pid}) did not answer a stats request in {timeout} s")
+                raise TimeoutError(f"the engine core (pid {self.proc.pid}) did not answer a stats request "
+                                   f"in {timeout} s")
         finally:
             self._stats_wait.pop(token, None)
         return {**box[0], "engine_pid": self.proc.pid, "engine_process": True}

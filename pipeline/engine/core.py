@@ -37,6 +37,7 @@ import msgpack
 import zmq
 
 from .params import SamplingParams
+from .procs import watch_parent
 
 BEAT_S = 0.5
 log = logging.getLogger("pipeline.engine.core")
@@ -106,17 +107,13 @@ class Core:
         self.flush()
         self.drain()
 
-    def has_work(self) -> bool:
-        e = self.engine
-        return bool(e.running or e.waiting or e._inbox or e._cancels)
-
     def run(self) -> None:
         e = self.engine
         while not self.stopping:
-            self.drain(0 if self.has_work() else 50)
+            self.drain(0 if e.has_work() else 50)
             if self.stopping:
                 break
-            if self.has_work():
+            if e.has_work():
                 self.busy_since = time.monotonic()
                 e.step()
                 self.busy_since = 0.0
@@ -137,16 +134,8 @@ def _beat(addr: str, ctx: zmq.Context, core_ref: list) -> None:
             busy = time.monotonic() - start
         else:
             busy = time.monotonic() - core.busy_since if core.busy_since else 0.0
-        sock.send(msgpack.packb(["beat", busy, core is None]))
+        sock.send(msgpack.packb(["beat", busy]))
         time.sleep(BEAT_S)
-
-
-def _watch_parent(parent: int) -> None:
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            print(f"[engine core] the front end (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
-            os._exit(1)
 
 
 def main(argv=None) -> int:
@@ -167,7 +156,7 @@ def main(argv=None) -> int:
         os.dup2(fd, 2)
     logging.basicConfig(level=a.log_level, stream=sys.stderr, force=True,
                         format="[%(asctime)s][engine core %(process)d][%(name)s][%(levelname)s] - %(message)s")
-    threading.Thread(target=_watch_parent, args=(a.parent,), daemon=True).start()
+    watch_parent(a.parent, f"[engine core] the front end (pid {a.parent}) is gone; exiting")
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     outbox.setsockopt(zmq.LINGER, 2000)

@@ -320,9 +320,13 @@ class Engine:
             self.blocks.free(blocks)
 
     # ------------------------------------------------------------------ the step loop
+    def has_work(self) -> bool:
+        """Requests running, waiting or just submitted, or cancels to apply: a step has something to do."""
+        return bool(self.running or self.waiting or self._inbox or self._cancels)
+
     def _loop(self) -> None:
         while not self._stopping:
-            if not (self.running or self.waiting or self._inbox or self._cancels):
+            if not self.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -431,11 +435,12 @@ class Engine:
     def _decode_ahead(self, seqs: list[Sequence]) -> None:
         """Decode steps (greedy or sampled; no repetition penalty) for a batch that nothing else is waiting on, each
         step queued on the device before the host reads the previous one's tokens: the step's input tokens are
-        the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators), so the host's per-token work (reading tokens, stop checks, streaming, the next step's
-        inputs) overlaps the device's step instead of idling it. Runs while the batch stays the same and every
-        sequence has room for one more token; a new request, a cancel or a finished sequence ends it after the
-        step in flight (its tokens are kept for the sequences still running; a finished sequence's extra token
-        is dropped, and its extra KV row lies in blocks it still owned)."""
+        the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators), so
+        the host's per-token work (reading tokens, stop checks, streaming, the next step's inputs) overlaps the
+        device's step instead of idling it. Runs while the batch stays the same and every sequence has room for one
+        more token; a new request, a cancel or a finished sequence ends it after the step in flight (its tokens are
+        kept for the sequences still running; a finished sequence's extra token is dropped, and its extra KV row
+        lies in blocks it still owned)."""
         pos = [s.n_tokens - 1 for s in seqs]
         pending = self._launch_step(seqs, pos, [s.last_token for s in seqs])
         while True:
@@ -476,19 +481,18 @@ class Engine:
         n = len(seqs)
         greedy = all(s.params.temperature == 0 for s in seqs)
         tok = self._dev(tokens)[0] if tokens is not None else None
-        if self.graphs is not None:   # tok None: the graph's input buffer already holds them
-            inputs = self._step_inputs(seqs, pos, tok)
-            if greedy:
-                out = self.graphs.run_greedy(*inputs, max_context=max(pos) + 1)
-            else:
-                out = sample_device(self.graphs.run(*inputs, max_context=max(pos) + 1), [s.params for s in seqs],
-                                    [s.generator for s in seqs])
-                self.graphs.tokens[:n].copy_(out)      # the next replay's inputs
+        if self.graphs is not None and greedy:   # the graph leaves its argmax in its own token input
+            out = self.graphs.run_greedy(*self._step_inputs(seqs, pos, tok), max_context=max(pos) + 1)
         else:
-            logits = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
+            if self.graphs is not None:   # tok None: the graph's input buffer already holds them
+                next_in = self.graphs.tokens
+                logits = self.graphs.run(*self._step_inputs(seqs, pos, tok), max_context=max(pos) + 1)
+            else:
+                next_in = self._next
+                logits = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
             out = logits.argmax(-1) if greedy else sample_device(logits, [s.params for s in seqs],
                                                                  [s.generator for s in seqs])
-            self._next[:n].copy_(out)
+            next_in[:n].copy_(out)                     # the next step's inputs
         if self.runner.device.type != "cuda":
             host = out.tolist()
             return lambda: host

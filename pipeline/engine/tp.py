@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..artifacts.workspace import QUANT_POLICIES, Workspace, check_tp, config_args, kv_heads
 from .model import ModelRunner, compute_dtype, load_layers
-from .procs import exit_text
+from .procs import exit_text, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _follower_main(rank: int, tp: int, port: int, ws: str, device: str, spec: di
     """A follower rank: join, load its shards, then execute rank 0's commands until STOP."""
     os.environ.update(NO_MULTICAST)
     logging.basicConfig(level=logging.WARNING, format=f"[tp rank {rank}] %(levelname)s %(message)s")
-    threading.Thread(target=_watch_parent, args=(rank, parent), daemon=True).start()
+    watch_parent(parent, f"[tp rank {rank}] rank 0 (pid {parent}) is gone; exiting")
     store = None
     try:
         store = dist.TCPStore("127.0.0.1", port, tp, False, timedelta(seconds=timeout_s))
@@ -241,14 +241,6 @@ def _load(ws, rank: int, tp: int, dev: torch.device, spec: dict) -> ShardRunner:
     r = ShardRunner.load(ws, rank, tp, dev, spec["session_len"], spec["quant_policy"], spec.get("kv_mode"))
     r.group = dist.group.WORLD
     return r
-
-
-def _watch_parent(rank: int, parent: int) -> None:
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            print(f"[tp rank {rank}] rank 0 (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
-            os._exit(1)
 
 
 def _init_groups(store, rank: int, tp: int, dev: torch.device, timeout_s: float):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..engine import SamplingParams
-from ..serve import MODES, chat, generate, open_engine, quiet_console
+from ..serve import MODES, chat, exit_on_failure, generate, open_engine, quiet_console
 
 VERSION = 1
 READS = ["serve", "model.name"]
@@ -50,11 +50,8 @@ def run(ctx) -> dict:
     log_file = str(ctx.run_dir / "engine_core.log")
     if s.mode != "api":
         quiet_console()
-    on_failure = None
-    if s.mode == "api":
-        from ..serve import _exit_on_failure as on_failure
     engine = open_engine(ws, str(ctx.device), engine_overrides(s), engine_process=s.get("engine_process", True),
-                         log_file=log_file, on_failure=on_failure)
+                         log_file=log_file, on_failure=exit_on_failure if s.mode == "api" else None)
     try:
         if s.mode == "api":
             from ..server import serve_api
