@@ -74,3 +74,47 @@ def test_gpu_prefill_graph_logits_and_tokens_equal_eager(tiny, qp):  # noqa: F81
     a, b = eng.generate(prompts, p), eager.generate(prompts, p)
     assert sum(x == y for x, y in zip(a, b)) >= len(a) - 1, (a, b)  # fp16 GEMMs at another M may flip one argmax
     assert eng.steps["prefill_steps"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qp", [0, 4, 8])
+def test_gpu_mixed_step_decode_rows_equal_the_decode_graph(tiny, qp):  # noqa: F811
+    """A mixed step's decoders (one-token chunks in a prefill graph, beside a prompt chunk) get the logits the
+    decode graph gives them, and a staggered workload gives (nearly) the tokens of separate steps."""
+    opts = {"session_len": 256, "max_batch_size": 4, "max_prefill_tokens": 64, "quant_policy": qp}
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
+    gen = torch.Generator().manual_seed(2)
+    ctxs = [37, 130, 5]
+    blocks = {i: list(range(8 * i, 8 * i + 8)) for i in range(4)}
+    for i, c in enumerate(ctxs):     # each decoder's context (all but its last token) in the cache
+        toks = torch.randint(0, ARGS.vocab_size, (c - 1,), generator=gen).tolist()
+        eng.runner.prefill(*eng._dev(toks, list(range(c - 1)), [eng._slot(blocks[i], p) for p in range(c - 1)]),
+                           [(0, c - 1, eng._table(blocks[i]), c - 1)])
+    last = torch.randint(0, ARGS.vocab_size, (3,), generator=gen).tolist()
+    pos = [c - 1 for c in ctxs]
+    slots = [eng._slot(blocks[i], p) for i, p in enumerate(pos)]
+    bt = torch.stack([eng._table(blocks[i]) for i in range(3)])
+    ref = eng.graphs.run(*eng._dev(last, pos, slots), bt, torch.tensor(ctxs, dtype=torch.int32, device="cuda"),
+                         max_context=max(ctxs)).clone()
+    prompt = torch.randint(0, ARGS.vocab_size, (20,), generator=gen).tolist()
+    tokens = last + prompt
+    positions = pos + list(range(20))
+    slot_all = slots + [eng._slot(blocks[3], p) for p in range(20)]
+    meta = [(i, 1, eng._table(blocks[i]).cpu(), c) for i, c in enumerate(ctxs)] + \
+           [(3, 20, eng._table(blocks[3]).cpu(), 20)]
+    got = eng.prefill_graphs.run(tokens, positions, slot_all, meta, [0, 1, 2, 22])
+    assert (got[:3] - ref).abs().max() <= 2e-2 * ref.abs().max()
+    p = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    sep = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "mixed_steps": False})
+    outs = []
+    for e in (eng, sep):
+        hs = []
+        for pr in PROMPTS:
+            hs.append(e.submit(pr, p))
+            e.step()
+        while any(not h.done_pushed for h in hs):
+            e.step()
+        outs.append([[t for o in h for t in o.token_ids] for h in hs])
+    assert eng.steps["mixed_steps"] > 0 and sep.steps["mixed_steps"] == 0
+    assert sum(x == y for x, y in zip(*outs)) >= len(PROMPTS) - 1, outs   # kernels differ: one argmax may flip

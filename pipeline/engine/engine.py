@@ -11,8 +11,10 @@ Usage (API contract: docs/engine-api.md):
 Each step: finished / cancelled requests leave and free their blocks; waiting requests join while the
 batch has room and their KV blocks (prompt + max_new_tokens, capped at session_len, reserved at once)
 fit; prompt chunks (at most max_prefill_tokens per step in total) are prefilled, and a sequence whose prompt
-is complete samples its first token; then every sequence that was in the decode phase advances one token (a
-CUDA graph per batch bucket on GPU). Requests that do not fit wait in FIFO order; none is dropped.
+is complete samples its first token; every sequence that was in the decode phase advances one token: in the same
+forward as the prompt chunks when there are any (a mixed step, setting mixed_steps, default on: each decoder is
+a one-token chunk, so the running batch does not wait a separate step for a new request's prefill), else in a
+decode step (a CUDA graph per batch bucket on GPU). Requests that do not fit wait in FIFO order; none is dropped.
 Prefix caching (setting prefix_caching, default on): a joining request reuses the cached KV blocks of its
 prompt's longest already-computed run of full blocks (see blocks.py) and prefills only the rest; prompt blocks
 are registered in the cache as their prefill completes them.
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
             "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefill_graphs": bool,
-            "prefix_caching": bool}
+            "prefix_caching": bool, "mixed_steps": bool}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -111,6 +113,7 @@ class Engine:
         # automatic prefix caching: prompts that start with cached full blocks reuse their KV (blocks.py)
         self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching=s.get("prefix_caching", True))
         self.prefix_cache = {"queries": 0, "hits": 0}   # prompt tokens looked up / reused at admission
+        self.mixed_steps = s.get("mixed_steps", True)   # decoders ride along in prefill steps as one-token chunks
         self._prompt_hashes: dict[int, list[bytes]] = {}   # id(sequence) -> its full prompt blocks' hashes
         self.graphs = None
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
@@ -151,7 +154,8 @@ class Engine:
         # where the engine's time goes (cumulative; /health shows it): decode steps vs prefill chunks
         self.steps = {"decode_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
                       "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0,
-                      "prefill_enqueue_s": 0.0}   # of prefill_s: until the step's launches were all issued
+                      "prefill_enqueue_s": 0.0,   # of prefill_s: until the step's launches were all issued
+                      "mixed_steps": 0, "mixed_decode_tokens": 0}   # prefill steps that also advanced decoders
         if dev.type == "cuda" and s.get("warmup", True):
             self.warmup()
 
@@ -361,8 +365,12 @@ class Engine:
             # prefill first: a new request's first token does not wait behind the running batch's decode step
             # (those sequences decode right after, in this same step); the decoders are chosen before it
             decoders = [s for s in batch if s.n_cached == s.n_tokens - 1 and s.out_ids]
-            self._prefill([s for s in batch if s.n_cached < len(s.prompt)])
-            self._decode([s for s in decoders if not s.finished])
+            prompts = [s for s in batch if s.n_cached < len(s.prompt)]
+            if prompts and decoders and self.mixed_steps:
+                self._prefill(prompts, decoders)   # one forward: the decoders as one-token chunks
+            else:
+                self._prefill(prompts)
+                self._decode([s for s in decoders if not s.finished])
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests, never the engine
             log.exception("engine step failed")
             for s in batch:
@@ -506,8 +514,11 @@ class Engine:
             return buf.tolist()
         return wait
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        budget, chunks = self.max_prefill_tokens, []
+    def _prefill(self, seqs: list[Sequence], decoders: list[Sequence] = ()) -> None:
+        """One forward over prompt chunks of `seqs` (at most max_prefill_tokens tokens in all) and, in a mixed
+        step, each of `decoders` as a one-token chunk (its last token at its next position) placed first, so the
+        token budget never cuts them. Samples every decoder and every sequence whose prompt this step completes."""
+        budget, chunks = self.max_prefill_tokens - len(decoders), []
         for s in seqs:
             if budget <= 0:
                 break
@@ -515,16 +526,18 @@ class Engine:
             chunks.append((s, s.n_cached, n))
             budget -= n
         if not chunks:
+            if decoders:
+                self._decode(list(decoders))
             return
         t0 = time.perf_counter()
         tokens, positions, slots, meta, select, done = [], [], [], [], [], []
-        for s, a, n in chunks:
+        for s, a, n in [(s, s.n_cached, 1) for s in decoders] + chunks:
             meta.append((len(tokens), n, s.block_table, a + n))
-            tokens += s.prompt[a:a + n]
+            tokens += s.prompt[a:a + n] if a < len(s.prompt) else [s.last_token]
             positions += list(range(a, a + n))
             slots += [self._slot(s.blocks, p) for p in range(a, a + n)]
             s.n_cached = a + n
-            if a + n == len(s.prompt):
+            if a + n >= len(s.prompt):
                 select.append(len(tokens) - 1)
                 done.append(s)
         prof = _profiler()
@@ -532,7 +545,8 @@ class Engine:
             prof.enable()
         pg = self.prefill_graphs
         if pg is not None and pg.fits(len(tokens), len(meta)):   # the whole step is one graph launch
-            host_meta = [(off, n, self._host_table(s.blocks), ctx) for (off, n, _, ctx), (s, _, _) in zip(meta, chunks)]
+            host_meta = [(off, n, self._host_table(s.blocks), ctx)
+                         for (off, n, _, ctx), s in zip(meta, list(decoders) + [c[0] for c in chunks])]
             logits = pg.run(tokens, positions, slots, host_meta, select or [0])[:len(select)]
         else:
             sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
@@ -546,7 +560,10 @@ class Engine:
         if prof is not None:
             prof.disable()
             _dump_profile(prof, self.steps["prefill_steps"] + 1, threading.current_thread().name)
-        self._count("prefill", len(tokens), t0)
+        self._count("prefill", len(tokens) - len(decoders), t0)
+        if decoders:
+            self.steps["mixed_steps"] += 1
+            self.steps["mixed_decode_tokens"] += len(decoders)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         seen = [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in seqs]   # built only where used

@@ -1,0 +1,105 @@
+"""Where a batched decode step's GPU time goes: the captured decode graph of a synthetic Llama-2-7B replayed at
+serving batch sizes and contexts, timed, profiled by kernel, and set against its byte floor.
+
+    python bench/decode_profile.py --out results.json                      # GPU: w4a16_kv8, g64
+    python bench/decode_profile.py --points 1x512,26x672,32x1024 --group 128
+
+Per point (batch B, context C): every sequence at context C in its own blocks (distinct block ids, so the
+attention reads B * C rows of KV from memory, not one cached block), positions C - 1, slots writing row C - 1.
+Reported: graph replay ms per step (CUDA events, 50 replays), the floor (weight bytes + B * C * KV bytes per
+token) / copy bandwidth, their ratio, and the kernels' GPU ms per step (torch.profiler, 10 replays), grouped by
+kernel name. The same engine (Engine.from_workspace, CUDA graphs) the server runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine as eb  # noqa: E402  (bench/engine.py: workspace builder, byte counts, copy bandwidth)
+from pipeline.engine import Engine  # noqa: E402
+
+
+def fill(g, B: int, C: int, block_size: int) -> None:
+    nb = -(-C // block_size)
+    ids = torch.arange(B * nb, dtype=torch.int32, device="cuda").view(B, nb)
+    g.block_tables.zero_()
+    g.block_tables[:B, :nb].copy_(ids)
+    g.context_lens[:B].fill_(C)
+    g.positions[:B].fill_(C - 1)
+    g.slots[:B].copy_(ids[:, -1].long() * block_size + (C - 1) % block_size)
+    g.tokens[:B].fill_(1)
+
+
+def point(eng, B: int, C: int, bw: float, wb: int, kvb: float, steps: int = 50) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    g = eng.graphs
+    b, c = g.bucket(B), g.ctx_bucket(C)
+    if (b, c) not in g.graphs:
+        g._capture(b, c)
+    fill(g, b, C, eng.block_size)
+    graph = g.graphs[b, c]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(steps):
+        graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    ms = e0.elapsed_time(e1) / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    by = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and ev.key != "cudaGraphLaunch":
+            by[ev.key[:80]] = round(t / 10 / 1e3, 4)
+    floor_ms = (wb + B * C * kvb) / bw * 1e3
+    return {"batch": B, "bucket": b, "context": C, "ctx_bucket": c, "replay_ms": round(ms, 3),
+            "floor_ms": round(floor_ms, 3), "x_floor": round(ms / floor_ms, 2),
+            "weight_ms_floor": round(wb / bw * 1e3, 3), "kv_ms_floor": round(B * C * kvb / bw * 1e3, 3),
+            "tokens_per_s": round(B / ms * 1e3, 1), "kernel_sum_ms": round(sum(by.values()), 3),
+            "kernels_ms": dict(sorted(by.items(), key=lambda kv: -kv[1])[:16])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="decode_profile.json")
+    ap.add_argument("--points", default="1x512,8x672,16x672,26x672,32x672,32x1024,32x2048")
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--qp", type=int, default=4, help="quant_policy: 0 fp16 KV, 4 int8, 8 int4")
+    a = ap.parse_args()
+    pts = [tuple(int(v) for v in p.split("x")) for p in a.points.split(",")]
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "model": "synthetic-llama2-7b", "group_size": a.group, "quant_policy": a.qp, "points": []}
+    import triton
+    res["triton"] = triton.__version__
+    root = Path("/tmp/decode_profile")
+    root.mkdir(parents=True, exist_ok=True)
+    ws = eb.build_ws(root, eb.LLAMA7B, "w4", g=a.group)
+    B = max(b for b, _ in pts)
+    need = sum(-(-c // 64) for _, c in pts) + B * (-(-max(c for _, c in pts) // 64)) + 64
+    eng = Engine.from_workspace(ws, "cuda", {"quant_policy": a.qp, "session_len": 4096, "max_batch_size": B,
+                                             "num_blocks": need})
+    res["bandwidth_GBps"] = round((bw := eb.copy_bw()) / 1e9, 1)
+    wb, kvb = eb.weight_bytes(eng), eb.kv_bytes_per_token(eng)
+    res.update(weight_bytes=wb, kv_bytes_per_token=kvb, block_size=eng.block_size)
+    for B_, C in pts:
+        r = point(eng, B_, C, bw, wb, kvb)
+        res["points"].append(r)
+        print(json.dumps(r), flush=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
