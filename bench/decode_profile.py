@@ -72,18 +72,82 @@ def point(eng, B: int, C: int, bw: float, wb: int, kvb: float, steps: int = 50) 
             "kernels_ms": dict(sorted(by.items(), key=lambda kv: -kv[1])[:16])}
 
 
+def gemm_tuning(eng, M: int) -> dict:
+    """Layer 0's linears at M rows (the graph bucket's): the tuner's choice and its timings (L2 flushed)."""
+    from pipeline.kernels.w4a16 import tuning_record
+    L, out = eng.runner.layers[0], {}
+    for n in ("w_qkv", "wo", "w13", "w2"):
+        w = getattr(L, n)
+        act = "silu_mul" if n == "w2" else None     # the down projection runs with SwiGLU fused
+        x = torch.zeros(M, w.K * (2 if act else 1), dtype=torch.float16, device="cuda")
+        cfg, times = tuning_record(x, w, {"w_qkv": L.b_qkv, "wo": L.b_o}.get(n), act=act)
+        out[n] = {"N": w.N, "K": w.K, "chosen": str(cfg),
+                  "ms": dict(sorted(((str(k), round(v, 4)) for k, v in (times or {}).items()), key=lambda kv: kv[1]))}
+    return out
+
+
+def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int = 128) -> dict:
+    """One layer's int8 (static) decode attention at batch B, context C (distinct blocks): the launcher's default
+    and other splits / tile lengths / warps / stages, us per call (CUDA events over 20 calls) and x the KV floor."""
+    from pipeline.kernels.attention import _launch
+    nb = -(-C // bs)
+    kc = torch.randint(-128, 127, (B * nb, H, bs, D), dtype=torch.int8, device="cuda")
+    vc = torch.randint(-128, 127, (B * nb, H, bs, D), dtype=torch.int8, device="cuda")
+    bt = torch.arange(B * nb, dtype=torch.int32, device="cuda").view(B, nb)
+    cl = torch.full((B,), C, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, H, D, dtype=torch.float16, device="cuda")
+    par = [torch.rand(H, device="cuda") * 0.02 for _ in range(4)]
+    floor_us = 2 * B * C * H * D / bw * 1e6
+    ctx_bucket = 1 << max(8, (C - 1).bit_length())
+    out = {"batch": B, "context": C, "kv_floor_us": round(floor_us, 2)}
+    variants = {"default": {}}
+    for ns in (1, 2, 3, 4, 6):
+        for bn in (64, 128):
+            for nw, st in ((4, 2), (4, 3), (8, 2)):
+                variants[f"s{ns}_bn{bn}_w{nw}_st{st}"] = dict(num_splits=ns, block_n=bn, num_warps=nw, num_stages=st)
+    for name, kw in variants.items():
+        fn = lambda: _launch(q, kc, vc, bt, cl, D ** -0.5, "static", 8, *par, max_context_len=ctx_bucket, **kw)  # noqa
+        try:
+            fn()
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(20):
+                fn()
+            e1.record()
+            torch.cuda.synchronize()
+            us = e0.elapsed_time(e1) / 20 * 1e3
+            out[name] = {"us": round(us, 2), "x_floor": round(us / floor_us, 2)}
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="decode_profile.json")
     ap.add_argument("--points", default="1x512,8x672,16x672,26x672,32x672,32x1024,32x2048")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--qp", type=int, default=4, help="quant_policy: 0 fp16 KV, 4 int8, 8 int4")
+    ap.add_argument("--attention-sweep", default=None, help="BxC points (e.g. 32x672,8x672): only sweep one layer's "
+                    "int8 decode attention launch settings there")
     a = ap.parse_args()
     pts = [tuple(int(v) for v in p.split("x")) for p in a.points.split(",")]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "model": "synthetic-llama2-7b", "group_size": a.group, "quant_policy": a.qp, "points": []}
     import triton
     res["triton"] = triton.__version__
+    if a.attention_sweep:
+        bw = eb.copy_bw()
+        res["bandwidth_GBps"] = round(bw / 1e9, 1)
+        res["attention_sweep"] = []
+        for p in a.attention_sweep.split(","):
+            r = attention_sweep(*(int(v) for v in p.split("x")), bw)
+            res["attention_sweep"].append(r)
+            best = sorted(((k, v["us"]) for k, v in r.items() if isinstance(v, dict) and "us" in v), key=lambda kv: kv[1])
+            print(p, "floor", r["kv_floor_us"], "default", r["default"], "best", best[:4], flush=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return
     root = Path("/tmp/decode_profile")
     root.mkdir(parents=True, exist_ok=True)
     ws = eb.build_ws(root, eb.LLAMA7B, "w4", g=a.group)
@@ -96,6 +160,7 @@ def main() -> None:
     res.update(weight_bytes=wb, kv_bytes_per_token=kvb, block_size=eng.block_size)
     for B_, C in pts:
         r = point(eng, B_, C, bw, wb, kvb)
+        r["gemm_tuning"] = gemm_tuning(eng, r["bucket"])
         res["points"].append(r)
         print(json.dumps(r), flush=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

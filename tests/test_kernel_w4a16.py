@@ -97,7 +97,8 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                   "fma_split3": ("fma", 32, 3, 4, 1), "fma_split1": ("fma", 64, 1, 4, 1),
                   "wide_ks2": ("wide", 32, 2, 4, 1), "wide_ks4": ("wide", 64, 4, 4, 0),
                   "swap_split3": ("swap", 16, 32, 3, 4, 1, 1), "swap_tile": ("swap", 32, 64, 1, 4, 1, 1),
-                  "swap_k8": ("swap", 16, 32, 2, 4, 1, 8), "swap_k2": ("swap", 32, 32, 1, 4, 1, 2)}
+                  "swap_k8": ("swap", 16, 32, 2, 4, 1, 8), "swap_k2": ("swap", 32, 32, 1, 4, 1, 2),
+                  "swap_k4": ("swap", 16, 32, 3, 4, 1, 4)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
@@ -111,7 +112,9 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                                          (1, 33, 128, 32, "wide_ks4"), (3, 72, 384, 64, "wide_ks4"),
                                          (3, 40, 640, 128, "swap_split3"), (19, 70, 192, 64, "swap_tile"),
                                          (2, 33, 128, 32, "swap_split3"), (3, 40, 384, 128, "swap_k8"),
-                                         (17, 40, 256, 128, "swap_k2")])
+                                         (17, 40, 256, 128, "swap_k2"), (19, 70, 192, 64, "swap_k8"),
+                                         (5, 40, 640, 64, "swap_k2"), (3, 33, 256, 32, "swap_k4"),
+                                         (2, 40, 256, 64, "swap_tile")])
 def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(N, K, g), g)
@@ -168,6 +171,26 @@ def test_gpu_bf16(poisoned, K, N):
         x = torch.randn(M, K, device="cuda").bfloat16()
         err = rel_err(w4.w4a16_linear(x, w, config=name), ref64(x, w))
         assert err < TOL[torch.bfloat16], f"bf16 M={M} {name}: rel err {err:.2e}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("K,N", LLAMA)
+def test_gpu_group_64_every_config(poisoned, K, N):
+    """Groups of 64 (the serving presets'): every candidate at decode and mid sizes (the `_k8` swap configs take
+    the folded-scale path there)."""
+    w = w4.pack_w4(*make_quant(N, K, 64), 64).to("cuda")
+    for M in (1, 16, 32, 64, 256):
+        x = torch.randn(M, K, device="cuda").half()
+        ref = ref64(x, w)
+        for name in w4.candidates(M):
+            err = rel_err(w4.w4a16_linear(x, w, config=name), ref)
+            assert err < TOL[x.dtype], f"g=64 M={M} K={K} N={N} config {name}: rel err {err:.2e}"
+        gu = torch.randn(M, 2 * K, device="cuda").half()
+        from pipeline.kernels.norm import silu_mul_ref
+        for name in w4.candidates(M):
+            err = rel_err(w4.w4a16_linear(gu, w, config=name, act="silu_mul"), ref64(silu_mul_ref(gu), w))
+            assert err < TOL[x.dtype], f"g=64 silu_mul M={M} {name}: rel err {err:.2e}"
 
 
 @gpu

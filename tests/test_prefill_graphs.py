@@ -86,7 +86,7 @@ def test_gpu_mixed_step_decode_rows_equal_the_decode_graph(tiny, qp):  # noqa: F
     eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
     gen = torch.Generator().manual_seed(2)
     ctxs = [37, 130, 5]
-    blocks = {i: list(range(8 * i, 8 * i + 8)) for i in range(4)}
+    blocks = {i: list(range(4 * i, 4 * i + 4)) for i in range(4)}   # 4 blocks of 64: session_len 256
     for i, c in enumerate(ctxs):     # each decoder's context (all but its last token) in the cache
         toks = torch.randint(0, ARGS.vocab_size, (c - 1,), generator=gen).tolist()
         eng.runner.prefill(*eng._dev(toks, list(range(c - 1)), [eng._slot(blocks[i], p) for p in range(c - 1)]),

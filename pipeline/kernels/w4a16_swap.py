@@ -12,6 +12,9 @@ With fp16 (and fp32) activations the group's scale is folded into the dequantize
 instead of each group's sum being scaled in fp32 (bf16 keeps that: it cannot hold an fp16 scale exactly).
 Triton waits for every wgmma whose left operand is in registers before the next one, so `KW` nibble planes (of g/8
 inputs each) are joined in registers into one (BN, KW * g/8) operand per dot: KW = 8 makes one wait per group.
+Groups of 64 (or 32) take the same path when KW * g/8 >= 16 (the `_k8` configs): the scale folded in and one
+dot per group chained into the accumulator; with KW = 1 they fall back to one reshaped dot of K = g per group
+whose fp32 sum is scaled (3.4x slower for w13 at M = 32, g = 64: bench/results/decode_profile_nopdl_g64.json).
 Measured: bench/results/w4a16_swap_v*.json, docs/perf-log.md "W4A16 v10".
 """
 from __future__ import annotations
@@ -122,7 +125,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
-    if P >= 16:  # 8 dots of K = P, one per nibble plane (P contiguous inputs each)
+    if KW * P >= 16:  # 8 // KW dots of K = KW * P (a wgmma's K is 16 at least), the planes side by side
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, KW * P)[None, :]  # (BM, KW*P), used transposed
         for g in range(g_lo, g_hi):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
@@ -139,7 +142,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
                     xj = _xt(x_ptrs + g * GROUP + j * KW * P, K, mask_m, ACT)
                     d = _dot(_planes(q, zc, 1.0, j * KW, KW, DKIND), xj, d, DKIND)
                 acc += sc[:, None] * d
-    else:  # g < 128: one dot of K = g on the unpacked tile, (BN, 8, P) -> (BN, g) in natural k order
+    else:  # KW * g/8 < 16 (g < 128, KW = 1): one dot of K = g on the unpacked tile, (BN, 8, P) -> (BN, g)
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         shifts = tl.arange(0, 8) * 4
         for g in range(g_lo, g_hi):
