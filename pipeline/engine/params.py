@@ -21,7 +21,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         scoring = self.prompt_logprobs is not None     # max_new_tokens 0: score the prompt only
-        checks = [("max_new_tokens", self.max_new_tokens >= (0 if scoring else 1), ">= 0 with prompt_logprobs, else >= 1"),
+        checks = [("max_new_tokens", self.max_new_tokens >= (0 if scoring else 1),
+                   ">= 0 with prompt_logprobs, else >= 1"),
                   ("temperature", self.temperature >= 0, ">= 0"),
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= 0, ">= 0"),
                   ("repetition_penalty", self.repetition_penalty > 0, "> 0"),

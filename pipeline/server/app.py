@@ -211,7 +211,7 @@ class Server:
                     break
                 if echo is not None and i not in echoed:     # its first output (the prompt's logprobs come with it)
                     echoed.add(i)
-                    head, lp = self.echo(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
+                    head, lp = self.echo_prompt(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
                     yield sse(chunk(i, head, None, logprobs=lp))
                 lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
                 if out.text or lps or (continuous and out.token_ids):   # with usage: a chunk per step, text or not
@@ -238,7 +238,7 @@ class Server:
             for t in tasks:
                 t.cancel()
 
-    def echo(self, fmt: ChoiceLogprobs, i: int, prompt: List[int], text: Optional[str],
+    def echo_prompt(self, fmt: ChoiceLogprobs, i: int, prompt: List[int], text: Optional[str],
              prompt_logprobs: Optional[list]) -> tuple[str, Optional[dict]]:
         """An echoed prompt's text and (when given its entries) its logprobs object, for choice i."""
         head = text if text is not None else self.engine.tokenizer.decode(prompt)
@@ -264,7 +264,7 @@ class Server:
         fmt = ChoiceLogprobs(self.engine.tokenizer, chat)
         choices = []
         for i, r in enumerate(results):
-            head, lp = self.echo(fmt, i, *echo[i // req.n], r["prompt_logprobs"] if echo_logprobs else None) \
+            head, lp = self.echo_prompt(fmt, i, *echo[i // req.n], r["prompt_logprobs"] if echo_logprobs else None) \
                 if echo else ("", None)
             gen = fmt.piece(i, r["token_ids"], r["logprobs"])
             lp = merge(lp, gen) if lp and gen else lp or gen

@@ -148,7 +148,8 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         super().check()
-        if isinstance(self.prompt, list) and (not self.prompt or any(isinstance(p, list) and not p for p in self.prompt)):
+        p = self.prompt
+        if isinstance(p, list) and (not p or any(isinstance(x, list) and not x for x in p)):
             raise ApiError(400, "prompt is an empty list (or holds one); give a string, a list of strings, a list of "
                            "token ids or a list of token-id lists", param="prompt")
         if self.suffix:
