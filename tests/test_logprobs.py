@@ -114,3 +114,24 @@ def test_identical_prompts_submitted_together_share_their_blocks(tiny):
     off = engine(tiny, prefix_caching=False)     # without prefix caching nobody waits: same tokens
     assert [collect(h)[0] for h in [off.submit(PROMPT, SamplingParams(max_new_tokens=6, ignore_eos=True))
                                     for _ in range(3)]] == outs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_logprobs_beside_the_graph_fast_path(tiny):
+    """On a GPU (fp16 compute, decode and prefill CUDA graphs, look-ahead): a request with logprobs and one scoring
+    its prompt share steps with a plain greedy request, which keeps its tokens; the logprobs match the reference
+    within fp16 rounding."""
+    eng = Engine.from_workspace(tiny["ws"], "cuda", {"session_len": 256, "cache_block_seq_len": 16,
+                                                     "max_batch_size": 4, "max_prefill_tokens": 64})
+    alone = eng.generate([OTHER], SamplingParams(max_new_tokens=20, ignore_eos=True))[0]
+    plain = eng.submit(OTHER, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    asks = eng.submit(PROMPT, SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=2))
+    scores = eng.submit(PROMPT, SamplingParams(max_new_tokens=0, prompt_logprobs=1))
+    assert collect(plain)[0] == alone
+    ids, lps, _, _ = collect(asks)
+    lr = ref_logprobs(tiny, PROMPT + ids)
+    for t, (lp, top_ids, _), row in zip(ids, lps, lr[len(PROMPT) - 1:-1]):
+        assert abs(lp - row[t].item()) < 0.05 and top_ids[0] == t      # greedy: the chosen token is the top one
+    prompt = collect(scores)[2][0]
+    assert max(abs(e[0] - lr[i, t].item()) for i, (e, t) in enumerate(zip(prompt[1:], PROMPT[1:]))) < 0.05
