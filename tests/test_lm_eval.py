@@ -3,7 +3,8 @@ CPU: a multiple-choice task, a loglikelihood task and a generate_until task defi
 lines read through `dataset_path: json`, no hub), tokenized by lm-eval with the workspace's own tokenizer
 (`tokenizer_backend=huggingface`, token-id prompts in batches). Every loglikelihood lm-eval reports equals the
 reference model's (PyTorch log_softmax over the load stage's weights rounded to fp16, as the quant=fp16 workspace
-serves them), its accuracy is what those give, and its generations equal our own greedy completions."""
+serves them), its accuracy is what those give, and its generations equal our own greedy completions; then
+`local-chat-completions` (--apply_chat_template) generates what our chat endpoint answers."""
 from __future__ import annotations
 
 import json
@@ -54,18 +55,15 @@ def write_tasks(d) -> None:
                                         f"    test: {d / (stem + '.jsonl')}\ntest_split: test\n{spec}")
 
 
-def run_lm_eval(server, d) -> dict:
-    """The lm_eval CLI on our three tasks; -> {task: [samples]} from its --log_samples files."""
-    args = (f"model={MODEL},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
-            f"tokenizer={server.tokenizer_dir},tokenized_requests=True,max_retries=1,max_length=512")
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
-           "--tasks", ",".join(TASKS), "--include_path", str(d), "--batch_size", "4",
-           "--output_path", str(d / "out"), "--log_samples"]
+def run_lm_eval(d, model: str, args: str, tasks: list[str], *flags: str) -> dict:
+    """The lm_eval CLI; -> {task: [samples]} from its --log_samples files."""
+    cmd = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, "--tasks", ",".join(tasks),
+           "--include_path", str(d), "--output_path", str(d / model), "--log_samples", *flags]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "unused"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=d)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     out = {}
-    for f in (d / "out").rglob("samples_*.jsonl"):
+    for f in (d / model).rglob("samples_*.jsonl"):
         task = next(t for t in TASKS if f.name.startswith(f"samples_{t}_"))
         out[task] = sorted((json.loads(x) for x in f.read_text().splitlines()), key=lambda s: s["doc_id"])
     return out
@@ -80,13 +78,15 @@ def ref_loglikelihood(server, tok, context: str, continuation: str) -> float:
     return sum(rows[i - 1, whole[i]].item() for i in range(n_ctx, len(whole)))
 
 
-@pytest.mark.slow   # ~20 s of lm-eval (its start-up and 20 HTTP requests) plus a SmolLM2 server; on 2 cores
+@pytest.mark.slow   # two lm-eval CLI runs (start-up ~10 s each, 22 requests) and a SmolLM2 server: 1-4 min on 2 cores
 def test_lm_eval_local_completions_matches_our_scoring(server, tmp_path):
     from lm_eval.utils import check_remote_tokenizer_support
     from transformers import AutoTokenizer
     assert check_remote_tokenizer_support(server.url + "/v1/completions")   # lm-eval's auto-detection: "remote"
     write_tasks(tmp_path)
-    samples = run_lm_eval(server, tmp_path)
+    args = (f"model={MODEL},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={server.tokenizer_dir},tokenized_requests=True,max_retries=1,max_length=512")
+    samples = run_lm_eval(tmp_path, "local-completions", args, list(TASKS), "--batch_size", "4")
     tok = AutoTokenizer.from_pretrained(str(server.tokenizer_dir))
     for s, doc in zip(samples["tiny_mc"], MC):
         got = [float(r[0]) for r in s["filtered_resps"]]
@@ -101,3 +101,10 @@ def test_lm_eval_local_completions_matches_our_scoring(server, tmp_path):
     for s, doc in zip(samples["tiny_gen"], GEN):
         ours = client.completions.create(model=MODEL, prompt=doc["prompt"], max_tokens=8, temperature=0, stop=["\n"])
         assert s["filtered_resps"][0] == ours.choices[0].text
+    # local-chat-completions (generation through our chat template): lm-eval's answers are ours
+    chat = run_lm_eval(tmp_path, "local-chat-completions", f"model={MODEL},base_url={server.url}/v1/chat/completions,"
+                       "max_retries=1", ["tiny_gen"], "--apply_chat_template")
+    for s, doc in zip(chat["tiny_gen"], GEN):
+        ours = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": doc["prompt"]}],
+                                              max_tokens=8, temperature=0, stop=["\n"])
+        assert s["filtered_resps"][0] == ours.choices[0].message.content
