@@ -99,3 +99,12 @@ def compose(*overrides: str):
     load.validate(cfg.model)
     graph.plan(cfg)
     return cfg
+
+
+def reference_model(cache_dir: Path):
+    """The `load` stage's model in cache_dir (its one entry) with every weight rounded to fp16, as a quant=fp16
+    workspace stores them: the PyTorch reference of what a quant=fp16 server computes (fp32 on a CPU)."""
+    from pipeline.models.llama import build_model
+    from pipeline.models.store import read_args, read_tensors
+    (d,) = [p.parent for p in (Path(cache_dir) / "load").glob("*/model.safetensors")]
+    return build_model(read_args(d), {k: v.half().float() for k, v in read_tensors(d).items()})

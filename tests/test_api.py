@@ -122,7 +122,7 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "temprature": 0.5}, 400,
      "unknown field 'temprature'"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "top_p": 0}, 400, "top_p"),
-    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "n": 3}, 400, "n=3"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "n": 0}, 400, "'n'"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny-random", "prompt": "x" * 1000}, 400, "session_len"),
     ("/v1/completions", {"model": "tiny-random", "prompt": [1, 99999]}, 400, "token ids"),

@@ -53,7 +53,8 @@ class ClientHandle(RequestHandle):
         self.detok = detok
         self.finished = False
 
-    def deliver(self, ids: list[int], finished: bool, reason, error, n_prompt: int, n_gen: int) -> bool:
+    def deliver(self, ids: list[int], finished: bool, reason, error, n_prompt: int, n_gen: int,
+                logprobs=None, prompt_logprobs=None) -> bool:
         """One output of the core; True when a stop string ended the request here (the core must cancel it)."""
         if self.finished:
             return False
@@ -61,11 +62,12 @@ class ClientHandle(RequestHandle):
         for i, t in enumerate(ids):
             if self.detok.add(t):
                 hit, ids, finished, reason = True, ids[:i + 1], True, "stop"
+                logprobs = logprobs and logprobs[:i + 1]
                 break
         n_gen = len(self.detok.ids) if hit else n_gen
         self.finished = finished
         self._push(GenerationOutput(self.request_id, list(ids), self.detok.take(finished), finished, reason,
-                                    error, n_prompt, n_gen))
+                                    error, n_prompt, n_gen, logprobs, prompt_logprobs))
         return hit
 
 
@@ -233,11 +235,11 @@ class EngineClient:
         op = msg[0]
         if op == "out":
             stops = []
-            for rid, ids, finished, reason, error, n_prompt, n_gen in msg[1]:
+            for rid, *out in msg[1]:
                 h = self._handles.get(rid)
                 if h is None:
                     continue
-                if h.deliver(ids, finished, reason, error, n_prompt, n_gen):
+                if h.deliver(*out):
                     stops.append(rid)
                 if h.finished:
                     del self._handles[rid]

@@ -13,7 +13,8 @@ Protocol (msgpack over PUSH/PULL sockets; the front end binds both, this process
                                                      the front end, which cancels a request that hits one)
                   ["cancel", [rid, ...]]  ["stats", token]  ["stop"]
   core -> front   ["ready", stats]        once the engine is built and warmed up
-                  ["out", [[rid, token_ids, finished, reason, error, n_prompt, n_generated], ...]]  per step
+                  ["out", [[rid, token_ids, finished, reason, error, n_prompt, n_generated, logprobs,
+                            prompt_logprobs], ...]]  per step (the logprobs: None unless the request asks)
                   ["stats", token, stats] ["beat", busy_s]   every BEAT_S from a thread: busy_s = seconds the
                                                              current step has run (0: idle); the front end
                                                              calls the engine hung when it grows past its limit
@@ -52,7 +53,7 @@ class _Sink:
     def _push(self, out) -> None:
         self.done_pushed = out.finished
         self.outbox.append([out.request_id, out.token_ids, out.finished, out.finish_reason, out.error,
-                            out.num_prompt_tokens, out.num_generated_tokens])
+                            out.num_prompt_tokens, out.num_generated_tokens, out.logprobs, out.prompt_logprobs])
 
 
 class Core:
@@ -80,7 +81,7 @@ class Core:
             try:
                 self.engine.submit(prompt, SamplingParams(**params), request_id=rid)
             except (ValueError, TypeError) as e:     # the front end checks first; this is the last line
-                self.pending.append([rid, [], True, "error", f"{type(e).__name__}: {e}", len(prompt), 0])
+                self.pending.append([rid, [], True, "error", f"{type(e).__name__}: {e}", len(prompt), 0, None, None])
         elif op == "cancel":
             for rid in msg[1]:
                 self.engine.cancel(rid)

@@ -43,6 +43,7 @@ from ..kernels.dispatch import use_triton
 from ..artifacts.workspace import QUANT_POLICIES, TOKENIZER, Workspace
 from .blocks import BlockManager, blocks_for
 from .handle import RequestHandle, Sequence
+from .logprobs import request_rows
 from .model import ModelRunner
 from .params import GenerationOutput, SamplingParams
 from .sampling import sample, sample_device
@@ -115,6 +116,7 @@ class Engine:
         self.prefix_cache = {"queries": 0, "hits": 0}   # prompt tokens looked up / reused at admission
         self.mixed_steps = s.get("mixed_steps", True)   # decoders ride along in prefill steps as one-token chunks
         self._prompt_hashes: dict[int, list[bytes]] = {}   # id(sequence) -> its full prompt blocks' hashes
+        self._computing: dict[bytes, int] = {}   # prompt block hash -> rid of the running sequence computing it
         self.graphs = None
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
         self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
@@ -350,15 +352,17 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch_size:
             s = self.waiting[0]
             hit = self._cached_prefix(s)
-            if not self.blocks.can_allocate(s.reserve, hit):
+            if self._computed_soon(s, hit) or not self.blocks.can_allocate(s.reserve, hit):
                 break
             self.waiting.popleft()
             s.blocks = self.blocks.allocate(s.reserve, hit)   # the hit blocks (shared) + fresh ones
             s.n_cached = len(hit) * self.block_size           # their KV is in the cache: prefill starts past them
-            if self.blocks.prefix_caching:
+            if self.blocks.prefix_caching and s.params.prompt_logprobs is None:   # echo: never looked up
                 self.prefix_cache["queries"] += len(s.prompt)
                 self.prefix_cache["hits"] += s.n_cached
             s.block_table = self._table(s.blocks)
+            for h in self._prompt_hashes.get(id(s), [])[len(hit):]:
+                self._computing.setdefault(h, s.rid)
             self.running.append(s)
         batch = list(self.running)
         try:
@@ -380,12 +384,21 @@ class Engine:
     def _cached_prefix(self, s: Sequence) -> list[int]:
         """The cached blocks of the longest run of s's full prompt blocks in the prefix cache, never reaching its
         last prompt token (prefill must compute it: its logits give the first new token)."""
-        if not self.blocks.prefix_caching:
+        if not self.blocks.prefix_caching or s.params.prompt_logprobs is not None:   # echo: every row's logits
             return []
         hashes = self._prompt_hashes.get(id(s))
         if hashes is None:   # hashed once, kept for registration after its prefill chunks
             hashes = self._prompt_hashes[id(s)] = self.blocks.prefix_hashes(s.prompt)
         return self.blocks.lookup(hashes[:(len(s.prompt) - 1) // self.block_size])
+
+    def _computed_soon(self, s: Sequence, hit: list[int]) -> bool:
+        """The first prompt block of s past its cached prefix is being computed by a running sequence (the same
+        prompt's other samples, n > 1, or any concurrent request with the same prefix): s waits until that block
+        is cached, so the prefix is computed once and its KV blocks shared."""
+        hashes = self._prompt_hashes.get(id(s))
+        if not hashes or s.params.prompt_logprobs is not None or len(hit) >= (len(s.prompt) - 1) // self.block_size:
+            return False
+        return hashes[len(hit)] in self._computing
 
     def _register_prompt_blocks(self, chunks: list[tuple[Sequence, int, int]]) -> None:
         """Cache the prompt blocks this prefill step completed ((s, start, n) chunks: every KV row of the block
@@ -397,6 +410,8 @@ class Engine:
             hashes = self._prompt_hashes.get(id(s), [])
             for i in range(a // self.block_size, min((a + n) // self.block_size, len(hashes))):
                 self.blocks.register(s.blocks[i], hashes[i])   # a hash another block holds: that one stays
+                if self._computing.get(hashes[i]) == s.rid:
+                    del self._computing[hashes[i]]
 
     def _slot(self, blocks, pos: int) -> int:
         return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -457,21 +472,21 @@ class Engine:
             ahead = not (self._inbox or self._cancels or self._stopping) and all(
                 self._room_for_two(s, p) for s, p in zip(seqs, nxt))
             following = self._launch_step(seqs, nxt, None) if ahead else None
-            toks = pending()
+            toks, lps = pending()
             for s in seqs:
                 s.n_cached += 1
-            self._accept_tokens(seqs, toks)
+            self._accept_tokens(seqs, toks, lps)
             self._count("decode", len(seqs), t0)
             if self.on_step is not None:   # stream this step's tokens, take new requests and cancels
                 self.on_step()
             if following is None:
                 return
             if any(s.finished for s in seqs):
-                toks = following()
-                live = [(s, t) for s, t in zip(seqs, toks) if not s.finished]
-                for s, _ in live:
-                    s.n_cached += 1
-                self._accept_tokens([s for s, _ in live], [t for _, t in live])
+                toks, lps = following()
+                live = [i for i, s in enumerate(seqs) if not s.finished]
+                for i in live:
+                    seqs[i].n_cached += 1
+                self._accept_tokens([seqs[i] for i in live], [toks[i] for i in live], lps and [lps[i] for i in live])
                 self._count("decode", len(live), time.perf_counter())
                 return
             pos, pending = nxt, following
@@ -485,11 +500,14 @@ class Engine:
         """Queue one decode step and its token choice on the device (greedy: the graph's own argmax; sampled:
         `sample_device`), leaving the chosen tokens where the next step reads its inputs; tokens=None: this step's
         inputs are the tokens the previous one left. Returns a function that waits for this step only and gives
-        its tokens (host ints)."""
+        its tokens (host ints) and their logprobs (None, or an entry per sequence: logprobs.py) for the sequences
+        that ask."""
         n = len(seqs)
         greedy = all(s.params.temperature == 0 for s in seqs)
+        ks = [s.params.logprobs for s in seqs]
+        want_lp = any(k is not None for k in ks)
         tok = self._dev(tokens)[0] if tokens is not None else None
-        if self.graphs is not None and greedy:   # the graph leaves its argmax in its own token input
+        if self.graphs is not None and greedy and not want_lp:   # the graph leaves its argmax in its own token input
             out = self.graphs.run_greedy(*self._step_inputs(seqs, pos, tok), max_context=max(pos) + 1)
         else:
             if self.graphs is not None:   # tok None: the graph's input buffer already holds them
@@ -501,17 +519,18 @@ class Engine:
             out = logits.argmax(-1) if greedy else sample_device(logits, [s.params for s in seqs],
                                                                  [s.generator for s in seqs])
             next_in[:n].copy_(out)                     # the next step's inputs
+        lp = request_rows(logits, out, ks) if want_lp else None
         if self.runner.device.type != "cuda":
-            host = out.tolist()
+            host = out.tolist(), lp and lp.fetch()
             return lambda: host
         buf = torch.empty(n, dtype=torch.long, pin_memory=True)
         buf.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
 
-        def wait() -> list[int]:
+        def wait() -> tuple[list[int], Optional[list]]:
             done.synchronize()
-            return buf.tolist()
+            return buf.tolist(), lp and lp.fetch()
         return wait
 
     def _prefill(self, seqs: list[Sequence], decoders: list[Sequence] = ()) -> None:
@@ -531,20 +550,31 @@ class Engine:
             return
         t0 = time.perf_counter()
         tokens, positions, slots, meta, select, done = [], [], [], [], [], []
+        echo, scored = [], []   # prompt logprobs: (s, first row, the prompt tokens its rows predict); max_new_tokens 0
         for s, a, n in [(s, s.n_cached, 1) for s in decoders] + chunks:
+            if s.prompt_logprobs is not None and a < len(s.prompt):
+                echo.append((s, len(tokens), s.prompt[a + 1:a + n + 1]))
             meta.append((len(tokens), n, s.block_table, a + n))
             tokens += s.prompt[a:a + n] if a < len(s.prompt) else [s.last_token]
             positions += list(range(a, a + n))
             slots += [self._slot(s.blocks, p) for p in range(a, a + n)]
             s.n_cached = a + n
-            if a + n >= len(s.prompt):
+            if a + n == len(s.prompt) and s.params.max_new_tokens == 0:
+                scored.append(s)                     # the prompt scored; nothing to generate
+            elif a + n >= len(s.prompt):             # a completed prompt, or a decoder's one-token chunk
                 select.append(len(tokens) - 1)
                 done.append(s)
         prof = _profiler()
         if prof is not None:
             prof.enable()
         pg = self.prefill_graphs
-        if pg is not None and pg.fits(len(tokens), len(meta)):   # the whole step is one graph launch
+        if echo:   # every row of the echo chunks: eager (a graph returns one row a chunk)
+            rows = [off + j for _, off, t in echo for j in range(len(t))]
+            sel = torch.tensor(rows + select, dtype=torch.long, device=self.runner.device)
+            logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
+            self._prompt_logprobs(echo, logits[:len(rows)])
+            logits = logits[len(rows):]
+        elif pg is not None and pg.fits(len(tokens), len(meta)):   # the whole step is one graph launch
             host_meta = [(off, n, self._host_table(s.blocks), ctx)
                          for (off, n, _, ctx), s in zip(meta, list(decoders) + [c[0] for c in chunks])]
             logits = pg.run(tokens, positions, slots, host_meta, select or [0])[:len(select)]
@@ -553,6 +583,8 @@ class Engine:
             logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
         self.steps["prefill_enqueue_s"] += time.perf_counter() - t0   # near prefill_s: the host is the bound
         self._register_prompt_blocks(chunks)   # before sampling, which may finish a sequence (and free its blocks)
+        for s in scored:
+            self._finish(s, "length")
         if done:
             self._accept(done, logits)
         elif self.runner.device.type == "cuda":   # nothing sampled: wait so the chunk's GPU time is counted here
@@ -565,17 +597,36 @@ class Engine:
             self.steps["mixed_steps"] += 1
             self.steps["mixed_decode_tokens"] += len(decoders)
 
+    def _prompt_logprobs(self, echo: list, logits: torch.Tensor) -> None:
+        """Append the logprobs of the prompt tokens these rows predict to each echo chunk's sequence.
+        logits: (rows, V), the rows of every (s, first row, targets) chunk in order, one per target."""
+        targets = [x for *_, t in echo for x in t]
+        if not targets:
+            return
+        ks = [s.params.prompt_logprobs for s, _, t in echo for _ in t]
+        entries = request_rows(logits, self._dev(targets)[0], ks).fetch()
+        i = 0
+        for s, _, t in echo:
+            s.prompt_logprobs += entries[i:i + len(t)]
+            i += len(t)
+
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         seen = [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in seqs]   # built only where used
-        self._accept_tokens(seqs, sample(logits, [s.params for s in seqs], seen, [s.generator for s in seqs]))
+        toks = sample(logits, [s.params for s in seqs], seen, [s.generator for s in seqs])
+        ks = [s.params.logprobs for s in seqs]
+        lp = request_rows(logits, self._dev(toks)[0], ks) if any(k is not None for k in ks) else None
+        self._accept_tokens(seqs, toks, lp and lp.fetch())
 
-    def _accept_tokens(self, seqs: list[Sequence], toks: list[int]) -> None:
-        for s, t in zip(seqs, toks):
+    def _accept_tokens(self, seqs: list[Sequence], toks: list[int], lps: Optional[list] = None) -> None:
+        """Append each sequence's token (lps: its logprobs entry, None where not asked), finish or stream it."""
+        for i, (s, t) in enumerate(zip(seqs, toks)):
             p = s.params
             if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
                 self._finish(s, "stop")
                 continue
             s.out_ids.append(t)
+            if lps is not None and lps[i] is not None:
+                s.logprobs.append(lps[i])
             cut = s.detok.add(t)
             if cut:
                 self._finish(s, "stop")
@@ -589,7 +640,9 @@ class Engine:
             return
         s.finished = True
         self.blocks.free(s.blocks)   # one reference less each: cached prompt blocks stay reusable (LRU)
-        self._prompt_hashes.pop(id(s), None)
+        for h in self._prompt_hashes.pop(id(s), []):
+            if self._computing.get(h) == s.rid:
+                del self._computing[h]
         if s in self.running:
             self.running.remove(s)
         s.emit(final=True, reason=reason, error=error)

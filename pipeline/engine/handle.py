@@ -88,6 +88,13 @@ class Sequence:
     out_ids: list[int] = field(default_factory=list)
     finished: bool = False
     _sent_ids: int = 0
+    logprobs: list = field(default_factory=list)   # one entry per out_ids token when params.logprobs is set
+    prompt_logprobs: Optional[list] = None         # params.prompt_logprobs: [None, one entry per prompt token ...]
+    _sent_prompt_logprobs: bool = False
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def tokens(self) -> list[int]:
@@ -105,5 +112,10 @@ class Sequence:
     def emit(self, final: bool = False, reason: Optional[str] = None, error: Optional[str] = None) -> None:
         out = GenerationOutput(self.rid, self.out_ids[self._sent_ids:], self.detok.take(final), final,
                                reason, error, len(self.prompt), len(self.out_ids))
+        if self.params.logprobs is not None:
+            out.logprobs = self.logprobs[self._sent_ids:]
+        if self.prompt_logprobs is not None and not self._sent_prompt_logprobs \
+                and len(self.prompt_logprobs) == len(self.prompt):   # sent once, with the first output
+            out.prompt_logprobs, self._sent_prompt_logprobs = self.prompt_logprobs, True
         self._sent_ids = len(self.out_ids)
         self.handle._push(out)

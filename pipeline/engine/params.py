@@ -16,11 +16,18 @@ class SamplingParams:
     stop_token_ids: List[int] = field(default_factory=list)
     stop: List[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: Optional[int] = None         # each new token's logprob and the top-k (0: the token's only); None: off
+    prompt_logprobs: Optional[int] = None  # the same for every prompt token (the first: None); max_new_tokens may be 0
 
     def validate(self) -> None:
-        checks = [("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("temperature", self.temperature >= 0, ">= 0"),
+        scoring = self.prompt_logprobs is not None     # max_new_tokens 0: score the prompt only
+        checks = [("max_new_tokens", self.max_new_tokens >= (0 if scoring else 1),
+                   ">= 0 with prompt_logprobs, else >= 1"),
+                  ("temperature", self.temperature >= 0, ">= 0"),
                   ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= 0, ">= 0"),
-                  ("repetition_penalty", self.repetition_penalty > 0, "> 0")]
+                  ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+                  ("logprobs", self.logprobs is None or self.logprobs >= 0, "None or >= 0"),
+                  ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "None or >= 0")]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid; it must be {want}")
@@ -36,3 +43,5 @@ class GenerationOutput:
     error: Optional[str] = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    logprobs: Optional[list] = None          # per token of token_ids: [logprob, top_ids, top_logprobs] (logprobs.py)
+    prompt_logprobs: Optional[list] = None   # once, when the prompt is done: None, then one entry per prompt token

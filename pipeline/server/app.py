@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=23333)
 
 Routes: GET /health, GET /v1/models, GET /v1/models/{id}, GET /openapi.json, POST /v1/chat/completions, POST /v1/completions (both with
-`stream: true` as server-sent events), GET / (the chat page, static/). Every error is an OpenAI-style
+`stream: true` as server-sent events; logprobs, echo, n: see logprobs.py), POST /tokenize, POST /detokenize,
+GET /tokenizer_info (tokenize.py), GET / (the chat page, static/). Every error is an OpenAI-style
 JSON body {"error": {"message", "type", "param", "code"}}; a bad request never stops the server.
 Concurrent requests go to the engine at once; its persistent batching runs them together and queues
 what the KV cache cannot hold yet.
@@ -12,6 +13,7 @@ what the KV cache cannot hold yet.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -27,7 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine.params import SamplingParams
-from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
+from .logprobs import ChoiceLogprobs, merge
+from .schemas import SEED_MAX, ApiError, ChatRequest, CompletionRequest, parse_body
+from .tokenize import tokenizer_routes
 from .sse import EngineStream, sse, wait_disconnect
 
 log = logging.getLogger("pipeline.server")
@@ -83,12 +87,15 @@ class Server:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         return list(self.engine.apply_chat_template(msgs))
 
-    def completion_prompts(self, req: CompletionRequest) -> List[List[int]]:
+    def completion_prompts(self, req: CompletionRequest) -> tuple[List[List[int]], List[Optional[str]]]:
+        """Token ids of each prompt, and its text where given as text (echo decodes the others)."""
         p = req.prompt
-        if isinstance(p, list) and p and isinstance(p[0], int):
-            return [list(p)]                    # the engine checks the ids against its vocabulary
+        if isinstance(p, list) and isinstance(p[0], int):
+            return [list(p)], [None]            # the engine checks the ids against its vocabulary
+        if isinstance(p, list) and isinstance(p[0], list):
+            return [list(x) for x in p], [None] * len(p)     # a batch of token-id lists (lm-eval)
         texts = [p] if isinstance(p, str) else p
-        return [list(self.engine.tokenizer(t)["input_ids"]) for t in texts]
+        return [list(self.engine.tokenizer(t)["input_ids"]) for t in texts], list(texts)
 
     def params(self, req, n_prompt: int) -> SamplingParams:
         room = self.session_len - n_prompt
@@ -108,6 +115,9 @@ class Server:
                             temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
                             repetition_penalty=pick("repetition_penalty"), seed=req.seed,
                             stop=req.stop_list(), ignore_eos=req.ignore_eos)
+        sp.logprobs = req.logprobs_k()
+        if getattr(req, "echo", False) and (sp.logprobs is not None or sp.max_new_tokens == 0):
+            sp.prompt_logprobs = sp.logprobs or 0       # echo: the prompt's logprobs (max_tokens 0: scoring only)
         try:
             sp.validate()
         except ValueError as e:
@@ -118,8 +128,10 @@ class Server:
         params = [self.params(req, len(p)) for p in prompts]       # validate all before submitting any
         handles = []
         try:
-            for p, sp in zip(prompts, params):
-                handles.append(self.engine.submit(p, sp))
+            for p, sp in zip(prompts, params):     # n choices a prompt: the engine computes its KV blocks once
+                for j in range(req.n):
+                    seed = sp.seed if sp.seed is None or j == 0 else (sp.seed + j) % (SEED_MAX + 1)
+                    handles.append(self.engine.submit(p, dataclasses.replace(sp, seed=seed)))
         except ValueError as e:                                    # e.g. the engine's own session_len check
             for h in handles:
                 h.cancel()
@@ -133,9 +145,15 @@ class Server:
         watcher = asyncio.ensure_future(wait_disconnect(request.receive, pending.cancel))
 
         async def one(i: int, h) -> dict:
-            parts, res = [], {"finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None}
+            parts, res = [], {"finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None,
+                              "token_ids": [], "logprobs": None, "prompt_logprobs": None}
             async for out in h.aiter():
                 parts.append(out.text)
+                res["token_ids"] += out.token_ids
+                if out.logprobs is not None:
+                    res["logprobs"] = (res["logprobs"] or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    res["prompt_logprobs"] = out.prompt_logprobs
                 if out.finished:
                     pending.finished(i, out.finish_reason)
                     res.update(finish_reason=out.finish_reason, prompt_tokens=out.num_prompt_tokens,
@@ -153,18 +171,22 @@ class Server:
         return results
 
     async def stream(self, pending: Pending, rid: str, created: int, chat: bool, include_usage: bool,
-                     continuous: bool):
+                     continuous: bool, echo: Optional[list] = None, echo_logprobs: bool = False, n: int = 1):
         """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE].
-        continuous: each text chunk carries its request's usage so far (live tokens/s in the page)."""
+        continuous: each text chunk carries its request's usage so far (live tokens/s in the page).
+        echo: per prompt (prompt ids, its text or None) for completions with echo: sent as each choice's first chunk
+        (with the prompt's logprobs if echo_logprobs).
+        n: choices per prompt (choice i answers prompt i // n)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
+        fmt = ChoiceLogprobs(self.engine.tokenizer, chat)
 
-        def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False) -> dict:
+        def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False, logprobs=None) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
             else:
-                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
             return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
 
         async def pump(i: int, h) -> None:
@@ -179,7 +201,7 @@ class Server:
             if chat:
                 for i in range(len(handles)):
                     yield sse(chunk(i, None, None, first=True))
-            left, usage = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}
+            left, usage, echoed = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set()
             while left:
                 i, out = await queue.get()
                 if isinstance(out, Exception) or out.finish_reason == "error":
@@ -187,8 +209,13 @@ class Server:
                     self.counts["requests_failed"] += 1
                     yield sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())
                     break
-                if out.text or (continuous and out.token_ids):   # with usage: a chunk per step, text or not
-                    ev = chunk(i, out.text, None)
+                if echo is not None and i not in echoed:     # its first output (the prompt's logprobs come with it)
+                    echoed.add(i)
+                    head, lp = self.echo_prompt(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
+                    yield sse(chunk(i, head, None, logprobs=lp))
+                lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
+                if out.text or lps or (continuous and out.token_ids):   # with usage: a chunk per step, text or not
+                    ev = chunk(i, out.text, None, logprobs=lps)
                     if continuous:
                         ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
                                        "completion_tokens": out.num_generated_tokens,
@@ -197,7 +224,7 @@ class Server:
                 if out.finished:
                     left -= 1
                     pending.finished(i, out.finish_reason)
-                    usage["prompt_tokens"] += out.num_prompt_tokens
+                    usage["prompt_tokens"] += out.num_prompt_tokens if i % n == 0 else 0   # once a prompt
                     usage["completion_tokens"] += out.num_generated_tokens
                     yield sse(chunk(i, None, out.finish_reason))
             else:
@@ -211,27 +238,42 @@ class Server:
             for t in tasks:
                 t.cancel()
 
+    def echo_prompt(self, fmt: ChoiceLogprobs, i: int, prompt: List[int], text: Optional[str],
+             prompt_logprobs: Optional[list]) -> tuple[str, Optional[dict]]:
+        """An echoed prompt's text and (when given its entries) its logprobs object, for choice i."""
+        head = text if text is not None else self.engine.tokenizer.decode(prompt)
+        return head, None if prompt_logprobs is None else fmt.completion(i, prompt, prompt_logprobs)
+
     async def complete(self, request: Request, chat: bool):
         req = parse_body(await read_body(request), ChatRequest if chat else CompletionRequest)
         self.check_model(req.model)
-        prompts = [self.chat_prompt(req)] if chat else self.completion_prompts(req)
+        prompts, texts = ([self.chat_prompt(req)], [None]) if chat else self.completion_prompts(req)
         pending = self.submit(prompts, req)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        echo = list(zip(prompts, texts)) if getattr(req, "echo", False) else None
+        echo_logprobs = echo is not None and req.logprobs is not None
         if req.stream:
             so = req.stream_options
             events = self.stream(pending, rid, created, chat, bool(so and so.include_usage),
-                                 bool(so and so.continuous_usage_stats))
+                                 bool(so and so.continuous_usage_stats), echo, echo_logprobs, req.n)
             return EngineStream(events, on_disconnect=pending.cancel)
         results = await self.collect(request, pending)
-        usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in results),
+        usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in results[::req.n]),   # once a prompt
                  "completion_tokens": sum(r["completion_tokens"] for r in results)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                        "finish_reason": r["finish_reason"], "logprobs": None} for i, r in enumerate(results)]
-        else:
-            choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
-                       for i, r in enumerate(results)]
+        fmt = ChoiceLogprobs(self.engine.tokenizer, chat)
+        choices = []
+        for i, r in enumerate(results):
+            head, lp = self.echo_prompt(fmt, i, *echo[i // req.n], r["prompt_logprobs"] if echo_logprobs else None) \
+                if echo else ("", None)
+            gen = fmt.piece(i, r["token_ids"], r["logprobs"])
+            lp = merge(lp, gen) if lp and gen else lp or gen
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": r["text"]},
+                                "finish_reason": r["finish_reason"], "logprobs": lp})
+            else:
+                choices.append({"index": i, "text": head + r["text"], "finish_reason": r["finish_reason"],
+                                "logprobs": lp})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.model_name, "choices": choices, "usage": usage}
 
@@ -307,6 +349,7 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
         return await srv.complete(request, chat=False)
 
     app.include_router(v1)
+    app.include_router(tokenizer_routes(srv, check_key))   # /tokenize, /detokenize, /tokenizer_info (vLLM's)
 
     @app.get("/", include_in_schema=False)
     def page():

@@ -4,7 +4,8 @@ Strict models: a wrong type (`"max_tokens": "10"`) or an unknown field (`"tempra
 naming the field, never silently coerced or ignored; except the OpenAI fields in IGNORED (they change
 nothing here: `store`, `metadata`, ...), which are dropped, and integral floats (`"max_tokens": 1.0`) for
 integer fields, which OpenAI and vLLM accept. Extensions beyond OpenAI's fields: top_k,
-repetition_penalty, ignore_eos (used by bench/serve.py to fix output lengths).
+repetition_penalty, ignore_eos (used by bench/serve.py to fix output lengths). Logprobs: at most MAX_LOGPROBS
+top tokens (vLLM's default limit); `max_tokens: 0` only with `echo` (the prompt scored, nothing generated).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ IGNORED = {
     "prediction": _null_only,       # predicted outputs (speculative content)
 }
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1      # what torch.Generator.manual_seed takes
+MAX_LOGPROBS, MAX_N = 20, 128                     # top logprobs per token (vLLM's default), choices per prompt
 
 
 class TextPart(_Strict):
@@ -75,7 +77,7 @@ class StreamOptions(_Strict):
 
 class _Sampling(_Strict):
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=0)              # 0: completions with echo only (checked below)
     max_completion_tokens: Optional[int] = Field(None, ge=1)   # newer name of max_tokens
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
@@ -86,7 +88,7 @@ class _Sampling(_Strict):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)                          # choices per prompt (they share its KV blocks)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: Optional[str] = None
@@ -101,9 +103,9 @@ class _Sampling(_Strict):
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ApiError(400, f"seed={self.seed} is out of range: give an integer from -2^63 to 2^64-1 "
                            f"({SEED_MIN}..{SEED_MAX})", param="seed")
-        if self.n != 1:
-            raise ApiError(400, f"n={self.n} is not supported; this server returns one choice per prompt (n=1)",
-                           param="n")
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            raise ApiError(400, "max_tokens=0 is only allowed on /v1/completions with echo=true (it scores the "
+                           "prompt); ask for at least 1 token", param="max_tokens")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise ApiError(400, f"{name}={getattr(self, name)} is not supported (only 0); "
@@ -126,27 +128,35 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check(self) -> None:
         super().check()
-        if self.logprobs:
-            raise ApiError(400, "logprobs is not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+
+    def logprobs_k(self) -> Optional[int]:
+        """Top logprobs per generated token (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[str], List[int]]
+    prompt: Union[str, List[str], List[int], List[List[int]]]   # text, texts, token ids, or a batch of token ids
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Optional[str] = None
 
     def check(self) -> None:
         super().check()
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ApiError(400, "prompt is an empty list; give a string, a list of strings or a list of token ids",
-                           param="prompt")
-        for name in ("echo", "logprobs", "suffix"):
-            if getattr(self, name):
-                raise ApiError(400, f"{name} is not supported", param=name)
+        p = self.prompt
+        if isinstance(p, list) and (not p or any(isinstance(x, list) and not x for x in p)):
+            raise ApiError(400, "prompt is an empty list (or holds one); give a string, a list of strings, a list of "
+                           "token ids or a list of token-id lists", param="prompt")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+
+    def logprobs_k(self) -> Optional[int]:
+        return self.logprobs
 
 
 def _describe(err: dict) -> str:
