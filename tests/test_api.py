@@ -141,8 +141,25 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": 1.5}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "prediction": {"type": "content"}}, 400,
      "prediction is not supported"),
-    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "store": True, "tools": []}, 400,
-     "unknown field 'tools'"),
+    # sampling controls, structured output and tools: bad values name their field
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "response_format": {"type": "json_schema"}},
+     400, "response_format"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}, 400, "frobnicate"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "'g', which is not in tools"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": None}]}, 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "tool", "content": "1"}]}, 400,
+     "tool_call_id"),
 ]
 
 

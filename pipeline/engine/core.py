@@ -100,7 +100,7 @@ class Core:
                 raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.handle(msgpack.unpackb(raw.buffer, raw=False))
+            self.handle(msgpack.unpackb(raw.buffer, raw=False, strict_map_key=False))   # int keys: logit_bias
 
     def tick(self) -> None:
         """After a decode step inside Engine.step: send its tokens, take what arrived."""

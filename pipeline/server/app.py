@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine.params import SamplingParams
+from . import tools
 from .schemas import ApiError, ChatRequest, CompletionRequest, parse_body
 from .sse import EngineStream, sse, wait_disconnect
 
@@ -34,7 +35,7 @@ log = logging.getLogger("pipeline.server")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 4 << 20   # bytes
 # what a request that leaves a setting out gets (serve.* in the config overrides these)
-DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "min_p": 0.0}
 
 
 async def read_body(request: Request) -> bytes:
@@ -80,8 +81,8 @@ class Server:
                            param="model", code="model_not_found")
 
     def chat_prompt(self, req: ChatRequest) -> List[int]:
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        return list(self.engine.apply_chat_template(msgs))
+        msgs, fns = tools.prompt_messages(req, getattr(self.engine.tokenizer, "chat_template", None))
+        return list(self.engine.apply_chat_template(msgs, fns))
 
     def completion_prompts(self, req: CompletionRequest) -> List[List[int]]:
         p = req.prompt
@@ -107,7 +108,10 @@ class Server:
         sp = SamplingParams(max_new_tokens=want if want is not None else min(d["max_tokens"], room),
                             temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
                             repetition_penalty=pick("repetition_penalty"), seed=req.seed,
-                            stop=req.stop_list(), ignore_eos=req.ignore_eos)
+                            stop=req.stop_list(), ignore_eos=req.ignore_eos, min_p=pick("min_p"),
+                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+                            json_schema=tools.constraint(req))
         try:
             sp.validate()
         except ValueError as e:
@@ -152,16 +156,18 @@ class Server:
                 raise ApiError(500, f"generation failed: {r['error']}", type="server_error")
         return results
 
-    async def stream(self, pending: Pending, rid: str, created: int, chat: bool, include_usage: bool,
+    async def stream(self, pending: Pending, rid: str, created: int, replies: Optional[list], include_usage: bool,
                      continuous: bool):
         """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE].
+        replies: chat only, each choice's tools.Reply (its text as content or tool-call deltas).
         continuous: each text chunk carries its request's usage so far (live tokens/s in the page)."""
+        chat = replies is not None
         kind = "chat.completion.chunk" if chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
 
-        def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False) -> dict:
+        def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False, delta=None) -> dict:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                delta = {"role": "assistant", "content": ""} if first else (delta or {})
                 choice = {"index": i, "delta": delta, "finish_reason": reason}
             else:
                 choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
@@ -187,8 +193,11 @@ class Server:
                     self.counts["requests_failed"] += 1
                     yield sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())
                     break
-                if out.text or (continuous and out.token_ids):   # with usage: a chunk per step, text or not
-                    ev = chunk(i, out.text, None)
+                deltas = replies[i].deltas(out.text) if chat else [None] * bool(out.text)
+                if continuous and out.token_ids and not deltas:   # with usage: a chunk per step, text or not
+                    deltas = [None]
+                for delta in deltas:
+                    ev = chunk(i, out.text, None, delta=delta)
                     if continuous:
                         ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
                                        "completion_tokens": out.num_generated_tokens,
@@ -199,7 +208,12 @@ class Server:
                     pending.finished(i, out.finish_reason)
                     usage["prompt_tokens"] += out.num_prompt_tokens
                     usage["completion_tokens"] += out.num_generated_tokens
-                    yield sse(chunk(i, None, out.finish_reason))
+                    reason = out.finish_reason
+                    if chat:
+                        last, reason = replies[i].finish(reason)
+                        for delta in last:
+                            yield sse(chunk(i, None, None, delta=delta))
+                    yield sse(chunk(i, None, reason))
             else:
                 if include_usage:
                     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -214,12 +228,15 @@ class Server:
     async def complete(self, request: Request, chat: bool):
         req = parse_body(await read_body(request), ChatRequest if chat else CompletionRequest)
         self.check_model(req.model)
+        if chat:
+            tools.check(req)
         prompts = [self.chat_prompt(req)] if chat else self.completion_prompts(req)
         pending = self.submit(prompts, req)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             so = req.stream_options
-            events = self.stream(pending, rid, created, chat, bool(so and so.include_usage),
+            replies = [tools.Reply.for_request(req) for _ in pending.handles] if chat else None
+            events = self.stream(pending, rid, created, replies, bool(so and so.include_usage),
                                  bool(so and so.continuous_usage_stats))
             return EngineStream(events, on_disconnect=pending.cancel)
         results = await self.collect(request, pending)
@@ -227,8 +244,9 @@ class Server:
                  "completion_tokens": sum(r["completion_tokens"] for r in results)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                        "finish_reason": r["finish_reason"], "logprobs": None} for i, r in enumerate(results)]
+            answers = [tools.Reply.for_request(req).message(r["text"], r["finish_reason"]) for r in results]
+            choices = [{"index": i, "message": msg, "finish_reason": reason, "logprobs": None}
+                       for i, (msg, reason) in enumerate(answers)]
         else:
             choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
                        for i, r in enumerate(results)]
