@@ -574,11 +574,11 @@ class Engine:
     def _accept_tokens(self, seqs: list[Sequence], toks: list[int]) -> None:
         for s, t in zip(seqs, toks):
             p = s.params
-            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
-                self._finish(s, "stop")
-                continue
             if s.state is not None and not s.state.accept(t):
                 self._finish(s, "error", error=f"the grammar refused token {t}")
+                continue
+            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids) or (s.state is not None and s.state.done):
+                self._finish(s, "stop")    # a grammar that took its stop token is done, ignore_eos or not
                 continue
             s.out_ids.append(t)
             cut = s.detok.add(t)

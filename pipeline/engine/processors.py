@@ -7,6 +7,7 @@ plain path (logits read by the host, no look-ahead), while requests without them
     logits = apply(logits, seqs)        # (B, V) fp32: only the rows whose sequence has a RowState are changed
     ... choose tokens ...
     ok = seq.state.accept(token)        # counts the token; advances the grammar (False: the grammar refused it)
+    seq.state.done                      # the grammar took its stop token (EOS): the request ends
 
 Definitions (as OpenAI and vLLM): with c[v] the count of token v in the output so far,
     logit[v] -= frequency_penalty * c[v] + presence_penalty * (c[v] > 0)
@@ -59,6 +60,11 @@ class RowState:
         if self.counts is None:
             self._init(row.numel(), row.device)
         return penalize(row, self.counts, self.seen, self.params)
+
+    @property
+    def done(self) -> bool:
+        """The grammar took its stop token: the output is complete."""
+        return self.matcher is not None and self.matcher.is_terminated()
 
     def accept(self, token: int) -> bool:
         if self.counts is not None:
