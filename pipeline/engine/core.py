@@ -103,9 +103,11 @@ class Core:
             self.handle(msgpack.unpackb(raw.buffer, raw=False, strict_map_key=False))   # int keys: logit_bias
 
     def tick(self) -> None:
-        """After a decode step inside Engine.step: send its tokens, take what arrived."""
+        """After a decode step inside Engine.step: send its tokens, take what arrived. The next decode step starts
+        now: a look-ahead run of many steps inside one Engine.step is not one step that hangs."""
         self.flush()
         self.drain()
+        self.busy_since = time.monotonic()
 
     def run(self) -> None:
         e = self.engine
