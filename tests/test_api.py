@@ -142,7 +142,8 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "prediction": {"type": "content"}}, 400,
      "prediction is not supported"),
     # sampling controls, structured output and tools: bad values name their field
-    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "presence_penalty": 2.5}, 400,
+     "presence_penalty"),
     ("/v1/completions", {"model": "tiny-random", "prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
     ("/v1/completions", {"model": "tiny-random", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
     ("/v1/completions", {"model": "tiny-random", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),

@@ -34,7 +34,7 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city", "unit"]}}}
 PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 ECHO = [{"role": "user", "content": 'Repeat exactly: <tool_call>{"name": "get_weather", "arguments": '
-                                    '{"city": "Paris", "unit": "celsius"}}</tool_call>'}]     # "auto": the model writes it
+                                    '{"city": "Paris", "unit": "celsius"}}</tool_call>'}]  # "auto": the model writes it
 PET = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 16},
     "kind": {"enum": ["cat", "dog", "bird"]},

@@ -149,7 +149,8 @@ def test_sampling_seeded_and_stops(tiny):
 
 def test_processors_in_a_batch_and_json_schema(tiny, monkeypatch):
     """A penalized or grammar-constrained request beside plain ones: the plain rows get the tokens they get alone;
-    logit_bias and min_p keep the look-ahead path; a json_schema answer ends on EOS and parses."""
+    penalties (counted on the device), logit_bias and min_p keep the look-ahead path, with the tokens of the plain
+    path; a json_schema answer ends on EOS and parses."""
     import json
     eng = Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256})
     plain = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -166,10 +167,18 @@ def test_processors_in_a_batch_and_json_schema(tiny, monkeypatch):
     assert max(map(pen.count, pen)) < max(map(alone.count, alone)) or len(set(pen)) >= 10
     assert outs[2][-1].finish_reason == "stop" and json.loads("".join(o.text for o in outs[2]))["a"] in ("x", "y")
     ahead = []
-    monkeypatch.setattr(eng, "_decode_ahead", lambda seqs: ahead.append(len(seqs)) or Engine._decode_ahead(eng, seqs))
+    monkeypatch.setattr(eng, "_decode_ahead",
+                        lambda seqs: ahead.append(len(seqs)) or Engine._decode_ahead(eng, seqs))
     out = eng.generate([PROMPTS[1]], SamplingParams(max_new_tokens=6, ignore_eos=True, min_p=0.2, temperature=0.5,
                                                     logit_bias={7: 100}))[0]
     assert out == [7] * 6 and ahead
+    pen = SamplingParams(max_new_tokens=16, ignore_eos=True, frequency_penalty=1.0, presence_penalty=0.5,
+                         repetition_penalty=1.3, temperature=0.7, seed=5)
+    ahead.clear()
+    got = eng.generate([PROMPTS[0], PROMPTS[3]], pen)
+    assert ahead and got == Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256,
+                                                                                 "lookahead": False}).generate(
+        [PROMPTS[0], PROMPTS[3]], pen)
     with pytest.raises(ValueError, match="logit_bias token ids"):
         eng.submit(PROMPTS[0], SamplingParams(logit_bias={ARGS.vocab_size: 1}))
     with pytest.raises(ValueError, match="json_schema"):

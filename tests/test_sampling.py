@@ -53,7 +53,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     torch.manual_seed(1)
     V = 500
     p = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
-    others = [SamplingParams(), SamplingParams(temperature=1.3, top_k=5, min_p=0.1), SamplingParams(repetition_penalty=1.5)]
+    others = [SamplingParams(), SamplingParams(temperature=1.3, top_k=5, min_p=0.1),
+              SamplingParams(repetition_penalty=1.5)]
     alone, batched = [], []
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(20):

@@ -428,7 +428,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
-        if self.lookahead and all(s.state is None for s in seqs) \
+        if self.lookahead and all(processors.on_device(s) for s in seqs) \
                 and len(seqs) == len(self.running) and not self.waiting:
             return self._decode_ahead(seqs)
         t0 = time.perf_counter()
@@ -452,9 +452,10 @@ class Engine:
         return tokens, positions, slots, bt, ctx
 
     def _decode_ahead(self, seqs: list[Sequence]) -> None:
-        """Decode steps (greedy or sampled; no penalties or grammars) for a batch that nothing else is waiting on, each
-        step queued on the device before the host reads the previous one's tokens: the step's input tokens are
-        the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators), so
+        """Decode steps (greedy or sampled, penalized too; no grammars) for a batch that nothing else is waiting on,
+        each step queued on the device before the host reads the previous one's tokens: the step's input tokens are
+        the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators and
+        penalties counted on the device: processors.py), so
         the host's per-token work (reading tokens, stop checks, streaming, the next step's inputs) overlaps the
         device's step instead of idling it. Runs while the batch stays the same and every sequence has room for one
         more token; a new request, a cancel or a finished sequence ends it after the step in flight (its tokens are
@@ -498,7 +499,7 @@ class Engine:
         inputs are the tokens the previous one left. Returns a function that waits for this step only and gives
         its tokens (host ints)."""
         n = len(seqs)
-        greedy = all(s.params.temperature == 0 and not s.params.logit_bias for s in seqs)
+        greedy = all(s.params.temperature == 0 and not s.params.logit_bias and s.state is None for s in seqs)
         tok = self._dev(tokens)[0] if tokens is not None else None
         if self.graphs is not None and greedy:   # the graph leaves its argmax in its own token input
             out = self.graphs.run_greedy(*self._step_inputs(seqs, pos, tok), max_context=max(pos) + 1)
@@ -509,8 +510,12 @@ class Engine:
             else:
                 next_in = self._next
                 logits = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
-            out = logits.argmax(-1) if greedy else sample_device(logits, [s.params for s in seqs],
-                                                                 [s.generator for s in seqs])
+            if greedy:
+                out = logits.argmax(-1)
+            else:   # penalties (their rows only; counted on the device), logit_bias, sampling
+                out = sample_device(processors.apply(logits, seqs), [s.params for s in seqs],
+                                    [s.generator for s in seqs])
+                processors.count_on_device(seqs, out)
             next_in[:n].copy_(out)                     # the next step's inputs
         if self.runner.device.type != "cuda":
             host = out.tolist()
@@ -577,8 +582,9 @@ class Engine:
             if s.state is not None and not s.state.accept(t):
                 self._finish(s, "error", error=f"the grammar refused token {t}")
                 continue
-            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids) or (s.state is not None and s.state.done):
-                self._finish(s, "stop")    # a grammar that took its stop token is done, ignore_eos or not
+            grammar_done = s.state is not None and s.state.done   # took its stop token: done, ignore_eos or not
+            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids) or grammar_done:
+                self._finish(s, "stop")
                 continue
             s.out_ids.append(t)
             cut = s.detok.add(t)

@@ -1,12 +1,15 @@
 """Logits processors that need a request's history: repetition / presence / frequency penalties and the JSON grammar.
 
-A request uses them when `needs_state(params)`; the engine then gives its Sequence a `RowState` and steps it on the
-plain path (logits read by the host, no look-ahead), while requests without them keep the device-only path
-(`sampling.sample_device`: temperature, top-k / top-p / min-p and logit_bias need no history). Per step:
+A request uses them when `needs_state(params)`; the engine then gives its Sequence a `RowState`. Penalties live on
+the logits' device (token counts updated there), so penalized requests keep the look-ahead path; a grammar needs
+each token on the host before the next mask, so a batch with a constrained request decodes on the plain path
+(logits read by the host) while it runs. Temperature, top-k / top-p / min-p and logit_bias need no history
+(`sampling.sample_device`). Per step:
 
     logits = apply(logits, seqs)        # (B, V) fp32: only the rows whose sequence has a RowState are changed
     ... choose tokens ...
-    ok = seq.state.accept(token)        # counts the token; advances the grammar (False: the grammar refused it)
+    count_on_device(seqs, tokens)       # look-ahead path: counts take the device's tokens without a host sync
+    ok = seq.state.accept(token)        # counts the token (unless counted on the device); advances the grammar
     seq.state.done                      # the grammar took its stop token (EOS): the request ends
 
 Definitions (as OpenAI and vLLM): with c[v] the count of token v in the output so far,
@@ -50,6 +53,7 @@ class RowState:
         self.params, self.prompt, self.matcher = params, prompt, matcher
         self.counts: Optional[torch.Tensor] = None      # (V,) fp32
         self.seen: Optional[torch.Tensor] = None        # (V,) bool
+        self.ahead = 0                                  # tokens counted on the device, not yet accepted by the host
 
     def _init(self, vocab: int, device: torch.device) -> None:
         self.counts = torch.zeros(vocab, device=device)
@@ -66,11 +70,31 @@ class RowState:
         """The grammar took its stop token: the output is complete."""
         return self.matcher is not None and self.matcher.is_terminated()
 
+    def count(self, token: torch.Tensor) -> None:
+        """Count this step's token, a (1,) tensor on the counts' device (no host sync); its accept() skips counting."""
+        self.counts.index_put_((token,), torch.ones(1, device=token.device), accumulate=True)
+        self.seen.index_put_((token,), torch.ones(1, dtype=torch.bool, device=token.device))
+        self.ahead += 1
+
     def accept(self, token: int) -> bool:
-        if self.counts is not None:
+        if self.ahead:
+            self.ahead -= 1
+        elif self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True
         return self.matcher is None or self.matcher.accept_token(token)
+
+
+def on_device(s) -> bool:
+    """A sequence whose tokens can be chosen without the host (no grammar): the look-ahead path can step it."""
+    return s.state is None or s.state.matcher is None
+
+
+def count_on_device(seqs: list, tokens: torch.Tensor) -> None:
+    """tokens (B,) chosen on the device: each penalized row's counts take its token there."""
+    for i, s in enumerate(seqs):
+        if s.state is not None and s.state.counts is not None:
+            s.state.count(tokens[i:i + 1])
 
 
 def apply(logits: torch.Tensor, seqs: list, grammars=None) -> torch.Tensor:
