@@ -21,10 +21,9 @@ import torch
 from conftest import DOWNLOADS
 from pipeline.server.launch import ApiServer
 
-# ~2-10 min on 2 cores (SmolLM2 writes JSON and tool calls token by token); the default run's twins are in
-# tests/test_api.py (logit_bias, json_schema from tiny-random, LangChain structured output, LiteLLM), test_tools.py
-# and test_sampling.py
-pytestmark = pytest.mark.slow
+# the default run: ~15 s of requests (plus the server's start; the workspace is the session's, shared with
+# test_api_smollm2); slow: 20 sampled answers, streaming, "auto" and the LangChain / LiteLLM clients (~3 min on
+# 2 cores; their default twins on tiny-random are in tests/test_api.py)
 
 MODEL = "smollm2-135m"
 WEATHER = {"type": "function", "function": {
@@ -108,6 +107,7 @@ def test_named_tool_choice_answers_tool_calls(client):
     assert args["city"] == "Paris"
 
 
+@pytest.mark.slow
 def test_auto_parses_tool_call_text_and_takes_tool_results(client):
     r = client.chat.completions.create(model=MODEL, messages=ECHO, tools=[WEATHER], max_tokens=48, temperature=0)
     calls = r.choices[0].message.tool_calls
@@ -140,6 +140,7 @@ def test_grammar_masks_random_logits_into_valid_json(tokenizer):
         jsonschema.validate(json.loads(tokenizer.decode(out[:-1])), PET)
 
 
+@pytest.mark.slow
 def test_twenty_sampled_json_schema_answers_validate(server):
     schemas = [PET, {"type": "object", "properties": {"colors": {"type": "array", "items": {
         "enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 4}, "ok": {"type": "boolean"}},
@@ -162,6 +163,7 @@ def test_twenty_sampled_json_schema_answers_validate(server):
     assert len({c.message.content for _, c in answers}) > 10          # sampled: they differ
 
 
+@pytest.mark.slow
 def test_json_object_and_streamed_tool_calls(client):
     r = client.chat.completions.create(model=MODEL, messages=PET_ASK, max_tokens=120, temperature=0.7, seed=1,
                                        response_format={"type": "json_object"})
@@ -182,6 +184,7 @@ def test_json_object_and_streamed_tool_calls(client):
     assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
 
 
+@pytest.mark.slow
 def test_langchain_tools_and_structured_output(server):
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, Field
@@ -205,6 +208,7 @@ def test_langchain_tools_and_structured_output(server):
     assert isinstance(pet, Pet) and pet.kind in ("cat", "dog", "bird")
 
 
+@pytest.mark.slow
 def test_litellm_completion_with_penalties(server):
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")      # no fetch of the price list
     import litellm
