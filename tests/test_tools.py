@@ -92,3 +92,28 @@ def test_prompt_for_templates_without_and_with_tools():
     assert fns == [WEATHER] and len(msgs) == 3
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert msgs[2] == {"role": "tool", "content": "18 C", "tool_call_id": "call_1"}
+
+
+def test_tools_reach_a_template_that_renders_them(tmp_path):
+    """The whole prompt path (prompt_messages + the engine's chat_prompt) for a template with tool support (as Qwen2.5
+    and Hermes models have): the tools, the earlier call's arguments (an object) and the tool result are rendered."""
+    from transformers import AutoTokenizer
+
+    from pipeline.engine.text import chat_prompt
+    from pipeline.models.sources import save_byte_tokenizer
+    save_byte_tokenizer(tmp_path, 320)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok.chat_template = (
+        "{% if tools %}TOOLS:{% for t in tools %} {{ t.function.name }}{% endfor %}; {% endif %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}"
+        "{% if m.tool_call_id %} ({{ m.tool_call_id }}){% endif %}; {% endfor %}assistant: ")
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    req = ChatRequest.model_validate({"model": "m", "messages": history, "tools": [WEATHER, TIME]})
+    msgs, fns = tools.prompt_messages(req, tok.chat_template)
+    text = tok.decode(chat_prompt(tok, msgs, fns))
+    assert text == ('TOOLS: get_weather get_time; user: Weather in Paris?; '
+                    'assistant: CALL get_weather {"city": "Paris"}; tool: 18 C (call_1); assistant: ')
