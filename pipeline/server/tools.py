@@ -102,11 +102,16 @@ def constraint(req) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------- the prompt
-def _call_text(call) -> str:
+def _loads_or_text(s: str):
     try:
-        args = json.loads(call.function.arguments)
+        return json.loads(s)
     except json.JSONDecodeError:
-        args = call.function.arguments
+        return s
+
+
+def _call_text(call) -> str:
+    """An earlier tool call as the model would have written it."""
+    args = _loads_or_text(call.function.arguments)
     return CALL_OPEN + json.dumps({"name": call.function.name, "arguments": args}) + CALL_CLOSE
 
 
@@ -123,7 +128,8 @@ def prompt_messages(req: ChatRequest, template: Optional[str]) -> tuple[list[dic
             d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": _loads_or_text(c.function.arguments)}} for c in m.tool_calls]
         elif m.tool_calls:
-            d["content"] = "\n".join([d["content"]] * bool(d["content"]) + [_call_text(c) for c in m.tool_calls])
+            said = [d["content"]] if d["content"] else []
+            d["content"] = "\n".join(said + [_call_text(c) for c in m.tool_calls])
         if role == "tool":
             if native:
                 d["tool_call_id"] = m.tool_call_id
@@ -138,13 +144,6 @@ def prompt_messages(req: ChatRequest, template: Optional[str]) -> tuple[list[dic
             msgs.insert(0, {"role": "system", "content": text})
         tools = None
     return msgs, tools
-
-
-def _loads_or_text(s: str):
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
 
 
 # ---------------------------------------------------------------------- the answer
