@@ -54,6 +54,10 @@ def test_forced_replies():
     streamed = named.deltas('{"city"') + named.deltas(': "Oslo"}')
     assert streamed[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
     assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in streamed) == '{"city": "Oslo"}'
+    auto_fn = {"type": "function", "function": {"name": "auto"}}                # a name like a mode is a name
+    forced = chat(tools=[auto_fn], tool_choice={"type": "function", "function": {"name": "auto"}})
+    assert tools.Reply.for_request(forced).message("{}", "stop")[0]["tool_calls"][0]["function"]["name"] == "auto"
+    assert json.loads(tools.constraint(forced)) == tools.NO_ARGS
     req = tools.Reply.for_request(chat(tools=[WEATHER, TIME], tool_choice="required"))
     msg, reason = req.message('{"name": "get_time", "arguments": {}}', "stop")
     assert msg["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}

@@ -37,12 +37,12 @@ TOOLS_PROMPT = ("You can call functions. Their signatures are inside <tools></to
 NO_ARGS = {"type": "object", "properties": {}}
 
 
-def choice_of(req: ChatRequest):
-    """The tool choice in effect: "none" | "auto" | "required" | a function name."""
+def choice_of(req: ChatRequest) -> tuple[str, Optional[str]]:
+    """The tool choice in effect: ("none" | "auto" | "required", None) or ("function", its name)."""
     tc = req.tool_choice
     if tc is None:
-        return "auto" if req.tools else "none"
-    return tc if isinstance(tc, str) else tc.function.name
+        return ("auto" if req.tools else "none"), None
+    return (tc, None) if isinstance(tc, str) else ("function", tc.function.name)
 
 
 def check(req: ChatRequest) -> None:
@@ -50,12 +50,12 @@ def check(req: ChatRequest) -> None:
     names = [t.function.name for t in req.tools or []]
     if len(set(names)) != len(names):
         raise ApiError(400, f"tools: function names must be unique, got {names}", param="tools")
-    choice = choice_of(req)
-    if choice not in ("none", "auto"):
+    kind, name = choice_of(req)
+    if kind in ("required", "function"):
         if not names:
-            raise ApiError(400, f"tool_choice={choice!r} needs tools", param="tool_choice")
-        if choice != "required" and choice not in names:
-            raise ApiError(400, f"tool_choice names the function {choice!r}, which is not in tools {names}",
+            raise ApiError(400, f"tool_choice={kind if name is None else name!r} needs tools", param="tool_choice")
+        if kind == "function" and name not in names:
+            raise ApiError(400, f"tool_choice names the function {name!r}, which is not in tools {names}",
                            param="tool_choice")
         if req.response_format is not None and req.response_format.type != "text":
             raise ApiError(400, "give response_format or a forced tool_choice, not both", param="response_format")
@@ -85,11 +85,11 @@ def _checked(schema: dict, what: str, param: str) -> str:
 
 def constraint(req) -> Optional[str]:
     """The JSON Schema (text) that the output must match: a forced tool call's, or response_format's; else None."""
-    choice = choice_of(req) if isinstance(req, ChatRequest) else "none"
-    if choice not in ("none", "auto"):
+    kind, name = choice_of(req) if isinstance(req, ChatRequest) else ("none", None)
+    if kind in ("required", "function"):
         tools = {t.function.name: t.function.parameters or NO_ARGS for t in req.tools}
-        if choice != "required":
-            return _checked(tools[choice], f"tools: {choice!r}'s parameters ", "tools")
+        if kind == "function":
+            return _checked(tools[name], f"tools: {name!r}'s parameters ", "tools")
         calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": p},
                   "required": ["name", "arguments"]} for n, p in tools.items()]
         return _checked({"anyOf": calls}, "tools: the calls ", "tools")
@@ -118,7 +118,7 @@ def _call_text(call) -> str:
 def prompt_messages(req: ChatRequest, template: Optional[str]) -> tuple[list[dict], Optional[list[dict]]]:
     """The messages (and tools) for the chat template. A template that mentions `tools` gets them as given (tool
     calls with their arguments as objects, as Hugging Face templates expect); another gets them folded into text."""
-    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if choice_of(req) != "none" else None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if choice_of(req)[0] != "none" else None
     native = bool(template and "tools" in template)
     msgs = []
     for m in req.messages:
@@ -178,15 +178,15 @@ def _call(index: int, name: str, arguments: str) -> dict:
 
 class Reply:
     """One choice's text turned into OpenAI's chat answer. mode: "text" (plain content), "auto" (<tool_call> blocks
-    parsed), "required" (the text is {"name", "arguments"}) or a function name (the text is its arguments)."""
+    parsed), "required" (the text is {"name", "arguments"}) or "function" (the text is the arguments of `name`)."""
 
-    def __init__(self, mode: str):
-        self.mode, self.buf, self.sent = mode, "", 0
+    def __init__(self, mode: str, name: Optional[str] = None):
+        self.mode, self.name, self.buf, self.sent = mode, name, "", 0
 
     @classmethod
     def for_request(cls, req: ChatRequest) -> "Reply":
-        choice = choice_of(req)
-        return cls("text" if choice == "none" else choice)
+        kind, name = choice_of(req)
+        return cls("text" if kind == "none" else kind, name)
 
     def calls(self, text: str) -> tuple[Optional[str], list[tuple[str, str]]]:
         if self.mode == "auto":
@@ -197,7 +197,7 @@ class Reply:
                 return None, [(obj["name"], json.dumps(obj["arguments"]))]
             except (json.JSONDecodeError, KeyError, TypeError):
                 return text, []                  # cut short (length): shown as it is
-        return None, [(self.mode, text)]
+        return None, [(self.name, text)]
 
     def message(self, text: str, reason: Optional[str]) -> tuple[dict, Optional[str]]:
         """The whole answer: (message, finish_reason)."""
@@ -218,8 +218,8 @@ class Reply:
         self.buf += piece
         if self.mode == "required":
             return []
-        if self.mode != "auto":                 # named function: stream the arguments
-            first = [] if self.sent else [{"tool_calls": [_call(0, self.mode, "")]}]
+        if self.mode == "function":             # stream the arguments
+            first = [] if self.sent else [{"tool_calls": [_call(0, self.name, "")]}]
             self.sent = 1
             return first + ([{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}] if piece else [])
         cut = self.buf.find(CALL_OPEN, self.sent)
@@ -238,8 +238,8 @@ class Reply:
         """The last deltas (the held-back text or the parsed calls) and the finish_reason."""
         if self.mode == "text":
             return [], reason
-        if self.mode not in ("auto", "required"):   # a named function: its arguments went out as they came
-            return ([] if self.sent else [{"tool_calls": [_call(0, self.mode, "")]}]), _calls_reason(reason)
+        if self.mode == "function":             # its arguments went out as they came
+            return ([] if self.sent else [{"tool_calls": [_call(0, self.name, "")]}]), _calls_reason(reason)
         rest = self.buf[self.sent:]
         content, calls = self.calls(rest)
         if not calls:
