@@ -141,8 +141,26 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "max_tokens": 1.5}, 400, "max_tokens"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "prediction": {"type": "content"}}, 400,
      "prediction is not supported"),
-    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "store": True, "tools": []}, 400,
-     "unknown field 'tools'"),
+    # sampling controls, structured output and tools: bad values name their field
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "presence_penalty": 2.5}, 400,
+     "presence_penalty"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "response_format": {"type": "json_schema"}},
+     400, "response_format"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}, 400, "frobnicate"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {
+            "name": "g"}}}, 400, "'g', which is not in tools"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": None}]}, 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "tool", "content": "1"}]}, 400,
+     "tool_call_id"),
 ]
 
 
@@ -187,3 +205,54 @@ def test_model_object_and_openapi(server, client):
     spec = httpx.get(server.url + "/openapi.json").json()
     assert spec["openapi"].startswith("3.") and "/v1/chat/completions" in spec["paths"]
     assert "/v1/models/{model_id}" in spec["paths"] or "/v1/models/{model_id:path}" in spec["paths"]
+
+
+PETS = {"type": "object", "properties": {   # bounded (enums, booleans, short arrays): even a random model ends it
+    "kind": {"enum": ["cat", "dog", "bird"]}, "ok": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    "owner": {"type": "object", "properties": {"adult": {"type": "boolean"}}, "required": ["adult"]}},
+    "required": ["kind", "ok", "tags", "owner"]}
+
+
+def test_logit_bias_forces_and_forbids(client):
+    ask = dict(model="tiny-random", prompt="hi", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    forced = client.completions.create(**ask, logit_bias={"65": 100}).choices[0].text
+    assert len(forced) == 6 and set(forced) == {forced[0]}             # the biased token, every time
+    both = client.completions.create(**ask, logit_bias={"65": -100, "66": 100}).choices[0].text
+    assert forced[0] not in both and len(set(both)) == 1 and both != forced
+
+
+def test_json_schema_answers_validate_even_from_a_random_model(client):
+    """The grammar alone makes the answer: a random model's greedy and sampled answers all parse and validate, and
+    end with "stop" (EOS is allowed only where the JSON is complete)."""
+    import jsonschema
+    fmt = {"type": "json_schema", "json_schema": {"name": "pets", "schema": PETS}}
+    answers = [client.chat.completions.create(model="tiny-random", messages=MSG, max_tokens=200, temperature=t,
+                                              seed=s, response_format=fmt).choices[0] for t, s in [(0, 0), (1.2, 1),
+                                                                                                   (1.2, 2), (1.2, 3)]]
+    for c in answers:
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), PETS)
+    assert len({c.message.content for c in answers}) > 1
+
+
+def test_langchain_structured_output_and_litellm_penalties(server, monkeypatch):
+    """The real clients: LangChain's with_structured_output (response_format json_schema from a pydantic model) and
+    LiteLLM's completion with OpenAI's penalties."""
+    from typing import Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog", "bird"]
+        friendly: bool
+
+    llm = ChatOpenAI(model="tiny-random", base_url=server.url + "/v1", api_key=KEY, max_tokens=80, max_retries=0)
+    pet = llm.with_structured_output(Pet).invoke("Describe a pet.")
+    assert isinstance(pet, Pet)
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")             # no fetch of the price list
+    import litellm
+    r = litellm.completion(model="openai/tiny-random", api_base=server.url + "/v1", api_key=KEY, messages=MSG,
+                           max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5, min_p=0.1, ignore_eos=True)
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"

@@ -147,6 +147,44 @@ def test_sampling_seeded_and_stops(tiny):
         eng.submit(list(range(300)), SamplingParams())
 
 
+def test_processors_in_a_batch_and_json_schema(tiny, monkeypatch):
+    """A penalized or grammar-constrained request beside plain ones: the plain rows get the tokens they get alone;
+    penalties (counted on the device), logit_bias and min_p keep the look-ahead path, with the tokens of the plain
+    path; a json_schema answer ends on EOS and parses."""
+    import json
+    eng = Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256})
+    plain = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = eng.generate([PROMPTS[1]], plain)[0]
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "boolean"}},
+              "required": ["a", "b"]}
+    hs = [eng.submit(PROMPTS[1], plain),
+          eng.submit(PROMPTS[0], SamplingParams(max_new_tokens=12, ignore_eos=True, frequency_penalty=1.5)),
+          eng.submit(PROMPTS[2], SamplingParams(max_new_tokens=60, temperature=1.0, seed=1,
+                                                json_schema=json.dumps(schema)))]
+    outs = [list(h) for h in hs]
+    assert [t for o in outs[0] for t in o.token_ids] == alone
+    pen = [t for o in outs[1] for t in o.token_ids]
+    assert max(map(pen.count, pen)) < max(map(alone.count, alone)) or len(set(pen)) >= 10
+    assert outs[2][-1].finish_reason == "stop" and json.loads("".join(o.text for o in outs[2]))["a"] in ("x", "y")
+    ahead = []
+    monkeypatch.setattr(eng, "_decode_ahead",
+                        lambda seqs: ahead.append(len(seqs)) or Engine._decode_ahead(eng, seqs))
+    out = eng.generate([PROMPTS[1]], SamplingParams(max_new_tokens=6, ignore_eos=True, min_p=0.2, temperature=0.5,
+                                                    logit_bias={7: 100}))[0]
+    assert out == [7] * 6 and ahead
+    pen = SamplingParams(max_new_tokens=16, ignore_eos=True, frequency_penalty=1.0, presence_penalty=0.5,
+                         repetition_penalty=1.3, temperature=0.7, seed=5)
+    ahead.clear()
+    got = eng.generate([PROMPTS[0], PROMPTS[3]], pen)
+    assert ahead
+    eng.lookahead = False                                   # the plain path: counts updated by the host
+    assert eng.generate([PROMPTS[0], PROMPTS[3]], pen) == got
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        eng.submit(PROMPTS[0], SamplingParams(logit_bias={ARGS.vocab_size: 1}))
+    with pytest.raises(ValueError, match="json_schema"):
+        eng.submit(PROMPTS[0], SamplingParams(json_schema='{"type": 5}'))
+
+
 def test_queueing_when_kv_full_and_cancellation_frees_blocks(tiny):
     eng = Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256, "num_blocks": 4,
                                                                "cache_block_seq_len": 16})

@@ -171,8 +171,8 @@ class EngineClient:
         handles = [self.submit(p, params) for p in prompts]
         return [[t for out in h for t in out.token_ids] for h in handles]
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return chat_prompt(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[dict], tools: Optional[list[dict]] = None) -> list[int]:
+        return chat_prompt(self.tokenizer, messages, tools)
 
     def stats(self, timeout: float = 10.0) -> dict:
         """The core's Engine.stats() (plus engine_pid); waits for the step in progress to end."""

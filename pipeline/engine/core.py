@@ -101,12 +101,14 @@ class Core:
                 raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.handle(msgpack.unpackb(raw.buffer, raw=False))
+            self.handle(msgpack.unpackb(raw.buffer, raw=False, strict_map_key=False))   # int keys: logit_bias
 
     def tick(self) -> None:
-        """After a decode step inside Engine.step: send its tokens, take what arrived."""
+        """After a decode step inside Engine.step: send its tokens, take what arrived. The next decode step starts
+        now: a look-ahead run of many steps inside one Engine.step is not one step that hangs."""
         self.flush()
         self.drain()
+        self.busy_since = time.monotonic()
 
     def run(self) -> None:
         e = self.engine

@@ -46,7 +46,8 @@ from .handle import RequestHandle, Sequence
 from .logprobs import request_rows
 from .model import ModelRunner
 from .params import GenerationOutput, SamplingParams
-from .sampling import sample, sample_device
+from . import processors
+from .sampling import sample_device
 from .text import Detokenizer, chat_prompt
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,12 @@ def check_request(prompt_ids, params: SamplingParams, session_len: int, vocab_si
                          "allows (at most session_len - 1); shorten it or raise session_len")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got range [{min(prompt)}, {max(prompt)}]")
+    bad = [t for t in params.logit_bias if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}), got {bad[:5]}")
+    if params.json_schema is not None:
+        from .structured import check_schema
+        check_schema(params.json_schema)
     need = min(len(prompt) + params.max_new_tokens, session_len)
     if need > kv_capacity_tokens:
         raise ValueError(f"the request needs {need} tokens of KV cache, more than the whole cache holds "
@@ -148,6 +155,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._gen = torch.Generator(device=dev).manual_seed(0)   # unseeded requests' draws (sampling.py)
+        self._grammars = None   # structured.Grammars, made by the first json_schema request
         # the engine-core process (core.py) turns these: it sends token ids (its front end detokenizes and checks
         # stop strings), collects outputs through its own handles, and polls its socket after every decode step
         self.detokenize = True
@@ -244,11 +252,22 @@ class Engine:
         gen = self._gen if params.seed is None else \
             torch.Generator(device=self.runner.device).manual_seed(params.seed)
         detok = Detokenizer(self.tokenizer, params.stop) if self.detokenize else Detokenizer(None, [])
-        seq = Sequence(rid, prompt, params, self.handle_factory(self, rid), gen, reserve=need, detok=detok)
+        state = processors.RowState(params, prompt, self._matcher(params)) if processors.needs_state(params) else None
+        seq = Sequence(rid, prompt, params, self.handle_factory(self, rid), gen, reserve=need, detok=detok,
+                       state=state)
         with self._lock:
             self._inbox.append(seq)
         self._wake.set()
         return seq.handle
+
+    def _matcher(self, params: SamplingParams):
+        """A grammar matcher for a json_schema request (None without one); the tokenizer's tables are built once."""
+        if params.json_schema is None:
+            return None
+        if self._grammars is None:
+            from .structured import Grammars
+            self._grammars = Grammars(self.tokenizer, self.runner.args.vocab_size, self.eos_ids)
+        return self._grammars.matcher(params.json_schema)
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
@@ -306,8 +325,8 @@ class Engine:
         self.steps[phase + "_tokens"] += tokens
         self.steps[phase + "_s"] += time.perf_counter() - t0
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return chat_prompt(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[dict], tools: Optional[list[dict]] = None) -> list[int]:
+        return chat_prompt(self.tokenizer, messages, tools)
 
     @torch.no_grad()
     def prompt_logits(self, ids: list[int]) -> torch.Tensor:
@@ -432,7 +451,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
-        if self.lookahead and all(s.params.repetition_penalty == 1.0 for s in seqs) \
+        if self.lookahead and all(processors.on_device(s) for s in seqs) \
                 and len(seqs) == len(self.running) and not self.waiting:
             return self._decode_ahead(seqs)
         t0 = time.perf_counter()
@@ -456,9 +475,10 @@ class Engine:
         return tokens, positions, slots, bt, ctx
 
     def _decode_ahead(self, seqs: list[Sequence]) -> None:
-        """Decode steps (greedy or sampled; no repetition penalty) for a batch that nothing else is waiting on, each
-        step queued on the device before the host reads the previous one's tokens: the step's input tokens are
-        the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators), so
+        """Decode steps (greedy or sampled, penalized too; no grammars) for a batch that nothing else is waiting on,
+        each step queued on the device before the host reads the previous one's tokens: the step's input tokens are
+        the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators and
+        penalties counted on the device: processors.py), so
         the host's per-token work (reading tokens, stop checks, streaming, the next step's inputs) overlaps the
         device's step instead of idling it. Runs while the batch stays the same and every sequence has room for one
         more token; a new request, a cancel or a finished sequence ends it after the step in flight (its tokens are
@@ -503,7 +523,7 @@ class Engine:
         its tokens (host ints) and their logprobs (None, or an entry per sequence: logprobs.py) for the sequences
         that ask."""
         n = len(seqs)
-        greedy = all(s.params.temperature == 0 for s in seqs)
+        greedy = all(s.params.temperature == 0 and not s.params.logit_bias and s.state is None for s in seqs)
         ks = [s.params.logprobs for s in seqs]
         want_lp = any(k is not None for k in ks)
         tok = self._dev(tokens)[0] if tokens is not None else None
@@ -516,8 +536,12 @@ class Engine:
             else:
                 next_in = self._next
                 logits = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
-            out = logits.argmax(-1) if greedy else sample_device(logits, [s.params for s in seqs],
-                                                                 [s.generator for s in seqs])
+            if greedy:
+                out = logits.argmax(-1)
+            else:   # penalties (their rows only; counted on the device), logit_bias, sampling
+                out = sample_device(processors.apply(logits, seqs), [s.params for s in seqs],
+                                    [s.generator for s in seqs])
+                processors.count_on_device(seqs, out)
             next_in[:n].copy_(out)                     # the next step's inputs
         lp = request_rows(logits, out, ks) if want_lp else None
         if self.runner.device.type != "cuda":
@@ -611,17 +635,22 @@ class Engine:
             i += len(t)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        seen = [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in seqs]   # built only where used
-        toks = sample(logits, [s.params for s in seqs], seen, [s.generator for s in seqs])
         ks = [s.params.logprobs for s in seqs]
-        lp = request_rows(logits, self._dev(toks)[0], ks) if any(k is not None for k in ks) else None
-        self._accept_tokens(seqs, toks, lp and lp.fetch())
+        raw = logits                                              # logprobs: the model's own distribution
+        logits = processors.apply(logits, seqs, self._grammars)   # penalties and grammars: their rows only
+        toks = sample_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        lp = request_rows(raw, toks, ks) if any(k is not None for k in ks) else None
+        self._accept_tokens(seqs, toks.tolist(), lp and lp.fetch())
 
     def _accept_tokens(self, seqs: list[Sequence], toks: list[int], lps: Optional[list] = None) -> None:
         """Append each sequence's token (lps: its logprobs entry, None where not asked), finish or stream it."""
         for i, (s, t) in enumerate(zip(seqs, toks)):
             p = s.params
-            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
+            if s.state is not None and not s.state.accept(t):
+                self._finish(s, "error", error=f"the grammar refused token {t}")
+                continue
+            grammar_done = s.state is not None and s.state.done   # took its stop token: done, ignore_eos or not
+            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids) or grammar_done:
                 self._finish(s, "stop")
                 continue
             s.out_ids.append(t)

@@ -87,6 +87,7 @@ class Sequence:
     n_cached: int = 0                         # tokens whose K/V are in the cache
     out_ids: list[int] = field(default_factory=list)
     finished: bool = False
+    state: Optional[object] = None            # processors.RowState: penalties / grammar (None: device-only path)
     _sent_ids: int = 0
     logprobs: list = field(default_factory=list)   # one entry per out_ids token when params.logprobs is set
     prompt_logprobs: Optional[list] = None         # params.prompt_logprobs: [None, one entry per prompt token ...]

@@ -1,29 +1,23 @@
-"""Next-token choice per row: repetition penalty, temperature, top-k, top-p, seeded sampling, greedy.
+"""Next-token choice per row: logit_bias, temperature, top-k, top-p, min-p, seeded sampling, greedy.
 
 `sample_device` chooses on the logits' device without a host sync, so a decode step of sampled requests can be
-queued ahead of the host (Engine._decode_ahead); `sample` is the host-facing form (repetition penalty, ints)."""
+queued ahead of the host (Engine._decode_ahead). What needs a request's history (penalties, a grammar) is applied
+to the logits before it, by processors.py."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .params import SamplingParams
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
-    """HF convention on one row (V,): positive logits of seen tokens / penalty, negative ones * penalty."""
-    if penalty == 1.0 or not seen:
-        return logits
-    idx = torch.tensor(sorted(set(seen)), device=logits.device)
-    x = logits[idx]
-    logits[idx] = torch.where(x > 0, x / penalty, x * penalty)
-    return logits
-
-
-def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """(B, V) temperature-scaled logits -> the same with each row's tokens outside its top-k (0: off) and then
-    outside its top-p nucleus (the smallest prefix of the sorted distribution whose mass reaches top_p; 1: off)
-    at -inf. One batched pass for all rows (a decode step of B sampled requests launches a few kernels, not a
-    few per request)."""
+def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float],
+                       min_p: Optional[list[float]] = None) -> torch.Tensor:
+    """(B, V) temperature-scaled logits -> the same with each row's tokens outside its top-k (0: off), then
+    outside its top-p nucleus (the smallest prefix of the sorted distribution whose mass reaches top_p; 1: off),
+    then less likely than min_p times its most likely token (0: off) at -inf. One batched pass for all rows (a
+    decode step of B sampled requests launches a few kernels, not a few per request)."""
     B, V = logits.shape
     dev = logits.device
     on = [0 < k < V for k in top_k]
@@ -40,16 +34,36 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
         tp = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=dev)[:, None]
         drop = probs.cumsum(-1) - probs > tp          # mass before this token already reaches top_p
         logits = logits.scatter(1, order, srt.masked_fill(drop, float("-inf")))
+    if min_p and any(m > 0 for m in min_p):
+        probs = logits.softmax(-1)
+        floor = torch.tensor(min_p, device=dev)[:, None] * probs.max(-1, keepdim=True).values    # (B, 1)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
+
+
+def add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """(B, V) fp32 -> a copy with each row's logit_bias added (the input unchanged: it may be a graph's buffer)."""
+    rows, cols, vals = [], [], []
+    for i, p in enumerate(params):
+        for t, b in p.logit_bias.items():
+            rows.append(i)
+            cols.append(int(t))
+            vals.append(float(b))
+    if not rows:
+        return logits
+    dev = logits.device
+    idx = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+    return logits.index_put(idx, torch.tensor(vals, device=dev), accumulate=True)
 
 
 def sample_device(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator]) -> torch.Tensor:
     """logits (B, V) -> tokens (B,) int64 on logits' device, with no host sync (a decode step can be queued behind
-    it): argmax for temperature 0; else temperature, top-k / top-p, and a draw by the exponential race
-    (argmax of p / E with E ~ Exp(1) i.i.d. per token picks token v with probability p_v), E drawn from the row's
-    own generator (on logits' device): a seeded request gives the same tokens whatever else is in the batch."""
-    logits = logits.float()
+    it): logit_bias added; argmax for temperature 0; else temperature, top-k / top-p / min-p, and a draw by the
+    exponential race (argmax of p / E with E ~ Exp(1) i.i.d. per token picks token v with probability p_v), E drawn
+    from the row's own generator (on logits' device): a seeded request gives the same tokens whatever else is in
+    the batch."""
+    logits = add_logit_bias(logits.float(), params)
     out = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
@@ -57,7 +71,7 @@ def sample_device(logits: torch.Tensor, params: list[SamplingParams],
         idx = torch.tensor(rows, device=dev)
         temps = torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
         sub = filter_top_k_top_p(logits[idx] / temps, [params[i].top_k for i in rows],
-                                 [params[i].top_p for i in rows])
+                                 [params[i].top_p for i in rows], [params[i].min_p for i in rows])
         probs = sub.softmax(-1)
         race = torch.empty_like(probs)
         for j, i in enumerate(rows):
@@ -65,16 +79,3 @@ def sample_device(logits: torch.Tensor, params: list[SamplingParams],
         out[idx] = (probs / race).argmax(-1)
     return out
 
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
-           generators: list[torch.Generator]) -> list[int]:
-    """logits (B, V) -> one token per row (host ints): repetition penalty (rows that use it), then `sample_device`."""
-    logits = logits.float()
-    if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
-        return logits.argmax(-1).tolist()
-    pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 and seen[i]]
-    if pen:
-        logits = logits.clone()
-        for i in pen:
-            logits[i] = apply_repetition_penalty(logits[i], seen[i], params[i].repetition_penalty)
-    return sample_device(logits, params, generators).tolist()

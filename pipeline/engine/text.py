@@ -11,13 +11,16 @@ which detokenizes there so that the process stepping the GPU never decodes text.
 """
 from __future__ import annotations
 
+from typing import Optional
 
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The model's chat template over `messages`, with the assistant's turn opened, as token ids."""
+
+def chat_prompt(tokenizer, messages: list[dict], tools: Optional[list[dict]] = None) -> list[int]:
+    """The model's chat template over `messages` (and `tools`, OpenAI's function definitions, for templates that
+    render them), with the assistant's turn opened, as token ids."""
     if tokenizer is None:
         raise ValueError("this workspace has no tokenizer (triton_models/tokenizer is missing)")
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     else:  # e.g. the byte-level tokenizer of synthetic models
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tokenizer(text, add_special_tokens=False).input_ids

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine.params import SamplingParams
+from . import tools
 from .logprobs import ChoiceLogprobs, merge
 from .schemas import SEED_MAX, ApiError, ChatRequest, CompletionRequest, parse_body
 from .tokenize import tokenizer_routes
@@ -38,7 +39,7 @@ log = logging.getLogger("pipeline.server")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 4 << 20   # bytes
 # what a request that leaves a setting out gets (serve.* in the config overrides these)
-DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "min_p": 0.0}
 
 
 async def read_body(request: Request) -> bytes:
@@ -84,8 +85,8 @@ class Server:
                            param="model", code="model_not_found")
 
     def chat_prompt(self, req: ChatRequest) -> List[int]:
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        return list(self.engine.apply_chat_template(msgs))
+        msgs, fns = tools.prompt_messages(req, getattr(self.engine.tokenizer, "chat_template", None))
+        return list(self.engine.apply_chat_template(msgs, fns))
 
     def completion_prompts(self, req: CompletionRequest) -> tuple[List[List[int]], List[Optional[str]]]:
         """Token ids of each prompt, and its text where given as text (echo decodes the others)."""
@@ -114,7 +115,10 @@ class Server:
         sp = SamplingParams(max_new_tokens=want if want is not None else min(d["max_tokens"], room),
                             temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
                             repetition_penalty=pick("repetition_penalty"), seed=req.seed,
-                            stop=req.stop_list(), ignore_eos=req.ignore_eos)
+                            stop=req.stop_list(), ignore_eos=req.ignore_eos, min_p=pick("min_p"),
+                            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                            logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+                            json_schema=tools.constraint(req))
         sp.logprobs = req.logprobs_k()
         if getattr(req, "echo", False) and (sp.logprobs is not None or sp.max_new_tokens == 0):
             sp.prompt_logprobs = sp.logprobs or 0       # echo: the prompt's logprobs (max_tokens 0: scoring only)
@@ -170,20 +174,23 @@ class Server:
                 raise ApiError(500, f"generation failed: {r['error']}", type="server_error")
         return results
 
-    async def stream(self, pending: Pending, rid: str, created: int, chat: bool, include_usage: bool,
+    async def stream(self, pending: Pending, rid: str, created: int, replies: Optional[list], include_usage: bool,
                      continuous: bool, echo: Optional[list] = None, echo_logprobs: bool = False, n: int = 1):
         """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE].
+        replies: chat only, each choice's tools.Reply (its text as content or tool-call deltas).
         continuous: each text chunk carries its request's usage so far (live tokens/s in the page).
         echo: per prompt (prompt ids, its text or None) for completions with echo: sent as each choice's first chunk
         (with the prompt's logprobs if echo_logprobs).
         n: choices per prompt (choice i answers prompt i // n)."""
+        chat = replies is not None
         kind = "chat.completion.chunk" if chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
         fmt = ChoiceLogprobs(self.engine.tokenizer, chat)
 
-        def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False, logprobs=None) -> dict:
+        def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False, delta=None,
+                  logprobs=None) -> dict:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                delta = {"role": "assistant", "content": ""} if first else (delta or {})
                 choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
             else:
                 choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
@@ -214,8 +221,11 @@ class Server:
                     head, lp = self.echo_prompt(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
                     yield sse(chunk(i, head, None, logprobs=lp))
                 lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
-                if out.text or lps or (continuous and out.token_ids):   # with usage: a chunk per step, text or not
-                    ev = chunk(i, out.text, None, logprobs=lps)
+                deltas = replies[i].deltas(out.text) if chat else [None] * bool(out.text)
+                if (lps or (continuous and out.token_ids)) and not deltas:   # with usage: a chunk per step, text or not
+                    deltas = [None]
+                for j, delta in enumerate(deltas):
+                    ev = chunk(i, out.text, None, delta=delta, logprobs=lps if j == 0 else None)
                     if continuous:
                         ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
                                        "completion_tokens": out.num_generated_tokens,
@@ -226,7 +236,12 @@ class Server:
                     pending.finished(i, out.finish_reason)
                     usage["prompt_tokens"] += out.num_prompt_tokens if i % n == 0 else 0   # once a prompt
                     usage["completion_tokens"] += out.num_generated_tokens
-                    yield sse(chunk(i, None, out.finish_reason))
+                    reason = out.finish_reason
+                    if chat:
+                        last, reason = replies[i].finish(reason)
+                        for delta in last:
+                            yield sse(chunk(i, None, None, delta=delta))
+                    yield sse(chunk(i, None, reason))
             else:
                 if include_usage:
                     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -247,6 +262,8 @@ class Server:
     async def complete(self, request: Request, chat: bool):
         req = parse_body(await read_body(request), ChatRequest if chat else CompletionRequest)
         self.check_model(req.model)
+        if chat:
+            tools.check(req)
         prompts, texts = ([self.chat_prompt(req)], [None]) if chat else self.completion_prompts(req)
         pending = self.submit(prompts, req)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -254,7 +271,8 @@ class Server:
         echo_logprobs = echo is not None and req.logprobs is not None
         if req.stream:
             so = req.stream_options
-            events = self.stream(pending, rid, created, chat, bool(so and so.include_usage),
+            replies = [tools.Reply.for_request(req) for _ in pending.handles] if chat else None
+            events = self.stream(pending, rid, created, replies, bool(so and so.include_usage),
                                  bool(so and so.continuous_usage_stats), echo, echo_logprobs, req.n)
             return EngineStream(events, on_disconnect=pending.cancel)
         results = await self.collect(request, pending)
@@ -269,8 +287,8 @@ class Server:
             gen = fmt.piece(i, r["token_ids"], r["logprobs"])
             lp = merge(lp, gen) if lp and gen else lp or gen
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": r["text"]},
-                                "finish_reason": r["finish_reason"], "logprobs": lp})
+                msg, reason = tools.Reply.for_request(req).message(r["text"], r["finish_reason"])
+                choices.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": lp})
             else:
                 choices.append({"index": i, "text": head + r["text"], "finish_reason": r["finish_reason"],
                                 "logprobs": lp})

@@ -3,14 +3,15 @@
 Strict models: a wrong type (`"max_tokens": "10"`) or an unknown field (`"temprature": 0`) is a 400
 naming the field, never silently coerced or ignored; except the OpenAI fields in IGNORED (they change
 nothing here: `store`, `metadata`, ...), which are dropped, and integral floats (`"max_tokens": 1.0`) for
-integer fields, which OpenAI and vLLM accept. Extensions beyond OpenAI's fields: top_k,
+integer fields, which OpenAI and vLLM accept. Extensions beyond OpenAI's fields: top_k, min_p,
 repetition_penalty, ignore_eos (used by bench/serve.py to fix output lengths). Logprobs: at most MAX_LOGPROBS
-top tokens (vLLM's default limit); `max_tokens: 0` only with `echo` (the prompt scored, nothing generated).
+top tokens (vLLM's default limit); `max_tokens: 0` only with `echo` (the prompt scored, nothing generated). Tools
+and response_format are turned into prompts, grammars and answers by tools.py.
 """
 from __future__ import annotations
 
 import json
-from typing import List, Literal, Optional, Union
+from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -39,17 +40,13 @@ def _null_only(value, data: dict) -> Optional[str]:
     return None if value is None else "is not supported (only null)"
 
 
-def _no_tools(value, data: dict) -> Optional[str]:
-    return None if data.get("tools") is None else "is not supported (tools are not supported)"
-
-
 # OpenAI request fields that change nothing on this server: accepted and dropped before validation.
 # name -> check(value, body) giving None (ignore it) or why this value is refused (a 400 naming the field).
 IGNORED = {
     "store": _any,                  # store the completion for OpenAI's distillation / evals
     "metadata": _any,               # tags for stored completions
     "service_tier": _any,           # OpenAI's latency tier
-    "parallel_tool_calls": _no_tools,
+    "parallel_tool_calls": _any,    # "auto" answers every <tool_call> the model writes; a forced choice one
     "prediction": _null_only,       # predicted outputs (speculative content)
 }
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1      # what torch.Generator.manual_seed takes
@@ -61,13 +58,61 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str                      # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, List[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, List[TextPart]]] = None   # null only in an assistant turn with tool_calls
     name: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None             # assistant
+    tool_call_id: Optional[str] = None                      # tool
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict] = None   # a JSON Schema; none: no arguments
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class StreamOptions(_Strict):
@@ -89,8 +134,11 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=MAX_N)                          # choices per prompt (they share its KV blocks)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    min_p: Optional[float] = Field(None, ge=0, le=1)            # extension (vLLM's)
+    logit_bias: Optional[Dict[str, float]] = None               # token id (a string) -> -100..100
+    response_format: Optional[ResponseFormat] = None
     user: Optional[str] = None
 
     @field_validator("max_tokens", "max_completion_tokens", "top_k", "seed", "n", mode="before")
@@ -106,10 +154,14 @@ class _Sampling(_Strict):
         if self.max_tokens == 0 and not getattr(self, "echo", False):
             raise ApiError(400, "max_tokens=0 is only allowed on /v1/completions with echo=true (it scores the "
                            "prompt); ask for at least 1 token", param="max_tokens")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise ApiError(400, f"{name}={getattr(self, name)} is not supported (only 0); "
-                               "use repetition_penalty (> 1 discourages repeats) instead", param=name)
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit() or not -100 <= bias <= 100:
+                raise ApiError(400, f"logit_bias maps token ids (strings of digits) to -100..100; got {key!r}: {bias}",
+                               param="logit_bias")
+        rf = self.response_format
+        if rf is not None and (rf.type == "json_schema") != (rf.json_schema is not None):
+            raise ApiError(400, "response_format: give json_schema exactly when type is 'json_schema'",
+                           param="response_format")
         stops = self.stop_list()
         if len(stops) > 16 or any(not s for s in stops):
             raise ApiError(400, f"stop must be up to 16 non-empty strings; got {stops!r}", param="stop")
@@ -129,6 +181,8 @@ class ChatRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[List[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
 
     def check(self) -> None:
         super().check()

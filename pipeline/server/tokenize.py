@@ -12,18 +12,20 @@ They take the API key like /v1 (lm-eval: `auth_token`); `model`, when given, mus
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Literal, Optional, Union
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
-from .schemas import ApiError, ChatMessage, _Strict, parse_body
+from .schemas import ApiError, ChatMessage, NamedToolChoice, Tool, _Strict, parse_body
 
 
 class TokenizeRequest(_Strict):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[List[ChatMessage]] = Field(None, min_length=1)
+    tools: Optional[List[Tool]] = None      # with messages: rendered as the chat endpoint renders them
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
