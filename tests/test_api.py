@@ -119,15 +119,20 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/chat/completions", {"model": "tiny-random"}, 400, "missing required field 'messages'"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": [{"role": "user", "content": "w " * 400}]}, 400,
      f"session_len is {SESSION}"),
-    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "temprature": 0.5}, 400,
-     "unknown field 'temprature'"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "audio": {"voice": "alloy"}}, 400,
+     "audio is not supported"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "modalities": ["text", "audio"]}, 400,
+     "modalities"),
+    ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "functions": [{"name": "f"}]}, 400,
+     "send them as tools"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "top_p": 0}, 400, "top_p"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "n": 0}, 400, "'n'"),
     ("/v1/chat/completions", {"model": "tiny-random", "messages": MSG, "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny-random", "prompt": "x" * 1000}, 400, "session_len"),
     ("/v1/completions", {"model": "tiny-random", "prompt": [1, 99999]}, 400, "token ids"),
     ("/v1/completions", {"model": "tiny-random", "prompt": []}, 400, "prompt"),
-    ("/v1/completions", {"model": "tiny-random", "messages": MSG}, 400, "unknown field 'messages'"),
+    ("/v1/completions", {"model": "tiny-random", "messages": MSG}, 400, "missing required field 'prompt'"),
     ("/v1/nothing", {}, 404, "no route"),
     # issue 23: what used to be 500s, and OpenAI fields we cannot honour
     ("/v1/completions", {"model": "tiny-random", "prompt": "a\ud800b"}, 400, "'prompt'"),
@@ -194,6 +199,22 @@ def test_newer_client_fields_ignored_and_integral_floats(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
 
 
+def test_unknown_fields_are_ignored_and_logged_once(server):
+    """issue 23, as vLLM: a field this server does not know (a typo, a newer client's field, at the top level or in a
+    message) is dropped and logged once per name; the request is answered."""
+    msgs = [{"role": "user", "content": "hi", "refusal": None, "annotations": []}]
+    for _ in range(2):
+        r = post(server, "/v1/chat/completions", {"model": "tiny-random", "messages": msgs, "max_tokens": 2,
+                                                  "temprature": 0.5, "modalities": ["text"], "best_of": 1})
+        assert r.status_code == 200, r.text
+    r = post(server, "/v1/completions", {"model": "tiny-random", "prompt": "x", "max_tokens": 1, "frobnicate": 1})
+    assert r.status_code == 200, r.text
+    log = server.log()
+    assert log.count("ignoring unknown field 'temprature' in ChatRequest") == 1
+    assert log.count("ignoring unknown field 'refusal' in ChatMessage") == 1
+    assert "ignoring unknown field 'frobnicate' in CompletionRequest" in log
+
+
 def test_model_object_and_openapi(server, client):
     m = client.models.retrieve("tiny-random")
     assert m.id == "tiny-random" and m.object == "model" and m.owned_by == "llm-pipeline"
@@ -238,7 +259,7 @@ def test_json_schema_answers_validate_even_from_a_random_model(client):
 
 def test_langchain_structured_output_and_litellm_penalties(server, monkeypatch):
     """The real clients: LangChain's with_structured_output (response_format json_schema from a pydantic model) and
-    LiteLLM's completion with OpenAI's penalties."""
+    LiteLLM's completion with OpenAI's penalties and n=2."""
     from typing import Literal
 
     from langchain_openai import ChatOpenAI
@@ -254,5 +275,7 @@ def test_langchain_structured_output_and_litellm_penalties(server, monkeypatch):
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")             # no fetch of the price list
     import litellm
     r = litellm.completion(model="openai/tiny-random", api_base=server.url + "/v1", api_key=KEY, messages=MSG,
-                           max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5, min_p=0.1, ignore_eos=True)
-    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+                           max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5, min_p=0.1, ignore_eos=True, n=2,
+                           temperature=1.0, seed=3)
+    assert len(r.choices) == 2 and [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens == 16 and all(c.finish_reason == "length" for c in r.choices)

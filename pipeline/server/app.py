@@ -32,7 +32,7 @@ from ..engine.params import SamplingParams
 from . import tools
 from .logprobs import ChoiceLogprobs, merge
 from .schemas import SEED_MAX, ApiError, ChatRequest, CompletionRequest, parse_body
-from .tokenize import tokenizer_routes
+from .tokenize import DetokenizeRequest, TokenizeRequest, tokenizer_routes
 from .sse import EngineStream, sse, wait_disconnect
 
 log = logging.getLogger("pipeline.server")
@@ -296,6 +296,30 @@ class Server:
                 "model": self.model_name, "choices": choices, "usage": usage}
 
 
+# The POST routes read their bodies themselves (parse_body: strict, OpenAI-style errors); their request models go
+# into /openapi.json by hand, so clients and fuzzers (tests/test_api_schemathesis.py) see the real bodies.
+BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/tokenize": TokenizeRequest,
+          "/detokenize": DetokenizeRequest}
+
+
+def _openapi_with_bodies(app: FastAPI):
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            comps = spec.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in BODIES.items():
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(js.pop("$defs", {}))
+                comps[model.__name__] = js
+                spec["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = spec
+        return app.openapi_schema
+    return openapi
+
+
 def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optional[dict] = None,
                defaults: Optional[dict] = None) -> FastAPI:
     """The FastAPI app serving `engine` (already started) as `model_name`. keys: accepted bearer tokens;
@@ -375,4 +399,5 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.openapi = _openapi_with_bodies(app)
     return app

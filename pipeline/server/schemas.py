@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI-compatible API (pydantic, strict) and OpenAI-style errors.
 
-Strict models: a wrong type (`"max_tokens": "10"`) or an unknown field (`"temprature": 0`) is a 400
-naming the field, never silently coerced or ignored; except the OpenAI fields in IGNORED (they change
-nothing here: `store`, `metadata`, ...), which are dropped, and integral floats (`"max_tokens": 1.0`) for
-integer fields, which OpenAI and vLLM accept. Extensions beyond OpenAI's fields: top_k, min_p,
+Strict types: a wrong type (`"max_tokens": "10"`) is a 400 naming the field, never silently coerced (integral
+floats, `"max_tokens": 1.0`, are accepted for integer fields, as OpenAI and vLLM do). Fields: an unknown one at the
+top level or in a chat message (`"temprature": 0`, a newer client's field) is dropped and logged once per name, as
+vLLM does; the OpenAI fields in IGNORED change nothing here and are dropped; those in UNSUPPORTED (audio output,
+legacy function calling, ...) are a 400 naming them unless given their "off" value. Extensions beyond OpenAI's fields: top_k, min_p,
 repetition_penalty, ignore_eos (used by bench/serve.py to fix output lengths). Logprobs: at most MAX_LOGPROBS
 top tokens (vLLM's default limit); `max_tokens: 0` only with `echo` (the prompt scored, nothing generated). Tools
 and response_format are turned into prompts, grammars and answers by tools.py.
@@ -11,9 +12,12 @@ and response_format are turned into prompts, grammars and answers by tools.py.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger("pipeline.server")
 
 
 class ApiError(Exception):
@@ -40,6 +44,19 @@ def _null_only(value, data: dict) -> Optional[str]:
     return None if value is None else "is not supported (only null)"
 
 
+def _refused(why: str):
+    return lambda value, data: None if value is None else why
+
+
+def _text_only(value, data: dict) -> Optional[str]:
+    return None if value in (None, ["text"]) else f"={value!r} is not supported: this server answers text only"
+
+
+def _best_of(value, data: dict) -> Optional[str]:
+    n = data.get("n", 1)
+    return None if value in (None, 1, n) else f"={value!r} is not supported (only best_of = n: ask for n choices)"
+
+
 # OpenAI request fields that change nothing on this server: accepted and dropped before validation.
 # name -> check(value, body) giving None (ignore it) or why this value is refused (a 400 naming the field).
 IGNORED = {
@@ -49,6 +66,16 @@ IGNORED = {
     "parallel_tool_calls": _any,    # "auto" answers every <tool_call> the model writes; a forced choice one
     "prediction": _null_only,       # predicted outputs (speculative content)
 }
+# OpenAI request fields this server cannot honour: a 400 naming the field (unless given its "off" value).
+UNSUPPORTED = {
+    "audio": _refused("is not supported: this server answers text only"),
+    "modalities": _text_only,
+    "web_search_options": _refused("is not supported: this server has no web search"),
+    "functions": _refused("(the legacy function calling) is not supported: send them as tools"),
+    "function_call": _refused("(the legacy function calling) is not supported: use tool_choice"),
+    "best_of": _best_of,
+}
+_unknown_logged: set = set()   # (endpoint model, field) pairs already logged
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1      # what torch.Generator.manual_seed takes
 MAX_LOGPROBS, MAX_N = 20, 128                     # top logprobs per token (vLLM's default), choices per prompt
 
@@ -254,6 +281,17 @@ def _check_strings(data) -> None:
                                "Unicode text)", param=where) from None
 
 
+def _drop_unknown(data: dict, model: type[_Strict], where: str) -> None:
+    """Drop the keys `model` does not know, logging each name once per model (as vLLM does: a client's newer field
+    must not break a request; a typo shows in the server's log)."""
+    known = {f.alias or name for name, f in model.model_fields.items()}
+    for name in [k for k in data if k not in known]:
+        del data[name]
+        if (where, name) not in _unknown_logged:
+            _unknown_logged.add((where, name))
+            log.warning("ignoring unknown field %r in %s (logged once per field)", name, where)
+
+
 def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
     """bytes -> a checked request, or ApiError(400) naming what is wrong."""
     try:
@@ -265,12 +303,17 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     _check_strings(data)
-    for name, check in IGNORED.items():
+    for name, check in {**IGNORED, **UNSUPPORTED}.items():
         if name in data:
             why = check(data[name], data)
             if why is not None:
                 raise ApiError(400, f"{name} {why}", param=name)
             del data[name]
+    _drop_unknown(data, model, model.__name__)
+    if model is ChatRequest and isinstance(data.get("messages"), list):
+        for m in data["messages"]:
+            if isinstance(m, dict):
+                _drop_unknown(m, ChatMessage, "ChatMessage")
     try:
         req = model.model_validate(data)
     except ValidationError as e:
