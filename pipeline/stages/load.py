@@ -1,4 +1,4 @@
-"""load: a model source (hf folder | gguf file | embedded SmolLM2 | synthetic) -> canonical checkpoint.
+"""load: a model source (hf folder or Hub id | gguf file | embedded SmolLM2 | synthetic) -> canonical checkpoint.
 
 Artifact: model.safetensors (canonical names, model.dtype), config.json (ModelArgs), tokenizer/ (with
 chat template).
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..models.hub import is_repo_id, resolve
 from ..models.llama import ModelArgs
 from ..models.sources import (SOURCES, embedded_gguf, load_gguf, load_hf_folder, save_byte_tokenizer,
                               save_tokenizer, synthetic_tensors)
@@ -30,9 +31,9 @@ def validate(mcfg) -> None:
         raise ValueError(f"model.source={mcfg.source!r} is not one of {list(SOURCES)}")
     if mcfg.source in ("hf", "gguf") and not mcfg.path:
         raise ValueError(f"model.source={mcfg.source} needs model.path (a {'folder' if mcfg.source == 'hf' else '.gguf file'})")
-    if mcfg.source in ("hf", "gguf") and not Path(mcfg.path).exists():
-        raise ValueError(f"model.path={mcfg.path!r} does not exist; give a local Hugging Face folder "
-                         "(model.source=hf), a .gguf file (model.source=gguf), or model.source=embedded|synthetic")
+    if mcfg.source in ("hf", "gguf") and not Path(mcfg.path).exists() and not (mcfg.source == "hf" and is_repo_id(mcfg.path)):
+        raise ValueError(f"model.path={mcfg.path!r} does not exist; give a local Hugging Face folder or a Hub id "
+                         "org/name (model.source=hf), a .gguf file (model.source=gguf), or model.source=embedded|synthetic")
     parse_dtype(mcfg.dtype)
 
 
@@ -47,7 +48,7 @@ def run(ctx) -> dict:
         save_byte_tokenizer(ctx.out / "tokenizer", args.vocab_size)
     else:
         if m.source == "hf":
-            args, tensors, tok_src = load_hf_folder(Path(m.path))
+            args, tensors, tok_src = load_hf_folder(resolve(m.path, m.get("revision")))
         else:
             src = embedded_gguf(ctx.download_dir) if m.source == "embedded" else Path(m.path)
             args, tensors, tok_src = load_gguf(src)
