@@ -49,3 +49,25 @@ def test_pack_stage_writes_a_compressed_tensors_checkpoint(cli):
         q1, s1, z1 = read_unpacked(pack, name)
         assert torch.equal(q1, q2) and torch.equal(s1, s2) and torch.equal(z1, z2)
     assert (ct / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_symmetric_export_with_our_logits(cli):
+    """transformers (its compressed-tensors integration) loads the exported folder and computes our logits.
+    Symmetric only: transformers cannot load asymmetric pack-quantized checkpoints yet (their packed zero
+    points; vllm-project/llm-compressor#1618), which vLLM serves."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.artifacts.packed_w4 import apply_packed
+    from pipeline.models.store import read_model
+    cli("model=tiny-random", "pipeline.targets=[pack]", "quant=w4a16_rtn", "quant.group_size=32",
+        "quant.zero_point=false")
+    (pack,) = [p for p in (cli.tmp / "cache" / "pack").glob("[0-9a-f]*") if p.is_dir()]
+    (load,) = [p.parent for p in (cli.tmp / "cache" / "load").glob("*/model.safetensors")]
+    hf = AutoModelForCausalLM.from_pretrained(str(pack / "compressed-tensors"), dtype=torch.float32)
+    ref = read_model(load)
+    apply_packed(ref, pack)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41]])
+    with torch.no_grad():
+        lt, lr = hf(ids).logits[0], ref(ids)[0]
+    assert (lt - lr).abs().max() <= 1e-5 * lr.abs().max()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_folders import TINY, write_hf_folder
+from hf_folders import TINY, hub_cache, write_hf_folder
 from pipeline.engine import Engine
 from pipeline.kernels.w4a16 import dequantize_w4, pack_w4
 from pipeline.models.llama import build_model
@@ -39,7 +39,7 @@ def write_quantized(d, quantize, qc: dict) -> dict:
         hf.update({f"{hf_name(k)[: -len('.weight')]}.{p}": t for p, t in parts.items()})
     save_file(hf, str(d / "model.safetensors"))
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(cfg | {"quantization_config": qc}))
+    (d / "config.json").write_text(json.dumps(cfg | ({"quantization_config": qc} if qc else {})))
     return ref
 
 
@@ -76,7 +76,7 @@ def gptq_pack(q: torch.Tensor, z: torch.Tensor, v1: bool) -> tuple[torch.Tensor,
     return as_i32(qweight), as_i32(qzeros)
 
 
-def write_gptq(d, group: int, sym: bool, v1: bool, act_order: bool) -> dict:
+def write_gptq(d, group: int, sym: bool, v1: bool, act_order=None) -> dict:
     """Random codes in the GPTQ layout; the reference is (q - z[g_idx]) * s[g_idx] in fp32."""
     gen = torch.Generator().manual_seed(3)
 
@@ -85,7 +85,7 @@ def write_gptq(d, group: int, sym: bool, v1: bool, act_order: bool) -> dict:
         g = K if group == -1 else group
         G = -(-K // g)
         g_idx = torch.arange(K) // g
-        if act_order:                                          # desc_act: a group's columns scattered over K
+        if act_order == "scattered":                           # desc_act: a group's columns scattered over K
             g_idx = g_idx[torch.randperm(K, generator=gen)]
         q = torch.randint(0, 16, (N, K), generator=gen)
         z = torch.full((G, N), 8) if sym else torch.randint(1, 16, (G, N), generator=gen)
@@ -93,8 +93,12 @@ def write_gptq(d, group: int, sym: bool, v1: bool, act_order: bool) -> dict:
         qweight, qzeros = gptq_pack(q, z, v1)
         parts = {"qweight": qweight, "qzeros": qzeros, "scales": s, "g_idx": g_idx.to(torch.int32)}
         return parts, (q - z[g_idx].T).float() * s.float()[g_idx].T
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "sym": sym, "desc_act": act_order,
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "sym": sym, "desc_act": bool(act_order),
           "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    if v1 and sym:                 # older AutoGPTQ: quantize_config.json beside a config.json without it
+        ref = write_quantized(d, quantize, {})
+        (d / "quantize_config.json").write_text(json.dumps({k: v for k, v in qc.items() if k != "quant_method"}))
+        return ref
     return write_quantized(d, quantize, qc)
 
 
@@ -131,10 +135,11 @@ def test_compressed_tensors_w4a16_served_exactly(tmp_path, strategy, group, symm
 
 
 @pytest.mark.parametrize("group,sym,v1,act_order,ws_group", [
-    (32, True, True, False, 32),        # AutoGPTQ v1, symmetric
-    (128, False, False, False, 64),     # GPTQModel v2, asymmetric, group 128 > K = 64: one group per row
-    (-1, False, True, False, 64),       # per channel
-    (32, False, True, True, None),      # desc_act: scattered groups -> kept 16-bit, dequantized exactly
+    (32, True, True, None, 32),         # AutoGPTQ v1, symmetric, quantize_config.json
+    (128, False, False, None, 64),      # GPTQModel v2, asymmetric, group 128 > K = 64: one group per row
+    (-1, False, True, None, 64),        # per channel
+    (64, False, True, "in order", 64),  # desc_act whose g_idx keeps groups contiguous: int4, exact
+    (32, False, True, "scattered", None),  # desc_act, scattered groups -> kept 16-bit, dequantized exactly
 ])
 def test_gptq_served_exactly(tmp_path, group, sym, v1, act_order, ws_group):
     ref = write_gptq(tmp_path / "gptq", group, sym, v1, act_order)
@@ -151,13 +156,16 @@ def test_gptq_served_exactly(tmp_path, group, sym, v1, act_order, ws_group):
         assert_logits_match(tmp_path / "ws", ref)
 
 
-def test_load_and_turbomind_stages_serve_a_gptq_checkpoint(cli, tmp_path):
-    """The runner on a GPTQ folder: load keeps the int4 linears beside their dequantized weights (what
-    evaluate's quant=fp16 measures), and the turbomind stage serves those int4 codes as they are."""
+def test_load_and_turbomind_stages_serve_a_gptq_checkpoint_by_hub_id(cli, tmp_path):
+    """The runner on `model.path=org/name`, a GPTQ tiny-random in a Hugging Face cache in the Hub's own layout,
+    offline: load keeps the int4 linears beside their dequantized weights (what evaluate's quant=fp16
+    measures), and the turbomind stage serves those int4 codes as they are."""
     from pipeline.models.store import read_tensors, read_w4
-    ref = write_gptq(tmp_path / "gptq", 32, False, False, False)
-    cli("model=tiny-random", "model.source=hf", f"model.path={tmp_path / 'gptq'}", "quant=fp16",
-        "pipeline.targets=[turbomind]")
+    ref = write_gptq(tmp_path / "gptq", 32, False, False)
+    hub_cache(tmp_path / "hf_cache", "tiny-org/tiny-llama-gptq", tmp_path / "gptq")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf_cache"), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    cli("model=tiny-random", "model.source=hf", "model.path=tiny-org/tiny-llama-gptq", "quant=fp16",
+        "pipeline.targets=[turbomind]", env=env)
     (load,) = [f.parent for f in (cli.tmp / "cache" / "load").glob("*/model.safetensors")]
     dense, w4 = read_tensors(load), read_w4(load)
     assert all(torch.equal(dense[k], ref[k]) for k in ref if LINEAR.fullmatch(k))
