@@ -174,3 +174,16 @@ def test_load_and_turbomind_stages_serve_a_gptq_checkpoint_by_hub_id(cli, tmp_pa
     assert read_config(ws)["weight_type"] == "int4" and read_config(ws)["group_size"] == 32
     served = served_weights(ws)
     assert all(torch.equal(served[k], ref[k]) for k in served) and len(served) == 7 * TINY.n_layers
+
+
+@pytest.mark.parametrize("qc,needle", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method='bitsandbytes' is not one we read"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "GPTQ bits=8 checkpoint_format='gptq'; supported"),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {}},
+     "compressed-tensors format='int-quantized'"),
+])
+def test_unreadable_quantization_configs_are_named(tmp_path, qc, needle):
+    from pipeline.models.prequant import read_quantized
+    write_quantized(tmp_path / "m", lambda w: ({"weight": w}, w.float()), qc)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        read_quantized(tmp_path / "m")

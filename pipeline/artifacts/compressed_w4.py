@@ -25,9 +25,9 @@ import torch
 
 from ..cache import save_safetensors
 from ..models.llama import ModelArgs
+from ..quant.blockwise import LINEARS
 from ..quant.w8 import hf_config, hf_name
 from .packed_w4 import read_dense, read_unpacked
-from ..quant.blockwise import LINEARS
 
 
 def scheme(group_size: int, symmetric: bool):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
@@ -56,9 +57,10 @@ def contiguous_groups(K: int, g: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ the formats
 def _nibbles(p: torch.Tensor, dim: int) -> torch.Tensor:
-    """int32 -> 8 nibbles each, nibble i (bits 4i..4i+3) the i-th value along `dim` (GPTQ's natural order)."""
+    """int32 (R, C) -> uint8, 8 values per word along `dim`: nibble i (bits 4i..4i+3) is the i-th
+    (GPTQ's natural order)."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    x = (p.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF              # (..., 8)
+    x = ((p.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)  # (R, C, 8)
     if dim == 0:                                                       # (R, C, 8) -> (R * 8, C)
         return x.permute(0, 2, 1).reshape(-1, p.shape[1])
     return x.reshape(p.shape[0], -1)
@@ -76,7 +78,7 @@ def _gptq(get, base: str, qc: dict) -> Native:
     s = get(base + ".scales")
     N = s.shape[1]
     q = _nibbles(get(base + ".qweight"), 0).T                         # (N, K)
-    z = _nibbles(get(base + ".qzeros"), 1)[:, :N] + (qc.get("checkpoint_format", "gptq") == "gptq")
+    z = _nibbles(get(base + ".qzeros"), 1)[:, :N].to(torch.int16) + (qc["checkpoint_format"] == "gptq")
     g_idx = get(base + ".g_idx", None)
     g_idx = contiguous_groups(q.shape[1], qc["group_size"]) if g_idx is None else g_idx.long()
     return Native(q, s, z, g_idx)
@@ -88,7 +90,7 @@ def _compressed_tensors(get, base: str, qc: dict) -> Native:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     N, K = (int(v) for v in get(base + ".weight_shape"))
     s = get(base + ".weight_scale")                                    # (N, G)
-    q = unpack_from_int32(get(base + ".weight_packed"), 4, torch.Size((N, K))).to(torch.int16) + 8
+    q = (unpack_from_int32(get(base + ".weight_packed"), 4, torch.Size((N, K))).to(torch.int16) + 8).to(torch.uint8)
     zp = get(base + ".weight_zero_point", None)
     if zp is None:
         z = torch.zeros_like(s, dtype=torch.int16)
@@ -97,8 +99,7 @@ def _compressed_tensors(get, base: str, qc: dict) -> Native:
     else:
         z = zp.to(torch.int16).reshape(N, -1)
     g_idx = get(base + ".weight_g_idx", None)
-    g = qc["group_size"]
-    g_idx = contiguous_groups(K, g if g else -1) if g_idx is None else g_idx.long()
+    g_idx = contiguous_groups(K, qc["group_size"]) if g_idx is None else g_idx.long()
     return Native(q, s.T.contiguous(), (z + 8).T.contiguous(), g_idx)
 
 
@@ -182,8 +183,6 @@ class Quantized:
 
 def read_quantized(path: Path, dtype: torch.dtype = torch.float32) -> Optional[Quantized]:
     """A pre-quantized Hugging Face folder -> Quantized (see the module doc); None for a 16-bit folder."""
-    import re
-
     from safetensors import safe_open
     path = Path(path)
     qc = quantization_config(path)
@@ -204,7 +203,10 @@ def read_quantized(path: Path, dtype: torch.dtype = torch.float32) -> Optional[Q
             raw.update({k: fh.get_tensor(k) for k in fh.keys()})
     if not raw:
         raise ValueError(f"model.path={str(path)!r} holds no *.safetensors files (a {method} checkpoint)")
-    get = lambda name, *default: raw[name] if name in raw or not default else default[0]  # noqa: E731
+
+    def get(name: str, *default):
+        """A tensor of the checkpoint; `default` when given and the tensor is absent (optional parts)."""
+        return raw[name] if name in raw or not default else default[0]
     natives, rest = {}, {}
     for name, t in raw.items():
         if name.endswith(fmt.marker):
