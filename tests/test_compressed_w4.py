@@ -1,4 +1,4 @@
-"""Our AWQ/RTN int4 weights exported as compressed-tensors W4A16 (the pack stage's compressed-tensors/ folder):
+"""Our AWQ/RTN int4 weights exported as compressed-tensors W4A16 (the export_ct stage):
 compressed-tensors' own decompressor gives back exactly the weights our pack artifact dequantizes to, and
 our pre-quantized reader serves the same codes."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import compose
 from pipeline.artifacts.compressed_w4 import compress_linear, scheme
 from pipeline.artifacts.packed_w4 import read_unpacked
 from pipeline.models.prequant import read_quantized
@@ -29,10 +30,10 @@ def test_compress_linear_decompresses_to_our_dequantized_weight(symmetric):
     assert torch.equal(decompress(parts, 32, symmetric), dequantize(q, s, z, 32))
 
 
-def test_pack_stage_writes_a_compressed_tensors_checkpoint(cli):
-    cli("model=tiny-random", "pipeline.targets=[pack]", "quant=w4a16_rtn", "quant.group_size=32")
+def test_export_ct_stage_writes_a_compressed_tensors_checkpoint(cli):
+    cli("model=tiny-random", "pipeline.targets=[export_ct]", "quant=w4a16_rtn", "quant.group_size=32")
     (pack,) = [p for p in (cli.tmp / "cache" / "pack").glob("[0-9a-f]*") if p.is_dir()]
-    ct = pack / "compressed-tensors"
+    (ct,) = [p for p in (cli.tmp / "cache" / "export_ct").glob("[0-9a-f]*") if p.is_dir()]
     qc = json.loads((ct / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 32 and qc["ignore"] == ["lm_head"]
@@ -51,6 +52,11 @@ def test_pack_stage_writes_a_compressed_tensors_checkpoint(cli):
     assert (ct / "tokenizer.json").exists()
 
 
+def test_export_ct_refuses_a_config_without_int4_weights():
+    with pytest.raises(ValueError, match=r"export_ct exports 4-bit pack artifacts.*quant=w8a8"):
+        compose("model=tiny-random", "quant=w8a8", "pipeline.targets=[export_ct]")
+
+
 @pytest.mark.slow
 def test_transformers_loads_the_symmetric_export_with_our_logits(cli):
     """transformers (its compressed-tensors integration) loads the exported folder and computes our logits.
@@ -60,11 +66,12 @@ def test_transformers_loads_the_symmetric_export_with_our_logits(cli):
 
     from pipeline.artifacts.packed_w4 import apply_packed
     from pipeline.models.store import read_model
-    cli("model=tiny-random", "pipeline.targets=[pack]", "quant=w4a16_rtn", "quant.group_size=32",
+    cli("model=tiny-random", "pipeline.targets=[export_ct]", "quant=w4a16_rtn", "quant.group_size=32",
         "quant.zero_point=false")
     (pack,) = [p for p in (cli.tmp / "cache" / "pack").glob("[0-9a-f]*") if p.is_dir()]
+    (ct,) = [p for p in (cli.tmp / "cache" / "export_ct").glob("[0-9a-f]*") if p.is_dir()]
     (load,) = [p.parent for p in (cli.tmp / "cache" / "load").glob("*/model.safetensors")]
-    hf = AutoModelForCausalLM.from_pretrained(str(pack / "compressed-tensors"), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.float32)
     ref = read_model(load)
     apply_packed(ref, pack)
     ids = torch.tensor([[5, 17, 99, 3, 250, 41]])

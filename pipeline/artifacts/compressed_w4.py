@@ -1,8 +1,8 @@
 """Our int4 weights as a compressed-tensors W4A16 checkpoint (format pack-quantized), the layout llm-compressor
-writes and vLLM serves. The pack stage writes one into its artifact's `compressed-tensors/` folder.
+writes and vLLM serves: the export_ct stage's artifact (`pipeline.targets=[export_ct]`).
 
     write_compressed_w4(pack_dir, out)     # a pack artifact (AWQ / RTN ...) -> a compressed-tensors folder
-    python -m pipeline.artifacts.compressed_w4 <pack artifact folder> <out folder>   # e.g. for an older artifact
+    python -m pipeline.artifacts.compressed_w4 <pack artifact folder> <out folder>
 
 Layout (Hugging Face Llama/Qwen2 names, pipeline/quant/w8.py's hf_name):
     model.safetensors   per linear `weight_packed` (N, K/8) int32 (codes - 8 as signed 4-bit, packed along K by

@@ -1,15 +1,13 @@
 """pack: apply the AWQ result and write an int-packed checkpoint in AutoAWQ's GEMM layout.
 
 Reads quant.{w_bits, group_size, zero_point}; inputs: load, awq.
-Artifact: pipeline/artifacts/packed_w4.py (its readers: read_unpacked, apply_packed), and for 4-bit the same
-weights as a compressed-tensors W4A16 checkpoint in compressed-tensors/ (pipeline/artifacts/compressed_w4.py).
+Artifact: pipeline/artifacts/packed_w4.py (its readers: read_unpacked, apply_packed).
 """
 from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file
 
-from ..artifacts.compressed_w4 import write_compressed_w4
 from ..artifacts.packed_w4 import write_packed
 from ..models.store import read_args, read_tensors, tensor_names
 from ..quant import awq
@@ -44,8 +42,6 @@ def run(ctx) -> dict:
                 out[f"{p}{n}.{k}"] = v.cpu()
         out.update({k: v.cpu() for k, v in t.items()})
     write_packed(ctx.out, out, load_dir, bits=q.w_bits, group_size=q.group_size, zero_point=q.zero_point)
-    if q.w_bits == 4:
-        write_compressed_w4(ctx.out, ctx.out / "compressed-tensors")
     nbytes = sum(v.numel() * v.element_size() for v in out.values())
     return {"bits": q.w_bits, "group_size": q.group_size, "bytes": nbytes,
             "linears": args.n_layers * len(LINEARS)}
