@@ -4,6 +4,7 @@ The runner (pipeline/runner.py) owns the console; this module owns disk and keys
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -74,6 +75,22 @@ def fingerprint(path: Optional[str]) -> Any:
 # declares one in READS reads this value, and a stage reading a whole sub-tree (evaluate and turbomind read
 # `quant`) hashes it as before, so cache keys made before the removal stay valid.
 RETIRED = {"quant.num_tp": 1, "quant.extra": {}}
+# Keys added to the schema later, with their default: a stage's key leaves them out while they hold it, so
+# cache keys made before they existed stay valid.
+ADDED = {"model.revision": None}
+
+
+def _hashed(conf: dict) -> dict:
+    """A stage's config as its key hashes it: ADDED keys at their default left out."""
+    conf = copy.deepcopy(conf)
+    for path, default in ADDED.items():
+        *parents, leaf = path.split(".")
+        node = conf
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
+    return conf
 
 
 def sub_config(cfg: DictConfig, reads: list[str]) -> DictConfig:
@@ -114,7 +131,7 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         conf = OmegaConf.to_container(sub_config(cfg, mod.READS), resolve=True)
         prints = {p: fingerprint(OmegaConf.select(cfg, p)) for p in PATH_KEYS
                   if any(p == r or p.startswith(r + ".") for r in mod.READS)}
-        key = stage_key(name, mod.VERSION, {"config": conf, "files": prints}, {u: planned[u].key for u in ups})
+        key = stage_key(name, mod.VERSION, {"config": _hashed(conf), "files": prints}, {u: planned[u].key for u in ups})
         planned[name] = PlannedStage(name, mod, key, ups, conf, getattr(mod, "CACHED", True))
     return [planned[n] for n in order]
 

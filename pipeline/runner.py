@@ -32,6 +32,7 @@ from rich.table import Table
 from . import graph, gpus, report
 from .cache import Cache
 from .graph import PATH_KEYS
+from .models.hub import is_repo_id
 from .schema import register
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # absolute: also right when imported by a launcher
@@ -58,7 +59,7 @@ def absolutize(cfg: DictConfig, base: Path) -> None:
     with open_dict(cfg):
         for key in (*PATH_KEYS, "cache_dir", "download_dir"):
             val = OmegaConf.select(cfg, key)
-            if val and not Path(val).is_absolute():
+            if val and not Path(val).is_absolute() and not (key == "model.path" and is_repo_id(val, base)):
                 OmegaConf.update(cfg, key, str((base / val).resolve()))
 
 

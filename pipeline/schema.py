@@ -61,7 +61,8 @@ class PipelineConfig:
 class ModelConfig:
     name: str = "smollm2-135m"
     source: str = "embedded"          # hf | gguf | embedded | synthetic
-    path: Optional[str] = None        # folder (hf) or file (gguf)
+    path: Optional[str] = None        # folder (hf) or file (gguf), or a Hub id org/name (hf; pipeline/models/hub.py)
+    revision: Optional[str] = None    # Hub id only: branch, tag or commit (None: main)
     dtype: str = "float32"            # dtype of the loaded weights: float32 | float16 | bfloat16
     seed: int = 0                     # synthetic weights
     shape: ModelArgs = field(default_factory=ModelArgs)  # synthetic shapes; ignored by real checkpoints

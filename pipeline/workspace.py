@@ -21,12 +21,16 @@ from .artifacts.workspace import (COL, FORMAT, QUANT_POLICIES, ROW, SERVE_DEFAUL
 def main(argv=None) -> None:
     import argparse
     ap = argparse.ArgumentParser(description="Build a workspace from a Hugging Face or AutoAWQ-format folder.")
-    ap.add_argument("--hf", required=True, help="folder with config.json + *.safetensors (fp16, or AutoAWQ int4)")
+    ap.add_argument("--hf", required=True, help="folder with config.json + *.safetensors (fp16, or AutoAWQ int4), "
+                    "or a Hugging Face Hub id org/name (the local HF cache first)")
+    ap.add_argument("--revision", default=None, help="Hub id only: branch, tag or commit (default main)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--name", default=None)
     a = ap.parse_args(argv)
-    print(json.dumps(from_hf_folder(Path(a.hf), Path(a.out), tp=a.tp, model_name=a.name)))
+    from .models.hub import resolve
+    src = resolve(a.hf, a.revision)
+    print(json.dumps(from_hf_folder(src, Path(a.out), tp=a.tp, model_name=a.name or Path(a.hf).name)))
 
 
 if __name__ == "__main__":

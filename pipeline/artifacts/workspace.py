@@ -33,7 +33,7 @@ Usage:
     w = Workspace.open(ws)             # opened once: w.config, w.args, w.tensor(name), w.linear(prefix) as stored
     canon = reassemble(ws)             # canonical names -> tensor, (q, scales, zeros) or W8Weight: exact inverse
     python -m pipeline.workspace --hf /models/llama-2-7b --out ./workspace [--tp 2]   # HF or AutoAWQ folder
-    from_hf_folder(path, out, tp=1)    # the same from Python (fp16 or AutoAWQ int4 GEMM folder)
+    from_hf_folder(path, out, tp=1)    # the same from Python (fp16, AutoAWQ, GPTQ or compressed-tensors W4A16)
 """
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models.llama import ModelArgs
@@ -452,40 +451,18 @@ def reassemble(ws, device="cpu") -> tuple[ModelArgs, dict]:
 
 # ------------------------------------------------------------------------------------ HF / AutoAWQ folders
 def from_hf_folder(path: Path, out: Path, tp: int = 1, model_name: Optional[str] = None, **serve) -> dict:
-    """A workspace from a Hugging Face folder: fp16 weights, or AutoAWQ int4 (quantization_config.quant_method
-    == "awq", GEMM layout: qweight (K, N/8), qzeros (K/g, N/8), scales (K/g, N))."""
-    from ..models.adapters import adapter_for_hf_config, args_from_hf_config, rename, to_canonical
-    from ..quant.w4 import unpack
+    """A workspace from a Hugging Face folder: fp16 weights, or a pre-quantized checkpoint's own int4 linears
+    (AutoAWQ GEMM, GPTQ, compressed-tensors W4A16: pipeline/models/prequant.py; 16-bit dequantized where its
+    groups do not fit the kernels, e.g. act-order)."""
+    from ..models.prequant import read_quantized
+    from ..models.sources import load_hf_folder
     path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") != "awq":
-        from ..models.sources import load_hf_folder
+    ck = read_quantized(path, torch.float16)
+    if ck is None:
         args, tensors, _ = load_hf_folder(path)
         return _write(out, path, args, tensors, tp=tp, model_name=model_name or path.name,
                       dtype=next(iter(tensors.values())).dtype, **serve)
-    if qc.get("bits", 4) != 4 or qc.get("version", "gemm").lower() != "gemm":
-        raise ValueError(f"{path}: AutoAWQ bits={qc.get('bits')} version={qc.get('version')}; supported: 4-bit GEMM")
-    ad = adapter_for_hf_config(cfg, str(path / "config.json"))
-    args = args_from_hf_config(cfg, ad)
-    raw = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            raw.update({k: fh.get_tensor(k) for k in fh.keys()})
-    w4, rest = {}, {}
-    for name, t in raw.items():
-        if name.endswith(".qweight"):
-            base = name[: -len(".qweight")]
-            canon = rename(base + ".weight", ad.names)
-            if canon is None:
-                raise ValueError(f"AutoAWQ tensor {name!r} in {path} has no canonical name")
-            w4[canon[: -len(".weight")]] = unpack(t, raw[base + ".qzeros"], raw[base + ".scales"], 4)
-        elif not name.endswith((".qzeros", ".scales")):
-            rest[name] = t
-    if "lm_head.weight" not in rest and "output.weight" not in rest:
-        args.tie_embeddings = True
-    tensors = to_canonical(rest, ad, args)
-    return _write(out, path, args, tensors, tp=tp, w4=w4, group_size=qc["group_size"],
+    return _write(out, path, ck.args, ck.tensors, tp=tp, w4=ck.w4, group_size=ck.group_size or 128,
                   model_name=model_name or path.name, dtype=torch.float16, **serve)
 
 

@@ -1,7 +1,8 @@
-"""fp16: the checkpoint's 16-bit weights, as load wrote them (nothing to quantize)."""
+"""fp16: the checkpoint's weights as load wrote them (nothing to quantize): 16-bit, or a pre-quantized
+checkpoint's own int4 linears (load's w4.safetensors) for serving, their dequantized weights for evaluation."""
 from __future__ import annotations
 
-from ..models.store import read_tensors
+from ..models.store import read_tensors, read_w4
 from .base import WeightMethod
 
 
@@ -12,4 +13,4 @@ class FP16(WeightMethod):
         return q.w_bits is None and q.a_bits is None
 
     def read(self, inputs, args, device):
-        return read_tensors(inputs["load"]), None, None
+        return read_tensors(inputs["load"]), read_w4(inputs["load"], device), None

