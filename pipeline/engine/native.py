@@ -16,9 +16,10 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
     (PIPELINE_NATIVE_DTYPE=fp32: exact mode, weights dequantized once to fp32); the residual stream, norms, rotary,
     KV quantization and attention stay fp32;
   - one KV tensor per layer, (num_blocks, block_size, 2, n_kv, head_dim[/2]): a step writes K and V of its tokens
-    with one index_copy_, and attention gathers a sequence's blocks with one index and dequantizes K and V with one
-    addcmul (the KV codes, static/dynamic scales and int4 packing are pipeline/kernels/kvcache.py's), then SDPA
-    (grouped-query heads without a copy). k_cache / v_cache are views of it in the usual layout;
+    with one index_copy_, and attention gathers a sequence's blocks with one index and dequantizes K and V
+    together (the codes, static/dynamic scales and int4 packing of pipeline/kernels/kvcache.py, with its op order:
+    exact mode matches the reference path bit for bit there), then SDPA (grouped-query heads without a copy).
+    k_cache / v_cache are views of it in the usual layout;
   - the per-token host work is a plain loop of ~30 torch calls a layer; no CUDA graphs.
 """
 from __future__ import annotations
@@ -124,12 +125,12 @@ class NativeRunner(ModelRunner):
             q = unpack_int4(x) if self.kv_bits == 4 else x
             p = self.kv[l]
             if self.kv_mode == "static":
-                x = torch.addcmul(p["zp"], q, p["scale"])
+                x = q * p["scale"] + p["zp"]
             else:
                 r = (blocks[:, :, None] * self.block_size
                      + torch.arange(self.block_size, device=blocks.device)).flatten(1)   # (B, L) cache rows
                 r = r if n is None else r[:, :n]
-                x = torch.addcmul(p["zp"][r][..., None], q, p["scale"][r][..., None])
+                x = q * p["scale"][r][..., None] + p["zp"][r][..., None]
         return x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2)
 
     # ------------------------------------------------------------------ forward
@@ -145,7 +146,7 @@ class NativeRunner(ModelRunner):
             res = x if res is None else res + x                                  # the residual stream, fp32
             qkv = L.w_qkv(F.rms_norm(res, D, L.attn_norm, eps), L.b_qkv).float().view(T, nh + 2 * nkv, hd)
             qk = qkv[:, :nh + nkv]
-            torch.addcmul(qk * cos, torch.roll(qk, self.half, -1), sin, out=qk)  # rotary on q and k, in place
+            torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)     # rotary on q and k, in place
             self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
             res = res + L.wo(attend(l, qkv[:, :nh]), L.b_o)
             gate, up = L.w13(F.rms_norm(res, D, L.ffn_norm, eps)).chunk(2, -1)
