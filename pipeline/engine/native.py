@@ -79,8 +79,10 @@ class NativeRunner(ModelRunner):
         hd = a.head_dim // 2 if self.kv_bits == 4 else a.head_dim
         dt = {16: self.dtype, 8: torch.int8, 4: torch.uint8}[self.kv_bits]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.qrange = qrange(self.kv_bits) if self.kv_bits != 16 else None
         self.kv_cache = [torch.zeros(num_blocks, block_size, 2, a.n_kv_heads, hd, dtype=dt, device=dev)
                          for _ in self.layers]
+        self.kv_rows = [c.view(num_blocks * block_size, 2, a.n_kv_heads, hd) for c in self.kv_cache]   # by slot
         self.k_cache = [c[:, :, 0].transpose(1, 2) for c in self.kv_cache]   # (num_blocks, n_kv, block, hd) views
         self.v_cache = [c[:, :, 1].transpose(1, 2) for c in self.kv_cache]
         side = (num_blocks * block_size, 2, a.n_kv_heads)
@@ -96,8 +98,7 @@ class NativeRunner(ModelRunner):
 
     def _write_kv(self, l: int, kv: torch.Tensor, slots: torch.Tensor) -> None:
         """kv (T, 2, n_kv, hd) fp32 -> codes at rows `slots` of layer l's cache (kvcache.py's rounding)."""
-        cache, p = self.kv_cache[l], self.kv[l]
-        rows = cache.view(-1, *cache.shape[2:])
+        rows, p = self.kv_rows[l], self.kv[l]
         if self.kv_mode == "none":
             rows.index_copy_(0, slots, kv.to(cache.dtype))
             return
@@ -108,8 +109,7 @@ class NativeRunner(ModelRunner):
             s, z = s[..., None], z[..., None]
         else:
             s, z = p["scale"], p["zp"]
-        lo, hi = qrange(self.kv_bits)
-        codes = torch.round((kv - z) / s).clamp_(lo, hi).to(torch.int8)
+        codes = torch.round((kv - z) / s).clamp_(*self.qrange).to(torch.int8)
         rows.index_copy_(0, slots, pack_int4(codes) if self.kv_bits == 4 else codes)
 
     def _read_kv(self, l: int, blocks: torch.Tensor, n: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,11 +62,10 @@ class Int4Packed:
             self._mm = torch.ops.aten._weight_int4pack_mm
 
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = self._mm(x2, self.packed, self.group_size, self.scales_zeros)
-        if bias is not None:
-            y = y + bias
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.N)
+        if x.dim() != 2:
+            return self(x.reshape(-1, x.shape[-1]), bias).reshape(*x.shape[:-1], self.N)
+        y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
+        return y if bias is None else y + bias
 
 
 def int4_packable(w: W4Weight) -> bool:
