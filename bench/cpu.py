@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 # `kernels` package that transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
+import pipeline  # noqa: E402,F401  (before torch: sets OMP_WAIT_POLICY=passive, see pipeline/__init__.py)
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colors.",
              "What does a compiler do?", "Give me a synonym for happy.", "Why is the sky blue?",
@@ -190,6 +191,7 @@ def main() -> None:
     from pipeline.models.sources import embedded_gguf
     res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.processor() or
            platform.machine(), "cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "torch": torch.__version__, "new_tokens": a.new_tokens, "rows": {}}
     if not a.skip_main_job:
         res["load_main_job"] = wait_for_quiet(a.max_wait)

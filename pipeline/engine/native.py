@@ -100,7 +100,7 @@ class NativeRunner(ModelRunner):
         """kv (T, 2, n_kv, hd) fp32 -> codes at rows `slots` of layer l's cache (kvcache.py's rounding)."""
         rows, p = self.kv_rows[l], self.kv[l]
         if self.kv_mode == "none":
-            rows.index_copy_(0, slots, kv.to(cache.dtype))
+            rows.index_copy_(0, slots, kv.to(rows.dtype))
             return
         if self.kv_mode == "dynamic":
             s, z = kv_dynamic_params(kv, self.kv_bits)                          # (T, 2, n_kv)
