@@ -2,7 +2,8 @@
 
 Usage (the engine picks it; see pipeline/kernels/dispatch.py `use_native`):
     PIPELINE_KERNELS=native python -m pipeline.runner ...        # force it on any device (a GPU included)
-    PIPELINE_NATIVE_DTYPE=fp32 ...                                 # exact mode: fp32 linears (default bf16)
+    PIPELINE_NATIVE_DTYPE=fp32 ...                                 # exact mode: fp32 linears (default bf16;
+                                                                   # fp16 on a GPU below sm_80)
     r = NativeRunner.from_workspace(ws, torch.device("cpu"), session_len=4096)
     r.allocate_cache(num_blocks, block_size=64)
     logits = r.decode(tokens, positions, slots, block_tables, context_lens)     # (B,) -> (B, V) fp32
@@ -35,11 +36,14 @@ from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
 from ..kernels.native import native_head, native_linear
 from .model import ModelRunner
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def act_dtype_from_env() -> torch.dtype:
-    name = os.environ.get("PIPELINE_NATIVE_DTYPE", "bf16")
+def act_dtype_from_env(device: torch.device) -> torch.dtype:
+    """PIPELINE_NATIVE_DTYPE (bf16 | fp16 | fp32); default bf16, or fp16 on a GPU without bf16 (below sm_80)."""
+    name = os.environ.get("PIPELINE_NATIVE_DTYPE")
+    if name is None:
+        return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported(False) else torch.bfloat16
     if name not in DTYPES:
         raise ValueError(f"PIPELINE_NATIVE_DTYPE={name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
@@ -51,7 +55,7 @@ class NativeRunner(ModelRunner):
     def __init__(self, args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len,
                  act_dtype: Optional[torch.dtype] = None):
         super().__init__(args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len)
-        act = act_dtype or act_dtype_from_env()
+        act = act_dtype or act_dtype_from_env(torch.device(device))
         for L in self.layers:   # the workspace's linears -> their torch-native layouts (LAYOUTS in kernels/native.py)
             L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act) for w in (L.w_qkv, L.wo, L.w13, L.w2))
             L.attn_norm, L.ffn_norm = L.attn_norm.float(), L.ffn_norm.float()
