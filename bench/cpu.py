@@ -73,7 +73,7 @@ def main_job(download_dir: str) -> dict:
         rep = json.loads((run_dir / "report.json").read_text())
     out["stages"] = {s["name"]: s["status"] for s in rep["stages"]}
     art = Path(next(s["path"] for s in rep["stages"] if s["name"] == "turbomind"))   # the stage's artifact folder
-    out["workspace"] = str(art / "workspace")
+    out["workspace"] = str((art / "workspace").resolve().relative_to(REPO))   # relative: the JSON is committed
     return out
 
 
@@ -198,7 +198,7 @@ def main() -> None:
         res["main_job"] = main_job(a.download_dir)
         print(f"main job: first run {res['main_job']['first_run_s']} s, second run {res['main_job']['second_run_s']} s",
               flush=True)
-    ws = Path(a.workspace or res["main_job"]["workspace"])
+    ws = Path(a.workspace) if a.workspace else REPO / res["main_job"]["workspace"]
     gguf = embedded_gguf(Path(a.download_dir))
     from transformers import AutoTokenizer
     from pipeline.artifacts.workspace import TOKENIZER
