@@ -98,3 +98,22 @@ def test_engine_native_bf16_logits_close_to_reference(monkeypatch, tiny):  # noq
     lr, ln = ref.prompt_logits(prompt), nat.prompt_logits(prompt)
     assert (lr - ln).abs().mean() <= 4e-2 * lr.abs().mean()          # measured 2.6e-2
     assert (lr.argmax(-1) == ln.argmax(-1)).float().mean() >= 0.9     # measured 0.965
+
+
+def test_dispatch_picks_native_where_triton_does_not_run(monkeypatch):
+    from pipeline.kernels import dispatch
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setenv("PIPELINE_KERNELS", "auto")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dispatch.use_native(cpu)
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: (6, 1))   # a P40
+    assert dispatch.use_native(gpu)
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: (9, 0))   # an H100: Triton kernels
+    assert not dispatch.use_native(gpu)
+    monkeypatch.setenv("PIPELINE_KERNELS", "native")                            # forced, on any device
+    assert dispatch.use_native(gpu) and not dispatch.use_triton(torch.zeros(1), "k_native")
+    monkeypatch.setenv("PIPELINE_KERNELS", "reference")
+    assert not dispatch.use_native(cpu)
+    monkeypatch.setenv("PIPELINE_KERNELS", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                                 # the test suite's kernels' path
+    assert not dispatch.use_native(cpu)
