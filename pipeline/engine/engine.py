@@ -39,12 +39,13 @@ from typing import Callable, Optional
 import torch
 
 from ..kernels import pdl
-from ..kernels.dispatch import use_triton
+from ..kernels.dispatch import use_native, use_triton
 from ..artifacts.workspace import QUANT_POLICIES, TOKENIZER, Workspace
 from .blocks import BlockManager, blocks_for
 from .handle import RequestHandle, Sequence
 from .logprobs import request_rows
 from .model import ModelRunner
+from .native import NativeRunner
 from .params import GenerationOutput, SamplingParams
 from . import processors
 from .sampling import sample_device
@@ -133,7 +134,7 @@ class Engine:
         # (tp > 1: off; the rank processes launch their own kernels and were not measured with it)
         self.pdl = (pdl.default_for(weight_type) if s.get("pdl") is None else bool(s["pdl"])) and s.get("tp", 1) == 1
         pdl.set_default(self.pdl)
-        if dev.type == "cuda" and s.get("cuda_graphs", True):
+        if dev.type == "cuda" and s.get("cuda_graphs", True) and not getattr(runner, "native", False):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
         self.prefill_graphs = None
@@ -232,8 +233,9 @@ class Engine:
             from .tp import launch
             runner = launch(w, dev, settings["tp"], {**settings, "quant_policy": qp}, settings.get("tp_timeout", 120.0))
             settings["cuda_graphs"] = False   # each rank captures its own graphs inside the TP group
-        else:
-            runner = ModelRunner.from_workspace(w, dev, settings["session_len"], qp, settings.get("kv_mode"))
+        else:   # the torch-native backend on a CPU, an old GPU, or PIPELINE_KERNELS=native (kernels/dispatch.py)
+            runner_cls = NativeRunner if use_native(dev) else ModelRunner
+            runner = runner_cls.from_workspace(w, dev, settings["session_len"], qp, settings.get("kv_mode"))
         tok = None
         if (ws / TOKENIZER).exists():
             from transformers import AutoTokenizer

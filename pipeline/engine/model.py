@@ -132,6 +132,8 @@ def load_layers(w: Workspace, rank: int, tp: int, device, dtype, mode: str, qp: 
 
 
 class ModelRunner:
+    native = False   # the torch-native subclass (native.py) sets it: no CUDA graphs around it
+
     def __init__(self, args: ModelArgs, layers: list[Layer], embed, norm, lm_head, device, dtype,
                  kv_bits: int, kv_mode: str, session_len: int):
         self.args, self.layers, self.embed, self.norm, self.lm_head = args, layers, embed, norm, lm_head

@@ -1,10 +1,13 @@
-"""Choose, per call, between a Triton kernel and its PyTorch reference.
+"""Choose, per call, between a Triton kernel and its PyTorch reference; per engine, its backend.
 
 Rules (in order):
   PIPELINE_KERNELS=reference  -> always the PyTorch reference
   PIPELINE_KERNELS=triton     -> always Triton (on CPU tensors this needs TRITON_INTERPRET=1)
+  PIPELINE_KERNELS=native     -> the engine runs the torch-native backend (pipeline/engine/native.py) on any
+                                 device, the GPU included; single kernels called directly take their reference
   auto (default)              -> Triton on a CUDA device of compute capability >= the kernel's
-                                 minimum, the reference everywhere else (CPU, old GPUs).
+                                 minimum, the reference everywhere else (CPU, old GPUs); the engine runs the
+                                 torch-native backend wherever the kernels would not be Triton (`use_native`).
 Without a GPU and without the interpreter a Triton launch fails with "0 active drivers",
 so `auto` never sends CPU tensors to Triton.
 """
@@ -18,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_MODES = ("auto", "triton", "reference")
+_MODES = ("auto", "triton", "reference", "native")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -90,7 +93,7 @@ def last_path(kernel: str) -> str | None:
 def use_triton(t: torch.Tensor, kernel: str, min_capability: tuple[int, int] = (8, 0)) -> bool:
     """True when `kernel` should run through Triton for tensors living where `t` lives."""
     m = mode()
-    if m == "reference" or not triton_importable():
+    if m in ("reference", "native") or not triton_importable():
         choice = False
     elif m == "triton":
         choice = True
@@ -103,6 +106,18 @@ def use_triton(t: torch.Tensor, kernel: str, min_capability: tuple[int, int] = (
         _reported.add(key)
         log.info("kernel %s on %s: %s", kernel, t.device, "triton" if choice else "pytorch reference")
     return choice
+
+
+def use_native(device: torch.device) -> bool:
+    """True when the engine on `device` should run the torch-native backend: PIPELINE_KERNELS=native, or auto where
+    the Triton kernels would not run (a CPU without the interpreter, a CUDA device below sm_80)."""
+    m = mode()
+    if m != "auto":
+        return m == "native"
+    if device.type == "cpu":
+        return not interpreting()
+    cap = device_capability(device)
+    return cap is not None and tuple(cap) < (8, 0)
 
 
 _counters: dict[str, torch.Tensor] = {}

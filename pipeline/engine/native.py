@@ -1,0 +1,204 @@
+"""The torch-native backend: the engine's model runner on PyTorch's own kernels (CPU, old GPUs, or forced).
+
+Usage (the engine picks it; see pipeline/kernels/dispatch.py `use_native`):
+    PIPELINE_KERNELS=native python -m pipeline.runner ...        # force it on any device (a GPU included)
+    PIPELINE_NATIVE_DTYPE=fp32 ...                                 # exact mode: fp32 linears (default bf16;
+                                                                   # fp16 on a GPU below sm_80)
+    r = NativeRunner.from_workspace(ws, torch.device("cpu"), session_len=4096)
+    r.allocate_cache(num_blocks, block_size=64)
+    logits = r.decode(tokens, positions, slots, block_tables, context_lens)     # (B,) -> (B, V) fp32
+    logits = r.prefill(tokens, positions, slots, seqs, select)                 # as ModelRunner.prefill
+
+What differs from ModelRunner (same API, same paged-KV engine around it):
+  - every linear is repacked once at load for PyTorch's kernels (pipeline/kernels/native.py: int4 on
+    `_weight_int4pack_mm[_for_cpu]`, W8A8 on `torch._int_mm`, dense in the activation dtype), and the lm_head is
+    int8 weight-only on a CPU in bf16 mode;
+  - the activation dtype fed to the linears is bf16 (the CPU's fast int4 / bf16 kernels) or fp32
+    (PIPELINE_NATIVE_DTYPE=fp32: exact mode, weights dequantized once to fp32); the residual stream, norms, rotary,
+    KV quantization and attention stay fp32;
+  - one KV tensor per layer, (num_blocks, block_size, 2, n_kv, head_dim[/2]): a step writes K and V of its tokens
+    with one index_copy_, and attention gathers a sequence's blocks with one index and dequantizes K and V
+    together (the codes, static/dynamic scales and int4 packing of pipeline/kernels/kvcache.py, with its op order:
+    exact mode matches the reference path bit for bit there), then SDPA (grouped-query heads without a copy).
+    k_cache / v_cache are views of it in the usual layout;
+  - the per-token host work is a plain loop of ~30 torch calls a layer; no CUDA graphs.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
+from ..kernels.native import native_head, native_linear
+from .model import ModelRunner
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def act_dtype_from_env(device: torch.device) -> torch.dtype:
+    """PIPELINE_NATIVE_DTYPE (bf16 | fp16 | fp32); default bf16, or fp16 on a GPU without bf16 (below sm_80)."""
+    name = os.environ.get("PIPELINE_NATIVE_DTYPE")
+    if name is None:
+        return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported(False) else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"PIPELINE_NATIVE_DTYPE={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class NativeRunner(ModelRunner):
+    native = True
+
+    def __init__(self, args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len,
+                 act_dtype: Optional[torch.dtype] = None):
+        super().__init__(args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len)
+        act = act_dtype or act_dtype_from_env(torch.device(device))
+        for L in self.layers:   # the workspace's linears -> their torch-native layouts (LAYOUTS in kernels/native.py)
+            L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act) for w in (L.w_qkv, L.wo, L.w13, L.w2))
+            L.attn_norm, L.ffn_norm = L.attn_norm.float(), L.ffn_norm.float()
+            L.b_qkv, L.b_o = (None if b is None else b.to(act) for b in (L.b_qkv, L.b_o))
+        self.embed, self.norm = embed.float(), norm.float()
+        self.head = native_head(lm_head, act)
+        self.dtype = act           # the linears' inputs and a 16-bit KV cache
+        half = args.head_dim // 2
+        self.rot_cos = torch.cat([self.cos, self.cos], -1)          # (max_pos, hd): x * cos + roll(x, hd/2) * sin
+        self.rot_sin = torch.cat([-self.sin, self.sin], -1)         # rotate_half(x) == roll(x, hd/2) * [-1 | 1]
+        self.half = half
+
+    def warmup_gemms(self, sizes: list[int]) -> None:
+        """Run layer 0's linears once per size (lazy kernel setup before any request is timed)."""
+        a, L = self.args, self.layers[0]
+        with torch.inference_mode():
+            for T in sizes:
+                h = torch.zeros(T, a.dim, device=self.device)
+                L.w_qkv(h, L.b_qkv), L.wo(torch.zeros(T, a.n_heads * a.head_dim, device=self.device), L.b_o)
+                L.w2(L.w13(h)[:, :a.hidden_dim])
+
+    # ------------------------------------------------------------------ KV cache
+    def allocate_cache(self, num_blocks: int, block_size: int) -> None:
+        a, dev = self.args, self.device
+        hd = a.head_dim // 2 if self.kv_bits == 4 else a.head_dim
+        dt = {16: self.dtype, 8: torch.int8, 4: torch.uint8}[self.kv_bits]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.qrange = qrange(self.kv_bits) if self.kv_bits != 16 else None
+        self.kv_cache = [torch.zeros(num_blocks, block_size, 2, a.n_kv_heads, hd, dtype=dt, device=dev)
+                         for _ in self.layers]
+        self.kv_rows = [c.view(num_blocks * block_size, 2, a.n_kv_heads, hd) for c in self.kv_cache]   # by slot
+        self.k_cache = [c[:, :, 0].transpose(1, 2) for c in self.kv_cache]   # (num_blocks, n_kv, block, hd) views
+        self.v_cache = [c[:, :, 1].transpose(1, 2) for c in self.kv_cache]
+        side = (num_blocks * block_size, 2, a.n_kv_heads)
+        self.kv = []
+        for L in self.layers:
+            if self.kv_mode == "static":     # kv_static rows: k_scale, k_zp, v_scale, v_zp -> (2, n_kv, 1)
+                s = L.kv_static.float()
+                self.kv.append({"scale": s[0::2, :, None].contiguous(), "zp": s[1::2, :, None].contiguous()})
+            elif self.kv_mode == "dynamic":
+                self.kv.append({n: torch.zeros(side, dtype=torch.float32, device=dev) for n in ("scale", "zp")})
+            else:
+                self.kv.append({})
+
+    def _write_kv(self, l: int, kv: torch.Tensor, slots: torch.Tensor) -> None:
+        """kv (T, 2, n_kv, hd) fp32 -> codes at rows `slots` of layer l's cache (kvcache.py's rounding)."""
+        rows, p = self.kv_rows[l], self.kv[l]
+        if self.kv_mode == "none":
+            rows.index_copy_(0, slots, kv.to(rows.dtype))
+            return
+        if self.kv_mode == "dynamic":
+            s, z = kv_dynamic_params(kv, self.kv_bits)                          # (T, 2, n_kv)
+            p["scale"].index_copy_(0, slots, s)
+            p["zp"].index_copy_(0, slots, z)
+            s, z = s[..., None], z[..., None]
+        else:
+            s, z = p["scale"], p["zp"]
+        codes = torch.round((kv - z) / s).clamp_(*self.qrange).to(torch.int8)
+        rows.index_copy_(0, slots, pack_int4(codes) if self.kv_bits == 4 else codes)
+
+    def _read_kv(self, l: int, blocks: torch.Tensor, n: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the sequences whose block ids are `blocks` (B, nb), dequantized fp32 (B, n_kv, L, hd);
+        n: keep the first n rows (one sequence), else all nb * block_size rows (the caller masks)."""
+        cache = self.kv_cache[l]
+        x = cache[blocks].flatten(1, 2)                                        # (B, L, 2, n_kv, hd')
+        if n is not None:
+            x = x[:, :n]
+        if self.kv_mode == "none":
+            x = x.float()
+        else:
+            q = unpack_int4(x) if self.kv_bits == 4 else x
+            p = self.kv[l]
+            if self.kv_mode == "static":
+                x = q * p["scale"] + p["zp"]
+            else:
+                r = (blocks[:, :, None] * self.block_size
+                     + torch.arange(self.block_size, device=blocks.device)).flatten(1)   # (B, L) cache rows
+                r = r if n is None else r[:, :n]
+                x = q * p["scale"][r][..., None] + p["zp"][r][..., None]
+        return x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2)
+
+    # ------------------------------------------------------------------ forward
+    def _run(self, tokens, positions, slots, attend, select=None) -> torch.Tensor:
+        """The decoder over T rows; attend(l, q (T, nh, hd) fp32) -> (T, nh * hd) after this step's K/V are written."""
+        a = self.args
+        T, nh, nkv, hd, eps, D = tokens.shape[0], a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps, (a.dim,)
+        cos, sin = self.rot_cos[positions][:, None], self.rot_sin[positions][:, None]   # (T, 1, hd)
+        slots = slots.long()
+        x = F.embedding(tokens, self.embed)                                      # (T, D) fp32
+        res = None
+        for l, L in enumerate(self.layers):
+            res = x if res is None else res + x                                  # the residual stream, fp32
+            qkv = L.w_qkv(F.rms_norm(res, D, L.attn_norm, eps), L.b_qkv).float().view(T, nh + 2 * nkv, hd)
+            qk = qkv[:, :nh + nkv]
+            torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)     # rotary on q and k, in place
+            self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
+            res = res + L.wo(attend(l, qkv[:, :nh]), L.b_o)
+            gate, up = L.w13(F.rms_norm(res, D, L.ffn_norm, eps)).chunk(2, -1)
+            x = L.w2(F.silu(gate).mul_(up))
+        h = F.rms_norm(res + x, D, self.norm, eps)
+        if select is not None:
+            h = h[select]
+        return self.head(h).float()                                              # (T', V)
+
+    def decode(self, tokens, positions, slots, block_tables, context_lens,
+               max_context_len: Optional[int] = None) -> torch.Tensor:
+        B = tokens.shape[0]
+        ctx = context_lens.tolist()
+        n_max = max(ctx)
+        blocks = block_tables[:, :math.ceil(n_max / self.block_size)].long()     # (B, nb)
+        if B == 1 or min(ctx) == n_max:
+            n, mask = n_max, None
+        else:       # ragged contexts: every sequence's keys up to the longest, the rest masked out
+            n = None
+            keys = torch.arange(blocks.shape[1] * self.block_size, device=tokens.device)
+            mask = (keys[None, :] < context_lens[:, None])[:, None, None, :]    # (B, 1, 1, L)
+
+        def attend(l, q):
+            k, v = self._read_kv(l, blocks, n)
+            o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=True)                 # (B, nh, 1, hd)
+            return o.view(B, -1)
+        with torch.inference_mode():
+            return self._run(tokens, positions, slots, attend)
+
+    def prefill(self, tokens, positions, slots, seqs, select=None, plan=None) -> torch.Tensor:
+        """Chunks of several sequences (see ModelRunner.prefill); each chunk's queries attend to its sequence's
+        cached keys (this chunk's included) in one SDPA call. `plan` (the Triton kernel's) is not used."""
+        bs, dev = self.block_size, tokens.device
+        chunks = []
+        for off, n, bt, ctx in seqs:
+            mask = None
+            if n != ctx:   # a later chunk: its queries see every earlier token and their own prefix
+                mask = torch.arange(ctx, device=dev)[None, :] <= (ctx - n + torch.arange(n, device=dev))[:, None]
+            chunks.append((off, n, bt[:math.ceil(ctx / bs)].long().to(dev)[None], ctx, mask))
+
+        def attend(l, q):
+            out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+            for off, n, blocks, ctx, mask in chunks:
+                k, v = self._read_kv(l, blocks, ctx)
+                o = F.scaled_dot_product_attention(q[off:off + n].transpose(0, 1)[None], k, v, attn_mask=mask,
+                                                   is_causal=mask is None, scale=self.scale, enable_gqa=True)
+                out[off:off + n] = o[0].transpose(0, 1).reshape(n, -1)
+            return out
+        with torch.inference_mode():
+            return self._run(tokens, positions, slots, attend, select)

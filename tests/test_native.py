@@ -1,0 +1,119 @@
+"""The torch-native backend (CPU): its linears against the kernels' references, the engine against the reference path.
+
+- int4 (`Int4Packed`, PyTorch's `_weight_int4pack_mm_for_cpu`, bf16 activations) equals `w4a16_linear_ref` on
+  the same bf16-rounded input within bf16 rounding of the scales (2^-8 of the output's magnitude), for group sizes
+  32/64/128, asymmetric zero points 0..15 and odd shapes (N not a multiple of 16 takes the dequantized layout).
+- W8A8 (`Int8Dynamic`, `torch._int_mm`) equals `int8_linear_ref` on the reference's own per-token quantization
+  (integer products exact: only the fp32 epilogue's rounding may differ).
+- The engine: greedy tokens of the native path in exact mode (PIPELINE_NATIVE_DTYPE=fp32) equal the reference
+  path's (PIPELINE_KERNELS=reference) for fp16, W4A16 and W8A8 workspaces, with 16-bit, int8 and int4 KV, static and
+  dynamic. The fast mode (bf16 activations, int8 lm_head) on W4A16 + int8 KV: this random model's logits move by
+  2.6% of their mean magnitude on average (bf16 rounding of every linear's input, amplified by int8 KV codes that
+  flip); its accuracy on a real model is test_native_smollm2.py's perplexity test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.engine import Engine, SamplingParams
+from pipeline.engine.native import NativeRunner
+from pipeline.kernels.native import Dense, Int4Packed, Int8Dynamic, native_linear
+from pipeline.kernels.quant_act import quantize_per_token_ref
+from pipeline.kernels.int8_gemm import int8_linear_ref
+from pipeline.kernels.w4a16 import pack_w4, w4a16_linear_ref
+from pipeline.quant.w8 import W8Weight, quantize_w8
+
+from test_engine import PROMPTS, tiny  # noqa: F401  (the module fixture: fp16 and w4 workspaces)
+from test_engine_w8a8 import tiny as tiny_w8  # noqa: F401
+
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def w4(N: int, K: int, g: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    s = (torch.rand(K // g, N, generator=gen) * 0.02 + 0.001).half()
+    z = torch.randint(0, 16, (K // g, N), generator=gen).half()
+    return pack_w4(q, s, z, g)
+
+
+@pytest.mark.parametrize("N,K,g", [(48, 96, 32), (160, 192, 64), (64, 384, 128), (3072, 576, 64), (40, 256, 128)])
+@pytest.mark.parametrize("M", [1, 5])
+def test_int4_linear_matches_reference(N, K, g, M):
+    w = w4(N, K, g)
+    lin = native_linear(w, torch.bfloat16)
+    assert isinstance(lin, Int4Packed if N % 16 == 0 else Dense)
+    x = torch.randn(M, K).bfloat16().float()          # the bf16 input both sides see
+    bias = torch.randn(N)
+    ref = w4a16_linear_ref(x, w, bias)
+    got = lin(x, bias.bfloat16()).float()
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    assert (got - ref).abs().max() <= 2 ** -7 * ref.abs().max(), (got - ref).abs().max() / ref.abs().max()
+    exact = native_linear(w, torch.float32)            # exact mode: dequantized once, fp32
+    torch.testing.assert_close(exact(x, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("N,K,M", [(64, 128, 1), (72, 200, 7), (256, 576, 17)])
+def test_int8_linear_matches_reference(N, K, M):
+    gen = torch.Generator().manual_seed(1)
+    q, s = quantize_w8(torch.randn(N, K, generator=gen))
+    x, bias = torch.randn(M, K, generator=gen), torch.randn(N, generator=gen)
+    lin = native_linear(W8Weight(q, s.half()), torch.float32)
+    assert isinstance(lin, Int8Dynamic)
+    xq, xs = quantize_per_token_ref(x)
+    ref = int8_linear_ref(xq, xs, q, s.half(), bias, out_dtype=torch.float32)
+    torch.testing.assert_close(lin(x, bias), ref, rtol=1e-6, atol=1e-5)
+
+
+def engines(monkeypatch, ws, overrides, dtype="fp32"):
+    """(reference-path engine, native engine) on the same workspace."""
+    monkeypatch.setenv("PIPELINE_KERNELS", "reference")
+    ref = Engine.from_workspace(ws, "cpu", overrides)
+    monkeypatch.setenv("PIPELINE_KERNELS", "native")
+    monkeypatch.setenv("PIPELINE_NATIVE_DTYPE", dtype)
+    nat = Engine.from_workspace(ws, "cpu", overrides)
+    assert isinstance(nat.runner, NativeRunner) and not isinstance(ref.runner, NativeRunner)
+    return ref, nat
+
+
+@pytest.mark.parametrize("ws,qp,kv_mode", [("fp16", 0, None), ("w4", 0, None), ("w4", 4, "static"),
+                                           ("w4", 4, "dynamic"), ("w4", 8, "static"), ("w4", 8, "dynamic")])
+def test_engine_native_greedy_equals_reference(monkeypatch, tiny, ws, qp, kv_mode):  # noqa: F811
+    ref, nat = engines(monkeypatch, tiny["root"] / ws, {"session_len": 256, "quant_policy": qp, "kv_mode": kv_mode,
+                                                        "max_prefill_tokens": 16})   # chunked prefill too
+    assert nat.runner.kv_mode == ref.runner.kv_mode and nat.runner.kv_bits == ref.runner.kv_bits
+    assert nat.generate(PROMPTS, GREEDY) == ref.generate(PROMPTS, GREEDY)
+
+
+@pytest.mark.parametrize("qp", [0, 4])
+def test_engine_native_w8a8_greedy_equals_reference(monkeypatch, tiny_w8, qp):  # noqa: F811
+    ref, nat = engines(monkeypatch, tiny_w8["root"] / "w8", {"session_len": 256, "quant_policy": qp})
+    assert nat.generate(PROMPTS, GREEDY) == ref.generate(PROMPTS, GREEDY)
+
+
+def test_engine_native_bf16_logits_close_to_reference(monkeypatch, tiny):  # noqa: F811
+    ref, nat = engines(monkeypatch, tiny["root"] / "w4", {"session_len": 256, "quant_policy": 4}, dtype="bf16")
+    prompt = list(range(3, 60))
+    lr, ln = ref.prompt_logits(prompt), nat.prompt_logits(prompt)
+    assert (lr - ln).abs().mean() <= 4e-2 * lr.abs().mean()          # measured 2.6e-2
+    assert (lr.argmax(-1) == ln.argmax(-1)).float().mean() >= 0.9     # measured 0.965
+
+
+def test_dispatch_picks_native_where_triton_does_not_run(monkeypatch):
+    from pipeline.kernels import dispatch
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setenv("PIPELINE_KERNELS", "auto")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dispatch.use_native(cpu)
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: (6, 1))   # a P40
+    assert dispatch.use_native(gpu)
+    monkeypatch.setattr(dispatch, "device_capability", lambda device: (9, 0))   # an H100: Triton kernels
+    assert not dispatch.use_native(gpu)
+    monkeypatch.setenv("PIPELINE_KERNELS", "native")                            # forced, on any device
+    assert dispatch.use_native(gpu) and not dispatch.use_triton(torch.zeros(1), "k_native")
+    monkeypatch.setenv("PIPELINE_KERNELS", "reference")
+    assert not dispatch.use_native(cpu)
+    monkeypatch.setenv("PIPELINE_KERNELS", "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                                 # the test suite's kernels' path
+    assert not dispatch.use_native(cpu)
