@@ -65,6 +65,7 @@ def tokenizer(server, smollm2_cache):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+@pytest.mark.slow   # the default run checks logit_bias on tiny-random (test_api.py)
 def test_logit_bias_forces_and_forbids_a_token(client, tokenizer):
     ask = dict(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0)
     greedy = client.completions.create(**ask).choices[0].text

@@ -64,6 +64,7 @@ def test_joblib_two_workers(tmp_path):
     assert len(set(device_of.values())) == len(device_of)
 
 
+@pytest.mark.slow   # ~25 s on 2 cores; the joblib launcher's test covers parallel sweeps in the default run
 def test_submitit_local_two_at_a_time(tmp_path):
     _, out = run(sweep_args(tmp_path, SEQLENS, "hydra/launcher=submitit", "hydra.sweeper.max_batch_size=2"),
                  **TWO_GPUS)

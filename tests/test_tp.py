@@ -181,7 +181,7 @@ def smol_prompts(tok_dir: Path) -> list[list[int]]:
               add_special_tokens=False).input_ids for s in SMOL_PROMPTS]
 
 
-@pytest.mark.parametrize("quant", ["fp16", "w4a16"])
+@pytest.mark.parametrize("quant", ["fp16", pytest.param("w4a16", marks=pytest.mark.slow)])  # int4 tp: tiny tests
 def test_smollm2_tp3_greedy_equals_tp1(smol_load, tmp_path, quant):
     """fp16, and w4a16 RTN group 64 (the awq stage's RTN path: pipeline.quant.w4.quantize, no search/clip)."""
     from pipeline.models.store import read_args, read_tensors
