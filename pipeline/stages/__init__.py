@@ -20,6 +20,7 @@ STAGES = {
     "calibrate": "pipeline.stages.calibrate",
     "kv_qparams": "pipeline.stages.kv_qparams",
     "awq": "pipeline.stages.awq",
+    "gptq": "pipeline.stages.gptq",
     "pack": "pipeline.stages.pack",
     "smooth": "pipeline.stages.smooth",
     "quant_w8": "pipeline.stages.quant_w8",
