@@ -35,7 +35,7 @@ def test_hessian_accumulated_in_batches_is_2_xtx_over_tokens():
     H, n = gptq.hessian_add(None, x[:100])
     H, n = gptq.hessian_add(H, x[100:].reshape(10, 50, 64), n)                # any leading shape
     assert n == 600
-    torch.testing.assert_close(H, 2 * x.double().T @ x.double() / 600)
+    torch.testing.assert_close(H, 2 * x.double().T @ x.double() / 600, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -65,6 +65,26 @@ def test_codes_are_what_the_pack_format_reads_back(act_order, mse, group):
     if act_order:   # static groups: each group's range comes from the original weights (the clip shrinks it)
         s0, z0 = w4.qparams(w, 4, group, True, clip)
         assert torch.equal(s, s0.T.half()) or mse
+
+
+def test_a_block_is_quantized_in_place_and_x_becomes_its_quantized_output():
+    from pipeline.models.llama import Block, ModelArgs, rope_cos_sin
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=32)
+    block = Block(args).eval()
+    w0 = {n: getattr(block, n).weight.detach().clone() for n in gptq.STACKS["qkv"] + ("down",)}
+    x = torch.randn(3, 16, 64)
+    cos, sin = rope_cos_sin(args, torch.arange(16))
+    q = OmegaConf.create({"w_bits": 4, "group_size": 32, "zero_point": True, "gptq_damp": 0.01, "gptq_block": 64,
+                          "gptq_desc_act": False, "gptq_mse": False})
+    x_in = x.clone()
+    r = gptq.quantize_block(block, x, cos, sin, 2, q)                          # batches of 2 and 1 sequences
+    assert set(r["codes"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    for n, (codes, scales, zeros) in r["codes"].items():
+        torch.testing.assert_close(getattr(block, n).weight.data, w4.dequantize(codes, scales, zeros, 32))
+    assert not torch.equal(block.down.weight.data, w0["down"])
+    with torch.no_grad():
+        torch.testing.assert_close(x, block(x_in, cos, sin), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_block_is_refused_naming_it():

@@ -5,9 +5,9 @@ into the columns not yet quantized through the inverse Hessian of the layer's ou
     q, scales, zeros, info = quantize(w, H, bits=4, group_size=64)   # codes in pipeline/quant/w4.py's format
     w_hat = w4.dequantize(q, scales, zeros, 64)   # == info["w_hat"]
 
-The loss of a linear is ||X W^T - X W_hat^T||^2 = tr(dW H dW^T) / 2 with H = 2 X^T X (K, K), accumulated in
-float64 over all calibration tokens (normalised by their count: only H's shape matters, and dampening is
-relative to its mean diagonal). Steps:
+The loss of a linear is ||X W^T - X W_hat^T||^2 = tr(dW H dW^T) / 2 with H = 2 X^T X (K, K), summed in float64
+(each batch's X^T X one float32 matmul) over all calibration tokens, normalised by their count (only H's shape
+matters: dampening is relative to its mean diagonal). Steps:
     dampening   H += damp * mean(diag H) * I (damp 0.01: GPTQ's default); inputs never seen (diag 0) get
                 H_kk = 1 and w[:, k] = 0
     Hinv        U = cholesky(H^-1) upper: row k of U holds what column k's error does to the columns after k
@@ -35,11 +35,11 @@ MSE_RATIOS = [1 - i / 20 for i in range(10)]   # shrink factors the MSE grid tri
 
 
 def hessian_add(H, x: torch.Tensor, n_seen: int = 0):
-    """Running H = 2/n X^T X over all tokens seen: x (..., K); returns (H (K, K) float64, tokens seen)."""
-    x = x.reshape(-1, x.shape[-1]).double()                                    # (T, K)
-    t = x.shape[0]
-    n = n_seen + t
-    h = 2.0 * (x.T @ x)                                                        # (K, K)
+    """Running H = 2/n X^T X over all tokens seen: x (..., K) -> (H (K, K) float64, tokens seen). Each call's
+    X^T X is one float32 matmul (a batch of tokens); the running sum is kept in float64."""
+    x = x.reshape(-1, x.shape[-1]).float()                                     # (T, K)
+    n = n_seen + x.shape[0]
+    h = 2.0 * (x.T @ x).double()                                               # (K, K)
     H = h / n if H is None else H * (n_seen / n) + h / n
     return H, n
 
@@ -160,37 +160,39 @@ def _stack(block, names, clips):
 
 @torch.no_grad()
 def quantize_block(block, x: torch.Tensor, cos, sin, batch: int, q, clips: dict | None = None) -> dict:
-    """GPTQ every linear of one decoder block, sequentially, on its input x (S, T, D) (not modified); the block's
-    weights are replaced by their dequantized values (so the caller's next forward sees the quantized block).
-    q: w_bits, group_size, zero_point, gptq_damp, gptq_block, gptq_desc_act, gptq_mse. clips: linear ->
-    (N, K/g, 2) ratios (AWQ's) or None. Returns {linear: (codes (N, K), scales (K/g, N), zeros (K/g, N))}
-    and {"info": {stack: {"loss", "loss_rtn"}}}."""
-    S = x.shape[0]
-    parts = range(0, S, batch)
-    o_in, resid = [None] * len(parts), [None] * len(parts)
+    """GPTQ every linear of one decoder block, sequentially, on its input x (S, T, D), `batch` sequences at a time.
+    The block's weights are replaced by their dequantized values and x by the quantized block's output (the next
+    block's input). q: w_bits, group_size, zero_point, gptq_damp, gptq_block, gptq_desc_act, gptq_mse. clips:
+    linear -> (N, K/g, 2) ratios (AWQ's) or None. Returns {"codes": {linear: (codes (N, K) uint8, scales (K/g, N)
+    fp16, zeros (K/g, N) uint8)}, "info": {stack: {"loss", "loss_rtn"}}}."""
+    parts = [slice(s0, s0 + batch) for s0 in range(0, x.shape[0], batch)]
+    o_in, resid = [None] * len(parts), [None] * len(parts)                    # per batch, kept between stacks
     seen = {}
     hook = block.o.register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0]))
 
-    def stack_input(name, b, xb):                                              # the stack's input, batch b
+    def mlp_in(b):
+        h = block.mlp_norm(resid[b])
+        return torch.nn.functional.silu(block.gate(h)) * block.up(h)           # (S_b, T, F)
+
+    def stack_input(name, b):                                                  # the stack's input, batch b
         if name == "qkv":
-            return block.attn_norm(xb)
-        if name == "o":
-            block.attention(block.attn_norm(xb), cos, sin)
+            return block.attn_norm(x[parts[b]])
+        if name == "o":                                                        # with the quantized q, k, v
+            block.attention(block.attn_norm(x[parts[b]]), cos, sin)
             o_in[b] = seen.pop("o")                                            # (S_b, T, nh*hd)
             return o_in[b]
         if name == "gate_up":
-            resid[b] = xb + block.o(o_in[b])                                   # with the quantized o
+            resid[b] = x[parts[b]] + block.o(o_in[b])                          # with the quantized o
             o_in[b] = None
             return block.mlp_norm(resid[b])
-        h = block.mlp_norm(resid[b])
-        return torch.nn.functional.silu(block.gate(h)) * block.up(h)           # (S_b, T, F)
+        return mlp_in(b)
 
     out, info = {}, {}
     try:
         for name, members in STACKS.items():
             H, n = None, 0
-            for b, s0 in enumerate(parts):
-                H, n = hessian_add(H, stack_input(name, b, x[s0: s0 + batch]).float(), n)
+            for b in range(len(parts)):
+                H, n = hessian_add(H, stack_input(name, b), n)
             w, c = _stack(block, members, clips)
             codes, scales, zeros, inf = quantize(w, H, q.w_bits, q.group_size, q.zero_point, q.gptq_damp,
                                                  q.gptq_block, q.gptq_desc_act, c, q.gptq_mse)
@@ -204,4 +206,7 @@ def quantize_block(block, x: torch.Tensor, cos, sin, batch: int, q, clips: dict 
             info[name] = {"loss": inf["loss"], "loss_rtn": inf["loss_rtn"]}
     finally:
         hook.remove()
+    for b, sl in enumerate(parts):                                             # the block's output, quantized
+        x[sl] = resid[b] + block.down(mlp_in(b))
+        resid[b] = None
     return {"codes": out, "info": info}

@@ -53,6 +53,7 @@ def run(ctx) -> dict:
         p = f"layers.{step.i}."
         clips = {n: res[f"{p}{n}.clip"].to(ctx.device) for m in gptq.STACKS.values() for n in m}
         r = gptq.quantize_block(step.block, step.x, step.cos, step.sin, step.batch, q, clips)
+        step.done = True                                                       # x is the quantized block's output
         for n, parts in r["codes"].items():
             out.update({f"{p}{n}.{k}": v.cpu() for k, v in zip(PARTS, parts)})
         info[step.i] = r["info"]
