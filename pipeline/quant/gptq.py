@@ -94,19 +94,20 @@ def quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     G = K // g
-    scales = torch.zeros(N, G, device=dev)
-    zeros = torch.zeros(N, G, device=dev)
+    scales = torch.zeros(G, N, device=dev)                                     # group j's row: contiguous
+    zeros = torch.zeros(G, N, device=dev)
     clip = clip.float() if clip is not None else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=dev)
     if act_order:                                                              # static groups (module doc)
         for j in range(G):
             c = clip[:, j: j + 1] if clip is not None else None
-            scales[:, j], zeros[:, j] = _group_params(W[:, j * g:(j + 1) * g], bits, zero_point, c, mse)
+            scales[j], zeros[j] = _group_params(W[:, j * g:(j + 1) * g], bits, zero_point, c, mse)
     H = H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype, device=dev)
     L = torch.linalg.cholesky(H)
     Linv = torch.linalg.solve_triangular(L, torch.eye(K, dtype=H.dtype, device=dev), upper=False)
     U = torch.linalg.cholesky(Linv.T @ Linv, upper=True).float()              # (K, K), H^-1 = U^T U
+    group = (perm // g).tolist()                                               # column -> its group
     WT = W.T[perm].contiguous()                                                # (K, N): a column is a row here
     QT = torch.zeros(K, N, device=dev)                                         # dequantized, permuted order
     codes = torch.zeros(K, N, device=dev)
@@ -117,11 +118,11 @@ def quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 
         U1 = U[b0:b1, b0:b1]                                                   # (B, B)
         for i in range(b1 - b0):
             col = b0 + i
-            j = int(perm[col]) // g                                            # the column's group
+            j = group[col]                                                     # the column's group
             if not act_order and col % g == 0:                                 # group start: its params now
                 c = clip[:, j: j + 1] if clip is not None else None
-                scales[:, j], zeros[:, j] = _group_params(W1[i: i + g].T, bits, zero_point, c, mse)
-            s, z = scales[:, j], zeros[:, j]
+                scales[j], zeros[j] = _group_params(W1[i: i + g].T, bits, zero_point, c, mse)
+            s, z = scales[j], zeros[j]
             x = W1[i]                                                          # (N,)
             code = (torch.round(x / s) + z).clamp_(0, qmax)
             qx = (code - z) * s
@@ -142,7 +143,7 @@ def quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 
     rtn = fake_quant(w0, bits, g, zero_point, clip)
     loss = lambda d: 0.5 * torch.einsum("nk,kl,nl->", d, Hd, d).item()        # noqa: E731
     info = {"w_hat": Q, "loss": loss(dq), "loss_rtn": loss(w.float() - rtn)}
-    return codes.to(torch.uint8), scales.T.half().contiguous(), zeros.T.to(torch.uint8).contiguous(), info
+    return codes.to(torch.uint8), scales.half(), zeros.to(torch.uint8), info
 
 
 

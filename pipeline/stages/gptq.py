@@ -20,7 +20,7 @@ from ..quant import awq, gptq
 from ..quant.blockwise import compute_dtype, walk_blocks
 from ..quant.w4 import check_group_size
 
-VERSION = 1
+VERSION = 2
 READS = ["quant.w_bits", "quant.group_size", "quant.zero_point", "quant.gptq_damp", "quant.gptq_block",
          "quant.gptq_desc_act", "quant.gptq_mse"]
 PARTS = ("codes", "scales", "zeros")
