@@ -87,6 +87,11 @@ class QuantConfig:
     n_grid: int = 20
     clip: bool = True                 # AWQ clip search
     search_samples: int = 8           # calibration sequences (a seeded subset) the AWQ search losses run on
+    gptq: bool = False                # GPTQ error feedback on every calibration window (after AWQ if search/clip)
+    gptq_damp: float = 0.01           # dampening: this fraction of H's mean diagonal added to the diagonal
+    gptq_block: int = 128             # columns per lazy update block (a multiple of group_size)
+    gptq_desc_act: bool = False       # act order: columns by descending H diagonal (groups stay static)
+    gptq_mse: bool = False            # shrink each group's range by an MSE grid search (else min/max)
     kv_bits: Optional[int] = None     # None: 16-bit KV; 8 or 4
     kv_sym: bool = False
     kv_mode: KvMode = KvMode.static

@@ -19,6 +19,9 @@ PRESETS = {   # quant overrides -> (weight method, KV method, evaluate's / turbo
     "kv4_dynamic": ({"kv_bits": 4, "kv_mode": "dynamic"}, "fp16", "dynamic", ["load"]),
     "w4a16_rtn": ({"w_bits": 4, "group_size": 64, "search": False, "clip": False}, "rtn", "none", ["load", "pack"]),
     "w4a16_kv8": ({"w_bits": 4, "group_size": 64, "kv_bits": 8}, "awq", "static", ["load", "pack", "kv_qparams"]),
+    "w4a16_gptq": ({"w_bits": 4, "group_size": 64, "search": False, "clip": False, "gptq": True}, "gptq", "none",
+                   ["load", "pack"]),
+    "w4a16_awq_gptq": ({"w_bits": 4, "group_size": 64, "gptq": True}, "awq_gptq", "none", ["load", "pack"]),
     "w8a8_kv8": ({"w_bits": 8, "a_bits": 8, "kv_bits": 8}, "smoothquant", "static", ["load", "quant_w8"]),
     "w8a8_kv8_dynamic": ({"w_bits": 8, "a_bits": 8, "kv_bits": 8, "kv_mode": "dynamic"}, "smoothquant", "dynamic",
                          ["load", "quant_w8"]),
@@ -47,12 +50,23 @@ def test_awq_needs_calibration_rtn_does_not():
     assert stages.get("awq").inputs(cfg(name="rtn", w_bits=4, group_size=64, search=False, clip=False)) == ["load"]
 
 
+def test_gptq_packs_its_codes_after_the_awq_stage_which_searches_only_for_awq_gptq():
+    gq = cfg(name="gptq", w_bits=4, group_size=64, search=False, clip=False, gptq=True)
+    assert stages.get("awq").inputs(gq) == ["load"]
+    assert stages.get("gptq").inputs(gq) == ["load", "calibrate", "awq"]
+    assert stages.get("pack").inputs(gq) == ["load", "awq", "gptq"]
+    assert stages.get("awq").inputs(cfg(name="awq_gptq", w_bits=4, group_size=64, gptq=True)) == ["load", "calibrate"]
+    assert stages.get("pack").inputs(cfg(name="w4a16", w_bits=4, group_size=64)) == ["load", "awq"]
+
+
 @pytest.mark.parametrize("q,needle", [
     ({"w_bits": 4, "a_bits": 8}, "needs quant.w_bits=8 and quant.a_bits=8"),
     ({"w_bits": 8, "a_bits": 8, "smooth_alpha": 1.5}, "smooth_alpha=1.5"),
     ({"w_bits": 5}, "quant.w_bits=5"),
     ({"w_bits": 4, "group_size": 100}, "quant.group_size=100"),
     ({"kv_bits": 6}, "quant.kv_bits=6"),
+    ({"w_bits": 4, "group_size": 64, "gptq": True, "gptq_block": 96}, "quant.gptq_block=96"),
+    ({"w_bits": 4, "group_size": 64, "gptq": True, "gptq_damp": -0.1}, "quant.gptq_damp=-0.1"),
 ])
 def test_bad_configs_are_refused_while_planning(q, needle):
     with pytest.raises(ValueError, match=needle.replace(".", r"\.").replace("(", r"\(")):

@@ -19,6 +19,7 @@ from typing import Optional
 from .awq import AWQ, RTN
 from .base import KvMethod, WeightMethod
 from .fp16 import FP16
+from .gptq import AWQGPTQ, GPTQ
 from .kv import DynamicKV, NoKV, StaticKV
 from .smoothquant import SmoothQuant
 
@@ -26,6 +27,8 @@ WEIGHT_METHODS: dict[str, WeightMethod] = {
     "fp16": FP16(),
     "rtn": RTN(),
     "awq": AWQ(),
+    "gptq": GPTQ(),                    # error feedback (+ AWQ's scales and clips first: awq_gptq)
+    "awq_gptq": AWQGPTQ(),
     "smoothquant": SmoothQuant(),      # W8A8
 }
 KV_METHODS: dict[str, KvMethod] = {

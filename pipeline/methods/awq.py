@@ -15,7 +15,7 @@ class AWQ(WeightMethod):
     artifact = "pack"
 
     def matches(self, q) -> bool:
-        return q.w_bits is not None and q.a_bits is None and bool(q.search or q.clip)
+        return q.w_bits is not None and q.a_bits is None and bool(q.search or q.clip) and not q.gptq
 
     def validate(self, cfg) -> None:
         q = cfg.quant
@@ -43,4 +43,4 @@ class RTN(AWQ):
     stages = ("awq", "pack")
 
     def matches(self, q) -> bool:
-        return q.w_bits is not None and q.a_bits is None and not (q.search or q.clip)
+        return q.w_bits is not None and q.a_bits is None and not (q.search or q.clip or q.gptq)

@@ -3,6 +3,7 @@
     for step in walk_blocks(load_dir, tokens, device, dtype, track):
         ...   # observe / search on step.block (block step.i) with its input step.x (N, T, D)
         step.forward()   # optional: advance x through the block now (hooks see it); else done after the body
+        step.done = True # or: the body wrote the block's output into step.x itself (gptq)
 """
 from __future__ import annotations
 

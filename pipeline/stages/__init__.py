@@ -20,6 +20,7 @@ STAGES = {
     "calibrate": "pipeline.stages.calibrate",
     "kv_qparams": "pipeline.stages.kv_qparams",
     "awq": "pipeline.stages.awq",
+    "gptq": "pipeline.stages.gptq",
     "pack": "pipeline.stages.pack",
     "export_ct": "pipeline.stages.export_ct",
     "smooth": "pipeline.stages.smooth",

@@ -30,8 +30,9 @@ def needs_calibration(q) -> bool:
 
 
 def inputs(cfg) -> list[str]:
-    """load, plus calibrate for the methods that search (awq; not rtn): pipeline/methods."""
-    return ["load", "calibrate"] if "calibrate" in require(cfg, "awq").stages else ["load"]
+    """load, plus calibrate when it searches (awq, awq_gptq; not rtn or gptq): pipeline/methods."""
+    require(cfg, "awq")
+    return ["load", "calibrate"] if needs_calibration(cfg.quant) else ["load"]
 
 
 def identity(args, q) -> dict:
