@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
+# ~47 s on 2 cores: slow; the default run keeps SmolLM2's logits vs transformers (test_model.py) and the native
+# backend's perplexity vs the evaluate stage's (test_native_smollm2.py)
+@pytest.mark.slow
 def test_smollm2_perplexity_matches_transformers(cli, smollm2_gguf, wikitext):
     transformers = pytest.importorskip("transformers")
     p = cli("pipeline=evaluate", "quant=fp16", f"eval.path={wikitext['test']}", "eval.windows=3", "eval.seqlen=128")

@@ -61,7 +61,8 @@ STAGES_AT_50F6D68 = {  # name: (VERSION, READS)
     "quant_w8": (1, ["quant.w_bits", "quant.a_bits"]), "turbomind": (1, ["quant", "serve.tp", "model.name"]),
     "evaluate": (1, ["eval", "quant"]), "serve": (1, ["serve", "model.name"]),
 }
-PRESETS = sorted(p.stem for p in (CONF / "quant").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF / "quant").glob("*.yaml") if p.stem in FLAT_PRESETS)
+LATER_PRESETS = ["w4a16_awq_gptq", "w4a16_gptq"]   # added after 50f6d68: nothing of theirs to compare
 
 
 def make(*overrides: str):
@@ -71,6 +72,7 @@ def make(*overrides: str):
 
 def test_every_preset_is_covered():
     assert PRESETS == sorted(FLAT_PRESETS)
+    assert sorted(p.stem for p in (CONF / "quant").glob("*.yaml")) == sorted(PRESETS + LATER_PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
