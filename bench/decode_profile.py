@@ -72,20 +72,6 @@ def point(eng, B: int, C: int, bw: float, wb: int, kvb: float, steps: int = 50) 
             "kernels_ms": dict(sorted(by.items(), key=lambda kv: -kv[1])[:16])}
 
 
-def gemm_tuning(eng, M: int) -> dict:
-    """Layer 0's linears at M rows (the graph bucket's): the tuner's choice and its timings (L2 flushed)."""
-    from pipeline.kernels.w4a16 import tuning_record
-    L, out = eng.runner.layers[0], {}
-    for n in ("w_qkv", "wo", "w13", "w2"):
-        w = getattr(L, n)
-        act = "silu_mul" if n == "w2" else None     # the down projection runs with SwiGLU fused
-        x = torch.zeros(M, w.K * (2 if act else 1), dtype=torch.float16, device="cuda")
-        cfg, times = tuning_record(x, w, {"w_qkv": L.b_qkv, "wo": L.b_o}.get(n), act=act)
-        out[n] = {"N": w.N, "K": w.K, "chosen": str(cfg),
-                  "ms": dict(sorted(((str(k), round(v, 4)) for k, v in (times or {}).items()), key=lambda kv: kv[1]))}
-    return out
-
-
 def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int = 128) -> dict:
     """One layer's int8 (static) decode attention at batch B, context C (distinct blocks): the launcher's default
     and other splits / tile lengths / warps / stages, us per call (CUDA events over 20 calls) and x the KV floor."""
@@ -160,7 +146,7 @@ def main() -> None:
     res.update(weight_bytes=wb, kv_bytes_per_token=kvb, block_size=eng.block_size)
     for B_, C in pts:
         r = point(eng, B_, C, bw, wb, kvb)
-        r["gemm_tuning"] = gemm_tuning(eng, r["bucket"])
+        r["gemm_tuning"] = eb.gemm_tuning(eng, r["bucket"])   # at the graph bucket's M
         res["points"].append(r)
         print(json.dumps(r), flush=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -295,25 +295,30 @@ def profile(eng, name: str, steps: int = 20):
         if t and ev.key not in ("cudaGraphLaunch",):
             by[ev.key[:60]] = round(t / steps / 1e3, 4)    # ms per step
     top = dict(sorted(by.items(), key=lambda kv: -kv[1])[:12])
+    RES.setdefault("profile", {})[name] = {"graph_replay_ms": round(replay_ms, 3), "kernel_ms_per_step": top,
+                                           "kernel_sum_ms": round(sum(by.values()), 3), "gemm_tuning": gemm_tuning(eng)}
+
+
+def gemm_tuning(eng, M: int = 1) -> dict:
+    """Layer 0's quantized linears at M rows: the tuner's choice and its timings (L2 flushed), fastest first."""
     from pipeline.kernels.int8_gemm import tuning_record as int8_tuning_record
     from pipeline.kernels.w4a16 import tuning_record
-    L = eng.runner.layers[0]
-    tuned = {}
+    L, tuned = eng.runner.layers[0], {}
     for n in ("w_qkv", "wo", "w13", "w2"):
         w = getattr(L, n)
         if isinstance(w, W8Weight):
-            cfg, times = int8_tuning_record(torch.zeros(1, w.qweight.shape[1], dtype=torch.int8, device="cuda"),
+            cfg, times = int8_tuning_record(torch.zeros(M, w.qweight.shape[1], dtype=torch.int8, device="cuda"),
                                             w.qweight)
         elif hasattr(w, "qweight"):
             act = "silu_mul" if n == "w2" else None  # the down projection runs with SwiGLU fused
             bias = {"w_qkv": L.b_qkv, "wo": L.b_o}.get(n)
-            cfg, times = tuning_record(torch.zeros(1, w.K * (2 if act else 1), dtype=torch.float16, device="cuda"), w,
+            cfg, times = tuning_record(torch.zeros(M, w.K * (2 if act else 1), dtype=torch.float16, device="cuda"), w,
                                        bias, act=act)
         else:
             continue
-        tuned[n] = {"chosen": str(cfg), "ms": {str(k): round(v, 4) for k, v in (times or {}).items()}}
-    RES.setdefault("profile", {})[name] = {"graph_replay_ms": round(replay_ms, 3), "kernel_ms_per_step": top,
-                                           "kernel_sum_ms": round(sum(by.values()), 3), "gemm_tuning": tuned}
+        tuned[n] = {"chosen": str(cfg),
+                    "ms": dict(sorted(((str(k), round(v, 4)) for k, v in (times or {}).items()), key=lambda kv: kv[1]))}
+    return tuned
 
 
 def memory(eng, label: str, kv: dict, batches, ctxs):
