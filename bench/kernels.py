@@ -179,6 +179,10 @@ def bench_w4a16(args) -> dict:
                 "ours": [lambda w=w: w4.w4a16_linear(x, w) for w in ws],
                 "fp16_cublas": [lambda W=W: F.linear(x, W) for W in w16],
             }
+            gl_ms = {n: t for n, t in tune_ms.items() if n in w4.w4a16_gluon.GLUON_CONFIGS}
+            if gl_ms:  # the fastest Gluon config at tuning (sm_90), timed as its own row
+                gl_best = min(gl_ms, key=gl_ms.get)
+                methods["gluon"] = [lambda w=w: w4.w4a16_linear(x, w, config=gl_best) for w in ws]
             if tiny:
                 xt = x.to(tiny[1])
                 methods["tinygemm"] = [lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(xt, p, g, sz)
@@ -186,7 +190,7 @@ def bench_w4a16(args) -> dict:
             if gl:
                 methods["gemlite"] = [lambda L=L: L(x) for L in gl]
             Wd = w4.dequantize_w4(ws[0], torch.float64)
-            row = {"config": chosen, "tune_ms": tune_ms,
+            row = {"config": chosen, "tune_ms": tune_ms, "gluon_config": min(gl_ms, key=gl_ms.get) if gl_ms else None,
                    "rel_err": rel_err(w4.w4a16_linear(x, ws[0]), x.double() @ Wd.T)}
             del Wd
             for name, fns in methods.items():
@@ -217,7 +221,7 @@ def bench_w4a16(args) -> dict:
     res["tune_errors"] = dict(w4.TUNER.errors)
     lines = [f"W4A16, four Llama-2-7B linears, g={g}, fp16, {res['device']}, copy {bw / 1e9:.0f} GB/s, "
              f"int4 roofline {roof * 1e6:.1f} us",
-             "mode  |    M | ours x roof | tinygemm x | gemlite x | fp16 x | ours/fp16 speed"]
+             "mode  |    M | ours x roof | gluon x  | tinygemm x | gemlite x | fp16 x | ours/fp16 | gluon/fp16 speed"]
     for mode in ("graph", "eager"):
         for M in Ms:
             s = summary[M]
@@ -225,10 +229,11 @@ def bench_w4a16(args) -> dict:
             def r(name):
                 v = s.get(f"{name}_{mode}_us")
                 return f"{v / s['roofline_us']:8.2f}x" if v else "       -"
-            o, f16 = s.get(f"ours_{mode}_us"), s.get(f"fp16_cublas_{mode}_us")
+            o, f16, gq = (s.get(f"{n}_{mode}_us") for n in ("ours", "fp16_cublas", "gluon"))
             sp = f"{f16 / o:6.2f}" if o and f16 else "-"
-            lines.append(f"{mode:5} | {M:4} | {r('ours')}   | {r('tinygemm')} | {r('gemlite')} | "
-                         f"{r('fp16_cublas')} | {sp}")
+            sg = f"{f16 / gq:6.2f}" if gq and f16 else "-"
+            lines.append(f"{mode:5} | {M:4} | {r('ours')}   | {r('gluon')} | {r('tinygemm')} | {r('gemlite')} | "
+                         f"{r('fp16_cublas')} | {sp}    | {sg}")
     res["table"] = lines
     return res
 

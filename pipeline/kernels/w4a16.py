@@ -32,8 +32,9 @@ with PDL at M = 1 the tuner times only the "wide" one); M <= 16 -> BLOCK_M = 16 
 groups so that enough programs stream the weights (fp32 partial tiles; the last program of each output tile to
 arrive, counted by an atomic counter, adds them in a fixed order: one launch, deterministic); from M = 16 up also
 the swapped-operand kernel (`w4a16_swap.py`: y^T = W x^T, the dequantized weights as the MMA's register operand,
-no shared-memory round trip for them); for large M a Triton dequantize to a (K, N) scratch + cuBLAS. The tuner
-keeps whichever it measures fastest per shape.
+no shared-memory round trip for them); for large M a Triton dequantize to a (K, N) scratch + cuBLAS; on sm_90
+from M = 16 up also the Gluon kernel (`w4a16_gluon.py`: the swapped problem with async register-operand wgmma,
+TMA and an mbarrier ring). The tuner keeps whichever it measures fastest per shape.
 The tuner (`pipeline/kernels/tuner.py`) times a small, named config set once per (device, dtype, M bucket, N, K, g)
 on the first call outside CUDA-graph capture; inside capture it uses the tuned or a default config. Its choices
 are saved per GPU and reused by the next process (PIPELINE_TUNE_CACHE=0 turns that off).
@@ -51,8 +52,10 @@ from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_trit
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner, config_version
+from pipeline.kernels import w4a16_gluon
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
-                                          PREFILL_SET, WIDE_SET, candidates, default_config, tuning_set)
+                                          PREFILL_SET, WIDE_SET, candidates, default_config, gluon_candidates,
+                                          tuning_set)
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
 from pipeline.kernels.tiles import tile_offsets
 from pipeline.kernels.w4a16_swap import _dot, _nibbles_to_qz, _store_tile, _w4a16_swap_kernel
@@ -282,7 +285,7 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # ------------------------------------------------------------------------------- configs and tuner
 # W4A16_TUNE=0: default configs, no timing. Bump "1" when a kernel of this family changes (config edits change
 # the digest by themselves): saved tunings of other versions are ignored (pipeline/kernels/tuner.py).
-TUNER = Tuner("W4A16_TUNE", version=config_version("1", CONFIGS))
+TUNER = Tuner("W4A16_TUNE", version=config_version("1", {**CONFIGS, **w4a16_gluon.GLUON_CONFIGS}))
 _DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr
 
 
@@ -314,6 +317,10 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up); pdl: launch with PDL
     (default: what pdl.enabled says for x2's device)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
+    if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py); no fused SwiGLU, no PDL
+        if act:
+            raise ValueError("the gluon W4A16 kernel does not fuse act='silu_mul'")
+        return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], out=_alloc_out(M, N, out_dtype, x2.device))
     if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
         if act:
             x2 = silu_mul(x2)
@@ -385,6 +392,11 @@ def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = Non
     return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None, pdl_enabled(x.device)))
 
 
+def _config(name: str):
+    """A config name -> its launch tuple: CONFIGS' (Triton kernels) or ("gluon", name) for `w4a16_gluon`'s."""
+    return ("gluon", name) if name in w4a16_gluon.GLUON_CONFIGS else CONFIGS[name]
+
+
 def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) -> str:
     M = x2.shape[0]
     pdl = pdl_enabled(x2.device) if pdl is None else pdl
@@ -392,9 +404,11 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
     name = TUNER.tuned.get(key)
     if name is not None:  # the common case: no candidate list, no closure
         return name
-    return TUNER.choose(key, tuning_set(M, pdl),
-                        lambda name: _launch(x2, w, bias, out_dtype, CONFIGS[name], act, pdl), default_config(M),
-                        x2.device)
+    names = tuning_set(M, pdl)
+    if w4a16_gluon.available(x2.device) and w4a16_gluon.applicable(x2, w, act):
+        names = names + gluon_candidates(M)
+    return TUNER.choose(key, names, lambda name: _launch(x2, w, bias, out_dtype, _config(name), act, pdl),
+                        default_config(M), x2.device)
 
 
 def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
@@ -426,6 +440,6 @@ def w4a16_linear(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None,
     if isinstance(config, tuple) or (config is None and x.device.type != "cuda"):
         cfg = config or INTERPRET_CONFIG
     else:
-        cfg = CONFIGS[config or _choose(x2, w, bias, x.dtype, act is not None, pdl)]
+        cfg = _config(config or _choose(x2, w, bias, x.dtype, act is not None, pdl))
     y = _launch(x2, w, bias, x.dtype, cfg, act is not None, pdl)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w.N)

@@ -73,6 +73,18 @@ def candidates(M: int) -> tuple[str, ...]:
     return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
 
 
+# Gluon kernels (`w4a16_gluon.py`, sm_90 only; names -> `w4a16_gluon.GLUON_CONFIGS`): timed next to the above for
+# M >= 16 where `w4a16_gluon.available(device)` and the call fits the kernel (see `gluon_candidates`).
+GLUON_DECODE = ("gl_m16_n64_k16_s4_c4", "gl_m16_n64_k32_s4_c8")
+GLUON_MID = ("gl_m32_n64_k16_s4_c4", "gl_m64_n64_k16_s4_c2", "gl_m64_n128_k16_s4_c2")
+GLUON_PREFILL = ("gl_m128_n128_k16_s4", "gl_m128_n128_k32_s3", "gl_m256_n128_k16_s3", "gl_m128_n256_k16_s3")
+
+
+def gluon_candidates(M: int) -> tuple[str, ...]:
+    """Gluon configs worth timing at M rows (none below 16: the GEMVs and BLOCK_M = 16 tiles own decode)."""
+    return () if M < 16 else GLUON_DECODE if M <= 16 else GLUON_MID if M <= 64 else GLUON_PREFILL
+
+
 def tuning_set(M: int, pdl: bool) -> tuple[str, ...]:
     """What the tuner times. With PDL at M = 1 only the wide GEMVs, which issue their weight loads before the
     wait: in launch chains with PDL they beat every looped kernel on all four Llama-7B shapes (1.58-2.35x of

@@ -1,0 +1,269 @@
+"""W4A16 GEMM for Hopper (sm_90) in Gluon: async wgmma with the dequantized int4 weights as the register operand.
+
+Usage:
+    from pipeline.kernels.w4a16_gluon import available, w4a16_gluon_linear
+    if available(x.device):
+        y = w4a16_gluon_linear(x, w, bias, config="gl_m64_n64_k16_s4")   # x (M, K) fp16/bf16, w: W4Weight
+    Normally reached through `pipeline.kernels.w4a16.w4a16_linear`, whose tuner times the `gl_*` configs next
+    to the Triton kernels for M >= 16 on sm_90 (`w4a16_configs.gluon_candidates`); reference: `w4a16_linear_ref`.
+
+Problem transposed, as in `w4a16_swap.py`: y^T (N, M) = W (N, K) @ x^T (K, M). One program owns a (BLOCK_N,
+BLOCK_M) tile of y^T and a range of quantization groups (split-K); per group it
+  - streams, by TMA into a STAGES-deep shared-memory ring (one mbarrier per stage), the group's packed weights
+    (P = g/8 rows of qweight, (P, BLOCK_N) int32, loaded KW times side by side, see below) and the activation
+    tile (BLOCK_M, g) cut into g/KT slices of (BLOCK_M, KT);
+  - per slice j, dequantizes (BLOCK_N, KT) weights straight into the register layout of a wgmma's A operand
+    ((q - z) * s, one rounding like the reference's fp16 weight) and issues an *async* wgmma on it and the
+    transposed activation slice (shared memory); then `warpgroup_mma_wait(1)` retires the previous one only, so the
+    next slice's dequantization runs while this MMA is in flight. All slices chain into one fp32 accumulator.
+KT = KW * P: an MMA slice is KW nibble planes of one group (plane jj holds inputs jj*P .. jj*P + P - 1, see
+`w4a16.py`): consecutive planes are consecutive inputs, so the activation slice is a plain (BLOCK_M, KT) box,
+and column c of the weight slice is nibble (j*KW + c // P) of packed word c % P. To read those words in the
+MMA's register layout without shuffles, the packed tile is loaded KW times into a (KW * P, BLOCK_N) buffer:
+element (n, c) of its transposed view is exactly word c % P of column n.
+Split-K (split > 1): fp32 partial tiles and a last-arriving-program finish, like `_finish_split` in
+`w4a16_gemv.py` (deterministic: partials summed in split order). TMA zero-fills rows past M and columns past N.
+Limits: N % 4 == 0 (TMA's 16-byte row pitch of qweight), fp16/bf16 activations; `act="silu_mul"` is not fused
+here (the tuner keeps the Triton kernels for fused calls). Gluon compiles for the GPU only (no interpreter):
+`available(device)` gates it to sm_90 with a Triton that ships Gluon's Hopper API; written against Triton 3.6.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting, sm_count
+
+try:  # Gluon's Hopper API (Triton >= 3.5); absent or different elsewhere: the module still imports
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the Triton install
+    HAVE_GLUON = False
+
+# name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, split); split > 0: that many programs along K, split < 0:
+# split K until about -split programs per SM (as `w4a16_configs`). BLOCK_M is the wgmma's N (8..256, multiple
+# of 8), BLOCK_N its M (64 per warpgroup), KT the K of one wgmma (16, 32 or 64; at least g/8).
+GLUON_CONFIGS = {
+    "gl_m16_n64_k16_s4_c4": (16, 64, 16, 4, 4, -4),
+    "gl_m16_n64_k32_s4_c8": (16, 64, 32, 4, 4, -8),
+    "gl_m32_n64_k16_s4_c4": (32, 64, 16, 4, 4, -4),
+    "gl_m64_n64_k16_s4_c2": (64, 64, 16, 4, 4, -2),
+    "gl_m64_n128_k16_s4_c2": (64, 128, 16, 4, 4, -2),
+    "gl_m128_n128_k16_s4": (128, 128, 16, 4, 8, 1),
+    "gl_m128_n128_k32_s3": (128, 128, 32, 3, 8, 1),
+    "gl_m256_n128_k16_s3": (256, 128, 16, 3, 8, 1),
+    "gl_m128_n256_k16_s3": (128, 256, 16, 3, 8, 1),
+}
+SMEM_BYTES = 220 * 1024  # of the H100's 227 KB, leaving room for the barriers and the epilogue's scratch
+
+
+def available(device) -> bool:
+    """Gluon kernels run here: a CUDA sm_90 device, Gluon's Hopper API importable, not Triton's interpreter."""
+    device = torch.device(device)
+    return HAVE_GLUON and not interpreting() and device_capability(device) == (9, 0)
+
+
+def applicable(x2: torch.Tensor, w, act: bool) -> bool:
+    """This call's shapes and dtypes fit the kernel (the tuner skips it otherwise)."""
+    return not act and w.N % 4 == 0 and x2.dtype in (torch.float16, torch.bfloat16)
+
+
+def stages_for(BM: int, BN: int, KT: int, g: int, stages: int, itemsize: int = 2) -> int:
+    """Ring depth that fits shared memory: per stage the activation tile (BM * g) and KW = KT // (g/8) copies of
+    the packed (g/8, BN) int32 tile."""
+    per_stage = BM * g * itemsize + KT * BN * 4
+    while stages > 2 and stages * per_stage > SMEM_BYTES:
+        stages -= 1
+    return stages
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _dequant(qr, sh, zc, sc, DKIND: gl.constexpr):
+        # qr (BN, KT) int32 packed words, sh: the nibble shift (scalar or (1, KT)); zc (BN,) = magic + zero,
+        # sc (BN,) scale -> (BN, KT) (q - z) * s in the MMA dtype, rounded once (as the reference's weight)
+        nib = ((qr >> sh) & 0xF).to(gl.int16)
+        if DKIND == 1:  # 0x6400 | q = fp16 1024 + q exactly
+            w = (nib | 0x6400).to(gl.float16, bitcast=True)
+            w = (w - gl.expand_dims(zc, 1)) * gl.expand_dims(sc, 1)
+        else:  # 0x4300 | q = bf16 128 + q exactly; the fp16 scale applied in fp32, one rounding to bf16
+            w = (nib | 0x4300).to(gl.bfloat16, bitcast=True)
+            w = ((w - gl.expand_dims(zc, 1)).to(gl.float32) * gl.expand_dims(sc, 1)).to(gl.bfloat16)
+        return w
+
+    @gluon.jit
+    def _issue_loads(x_desc, q_desc, x_smem, q_smem, bar, grp, s, off_m, off_n, pred,
+                     GROUP: gl.constexpr, KT: gl.constexpr, KW: gl.constexpr):
+        # group grp's activation slices and KW copies of its packed tile into stage s, arriving on bar
+        P: gl.constexpr = GROUP // 8
+        NJ: gl.constexpr = GROUP // KT
+        mbarrier.expect(bar, NJ * x_desc.block_type.nbytes + KW * q_desc.block_type.nbytes, pred=pred)
+        for j in gl.static_range(NJ):
+            tma.async_copy_global_to_shared(x_desc, [off_m, grp * GROUP + j * KT], bar, x_smem.index(s * NJ + j),
+                                            pred=pred)
+        for jj in gl.static_range(KW):
+            tma.async_copy_global_to_shared(q_desc, [grp * P, off_n], bar, q_smem.index(s).slice(jj * P, P),
+                                            pred=pred)
+
+    @gluon.jit
+    def _kernel(x_desc, q_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_k,
+                GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
+                STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, DKIND: gl.constexpr,
+                num_warps: gl.constexpr):
+        # grid (tiles of y^T in grouped order, split_k); see the module docstring
+        P: gl.constexpr = GROUP // 8
+        KW: gl.constexpr = KT // P
+        NJ: gl.constexpr = GROUP // KT
+        GROUP_M: gl.constexpr = 8
+        if DKIND == 1:
+            C: gl.constexpr = 1024.0
+        else:
+            C: gl.constexpr = 128.0
+        dt: gl.constexpr = x_desc.dtype
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        col_l: gl.constexpr = gl.SliceLayout(1, a_l)  # (BN,) per output column n (a row of the A operand)
+
+        # output tile (pid_m, pid_n) in grouped order, and this split's groups [g_lo, g_hi)
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % size_m
+        pid_n = (pid % in_group) // size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        n_groups = K // GROUP
+        per_split = gl.cdiv(n_groups, split_k)
+        g_lo = pid_k * per_split
+        n_iter = gl.minimum(per_split, n_groups - g_lo)
+
+        x_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KW * P, BLOCK_N], q_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(bars.index(st), count=1)
+        for st in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 groups in flight
+            _issue_loads(x_desc, q_desc, x_smem, q_smem, bars.index(st), g_lo + st, st, off_m, off_n, st < n_iter,
+                         GROUP, KT, KW)
+
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=col_l)
+        mask_n = offs_n < N
+        if KW == 1:
+            sh_c = 0
+        else:  # column c of a slice is nibble plane c // P
+            sh_c = gl.expand_dims((gl.arange(0, KT, layout=gl.SliceLayout(0, a_l)) // P) * 4, 0)
+        # the first group's scale and zero (then always one group ahead, in registers)
+        sc = gl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
+        zc = gl.load(z_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma)
+        a_prev = gl.zeros((BLOCK_N, KT), dtype=dt, layout=a_l)
+        for i in range(n_iter):
+            s = i % STAGES
+            grp = g_lo + i
+            if DKIND == 1:
+                sc_i = sc
+                zc_i = zc + C
+            else:
+                sc_i = sc.to(gl.float32)
+                zc_i = (zc.to(gl.float32) + C).to(gl.bfloat16)
+            nxt = gl.minimum(grp + 1, n_groups - 1)
+            sc = gl.load(s_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
+            zc = gl.load(z_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
+            mbarrier.wait(bars.index(s), (i // STAGES) & 1)
+            qr = q_smem.index(s).permute((1, 0)).load(a_l)  # (BN, KT): word c % P of column n
+            for j in gl.static_range(NJ):
+                a = _dequant(qr, sh_c + 4 * KW * j, zc_i, sc_i, DKIND)
+                xt = x_smem.index(s * NJ + j).permute((1, 0))  # (KT, BM): x^T slice
+                acc = warpgroup_mma(a, xt, acc, is_async=True)
+                # retire all but this MMA: the previous slice's registers and buffers are free again
+                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+                a_prev = a
+                if j == 0:  # the previous group's MMAs are done (in every warpgroup): refill its stage
+                    gl.thread_barrier()
+                    ahead = i + STAGES - 1
+                    _issue_loads(x_desc, q_desc, x_smem, q_smem, bars.index(ahead % STAGES), g_lo + ahead,
+                                 ahead % STAGES, off_m, off_n, ahead < n_iter, GROUP, KT, KW)
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(st))
+
+        # epilogue: y[m, n] = acc[n, m] (+ bias), stored with n contiguous across threads
+        out_l: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, num_warps], [0, 1])
+        acc = gl.convert_layout(acc, out_l)
+        on = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+        om = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
+        mask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
+        offs = gl.expand_dims(om, 0) * N + gl.expand_dims(on, 1)
+        y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
+        if SPLIT:  # this split's partial, then the last program of the tile to arrive sums them in split order
+            MN = M * N
+            gl.store(ws_ptr + pid_k * MN + offs, acc, mask=mask)
+            gl.thread_barrier()
+            arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if arrived == split_k - 1:
+                gl.thread_barrier()
+                acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=out_l)
+                for k in range(split_k):
+                    acc += gl.load(ws_ptr + k * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+                gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+                gl.atomic_xchg(cnt_ptr + pid, 0)
+        else:
+            if HAS_BIAS:
+                acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+            gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_GL_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DKIND = {torch.float16: 1, torch.bfloat16: 2}
+
+
+def split_for(M: int, N: int, K: int, g: int, BM: int, BN: int, split: int, device) -> int:
+    """Programs along K: fixed, or enough for about -split programs per SM; never an empty split."""
+    G = K // g
+    if split <= 0:
+        split = cdiv(-split * sm_count(device, cpu=4), cdiv(M, BM) * cdiv(N, BN))
+    split = max(1, min(G, split))
+    return cdiv(G, cdiv(G, split))
+
+
+def layouts(BM: int, BN: int, KT: int, g: int, dtype: torch.dtype):
+    """Shared-memory layouts of the activation slice (BM, KT) and the packed weight buffer (KW * g/8, BN)."""
+    x_l = gl.NVMMASharedLayout.get_default_for([BM, KT], getattr(gl, _GL_DTYPE[dtype]))
+    q_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # unswizzled: sliced by g/8 rows
+    return x_l, q_l
+
+
+def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, config: str | tuple = "gl_m64_n64_k16_s4_c2",
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(w).T (+ bias); x (M, K) fp16/bf16 on an sm_90 GPU, w: `W4Weight` (N % 4 == 0)."""
+    BM, BN, KT, stages, warps, split = GLUON_CONFIGS[config] if isinstance(config, str) else config
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
+        x2 = x2.contiguous()
+    M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
+    P = g // 8
+    if not applicable(x2, w, False) or KT % P or KT > g:
+        raise ValueError(f"gluon W4A16: unsupported call (dtype {x2.dtype}, N={N}, g={g}, KT={KT})")
+    stages = stages_for(BM, BN, KT, g, stages, x2.element_size())
+    split = split_for(M, N, K, g, BM, BN, split, x2.device)
+    tiles = cdiv(M, BM) * cdiv(N, BN)
+    y = out if out is not None else torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    x_l, q_l = layouts(BM, BN, KT, g, x2.dtype)
+    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [BM, KT], x_l)
+    q_desc = TensorDescriptor(w.qweight, [K // 8, N], [N, 1], [P, BN], q_l)
+    ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
+    cnt = arrival_counters(x2.device, tiles) if split > 1 else y
+    _kernel[(tiles, split)](x_desc, q_desc, w.scales, w.zeros, bias if bias is not None else y, y, ws, cnt,
+                            M, N, K, y.stride(0), split, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=stages,
+                            SPLIT=split > 1, HAS_BIAS=bias is not None, DKIND=_DKIND[x2.dtype], num_warps=warps)
+    return y.reshape(*x.shape[:-1], N)

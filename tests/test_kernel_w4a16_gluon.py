@@ -1,0 +1,105 @@
+"""Gluon W4A16 kernel (sm_90): odd shapes against the reference on an H100, and every config compiling offline.
+
+    python -m pytest -m gpu tests/test_kernel_w4a16_gluon.py   # on an sm_90 GPU
+    python -m pytest -m slow tests/test_kernel_w4a16_gluon.py  # offline sm_90 compile (Triton 3.6, no GPU needed)
+"""
+import pytest
+import torch
+
+from pipeline.kernels import w4a16 as w4
+from pipeline.kernels import w4a16_configs as c
+from pipeline.kernels import w4a16_gluon as wg
+from tests.test_kernel_w4a16 import TOL, make_quant, ref64, rel_err
+
+on_sm90 = pytest.mark.skipif(not (torch.cuda.is_available() and wg.available(torch.device("cuda"))),
+                             reason="needs an sm_90 GPU with Gluon")
+COMPILED_WITH = "3.6."  # the Triton the kernel is written against (its Gluon API moves between releases)
+
+
+def test_every_gluon_config_is_a_candidate_and_fits():
+    names = {n for M in (16, 32, 64, 128, 2048) for n in c.gluon_candidates(M)}
+    assert names == set(wg.GLUON_CONFIGS)
+    assert c.gluon_candidates(1) == c.gluon_candidates(8) == ()
+    for name, (BM, BN, KT, stages, warps, _) in wg.GLUON_CONFIGS.items():
+        assert BM % 8 == 0 and BM <= 256 and BN % (16 * warps) == 0, name
+        for g in (32, 64, 128):
+            if KT % (g // 8) == 0 and KT <= g:
+                depth = wg.stages_for(BM, BN, KT, g, stages)
+                assert depth >= 2 and depth * (BM * g * 2 + KT * BN * 4) <= wg.SMEM_BYTES, (name, g)
+
+
+def test_not_available_off_sm90(monkeypatch):
+    assert not wg.available(torch.device("cpu"))
+    monkeypatch.setattr(wg, "device_capability", lambda d: (8, 0))
+    assert not wg.available(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@on_sm90
+@pytest.mark.parametrize("g", [128, 64, 32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_gluon_odd_shapes(g, dtype):
+    """N not a multiple of any tile, K a multiple of the group; every config, with and without split-K and bias."""
+    for N, K in ((1000, 1024), (4100, 768)):
+        w = w4.pack_w4(*make_quant(N, K, g, seed=N + g), g).to("cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        for M in (16, 17, 33, 64, 256, 2048):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            ref, refb = ref64(x, w), ref64(x, w, bias)
+            for name, (BM, BN, KT, *_ ) in wg.GLUON_CONFIGS.items():
+                if KT % (g // 8) or KT > g:
+                    continue
+                y = wg.w4a16_gluon_linear(x, w, bias if M % 2 else None, config=name)
+                err = rel_err(y, refb if M % 2 else ref)
+                assert y.shape == (M, N) and y.dtype == dtype
+                assert err < TOL[dtype], f"{name} g={g} M={M} N={N} K={K} {dtype}: rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+@on_sm90
+def test_gpu_gluon_tuned_through_w4a16_linear_and_repeatable():
+    """The tuner times the gluon configs next to the Triton ones; split-K launches give the same bits."""
+    K, N = 4096, 4096
+    w = w4.pack_w4(*make_quant(N, K, 128, seed=1), 128).to("cuda")
+    for M in (16, 64, 256):
+        x = torch.randn(M, K, device="cuda").half()
+        y = w4.w4a16_linear(x, w)
+        assert rel_err(y, ref64(x, w)) < TOL[torch.float16]
+        _, ms = w4.tuning_record(x, w)
+        assert set(c.gluon_candidates(M)) <= set(ms), f"M={M}: gluon configs not timed ({sorted(ms)})"
+        name = c.gluon_candidates(M)[0]
+        first = w4.w4a16_linear(x, w, config=name)
+        assert all(torch.equal(w4.w4a16_linear(x, w, config=name), first) for _ in range(50)), name
+    with pytest.raises(ValueError, match="silu_mul"):
+        w4.w4a16_linear(torch.randn(16, 2 * K, device="cuda").half(), w, config="gl_m16_n64_k16_s4_c4",
+                        act="silu_mul")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (wg.HAVE_GLUON and __import__("triton").__version__.startswith(COMPILED_WITH)),
+                    reason=f"offline compile checked with Triton {COMPILED_WITH}x only")
+@pytest.mark.parametrize("name", list(wg.GLUON_CONFIGS))
+def test_offline_sm90_compile_every_config(name):
+    """Each config compiles to an sm_90 cubin without a GPU: async register-operand wgmma, wait_group 1, TMA."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    BM, BN, KT, stages, warps, split = wg.GLUON_CONFIGS[name]
+    g, N, K = 128, 4096, 4096
+    x_l, q_l = wg.layouts(BM, BN, KT, g, torch.float16)
+    xd = wg.TensorDescriptor(torch.empty(64, K, dtype=torch.float16), [64, K], [K, 1], [BM, KT], x_l)
+    qd = wg.TensorDescriptor(torch.empty(K // 8, N, dtype=torch.int32), [K // 8, N], [N, 1], [g // 8, BN], q_l)
+    sig = {"x_desc": mangle_type(xd), "q_desc": mangle_type(qd), "s_ptr": "*fp16", "z_ptr": "*fp16",
+           "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
+           "K": "i32", "stride_ym": "i32", "split_k": "i32"}
+    cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages),
+               SPLIT=split != 1, HAS_BIAS=True, DKIND=1, num_warps=warps)
+    sig.update({k: "constexpr" for k in cst})
+    src = GluonASTSource(fn=wg._kernel, signature=sig, constexprs={(list(sig).index(k),): v for k, v in cst.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
+    assert len(k.asm["cubin"]) > 0 and k.metadata.shared <= wg.SMEM_BYTES + 1024
+    # one wait(1) per MMA slice (g // KT a group): the next slice is dequantized while this one runs
+    assert ptx.count("wgmma.wait_group.sync.aligned 1;") == g // KT and ptx.count("wgmma.mma_async") % (g // KT) == 0
+    assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
