@@ -231,6 +231,19 @@ class Workspace:
         W8Weight, ...); never re-packed."""
         return self.wtype.from_parts(lambda part: load_tensor(self.wdir, f"{prefix}.{part}", device), self.group_size)
 
+    def rank_layer(self, i: int, r: int, device="cpu") -> dict:
+        """Layer i of rank r as stored (tp = 1: the whole layer): w_qkv, b_qkv, wo, b_o (rank 0 only: added once
+        after the all-reduce), w13, w2, kv_static (None where absent)."""
+        args, L = self.args, f"layers.{i}"
+        kvs = f"{L}.past_kv_scale.{r}.weight"
+        return {"w_qkv": self.linear(f"{L}.attention.w_qkv.{r}", device),
+                "b_qkv": self.tensor(f"{L}.attention.w_qkv.{r}.bias", device) if args.qkv_bias else None,
+                "wo": self.linear(f"{L}.attention.wo.{r}", device),
+                "b_o": self.tensor(f"{L}.attention.wo.bias", device) if args.o_bias and r == 0 else None,
+                "w13": self.linear(f"{L}.feed_forward.w13.{r}", device),
+                "w2": self.linear(f"{L}.feed_forward.w2.{r}", device),
+                "kv_static": self.tensor(kvs, device) if self.has(kvs) else None}
+
     def layer_pieces(self, i: int, device="cpu") -> dict:
         """Layer i's linears joined from every rank's files, as stored records under their canonical names
         (q, k, v, o, gate, up, down), with the biases (q.bias, ..., o.bias: None where absent) and kv_static

@@ -82,34 +82,30 @@ def compute_dtype(device: torch.device, weight_type: str) -> torch.dtype:
     return table_row(weight_type).act_dtype
 
 
-def load_layers(w: Workspace, rank: int, tp: int, device, dtype, mode: str, qp: int) -> tuple[list[Layer], str]:
+def load_layers(w: Workspace, rank: int, device, dtype, mode: str, qp: int, merged: bool = False) -> tuple[list[Layer], str]:
     """Rank `rank`'s decoder layers of an opened workspace, as stored (tp=1: the whole model; TP ranks: their
-    shards); 16-bit tensors in dtype, int4/int8 linears as written. Returns the layers and the KV mode (static
-    falls back to dynamic when the workspace has no past_kv_scale files)."""
-    args, wt = w.args, w.wtype
+    shards; merged: a workspace built for tp > 1 joined into one model, Workspace.merged_layer); 16-bit tensors in
+    dtype, quantized linears as written. Returns the layers and the KV mode (static falls back to dynamic when the
+    workspace has no past_kv_scale files)."""
+    wt = w.wtype
 
-    def t(name):
-        return w.tensor(name, device).to(dtype)
-
-    def lin(prefix):
-        return wt.cast(w.linear(prefix, device), dtype)
+    def t(x):
+        return None if x is None else x.to(dtype)
 
     layers = []
-    for i in range(args.n_layers):
+    for i in range(w.args.n_layers):
         L = f"layers.{i}"
-        kvs = f"{L}.past_kv_scale.{rank}.weight"
-        has_kvs = w.has(kvs)
-        if mode == "static" and not has_kvs:
+        m = w.merged_layer(i, device) if merged else w.rank_layer(i, rank, device)
+        if mode == "static" and m["kv_static"] is None:
             if i == 0:
                 log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
                             "per-token dynamic KV quantization", qp, w.path)
             mode = "dynamic"
         layers.append(Layer(
-            t(f"{L}.attention_norm.weight"), t(f"{L}.ffn_norm.weight"),
-            lin(f"{L}.attention.w_qkv.{rank}"), t(f"{L}.attention.w_qkv.{rank}.bias") if args.qkv_bias else None,
-            lin(f"{L}.attention.wo.{rank}"), t(f"{L}.attention.wo.bias") if args.o_bias and rank == 0 else None,
-            lin(f"{L}.feed_forward.w13.{rank}"), lin(f"{L}.feed_forward.w2.{rank}"),
-            w.tensor(kvs, device).float().contiguous() if has_kvs else None))
+            t(w.tensor(f"{L}.attention_norm.weight", device)), t(w.tensor(f"{L}.ffn_norm.weight", device)),
+            wt.cast(m["w_qkv"], dtype), t(m["b_qkv"]), wt.cast(m["wo"], dtype), t(m["b_o"]),
+            wt.cast(m["w13"], dtype), wt.cast(m["w2"], dtype),
+            None if m["kv_static"] is None else m["kv_static"].float().contiguous()))
     return layers, mode
 
 
@@ -141,36 +137,13 @@ class ModelRunner:
         if qp not in QUANT_POLICIES:
             raise ValueError(f"quant_policy={qp} is not one of {sorted(QUANT_POLICIES)} (0: fp16 KV, 4: int8, 8: int4)")
         dtype = compute_dtype(device, c["weight_type"])
-        if w.tp == 1:
-            kv_bits = QUANT_POLICIES[qp]
-            mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
-            layers, mode = load_layers(w, 0, 1, device, dtype, mode, qp)
-            embed = w.tensor("tok_embeddings.weight", device).to(dtype)
-            lm_head = embed if w.args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
-            return cls(w.args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype,
-                       kv_bits, mode, session_len)
-        # a workspace built for tp > 1: its ranks' files joined in the stored layout (no unpack / repack)
         kv_bits = QUANT_POLICIES[qp]
         mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
-        args, layers = w.args, []
-        for i in range(args.n_layers):
-            m, L = w.merged_layer(i, device), f"layers.{i}"
-            if mode == "static" and m["kv_static"] is None:
-                if i == 0:
-                    log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
-                                "per-token dynamic KV quantization", qp, w.path)
-                mode = "dynamic"
-            cast = lambda x: w.wtype.cast(x, dtype)  # noqa: E731 - 16-bit weights in the compute dtype
-            layers.append(Layer(w.tensor(f"{L}.attention_norm.weight", device).to(dtype),
-                                w.tensor(f"{L}.ffn_norm.weight", device).to(dtype),
-                                cast(m["w_qkv"]), None if m["b_qkv"] is None else m["b_qkv"].to(dtype),
-                                cast(m["wo"]), None if m["b_o"] is None else m["b_o"].to(dtype),
-                                cast(m["w13"]), cast(m["w2"]),
-                                None if m["kv_static"] is None else m["kv_static"].float().contiguous()))
+        layers, mode = load_layers(w, 0, device, dtype, mode, qp, merged=w.tp > 1)
         embed = w.tensor("tok_embeddings.weight", device).to(dtype)
-        lm_head = embed if args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
-        return cls(args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype, kv_bits,
-                   mode, session_len)
+        lm_head = embed if w.args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
+        return cls(w.args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype,
+                   kv_bits, mode, session_len)
 
     @torch.no_grad()
     def warmup_gemms(self, sizes: list[int]) -> None:
