@@ -223,3 +223,15 @@ def test_unwritable_cache_warns_once_and_tunes(gpu, tmp_path, monkeypatch, caplo
         assert t.choose(("k", 1), ("a", "b"), LAUNCH, "a", "cuda:0") == "b"
         assert t.choose(("k", 2), ("a", "b"), LAUNCH, "a", "cuda:0") == "b"
     assert len([r for r in caplog.records if "cannot save" in r.getMessage()]) == 1
+
+
+def test_a_config_whose_output_differs_from_the_default_is_never_chosen():
+    """A fast but wrong kernel (a new config's bug) loses: each output is checked against the default's first."""
+    y = torch.randn(16, 64)
+    outs = {"a": y, "fast_wrong": y + 0.5, "nan": y * float("nan"), "b": y + 1e-4 * torch.randn(16, 64)}
+    ms = {"a": 2.0, "fast_wrong": 0.5, "nan": 0.1, "b": 1.0}
+    t = Tuner("TEST_TUNE", timer=lambda fn, device: ms[next(k for k, v in outs.items() if v is fn())])
+    assert t.choose(("k",), tuple(outs), lambda name: outs[name], default="a", device="cpu") == "b"
+    _, times = t.record(("k",))
+    assert times["fast_wrong"] == times["nan"] == float("inf") and times["b"] == 1.0
+    assert "differs from the default" in t.errors["fast_wrong"] and "differs" in t.errors["nan"]

@@ -5,7 +5,8 @@ Usage (one per kernel family):
     name = TUNER.choose(key, ("a", "b"), lambda name: launch(name), default="a", device=x.device)
     TUNER.record(key) -> (chosen, {config: ms})            # what it measured, for benchmarks
 It times outside CUDA-graph capture only (inside a capture it returns the tuned choice or the default), and
-a config that fails to compile or launch here is recorded in `errors` and never chosen.
+a config that fails to compile or launch here, or whose output differs from the default config's (relative
+error above `CHECK_TOL`: a new kernel's bug must not win on speed), is recorded in `errors` and never chosen.
 
 Tuned choices persist across processes in `<cache>/tuning/<env>.json` (`cache_dir()`: PIPELINE_CACHE_DIR, else
 $XDG_CACHE_HOME/llm-pipeline or ~/.cache/llm-pipeline), so a second server start on the same GPU skips tuning;
@@ -194,6 +195,24 @@ def _write_atomic(path: Path, data: dict) -> None:
         raise
 
 
+CHECK_TOL = 2e-2  # relative (Frobenius) error against the default config's output; reorderings are ~1e-3
+
+
+def _reference(launch: Callable[[str], object], default: str) -> torch.Tensor | None:
+    """The default config's output (a candidate or not), when it is a tensor; else None: no check."""
+    try:
+        out = launch(default)
+    except Exception:  # the default itself failing is recorded by the timing loop
+        return None
+    return out.detach().float().clone() if isinstance(out, torch.Tensor) else None
+
+
+def _check_output(name: str, out, ref: torch.Tensor) -> None:
+    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    if not err <= CHECK_TOL:  # NaN fails too
+        raise ValueError(f"{name}: output differs from the default config's (relative error {err:.2e})")
+
+
 # ----------------------------------------------------------------------------------------------- tuner
 class Tuner:
     def __init__(self, env: str, timer: Callable = bench_ms, version: str = "0"):
@@ -232,8 +251,11 @@ class Tuner:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return default
         times = {}
+        ref = _reference(launch, default)
         for name in names:
             try:
+                if ref is not None and name != default:
+                    _check_output(name, launch(name), ref)
                 times[name] = self.timer(lambda: launch(name), device)
             except Exception as e:  # a config that does not compile or fit here (e.g. shared memory)
                 times[name] = float("inf")
