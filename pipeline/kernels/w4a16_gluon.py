@@ -34,6 +34,8 @@ Limits: N % 4 == 0 (TMA's 16-byte row pitch of qweight), fp16/bf16 activations. 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting, sm_count
@@ -103,7 +105,22 @@ def stages_for(BM: int, BN: int, KT: int, g: int, stages: int, act: bool = False
     return stages
 
 
+def _plane_asm(src: str) -> str:
+    # _plane_f16x2's PTX on the low ($1) or high ($2) half-pair: shift the plane's nibbles down, lop3 them into
+    # fp16 1024 + q, subtract 1024 + z and multiply by the scale, two weights per instruction
+    return f"""{{
+    .reg .b32 t;
+    shr.u32 t, {src}, $3;
+    lop3.b32 t, t, 0x000f000f, 0x64006400, 0xea;
+    sub.f16x2 t, t, $5;
+    mul.f16x2 $0, t, $6;
+    }}"""
+
+
 if HAVE_GLUON:
+    _PLANE_LO = gl.constexpr(_plane_asm("$1"))
+    _PLANE_HI = gl.constexpr(_plane_asm("$2"))
+
     @gluon.jit
     def _dequant(qr, sh, zc, sc, DKIND: gl.constexpr):
         # qr (BN, KT) int32 packed words, sh: the nibble shift (scalar or (1, KT)); zc (BN,) = magic + zero,
@@ -116,6 +133,45 @@ if HAVE_GLUON:
             w = (nib | 0x4300).to(gl.bfloat16, bitcast=True)
             w = ((w - gl.expand_dims(zc, 1)).to(gl.float32) * gl.expand_dims(sc, 1)).to(gl.bfloat16)
         return w
+
+    @gluon.jit
+    def _dequant_f16x2(qr, sh, zc, sc):
+        # fp16 fast path of _dequant, two weights per step: the pair (c, c + 1) of the A operand's registers comes
+        # from words a, b of the same column; prmt joins their shifted low halves and one lop3 makes both
+        # nibbles fp16 1024 + q (0x6400 | q), then one sub.f16x2 and one mul.f16x2: ~3 instructions a weight
+        return gl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b, t;
+            shr.u32 a, $1, $3;
+            shr.u32 b, $2, $4;
+            prmt.b32 t, a, b, 0x5410;
+            lop3.b32 t, t, 0x000f000f, 0x64006400, 0xea;
+            sub.f16x2 t, t, $5;
+            mul.f16x2 $0, t, $6;
+            }""",
+            constraints="=r,r,r,r,r,r,r", args=[qr, sh, zc, sc], dtype=gl.float16, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _halves(qr):
+        # pairs (c, c + 1) of packed words a, b -> (low16(a) | low16(b) << 16, high16(a) | high16(b) << 16): the
+        # nibble planes 0..3 and 4..7 of both columns side by side, made once per group for _plane_f16x2
+        return gl.inline_asm_elementwise(
+            asm="""
+            prmt.b32 $0, $2, $3, 0x5410;
+            prmt.b32 $1, $2, $3, 0x7632;
+            """,
+            constraints="=r,=r,r,r", args=[qr], dtype=gl.int32, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _plane_f16x2(hv, sh, zc, sc, HI: gl.constexpr):
+        # nibble plane (HI * 4 + sh / 4) of _halves' pair -> two weights (q - z) * s: shr, lop3 (0x6400 | q, i.e.
+        # fp16 1024 + q, in both halves), sub.f16x2, mul.f16x2
+        if HI:
+            asm: gl.constexpr = _PLANE_HI
+        else:
+            asm: gl.constexpr = _PLANE_LO
+        return gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r,r,r,r,r", args=[hv, sh, zc, sc],
+                                         dtype=gl.float16, is_pure=True, pack=2)
 
     @gluon.jit
     def _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, bar, grp, s, off_m, off_n, K, pred,
@@ -195,6 +251,8 @@ if HAVE_GLUON:
             zc = gl.load(z_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             qr = q_smem.index(s).permute((1, 0)).load(a_l)  # (BN, KT): word c % P of column n
+            if DKIND == 1 and KW == 1:
+                hv = _halves(qr)
             if ACT:  # silu(gate) * up of this group into a_smem[i % 2] (group i - 2's MMAs, its readers, are retired)
                 b0 = (i % 2) * NJ
                 gl.thread_barrier()
@@ -209,7 +267,12 @@ if HAVE_GLUON:
                 b0 = s * NJ
                 b_smem = x_smem
             for j in gl.static_range(NJ):
-                a = _dequant(qr, sh_c + 4 * KW * j, zc_i, sc_i, DKIND)
+                if DKIND == 1 and KW == 1:  # one plane per slice: the halves made once per group
+                    a = _plane_f16x2(hv, 4 * (j % 4), gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1), j >= 4)
+                elif DKIND == 1:
+                    a = _dequant_f16x2(qr, sh_c + 4 * KW * j, gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1))
+                else:
+                    a = _dequant(qr, sh_c + 4 * KW * j, zc_i, sc_i, DKIND)
                 xt = b_smem.index(b0 + j).permute((1, 0))  # (KT, BM): the transposed activation slice
                 acc = warpgroup_mma(a, xt, acc, is_async=True)
                 # retire all but this MMA: the previous slice's registers and buffers are free again
@@ -328,6 +391,7 @@ def split_for(M: int, N: int, K: int, g: int, BM: int, BN: int, split: int, devi
     return cdiv(G, cdiv(G, split))
 
 
+@functools.lru_cache(maxsize=None)
 def layouts(BM: int, BN: int, KT: int, g: int, dtype: torch.dtype):
     """Shared-memory layouts of an activation slice (BM, KT) and the packed weight buffer (KW * g/8, BN)."""
     x_l = gl.NVMMASharedLayout.get_default_for([BM, KT], getattr(gl, _GL_DTYPE[dtype]))
