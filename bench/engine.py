@@ -43,6 +43,7 @@ from pipeline.models.llama import ModelArgs, build_model  # noqa: E402
 from pipeline.models.sources import synthetic_tensors  # noqa: E402
 from pipeline.quant import w4 as awq_format  # noqa: E402
 from pipeline.quant.w8 import W8A8Linear, W8Weight, quantize_w8  # noqa: E402
+from pipeline.weights import of  # noqa: E402
 from pipeline.workspace import write_workspace  # noqa: E402
 
 LLAMA7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, hidden_dim=11008,
@@ -138,8 +139,7 @@ def weight_bytes(eng) -> int:
     r, total = eng.runner, 0
     for L in r.layers:
         for w in (L.w_qkv, L.wo, L.w13, L.w2):
-            ts = [getattr(w, a) for a in ("qweight", "scales", "zeros") if hasattr(w, a)] if hasattr(w, "qweight") else [w]
-            total += sum(t.numel() * t.element_size() for t in ts)
+            total += sum(t.numel() * t.element_size() for t in of(w).parts(w).values())   # its stored tensors
         total += (L.attn_norm.numel() + L.ffn_norm.numel()) * 2
     return total + r.lm_head.numel() * r.lm_head.element_size()
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 from .artifacts.workspace import *  # noqa: F401,F403
 from .artifacts.workspace import (COL, FORMAT, QUANT_POLICIES, ROW, SERVE_DEFAULTS, TOKENIZER, WEIGHTS,  # noqa: F401
-                                  cat_in, cat_out, check_tp, config_args, cut_in, cut_out, from_hf_folder,
-                                  kv_heads, load_tensor, out_slices, read_config, reassemble, save_tensor,
-                                  write_config, write_workspace)
+                                  Workspace, check_tp, config_args, from_hf_folder, kv_heads, load_tensor,
+                                  out_slices, read_config, reassemble, save_tensor, write_config, write_workspace)
 
 
 def main(argv=None) -> None:

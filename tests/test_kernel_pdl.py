@@ -45,7 +45,8 @@ def test_default_off_until_set_and_env_overrides(monkeypatch):
     monkeypatch.setenv("PIPELINE_PDL", "yes")
     with pytest.raises(ValueError, match="PIPELINE_PDL='yes'"):
         pdl.enabled(dev)
-    assert [pdl.default_for(t) for t in ("int4", "int8", "fp16")] == [True, False, False]
+    from pipeline.weights import WEIGHT_TYPES     # the engine's default per weight type: on for int4 only
+    assert [WEIGHT_TYPES[t].pdl for t in ("int4", "int8", "fp16", "bf16")] == [True, False, False, False]
 
 
 def _chain(x_in, norm_w, w1, w2, w3, cfg):

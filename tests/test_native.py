@@ -18,7 +18,8 @@ import torch
 
 from pipeline.engine import Engine, SamplingParams
 from pipeline.engine.native import NativeRunner
-from pipeline.kernels.native import Dense, Int4Packed, Int8Dynamic, native_linear
+from pipeline.kernels.native import Dense, Int4Packed, Int8Dynamic
+from pipeline.weights import native_linear
 from pipeline.kernels.quant_act import quantize_per_token_ref
 from pipeline.kernels.int8_gemm import int8_linear_ref
 from pipeline.kernels.w4a16 import pack_w4, w4a16_linear_ref

@@ -1,11 +1,11 @@
-"""KV qparams from statistics, the TP split and the evaluation hooks (static and dynamic)."""
+"""KV qparams from statistics and the evaluation hooks (static and dynamic)."""
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from pipeline.models.llama import ModelArgs, Transformer
-from pipeline.quant.kv import FILE, attach_kv_fake_quant, kv_qparams, split_tp
+from pipeline.quant.kv import FILE, attach_kv_fake_quant, kv_qparams
 from pipeline.quant.stats import KVStats
 
 
@@ -15,7 +15,7 @@ def stats_for(k, v):
     return {f"layers.0.{n}": t for n, t in obs.acc.items()}
 
 
-def test_qparams_formulas_and_tp_split():
+def test_qparams_formulas():
     torch.manual_seed(0)
     k, v = torch.randn(2, 4, 16, 8) * 3 + 1, torch.randn(2, 4, 16, 8)          # (B, nkv, T, hd)
     qp = kv_qparams(stats_for(k, v), 1)
@@ -23,10 +23,6 @@ def test_qparams_formulas_and_tp_split():
     torch.testing.assert_close(qp["layers.0.k.int8.asym.scale"], (kmax - kmin) / 255)
     torch.testing.assert_close(qp["layers.0.k.int8.asym.zp"], (kmax + kmin) / 2)
     torch.testing.assert_close(qp["layers.0.v.int4.sym.scale"], v.abs().amax((0, 2, 3)) / 7)
-    parts = split_tp(qp, 2, 4)
-    assert torch.equal(torch.cat([p["layers.0.k.int8.asym.scale"] for p in parts]), qp["layers.0.k.int8.asym.scale"])
-    with pytest.raises(ValueError, match="num_tp=3"):
-        split_tp(qp, 3, 4)
 
 
 @pytest.mark.parametrize("mode,bits,tol", [("static", 8, 0.02), ("static", 4, 0.3), ("dynamic", 8, 0.02)])

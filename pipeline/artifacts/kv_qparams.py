@@ -2,9 +2,9 @@
 for the smoothed model). Names and math: pipeline/quant/kv.py.
 
     kv_qparams.safetensors   layers.{i}.{k|v}.int{8|4}.{asym|sym}.{scale|zp}, (n_kv_heads,) fp32 each
-    tp{r}/kv_qparams.safetensors   (kv_qparams stage, quant.num_tp > 1) rank r's contiguous slice of KV heads
+    (entries cached before this version may also hold tp{r}/kv_qparams.safetensors, per-rank slices: unread)
 
-    write_kv_qparams(out, qp, ranks=())
+    write_kv_qparams(out, qp)
     qp = read_kv_qparams(d)                              # name -> tensor
     per_layer = read_static(d, n_layers, bits, sym)      # layer -> (k_scale, k_zp, v_scale, v_zp)
 """
@@ -22,13 +22,8 @@ FORMAT = 1
 REBUILD = "python -m pipeline.runner pipeline=quantize quant=<the quant> (the kv_qparams stage)"
 
 
-def write_kv_qparams(out: Path, qp: dict, ranks=()) -> None:
-    out = Path(out)
-    meta = {"format_version": str(FORMAT)}
-    save_safetensors(qp, out / FILE, metadata=meta)
-    for r, part in enumerate(ranks):
-        (out / f"tp{r}").mkdir()
-        save_safetensors(part, out / f"tp{r}" / FILE, metadata=meta)
+def write_kv_qparams(out: Path, qp: dict) -> None:
+    save_safetensors(qp, Path(out) / FILE, metadata={"format_version": str(FORMAT)})
 
 
 def check(d: Path) -> None:

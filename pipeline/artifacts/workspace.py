@@ -29,9 +29,11 @@ per-token dynamic. Edit quant_policy in config.ini to switch KV quantization for
 Usage:
     write_workspace(out, args, tensors, tokenizer_dir, tp=2, w4={"layers.0.q": (q, s, z), ...}, group_size=128)
     write_workspace(out, args, tensors, tokenizer_dir, w8={"layers.0.q": W8Weight(q_int8, scales), ...})
+    write_workspace(out, args, tensors, tokenizer_dir, linears={...}, weight_type="int4")   # any pipeline/weights row
     cfg = read_config(ws); args = config_args(cfg)
     w = Workspace.open(ws)             # opened once: w.config, w.args, w.tensor(name), w.linear(prefix) as stored
     canon = reassemble(ws)             # canonical names -> tensor, (q, scales, zeros) or W8Weight: exact inverse
+How each weight type is cut, joined, named and converted: its row in pipeline/weights (WEIGHT_TYPES).
     python -m pipeline.workspace --hf /models/llama-2-7b --out ./workspace [--tp 2]   # HF or AutoAWQ folder
     from_hf_folder(path, out, tp=1)    # the same from Python (fp16, AutoAWQ, GPTQ or compressed-tensors W4A16)
 """
@@ -58,6 +60,7 @@ WEIGHTS, TOKENIZER = "triton_models/weights", "triton_models/tokenizer"
 QUANT_POLICIES = {0: 16, 4: 8, 8: 4}          # quant_policy -> KV bits
 COL = {"w_qkv": "attention", "w13": "feed_forward"}
 ROW = {"wo": "attention", "w2": "feed_forward"}
+ROW_NAMES = {"wo": "o", "w2": "down"}         # the row-parallel linears' canonical names
 SERVE_DEFAULTS = dict(session_len=4096, max_batch_size=32, cache_max_entry_count=0.8, cache_block_seq_len=64)
 
 
@@ -127,56 +130,6 @@ def load_tensor(wdir: Path, name: str, device="cpu") -> torch.Tensor:
     return load_file(str(path), device=str(device))["t"]
 
 
-# A linear is a dense (N, K) tensor, a quantizer triple (q (N, K) uint8, scales, zeros (K//g, N)), or
-# an int8 W8Weight (qweight (N, K) int8, scales (N,)).
-def _is_w8(lin) -> bool:
-    from ..quant.w8 import W8Weight
-    return isinstance(lin, W8Weight)
-
-
-def cut_out(lin, a: int, b: int):
-    """Output rows a:b."""
-    if isinstance(lin, torch.Tensor):
-        return lin[a:b]
-    if _is_w8(lin):
-        return type(lin)(lin.qweight[a:b], lin.scales[a:b])
-    q, s, z = lin
-    return q[a:b], s[:, a:b], z[:, a:b]
-
-
-def cut_in(lin, a: int, b: int, g: int):
-    """Input columns a:b (whole quantization groups for int4)."""
-    if isinstance(lin, torch.Tensor):
-        return lin[:, a:b]
-    if _is_w8(lin):                          # per output channel scales: every input slice keeps all N
-        return type(lin)(lin.qweight[:, a:b], lin.scales)
-    if a % g or b % g:
-        raise ValueError(f"row-parallel split [{a}:{b}] of an int4 weight does not fall on group_size={g} "
-                         "boundaries; choose a tp that divides the input dim into whole groups")
-    q, s, z = lin
-    return q[:, a:b], s[a // g:b // g], z[a // g:b // g]
-
-
-def cat_out(parts):
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts, 0)
-    if _is_w8(parts[0]):
-        return type(parts[0])(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
-    return tuple(torch.cat([p[i] for p in parts], 0 if i == 0 else 1) for i in range(3))
-
-
-def cat_in(parts):
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts, 1)
-    if _is_w8(parts[0]):
-        s = parts[0].scales
-        if not all(torch.equal(p.scales, s) for p in parts[1:]):
-            raise ValueError("row-parallel int8 shards carry different scales: every rank must hold all N "
-                             "scales of the whole linear (rebuild the workspace)")
-        return type(parts[0])(torch.cat([p.qweight for p in parts], 1), s)
-    return tuple(torch.cat([p[i] for p in parts], 1 if i == 0 else 0) for i in range(3))
-
-
 def out_slices(args: ModelArgs, kind: str, r: int, tp: int) -> list[tuple[str, int, int]]:
     """Canonical pieces (name suffix, row start, row end) making up rank r's column-parallel tensor."""
     hd = args.head_dim
@@ -197,16 +150,17 @@ def kv_heads(args: ModelArgs, r: int, tp: int) -> tuple[int, int]:
     return h, h + 1
 
 
-def col_pieces(args: ModelArgs, kind: str, tp: int, ranks: list, biases: Optional[list], cut) -> tuple[dict, dict]:
-    """A column-parallel linear's ranks -> its canonical pieces in order (name -> parts, cut with `cut`) and its
-    bias's (name -> parts); a KV head replicated on several ranks is taken once."""
+def col_pieces(args: ModelArgs, kind: str, tp: int, ranks: list, biases: Optional[list], wt) -> tuple[dict, dict]:
+    """A column-parallel linear's ranks (records of weight type wt) -> its canonical pieces in order (name -> parts)
+    and its bias's (name -> parts); a KV head replicated on several ranks is taken once."""
+    from ..weights import OUT
     pieces, bparts, seen = {}, {}, set()
     for r in range(tp):
         off = 0
         for n, a, b in out_slices(args, kind, r, tp):
             if (n, a) not in seen:
                 seen.add((n, a))
-                pieces.setdefault(n, []).append(cut(ranks[r], off, off + b - a))
+                pieces.setdefault(n, []).append(wt.cut(ranks[r], off, off + b - a, OUT))
                 if biases:
                     bparts.setdefault(n, []).append(biases[r][off:off + b - a])
             off += b - a
@@ -226,32 +180,6 @@ def check_tp(args: ModelArgs, tp: int) -> None:
         raise ValueError(f"tp={tp} does not fit n_heads={nh}, n_kv_heads={nkv}, hidden_dim={f}: tp must divide "
                          f"n_heads and hidden_dim, and divide n_kv_heads or be a multiple of it "
                          f"(KV heads replicated); valid tp values for this model: {ok}")
-
-
-def _save_linear(wdir: Path, prefix: str, lin, group_size: int) -> None:
-    if isinstance(lin, torch.Tensor):
-        save_tensor(wdir, prefix + ".weight", lin)
-        return
-    if _is_w8(lin):
-        save_tensor(wdir, prefix + ".qweight", lin.qweight)
-        save_tensor(wdir, prefix + ".scales", lin.scales)
-        return
-    from ..kernels.w4a16 import pack_w4
-    w = pack_w4(lin[0], lin[1], lin[2], group_size)       # re-laid out for the serving kernel
-    for part in ("qweight", "scales", "zeros"):
-        save_tensor(wdir, f"{prefix}.{part}", getattr(w, part))
-
-
-def _load_linear(wdir: Path, prefix: str, weight_type: str, group_size: int, device="cpu"):
-    """Rank file(s) -> dense tensor, W4Weight (kernel layout) or W8Weight."""
-    if weight_type == "int8":
-        from ..quant.w8 import W8Weight
-        return W8Weight(load_tensor(wdir, prefix + ".qweight", device), load_tensor(wdir, prefix + ".scales", device))
-    if weight_type != "int4":
-        return load_tensor(wdir, prefix + ".weight", device)
-    from ..kernels.w4a16 import W4Weight
-    qw, s, z = (load_tensor(wdir, f"{prefix}.{p}", device) for p in ("qweight", "scales", "zeros"))
-    return W4Weight(qw, s, z, qw.shape[0] * 8, qw.shape[1], group_size)
 
 
 # ------------------------------------------------------------------------------------ opened once
@@ -286,6 +214,12 @@ class Workspace:
     def group_size(self) -> int:
         return self.config["group_size"]
 
+    @property
+    def wtype(self):
+        """The weight type of its linears: config.ini's weight_type, a row of pipeline.weights.WEIGHT_TYPES."""
+        from ..weights import table_row
+        return table_row(self.weight_type)
+
     def has(self, name: str) -> bool:
         return (self.wdir / name).exists()
 
@@ -293,76 +227,99 @@ class Workspace:
         return load_tensor(self.wdir, name, device)
 
     def linear(self, prefix: str, device="cpu"):
-        """One rank's linear as stored: dense (N, K), W4Weight (kernel layout) or W8Weight; never re-packed."""
-        return _load_linear(self.wdir, prefix, self.weight_type, self.group_size, device)
+        """One rank's linear as stored (its weight type's record: dense (N, K), W4Weight in the kernel layout,
+        W8Weight, ...); never re-packed."""
+        return self.wtype.from_parts(lambda part: load_tensor(self.wdir, f"{prefix}.{part}", device), self.group_size)
 
-    def merged_layer(self, i: int, device="cpu") -> dict:
-        """Layer i of a workspace built for tp > 1 as one tp = 1 model, joined from its ranks' files in the
-        stored layout (int4 stays in the kernel layout: its N and grouped-K splits join without unpacking):
-        w_qkv, b_qkv, wo, b_o, w13, w2, kv_static (None where absent)."""
-        args, tp, L = self.args, self.tp, f"layers.{i}"
+    def rank_layer(self, i: int, r: int, device="cpu") -> dict:
+        """Layer i of rank r as stored (tp = 1: the whole layer): w_qkv, b_qkv, wo, b_o (rank 0 only: added once
+        after the all-reduce), w13, w2, kv_static (None where absent)."""
+        args, L = self.args, f"layers.{i}"
+        kvs = f"{L}.past_kv_scale.{r}.weight"
+        return {"w_qkv": self.linear(f"{L}.attention.w_qkv.{r}", device),
+                "b_qkv": self.tensor(f"{L}.attention.w_qkv.{r}.bias", device) if args.qkv_bias else None,
+                "wo": self.linear(f"{L}.attention.wo.{r}", device),
+                "b_o": self.tensor(f"{L}.attention.wo.bias", device) if args.o_bias and r == 0 else None,
+                "w13": self.linear(f"{L}.feed_forward.w13.{r}", device),
+                "w2": self.linear(f"{L}.feed_forward.w2.{r}", device),
+                "kv_static": self.tensor(kvs, device) if self.has(kvs) else None}
+
+    def layer_pieces(self, i: int, device="cpu") -> dict:
+        """Layer i's linears joined from every rank's files, as stored records under their canonical names
+        (q, k, v, o, gate, up, down), with the biases (q.bias, ..., o.bias: None where absent) and kv_static
+        (the (4, n_kv_heads) past_kv_scale rows, or None)."""
+        from ..weights import IN, OUT
+        args, tp, L, wt = self.args, self.tp, f"layers.{i}", self.wtype
         out = {}
         for kind, sub in COL.items():
             ranks = [self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)]
             bias = kind == "w_qkv" and args.qkv_bias
             biases = [self.tensor(f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)] if bias else None
-            pieces, bparts = col_pieces(args, kind, tp, ranks, biases, _stored_cut_out)
-            out[kind] = _stored_cat([_stored_cat(v, True) for v in pieces.values()], True)
-            if kind == "w_qkv":
-                out["b_qkv"] = torch.cat([torch.cat(v) for v in bparts.values()]) if biases else None
+            pieces, bparts = col_pieces(args, kind, tp, ranks, biases, wt)
+            for n, parts in pieces.items():
+                out[n] = wt.cat(parts, OUT)
+                out[n + ".bias"] = torch.cat(bparts[n]) if biases else None
         for kind, sub in ROW.items():
-            out[kind] = _stored_cat([self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)], False)
-        out["b_o"] = self.tensor(f"{L}.attention.wo.bias", device) if args.o_bias else None
+            out[ROW_NAMES[kind]] = wt.cat([self.linear(f"{L}.{sub}.{kind}.{r}", device) for r in range(tp)], IN)
+        out["o.bias"] = self.tensor(f"{L}.attention.wo.bias", device) if args.o_bias else None
         out["kv_static"] = None
         if self.has(f"{L}.past_kv_scale.0.weight"):
             out["kv_static"] = torch.cat([self.tensor(f"{L}.past_kv_scale.{r}.weight", device)
                                           for r in kv_head_ranks(args, tp)], 1)
         return out
 
-
-# A linear as stored: dense (N, K), W8Weight (qweight (N, K), scales (N,)) or W4Weight in the kernel layout
-# (qweight (K//8, N), scales/zeros (K//g, N)): N is dim 1 there, and K splits on whole groups.
-def _stored_cut_out(lin, a: int, b: int):
-    if not isinstance(lin, torch.Tensor) and not _is_w8(lin):
-        return type(lin)(lin.qweight[:, a:b], lin.scales[:, a:b], lin.zeros[:, a:b], lin.K, b - a, lin.group_size)
-    return cut_out(lin, a, b)
-
-
-def _stored_cat(parts, out_features: bool):
-    """Stored linears joined along their output features (column-parallel shards: `cat_out`) or their input
-    features (row-parallel: `cat_in`); int4 joins in the kernel layout (N is dim 1, K dim 0 there)."""
-    p = parts[0]
-    if len(parts) == 1:
-        return p
-    if not isinstance(p, torch.Tensor) and not _is_w8(p):
-        K, N = (p.K, sum(x.N for x in parts)) if out_features else (sum(x.K for x in parts), p.N)
-        return type(p)(*(torch.cat([getattr(x, f) for x in parts], 1 if out_features else 0).contiguous()
-                         for f in ("qweight", "scales", "zeros")), K, N, p.group_size)
-    out = (cat_out if out_features else cat_in)(parts)
-    if isinstance(out, torch.Tensor):
-        return out.contiguous()
-    return type(out)(out.qweight.contiguous(), out.scales.contiguous())
+    def merged_layer(self, i: int, device="cpu") -> dict:
+        """Layer i of a workspace built for tp > 1 as one tp = 1 model, joined from its ranks' files in the
+        stored layout (int4 stays in the kernel layout: its N and grouped-K splits join without unpacking):
+        w_qkv, b_qkv, wo, b_o, w13, w2, kv_static (None where absent)."""
+        from ..weights import OUT
+        m, wt = self.layer_pieces(i, device), self.wtype
+        b_qkv = None if m["q.bias"] is None else torch.cat([m[n + ".bias"] for n in "qkv"])
+        return {"w_qkv": wt.cat([m[n] for n in "qkv"], OUT), "b_qkv": b_qkv, "wo": m["o"], "b_o": m["o.bias"],
+                "w13": wt.cat([m["gate"], m["up"]], OUT), "w2": m["down"], "kv_static": m["kv_static"]}
 
 
 # ------------------------------------------------------------------------------------ write
+def save_linear(wdir: Path, prefix: str, wt, w) -> None:
+    """One rank's linear (a record of weight type wt) as its files <prefix>.<part>."""
+    for part, t in wt.parts(w).items():
+        save_tensor(wdir, f"{prefix}.{part}", t)
+
+
 def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Optional[Path], *, tp: int = 1,
-                    w4: Optional[dict] = None, w8: Optional[dict] = None, group_size: int = 128,
-                    kv_qparams: Optional[dict] = None,
+                    w4: Optional[dict] = None, w8: Optional[dict] = None, linears: Optional[dict] = None,
+                    weight_type: Optional[str] = None, group_size: int = 128, kv_qparams: Optional[dict] = None,
                     kv_bits: Optional[int] = None, kv_mode: str = "static", model_name: str = "model",
                     dtype: torch.dtype = torch.float16, track=lambda it, **k: it, **serve) -> dict:
     """Write a workspace. tensors: canonical name -> tensor (all weights; quantized linears may be absent);
-    w4: canonical linear name (e.g. "layers.0.q") -> (q, scales, zeros) in the quantizer format;
-    w8: canonical linear name -> W8Weight (int8 (N, K), scales (N,)), as quant_w8 writes them (W8A8);
-    kv_qparams: layer -> (k_scale, k_zp, v_scale, v_zp), each (n_kv_heads,) fp32."""
+    linears: canonical linear name (e.g. "layers.0.q") -> what the quantizer wrote for weight type `weight_type`
+    (a row of pipeline.weights.WEIGHT_TYPES), every linear of the model; none: 16-bit linears from tensors in dtype.
+    w4=... is linears=..., weight_type="int4" ((q, scales, zeros) in the quantizer format); w8=... is
+    weight_type="int8" (W8Weight: int8 (N, K), scales (N,)), as quant_w8 writes them (W8A8).
+    kv_qparams: layer -> (k_scale, k_zp, v_scale, v_zp), each (n_kv_heads,) fp32.
+    group_size in config.ini: the quantized linears' own group where they have one, else this argument."""
+    from ..weights import IN, OUT, dense_type, table_row
     check_tp(args, tp)
-    if w4 and w8:
-        raise ValueError("write_workspace: give w4 (int4) or w8 (int8) linears, not both")
-    qlin = w4 or w8 or {}                               # quantized linears by canonical name
+    given = [(n, x) for n, x in (("w4", w4), ("w8", w8), ("linears", linears)) if x]
+    if len(given) > 1:
+        raise ValueError(f"write_workspace: give one of w4 (int4), w8 (int8) or linears, not {[n for n, _ in given]}")
+    if given:
+        weight_type = {"w4": "int4", "w8": "int8"}.get(given[0][0], weight_type)
+    dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    wt = table_row(weight_type) if given else dense_type(dtype)
+    qlin = {n: wt.from_canonical(x) for n, x in given[0][1].items()} if given else {}   # converted once
     wdir = Path(out) / WEIGHTS
     wdir.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     dense = lambda n: tensors[n + ".weight"].to(dtype)  # noqa: E731
-    lin = lambda n: qlin[n] if n in qlin else dense(n)  # noqa: E731
+
+    def lin(n):
+        if not given:
+            return wt.from_canonical(tensors[n + ".weight"])
+        if n not in qlin:
+            raise ValueError(f"write_workspace: linear {n!r} is missing from the {wt.name} linears (a workspace "
+                             "holds one weight type)")
+        return qlin[n]
+
     save_tensor(wdir, "tok_embeddings.weight", dense("embed"))
     save_tensor(wdir, "norm.weight", dense("norm"))
     if not args.tie_embeddings:
@@ -377,75 +334,51 @@ def write_workspace(out: Path, args: ModelArgs, tensors: dict, tokenizer_dir: Op
         for r in range(tp):
             for kind, sub in COL.items():
                 pieces = out_slices(args, kind, r, tp)
-                _save_linear(wdir, f"{L}.{sub}.{kind}.{r}", cat_out([cut_out(lin(p + n), a, b) for n, a, b in pieces]),
-                             group_size)
+                save_linear(wdir, f"{L}.{sub}.{kind}.{r}", wt, wt.cat([wt.cut(lin(p + n), a, b, OUT) for n, a, b in pieces], OUT))
                 if kind == "w_qkv" and args.qkv_bias:
                     save_tensor(wdir, f"{L}.{sub}.{kind}.{r}.bias",
                                 torch.cat([tensors[p + n + ".bias"][a:b] for n, a, b in pieces]).to(dtype))
             for kind, sub in ROW.items():
                 K = args.n_heads * hd if kind == "wo" else args.hidden_dim
-                name = p + ("o" if kind == "wo" else "down")
-                _save_linear(wdir, f"{L}.{sub}.{kind}.{r}", cut_in(lin(name), r * K // tp, (r + 1) * K // tp, group_size),
-                             group_size)
+                save_linear(wdir, f"{L}.{sub}.{kind}.{r}", wt,
+                            wt.cut(lin(p + ROW_NAMES[kind]), r * K // tp, (r + 1) * K // tp, IN))
             if kv_qparams is not None:
                 a, b = kv_heads(args, r, tp)
                 qp = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in kv_qparams[i]])  # (4, nkv)
                 save_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", qp[:, a:b])
     policy = {None: 0, 16: 0, 8: 4, 4: 8}[kv_bits]
     mode = "static" if kv_qparams is not None else kv_mode if policy else "none"
-    weight_type = "int8" if w8 else "int4" if w4 else {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    write_config(wdir, args, model_name=model_name, weight_type=weight_type, group_size=group_size,
+    own = wt.group_size(next(iter(qlin.values()))) if qlin else None
+    write_config(wdir, args, model_name=model_name, weight_type=wt.name, group_size=own or group_size,
                  quant_policy=policy, kv_mode=mode, tp=tp, **serve)
     if tokenizer_dir is not None:
         shutil.copytree(tokenizer_dir, Path(out) / TOKENIZER, dirs_exist_ok=True)
-    return {"weight_type": weight_type, "tp": tp, "quant_policy": policy, "kv_mode": mode}
+    return {"weight_type": wt.name, "tp": tp, "quant_policy": policy, "kv_mode": mode}
 
 
 # ------------------------------------------------------------------------------------ read back
 def reassemble(ws, device="cpu") -> tuple[ModelArgs, dict]:
-    """All ranks -> canonical tensors: names like write_workspace's `tensors` ("layers.0.q.weight"), and
-    for int4 linears the quantizer triple, for int8 the W8Weight, under the linear's name ("layers.0.q").
-    Exact inverse (tests and the tp=1 engine over a workspace built for tp > 1)."""
-    from ..kernels.w4a16 import unpack_w4
+    """All ranks -> canonical tensors: names like write_workspace's `tensors` ("layers.0.q.weight"), and for
+    quantized linears what the quantizer wrote (int4: the (q, scales, zeros) triple; int8: the W8Weight) under the
+    linear's name ("layers.0.q"). Exact inverse of write_workspace (tests, tools)."""
     w = Workspace.open(ws)
-    c, args = w.config, w.args
-    tp, wt, g = c["tensor_para_size"], c["weight_type"], c["group_size"]
-    wdir = w.wdir
-    out = {"embed.weight": load_tensor(wdir, "tok_embeddings.weight", device),
-           "norm.weight": load_tensor(wdir, "norm.weight", device)}
+    args, wt = w.args, w.wtype
+    out = {"embed.weight": w.tensor("tok_embeddings.weight", device), "norm.weight": w.tensor("norm.weight", device)}
     if not args.tie_embeddings:
-        out["lm_head.weight"] = load_tensor(wdir, "output.weight", device)
-
-    def put(name, lin):
-        if wt in ("int4", "int8"):
-            out[name] = lin
-        else:
-            out[name + ".weight"] = lin
-
-    def rank(prefix):
-        lin = _load_linear(wdir, prefix, wt, g, device)
-        return unpack_w4(lin) if wt == "int4" else lin
-
+        out["lm_head.weight"] = w.tensor("output.weight", device)
     for i in range(args.n_layers):
         p, L = f"layers.{i}.", f"layers.{i}"
-        out[p + "attn_norm.weight"] = load_tensor(wdir, f"{L}.attention_norm.weight", device)
-        out[p + "mlp_norm.weight"] = load_tensor(wdir, f"{L}.ffn_norm.weight", device)
-        for kind, sub in COL.items():
-            ranks = [rank(f"{L}.{sub}.{kind}.{r}") for r in range(tp)]
-            biases = ([load_tensor(wdir, f"{L}.{sub}.{kind}.{r}.bias", device) for r in range(tp)]
-                      if kind == "w_qkv" and args.qkv_bias else None)
-            pieces, bparts = col_pieces(args, kind, tp, ranks, biases, cut_out)
-            for n, parts in pieces.items():
-                put(p + n, cat_out(parts))
-            for n, parts in bparts.items():
-                out[p + n + ".bias"] = torch.cat(parts)
-        for kind, sub in ROW.items():
-            put(p + ("o" if kind == "wo" else "down"), cat_in([rank(f"{L}.{sub}.{kind}.{r}") for r in range(tp)]))
-        if args.o_bias:
-            out[p + "o.bias"] = load_tensor(wdir, f"{L}.attention.wo.bias", device)
-        if (wdir / f"{L}.past_kv_scale.0.weight").exists():
-            out[p + "past_kv_scale"] = torch.cat([load_tensor(wdir, f"{L}.past_kv_scale.{r}.weight", device)
-                                                  for r in kv_head_ranks(args, tp)], 1)
+        out[p + "attn_norm.weight"] = w.tensor(f"{L}.attention_norm.weight", device)
+        out[p + "mlp_norm.weight"] = w.tensor(f"{L}.ffn_norm.weight", device)
+        for n, x in w.layer_pieces(i, device).items():
+            if n == "kv_static":
+                if x is not None:
+                    out[p + "past_kv_scale"] = x
+            elif n.endswith(".bias"):
+                if x is not None:
+                    out[p + n] = x
+            else:
+                out[p + n + wt.canonical_suffix] = wt.to_canonical(x)
     return args, out
 
 

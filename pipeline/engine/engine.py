@@ -41,6 +41,7 @@ import torch
 from ..kernels import pdl
 from ..kernels.dispatch import use_native, use_triton
 from ..artifacts.workspace import QUANT_POLICIES, TOKENIZER, Workspace
+from ..weights import table_row
 from .blocks import BlockManager, blocks_for
 from .handle import RequestHandle, Sequence
 from .logprobs import request_rows
@@ -132,7 +133,8 @@ class Engine:
         # programmatic dependent launch (Hopper): by default where it was measured faster (W4A16; see kernels/pdl.py);
         # set before warm-up, so the captured decode graphs carry it
         # (tp > 1: off; the rank processes launch their own kernels and were not measured with it)
-        self.pdl = (pdl.default_for(weight_type) if s.get("pdl") is None else bool(s["pdl"])) and s.get("tp", 1) == 1
+        pdl_on = table_row(weight_type).pdl if s.get("pdl") is None else bool(s["pdl"])   # pipeline/weights
+        self.pdl = pdl_on and s.get("tp", 1) == 1
         pdl.set_default(self.pdl)
         if dev.type == "cuda" and s.get("cuda_graphs", True) and not getattr(runner, "native", False):
             from .graphs import DecodeGraphs

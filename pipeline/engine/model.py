@@ -28,15 +28,12 @@ import torch.nn.functional as F
 
 from ..kernels.attention import dequant_kv, gather_kv, kv_rows, paged_decode_attention
 from ..kernels.dispatch import use_triton
-from ..kernels.int8_gemm import int8_linear
-from ..kernels.norm import rms_norm, silu_mul
+from ..kernels.norm import rms_norm
 from ..kernels.prefill_attention import PrefillPlan, paged_prefill_attention, prefill_plan
-from ..kernels.quant_act import rms_norm_quant
 from ..kernels.rope_kv import rope_kv_write
-from ..kernels.w4a16 import W4Weight, w4a16_linear
 from ..models.llama import ModelArgs, rope_cos_sin
-from ..quant.w8 import W8Weight, w8a8_linear
 from ..artifacts.workspace import QUANT_POLICIES, Workspace
+from ..weights import of, table_row
 
 log = logging.getLogger(__name__)
 
@@ -49,42 +46,28 @@ def _expand_heads(x: torch.Tensor, G: int, dim: int) -> torch.Tensor:
     return x if G == 1 else x.repeat_interleave(G, dim)
 
 
+# The linears of a layer dispatch on their weight type (pipeline/weights: its row's apply, norm_apply, swiglu_down).
 def linear(x: torch.Tensor, w, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if isinstance(w, W4Weight):
-        return w4a16_linear(x, w, b)
-    if isinstance(w, W8Weight):
-        return w8a8_linear(x, w, b)
-    return F.linear(x, w, b)
+    return of(w).apply(x, w, b)
 
 
 def norm_linear(x, residual, norm, eps, w, b=None):
     """RMSNorm(x [+ residual]) * norm, then the linear w: (y, the new residual stream x [+ residual]).
     For an int8 weight the norm and the activations' per-token quantization are one kernel."""
-    if isinstance(w, W8Weight):
-        if residual is None:
-            (q, s), residual = rms_norm_quant(x, norm, eps), x
-        else:
-            q, s, residual = rms_norm_quant(x, norm, eps, residual=residual)
-        return int8_linear(q, s, w.qweight, w.scales, b, out_dtype=x.dtype), residual
-    if residual is None:
-        h, residual = rms_norm(x, norm, eps), x
-    else:
-        h, residual = rms_norm(x, norm, eps, residual=residual)
-    return linear(h, w, b), residual
+    return of(w).norm_apply(x, residual, norm, eps, w, b)
 
 
 def swiglu_down(gate_up: torch.Tensor, w) -> torch.Tensor:
     """w2(silu(gate) * up) for gate_up (T, 2I); W4A16 computes the product while loading its input."""
-    if isinstance(w, W4Weight):
-        return w4a16_linear(gate_up, w, act="silu_mul")
-    return linear(silu_mul(gate_up), w)
+    return of(w).swiglu_down(gate_up, w)
 
 
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
-    w_qkv: object                      # (N, K) tensor, W4Weight or W8Weight; N = (nh + 2 nkv) * hd, rows [q | k | v]
+    w_qkv: object                      # a weight type's record (pipeline/weights): dense (N, K), W4Weight, W8Weight;
+                                       # N = (nh + 2 nkv) * hd, rows [q | k | v]
     b_qkv: Optional[torch.Tensor]
     wo: object
     b_o: Optional[torch.Tensor]
@@ -96,38 +79,33 @@ class Layer:
 def compute_dtype(device: torch.device, weight_type: str) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if weight_type == "bf16" else torch.float16
+    return table_row(weight_type).act_dtype
 
 
-def load_layers(w: Workspace, rank: int, tp: int, device, dtype, mode: str, qp: int) -> tuple[list[Layer], str]:
+def load_layers(w: Workspace, rank: int, device, dtype, mode: str, qp: int, merged: bool = False) -> tuple[list[Layer], str]:
     """Rank `rank`'s decoder layers of an opened workspace, as stored (tp=1: the whole model; TP ranks: their
-    shards); 16-bit tensors in dtype, int4/int8 linears as written. Returns the layers and the KV mode (static
-    falls back to dynamic when the workspace has no past_kv_scale files)."""
-    args = w.args
+    shards; merged: a workspace built for tp > 1 joined into one model, Workspace.merged_layer); 16-bit tensors in
+    dtype, quantized linears as written. Returns the layers and the KV mode (static falls back to dynamic when the
+    workspace has no past_kv_scale files)."""
+    wt = w.wtype
 
-    def t(name):
-        return w.tensor(name, device).to(dtype)
-
-    def lin(prefix):
-        x = w.linear(prefix, device)
-        return x if isinstance(x, (W4Weight, W8Weight)) else x.to(dtype)
+    def t(x):
+        return None if x is None else x.to(dtype)
 
     layers = []
-    for i in range(args.n_layers):
+    for i in range(w.args.n_layers):
         L = f"layers.{i}"
-        kvs = f"{L}.past_kv_scale.{rank}.weight"
-        has_kvs = w.has(kvs)
-        if mode == "static" and not has_kvs:
+        m = w.merged_layer(i, device) if merged else w.rank_layer(i, rank, device)
+        if mode == "static" and m["kv_static"] is None:
             if i == 0:
                 log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
                             "per-token dynamic KV quantization", qp, w.path)
             mode = "dynamic"
         layers.append(Layer(
-            t(f"{L}.attention_norm.weight"), t(f"{L}.ffn_norm.weight"),
-            lin(f"{L}.attention.w_qkv.{rank}"), t(f"{L}.attention.w_qkv.{rank}.bias") if args.qkv_bias else None,
-            lin(f"{L}.attention.wo.{rank}"), t(f"{L}.attention.wo.bias") if args.o_bias and rank == 0 else None,
-            lin(f"{L}.feed_forward.w13.{rank}"), lin(f"{L}.feed_forward.w2.{rank}"),
-            w.tensor(kvs, device).float().contiguous() if has_kvs else None))
+            t(w.tensor(f"{L}.attention_norm.weight", device)), t(w.tensor(f"{L}.ffn_norm.weight", device)),
+            wt.cast(m["w_qkv"], dtype), t(m["b_qkv"]), wt.cast(m["wo"], dtype), t(m["b_o"]),
+            wt.cast(m["w13"], dtype), wt.cast(m["w2"], dtype),
+            None if m["kv_static"] is None else m["kv_static"].float().contiguous()))
     return layers, mode
 
 
@@ -159,36 +137,13 @@ class ModelRunner:
         if qp not in QUANT_POLICIES:
             raise ValueError(f"quant_policy={qp} is not one of {sorted(QUANT_POLICIES)} (0: fp16 KV, 4: int8, 8: int4)")
         dtype = compute_dtype(device, c["weight_type"])
-        if w.tp == 1:
-            kv_bits = QUANT_POLICIES[qp]
-            mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
-            layers, mode = load_layers(w, 0, 1, device, dtype, mode, qp)
-            embed = w.tensor("tok_embeddings.weight", device).to(dtype)
-            lm_head = embed if w.args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
-            return cls(w.args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype,
-                       kv_bits, mode, session_len)
-        # a workspace built for tp > 1: its ranks' files joined in the stored layout (no unpack / repack)
         kv_bits = QUANT_POLICIES[qp]
         mode = "none" if kv_bits == 16 else (kv_mode or c.get("kv_mode", "static"))
-        args, layers = w.args, []
-        for i in range(args.n_layers):
-            m, L = w.merged_layer(i, device), f"layers.{i}"
-            if mode == "static" and m["kv_static"] is None:
-                if i == 0:
-                    log.warning("quant_policy=%d with static KV, but %s has no past_kv_scale files: using "
-                                "per-token dynamic KV quantization", qp, w.path)
-                mode = "dynamic"
-            dense = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) else x  # noqa: E731
-            layers.append(Layer(w.tensor(f"{L}.attention_norm.weight", device).to(dtype),
-                                w.tensor(f"{L}.ffn_norm.weight", device).to(dtype),
-                                dense(m["w_qkv"]), None if m["b_qkv"] is None else m["b_qkv"].to(dtype),
-                                dense(m["wo"]), None if m["b_o"] is None else m["b_o"].to(dtype),
-                                dense(m["w13"]), dense(m["w2"]),
-                                None if m["kv_static"] is None else m["kv_static"].float().contiguous()))
+        layers, mode = load_layers(w, 0, device, dtype, mode, qp, merged=w.tp > 1)
         embed = w.tensor("tok_embeddings.weight", device).to(dtype)
-        lm_head = embed if args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
-        return cls(args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype, kv_bits,
-                   mode, session_len)
+        lm_head = embed if w.args.tie_embeddings else w.tensor("output.weight", device).to(dtype)
+        return cls(w.args, layers, embed, w.tensor("norm.weight", device).to(dtype), lm_head, device, dtype,
+                   kv_bits, mode, session_len)
 
     @torch.no_grad()
     def warmup_gemms(self, sizes: list[int]) -> None:

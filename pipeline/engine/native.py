@@ -10,7 +10,8 @@ Usage (the engine picks it; see pipeline/kernels/dispatch.py `use_native`):
     logits = r.prefill(tokens, positions, slots, seqs, select)                 # as ModelRunner.prefill
 
 What differs from ModelRunner (same API, same paged-KV engine around it):
-  - every linear is repacked once at load for PyTorch's kernels (pipeline/kernels/native.py: int4 on
+  - every linear is repacked once at load for PyTorch's kernels (its weight type's `native`, pipeline/weights;
+    layouts in pipeline/kernels/native.py: int4 on
     `_weight_int4pack_mm[_for_cpu]`, W8A8 on `torch._int_mm`, dense in the activation dtype), and the lm_head is
     int8 weight-only on a CPU in bf16 mode;
   - the activation dtype fed to the linears is bf16 (the CPU's fast int4 / bf16 kernels) or fp32
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
-from ..kernels.native import native_head, native_linear
+from ..kernels.native import native_head
+from ..weights import native_linear
 from .model import ModelRunner
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,7 +58,7 @@ class NativeRunner(ModelRunner):
                  act_dtype: Optional[torch.dtype] = None):
         super().__init__(args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len)
         act = act_dtype or act_dtype_from_env(torch.device(device))
-        for L in self.layers:   # the workspace's linears -> their torch-native layouts (LAYOUTS in kernels/native.py)
+        for L in self.layers:   # the workspace's linears -> their torch-native layouts (their weight type's `native`)
             L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act) for w in (L.w_qkv, L.wo, L.w13, L.w2))
             L.attn_norm, L.ffn_norm = L.attn_norm.float(), L.ffn_norm.float()
             L.b_qkv, L.b_o = (None if b is None else b.to(act) for b in (L.b_qkv, L.b_o))

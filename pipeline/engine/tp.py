@@ -91,7 +91,7 @@ class ShardRunner(ModelRunner):
         def t(name):
             return w.tensor(name, device).to(dtype)
 
-        layers, mode = load_layers(w, rank, tp, device, dtype, mode, qp)
+        layers, mode = load_layers(w, rank, device, dtype, mode, qp)
         embed = t("tok_embeddings.weight")                                  # (V, D), replicated
         head = embed if args.tie_embeddings else t("output.weight")
         V = args.vocab_size

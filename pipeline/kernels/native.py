@@ -1,12 +1,12 @@
 """Torch-native linears: each workspace weight type repacked ONCE at load for PyTorch's own kernels.
 
 Usage:
-    lin = native_linear(w, act_dtype=torch.bfloat16)   # w: W4Weight, W8Weight or a dense (N, K) tensor
+    lin = int4_layout(w, act_dtype=torch.bfloat16)     # W4Weight; Int8Dynamic(w8, dtype), Dense(w, dtype)
     y = lin(x, bias)                                   # x (..., K) any float dtype -> (..., N) in lin.dtype
     head = native_head(lm_head, act_dtype)             # the logits' linear (int8 weight-only on a CPU in bf16)
 
-The layout each weight type gets is the LAYOUTS table (type -> constructor), so the model never branches on
-weight types. Every layout casts its input to its activation dtype (`dtype`) and returns that dtype.
+Which layout a workspace linear gets is its weight type's `native` (pipeline/weights; `native_linear(w, dtype)`
+there). Every layout casts its input to its activation dtype (`dtype`) and returns that dtype.
 
     W4Weight  bf16 activations: `Int4Packed`, the int4 GEMM of PyTorch (CPU: `_weight_int4pack_mm_for_cpu`, AVX512
               kernels for bf16 inputs; CUDA sm_80+: `_weight_int4pack_mm`, tinygemm). Its convention is
@@ -75,7 +75,8 @@ def int4_packable(w: W4Weight) -> bool:
     return w.N % 8 == 0 and w.K % 32 == 0 and w.group_size in (32, 64, 128, 256)
 
 
-def _w4(w: W4Weight, dtype: torch.dtype):
+def int4_layout(w: W4Weight, dtype: torch.dtype):
+    """`Int4Packed` where PyTorch's int4 GEMM takes w (bf16 activations), else `Dense` of w dequantized."""
     if dtype == torch.bfloat16 and int4_packable(w):
         try:
             return Int4Packed(w)
@@ -123,18 +124,6 @@ class Int8Head:
         acc = torch._int_mm(torch.cat([q1, q2]), self.wt)         # (2T, V) int32, exact
         T = x.shape[0]
         return torch.addcmul(acc[:T] * s1[:, None], acc[T:], s2[:, None]).mul_(self.scales)
-
-
-LAYOUTS = {W4Weight: _w4, W8Weight: Int8Dynamic, torch.Tensor: Dense, torch.nn.Parameter: Dense}
-
-
-def native_linear(w, act_dtype: torch.dtype):
-    """The torch-native layout of a workspace linear (see LAYOUTS)."""
-    make = LAYOUTS.get(type(w))
-    if make is None:
-        raise TypeError(f"no torch-native layout for a {type(w).__name__} weight; known: "
-                        f"{sorted(t.__name__ for t in LAYOUTS)}")
-    return make(w, act_dtype)
 
 
 def native_head(weight: torch.Tensor, act_dtype: torch.dtype):

@@ -59,11 +59,6 @@ def set_default(on: bool) -> None:
     _default["on"] = bool(on)
 
 
-def default_for(weight_type: str) -> bool:
-    """The engine's choice per weight type: on where it was measured faster (int4), off elsewhere."""
-    return weight_type == "int4"
-
-
 def enabled(device: torch.device) -> bool:
     """Launch this device's decode kernels with PDL?"""
     env = os.environ.get("PIPELINE_PDL", "")

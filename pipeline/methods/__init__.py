@@ -5,10 +5,12 @@ qparams when the KV method needs them).
     m = select(cfg)                    # validates cfg for the methods it selects; m.weight, m.kv
     m.upstream()                       # ["load", "pack", "kv_qparams"]: evaluate's / turbomind's inputs
     m.weight.apply(model, inputs); m.kv.apply(model, cfg.quant, m.kv_dir(inputs))   # evaluation
-    tensors, w4, w8 = m.weight.read(inputs, args, device); m.kv.read(m.kv_dir(inputs), args, cfg.quant)
+    tensors, linears, weight_type = m.weight.read(inputs, args, device); m.kv.read(m.kv_dir(inputs), args, cfg.quant)
 
 Adding a method: a module here with a WeightMethod (or KvMethod) subclass (pipeline/methods/base.py) and one
-row in WEIGHT_METHODS (or KV_METHODS); the stages it names must exist in pipeline/stages/__init__.py.
+row in WEIGHT_METHODS (or KV_METHODS); the stages it names must exist in pipeline/stages/__init__.py. Its
+`weight_type` names the row of pipeline.weights.WEIGHT_TYPES its linears are served as (a new kind of linear:
+a module in pipeline/weights and one row there).
 """
 from __future__ import annotations
 

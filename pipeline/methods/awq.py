@@ -13,6 +13,7 @@ class AWQ(WeightMethod):
     name = "awq"
     stages = ("calibrate", "awq", "pack")
     artifact = "pack"
+    weight_type = "int4"
 
     def matches(self, q) -> bool:
         return q.w_bits is not None and q.a_bits is None and bool(q.search or q.clip) and not q.gptq
@@ -34,7 +35,7 @@ class AWQ(WeightMethod):
         pdir = inputs["pack"]
         w4 = {f"layers.{i}.{n}": read_unpacked(pdir, f"layers.{i}.{n}", device)
               for i in range(args.n_layers) for n in LINEARS}
-        return read_dense(pdir), w4, None
+        return read_dense(pdir), w4, self.weight_type
 
 
 class RTN(AWQ):

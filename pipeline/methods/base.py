@@ -12,6 +12,7 @@ class WeightMethod:
     stages: tuple[str, ...] = ()        # stages that make its weights, upstream first (load is always there)
     artifact: Optional[str] = None      # the stage whose artifact evaluate and turbomind read (None: load's)
     kv_qparams_from: str = "kv_qparams"  # the stage writing static KV qparams that fit these weights
+    weight_type: Optional[str] = None   # what `read` serves: a row of pipeline.weights.WEIGHT_TYPES (None: 16-bit)
 
     def matches(self, q) -> bool:
         """Does the quant config q select this method?"""
@@ -27,8 +28,9 @@ class WeightMethod:
     def apply(self, model, inputs: dict[str, Path]) -> None:
         """Put the method's weights into the reference model (evaluate); inputs: stage -> artifact folder."""
 
-    def read(self, inputs: dict[str, Path], args, device) -> tuple[dict, Optional[dict], Optional[dict]]:
-        """The weights for the workspace writer: (canonical tensors, w4 linears or None, w8 linears or None)."""
+    def read(self, inputs: dict[str, Path], args, device) -> tuple[dict, Optional[dict], Optional[str]]:
+        """The weights for the workspace writer: (canonical tensors, the quantized linears or None, their weight
+        type: a row of pipeline.weights.WEIGHT_TYPES, or None for 16-bit linears in the tensors)."""
         raise NotImplementedError
 
 

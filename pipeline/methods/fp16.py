@@ -13,4 +13,5 @@ class FP16(WeightMethod):
         return q.w_bits is None and q.a_bits is None
 
     def read(self, inputs, args, device):
-        return read_tensors(inputs["load"]), read_w4(inputs["load"], device), None
+        w4 = read_w4(inputs["load"], device)        # a pre-quantized checkpoint's own int4 linears, or None
+        return read_tensors(inputs["load"]), w4, "int4" if w4 else None

@@ -13,6 +13,7 @@ class SmoothQuant(WeightMethod):
     stages = ("calibrate", "smooth", "quant_w8")
     artifact = "quant_w8"
     kv_qparams_from = "quant_w8"
+    weight_type = "int8"
 
     def matches(self, q) -> bool:
         return q.a_bits is not None
@@ -33,4 +34,4 @@ class SmoothQuant(WeightMethod):
 
     def read(self, inputs, args, device):
         tensors, w8 = read_quant_w8(inputs["quant_w8"], inputs["load"], args)
-        return tensors, None, w8
+        return tensors, w8, self.weight_type

@@ -39,14 +39,6 @@ def kv_qparams(stats: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch
     return out
 
 
-def split_tp(qp: dict[str, torch.Tensor], num_tp: int, n_kv_heads: int) -> list[dict[str, torch.Tensor]]:
-    """Per tensor-parallel rank, the KV heads that rank holds (contiguous slices)."""
-    if num_tp < 1 or n_kv_heads % num_tp:
-        raise ValueError(f"quant.num_tp={num_tp} must divide the model's n_kv_heads={n_kv_heads}")
-    h = n_kv_heads // num_tp
-    return [{k: v[r * h:(r + 1) * h].contiguous() for k, v in qp.items()} for r in range(num_tp)]
-
-
 def check_kv(q) -> None:
     if q.kv_bits not in (4, 8):
         raise ValueError(f"quant.kv_bits={q.kv_bits!r}: quantized KV supports 4 or 8 (null: 16-bit)")

@@ -15,6 +15,7 @@ import logging
 import socket
 from typing import Optional
 
+from ..weights import WEIGHT_TYPES
 from .app import create_app
 
 log = logging.getLogger("pipeline.server")
@@ -23,7 +24,7 @@ __all__ = ["create_app", "serve_api"]
 
 def quant_label(st: dict) -> str:
     """e.g. w4a16_kv8 from the engine's weight_type and quant_policy (0: 16-bit KV, 4: int8, 8: int4)."""
-    w = {"int4": "w4a16", "int8": "w8a8"}.get(st["weight_type"], st["weight_type"])
+    w = getattr(WEIGHT_TYPES.get(st["weight_type"]), "label", "") or st["weight_type"]
     kv = {4: "_kv8", 8: "_kv4"}.get(st["quant_policy"], "")
     return w + kv
 

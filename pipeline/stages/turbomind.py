@@ -28,25 +28,17 @@ def inputs(cfg) -> list[str]:
     return select(cfg, serving=True).upstream()
 
 
-def _group_size(w4):
-    """The int4 linears' own group (a pre-quantized checkpoint's may differ from quant.group_size)."""
-    if not w4:
-        return None
-    q, scales, _ = next(iter(w4.values()))
-    return q.shape[1] // scales.shape[0]
-
-
 def run(ctx) -> dict:
     q, tp = ctx.cfg.quant, ctx.cfg.serve.tp
     load_dir = ctx.inputs["load"]
     args = read_args(load_dir)
     m = select(ctx.cfg, validate=False)
-    tensors, w4, w8 = m.weight.read(ctx.inputs, args, ctx.device)
+    tensors, linears, weight_type = m.weight.read(ctx.inputs, args, ctx.device)
     kvq = m.kv.read(m.kv_dir(ctx.inputs), args, q)
     dtype = next(t for t in tensors.values() if t.is_floating_point()).dtype
-    info = write_workspace(ctx.out / "workspace", args, tensors, load_dir / "tokenizer", tp=tp, w4=w4, w8=w8,
-                           group_size=_group_size(w4) or q.group_size, kv_qparams=kvq, kv_bits=q.kv_bits, kv_mode=q.kv_mode,
-                           model_name=str(ctx.cfg.model.name), dtype=dtype, track=ctx.track)
+    info = write_workspace(ctx.out / "workspace", args, tensors, load_dir / "tokenizer", tp=tp, linears=linears,
+                           weight_type=weight_type, group_size=q.group_size, kv_qparams=kvq, kv_bits=q.kv_bits,
+                           kv_mode=q.kv_mode, model_name=str(ctx.cfg.model.name), dtype=dtype, track=ctx.track)
     files = list((ctx.out / "workspace").rglob("*"))
     info["bytes"] = sum(f.stat().st_size for f in files if f.is_file())
     return info
