@@ -122,21 +122,16 @@ if HAVE_GLUON:
     _PLANE_HI = gl.constexpr(_plane_asm("$2"))
 
     @gluon.jit
-    def _dequant(qr, sh, zc, sc, DKIND: gl.constexpr):
-        # qr (BN, KT) int32 packed words, sh: the nibble shift (scalar or (1, KT)); zc (BN,) = magic + zero,
-        # sc (BN,) scale -> (BN, KT) (q - z) * s in the MMA dtype, rounded once (as the reference's weight)
-        nib = ((qr >> sh) & 0xF).to(gl.int16)
-        if DKIND == 1:  # 0x6400 | q = fp16 1024 + q exactly
-            w = (nib | 0x6400).to(gl.float16, bitcast=True)
-            w = (w - gl.expand_dims(zc, 1)) * gl.expand_dims(sc, 1)
-        else:  # 0x4300 | q = bf16 128 + q exactly; the fp16 scale applied in fp32, one rounding to bf16
-            w = (nib | 0x4300).to(gl.bfloat16, bitcast=True)
-            w = ((w - gl.expand_dims(zc, 1)).to(gl.float32) * gl.expand_dims(sc, 1)).to(gl.bfloat16)
-        return w
+    def _dequant_bf16(qr, sh, zc, sc):
+        # qr (BN, KT) int32 packed words, sh: the nibble shift (scalar or (1, KT)); zc (BN,) bf16 128 + zero, sc (BN,)
+        # fp32 scale -> (BN, KT) bf16 (q - z) * s, rounded once (as the reference's weight): 0x4300 | q is bf16
+        # 128 + q exactly, and the fp16 scale is applied in fp32 (bf16 cannot hold it)
+        w = (((qr >> sh) & 0xF).to(gl.int16) | 0x4300).to(gl.bfloat16, bitcast=True)
+        return ((w - gl.expand_dims(zc, 1)).to(gl.float32) * gl.expand_dims(sc, 1)).to(gl.bfloat16)
 
     @gluon.jit
     def _dequant_f16x2(qr, sh, zc, sc):
-        # fp16 fast path of _dequant, two weights per step: the pair (c, c + 1) of the A operand's registers comes
+        # fp16 (q - z) * s, two weights per step: the pair (c, c + 1) of the A operand's registers comes
         # from words a, b of the same column; prmt joins their shifted low halves and one lop3 makes both
         # nibbles fp16 1024 + q (0x6400 | q), then one sub.f16x2 and one mul.f16x2: ~3 instructions a weight
         return gl.inline_asm_elementwise(
@@ -272,7 +267,7 @@ if HAVE_GLUON:
                 elif DKIND == 1:
                     a = _dequant_f16x2(qr, sh_c + 4 * KW * j, gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1))
                 else:
-                    a = _dequant(qr, sh_c + 4 * KW * j, zc_i, sc_i, DKIND)
+                    a = _dequant_bf16(qr, sh_c + 4 * KW * j, zc_i, sc_i)
                 xt = b_smem.index(b0 + j).permute((1, 0))  # (KT, BM): the transposed activation slice
                 acc = warpgroup_mma(a, xt, acc, is_async=True)
                 # retire all but this MMA: the previous slice's registers and buffers are free again
