@@ -20,12 +20,13 @@ def test_every_gluon_config_is_a_candidate_and_fits():
     names = {n for M in (16, 32, 64, 128, 2048) for n in c.gluon_candidates(M)}
     assert names == set(wg.GLUON_CONFIGS)
     assert c.gluon_candidates(1) == c.gluon_candidates(8) == ()
-    for name, (BM, BN, KT, stages, warps, _) in wg.GLUON_CONFIGS.items():
+    for name, (BM, BN, KT, stages, warps, _, _) in wg.GLUON_CONFIGS.items():
         assert BM % 8 == 0 and BM <= 256 and BN % (16 * warps) == 0, name
+        assert wg.fits(name, 128, False), f"{name} does not serve g = 128"
         for g in (32, 64, 128):
-            if KT % (g // 8) == 0 and KT <= g:
-                depth = wg.stages_for(BM, BN, KT, g, stages)
-                assert depth >= 2 and depth * (BM * g * 2 + KT * BN * 4) <= wg.SMEM_BYTES, (name, g)
+            if wg.fits(name, g, False):
+                assert wg.stages_for(BM, BN, KT, g, stages) * (BM * g * 2 + KT * BN * 4) <= wg.SMEM_BYTES, (name, g)
+    assert not wg.fits("gl_m256_n128_k16_s3", 128, True)  # the SwiGLU's gate, up and product tiles: too big
 
 
 def test_not_available_off_sm90(monkeypatch):
@@ -36,8 +37,8 @@ def test_not_available_off_sm90(monkeypatch):
 
 @pytest.mark.gpu
 @on_sm90
-@pytest.mark.parametrize("g", [128, 64, 32])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g,dtype", [(128, torch.float16), (128, torch.bfloat16), (64, torch.float16),
+                                     (32, torch.float16)])
 def test_gpu_gluon_odd_shapes(g, dtype):
     """N not a multiple of any tile, K a multiple of the group; the configs tuned at each M (split-K at small M),
     a bias at odd M."""
@@ -49,13 +50,29 @@ def test_gpu_gluon_odd_shapes(g, dtype):
             b = bias if M % 2 else None
             ref = ref64(x, w, b)
             for name in c.gluon_candidates(M):
-                KT = wg.GLUON_CONFIGS[name][2]
-                if KT % (g // 8) or KT > g:
+                if not wg.fits(name, g, False):
                     continue
                 y = wg.w4a16_gluon_linear(x, w, b, config=name)
                 assert y.shape == (M, N) and y.dtype == dtype
                 err = rel_err(y, ref)
                 assert err < TOL[dtype], f"{name} g={g} M={M} N={N} K={K} {dtype}: rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+@on_sm90
+@pytest.mark.parametrize("g", [128, 64])
+def test_gpu_gluon_fused_silu_mul(g):
+    """act="silu_mul": x = [gate | up], y = silu(gate) * up @ W^T; every config that fits, odd N."""
+    from pipeline.kernels.norm import silu_mul_ref
+    N, K = 1000, 1024
+    w = w4.pack_w4(*make_quant(N, K, g, seed=g), g).to("cuda")
+    for M in (16, 33, 256):
+        gu = torch.randn(M, 2 * K, device="cuda").half()
+        ref = ref64(silu_mul_ref(gu), w)
+        for name in c.gluon_candidates(M):
+            if wg.fits(name, g, True):
+                err = rel_err(wg.w4a16_gluon_linear(gu, w, config=name, act="silu_mul"), ref)
+                assert err < TOL[torch.float16], f"{name} g={g} M={M} silu_mul: rel err {err:.2e}"
 
 
 @pytest.mark.gpu
@@ -73,9 +90,9 @@ def test_gpu_gluon_tuned_through_w4a16_linear_and_repeatable():
         name = c.gluon_candidates(M)[0]
         first = w4.w4a16_linear(x, w, config=name)
         assert all(torch.equal(w4.w4a16_linear(x, w, config=name), first) for _ in range(50)), name
-    with pytest.raises(ValueError, match="silu_mul"):
-        w4.w4a16_linear(torch.randn(16, 2 * K, device="cuda").half(), w, config="gl_m16_n64_k16_s4_c4",
-                        act="silu_mul")
+    with pytest.raises(ValueError, match="unsupported"):  # the 256-row tile's SwiGLU buffers exceed shared memory
+        wg.w4a16_gluon_linear(torch.randn(256, 2 * K, device="cuda").half(), w, config="gl_m256_n128_k16_s3",
+                              act="silu_mul")
 
 
 @pytest.mark.slow
@@ -88,7 +105,7 @@ def test_offline_sm90_compile_every_config(name):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
-    BM, BN, KT, stages, warps, split = wg.GLUON_CONFIGS[name]
+    BM, BN, KT, stages, warps, split, ws = wg.GLUON_CONFIGS[name]
     g, N, K = 128, 4096, 4096
     x_l, q_l = wg.layouts(BM, BN, KT, g, torch.float16)
     xd = wg.TensorDescriptor(torch.empty(64, K, dtype=torch.float16), [64, K], [K, 1], [BM, KT], x_l)
@@ -97,7 +114,7 @@ def test_offline_sm90_compile_every_config(name):
            "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_ym": "i32", "split_k": "i32"}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages),
-               SPLIT=split != 1, HAS_BIAS=True, DKIND=1, num_warps=warps)
+               SPLIT=split != 1, HAS_BIAS=True, DKIND=1, ACT=False, WS=bool(ws), num_warps=warps)
     sig.update({k: "constexpr" for k in cst})
     src = GluonASTSource(fn=wg._kernel, signature=sig, constexprs={(list(sig).index(k),): v for k, v in cst.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -106,3 +123,4 @@ def test_offline_sm90_compile_every_config(name):
     # one wait(1) per MMA slice (g // KT a group): the next slice is dequantized while this one runs
     assert ptx.count("wgmma.wait_group.sync.aligned 1;") == g // KT and ptx.count("wgmma.mma_async") % (g // KT) == 0
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
+    assert ("setmaxnreg.dec.sync.aligned.u32" in ptx) == bool(ws)  # the producer warp gives its registers away

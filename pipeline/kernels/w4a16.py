@@ -317,10 +317,9 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up); pdl: launch with PDL
     (default: what pdl.enabled says for x2's device)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
-    if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py); no fused SwiGLU, no PDL
-        if act:
-            raise ValueError("the gluon W4A16 kernel does not fuse act='silu_mul'")
-        return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], out=_alloc_out(M, N, out_dtype, x2.device))
+    if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py), launched without PDL
+        return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], "silu_mul" if act else None,
+                                              out=_alloc_out(M, N, out_dtype, x2.device))
     if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
         if act:
             x2 = silu_mul(x2)
@@ -406,7 +405,7 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
         return name
     names = tuning_set(M, pdl)
     if w4a16_gluon.available(x2.device) and w4a16_gluon.applicable(x2, w, act):
-        names = names + gluon_candidates(M)
+        names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
     return TUNER.choose(key, names, lambda name: _launch(x2, w, bias, out_dtype, _config(name), act, pdl),
                         default_config(M), x2.device)
 

@@ -3,7 +3,7 @@
 Usage:
     from pipeline.kernels.w4a16_gluon import available, w4a16_gluon_linear
     if available(x.device):
-        y = w4a16_gluon_linear(x, w, bias, config="gl_m64_n64_k16_s4")   # x (M, K) fp16/bf16, w: W4Weight
+        y = w4a16_gluon_linear(x, w, bias, config="gl_m64_n64_k16_s4_c2")   # x (M, K) fp16/bf16, w: W4Weight
     Normally reached through `pipeline.kernels.w4a16.w4a16_linear`, whose tuner times the `gl_*` configs next
     to the Triton kernels for M >= 16 on sm_90 (`w4a16_configs.gluon_candidates`); reference: `w4a16_linear_ref`.
 
@@ -23,11 +23,18 @@ MMA's register layout without shuffles, the packed tile is loaded KW times into 
 element (n, c) of its transposed view is exactly word c % P of column n.
 Split-K (split > 1): fp32 partial tiles and a last-arriving-program finish, like `_finish_split` in
 `w4a16_gemv.py` (deterministic: partials summed in split order). TMA zero-fills rows past M and columns past N.
-Limits: N % 4 == 0 (TMA's 16-byte row pitch of qweight), fp16/bf16 activations; `act="silu_mul"` is not fused
-here (the tuner keeps the Triton kernels for fused calls). Gluon compiles for the GPU only (no interpreter):
-`available(device)` gates it to sm_90 with a Triton that ships Gluon's Hopper API; written against Triton 3.6.
+act="silu_mul" (x = [gate | up]): both halves arrive by TMA and the MMA warps write silu(gate) * up of each group
+to a double-buffered shared tile that the wgmmas read (ptxas serializes the wgmmas of this variant: "non wgmma
+instructions defining accumulator registers"; the tuner measures whether it still wins).
+Warp specialization (configs `_ws`): a one-warp producer partition (24 registers) issues the TMA copies as soon as
+the MMA warps release a stage (`empty` mbarriers), so the MMA warps skip the per-copy barriers that the compiler
+puts before each refill they issue themselves.
+Limits: N % 4 == 0 (TMA's 16-byte row pitch of qweight), fp16/bf16 activations. Gluon compiles for the GPU only
+(no interpreter): `available(device)` gates it to sm_90 with a Triton that ships Gluon's Hopper API; written against Triton 3.6.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -36,25 +43,31 @@ from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability,
 try:  # Gluon's Hopper API (Triton >= 3.5); absent or different elsewhere: the module still imports
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the Triton install
     HAVE_GLUON = False
 
-# name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, split); split > 0: that many programs along K, split < 0:
+# name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, split, ws); split > 0: that many programs along K, split < 0:
 # split K until about -split programs per SM (as `w4a16_configs`). BLOCK_M is the wgmma's N (8..256, multiple
-# of 8), BLOCK_N its M (64 per warpgroup), KT the K of one wgmma (16, 32 or 64; at least g/8).
+# of 8), BLOCK_N its M (64 per warpgroup), KT the K of one wgmma (16, 32 or 64; at least g/8). ws: a producer
+# warp streams the ring (warp specialization); else the MMA warps refill it themselves.
 GLUON_CONFIGS = {
-    "gl_m16_n64_k16_s4_c4": (16, 64, 16, 4, 4, -4),
-    "gl_m16_n64_k32_s4_c8": (16, 64, 32, 4, 4, -8),
-    "gl_m32_n64_k16_s4_c4": (32, 64, 16, 4, 4, -4),
-    "gl_m64_n64_k16_s4_c2": (64, 64, 16, 4, 4, -2),
-    "gl_m64_n128_k16_s4_c2": (64, 128, 16, 4, 4, -2),
-    "gl_m128_n128_k16_s4": (128, 128, 16, 4, 8, 1),
-    "gl_m128_n128_k32_s3": (128, 128, 32, 3, 8, 1),
-    "gl_m256_n128_k16_s3": (256, 128, 16, 3, 8, 1),
-    "gl_m128_n256_k16_s3": (128, 256, 16, 3, 8, 1),
+    "gl_m16_n64_k16_s4_c4": (16, 64, 16, 4, 4, -4, 0),
+    "gl_m16_n64_k16_s4_c4_ws": (16, 64, 16, 4, 4, -4, 1),
+    "gl_m16_n64_k32_s4_c8": (16, 64, 32, 4, 4, -8, 0),
+    "gl_m32_n64_k16_s4_c4": (32, 64, 16, 4, 4, -4, 0),
+    "gl_m32_n64_k16_s4_c4_ws": (32, 64, 16, 4, 4, -4, 1),
+    "gl_m64_n64_k16_s4_c2": (64, 64, 16, 4, 4, -2, 0),
+    "gl_m64_n64_k16_s4_c2_ws": (64, 64, 16, 4, 4, -2, 1),
+    "gl_m64_n128_k16_s4_c2": (64, 128, 16, 4, 4, -2, 0),
+    "gl_m128_n128_k16_s4": (128, 128, 16, 4, 8, 1, 0),
+    "gl_m128_n128_k16_s4_ws": (128, 128, 16, 4, 8, 1, 1),
+    "gl_m128_n128_k32_s3": (128, 128, 32, 3, 8, 1, 0),
+    "gl_m256_n128_k16_s3": (256, 128, 16, 3, 8, 1, 0),
+    "gl_m128_n256_k16_s3_ws": (128, 256, 16, 3, 8, 1, 1),
 }
 SMEM_BYTES = 220 * 1024  # of the H100's 227 KB, leaving room for the barriers and the epilogue's scratch
 
@@ -67,92 +80,146 @@ def available(device) -> bool:
 
 def applicable(x2: torch.Tensor, w, act: bool) -> bool:
     """This call's shapes and dtypes fit the kernel (the tuner skips it otherwise)."""
-    return not act and w.N % 4 == 0 and x2.dtype in (torch.float16, torch.bfloat16)
+    return w.N % 4 == 0 and x2.dtype in (torch.float16, torch.bfloat16)
 
 
-def stages_for(BM: int, BN: int, KT: int, g: int, stages: int, itemsize: int = 2) -> int:
-    """Ring depth that fits shared memory: per stage the activation tile (BM * g) and KW = KT // (g/8) copies of
-    the packed (g/8, BN) int32 tile."""
-    per_stage = BM * g * itemsize + KT * BN * 4
-    while stages > 2 and stages * per_stage > SMEM_BYTES:
+def fits(name: str, g: int, act: bool) -> bool:
+    """Config `name` serves group size g (KT a multiple of g/8, at most g) within shared memory."""
+    BM, BN, KT, stages, *_ = GLUON_CONFIGS[name]
+    depth = stages_for(BM, BN, KT, g, stages, act)
+    return KT % (g // 8) == 0 and KT <= g and depth * smem_per_stage(BM, BN, KT, g, act) + (
+        2 * BM * g * 2 if act else 0) <= SMEM_BYTES
+
+
+def smem_per_stage(BM: int, BN: int, KT: int, g: int, act: bool = False, itemsize: int = 2) -> int:
+    return BM * g * itemsize * (2 if act else 1) + KT * BN * 4
+
+
+def stages_for(BM: int, BN: int, KT: int, g: int, stages: int, act: bool = False, itemsize: int = 2) -> int:
+    """Ring depth that fits shared memory: per stage the activation tile (BM * g; gate and up with act) and
+    KW = KT // (g/8) copies of the packed (g/8, BN) int32 tile; act adds two silu(gate) * up tiles."""
+    per_stage = smem_per_stage(BM, BN, KT, g, act, itemsize)
+    fixed = 2 * BM * g * itemsize if act else 0
+    while stages > 2 and stages * per_stage + fixed > SMEM_BYTES:
         stages -= 1
     return stages
 
 
+def _plane_asm(src: str) -> str:
+    # _plane_f16x2's PTX on the low ($1) or high ($2) half-pair: shift the plane's nibbles down, lop3 them into
+    # fp16 1024 + q, subtract 1024 + z and multiply by the scale, two weights per instruction
+    return f"""{{
+    .reg .b32 t;
+    shr.u32 t, {src}, $3;
+    lop3.b32 t, t, 0x000f000f, 0x64006400, 0xea;
+    sub.f16x2 t, t, $5;
+    mul.f16x2 $0, t, $6;
+    }}"""
+
+
 if HAVE_GLUON:
-    @gluon.jit
-    def _dequant(qr, sh, zc, sc, DKIND: gl.constexpr):
-        # qr (BN, KT) int32 packed words, sh: the nibble shift (scalar or (1, KT)); zc (BN,) = magic + zero,
-        # sc (BN,) scale -> (BN, KT) (q - z) * s in the MMA dtype, rounded once (as the reference's weight)
-        nib = ((qr >> sh) & 0xF).to(gl.int16)
-        if DKIND == 1:  # 0x6400 | q = fp16 1024 + q exactly
-            w = (nib | 0x6400).to(gl.float16, bitcast=True)
-            w = (w - gl.expand_dims(zc, 1)) * gl.expand_dims(sc, 1)
-        else:  # 0x4300 | q = bf16 128 + q exactly; the fp16 scale applied in fp32, one rounding to bf16
-            w = (nib | 0x4300).to(gl.bfloat16, bitcast=True)
-            w = ((w - gl.expand_dims(zc, 1)).to(gl.float32) * gl.expand_dims(sc, 1)).to(gl.bfloat16)
-        return w
+    _PLANE_LO = gl.constexpr(_plane_asm("$1"))
+    _PLANE_HI = gl.constexpr(_plane_asm("$2"))
 
     @gluon.jit
-    def _issue_loads(x_desc, q_desc, x_smem, q_smem, bar, grp, s, off_m, off_n, pred,
-                     GROUP: gl.constexpr, KT: gl.constexpr, KW: gl.constexpr):
-        # group grp's activation slices and KW copies of its packed tile into stage s, arriving on bar
+    def _dequant_bf16(qr, sh, zc, sc):
+        # qr (BN, KT) int32 packed words, sh: the nibble shift (scalar or (1, KT)); zc (BN,) bf16 128 + zero, sc (BN,)
+        # fp32 scale -> (BN, KT) bf16 (q - z) * s, rounded once (as the reference's weight): 0x4300 | q is bf16
+        # 128 + q exactly, and the fp16 scale is applied in fp32 (bf16 cannot hold it)
+        w = (((qr >> sh) & 0xF).to(gl.int16) | 0x4300).to(gl.bfloat16, bitcast=True)
+        return ((w - gl.expand_dims(zc, 1)).to(gl.float32) * gl.expand_dims(sc, 1)).to(gl.bfloat16)
+
+    @gluon.jit
+    def _dequant_f16x2(qr, sh, zc, sc):
+        # fp16 (q - z) * s, two weights per step: the pair (c, c + 1) of the A operand's registers comes
+        # from words a, b of the same column; prmt joins their shifted low halves and one lop3 makes both
+        # nibbles fp16 1024 + q (0x6400 | q), then one sub.f16x2 and one mul.f16x2: ~3 instructions a weight
+        return gl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b, t;
+            shr.u32 a, $1, $3;
+            shr.u32 b, $2, $4;
+            prmt.b32 t, a, b, 0x5410;
+            lop3.b32 t, t, 0x000f000f, 0x64006400, 0xea;
+            sub.f16x2 t, t, $5;
+            mul.f16x2 $0, t, $6;
+            }""",
+            constraints="=r,r,r,r,r,r,r", args=[qr, sh, zc, sc], dtype=gl.float16, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _halves(qr):
+        # pairs (c, c + 1) of packed words a, b -> (low16(a) | low16(b) << 16, high16(a) | high16(b) << 16): the
+        # nibble planes 0..3 and 4..7 of both columns side by side, made once per group for _plane_f16x2
+        return gl.inline_asm_elementwise(
+            asm="""
+            prmt.b32 $0, $2, $3, 0x5410;
+            prmt.b32 $1, $2, $3, 0x7632;
+            """,
+            constraints="=r,=r,r,r", args=[qr], dtype=gl.int32, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _plane_f16x2(hv, sh, zc, sc, HI: gl.constexpr):
+        # nibble plane (HI * 4 + sh / 4) of _halves' pair -> two weights (q - z) * s: shr, lop3 (0x6400 | q, i.e.
+        # fp16 1024 + q, in both halves), sub.f16x2, mul.f16x2
+        if HI:
+            asm: gl.constexpr = _PLANE_HI
+        else:
+            asm: gl.constexpr = _PLANE_LO
+        return gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r,r,r,r,r", args=[hv, sh, zc, sc],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, bar, grp, s, off_m, off_n, K, pred,
+                     GROUP: gl.constexpr, KT: gl.constexpr, KW: gl.constexpr, ACT: gl.constexpr):
+        # group grp into stage s, arriving on bar: its g/KT activation slices (BM, KT) (with ACT the gate's and the
+        # up's) and KW copies of its packed (g/8, BN) tile
         P: gl.constexpr = GROUP // 8
         NJ: gl.constexpr = GROUP // KT
-        mbarrier.expect(bar, NJ * x_desc.block_type.nbytes + KW * q_desc.block_type.nbytes, pred=pred)
+        nx: gl.constexpr = 2 if ACT else 1
+        mbarrier.expect(bar, nx * NJ * x_desc.block_type.nbytes + KW * q_desc.block_type.nbytes, pred=pred)
         for j in gl.static_range(NJ):
             tma.async_copy_global_to_shared(x_desc, [off_m, grp * GROUP + j * KT], bar, x_smem.index(s * NJ + j),
                                             pred=pred)
+            if ACT:  # x is [gate | up]: the up slices are K inputs further
+                tma.async_copy_global_to_shared(x_desc, [off_m, K + grp * GROUP + j * KT], bar,
+                                                u_smem.index(s * NJ + j), pred=pred)
         for jj in gl.static_range(KW):
             tma.async_copy_global_to_shared(q_desc, [grp * P, off_n], bar, q_smem.index(s).slice(jj * P, P),
                                             pred=pred)
 
     @gluon.jit
-    def _kernel(x_desc, q_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_k,
-                GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
-                STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, DKIND: gl.constexpr,
-                num_warps: gl.constexpr):
-        # grid (tiles of y^T in grouped order, split_k); see the module docstring
+    def _produce(x_desc, q_desc, x_smem, u_smem, q_smem, ready, empty, g_lo, n_iter, off_m, off_n, K,
+                 GROUP: gl.constexpr, KT: gl.constexpr, KW: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr):
+        # warp-specialized producer (one warp): refill each stage as soon as the consumers release it
+        for i in range(n_iter):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(s), g_lo + i, s, off_m, off_n, K, True,
+                         GROUP, KT, KW, ACT)
+
+    @gluon.jit
+    def _consume(x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, N, K, g_lo, n_iter,
+                 off_m, off_n, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
+                 STAGES: gl.constexpr, DKIND: gl.constexpr, ACT: gl.constexpr, WS: gl.constexpr,
+                 num_warps: gl.constexpr):
+        # dequantize + async wgmma over groups [g_lo, g_lo + n_iter) -> the fp32 (BN, BM) tile of y^T.
+        # WS: a producer warp refills the ring (stages released through `empty`); else this loop refills
+        # the previous group's stage itself, once that group's MMAs are retired.
         P: gl.constexpr = GROUP // 8
         KW: gl.constexpr = KT // P
         NJ: gl.constexpr = GROUP // KT
-        GROUP_M: gl.constexpr = 8
         if DKIND == 1:
             C: gl.constexpr = 1024.0
         else:
             C: gl.constexpr = 128.0
         dt: gl.constexpr = x_desc.dtype
-
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         col_l: gl.constexpr = gl.SliceLayout(1, a_l)  # (BN,) per output column n (a row of the A operand)
-
-        # output tile (pid_m, pid_n) in grouped order, and this split's groups [g_lo, g_hi)
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = gl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % size_m
-        pid_n = (pid % in_group) // size_m
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
+        TK: gl.constexpr = KT // 8  # threads along KT, 8 inputs each, for the SwiGLU's (BM, KT) slices
+        x_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TK, TK], [num_warps, 1], [1, 0])
         n_groups = K // GROUP
-        per_split = gl.cdiv(n_groups, split_k)
-        g_lo = pid_k * per_split
-        n_iter = gl.minimum(per_split, n_groups - g_lo)
-
-        x_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
-        q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KW * P, BLOCK_N], q_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(STAGES):
-            mbarrier.init(bars.index(st), count=1)
-        for st in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 groups in flight
-            _issue_loads(x_desc, q_desc, x_smem, q_smem, bars.index(st), g_lo + st, st, off_m, off_n, st < n_iter,
-                         GROUP, KT, KW)
 
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=col_l)
         mask_n = offs_n < N
@@ -177,23 +244,106 @@ if HAVE_GLUON:
             nxt = gl.minimum(grp + 1, n_groups - 1)
             sc = gl.load(s_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
             zc = gl.load(z_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
-            mbarrier.wait(bars.index(s), (i // STAGES) & 1)
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             qr = q_smem.index(s).permute((1, 0)).load(a_l)  # (BN, KT): word c % P of column n
+            if DKIND == 1 and KW == 1:
+                hv = _halves(qr)
+            if ACT:  # silu(gate) * up of this group into a_smem[i % 2] (group i - 2's MMAs, its readers, are retired)
+                b0 = (i % 2) * NJ
+                gl.thread_barrier()
+                for j in gl.static_range(NJ):
+                    gate = x_smem.index(s * NJ + j).load(x_l).to(gl.float32)
+                    up = u_smem.index(s * NJ + j).load(x_l).to(gl.float32)
+                    a_smem.index(b0 + j).store((gate / (1.0 + gl.exp(-gate)) * up).to(dt))
+                fence_async_shared()
+                gl.thread_barrier()
+                b_smem = a_smem
+            else:
+                b0 = s * NJ
+                b_smem = x_smem
             for j in gl.static_range(NJ):
-                a = _dequant(qr, sh_c + 4 * KW * j, zc_i, sc_i, DKIND)
-                xt = x_smem.index(s * NJ + j).permute((1, 0))  # (KT, BM): x^T slice
+                if DKIND == 1 and KW == 1:  # one plane per slice: the halves made once per group
+                    a = _plane_f16x2(hv, 4 * (j % 4), gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1), j >= 4)
+                elif DKIND == 1:
+                    a = _dequant_f16x2(qr, sh_c + 4 * KW * j, gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1))
+                else:
+                    a = _dequant_bf16(qr, sh_c + 4 * KW * j, zc_i, sc_i)
+                xt = b_smem.index(b0 + j).permute((1, 0))  # (KT, BM): the transposed activation slice
                 acc = warpgroup_mma(a, xt, acc, is_async=True)
                 # retire all but this MMA: the previous slice's registers and buffers are free again
                 acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
                 a_prev = a
-                if j == 0:  # the previous group's MMAs are done (in every warpgroup): refill its stage
-                    gl.thread_barrier()
-                    ahead = i + STAGES - 1
-                    _issue_loads(x_desc, q_desc, x_smem, q_smem, bars.index(ahead % STAGES), g_lo + ahead,
-                                 ahead % STAGES, off_m, off_n, ahead < n_iter, GROUP, KT, KW)
+                if j == 0:  # the previous group's MMAs are retired (in every warpgroup): its stage is free
+                    prev = (i + STAGES - 1) % STAGES
+                    if WS:
+                        mbarrier.arrive(empty.index(prev), pred=i > 0)
+                    else:
+                        gl.thread_barrier()
+                        ahead = i + STAGES - 1
+                        _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(prev), g_lo + ahead, prev,
+                                     off_m, off_n, K, ahead < n_iter, GROUP, KT, KW, ACT)
         acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+        return (acc, )
+
+    @gluon.jit
+    def _kernel(x_desc, q_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_k,
+                GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
+                STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, DKIND: gl.constexpr,
+                ACT: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+        # grid (tiles of y^T in grouped order, split_k); see the module docstring
+        P: gl.constexpr = GROUP // 8
+        KW: gl.constexpr = KT // P
+        NJ: gl.constexpr = GROUP // KT
+        GROUP_M: gl.constexpr = 8
+        dt: gl.constexpr = x_desc.dtype
+
+        # output tile (pid_m, pid_n) in grouped order, and this split's groups [g_lo, g_lo + n_iter)
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % in_group) % size_m
+        pid_n = (pid % in_group) // size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        n_groups = K // GROUP
+        per_split = gl.cdiv(n_groups, split_k)
+        g_lo = pid_k * per_split
+        n_iter = gl.minimum(per_split, n_groups - g_lo)
+
+        x_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
+        if ACT:  # the up slices, and silu(gate) * up (two buffers: one may still be read by the MMAs in flight)
+            u_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
+            a_smem = gl.allocate_shared_memory(dt, [2 * NJ, BLOCK_M, KT], x_desc.layout)
+        else:
+            u_smem = x_smem
+            a_smem = x_smem
+        q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KW * P, BLOCK_N], q_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(st))
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=1)
+        if WS:
+            res = gl.warp_specialize([
+                (_consume, (x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, N, K, g_lo,
+                            n_iter, off_m, off_n, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT, WS, num_warps)),
+                (_produce, (x_desc, q_desc, x_smem, u_smem, q_smem, ready, empty, g_lo, n_iter, off_m, off_n, K,
+                            GROUP, KT, KW, STAGES, ACT)),
+            ], [1], [24])
+        else:
+            for st in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 groups in flight
+                _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(st), g_lo + st, st, off_m, off_n, K,
+                             st < n_iter, GROUP, KT, KW, ACT)
+            res = _consume(x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, N, K, g_lo,
+                           n_iter, off_m, off_n, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT, WS, num_warps)
+        acc = res[0]
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(st))
+            mbarrier.invalidate(empty.index(st))
 
         # epilogue: y[m, n] = acc[n, m] (+ bias), stored with n contiguous across threads
         out_l: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, num_warps], [0, 1])
@@ -236,34 +386,40 @@ def split_for(M: int, N: int, K: int, g: int, BM: int, BN: int, split: int, devi
     return cdiv(G, cdiv(G, split))
 
 
+@functools.lru_cache(maxsize=None)
 def layouts(BM: int, BN: int, KT: int, g: int, dtype: torch.dtype):
-    """Shared-memory layouts of the activation slice (BM, KT) and the packed weight buffer (KW * g/8, BN)."""
+    """Shared-memory layouts of an activation slice (BM, KT) and the packed weight buffer (KW * g/8, BN)."""
     x_l = gl.NVMMASharedLayout.get_default_for([BM, KT], getattr(gl, _GL_DTYPE[dtype]))
     q_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # unswizzled: sliced by g/8 rows
     return x_l, q_l
 
 
-def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, config: str | tuple = "gl_m64_n64_k16_s4_c2",
+def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
+                       config: str | tuple = "gl_m64_n64_k16_s4_c2", act: str | None = None,
                        out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequant(w).T (+ bias); x (M, K) fp16/bf16 on an sm_90 GPU, w: `W4Weight` (N % 4 == 0)."""
-    BM, BN, KT, stages, warps, split = GLUON_CONFIGS[config] if isinstance(config, str) else config
+    """y = x @ dequant(w).T (+ bias); x (..., K) fp16/bf16 on an sm_90 GPU, w: `W4Weight` (N % 4 == 0).
+    act="silu_mul": x is (..., 2K) = [gate | up] and y = silu_mul(x) @ dequant(w).T."""
+    BM, BN, KT, stages, warps, split, ws_ = GLUON_CONFIGS[config] if isinstance(config, str) else config
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
         x2 = x2.contiguous()
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
     P = g // 8
-    if not applicable(x2, w, False) or KT % P or KT > g:
-        raise ValueError(f"gluon W4A16: unsupported call (dtype {x2.dtype}, N={N}, g={g}, KT={KT})")
-    stages = stages_for(BM, BN, KT, g, stages, x2.element_size())
+    if (not applicable(x2, w, act is not None) or x2.shape[1] != (2 * K if act else K)
+            or (isinstance(config, str) and not fits(config, g, act is not None)) or KT % P or KT > g):
+        raise ValueError(f"gluon W4A16: unsupported call (x {tuple(x2.shape)} {x2.dtype}, N={N}, K={K}, g={g}, "
+                         f"KT={KT}, act={act})")
+    stages = stages_for(BM, BN, KT, g, stages, act is not None, x2.element_size())
     split = split_for(M, N, K, g, BM, BN, split, x2.device)
     tiles = cdiv(M, BM) * cdiv(N, BN)
     y = out if out is not None else torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     x_l, q_l = layouts(BM, BN, KT, g, x2.dtype)
-    x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [BM, KT], x_l)
+    x_desc = TensorDescriptor(x2, [M, x2.shape[1]], [x2.stride(0), 1], [BM, KT], x_l)
     q_desc = TensorDescriptor(w.qweight, [K // 8, N], [N, 1], [P, BN], q_l)
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
     _kernel[(tiles, split)](x_desc, q_desc, w.scales, w.zeros, bias if bias is not None else y, y, ws, cnt,
                             M, N, K, y.stride(0), split, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=stages,
-                            SPLIT=split > 1, HAS_BIAS=bias is not None, DKIND=_DKIND[x2.dtype], num_warps=warps)
+                            SPLIT=split > 1, HAS_BIAS=bias is not None, DKIND=_DKIND[x2.dtype], ACT=act is not None,
+                            WS=bool(ws_), num_warps=warps)
     return y.reshape(*x.shape[:-1], N)
