@@ -31,6 +31,11 @@ def test_every_gluon_config_is_a_candidate_and_fits():
 
 def test_not_available_off_sm90(monkeypatch):
     assert not wg.available(torch.device("cpu"))
+    monkeypatch.setattr(wg, "available", lambda d: True)
+    assert not wg.enabled("cuda")                      # off unless opted in (wrong outputs on the first H100 run)
+    monkeypatch.setenv("PIPELINE_W4A16_GLUON", "1")
+    assert wg.enabled("cuda")
+    monkeypatch.undo()
     monkeypatch.setattr(wg, "device_capability", lambda d: (8, 0))
     assert not wg.available(torch.device("cuda"))
 
@@ -77,8 +82,9 @@ def test_gpu_gluon_fused_silu_mul(g):
 
 @pytest.mark.gpu
 @on_sm90
-def test_gpu_gluon_tuned_through_w4a16_linear_and_repeatable():
-    """The tuner times the gluon configs next to the Triton ones; split-K launches give the same bits."""
+def test_gpu_gluon_tuned_through_w4a16_linear_and_repeatable(monkeypatch):
+    """Opted in, the tuner times the gluon configs next to the Triton ones; split-K launches give the same bits."""
+    monkeypatch.setenv("PIPELINE_W4A16_GLUON", "1")
     K, N = 4096, 4096
     w = w4.pack_w4(*make_quant(N, K, 128, seed=1), 128).to("cuda")
     for M in (16, 64, 256):

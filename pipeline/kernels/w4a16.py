@@ -404,7 +404,7 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
     if name is not None:  # the common case: no candidate list, no closure
         return name
     names = tuning_set(M, pdl)
-    if w4a16_gluon.available(x2.device) and w4a16_gluon.applicable(x2, w, act):
+    if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
     return TUNER.choose(key, names, lambda name: _launch(x2, w, bias, out_dtype, _config(name), act, pdl),
                         default_config(M), x2.device)
