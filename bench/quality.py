@@ -56,6 +56,12 @@ def collect(sweep: Path, corpora: dict) -> dict:
     return {"rows": rows, "quant_seconds": quant_s}
 
 
+def shown(cmd: list, work: Path, corpora: dict) -> str:
+    """The command as stored: no path of this machine (the temp folder, Python's install)."""
+    return " ".join(cmd[1:]).replace(corpora["python"], "$(python -c 'import typing; print(typing.__file__)')") \
+        .replace(str(work), "WORK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quants", default="fp16,w4a16_rtn,w4a16,w4a16_gptq,w4a16_awq_gptq")
@@ -76,7 +82,7 @@ def main() -> None:
     wall = time.time() - t0
     stop.set()
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "cpus": os.cpu_count(), "command": " ".join(cmd[1:]), "returncode": p.returncode, "wall_s": round(wall, 1),
+           "cpus": os.cpu_count(), "command": shown(cmd, work, corpora), "returncode": p.returncode, "wall_s": round(wall, 1),
            "load_avg_1min": {"min": min(loads), "mean": round(sum(loads) / len(loads), 2), "max": max(loads)},
            "corpora": {"wikitext2": "wikitext-2 test", "python": f"CPython {platform.python_version()} typing.py"},
            **collect(work / "sweep", corpora)}
