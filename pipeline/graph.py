@@ -78,7 +78,7 @@ RETIRED = {"quant.num_tp": 1, "quant.extra": {}}
 # Keys added to the schema later, with their default: a stage's key leaves them out while they hold it, so
 # cache keys made before they existed stay valid.
 ADDED = {"model.revision": None, "quant.gptq": False, "quant.gptq_damp": 0.01, "quant.gptq_block": 128,
-         "quant.gptq_desc_act": False, "quant.gptq_mse": False}
+         "quant.gptq_desc_act": False, "quant.gptq_mse": False, "quant.gptq_feedback": 1.0}
 
 
 def _hashed(conf: dict) -> dict:

@@ -92,6 +92,7 @@ class QuantConfig:
     gptq_block: int = 128             # columns per lazy update block (a multiple of group_size)
     gptq_desc_act: bool = False       # act order: columns by descending H diagonal (groups stay static)
     gptq_mse: bool = False            # shrink each group's range by an MSE grid search (else min/max)
+    gptq_feedback: float = 1.0        # fraction of each column's error fed forward (1: GPTQ, 0: round to nearest)
     kv_bits: Optional[int] = None     # None: 16-bit KV; 8 or 4
     kv_sym: bool = False
     kv_mode: KvMode = KvMode.static

@@ -1,8 +1,10 @@
 """GPTQ (pipeline/quant/gptq.py, the gptq stage): error feedback beats round to nearest on correlated inputs, its
 codes (act order, groups) are what the pack format reads back, and the runner builds and evaluates
-quant=w4a16_gptq end to end."""
+quant=w4a16_gptq end to end; slow: the shipped GPTQ presets on SmolLM2, a shortened protocol, below round to
+nearest on wikitext-2 and on Python source (the full protocol's figures: bench/quality.py)."""
 import json
 import math
+import typing
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from safetensors.torch import load_file
 from pipeline.artifacts.packed_w4 import read_unpacked
 from pipeline.quant import gptq, w4
 
-from test_quant_stages import TINY, statuses
+from conftest import DOWNLOADS, compose
+from test_quant_stages import TINY, run_stage, statuses
 
 
 def correlated(T=1024, K=128, seed=0):
@@ -65,6 +68,20 @@ def test_codes_are_what_the_pack_format_reads_back(act_order, mse, group):
         assert torch.equal(s, s0.T.half()) or mse
 
 
+def test_feedback_moves_gptq_towards_round_to_nearest():
+    """feedback 0 is round to nearest (same static groups), 1 is GPTQ; a damped update lies between."""
+    x = correlated()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.02
+    H, _ = gptq.hessian_add(None, x)
+    loss = {}
+    for fb in (0.0, 0.5, 1.0):
+        q, s, z, info = gptq.quantize(w, H, 4, 64, act_order=True, feedback=fb)
+        loss[fb] = info["loss"]
+        if fb == 0:
+            torch.testing.assert_close(info["w_hat"], w4.fake_quant(w, 4, 64), rtol=0, atol=1e-6)
+    assert loss[1.0] < loss[0.5] < loss[0.0], loss
+
+
 def test_a_block_is_quantized_in_place_and_x_becomes_its_quantized_output():
     from pipeline.models.llama import Block, ModelArgs, rope_cos_sin
     torch.manual_seed(0)
@@ -74,7 +91,7 @@ def test_a_block_is_quantized_in_place_and_x_becomes_its_quantized_output():
     x = torch.randn(3, 16, 64)
     cos, sin = rope_cos_sin(args, torch.arange(16))
     q = OmegaConf.create({"w_bits": 4, "group_size": 32, "zero_point": True, "gptq_damp": 0.01, "gptq_block": 64,
-                          "gptq_desc_act": False, "gptq_mse": False})
+                          "gptq_desc_act": False, "gptq_mse": False, "gptq_feedback": 1.0})
     x_in = x.clone()
     r = gptq.quantize_block(block, x, cos, sin, 2, q)                          # batches of 2 and 1 sequences
     assert set(r["codes"]) == {"q", "k", "v", "o", "gate", "up", "down"}
@@ -105,3 +122,33 @@ def test_runner_builds_and_evaluates_w4a16_gptq(cli):
         assert torch.equal(q, codes[lin + ".codes"]) and torch.equal(s, codes[lin + ".scales"])
         assert torch.equal(z, codes[lin + ".zeros"])
 
+
+
+@pytest.mark.slow
+def test_smollm2_gptq_presets_beat_round_to_nearest_on_two_corpora(tmp_path, smollm2_gguf, wikitext):
+    """The presets as shipped (only calibration and evaluation shortened): calibration 8 x 256 on wikitext-2 valid,
+    evaluation 4 x 256 on wikitext-2 test and on CPython's typing.py (code: another domain). With 2,048 calibration
+    tokens GPTQ fits them more than on the full protocol (32 x 512), where AWQ + GPTQ is also below AWQ on both
+    corpora: here it is not, so only the relations to round to nearest are asserted."""
+    corpora = {"wiki": str(wikitext["test"]), "code": typing.__file__}
+    short = ["quant.calib.dataset=file", f"quant.calib.path={wikitext['valid']}", "quant.calib.samples=8",
+             "quant.calib.seqlen=256", "quant.n_grid=5", "eval.windows=4", "eval.seqlen=256",
+             f"download_dir={DOWNLOADS}", "pipeline=evaluate"]
+    cfgs = {n: compose(f"quant={n}", *short) for n in ("w4a16_rtn", "w4a16", "w4a16_gptq", "w4a16_awq_gptq")}
+    load, _ = run_stage("load", cfgs["w4a16"], {}, tmp_path)
+    cal, _ = run_stage("calibrate", cfgs["w4a16"], {"load": load}, tmp_path)
+    ppl = {}
+    for name, c in cfgs.items():
+        a, _ = run_stage("awq", c, {"load": load, "calibrate": cal}, tmp_path)
+        ins = {"load": load, "awq": a}
+        if c.quant.gptq:
+            ins["gptq"], _ = run_stage("gptq", c, {"load": load, "calibrate": cal, "awq": a}, tmp_path)
+        p, _ = run_stage("pack", c, ins, tmp_path)
+        for corpus, path in corpora.items():
+            c_eval = OmegaConf.merge(c, OmegaConf.create({"eval": {"path": path}}))
+            ppl[name, corpus] = run_stage("evaluate", c_eval, {"load": load, "pack": p}, tmp_path)[1]["ppl"]
+    print(ppl)
+    assert ppl["w4a16_gptq", "wiki"] < ppl["w4a16_rtn", "wiki"] - 2, ppl
+    for corpus in corpora:
+        assert ppl["w4a16_gptq", corpus] < ppl["w4a16_rtn", corpus], ppl
+        assert ppl["w4a16_awq_gptq", corpus] < ppl["w4a16_rtn", corpus] - 1, ppl

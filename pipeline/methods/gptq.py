@@ -19,6 +19,8 @@ class GPTQ(AWQ):
         q = cfg.quant
         if not 0 <= q.gptq_damp < 1:
             raise ValueError(f"quant.gptq_damp={q.gptq_damp} must be in [0, 1) (a fraction of H's mean diagonal)")
+        if not 0 <= q.gptq_feedback <= 1:
+            raise ValueError(f"quant.gptq_feedback={q.gptq_feedback} must be in [0, 1] (1: GPTQ, 0: round to nearest)")
         if q.gptq_block < 1 or q.gptq_block % q.group_size:
             raise ValueError(f"quant.gptq_block={q.gptq_block} must be a positive multiple of "
                              f"quant.group_size={q.group_size}")

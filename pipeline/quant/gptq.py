@@ -23,6 +23,9 @@ matters: dampening is relative to its mean diagonal). Steps:
                 scale and zero are computed up front from the original weights, before any error feedback,
                 and each column is coded with its own group's parameters whatever its turn. Serving needs no
                 reordering; the codes are the same format.
+    feedback    the fraction of each column's scaled error fed into the later columns (1: GPTQ; 0: round to
+                nearest with the same group parameters; between: a damped update that fits the calibration
+                windows less closely)
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from .w4 import fake_quant, qparams
 
 SUB = 16                                       # inner lazy-update block (divides every group size)
 MSE_RATIOS = [1 - i / 20 for i in range(10)]   # shrink factors the MSE grid tries (1 .. 0.55)
+KEEP_BYTES = 2 ** 30                           # down's inputs of all windows kept for the block output up to this
 
 
 def hessian_add(H, x: torch.Tensor, n_seen: int = 0):
@@ -76,7 +80,8 @@ def _group_params(w, bits, zero_point, clip, mse):
 
 @torch.no_grad()
 def quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 64, zero_point: bool = True,
-             damp: float = 0.01, block: int = 128, act_order: bool = False, clip=None, mse: bool = False):
+             damp: float = 0.01, block: int = 128, act_order: bool = False, clip=None, mse: bool = False,
+             feedback: float = 1.0):
     """GPTQ one linear: w (N, K), H (K, K) -> q (N, K) uint8, scales (K/g, N) fp16, zeros (K/g, N) uint8, info
     {"w_hat" (N, K) float32: the dequantized weights, "loss": tr(dW H dW^T) / 2 per output row summed,
     "loss_rtn": the same for round to nearest}. clip: (N, K/g, 2) ratios for each group's min and max."""
@@ -127,7 +132,7 @@ def quantize(w: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 
             code = (torch.round(x / s) + z).clamp_(0, qmax)
             qx = (code - z) * s
             codes[col], QT[col] = code, qx
-            e = (x - qx) / U1[i, i]
+            e = (x - qx) * (feedback / U1[i, i])
             E1[i] = e
             s1 = (i // SUB + 1) * SUB                                          # the same lazy scheme, nested:
             W1[i + 1: s1].addr_(U1[i, i + 1: s1], e, alpha=-1)                 # this sub-block now,
@@ -163,11 +168,13 @@ def _stack(block, names, clips):
 def quantize_block(block, x: torch.Tensor, cos, sin, batch: int, q, clips: dict | None = None) -> dict:
     """GPTQ every linear of one decoder block, sequentially, on its input x (S, T, D), `batch` sequences at a time.
     The block's weights are replaced by their dequantized values and x by the quantized block's output (the next
-    block's input). q: w_bits, group_size, zero_point, gptq_damp, gptq_block, gptq_desc_act, gptq_mse. clips:
+    block's input). q: w_bits, group_size, zero_point, gptq_{damp, block, desc_act, mse, feedback}. clips:
     linear -> (N, K/g, 2) ratios (AWQ's) or None. Returns {"codes": {linear: (codes (N, K) uint8, scales (K/g, N)
     fp16, zeros (K/g, N) uint8)}, "info": {stack: {"loss", "loss_rtn"}}}."""
     parts = [slice(s0, s0 + batch) for s0 in range(0, x.shape[0], batch)]
     o_in, resid = [None] * len(parts), [None] * len(parts)                    # per batch, kept between stacks
+    keep = x[..., :1].numel() * block.gate.weight.shape[0] * x.element_size() <= KEEP_BYTES
+    down_in = [None] * len(parts)                                              # (S_b, T, F) when kept
     seen = {}
     hook = block.o.register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0]))
 
@@ -186,7 +193,9 @@ def quantize_block(block, x: torch.Tensor, cos, sin, batch: int, q, clips: dict 
             resid[b] = x[parts[b]] + block.o(o_in[b])                          # with the quantized o
             o_in[b] = None
             return block.mlp_norm(resid[b])
-        return mlp_in(b)
+        a = mlp_in(b)
+        down_in[b] = a if keep else None                                       # reused for the block output
+        return a
 
     out, info = {}, {}
     try:
@@ -196,7 +205,7 @@ def quantize_block(block, x: torch.Tensor, cos, sin, batch: int, q, clips: dict 
                 H, n = hessian_add(H, stack_input(name, b), n)
             w, c = _stack(block, members, clips)
             codes, scales, zeros, inf = quantize(w, H, q.w_bits, q.group_size, q.zero_point, q.gptq_damp,
-                                                 q.gptq_block, q.gptq_desc_act, c, q.gptq_mse)
+                                                 q.gptq_block, q.gptq_desc_act, c, q.gptq_mse, q.gptq_feedback)
             r0 = 0
             for m in members:
                 lin = getattr(block, m)
@@ -208,6 +217,6 @@ def quantize_block(block, x: torch.Tensor, cos, sin, batch: int, q, clips: dict 
     finally:
         hook.remove()
     for b, sl in enumerate(parts):                                             # the block's output, quantized
-        x[sl] = resid[b] + block.down(mlp_in(b))
-        resid[b] = None
+        x[sl] = resid[b] + block.down(down_in[b] if down_in[b] is not None else mlp_in(b))
+        resid[b] = down_in[b] = None
     return {"codes": out, "info": info}

@@ -1,9 +1,9 @@
 """gptq: GPTQ on the calibration windows, block by block, on the weights the awq stage's scales make (identity
 scales for plain GPTQ; AWQ's scales and clips for AWQ + GPTQ). Plain data out; `pack` packs these codes.
 
-Reads quant.{w_bits, group_size, zero_point, gptq_damp, gptq_block, gptq_desc_act, gptq_mse}; inputs: load,
-calibrate (tokens.safetensors: every calibration window), awq (awq.safetensors). Each block sees the output of
-the blocks before it already quantized (pipeline/quant/gptq.py: the algorithm and its options).
+Reads quant.{w_bits, group_size, zero_point, gptq_damp, gptq_block, gptq_desc_act, gptq_mse, gptq_feedback};
+inputs: load, calibrate (tokens.safetensors: every calibration window), awq (awq.safetensors). Each block sees
+the output of the blocks before it already quantized (pipeline/quant/gptq.py: the algorithm and its options).
 Artifact: gptq.safetensors (layers.{i}.{linear}.{codes (N, K) uint8, scales (K/g, N) fp16, zeros (K/g, N)
 uint8}: pipeline/quant/w4.py's quantizer format), gptq.json (H-weighted loss against round to nearest, per stack).
 """
@@ -22,7 +22,7 @@ from ..quant.w4 import check_group_size
 
 VERSION = 2
 READS = ["quant.w_bits", "quant.group_size", "quant.zero_point", "quant.gptq_damp", "quant.gptq_block",
-         "quant.gptq_desc_act", "quant.gptq_mse"]
+         "quant.gptq_desc_act", "quant.gptq_mse", "quant.gptq_feedback"]
 PARTS = ("codes", "scales", "zeros")
 
 
