@@ -150,14 +150,15 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
     """`clients` concurrent streaming clients over the request list (the first `lead` requests sent alone,
     one after the other, before them); throughput and latency percentiles over every request."""
     queue: asyncio.Queue = asyncio.Queue()
-    for r in reqs:
-        queue.put_nowait(r)
+    for i, r in enumerate(reqs):
+        queue.put_nowait((i, r))
     results, running = [], []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
         async def client():
             while not queue.empty():
-                results.append(await one_request(c, model, queue.get_nowait()))
+                i, r = queue.get_nowait()
+                results.append({**await one_request(c, model, r), "sent": i})
 
         async def sample_batch():   # the engine's running batch, as seen by /health
             while True:
@@ -167,7 +168,8 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
         sampler = asyncio.ensure_future(sample_batch())
         t0 = time.perf_counter()
         for _ in range(min(lead, len(reqs))):
-            results.append(await one_request(c, model, queue.get_nowait()))
+            i, r = queue.get_nowait()
+            results.append({**await one_request(c, model, r), "sent": i})
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - t0
         sampler.cancel()
@@ -176,6 +178,8 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft = [r["ttft"] for r in ok]
+    wave = [r["ttft"] for r in ok if lead <= r["sent"] < lead + clients]   # sent at once after the lead requests
+    later = [r["ttft"] for r in ok if r["sent"] >= lead + clients]          # each sent as a client's previous one ended
     itl = [x for r in ok for x in r["itl"]]
     out_tokens = sum(r["tokens"] for r in ok)
     enqueue = steps.get("prefill_enqueue_s")
@@ -183,6 +187,8 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
             "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens_per_s": out_tokens / wall,
             "output_tokens": out_tokens, "prompt_tokens": sum(len(r["prompt"]) for r in reqs),
             "ttft_ms": {p: 1e3 * pct(ttft, p) for p in (50, 90, 99)},
+            "ttft_ms_first_wave": {p: 1e3 * pct(wave, p) for p in (50, 90, 99)} if wave else None,
+            "ttft_ms_later": {p: 1e3 * pct(later, p) for p in (50, 90, 99)} if later else None,
             "itl_ms": {p: 1e3 * pct(itl, p) for p in (50, 90, 99)},
             "lead_requests": min(lead, len(reqs)),
             "lead_ttft_ms": [1e3 * r.get("ttft", math.nan) for r in results[:lead]],
@@ -565,6 +571,10 @@ def table(r: dict) -> None:
         print(f"prefix workload ({pw['requests']} requests, {pw['prefix_len']}-token shared prefix + "
               f"U{pw['question_len_uniform']} own, the first {on['lead_requests']} alone): hit rate on {rate(on)}, "
               f"off {rate(off)}; TTFT p50 off/on = {r['prefix_ttft_p50_off_over_on']:.2f}x (target >= 3x)")
+        for part, label in (("ttft_ms_first_wave", f"the {on['clients']} sent at once"), ("ttft_ms_later", "the rest")):
+            if on.get(part) and off.get(part):
+                print(f"  TTFT p50 of {label}: on {on[part][50]:.0f} ms, off {off[part][50]:.0f} ms "
+                      f"({off[part][50] / on[part][50]:.2f}x)")
     print(f"errors: {b['n_errors']} + {one['n_errors']}"
           + (f" + {on['n_errors']} + {off['n_errors']}" if on and off else "")
           + f"; mean running batch {b['mean_running_batch']:.1f}; "

@@ -34,7 +34,8 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     assert b["ok"] == b["requests"] == 4 and b["n_errors"] == 0
     steps = b["engine_steps"]
     assert steps["prefill_tokens"] == b["prompt_tokens"]            # every prompt token prefilled once (no reuse)
-    assert steps["decode_tokens"] == b["output_tokens"] - b["ok"]   # the first token of each comes from prefill
+    # the first token of each comes from prefill; the rest from decode steps or as one-token chunks of mixed steps
+    assert steps["decode_tokens"] + steps["mixed_decode_tokens"] == b["output_tokens"] - b["ok"]
     assert 0 < b["prefill_share_of_wall"] + b["decode_share_of_wall"] <= 1.0
     assert 0 < b["prefill_host_share"] <= 1.0
     assert b["mean_decode_batch"] == steps["decode_tokens"] / steps["decode_steps"]
@@ -55,6 +56,9 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     assert on["engine_steps"]["prefill_tokens"] == on["prompt_tokens"] - on["prefix_cache"]["hits"]
     assert off["prefix_cache"]["hits"] == 0 and off["engine_steps"]["prefill_tokens"] == off["prompt_tokens"]
     assert res["prefix_ttft_p50_off_over_on"] == off["ttft_ms"]["50"] / on["ttft_ms"]["50"]
+    for run in (on, off):   # 1 lead, then the 2 clients' first wave, then 1 later request
+        assert set(run["ttft_ms_first_wave"]) == set(run["ttft_ms_later"]) == {"50", "90", "99"}
+    assert "sent at once" in r.stdout
 
     static, cb = res["transformers_generate"], res["transformers_generate_batch"]
     assert "error" not in static and "error" not in cb, (static, cb)
