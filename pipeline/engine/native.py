@@ -25,6 +25,7 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Optional
@@ -33,9 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
-from ..kernels.native import native_head, native_linear
+from ..kernels.native import dense_rows_from_env, native_head, native_linear
+from ..kernels.w4a16 import W4Weight
 from .model import ModelRunner
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,6 +52,22 @@ def act_dtype_from_env(device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def dense_rows(layers, act: torch.dtype, device: torch.device) -> int:
+    """Rows from which a CPU int4 linear runs on a bf16 copy of its weight (PIPELINE_NATIVE_DENSE_ROWS, default
+    32: prefill), or 0: not on a CPU, not bf16, or the copies (4x the int4 bytes) would take over a quarter of the
+    free memory."""
+    rows = dense_rows_from_env()
+    if not rows or device.type != "cpu" or act != torch.bfloat16:
+        return 0
+    need = sum(2 * w.N * w.K for L in layers for w in (L.w_qkv, L.wo, L.w13, L.w2) if isinstance(w, W4Weight))
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free / 4:
+        log.info("int4 linears keep int4 for prefill: their bf16 copies (%.1f GB) exceed a quarter of the free "
+                 "memory (%.1f GB)", need / 1e9, free / 1e9)
+        return 0
+    return rows
+
+
 class NativeRunner(ModelRunner):
     native = True
 
@@ -56,8 +75,9 @@ class NativeRunner(ModelRunner):
                  act_dtype: Optional[torch.dtype] = None):
         super().__init__(args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len)
         act = act_dtype or act_dtype_from_env(torch.device(device))
+        rows = dense_rows(self.layers, act, torch.device(device))
         for L in self.layers:   # the workspace's linears -> their torch-native layouts (LAYOUTS in kernels/native.py)
-            L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act) for w in (L.w_qkv, L.wo, L.w13, L.w2))
+            L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act, rows) for w in (L.w_qkv, L.wo, L.w13, L.w2))
             L.attn_norm, L.ffn_norm = L.attn_norm.float(), L.ffn_norm.float()
             L.b_qkv, L.b_o = (None if b is None else b.to(act) for b in (L.b_qkv, L.b_o))
         self.embed, self.norm = embed.float(), norm.float()
@@ -120,7 +140,7 @@ class NativeRunner(ModelRunner):
         """K and V of the sequences whose block ids are `blocks` (B, nb), dequantized fp32 (B, n_kv, L, hd);
         n: keep the first n rows (one sequence), else all nb * block_size rows (the caller masks)."""
         cache = self.kv_cache[l]
-        x = cache[blocks].flatten(1, 2)                                        # (B, L, 2, n_kv, hd')
+        x = cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, *cache.shape[2:])  # (B, L, 2, n_kv, hd')
         if n is not None:
             x = x[:, :n]
         if self.kv_mode == "none":
@@ -142,7 +162,7 @@ class NativeRunner(ModelRunner):
         """The decoder over T rows; attend(l, q (T, nh, hd) fp32) -> (T, nh * hd) after this step's K/V are written."""
         a = self.args
         T, nh, nkv, hd, eps, D = tokens.shape[0], a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps, (a.dim,)
-        cos, sin = self.rot_cos[positions][:, None], self.rot_sin[positions][:, None]   # (T, 1, hd)
+        cos, sin = (t.index_select(0, positions)[:, None] for t in (self.rot_cos, self.rot_sin))   # (T, 1, hd)
         slots = slots.long()
         x = F.embedding(tokens, self.embed)                                      # (T, D) fp32
         res = None
