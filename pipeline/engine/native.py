@@ -4,6 +4,9 @@ Usage (the engine picks it; see pipeline/kernels/dispatch.py `use_native`):
     PIPELINE_KERNELS=native python -m pipeline.runner ...        # force it on any device (a GPU included)
     PIPELINE_NATIVE_DTYPE=fp32 ...                                 # exact mode: fp32 linears (default bf16;
                                                                    # fp16 on a GPU below sm_80)
+    PIPELINE_NATIVE_DECODE_THREADS=2 ...                           # decode threads (default 1 where torch has 2)
+    PIPELINE_NATIVE_DENSE_ROWS=0 ...                               # int4 prefill on the int4 op (default: bf16
+                                                                   # copy from 32 rows)
     r = NativeRunner.from_workspace(ws, torch.device("cpu"), session_len=4096)
     r.allocate_cache(num_blocks, block_size=64)
     logits = r.decode(tokens, positions, slots, block_tables, context_lens)     # (B,) -> (B, V) fp32
@@ -12,7 +15,8 @@ Usage (the engine picks it; see pipeline/kernels/dispatch.py `use_native`):
 What differs from ModelRunner (same API, same paged-KV engine around it):
   - every linear is repacked once at load for PyTorch's kernels (pipeline/kernels/native.py: int4 on
     `_weight_int4pack_mm[_for_cpu]`, W8A8 on `torch._int_mm`, dense in the activation dtype), and the lm_head is
-    int8 weight-only on a CPU in bf16 mode;
+    int8 weight-only on a CPU in bf16 mode; on a CPU, int4 linears run inputs of >= 32 rows (prefill) on a bf16
+    copy prepacked for oneDNN (PIPELINE_NATIVE_DENSE_ROWS; `dense_rows` below);
   - the activation dtype fed to the linears is bf16 (the CPU's fast int4 / bf16 kernels) or fp32
     (PIPELINE_NATIVE_DTYPE=fp32: exact mode, weights dequantized once to fp32); the residual stream, norms, rotary,
     KV quantization and attention stay fp32;
@@ -66,6 +70,17 @@ def dense_rows(layers, act: torch.dtype, device: torch.device) -> int:
                  "memory (%.1f GB)", need / 1e9, free / 1e9)
         return 0
     return rows
+
+
+def decode_threads() -> int:
+    """Intra-op threads for a CPU decode step (PIPELINE_NATIVE_DECODE_THREADS; prefill keeps torch's setting). The
+    default: 1 where torch has 2 threads. A decode step's ops are small, and with OMP_WAIT_POLICY=passive each
+    multi-threaded op wakes the second thread: on the 2-core VM of bench/cpu.py, 1 thread decodes 1.5x faster at
+    batch 1 (15-16.5 ms a step against 24) and 1.1x at batch 8 (docs/perf-log.md, session 10)."""
+    n = os.environ.get("PIPELINE_NATIVE_DECODE_THREADS")
+    if n is not None:
+        return int(n)
+    return 1 if torch.get_num_threads() <= 2 else torch.get_num_threads()
 
 
 class NativeRunner(ModelRunner):
@@ -198,8 +213,16 @@ class NativeRunner(ModelRunner):
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=True)                 # (B, nh, 1, hd)
             return o.view(B, -1)
-        with torch.inference_mode():
-            return self._run(tokens, positions, slots, attend)
+        threads = torch.get_num_threads()
+        one = torch.device(self.device).type == "cpu" and decode_threads() != threads
+        if one:
+            torch.set_num_threads(decode_threads())
+        try:
+            with torch.inference_mode():
+                return self._run(tokens, positions, slots, attend)
+        finally:
+            if one:
+                torch.set_num_threads(threads)
 
     def prefill(self, tokens, positions, slots, seqs, select=None, plan=None) -> torch.Tensor:
         """Chunks of several sequences (see ModelRunner.prefill); each chunk's queries attend to its sequence's
