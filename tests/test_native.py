@@ -2,7 +2,10 @@
 
 - int4 (`Int4Packed`, PyTorch's `_weight_int4pack_mm_for_cpu`, bf16 activations) equals `w4a16_linear_ref` on
   the same bf16-rounded input within bf16 rounding of the scales (2^-8 of the output's magnitude), for group sizes
-  32/64/128, asymmetric zero points 0..15 and odd shapes (N not a multiple of 16 takes the dequantized layout).
+  32/64/128, asymmetric zero points 0..15 and odd shapes (N not a multiple of 16 takes the dequantized layout);
+  so do its prefill-size batches on the oneDNN bf16 copy (dense_rows).
+- The lm_head (`Int8Head`: two int8 input terms, oneDNN's u8 x s8 GEMM on a prepacked weight) equals the same
+  integer products through `torch._int_mm` (exact) for any row count.
 - W8A8 (`Int8Dynamic`, `torch._int_mm`) equals `int8_linear_ref` on the reference's own per-token quantization
   (integer products exact: only the fp32 epilogue's rounding may differ).
 - The engine: greedy tokens of the native path in exact mode (PIPELINE_NATIVE_DTYPE=fp32) equal the reference
@@ -18,7 +21,7 @@ import torch
 
 from pipeline.engine import Engine, SamplingParams
 from pipeline.engine.native import NativeRunner
-from pipeline.kernels.native import Dense, Int4Packed, Int8Dynamic
+from pipeline.kernels.native import Dense, Int4Packed, Int8Dynamic, Int8Head
 from pipeline.weights import native_linear
 from pipeline.kernels.quant_act import quantize_per_token_ref
 from pipeline.kernels.int8_gemm import int8_linear_ref
@@ -40,10 +43,10 @@ def w4(N: int, K: int, g: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("N,K,g", [(48, 96, 32), (160, 192, 64), (64, 384, 128), (3072, 576, 64), (40, 256, 128)])
-@pytest.mark.parametrize("M", [1, 5])
-def test_int4_linear_matches_reference(N, K, g, M):
+@pytest.mark.parametrize("M,dense_rows", [(1, 0), (5, 0), (1, 4), (5, 4)])
+def test_int4_linear_matches_reference(N, K, g, M, dense_rows):
     w = w4(N, K, g)
-    lin = native_linear(w, torch.bfloat16)
+    lin = native_linear(w, torch.bfloat16, dense_rows)
     assert isinstance(lin, Int4Packed if N % 16 == 0 else Dense)
     x = torch.randn(M, K).bfloat16().float()          # the bf16 input both sides see
     bias = torch.randn(N)
@@ -65,6 +68,17 @@ def test_int8_linear_matches_reference(N, K, M):
     xq, xs = quantize_per_token_ref(x)
     ref = int8_linear_ref(xq, xs, q, s.half(), bias, out_dtype=torch.float32)
     torch.testing.assert_close(lin(x, bias), ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_int8_head_onednn_equals_int_mm(T):
+    gen = torch.Generator().manual_seed(2)
+    head = Int8Head(torch.randn(4000, 96, generator=gen))
+    assert head.packed is not None                      # this torch has oneDNN's int8 linear
+    x = torch.randn(T, 96, generator=gen)
+    got = head(x)
+    head.packed = None                                  # the torch._int_mm path
+    torch.testing.assert_close(got, head(x), rtol=1e-6, atol=1e-6)
 
 
 def engines(monkeypatch, ws, overrides, dtype="fp32"):

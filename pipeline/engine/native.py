@@ -4,6 +4,9 @@ Usage (the engine picks it; see pipeline/kernels/dispatch.py `use_native`):
     PIPELINE_KERNELS=native python -m pipeline.runner ...        # force it on any device (a GPU included)
     PIPELINE_NATIVE_DTYPE=fp32 ...                                 # exact mode: fp32 linears (default bf16;
                                                                    # fp16 on a GPU below sm_80)
+    PIPELINE_NATIVE_DECODE_THREADS=2 ...                           # decode threads (default 1 where torch has 2)
+    PIPELINE_NATIVE_DENSE_ROWS=0 ...                               # int4 prefill on the int4 op (default: bf16
+                                                                   # copy from 32 rows)
     r = NativeRunner.from_workspace(ws, torch.device("cpu"), session_len=4096)
     r.allocate_cache(num_blocks, block_size=64)
     logits = r.decode(tokens, positions, slots, block_tables, context_lens)     # (B,) -> (B, V) fp32
@@ -13,7 +16,8 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
   - every linear is repacked once at load for PyTorch's kernels (its weight type's `native`, pipeline/weights;
     layouts in pipeline/kernels/native.py: int4 on
     `_weight_int4pack_mm[_for_cpu]`, W8A8 on `torch._int_mm`, dense in the activation dtype), and the lm_head is
-    int8 weight-only on a CPU in bf16 mode;
+    int8 weight-only on a CPU in bf16 mode; on a CPU, int4 linears run inputs of >= 32 rows (prefill) on a bf16
+    copy prepacked for oneDNN (PIPELINE_NATIVE_DENSE_ROWS; `dense_rows` below);
   - the activation dtype fed to the linears is bf16 (the CPU's fast int4 / bf16 kernels) or fp32
     (PIPELINE_NATIVE_DTYPE=fp32: exact mode, weights dequantized once to fp32); the residual stream, norms, rotary,
     KV quantization and attention stay fp32;
@@ -26,6 +30,7 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Optional
@@ -34,10 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
-from ..kernels.native import native_head
-from ..weights import native_linear
+from ..kernels.native import dense_rows_from_env, native_head
+from ..weights import native_linear, of
 from .model import ModelRunner
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -51,6 +57,33 @@ def act_dtype_from_env(device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def dense_rows(layers, act: torch.dtype, device: torch.device) -> int:
+    """Rows from which a CPU int4 linear runs on a bf16 copy of its weight (PIPELINE_NATIVE_DENSE_ROWS, default
+    32: prefill), or 0: not on a CPU, not bf16, or the copies (4x the int4 bytes) would take over a quarter of the
+    free memory."""
+    rows = dense_rows_from_env()
+    if not rows or device.type != "cpu" or act != torch.bfloat16:
+        return 0
+    need = sum(2 * w.N * w.K for L in layers for w in (L.w_qkv, L.wo, L.w13, L.w2) if of(w).native_dense_copy)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > free / 4:
+        log.info("int4 linears keep int4 for prefill: their bf16 copies (%.1f GB) exceed a quarter of the free "
+                 "memory (%.1f GB)", need / 1e9, free / 1e9)
+        return 0
+    return rows
+
+
+def decode_threads() -> int:
+    """Intra-op threads for a CPU decode step (PIPELINE_NATIVE_DECODE_THREADS; prefill keeps torch's setting). The
+    default: 1 where torch has 2 threads. A decode step's ops are small, and with OMP_WAIT_POLICY=passive each
+    multi-threaded op wakes the second thread: on the 2-core VM of bench/cpu.py, 1 thread decodes 1.5x faster at
+    batch 1 (15-16.5 ms a step against 24) and 1.1x at batch 8 (docs/perf-log.md, session 10)."""
+    n = os.environ.get("PIPELINE_NATIVE_DECODE_THREADS")
+    if n is not None:
+        return int(n)
+    return 1 if torch.get_num_threads() <= 2 else torch.get_num_threads()
+
+
 class NativeRunner(ModelRunner):
     native = True
 
@@ -58,8 +91,9 @@ class NativeRunner(ModelRunner):
                  act_dtype: Optional[torch.dtype] = None):
         super().__init__(args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len)
         act = act_dtype or act_dtype_from_env(torch.device(device))
+        rows = dense_rows(self.layers, act, torch.device(device))
         for L in self.layers:   # the workspace's linears -> their torch-native layouts (their weight type's `native`)
-            L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act) for w in (L.w_qkv, L.wo, L.w13, L.w2))
+            L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act, rows) for w in (L.w_qkv, L.wo, L.w13, L.w2))
             L.attn_norm, L.ffn_norm = L.attn_norm.float(), L.ffn_norm.float()
             L.b_qkv, L.b_o = (None if b is None else b.to(act) for b in (L.b_qkv, L.b_o))
         self.embed, self.norm = embed.float(), norm.float()
@@ -122,7 +156,7 @@ class NativeRunner(ModelRunner):
         """K and V of the sequences whose block ids are `blocks` (B, nb), dequantized fp32 (B, n_kv, L, hd);
         n: keep the first n rows (one sequence), else all nb * block_size rows (the caller masks)."""
         cache = self.kv_cache[l]
-        x = cache[blocks].flatten(1, 2)                                        # (B, L, 2, n_kv, hd')
+        x = cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, *cache.shape[2:])  # (B, L, 2, n_kv, hd')
         if n is not None:
             x = x[:, :n]
         if self.kv_mode == "none":
@@ -144,7 +178,7 @@ class NativeRunner(ModelRunner):
         """The decoder over T rows; attend(l, q (T, nh, hd) fp32) -> (T, nh * hd) after this step's K/V are written."""
         a = self.args
         T, nh, nkv, hd, eps, D = tokens.shape[0], a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps, (a.dim,)
-        cos, sin = self.rot_cos[positions][:, None], self.rot_sin[positions][:, None]   # (T, 1, hd)
+        cos, sin = (t.index_select(0, positions)[:, None] for t in (self.rot_cos, self.rot_sin))   # (T, 1, hd)
         slots = slots.long()
         x = F.embedding(tokens, self.embed)                                      # (T, D) fp32
         res = None
@@ -180,8 +214,16 @@ class NativeRunner(ModelRunner):
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=True)                 # (B, nh, 1, hd)
             return o.view(B, -1)
-        with torch.inference_mode():
-            return self._run(tokens, positions, slots, attend)
+        threads = torch.get_num_threads()
+        one = torch.device(self.device).type == "cpu" and decode_threads() != threads
+        if one:
+            torch.set_num_threads(decode_threads())
+        try:
+            with torch.inference_mode():
+                return self._run(tokens, positions, slots, attend)
+        finally:
+            if one:
+                torch.set_num_threads(threads)
 
     def prefill(self, tokens, positions, slots, seqs, select=None, plan=None) -> torch.Tensor:
         """Chunks of several sequences (see ModelRunner.prefill); each chunk's queries attend to its sequence's

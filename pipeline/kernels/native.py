@@ -2,6 +2,7 @@
 
 Usage:
     lin = int4_layout(w, act_dtype=torch.bfloat16)     # W4Weight; Int8Dynamic(w8, dtype), Dense(w, dtype)
+    lin = int4_layout(w, torch.bfloat16, dense_rows=32)   # int4 on a CPU: batches of >= 32 rows on a bf16 copy
     y = lin(x, bias)                                   # x (..., K) any float dtype -> (..., N) in lin.dtype
     head = native_head(lm_head, act_dtype)             # the logits' linear (int8 weight-only on a CPU in bf16)
 
@@ -13,16 +14,21 @@ there). Every layout casts its input to its activation dtype (`dtype`) and retur
               W = (q - 8) * s + m per group, with (s, m) packed as (K/g, N, 2) bf16; ours is W = (q - z) * s, so
               m = (8 - z) * s (computed in fp32, rounded once to bf16). The op wants N % 16 == 0 on a CPU (CUDA:
               N % 8, K % 32); other shapes and fp32 activations get `Dense`, the weight dequantized once.
+              With dense_rows > 0 (CPU), inputs of at least that many rows (prefill) run on a bf16 copy of the
+              weight prepacked for oneDNN (`OneDNNLinear`): the int4 op's cost grows ~linearly with the rows
+              (~2.5x oneDNN's bf16 GEMM from 16 rows); at decode sizes the int4 op reads 4x fewer bytes.
     W8Weight  `Int8Dynamic`: per-token int8 activations (the reference's exact rounding), `torch._int_mm`
               (CPU: any M; CUDA: through int8_gemm's cuBLASLt path), the reference's epilogue: equal to
               `int8_linear_ref` up to the fp32 rounding of the epilogue.
     Tensor    `Dense`: the weight in the activation dtype, `F.linear` (MKL / oneDNN on a CPU).
     lm_head   `Int8Head` (CPU, bf16 mode): int8 per output channel (llama.cpp's GGUF of this model has a Q8_0 output
-              tensor), the input as two int8 terms, `torch._int_mm`, fp32 logits; otherwise `Dense`.
+              tensor), the input as two int8 terms, oneDNN's u8 x s8 GEMM (or `torch._int_mm`), fp32 logits;
+              otherwise `Dense`.
 """
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,16 +52,21 @@ class Dense:
 
 
 class Int4Packed:
-    """W4A16 on PyTorch's int4 GEMM (bf16 activations, fp32 accumulation inside the op)."""
+    """W4A16 on PyTorch's int4 GEMM (bf16 activations, fp32 accumulation inside the op). On a CPU, batches of at
+    least `dense_rows` rows take `dense` instead: the same weight dequantized once to bf16 and prepacked for
+    oneDNN (AVX512-BF16: ~2x the int4 op at 8 rows, whose cost grows ~linearly with the rows)."""
 
-    def __init__(self, w: W4Weight):
+    def __init__(self, w: W4Weight, dense_rows: int = 0):
         q, s, z = unpack_w4(w)                                    # (N, K) uint8, (K/g, N) fp16 x2
         s32 = s.float()
         self.scales_zeros = torch.stack([s32, (8 - z.float()) * s32], -1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
         self.group_size, self.N, self.dtype = w.group_size, w.N, torch.bfloat16
+        self.dense, self.dense_rows = None, dense_rows
         if q.device.type == "cpu":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
             self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            if dense_rows:
+                self.dense = OneDNNLinear(dequantize_w4(w, torch.float32).to(torch.bfloat16), dense_rows)
         else:                                                     # CUDA: two codes a byte, the even one high
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()    # (N, K/2) uint8
             self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, 2)
@@ -64,8 +75,30 @@ class Int4Packed:
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1]), bias).reshape(*x.shape[:-1], self.N)
+        if self.dense is not None and x.shape[0] >= self.dense_rows:
+            return self.dense(x, bias)
         y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
         return y if bias is None else y + bias
+
+
+class OneDNNLinear:
+    """y = x @ W.T (+ b), W (N, K) bf16 reordered once into oneDNN's blocked layout (`mkldnn._linear_pointwise`);
+    a plain F.linear where this torch has no oneDNN."""
+
+    def __init__(self, weight: torch.Tensor, rows: int):
+        self.weight, self.dtype = weight.contiguous(), weight.dtype
+        try:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+            self(torch.zeros(1, weight.shape[1], dtype=self.dtype))
+        except (RuntimeError, AttributeError) as e:
+            log.warning("oneDNN linear unavailable (%s): plain F.linear", str(e)[:200])
+            self.packed = None
+
+    def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.packed is None:
+            return F.linear(x, self.weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
 def int4_packable(w: W4Weight) -> bool:
@@ -75,11 +108,17 @@ def int4_packable(w: W4Weight) -> bool:
     return w.N % 8 == 0 and w.K % 32 == 0 and w.group_size in (32, 64, 128, 256)
 
 
-def int4_layout(w: W4Weight, dtype: torch.dtype):
-    """`Int4Packed` where PyTorch's int4 GEMM takes w (bf16 activations), else `Dense` of w dequantized."""
+def dense_rows_from_env() -> int:
+    """PIPELINE_NATIVE_DENSE_ROWS: rows from which a CPU int4 linear runs on its bf16 copy (0: never; default 32)."""
+    return int(os.environ.get("PIPELINE_NATIVE_DENSE_ROWS", "32"))
+
+
+def int4_layout(w: W4Weight, dtype: torch.dtype, dense_rows: int = 0):
+    """`Int4Packed` where PyTorch's int4 GEMM takes w (bf16 activations; on a CPU, batches of >= dense_rows rows on
+    a bf16 copy), else `Dense` of w dequantized."""
     if dtype == torch.bfloat16 and int4_packable(w):
         try:
-            return Int4Packed(w)
+            return Int4Packed(w, dense_rows if w.device.type == "cpu" else 0)
         except RuntimeError as e:   # an old GPU / a build without the op: the dequantized weight instead
             log.warning("int4 GEMM unavailable on %s (%s): W4A16 runs dequantized", w.device, str(e)[:200])
     return Dense(dequantize_w4(w, torch.float32), dtype)
@@ -109,20 +148,39 @@ class Int8Dynamic:
 
 class Int8Head:
     """The logits' linear: int8 weights per output channel, and the fp32 input as two int8 terms per token
-    (x ~= s1 * q1 + s2 * q2, the second quantizing the first's error: ~16 bits of input), one `torch._int_mm` over
-    both, fp32 out. The logits need fp32 output: bf16 logits alone move a perplexity by ~0.3%."""
+    (x ~= s1 * q1 + s2 * q2, the second quantizing the first's error: ~16 bits of input), one integer GEMM over
+    both, fp32 out. The logits need fp32 output: bf16 logits alone move a perplexity by ~0.3%.
+    The GEMM: oneDNN's u8 x s8 (VNNI) on a weight prepacked once (any row count; the terms shifted by 128 to u8,
+    the zero point 128 given back to it: exact), ~1.6x `torch._int_mm`, which reorders the weight on every call;
+    `torch._int_mm` where this torch has no oneDNN."""
 
     def __init__(self, weight: torch.Tensor):
         q, s = quantize_w8(weight)                                # (V, D) int8, (V,) fp32
-        self.qweight, self.scales, self.dtype = q.contiguous(), s, torch.float32
-        self.wt = self.qweight.t()                                # (D, V) column-major
+        self.qweight, self.scales, self.dtype = q.contiguous(), s.float().reshape(-1).contiguous(), torch.float32
+        self.wt = self.qweight.t()                                # (D, V) column-major, for _int_mm
+        self.zp = torch.zeros(self.scales.numel(), dtype=torch.int32)
+        try:
+            self.packed = torch.ops.onednn.qlinear_prepack(self.qweight, None)   # oneDNN's blocked layout
+            self._onednn(torch.zeros(2, q.shape[1], dtype=torch.int8))
+        except (RuntimeError, AttributeError) as e:
+            log.warning("oneDNN int8 linear unavailable (%s): the lm_head runs on torch._int_mm", str(e)[:200])
+            self.packed = None
+
+    def _onednn(self, q: torch.Tensor) -> torch.Tensor:
+        """(M, D) int8 -> (M, V) fp32 = (q @ W_q.T) * scales."""
+        u = (q.to(torch.int16) + 128).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, self.packed, self.scales, self.zp, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
 
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         x = x.float()
         q1, s1 = quantize_per_token_ref(x)                        # (T, D) int8, (T,) fp32
         q2, s2 = quantize_per_token_ref(x - q1 * s1[:, None])
-        acc = torch._int_mm(torch.cat([q1, q2]), self.wt)         # (2T, V) int32, exact
-        T = x.shape[0]
+        q, T = torch.cat([q1, q2]), x.shape[0]
+        if self.packed is not None:
+            y = self._onednn(q)                                   # (2T, V) fp32, integer products exact
+            return torch.addcmul(y[:T] * s1[:, None], y[T:], s2[:, None])
+        acc = torch._int_mm(q, self.wt)                           # (2T, V) int32, exact
         return torch.addcmul(acc[:T] * s1[:, None], acc[T:], s2[:, None]).mul_(self.scales)
 
 

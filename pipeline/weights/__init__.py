@@ -60,6 +60,6 @@ def of(w) -> WeightType:
     return wt
 
 
-def native_linear(w, act_dtype: torch.dtype):
-    """The torch-native layout of a workspace linear (its row's `native`)."""
-    return of(w).native(w, act_dtype)
+def native_linear(w, act_dtype: torch.dtype, dense_rows: int = 0):
+    """The torch-native layout of a workspace linear (its row's `native`; dense_rows: see `Int4Packed`)."""
+    return of(w).native(w, act_dtype, dense_rows)

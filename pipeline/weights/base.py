@@ -25,6 +25,7 @@ class WeightType:
     act_dtype: torch.dtype = torch.float16   # the engine's activations on a GPU
     label: str = ""                      # the quant name served models report (w4a16, ...; default: name)
     pdl: bool = False                    # programmatic dependent launch by default (where measured faster)
+    native_dense_copy: bool = False      # `native` on a CPU keeps a bf16 copy for prefill (2 N K bytes)
 
     # ------------------------------------------------------------------ tensor parallelism
     def cut(self, w, a: int, b: int, along: str):
@@ -77,6 +78,6 @@ class WeightType:
         """w2(silu(gate) * up) for gate_up (T, 2I)."""
         return self.apply(silu_mul(gate_up), w)
 
-    def native(self, w, act_dtype: torch.dtype):
+    def native(self, w, act_dtype: torch.dtype, dense_rows: int = 0):
         """The record repacked once for PyTorch's own kernels (pipeline/kernels/native.py): a callable (x, bias)."""
         raise NotImplementedError

@@ -37,5 +37,5 @@ class Dense(WeightType):
     def apply(self, x, w, b=None):
         return F.linear(x, w, b)
 
-    def native(self, w, act_dtype):
+    def native(self, w, act_dtype, dense_rows=0):   # dense_rows: int4's alone
         return NativeDense(w, act_dtype)

@@ -20,6 +20,7 @@ class Int4(WeightType):
     files = FIELDS
     label = "w4a16"
     pdl = True                                       # measured faster for the W4A16 GEMVs (kernels/pdl.py)
+    native_dense_copy = True                         # CPU prefill on a bf16 copy (kernels/native.py)
 
     def cut(self, w, a, b, along):
         if along == OUT:
@@ -61,6 +62,6 @@ class Int4(WeightType):
     def swiglu_down(self, gate_up, w):
         return w4a16_linear(gate_up, w, act="silu_mul")      # the product computed while loading its input
 
-    def native(self, w, act_dtype):
-        return int4_layout(w, act_dtype)
+    def native(self, w, act_dtype, dense_rows=0):
+        return int4_layout(w, act_dtype, dense_rows)
 

@@ -52,5 +52,5 @@ class Int8(WeightType):
             q, s, residual = rms_norm_quant(x, norm, eps, residual=residual)
         return int8_linear(q, s, w.qweight, w.scales, b, out_dtype=x.dtype), residual
 
-    def native(self, w, act_dtype):
+    def native(self, w, act_dtype, dense_rows=0):   # dense_rows: int4's alone
         return Int8Dynamic(w, act_dtype)
