@@ -5,7 +5,8 @@
   3. MMA: one-hot rows (x[m] = e_k(m)) make y[m] a weight column: a wrong row names the input column it took.
 If 1 passes and 2 fails, the fault is in the MMA's B operand or the epilogue; 3 tells which.
 
-    PYTHONPATH=. python3 bench/w4a16_gluon_diag.py     # an sm_90 GPU; the s10 run: bench/results/w4a16_gluon_diag_h100_s10.log
+    PYTHONPATH=. python3 bench/w4a16_gluon_diag.py     # an sm_90 GPU
+The s10 run (before the fix of `_load_packed`): bench/results/w4a16_gluon_diag_h100_s10.log
 """
 import torch
 import triton

@@ -162,8 +162,10 @@ def test_offline_sm90_compile_every_config(name):
 
 @pytest.mark.slow
 @offline
-@pytest.mark.parametrize("name,g,dtype", [("gl_m16_n64_k16_s4_c4", 128, "fp16"), ("gl_m128_n128_k32_s3", 64, "bf16"),
-                                          ("gl_m64_n64_k16_s4_c2", 32, "fp16"), ("gl_m128_n256_k16_s3_ws", 128, "bf16")])
+@pytest.mark.parametrize("name,g,dtype", [("gl_m16_n64_k16_s4_c4", 128, "fp16"),
+                                          ("gl_m128_n128_k32_s3", 64, "bf16"),
+                                          ("gl_m64_n64_k16_s4_c2", 32, "fp16"),
+                                          ("gl_m128_n256_k16_s3_ws", 128, "bf16")])
 def test_offline_operand_reads_the_packed_words_across_rows(name, g, dtype):
     """The register operand's packed words: consecutive k of a thread are BN words apart in the TMA's row-major
     (KT, BN) buffer, so every shared load is a scalar 32-bit one. The s10 bug (Triton 3.6 reading a transposed
@@ -171,8 +173,8 @@ def test_offline_operand_reads_the_packed_words_across_rows(name, g, dtype):
     BM, BN, KT, _, warps, _, _ = wg.GLUON_CONFIGS[name]
     sig = {"q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": f"*{dtype}",
            "N": "i32", "K": "i32"}
-    ptx = compile_sm90(wg._dequant_kernel, sig, dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT,
-                                                     DKIND=1 if dtype == "fp16" else 2, num_warps=warps), warps).asm["ptx"]
+    cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, DKIND=1 if dtype == "fp16" else 2, num_warps=warps)
+    ptx = compile_sm90(wg._dequant_kernel, sig, cst, warps).asm["ptx"]
     loads = [ln.split()[0] for ln in ptx.splitlines() if ln.strip().startswith("ld.shared")]
     assert len(loads) == KT * BN // (32 * warps), loads  # each word of the (BN, KT) tile once, one per load
     assert set(loads) == {"ld.shared.b32"}, set(loads)
