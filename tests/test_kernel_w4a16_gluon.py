@@ -65,6 +65,20 @@ def test_gpu_gluon_odd_shapes(g, dtype):
 
 @pytest.mark.gpu
 @on_sm90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_gluon_operand_is_the_reference_weight(dtype):
+    """The MMA's register operand (TMA copies, register layout, dequantization) is dequantize_w4's weight, bit for
+    bit, for every config shape and group size; N = 200 leaves a partial tile."""
+    for g in (32, 64, 128):
+        w = w4.pack_w4(*make_quant(200, 256, g, seed=g), g).to("cuda")
+        ref = w4.dequantize_w4(w, dtype)
+        for name in wg.GLUON_CONFIGS:
+            if wg.fits(name, g, False):
+                assert torch.equal(wg.dequantize_gluon(w, dtype, name), ref), (name, g, dtype)
+
+
+@pytest.mark.gpu
+@on_sm90
 @pytest.mark.parametrize("g", [128, 64])
 def test_gpu_gluon_fused_silu_mul(g):
     """act="silu_mul": x = [gate | up], y = silu(gate) * up @ W^T; every config that fits, odd N."""
@@ -101,32 +115,66 @@ def test_gpu_gluon_tuned_through_w4a16_linear_and_repeatable(monkeypatch):
                               act="silu_mul")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (wg.HAVE_GLUON and __import__("triton").__version__.startswith(COMPILED_WITH)),
-                    reason=f"offline compile checked with Triton {COMPILED_WITH}x only")
-@pytest.mark.parametrize("name", list(wg.GLUON_CONFIGS))
-def test_offline_sm90_compile_every_config(name):
-    """Each config compiles to an sm_90 cubin without a GPU: async register-operand wgmma, wait_group 1, TMA."""
+offline = pytest.mark.skipif(not (wg.HAVE_GLUON and __import__("triton").__version__.startswith(COMPILED_WITH)),
+                             reason=f"offline compile checked with Triton {COMPILED_WITH}x only")
+
+
+def compile_sm90(fn, sig: dict, cst: dict, warps: int):
+    """Compile Gluon kernel fn for sm_90 without a GPU (sig: argument -> type string; cst: the constexprs)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+    sig = {**sig, **{k: "constexpr" for k in cst}}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in cst.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def q_desc_type(BM, BN, KT, g, N=4096, K=4096):
+    from triton.runtime.jit import mangle_type
+    q_l = wg.layouts(BM, BN, KT, g, torch.float16)[1]
+    return mangle_type(wg.TensorDescriptor(torch.empty(K // 8, N, dtype=torch.int32), [K // 8, N], [N, 1],
+                                           [g // 8, BN], q_l))
+
+
+@pytest.mark.slow
+@offline
+@pytest.mark.parametrize("name", list(wg.GLUON_CONFIGS))
+def test_offline_sm90_compile_every_config(name):
+    """Each config compiles to an sm_90 cubin without a GPU: async register-operand wgmma, wait_group 1, TMA."""
     from triton.runtime.jit import mangle_type
     BM, BN, KT, stages, warps, split, ws = wg.GLUON_CONFIGS[name]
-    g, N, K = 128, 4096, 4096
-    x_l, q_l = wg.layouts(BM, BN, KT, g, torch.float16)
+    g, K = 128, 4096
+    x_l = wg.layouts(BM, BN, KT, g, torch.float16)[0]
     xd = wg.TensorDescriptor(torch.empty(64, K, dtype=torch.float16), [64, K], [K, 1], [BM, KT], x_l)
-    qd = wg.TensorDescriptor(torch.empty(K // 8, N, dtype=torch.int32), [K // 8, N], [N, 1], [g // 8, BN], q_l)
-    sig = {"x_desc": mangle_type(xd), "q_desc": mangle_type(qd), "s_ptr": "*fp16", "z_ptr": "*fp16",
+    sig = {"x_desc": mangle_type(xd), "q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16",
            "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_ym": "i32", "split_k": "i32"}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages),
                SPLIT=split != 1, HAS_BIAS=True, DKIND=1, ACT=False, WS=bool(ws), num_warps=warps)
-    sig.update({k: "constexpr" for k in cst})
-    src = GluonASTSource(fn=wg._kernel, signature=sig, constexprs={(list(sig).index(k),): v for k, v in cst.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    k = compile_sm90(wg._kernel, sig, cst, warps)
     ptx = k.asm["ptx"]
     assert len(k.asm["cubin"]) > 0 and k.metadata.shared <= wg.SMEM_BYTES + 1024
     # one wait(1) per MMA slice (g // KT a group): the next slice is dequantized while this one runs
     assert ptx.count("wgmma.wait_group.sync.aligned 1;") == g // KT and ptx.count("wgmma.mma_async") % (g // KT) == 0
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
     assert ("setmaxnreg.dec.sync.aligned.u32" in ptx) == bool(ws)  # the producer warp gives its registers away
+
+
+@pytest.mark.slow
+@offline
+@pytest.mark.parametrize("name,g,dtype", [("gl_m16_n64_k16_s4_c4", 128, "fp16"),
+                                          ("gl_m128_n128_k32_s3", 64, "bf16"),
+                                          ("gl_m64_n64_k16_s4_c2", 32, "fp16"),
+                                          ("gl_m128_n256_k16_s3_ws", 128, "bf16")])
+def test_offline_operand_reads_the_packed_words_across_rows(name, g, dtype):
+    """The register operand's packed words: consecutive k of a thread are BN words apart in the TMA's row-major
+    (KT, BN) buffer, so every shared load is a scalar 32-bit one. The s10 bug (Triton 3.6 reading a transposed
+    view of an unswizzled NVMMA buffer as untransposed) showed as ld.shared.v2 pairs along k."""
+    BM, BN, KT, _, warps, _, _ = wg.GLUON_CONFIGS[name]
+    sig = {"q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": f"*{dtype}",
+           "N": "i32", "K": "i32"}
+    cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, DKIND=1 if dtype == "fp16" else 2, num_warps=warps)
+    ptx = compile_sm90(wg._dequant_kernel, sig, cst, warps).asm["ptx"]
+    loads = [ln.split()[0] for ln in ptx.splitlines() if ln.strip().startswith("ld.shared")]
+    assert len(loads) == KT * BN // (32 * warps), loads  # each word of the (BN, KT) tile once, one per load
+    assert set(loads) == {"ld.shared.b32"}, set(loads)

@@ -20,7 +20,8 @@ KT = KW * P: an MMA slice is KW nibble planes of one group (plane jj holds input
 `w4a16.py`): consecutive planes are consecutive inputs, so the activation slice is a plain (BLOCK_M, KT) box,
 and column c of the weight slice is nibble (j*KW + c // P) of packed word c % P. To read those words in the
 MMA's register layout without shuffles, the packed tile is loaded KW times into a (KW * P, BLOCK_N) buffer:
-element (n, c) of its transposed view is exactly word c % P of column n.
+element (n, c) of its transposed view is exactly word c % P of column n (read through a plain row-major view of
+the buffer: see `_load_packed`). `dequantize_gluon` runs just that operand path and returns the weights it makes.
 Split-K (split > 1): fp32 partial tiles and a last-arriving-program finish, like `_finish_split` in
 `w4a16_gemv.py` (deterministic: partials summed in split order). TMA zero-fills rows past M and columns past N.
 act="silu_mul" (x = [gate | up]): both halves arrive by TMA and the MMA warps write silu(gate) * up of each group
@@ -39,6 +40,7 @@ import functools
 import os
 
 import torch
+import triton
 
 from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting, sm_count
 
@@ -84,7 +86,8 @@ def enabled(device) -> bool:
     """The tuner times the Gluon configs: `available` and opted in (PIPELINE_W4A16_GLUON=1). Off by default: on
     the first H100 run (2026-12-07, bench/results/w4a16_gluon_diag_h100_s10.log) every config gave wrong
     outputs (relative error ~1, correlation 0.4-0.6 with the reference), and the tuner's output check rejected
-    them at the cost of their compiles at every first server start."""
+    them at the cost of their compiles at every first server start. Cause: the packed words' shared-memory read
+    (`_load_packed`), fixed since but not yet run on a GPU."""
     return os.environ.get("PIPELINE_W4A16_GLUON", "0") == "1" and available(device)
 
 
@@ -178,6 +181,60 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r,r,r,r,r", args=[hv, sh, zc, sc],
                                          dtype=gl.float16, is_pure=True, pack=2)
 
+    @triton.constexpr_function
+    def _mma_layout(BLOCK_M, num_warps):
+        # the fp32 accumulator (BN, BM) of y^T: one warpgroup per 64 of BN, wgmma N = BM
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+
+    @triton.constexpr_function
+    def _a_layout(BLOCK_M, num_warps):
+        # the wgmma's register A operand (BN, KT): pairs of consecutive k per register (k_width 2)
+        return gl.DotOperandLayout(operand_index=0, parent=_mma_layout(BLOCK_M, num_warps), k_width=2)
+
+    @gluon.jit
+    def _load_packed(q_buf, a_l: gl.constexpr, KT: gl.constexpr, BLOCK_N: gl.constexpr):
+        # q_buf (KT, BN) int32 (KW copies of the packed tile) -> (BN, KT) registers in a_l: word c % P of column
+        # n. Through a plain row-major view of the buffer (TMA's unswizzled layout): Triton 3.6 reads a
+        # *transposed* view of an unswizzled NVMMA layout as if it were not transposed (element (n, c) from word
+        # n * KT + c of the buffer), which gave every config of this kernel wrong outputs on the first H100 run
+        q_plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        return q_buf._reinterpret(gl.int32, [KT, BLOCK_N], q_plain).permute((1, 0)).load(a_l)
+
+    @gluon.jit
+    def _group_operands(q_buf, sc, zc, a_l: gl.constexpr, GROUP: gl.constexpr, KT: gl.constexpr,
+                        BLOCK_N: gl.constexpr, DKIND: gl.constexpr):
+        # one group's packed words (and, fp16 with one plane per slice, their half-word pairs), the shift of each
+        # slice column's nibble plane, and the scale / 1024-or-128 + zero in the dequantization's dtypes
+        P: gl.constexpr = GROUP // 8
+        KW: gl.constexpr = KT // P
+        qr = _load_packed(q_buf, a_l, KT, BLOCK_N)
+        if DKIND == 1 and KW == 1:
+            hv = _halves(qr)
+        else:
+            hv = qr
+        if KW == 1:
+            sh_c = 0
+        else:  # column c of a slice is nibble plane c // P
+            sh_c = gl.expand_dims((gl.arange(0, KT, layout=gl.SliceLayout(0, a_l)) // P) * 4, 0)
+        if DKIND == 1:
+            sc_i = sc
+            zc_i = zc + 1024.0
+        else:
+            sc_i = sc.to(gl.float32)
+            zc_i = (zc.to(gl.float32) + 128.0).to(gl.bfloat16)
+        return qr, hv, sh_c, sc_i, zc_i
+
+    @gluon.jit
+    def _dequant_slice(qr, hv, sh_c, sc_i, zc_i, j: gl.constexpr, KW: gl.constexpr, DKIND: gl.constexpr):
+        # slice j of the group: (BN, KT) weights (q - z) * s, columns j * KT .. j * KT + KT - 1 of the group
+        if DKIND == 1 and KW == 1:  # one plane per slice: the halves made once per group
+            a = _plane_f16x2(hv, 4 * (j % 4), gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1), j >= 4)
+        elif DKIND == 1:
+            a = _dequant_f16x2(qr, sh_c + 4 * KW * j, gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1))
+        else:
+            a = _dequant_bf16(qr, sh_c + 4 * KW * j, zc_i, sc_i)
+        return a
+
     @gluon.jit
     def _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, bar, grp, s, off_m, off_n, K, pred,
                      GROUP: gl.constexpr, KT: gl.constexpr, KW: gl.constexpr, ACT: gl.constexpr):
@@ -193,9 +250,13 @@ if HAVE_GLUON:
             if ACT:  # x is [gate | up]: the up slices are K inputs further
                 tma.async_copy_global_to_shared(x_desc, [off_m, K + grp * GROUP + j * KT], bar,
                                                 u_smem.index(s * NJ + j), pred=pred)
+        _issue_q_loads(q_desc, q_smem.index(s), bar, grp, off_n, pred, P, KW)
+
+    @gluon.jit
+    def _issue_q_loads(q_desc, q_buf, bar, grp, off_n, pred, P: gl.constexpr, KW: gl.constexpr):
+        # KW copies of group grp's packed (P, BN) tile side by side into q_buf (KW * P, BN), arriving on bar
         for jj in gl.static_range(KW):
-            tma.async_copy_global_to_shared(q_desc, [grp * P, off_n], bar, q_smem.index(s).slice(jj * P, P),
-                                            pred=pred)
+            tma.async_copy_global_to_shared(q_desc, [grp * P, off_n], bar, q_buf.slice(jj * P, P), pred=pred)
 
     @gluon.jit
     def _produce(x_desc, q_desc, x_smem, u_smem, q_smem, ready, empty, g_lo, n_iter, off_m, off_n, K,
@@ -218,14 +279,9 @@ if HAVE_GLUON:
         P: gl.constexpr = GROUP // 8
         KW: gl.constexpr = KT // P
         NJ: gl.constexpr = GROUP // KT
-        if DKIND == 1:
-            C: gl.constexpr = 1024.0
-        else:
-            C: gl.constexpr = 128.0
         dt: gl.constexpr = x_desc.dtype
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_M, 16])
-        a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        mma: gl.constexpr = _mma_layout(BLOCK_M, num_warps)
+        a_l: gl.constexpr = _a_layout(BLOCK_M, num_warps)
         col_l: gl.constexpr = gl.SliceLayout(1, a_l)  # (BN,) per output column n (a row of the A operand)
         TK: gl.constexpr = KT // 8  # threads along KT, 8 inputs each, for the SwiGLU's (BM, KT) slices
         x_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TK, TK], [num_warps, 1], [1, 0])
@@ -233,10 +289,6 @@ if HAVE_GLUON:
 
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=col_l)
         mask_n = offs_n < N
-        if KW == 1:
-            sh_c = 0
-        else:  # column c of a slice is nibble plane c // P
-            sh_c = gl.expand_dims((gl.arange(0, KT, layout=gl.SliceLayout(0, a_l)) // P) * 4, 0)
         # the first group's scale and zero (then always one group ahead, in registers)
         sc = gl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
         zc = gl.load(z_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
@@ -245,19 +297,13 @@ if HAVE_GLUON:
         for i in range(n_iter):
             s = i % STAGES
             grp = g_lo + i
-            if DKIND == 1:
-                sc_i = sc
-                zc_i = zc + C
-            else:
-                sc_i = sc.to(gl.float32)
-                zc_i = (zc.to(gl.float32) + C).to(gl.bfloat16)
+            sc_g = sc
+            zc_g = zc
             nxt = gl.minimum(grp + 1, n_groups - 1)
             sc = gl.load(s_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
             zc = gl.load(z_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            qr = q_smem.index(s).permute((1, 0)).load(a_l)  # (BN, KT): word c % P of column n
-            if DKIND == 1 and KW == 1:
-                hv = _halves(qr)
+            qr, hv, sh_c, sc_i, zc_i = _group_operands(q_smem.index(s), sc_g, zc_g, a_l, GROUP, KT, BLOCK_N, DKIND)
             if ACT:  # silu(gate) * up of this group into a_smem[i % 2] (group i - 2's MMAs, its readers, are retired)
                 b0 = (i % 2) * NJ
                 gl.thread_barrier()
@@ -272,12 +318,7 @@ if HAVE_GLUON:
                 b0 = s * NJ
                 b_smem = x_smem
             for j in gl.static_range(NJ):
-                if DKIND == 1 and KW == 1:  # one plane per slice: the halves made once per group
-                    a = _plane_f16x2(hv, 4 * (j % 4), gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1), j >= 4)
-                elif DKIND == 1:
-                    a = _dequant_f16x2(qr, sh_c + 4 * KW * j, gl.expand_dims(zc_i, 1), gl.expand_dims(sc_i, 1))
-                else:
-                    a = _dequant_bf16(qr, sh_c + 4 * KW * j, zc_i, sc_i)
+                a = _dequant_slice(qr, hv, sh_c, sc_i, zc_i, j, KW, DKIND)
                 xt = b_smem.index(b0 + j).permute((1, 0))  # (KT, BM): the transposed activation slice
                 acc = warpgroup_mma(a, xt, acc, is_async=True)
                 # retire all but this MMA: the previous slice's registers and buffers are free again
@@ -382,6 +423,34 @@ if HAVE_GLUON:
                 acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
             gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+    @gluon.jit
+    def _dequant_kernel(q_desc, s_ptr, z_ptr, w_ptr, N, K, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, KT: gl.constexpr, DKIND: gl.constexpr, num_warps: gl.constexpr):
+        # grid (cdiv(N, BN), K // g): program (pid_n, grp) writes its (BN, g) weights to w (N, K) exactly as
+        # `_consume` hands them to the wgmmas (same TMA copies, register layout and dequantization); a probe
+        P: gl.constexpr = GROUP // 8
+        KW: gl.constexpr = KT // P
+        a_l: gl.constexpr = _a_layout(BLOCK_M, num_warps)
+        off_n = gl.program_id(0) * BLOCK_N
+        grp = gl.program_id(1)
+        q_buf = gl.allocate_shared_memory(gl.int32, [KT, BLOCK_N], q_desc.layout)
+        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar, count=1)
+        mbarrier.expect(bar, KW * q_desc.block_type.nbytes)
+        _issue_q_loads(q_desc, q_buf, bar, grp, off_n, True, P, KW)
+        mbarrier.wait(bar, 0)
+        mbarrier.invalidate(bar)
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_l))
+        offs_k = gl.arange(0, KT, layout=gl.SliceLayout(0, a_l))
+        mask_n = offs_n < N
+        sc = gl.load(s_ptr + grp * N + offs_n, mask=mask_n, other=0.0)
+        zc = gl.load(z_ptr + grp * N + offs_n, mask=mask_n, other=0.0)
+        qr, hv, sh_c, sc_i, zc_i = _group_operands(q_buf, sc, zc, a_l, GROUP, KT, BLOCK_N, DKIND)
+        for j in gl.static_range(GROUP // KT):
+            a = _dequant_slice(qr, hv, sh_c, sc_i, zc_i, j, KW, DKIND)
+            ptrs = w_ptr + gl.expand_dims(offs_n, 1) * K + grp * GROUP + j * KT + gl.expand_dims(offs_k, 0)
+            gl.store(ptrs, a, mask=gl.expand_dims(mask_n, 1))
+
 
 _GL_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DKIND = {torch.float16: 1, torch.bfloat16: 2}
@@ -402,6 +471,20 @@ def layouts(BM: int, BN: int, KT: int, g: int, dtype: torch.dtype):
     x_l = gl.NVMMASharedLayout.get_default_for([BM, KT], getattr(gl, _GL_DTYPE[dtype]))
     q_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # unswizzled: sliced by g/8 rows
     return x_l, q_l
+
+
+def dequantize_gluon(w, dtype: torch.dtype = torch.float16, config: str = "gl_m64_n64_k16_s4_c2") -> torch.Tensor:
+    """(N, K) weights of `w` as config's MMAs see them (the kernel's TMA copies, register layout and dequantization,
+    no MMA): equals `w4a16.dequantize_w4(w, dtype)` exactly when the operand is right. A probe (w on an sm_90 GPU)."""
+    BM, BN, KT, _, warps, _, _ = GLUON_CONFIGS[config]
+    N, K, g = w.N, w.K, w.group_size
+    if not fits(config, g, False) or N % 4:
+        raise ValueError(f"gluon dequantize: config {config} does not serve g={g}, N={N}")
+    out = torch.empty(N, K, device=w.device, dtype=dtype)
+    q_desc = TensorDescriptor(w.qweight, [K // 8, N], [N, 1], [g // 8, BN], layouts(BM, BN, KT, g, dtype)[1])
+    _dequant_kernel[(cdiv(N, BN), K // g)](q_desc, w.scales, w.zeros, out, N, K, GROUP=g, BLOCK_M=BM, BLOCK_N=BN,
+                                          KT=KT, DKIND=_DKIND[dtype], num_warps=warps)
+    return out
 
 
 def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
