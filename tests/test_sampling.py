@@ -6,7 +6,7 @@ import torch
 
 from pipeline.engine import processors
 from pipeline.engine.params import SamplingParams
-from pipeline.engine.sampling import filter_top_k_top_p, sample_device
+from pipeline.engine.sampling import ARGMAX_CHUNK, argmax, filter_top_k_top_p, sample_device
 
 
 class Seq:
@@ -98,3 +98,20 @@ def test_logit_bias_and_min_p():
     assert {sample_device(logits, [hot], g)[0].item() for _ in range(50)} == {1}
     warm = SamplingParams(temperature=1.0, min_p=0.3)
     assert {sample_device(logits, [warm], g)[0].item() for _ in range(200)} == {1, 2}
+
+
+def test_cpu_argmax_is_torch_argmax_on_ties_nan_and_inf():
+    """The chunked CPU argmax picks what torch.argmax picks: the first of tied maxima (within a chunk and across
+    chunks), a NaN, an all -inf row's 0; odd vocabularies and strided rows take torch's own."""
+    V = 48 * ARGMAX_CHUNK
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, V, generator=g)
+    x[1, [5, 6000, V - 1]] = 50.0                        # ties across chunks
+    x[2, [ARGMAX_CHUNK + 3, ARGMAX_CHUNK + 9]] = 50.0     # ties inside one chunk
+    x[3, [70, 30000]] = float("nan")
+    x[4] = float("-inf")
+    x[5, 123] = float("inf")
+    x[6] = 0.0
+    x[7] = x[7].to(torch.bfloat16).float()               # many exact ties among bf16-rounded values
+    for logits in (x, x[:, :V - 7], x[:, ::2], x[:1], x[:4], torch.randn(4, 2 * ARGMAX_CHUNK, generator=g)):
+        assert torch.equal(argmax(logits), logits.argmax(-1))

@@ -25,6 +25,7 @@ the server's) and rewrite <dir>/engine_prefill_profile.txt after each one: where
 from __future__ import annotations
 
 import cProfile
+import contextlib
 import io
 import itertools
 import logging
@@ -49,7 +50,7 @@ from .model import ModelRunner
 from .native import NativeRunner
 from .params import GenerationOutput, SamplingParams
 from . import processors
-from .sampling import sample_device
+from .sampling import ARGMAX_ROWS, argmax, sample_device
 from .text import Detokenizer, chat_prompt
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class Engine:
         self._prompt_hashes: dict[int, list[bytes]] = {}   # id(sequence) -> its full prompt blocks' hashes
         self._computing: dict[bytes, int] = {}   # prompt block hash -> rid of the running sequence computing it
         self.graphs = None
+        # a decode step's context (NativeRunner on a CPU: its decode threads for the inputs, forward and token choice)
+        self._step_threads = getattr(runner, "decode_threading", contextlib.nullcontext)
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
         self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=dev)  # last step's greedy tokens
@@ -537,12 +540,14 @@ class Engine:
             if self.graphs is not None:   # tok None: the graph's input buffer already holds them
                 next_in = self.graphs.tokens
                 logits = self.graphs.run(*self._step_inputs(seqs, pos, tok), max_context=max(pos) + 1)
+                out = argmax(logits) if greedy else None
             else:
                 next_in = self._next
-                logits = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
-            if greedy:
-                out = logits.argmax(-1)
-            else:   # penalties (their rows only; counted on the device), logit_bias, sampling
+                # CPU, >= 4 rows: inputs, forward and a greedy choice (sampling.argmax) all on the decode threads
+                with self._step_threads() if greedy and n >= ARGMAX_ROWS else contextlib.nullcontext():
+                    logits = self.runner.decode(*self._step_inputs(seqs, pos, self._next[:n] if tok is None else tok))
+                    out = argmax(logits) if greedy else None
+            if out is None:   # penalties (their rows only; counted on the device), logit_bias, sampling
                 out = sample_device(processors.apply(logits, seqs), [s.params for s in seqs],
                                     [s.generator for s in seqs])
                 processors.count_on_device(seqs, out)

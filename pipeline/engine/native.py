@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -82,6 +83,21 @@ def decode_threads() -> int:
     if n is not None:
         return int(n)
     return 1 if torch.get_num_threads() <= 2 else torch.get_num_threads()
+
+
+@contextmanager
+def decode_threading(device: torch.device):
+    """Run the block (a decode step) on decode_threads() intra-op threads on a CPU; torch's setting is restored
+    after. Nested blocks switch nothing (the engine wraps a step's inputs, forward and token choice in one)."""
+    threads, want = torch.get_num_threads(), decode_threads()
+    switch = torch.device(device).type == "cpu" and want != threads
+    if switch:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if switch:
+            torch.set_num_threads(threads)
 
 
 class NativeRunner(ModelRunner):
@@ -214,16 +230,13 @@ class NativeRunner(ModelRunner):
             o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=True)                 # (B, nh, 1, hd)
             return o.view(B, -1)
-        threads = torch.get_num_threads()
-        one = torch.device(self.device).type == "cpu" and decode_threads() != threads
-        if one:
-            torch.set_num_threads(decode_threads())
-        try:
-            with torch.inference_mode():
-                return self._run(tokens, positions, slots, attend)
-        finally:
-            if one:
-                torch.set_num_threads(threads)
+        with self.decode_threading(), torch.inference_mode():
+            return self._run(tokens, positions, slots, attend)
+
+    def decode_threading(self):
+        """A context for a whole decode step on this runner's device (decode_threading): the engine runs its
+        inputs, `decode` and the greedy token choice in one, so these small ops do not wake a second thread."""
+        return decode_threading(self.device)
 
     def prefill(self, tokens, positions, slots, seqs, select=None, plan=None) -> torch.Tensor:
         """Chunks of several sequences (see ModelRunner.prefill); each chunk's queries attend to its sequence's
