@@ -1,7 +1,7 @@
 """Torch-native linears: each workspace weight type repacked ONCE at load for PyTorch's own kernels.
 
 Usage:
-    lin = int4_layout(w, act_dtype=torch.bfloat16)     # W4Weight; Int8Dynamic(w8, dtype), Dense(w, dtype)
+    lin = int4_layout(w, torch.bfloat16)               # W4Weight; Int8Dynamic(w8, dtype), Dense(w, dtype)
     lin = int4_layout(w, torch.bfloat16, dense_rows=32)   # int4 on a CPU: batches of >= 32 rows on a bf16 copy
     y = lin(x, bias)                                   # x (..., K) any float dtype -> (..., N) in lin.dtype
     head = native_head(lm_head, act_dtype)             # the logits' linear (int8 weight-only on a CPU in bf16)
@@ -118,7 +118,7 @@ def int4_layout(w: W4Weight, dtype: torch.dtype, dense_rows: int = 0):
     a bf16 copy), else `Dense` of w dequantized."""
     if dtype == torch.bfloat16 and int4_packable(w):
         try:
-            return Int4Packed(w, dense_rows if w.device.type == "cpu" else 0)
+            return Int4Packed(w, dense_rows)   # the bf16 copy is made on a CPU only
         except RuntimeError as e:   # an old GPU / a build without the op: the dequantized weight instead
             log.warning("int4 GEMM unavailable on %s (%s): W4A16 runs dequantized", w.device, str(e)[:200])
     return Dense(dequantize_w4(w, torch.float32), dtype)
