@@ -1,7 +1,8 @@
 """The torch-native CPU backend on SmolLM2-135M-Instruct: perplexity equals the evaluate stage's within 0.5%.
 
-W4A16 (RTN, group 64) + dynamic int8 KV, the backend's default fast mode (bf16 activations into PyTorch's int4
-GEMM, int8 weight-only lm_head): perplexity over 2 windows of 128 wikitext-2 tokens through the engine's prefill
+W4A16 (RTN, group 64) + dynamic int8 KV, the backend's default fast mode (int8 weight-only lm_head; prefill-size
+inputs on the oneDNN bf16 copies of the int4 linears, and with PIPELINE_NATIVE_DENSE_ROWS=0 every row on the int4
+kernel used for decode: kernels/cpu_int4.py, int8 activations, or PyTorch's int4 op): perplexity over 2 windows of 128 wikitext-2 tokens through the engine's prefill
 (`Engine.prompt_logits`) vs `evaluate.perplexity` on the reference model with the same dequantized weights and the
 same KV fake-quant (what the evaluate stage computes).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,8 @@ from pipeline.workspace import write_workspace
 
 
 @torch.no_grad()
-def test_native_perplexity_equals_evaluate(smollm2_gguf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dense_rows", ["32", "0"])
+def test_native_perplexity_equals_evaluate(smollm2_gguf, tmp_path, monkeypatch, dense_rows):
     from pipeline.data import eval_text
     from pipeline.quant.kv import attach_kv_fake_quant
     from pipeline.quant.w4 import dequantize, quantize
@@ -38,6 +41,7 @@ def test_native_perplexity_equals_evaluate(smollm2_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_KERNELS", "auto")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)        # a plain CPU run: auto picks the native backend
     monkeypatch.delenv("PIPELINE_NATIVE_DTYPE", raising=False)   # its default (fast) mode
+    monkeypatch.setenv("PIPELINE_NATIVE_DENSE_ROWS", dense_rows)
     eng = Engine.from_workspace(tmp_path / "w4kv8", "cpu", {"session_len": 256})
     assert isinstance(eng.runner, NativeRunner) and eng.runner.dtype == torch.bfloat16
     assert eng.runner.kv_mode == "dynamic" and eng.stats()["quant_policy"] == 4

@@ -9,7 +9,11 @@ Usage:
 Which layout a workspace linear gets is its weight type's `native` (pipeline/weights; `native_linear(w, dtype)`
 there). Every layout casts its input to its activation dtype (`dtype`) and returns that dtype.
 
-    W4Weight  bf16 activations: `Int4Packed`, the int4 GEMM of PyTorch (CPU: `_weight_int4pack_mm_for_cpu`, AVX512
+    W4Weight  CPU (x86 with AVX2 or AVX512-VNNI, a C compiler; K % 64, N % 16, group % 64): `Int4CPU`
+              (kernels/cpu_int4.py), int4 x int8-quantized activations in integer dot products, fp32 out: 1.6x the
+              int4 op below at 1 row on one thread, 2.6x at 8 rows (docs/perf-log.md, session 11); from dense_rows
+              rows (prefill) the oneDNN bf16 copy below. PIPELINE_CPU_KERNEL=0 turns it off.
+              Elsewhere, bf16 activations: `Int4Packed`, the int4 GEMM of PyTorch (CPU: `_weight_int4pack_mm_for_cpu`, AVX512
               kernels for bf16 inputs; CUDA sm_80+: `_weight_int4pack_mm`, tinygemm). Its convention is
               W = (q - 8) * s + m per group, with (s, m) packed as (K/g, N, 2) bf16; ours is W = (q - z) * s, so
               m = (8 - z) * s (computed in fp32, rounded once to bf16). The op wants N % 16 == 0 on a CPU (CUDA:
@@ -33,6 +37,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import cpu_int4
 from .int8_gemm import int8_linear
 from .quant_act import quantize_per_token_ref
 from .w4a16 import W4Weight, dequantize_w4, unpack_w4
@@ -52,21 +57,16 @@ class Dense:
 
 
 class Int4Packed:
-    """W4A16 on PyTorch's int4 GEMM (bf16 activations, fp32 accumulation inside the op). On a CPU, batches of at
-    least `dense_rows` rows take `dense` instead: the same weight dequantized once to bf16 and prepacked for
-    oneDNN (AVX512-BF16: ~2x the int4 op at 8 rows, whose cost grows ~linearly with the rows)."""
+    """W4A16 on PyTorch's int4 GEMM (bf16 activations, fp32 accumulation inside the op)."""
 
-    def __init__(self, w: W4Weight, dense_rows: int = 0):
+    def __init__(self, w: W4Weight):
         q, s, z = unpack_w4(w)                                    # (N, K) uint8, (K/g, N) fp16 x2
         s32 = s.float()
         self.scales_zeros = torch.stack([s32, (8 - z.float()) * s32], -1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
         self.group_size, self.N, self.dtype = w.group_size, w.N, torch.bfloat16
-        self.dense, self.dense_rows = None, dense_rows
         if q.device.type == "cpu":
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
             self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-            if dense_rows:
-                self.dense = OneDNNLinear(dequantize_w4(w, torch.float32).to(torch.bfloat16), dense_rows)
         else:                                                     # CUDA: two codes a byte, the even one high
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()    # (N, K/2) uint8
             self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, 2)
@@ -75,10 +75,19 @@ class Int4Packed:
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1]), bias).reshape(*x.shape[:-1], self.N)
-        if self.dense is not None and x.shape[0] >= self.dense_rows:
-            return self.dense(x, bias)
         y = self._mm(x.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros)
         return y if bias is None else y + bias
+
+
+class ByRows:
+    """Batches of fewer than `rows` rows on `small` (decode), larger ones (prefill) on `large`."""
+
+    def __init__(self, small, large, rows: int):
+        self.small, self.large, self.rows, self.dtype = small, large, rows, small.dtype
+
+    def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        n = x.numel() // x.shape[-1]
+        return (self.large if n >= self.rows else self.small)(x, bias)
 
 
 class OneDNNLinear:
@@ -114,13 +123,23 @@ def dense_rows_from_env() -> int:
 
 
 def int4_layout(w: W4Weight, dtype: torch.dtype, dense_rows: int = 0):
-    """`Int4Packed` where PyTorch's int4 GEMM takes w (bf16 activations; on a CPU, batches of >= dense_rows rows on
-    a bf16 copy), else `Dense` of w dequantized."""
-    if dtype == torch.bfloat16 and int4_packable(w):
-        try:
-            return Int4Packed(w, dense_rows)   # the bf16 copy is made on a CPU only
-        except RuntimeError as e:   # an old GPU / a build without the op: the dequantized weight instead
-            log.warning("int4 GEMM unavailable on %s (%s): W4A16 runs dequantized", w.device, str(e)[:200])
+    """bf16 mode: on a CPU `Int4CPU` (our C kernel) where it is built and takes w, else `Int4Packed` where PyTorch's
+    int4 GEMM takes w; on a CPU, batches of >= dense_rows rows on a oneDNN bf16 copy. Otherwise (fp32 exact mode, or
+    neither op) `Dense` of w dequantized."""
+    if dtype == torch.bfloat16:
+        small = None
+        if w.device.type == "cpu" and cpu_int4.supports(w) and cpu_int4.available():
+            small = cpu_int4.Int4CPU(w)
+        elif int4_packable(w):
+            try:
+                small = Int4Packed(w)
+            except RuntimeError as e:   # an old GPU / a build without the op: the dequantized weight instead
+                log.warning("int4 GEMM unavailable on %s (%s): W4A16 runs dequantized", w.device, str(e)[:200])
+        if small is not None:
+            if w.device.type == "cpu" and dense_rows:
+                return ByRows(small, OneDNNLinear(dequantize_w4(w, torch.float32).to(torch.bfloat16), dense_rows),
+                              dense_rows)
+            return small
     return Dense(dequantize_w4(w, torch.float32), dtype)
 
 

@@ -1,0 +1,218 @@
+/* W4A16 linear for x86 CPUs: int4 weights x int8-quantized activations, integer dot products (AVX512-VNNI
+ * `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd`), fp32 out. Built and loaded by pipeline/kernels/cpu_int4.py
+ * (its docstring has the layout and the math; `int4_cpu_ref` there is the PyTorch reference of this file).
+ *
+ *   x  (M, K) fp32                   activations; each row quantized per block of 64 in two int8 terms:
+ *                                    x ~= d * (q1 + q2 / 256), d = max|x| / 127, q1 = round(x / d),
+ *                                    q2 = round((x - d * q1) * 256 / d) (~15 bits: the product's rounding is that
+ *                                    of a bf16 input, not of an int8 one); dsum = the x's sum per weight group
+ *   w  (N/16, K/8, 16, 4) uint8      16 output rows interleaved: for rows n0..n0+15 and codes k0..k0+7, row r's 4
+ *                                    bytes are code[k0 + i] | code[k0 + 4 + i] << 4, i = 0..3 (one 512-bit load =
+ *                                    8 codes of 16 rows; a 32-bit lane = one row, so no horizontal sums)
+ *   ws (N/16, G, 16), wm (...) fp32  per weight group: scale s and s * zero, G = K / group
+ *   y  (M, N) fp32                   y[m, n] = sum_b s[n, g(b)] * d[m, b] * (256 q_w.q1 + q_w.q2)_b / 256
+ *                                                - sum_g wm[n, g] * dsum[m, g]
+ *
+ * Per 8 codes of 16 columns: one load, two nibble masks, four `vpdpbusd` an activation row (the 256 q1 + q2 sum
+ * fits int32 per 64-block). A tile of 16 output columns is computed for up to 4 activation rows at a time (each weight byte unpacked once per
+ * 4 rows); tiles are split across `threads` OpenMP threads where built with OpenMP. K % 64 == 0, group % 64 == 0,
+ * N % 16 == 0.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QB 64   /* activation block and weight byte block: 64 codes */
+#define MT 4    /* activation rows per pass over a weight tile */
+#define NT 16   /* output columns per tile */
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row's 64-block -> q (128 int8: q1 then q2) and its scale d; returns sum(q1) * 256 + sum(q2). Rounding to
+ * the nearest, ties to even (torch.round's); products and differences rounded one at a time (no FMA contraction:
+ * built with -ffp-contract=off), as the reference computes them. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static int quant_block(const float *x, int8_t *q, float *d_out) {
+    __m512 v[4], amax = _mm512_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm512_loadu_ps(x + 16 * i);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+    }
+    float d = _mm512_reduce_max_ps(amax) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    __m512 vd = _mm512_set1_ps(d), vid = _mm512_set1_ps(id), vid2 = _mm512_set1_ps(id * 256.f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < 4; i++) {
+        __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], vid));   /* |c1| <= 127 */
+        __m512 r = _mm512_sub_ps(v[i], _mm512_mul_ps(_mm512_cvtepi32_ps(c1), vd));
+        __m512i c2 = _mm512_cvtps_epi32(_mm512_mul_ps(r, vid2));
+        c2 = _mm512_max_epi32(_mm512_min_epi32(c2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
+        _mm_storeu_si128((__m128i *)(q + 16 * i), _mm512_cvtsepi32_epi8(c1));
+        _mm_storeu_si128((__m128i *)(q + QB + 16 * i), _mm512_cvtsepi32_epi8(c2));
+        sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_slli_epi32(c1, 8), c2));
+    }
+    *d_out = d;
+    return _mm512_reduce_add_epi32(sum);
+}
+#else
+static int quant_block(const float *x, int8_t *q, float *d_out) {
+    float amax = 0.f;
+    for (int i = 0; i < QB; i++) {
+        float a = x[i] < 0.f ? -x[i] : x[i];
+        amax = a > amax ? a : amax;
+    }
+    float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f, id2 = id * 256.f;
+    int sum = 0;
+    for (int i = 0; i < QB; i++) {
+        int c1 = (int)nearbyintf(x[i] * id);
+        float r = x[i] - (float)c1 * d;
+        int c2 = (int)nearbyintf(r * id2);
+        c2 = c2 > 127 ? 127 : (c2 < -128 ? -128 : c2);
+        q[i] = (int8_t)c1;
+        q[QB + i] = (int8_t)c2;
+        sum += c1 * 256 + c2;
+    }
+    *d_out = d;
+    return sum;
+}
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define KERNEL_ISA "avx512_vnni"
+/* One tile (16 columns) for mt activation rows: y[i * N + 0..15]. */
+static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, const float *ws, const float *wm,
+        const int8_t *xq, const float *xd, const float *dsum, int KB, int gb, int K, int G, float *y, int N,
+        const int mt) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    __m512 facc[MT];
+    for (int i = 0; i < mt; i++) facc[i] = _mm512_setzero_ps();
+    for (int g = 0, b = 0; g < G; g++) {
+        __m512 s = _mm512_loadu_ps(ws + (size_t)g * NT);
+        for (int e = b + gb; b < e; b++) {
+            __m512i a1[MT], a2[MT];                    /* q_w . q1 and q_w . q2 */
+            for (int i = 0; i < mt; i++) a1[i] = a2[i] = _mm512_setzero_si512();
+            const uint8_t *wb = w + (size_t)b * 8 * 64;
+            const int8_t *xb = xq + (size_t)b * 2 * QB;
+            for (int c = 0; c < 8; c++) {
+                __m512i raw = _mm512_loadu_si512((const void *)(wb + c * 64));
+                __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+                for (int i = 0; i < mt; i++) {
+                    const int32_t *xi = (const int32_t *)(xb + (size_t)i * 2 * K + c * 8);
+                    a1[i] = _mm512_dpbusd_epi32(a1[i], lo, _mm512_set1_epi32(xi[0]));
+                    a1[i] = _mm512_dpbusd_epi32(a1[i], hi, _mm512_set1_epi32(xi[1]));
+                    a2[i] = _mm512_dpbusd_epi32(a2[i], lo, _mm512_set1_epi32(xi[QB / 4]));
+                    a2[i] = _mm512_dpbusd_epi32(a2[i], hi, _mm512_set1_epi32(xi[QB / 4 + 1]));
+                }
+            }
+            for (int i = 0; i < mt; i++)                /* |256 a1 + a2| <= 257 * 64 * 15 * 128 < 2^31 */
+                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a1[i], 8), a2[i])),
+                                          _mm512_mul_ps(s, _mm512_set1_ps(xd[(size_t)i * KB + b] * (1.f / 256.f))), facc[i]);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        __m512 z = _mm512_setzero_ps();
+        for (int g = 0; g < G; g++)
+            z = _mm512_fmadd_ps(_mm512_loadu_ps(wm + (size_t)g * NT), _mm512_set1_ps(dsum[(size_t)i * G + g]), z);
+        _mm512_storeu_ps(y + (size_t)i * N, _mm512_sub_ps(facc[i], z));
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KERNEL_ISA "avx2"
+/* As the AVX512 tile, as two halves of 8 columns (the 32-byte halves of each 64-byte load). */
+static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, const float *ws, const float *wm,
+        const int8_t *xq, const float *xd, const float *dsum, int KB, int gb, int K, int G, float *y, int N,
+        const int mt) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256 facc[MT];
+        for (int i = 0; i < mt; i++) facc[i] = _mm256_setzero_ps();
+        for (int g = 0, b = 0; g < G; g++) {
+            __m256 s = _mm256_loadu_ps(ws + (size_t)g * NT + 8 * h);
+            for (int e = b + gb; b < e; b++) {
+                __m256i a1[MT], a2[MT];
+                for (int i = 0; i < mt; i++) a1[i] = a2[i] = _mm256_setzero_si256();
+                const uint8_t *wb = w + (size_t)b * 8 * 64 + 32 * h;
+                const int8_t *xb = xq + (size_t)b * 2 * QB;
+                for (int c = 0; c < 8; c++) {
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(wb + c * 64));
+                    __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    for (int i = 0; i < mt; i++) {
+                        const int32_t *xi = (const int32_t *)(xb + (size_t)i * 2 * K + c * 8);
+                        /* |each 16-bit sum| <= 4 * 15 * 128 */
+                        __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xi[0])),
+                                                      _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xi[1])));
+                        __m256i p2 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xi[QB / 4])),
+                                                      _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xi[QB / 4 + 1])));
+                        a1[i] = _mm256_add_epi32(a1[i], _mm256_madd_epi16(p1, ones));
+                        a2[i] = _mm256_add_epi32(a2[i], _mm256_madd_epi16(p2, ones));
+                    }
+                }
+                for (int i = 0; i < mt; i++)
+                    facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(a1[i], 8), a2[i])),
+                                              _mm256_mul_ps(s, _mm256_set1_ps(xd[(size_t)i * KB + b] * (1.f / 256.f))), facc[i]);
+            }
+        }
+        for (int i = 0; i < mt; i++) {
+            __m256 z = _mm256_setzero_ps();
+            for (int g = 0; g < G; g++)
+                z = _mm256_fmadd_ps(_mm256_loadu_ps(wm + (size_t)g * NT + 8 * h),
+                                    _mm256_set1_ps(dsum[(size_t)i * G + g]), z);
+            _mm256_storeu_ps(y + (size_t)i * N + 8 * h, _mm256_sub_ps(facc[i], z));
+        }
+    }
+}
+#else
+#error "int4_cpu.c needs AVX2 + FMA or AVX512-VNNI"
+#endif
+
+const char *int4_cpu_isa(void) { return KERNEL_ISA; }
+
+/* y (M, N) = x (M, K) @ W.T. Returns 0, or -1 when out of memory for the quantized activations. */
+int int4_cpu_linear(const float *x, const uint8_t *w, const float *ws, const float *wm, float *y, int M, int N,
+                    int K, int group, int threads) {
+    int KB = K / QB, G = K / group, gb = group / QB, tiles = N / NT;
+    int8_t *xq = (int8_t *)malloc((size_t)M * K * 2);   /* (M, K/64, 2, 64): each block's q1 then q2 */
+    float *xd = (float *)malloc(sizeof(float) * ((size_t)M * KB + (size_t)M * G));
+    if (!xq || !xd) { free(xq); free(xd); return -1; }
+    float *dsum = xd + (size_t)M * KB;               /* (M, G): sum over the group's blocks of d * sum(q1 + q2/256) */
+    for (int m = 0; m < M; m++) {
+        for (int g = 0; g < G; g++) {
+            float t = 0.f;
+            for (int j = 0; j < gb; j++) {
+                size_t b = (size_t)g * gb + j;
+                int sq = quant_block(x + (size_t)m * K + b * QB, xq + ((size_t)m * K + b * QB) * 2,
+                                     xd + (size_t)m * KB + b);
+                t += xd[(size_t)m * KB + b] * ((float)sq * (1.f / 256.f));
+            }
+            dsum[(size_t)m * G + g] = t;
+        }
+    }
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int t = 0; t < tiles; t++) {
+        const uint8_t *wt = w + (size_t)t * K * NT / 2;
+        const float *wst = ws + (size_t)t * G * NT, *wmt = wm + (size_t)t * G * NT;
+        for (int m0 = 0; m0 < M; m0 += MT) {
+            const int8_t *xm = xq + (size_t)m0 * K * 2;
+            const float *xdm = xd + (size_t)m0 * KB, *dm = dsum + (size_t)m0 * G;
+            float *ym = y + (size_t)m0 * N + (size_t)t * NT;
+            switch (M - m0 < MT ? M - m0 : MT) {
+                case 1: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 1); break;
+                case 2: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 2); break;
+                case 3: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 3); break;
+                default: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 4); break;
+            }
+        }
+    }
+    free(xq);
+    free(xd);
+    return 0;
+}
