@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.kernels import cpu_int4
+from pipeline.kernels import cpu_build, cpu_int4
 from pipeline.kernels.cpu_int4 import Int4CPU, int4_cpu_ref, pack_tiles, unpack_tiles
 from pipeline.kernels.native import ByRows, Int4Packed, int4_layout
 from pipeline.kernels.w4a16 import dequantize_w4
 
 from test_native import w4
 
-ISAS = [isa for isa in cpu_int4.cpu_isas() if cpu_int4.library(isa) is not None]
+ISAS = [isa for isa in cpu_build.cpu_isas() if cpu_int4.library(isa) is not None]
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler or no AVX2 here: the kernel is not built")
 
 

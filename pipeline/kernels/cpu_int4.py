@@ -17,107 +17,29 @@ token reads are those of PyTorch's int4 op; the integer dots make the kernel mem
 One int8 term (llama.cpp's Q8 activations) moved SmolLM2's perplexity 0.54% off the evaluate stage's; the second
 term keeps the input as precise as a bf16 one (tests/test_native_smollm2.py runs every row through this kernel).
 
-The library: built with the system's C compiler (`cc`, or $CC) for the ISA this CPU reports (AVX512-VNNI, else
-AVX2 + FMA), with OpenMP when the compiler has it, into `<cache>/cpu_kernels/` (keyed by the source, flags and
-compiler), atomically; later processes load it. No compiler or no AVX2: `available()` is False and int4 linears
-stay on PyTorch's int4 op. `Int4CPU(w, isa="avx2")` loads another ISA's build (the tests run both).
+The library: built once per machine by pipeline/kernels/cpu_build.py (the system's C compiler, the best ISA this
+CPU reports: AVX512-VNNI, else AVX2 + FMA). No compiler or no AVX2: `available()` is False and int4 linears stay on
+PyTorch's int4 op. `Int4CPU(w, isa="avx2")` loads another ISA's build (the tests run both).
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import cpu_build
 from .w4a16 import W4Weight, unpack_w4
 
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "int4_cpu.c"
 QB = 64                      # activation block: 64 codes
 NT = 16                      # output columns a tile interleaves
-# the kernel's ISAs, best first: (what /proc/cpuinfo must list, the compiler's flags)
-ISAS = {
-    "avx512_vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
-                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma"]),
-    "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
-}
-_libs: dict[str, Optional[ctypes.CDLL]] = {}
-
-
-def cpu_isas() -> list[str]:
-    """The kernel ISAs this CPU runs, best first."""
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return [name for name, (need, _) in ISAS.items() if need <= flags]
-
-
-def _build(cache: Path, isa: str) -> Optional[Path]:
-    """Compile SOURCE for `isa` into cache (once; keyed by source, flags, compiler); the .so path or None."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.info("CPU int4 kernel not built: no C compiler (cc, or $CC)")
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    src = SOURCE.read_bytes()
-    for omp in (["-fopenmp"], []):
-        flags = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", *ISAS[isa][1], *omp]
-        key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-        out = cache / f"int4_cpu_{isa}_{key}.so"
-        if out.exists():
-            return out
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            tmp_out = Path(tmp) / out.name
-            r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True)
-            if r.returncode == 0:
-                os.replace(tmp_out, out)   # atomic: a concurrent build wins or loses whole
-                return out
-            log.info("CPU int4 kernel build with %s failed: %s", " ".join(flags), r.stderr[-500:])
-    return None
-
-
 def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
-    """The compiled kernel library for `isa` (default: the best this CPU runs), built on first use; None where it
-    cannot be built, the CPU has none of ISAS, or PIPELINE_CPU_KERNEL=0."""
-    if os.environ.get("PIPELINE_CPU_KERNEL", "1") == "0":
-        return None
-    if isa is None:
-        isas = cpu_isas()
-        if not isas:
-            return None
-        isa = isas[0]
-    if isa in _libs:
-        return _libs[isa]
-    from .tuner import cache_dir
-    try:
-        path = _build(cache_dir() / "cpu_kernels", isa)
-    except OSError as e:
-        log.warning("CPU int4 kernel: no cache folder to build in (%s); set PIPELINE_CACHE_DIR", e)
-        path = None
-    lib = None
-    if path is not None:
-        lib = ctypes.CDLL(str(path))
+    """csrc/int4_cpu.c built for `isa` (default: the best this CPU runs; cpu_build.load), or None."""
+    lib = cpu_build.load("int4_cpu", isa)
+    if lib is not None and lib.int4_cpu_linear.argtypes is None:
         lib.int4_cpu_linear.restype = ctypes.c_int
         lib.int4_cpu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
-        lib.int4_cpu_isa.restype = ctypes.c_char_p
-        log.info("CPU int4 kernel: %s (%s)", lib.int4_cpu_isa().decode(), path.name)
-    _libs[isa] = lib
     return lib
 
 
@@ -174,7 +96,7 @@ class Int4CPU:
         lib = library(isa)
         if lib is None:
             raise RuntimeError(f"the CPU int4 kernel is not available ({isa or 'best ISA'}; see cpu_int4.library)")
-        self.isa = lib.int4_cpu_isa().decode()
+        self.isa = cpu_build.isa_of(lib)
         self._fn = lib.int4_cpu_linear
         self._ptrs = (self.packed.data_ptr(), self.ws.data_ptr(), self.wm.data_ptr())
 
