@@ -1,7 +1,7 @@
 """The torch-native backend (CPU): its linears against the kernels' references, the engine against the reference path.
 
 - int4 on PyTorch's op (`Int4Packed`, `_weight_int4pack_mm_for_cpu`, bf16 activations; our C kernel, which a CPU
-  takes where it fits, has tests/test_cpu_int4.py) equals `w4a16_linear_ref` on
+  takes where it fits, has tests/test_cpu_linear.py) equals `w4a16_linear_ref` on
   the same bf16-rounded input within bf16 rounding of the scales (2^-8 of the output's magnitude), for group sizes
   32/64/128, asymmetric zero points 0..15 and odd shapes (N not a multiple of 16 takes the dequantized layout);
   so do its prefill-size batches on the oneDNN bf16 copy (dense_rows).
@@ -46,7 +46,7 @@ def w4(N: int, K: int, g: int, seed: int = 0):
 @pytest.mark.parametrize("N,K,g", [(48, 96, 32), (160, 192, 64), (64, 384, 128), (3072, 576, 64), (40, 256, 128)])
 @pytest.mark.parametrize("M,dense_rows", [(1, 0), (5, 0), (1, 4), (5, 4)])
 def test_int4_linear_matches_reference(monkeypatch, N, K, g, M, dense_rows):
-    monkeypatch.setenv("PIPELINE_CPU_KERNEL", "0")    # PyTorch's int4 op (our C kernel: tests/test_cpu_int4.py)
+    monkeypatch.setenv("PIPELINE_CPU_KERNEL", "0")    # PyTorch's int4 op (our C kernel: tests/test_cpu_linear.py)
     w = w4(N, K, g)
     lin = native_linear(w, torch.bfloat16, dense_rows)
     small = lin.small if isinstance(lin, ByRows) else lin

@@ -10,7 +10,7 @@ Which layout a workspace linear gets is its weight type's `native` (pipeline/wei
 there). Every layout casts its input to its activation dtype (`dtype`) and returns that dtype.
 
     W4Weight  CPU (x86 with AVX2 or AVX512-VNNI, a C compiler; K % 64, N % 16, group % 64): `Int4CPU`
-              (kernels/cpu_int4.py), int4 x int8-quantized activations in integer dot products, fp32 out: 1.6x the
+              (kernels/cpu_linear.py), int4 x int8-quantized activations in integer dot products, fp32 out: 1.6x the
               int4 op below at 1 row on one thread, 2.6x at 8 rows (docs/perf-log.md, session 11); from dense_rows
               rows (prefill) the oneDNN bf16 copy below. PIPELINE_CPU_KERNEL=0 turns it off.
               Elsewhere, bf16 activations: `Int4Packed`, the int4 GEMM of PyTorch (CPU: `_weight_int4pack_mm_for_cpu`, AVX512
@@ -25,9 +25,9 @@ there). Every layout casts its input to its activation dtype (`dtype`) and retur
               (CPU: any M; CUDA: through int8_gemm's cuBLASLt path), the reference's epilogue: equal to
               `int8_linear_ref` up to the fp32 rounding of the epilogue.
     Tensor    `Dense`: the weight in the activation dtype, `F.linear` (MKL / oneDNN on a CPU).
-    lm_head   `Int8Head` (CPU, bf16 mode): int8 per output channel (llama.cpp's GGUF of this model has a Q8_0 output
-              tensor), the input as two int8 terms, oneDNN's u8 x s8 GEMM (or `torch._int_mm`), fp32 logits;
-              otherwise `Dense`.
+    lm_head   CPU, bf16 mode: int8 per output channel (llama.cpp's GGUF of this model has a Q8_0 output tensor), the
+              input as two int8 terms, fp32 logits: `Int8CPU` (our C kernel, kernels/cpu_linear.py) where it takes
+              the shape, else `Int8Head` (oneDNN's u8 x s8 GEMM, or `torch._int_mm`); otherwise `Dense`.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import cpu_int4
+from . import cpu_linear
 from .int8_gemm import int8_linear
 from .quant_act import quantize_per_token_ref
 from .w4a16 import W4Weight, dequantize_w4, unpack_w4
@@ -128,8 +128,8 @@ def int4_layout(w: W4Weight, dtype: torch.dtype, dense_rows: int = 0):
     neither op) `Dense` of w dequantized."""
     if dtype == torch.bfloat16:
         small = None
-        if w.device.type == "cpu" and cpu_int4.supports(w) and cpu_int4.available():
-            small = cpu_int4.Int4CPU(w)
+        if w.device.type == "cpu" and cpu_linear.supports(w) and cpu_linear.available():
+            small = cpu_linear.Int4CPU(w)
         elif int4_packable(w):
             try:
                 small = Int4Packed(w)
@@ -204,7 +204,11 @@ class Int8Head:
 
 
 def native_head(weight: torch.Tensor, act_dtype: torch.dtype):
-    """The lm_head: `Int8Head` on a CPU in bf16 mode (the head is the largest matrix of a small model), else dense."""
+    """The lm_head: on a CPU in bf16 mode int8 weight-only (the head is the largest matrix of a small model) on our C
+    kernel (`Int8CPU`) where it takes the shape, else `Int8Head`; otherwise dense."""
     if weight.device.type == "cpu" and act_dtype == torch.bfloat16:
+        V, D = weight.shape
+        if V % cpu_linear.NT == 0 and D % cpu_linear.QB == 0 and cpu_linear.available():
+            return cpu_linear.Int8CPU(*quantize_w8(weight))
         return Int8Head(weight)
     return Dense(weight, act_dtype)

@@ -1,11 +1,12 @@
-"""The CPU int4 kernel (pipeline/kernels/cpu_int4.py, csrc/int4_cpu.c), each ISA build this CPU runs:
+"""The CPU int4 kernel (pipeline/kernels/cpu_linear.py, csrc/linear_cpu.c), each ISA build this CPU runs:
 
 - its layout round-trips (pack_tiles / unpack_tiles);
 - it equals its PyTorch reference (`int4_cpu_ref`: the same int8 activation blocks, integer dots in fp64) up to
   fp32 summation order, over odd shapes, group sizes 64 / 128, 1-9 rows, both OpenMP thread counts;
 - against the exact W4A16 linear (weights dequantized, fp32 activations) it is off by the int8 rounding of the
   activations alone (~0.5% of the output's norm on Gaussian inputs; bound 1.5%);
-- the torch-native layout picks it on a CPU where it takes the shape, PyTorch's int4 op where it does not.
+- the int8 kernel (the CPU lm_head) equals its reference, and the exact int8 linear up to the input's rounding;
+- the torch-native layouts pick them on a CPU where they take the shape, PyTorch's ops where they do not.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.kernels import cpu_build, cpu_int4
-from pipeline.kernels.cpu_int4 import Int4CPU, int4_cpu_ref, pack_tiles, unpack_tiles
-from pipeline.kernels.native import ByRows, Int4Packed, int4_layout
+from pipeline.kernels import cpu_build, cpu_linear
+from pipeline.kernels.cpu_linear import Int4CPU, Int8CPU, int4_cpu_ref, int8_cpu_ref, pack_tiles, unpack_tiles
+from pipeline.kernels.native import ByRows, Int4Packed, Int8Head, int4_layout, native_head
+from pipeline.quant.w8 import quantize_w8
 from pipeline.kernels.w4a16 import dequantize_w4
 
 from test_native import w4
 
-ISAS = [isa for isa in cpu_build.cpu_isas() if cpu_int4.library(isa) is not None]
+ISAS = [isa for isa in cpu_build.cpu_isas() if cpu_linear.library(isa) is not None]
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler or no AVX2 here: the kernel is not built")
 
 
@@ -66,3 +68,22 @@ def test_layout_picks_the_kernel_where_it_fits():
     torch.testing.assert_close(both(x[:2]), both.small(x[:2]))
     torch.testing.assert_close(both(x).float(), F.linear(x.bfloat16().float(), dequantize_w4(w4(64, 256, 64))),
                                rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("N,K,M", [(16, 64, 1), (4096, 576, 1), (208, 192, 5), (64, 128, 8)])
+def test_int8_kernel_equals_reference(isa, N, K, M):
+    gen = torch.Generator().manual_seed(4)
+    q, s = quantize_w8(torch.randn(N, K, generator=gen))
+    x = torch.randn(M, K, generator=gen) * 2
+    one, two = Int8CPU(q, s, threads=1, isa=isa), Int8CPU(q, s, threads=2, isa=isa)
+    got = one(x)
+    torch.testing.assert_close(got, int8_cpu_ref(x, one), rtol=1e-5, atol=1e-5 * got.abs().max().item())
+    assert torch.equal(two(x), got)
+    exact = x @ (q.float() * s[:, None]).t()
+    assert (got - exact).norm() <= 1e-4 * exact.norm()        # the two-term input: ~15 bits
+
+
+def test_head_picks_the_kernel_where_it_fits():
+    assert isinstance(native_head(torch.randn(4096, 576), torch.bfloat16), Int8CPU)
+    assert isinstance(native_head(torch.randn(4000, 96), torch.bfloat16), Int8Head)   # N % 16, K % 64: oneDNN

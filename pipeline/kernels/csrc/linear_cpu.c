@@ -1,5 +1,5 @@
 /* W4A16 linear for x86 CPUs: int4 weights x int8-quantized activations, integer dot products (AVX512-VNNI
- * `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd`), fp32 out. Built and loaded by pipeline/kernels/cpu_int4.py
+ * `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd`), fp32 out. Built and loaded by pipeline/kernels/cpu_linear.py
  * (its docstring has the layout and the math; `int4_cpu_ref` there is the PyTorch reference of this file).
  *
  *   x  (M, K) fp32                   activations; each row quantized per block of 64 in two int8 terms:
@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pool.h"
 
 #define QB 64   /* activation block and weight byte block: 64 codes */
 #define MT 4    /* activation rows per pass over a weight tile */
@@ -52,7 +54,7 @@ static int quant_block(const float *x, int8_t *q, float *d_out) {
         __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], vid));   /* |c1| <= 127 */
         __m512 r = _mm512_sub_ps(v[i], _mm512_mul_ps(_mm512_cvtepi32_ps(c1), vd));
         __m512i c2 = _mm512_cvtps_epi32(_mm512_mul_ps(r, vid2));
-        c2 = _mm512_max_epi32(_mm512_min_epi32(c2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
+        c2 = _mm512_max_epi32(_mm512_min_epi32(c2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
         _mm_storeu_si128((__m128i *)(q + 16 * i), _mm512_cvtsepi32_epi8(c1));
         _mm_storeu_si128((__m128i *)(q + QB + 16 * i), _mm512_cvtsepi32_epi8(c2));
         sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_slli_epi32(c1, 8), c2));
@@ -73,7 +75,7 @@ static int quant_block(const float *x, int8_t *q, float *d_out) {
         int c1 = (int)nearbyintf(x[i] * id);
         float r = x[i] - (float)c1 * d;
         int c2 = (int)nearbyintf(r * id2);
-        c2 = c2 > 127 ? 127 : (c2 < -128 ? -128 : c2);
+        c2 = c2 > 127 ? 127 : (c2 < -127 ? -127 : c2);
         q[i] = (int8_t)c1;
         q[QB + i] = (int8_t)c2;
         sum += c1 * 256 + c2;
@@ -122,6 +124,36 @@ static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, con
         _mm512_storeu_ps(y + (size_t)i * N, _mm512_sub_ps(facc[i], z));
     }
 }
+
+/* int8 weights (the lm_head), 16 columns: w (K/4, 16, 4) int8 for this tile, row scales ws (16). x as above. vpdpbusd
+ * takes u8 x s8: the weights are flipped to u8 (w + 128) and 128 * sum(x) is taken back out. */
+static inline __attribute__((always_inline)) void tile_dot8(const int8_t *w, const float *ws, const int8_t *xq,
+        const float *xd, const float *xsum, int KB, int K, float *y, int N, const int mt) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 facc[MT];
+    for (int i = 0; i < mt; i++) facc[i] = _mm512_setzero_ps();
+    for (int b = 0; b < KB; b++) {
+        __m512i a1[MT], a2[MT];
+        for (int i = 0; i < mt; i++) a1[i] = a2[i] = _mm512_setzero_si512();
+        const int8_t *wb = w + (size_t)b * 16 * 64;
+        const int8_t *xb = xq + (size_t)b * 2 * QB;
+        for (int c = 0; c < 16; c++) {
+            __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + c * 64)), flip);
+            for (int i = 0; i < mt; i++) {
+                const int32_t *xi = (const int32_t *)(xb + (size_t)i * 2 * K);
+                a1[i] = _mm512_dpbusd_epi32(a1[i], u, _mm512_set1_epi32(xi[c]));
+                a2[i] = _mm512_dpbusd_epi32(a2[i], u, _mm512_set1_epi32(xi[QB / 4 + c]));
+            }
+        }
+        for (int i = 0; i < mt; i++)                    /* |256 a1 + a2| <= 257 * 64 * 255 * 127 < 2^31 */
+            facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a1[i], 8), a2[i])),
+                                      _mm512_set1_ps(xd[(size_t)i * KB + b] * (1.f / 256.f)), facc[i]);
+    }
+    __m512 s = _mm512_loadu_ps(ws);
+    for (int i = 0; i < mt; i++)
+        _mm512_storeu_ps(y + (size_t)i * N,
+                         _mm512_mul_ps(s, _mm512_sub_ps(facc[i], _mm512_set1_ps(128.f * xsum[i]))));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define KERNEL_ISA "avx2"
 /* As the AVX512 tile, as two halves of 8 columns (the 32-byte halves of each 64-byte load). */
@@ -167,20 +199,49 @@ static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, con
         }
     }
 }
+
+/* int8 weights, as the AVX512 tile; vpmaddubsw takes u8 x s8: |w| times x with w's sign (every code in [-127, 127]
+ * but w = -128, whose |w| = 128 as u8: pair sums <= 2 * 128 * 127 fit int16). */
+static inline __attribute__((always_inline)) void tile_dot8(const int8_t *w, const float *ws, const int8_t *xq,
+        const float *xd, const float *xsum, int KB, int K, float *y, int N, const int mt) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    (void)xsum;
+    for (int h = 0; h < 2; h++) {
+        __m256 facc[MT];
+        for (int i = 0; i < mt; i++) facc[i] = _mm256_setzero_ps();
+        for (int b = 0; b < KB; b++) {
+            __m256i a1[MT], a2[MT];
+            for (int i = 0; i < mt; i++) a1[i] = a2[i] = _mm256_setzero_si256();
+            const int8_t *wb = w + (size_t)b * 16 * 64 + 32 * h;
+            const int8_t *xb = xq + (size_t)b * 2 * QB;
+            for (int c = 0; c < 16; c++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + c * 64)), aw = _mm256_abs_epi8(wv);
+                for (int i = 0; i < mt; i++) {
+                    const int32_t *xi = (const int32_t *)(xb + (size_t)i * 2 * K);
+                    __m256i p1 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(xi[c]), wv));
+                    __m256i p2 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(xi[QB / 4 + c]), wv));
+                    a1[i] = _mm256_add_epi32(a1[i], _mm256_madd_epi16(p1, ones));
+                    a2[i] = _mm256_add_epi32(a2[i], _mm256_madd_epi16(p2, ones));
+                }
+            }
+            for (int i = 0; i < mt; i++)
+                facc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(a1[i], 8), a2[i])),
+                                          _mm256_set1_ps(xd[(size_t)i * KB + b] * (1.f / 256.f)), facc[i]);
+        }
+        __m256 s = _mm256_loadu_ps(ws + 8 * h);
+        for (int i = 0; i < mt; i++) _mm256_storeu_ps(y + (size_t)i * N + 8 * h, _mm256_mul_ps(s, facc[i]));
+    }
+}
 #else
-#error "int4_cpu.c needs AVX2 + FMA or AVX512-VNNI"
+#error "linear_cpu.c needs AVX2 + FMA or AVX512-VNNI"
 #endif
 
-const char *int4_cpu_isa(void) { return KERNEL_ISA; }
+const char *linear_cpu_isa(void) { return KERNEL_ISA; }
+long linear_cpu_stalls(void) { return pool.stalls; }
 
-/* y (M, N) = x (M, K) @ W.T. Returns 0, or -1 when out of memory for the quantized activations. */
-int int4_cpu_linear(const float *x, const uint8_t *w, const float *ws, const float *wm, float *y, int M, int N,
-                    int K, int group, int threads) {
-    int KB = K / QB, G = K / group, gb = group / QB, tiles = N / NT;
-    int8_t *xq = (int8_t *)malloc((size_t)M * K * 2);   /* (M, K/64, 2, 64): each block's q1 then q2 */
-    float *xd = (float *)malloc(sizeof(float) * ((size_t)M * KB + (size_t)M * G));
-    if (!xq || !xd) { free(xq); free(xd); return -1; }
-    float *dsum = xd + (size_t)M * KB;               /* (M, G): sum over the group's blocks of d * sum(q1 + q2/256) */
+/* x (M, K) -> xq (M, K/64, 2, 64) int8 (each block's q1 then q2), xd (M, K/64) block scales, dsum (M, K/group). */
+static void quant_rows(const float *x, int M, int K, int group, int8_t *xq, float *xd, float *dsum) {
+    int KB = K / QB, G = K / group, gb = group / QB;
     for (int m = 0; m < M; m++) {
         for (int g = 0; g < G; g++) {
             float t = 0.f;
@@ -193,17 +254,27 @@ int int4_cpu_linear(const float *x, const uint8_t *w, const float *ws, const flo
             dsum[(size_t)m * G + g] = t;
         }
     }
-    (void)threads;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-    for (int t = 0; t < tiles; t++) {
-        const uint8_t *wt = w + (size_t)t * K * NT / 2;
-        const float *wst = ws + (size_t)t * G * NT, *wmt = wm + (size_t)t * G * NT;
+}
+
+typedef struct {
+    const uint8_t *w;
+    const float *ws, *wm, *xd, *dsum;
+    const int8_t *xq;
+    float *y;
+    int M, N, K, G, gb, tiles, per_chunk;
+} int4_job;
+
+static void int4_chunk(void *p, int chunk) {
+    const int4_job *j = (const int4_job *)p;
+    int KB = j->K / QB, K = j->K, G = j->G, gb = j->gb, M = j->M, N = j->N;
+    int t0 = chunk * j->per_chunk, t1 = t0 + j->per_chunk < j->tiles ? t0 + j->per_chunk : j->tiles;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *wt = j->w + (size_t)t * K * NT / 2;
+        const float *wst = j->ws + (size_t)t * G * NT, *wmt = j->wm + (size_t)t * G * NT;
         for (int m0 = 0; m0 < M; m0 += MT) {
-            const int8_t *xm = xq + (size_t)m0 * K * 2;
-            const float *xdm = xd + (size_t)m0 * KB, *dm = dsum + (size_t)m0 * G;
-            float *ym = y + (size_t)m0 * N + (size_t)t * NT;
+            const int8_t *xm = j->xq + (size_t)m0 * K * 2;
+            const float *xdm = j->xd + (size_t)m0 * KB, *dm = j->dsum + (size_t)m0 * G;
+            float *ym = j->y + (size_t)m0 * N + (size_t)t * NT;
             switch (M - m0 < MT ? M - m0 : MT) {
                 case 1: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 1); break;
                 case 2: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 2); break;
@@ -212,6 +283,63 @@ int int4_cpu_linear(const float *x, const uint8_t *w, const float *ws, const flo
             }
         }
     }
+}
+
+/* y (M, N) = x (M, K) @ W.T over `threads` threads (the pool). Returns 0, or -1 when out of scratch memory. */
+int int4_cpu_linear(const float *x, const uint8_t *w, const float *ws, const float *wm, float *y, int M, int N,
+                    int K, int group, int threads) {
+    int KB = K / QB, G = K / group;
+    int8_t *xq = (int8_t *)malloc((size_t)M * K * 2);
+    float *xd = (float *)malloc(sizeof(float) * ((size_t)M * KB + (size_t)M * G));
+    if (!xq || !xd) { free(xq); free(xd); return -1; }
+    float *dsum = xd + (size_t)M * KB;
+    quant_rows(x, M, K, group, xq, xd, dsum);
+    int tiles = N / NT, per_chunk = tiles / (threads * 6) > 1 ? tiles / (threads * 6) : 1;   /* ~6 chunks a thread */
+    int4_job job = {w, ws, wm, xd, dsum, xq, y, M, N, K, G, group / QB, tiles, per_chunk};
+    pool_run(int4_chunk, &job, (tiles + per_chunk - 1) / per_chunk, threads);
+    free(xq);
+    free(xd);
+    return 0;
+}
+
+typedef struct {
+    const int8_t *w, *xq;
+    const float *ws, *xd, *xsum;
+    float *y;
+    int M, N, K, tiles, per_chunk;
+} int8_job;
+
+static void int8_chunk(void *p, int chunk) {
+    const int8_job *j = (const int8_job *)p;
+    int KB = j->K / QB, K = j->K, M = j->M, N = j->N;
+    int t0 = chunk * j->per_chunk, t1 = t0 + j->per_chunk < j->tiles ? t0 + j->per_chunk : j->tiles;
+    for (int t = t0; t < t1; t++) {
+        const int8_t *wt = j->w + (size_t)t * K * NT;
+        for (int m0 = 0; m0 < M; m0 += MT) {
+            const int8_t *xm = j->xq + (size_t)m0 * K * 2;
+            const float *xdm = j->xd + (size_t)m0 * KB, *xs = j->xsum + m0, *wst = j->ws + (size_t)t * NT;
+            float *ym = j->y + (size_t)m0 * N + (size_t)t * NT;
+            switch (M - m0 < MT ? M - m0 : MT) {
+                case 1: tile_dot8(wt, wst, xm, xdm, xs, KB, K, ym, N, 1); break;
+                case 2: tile_dot8(wt, wst, xm, xdm, xs, KB, K, ym, N, 2); break;
+                case 3: tile_dot8(wt, wst, xm, xdm, xs, KB, K, ym, N, 3); break;
+                default: tile_dot8(wt, wst, xm, xdm, xs, KB, K, ym, N, 4); break;
+            }
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) @ (W * ws[:, None]).T for int8 W (N/16, K/4, 16, 4) and per-row scales ws (N,). */
+int int8_cpu_linear(const float *x, const int8_t *w, const float *ws, float *y, int M, int N, int K, int threads) {
+    int KB = K / QB;
+    int8_t *xq = (int8_t *)malloc((size_t)M * K * 2);
+    float *xd = (float *)malloc(sizeof(float) * ((size_t)M * KB + (size_t)M));
+    if (!xq || !xd) { free(xq); free(xd); return -1; }
+    float *xsum = xd + (size_t)M * KB;
+    quant_rows(x, M, K, K, xq, xd, xsum);
+    int tiles = N / NT, per_chunk = tiles / (threads * 6) > 1 ? tiles / (threads * 6) : 1;
+    int8_job job = {w, xq, ws, xd, xsum, y, M, N, K, tiles, per_chunk};
+    pool_run(int8_chunk, &job, (tiles + per_chunk - 1) / per_chunk, threads);
     free(xq);
     free(xd);
     return 0;

@@ -1,10 +1,11 @@
 """W4A16 on an x86 CPU: int4 weights times int8-quantized activations with integer dot products (llama.cpp's
-Q4 x Q8 design), in a small C kernel (csrc/int4_cpu.c) compiled once per machine and loaded with ctypes.
+Q4 x Q8 design), in a small C kernel (csrc/linear_cpu.c) compiled once per machine and loaded with ctypes.
 
 Usage:
     lin = Int4CPU(w)                 # w: W4Weight (K % 64 == 0, N % 16 == 0, group % 64 == 0); repacked once
     y = lin(x)                       # x (..., K) float -> (..., N) fp32
     y_ref = int4_cpu_ref(x, lin)     # the PyTorch reference of the same arithmetic
+    head = Int8CPU(q, s)             # int8 codes (N, K) with per-row scales: the CPU lm_head; int8_cpu_ref
     available()                      # False where no C compiler / no AVX2 (PIPELINE_CPU_KERNEL=0 turns it off)
 
 The math, per activation row m and output column n (codes q in [0, 15], per-group scale s and zero z):
@@ -35,11 +36,12 @@ from .w4a16 import W4Weight, unpack_w4
 QB = 64                      # activation block: 64 codes
 NT = 16                      # output columns a tile interleaves
 def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
-    """csrc/int4_cpu.c built for `isa` (default: the best this CPU runs; cpu_build.load), or None."""
-    lib = cpu_build.load("int4_cpu", isa)
+    """csrc/linear_cpu.c built for `isa` (default: the best this CPU runs; cpu_build.load), or None."""
+    lib = cpu_build.load("linear_cpu", isa)
     if lib is not None and lib.int4_cpu_linear.argtypes is None:
-        lib.int4_cpu_linear.restype = ctypes.c_int
         lib.int4_cpu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+        lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+        lib.linear_cpu_stalls.restype = ctypes.c_long
     return lib
 
 
@@ -79,26 +81,19 @@ def tile_cols(v: torch.Tensor) -> torch.Tensor:
     return v.float().reshape(G, N // NT, NT).permute(1, 0, 2).contiguous()
 
 
-class Int4CPU:
-    """A W4A16 linear on the C kernel: the weight repacked once (pack_tiles; fp32 s and s * z per group, tiled)."""
+class _CLinear:
+    """A linear on one of linear_cpu.c's entry points: fp32 (..., K) in, fp32 (..., N) out. A subclass sets _fn
+    (the C function), _ptrs (its packed weight's pointers) and _ints (its int arguments after M)."""
+    N: int
+    K: int
+    dtype = torch.float32
 
-    def __init__(self, w: W4Weight, threads: Optional[int] = None, isa: Optional[str] = None):
-        if not supports(w):
-            raise ValueError(f"Int4CPU needs K % 64 == 0, N % 16 == 0 and group % 64 == 0 (got K={w.K}, N={w.N}, "
-                             f"group={w.group_size})")
-        q, s, z = unpack_w4(w)                                        # (N, K) uint8, (G, N) fp16 x2
-        self.packed = pack_tiles(q)                                   # (N/16, K/8, 16, 4) uint8
-        self.ws = tile_cols(s)                                        # (N/16, G, 16) fp32
-        self.wm = tile_cols(s.float() * z.float())                    # s * z, (N/16, G, 16) fp32
-        self.N, self.K, self.group_size = w.N, w.K, w.group_size
-        self.threads = threads or kernel_threads()
-        self.dtype = torch.float32
+    def _load(self, isa: Optional[str], threads: Optional[int]) -> ctypes.CDLL:
         lib = library(isa)
         if lib is None:
-            raise RuntimeError(f"the CPU int4 kernel is not available ({isa or 'best ISA'}; see cpu_int4.library)")
-        self.isa = cpu_build.isa_of(lib)
-        self._fn = lib.int4_cpu_linear
-        self._ptrs = (self.packed.data_ptr(), self.ws.data_ptr(), self.wm.data_ptr())
+            raise RuntimeError(f"the CPU kernels are not available ({isa or 'best ISA'}; see cpu_build.load)")
+        self.isa, self.threads = cpu_build.isa_of(lib), threads or kernel_threads()
+        return lib
 
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         shape = x.shape
@@ -107,13 +102,58 @@ class Int4CPU:
             x2 = x2.float().contiguous()
         M = x2.shape[0]
         y = torch.empty(M, self.N, dtype=torch.float32)
-        if M:
-            rc = self._fn(x2.data_ptr(), *self._ptrs, y.data_ptr(), M, self.N, self.K, self.group_size, self.threads)
-            if rc:
-                raise MemoryError(f"int4_cpu_linear: no scratch memory for {x2.shape[0]} x {self.K} activations")
+        if M and self._fn(x2.data_ptr(), *self._ptrs, y.data_ptr(), M, *self._ints, self.threads):
+            raise MemoryError(f"{type(self).__name__}: no scratch memory for {M} x {self.K} activations")
         if bias is not None:
             y += bias.float()
         return y.reshape(*shape[:-1], self.N)
+
+
+class Int4CPU(_CLinear):
+    """A W4A16 linear on the C kernel: the weight repacked once (pack_tiles; fp32 s and s * z per group, tiled)."""
+
+    def __init__(self, w: W4Weight, threads: Optional[int] = None, isa: Optional[str] = None):
+        if not supports(w):
+            raise ValueError(f"Int4CPU needs K % 64 == 0, N % 16 == 0 and group % 64 == 0 (got K={w.K}, N={w.N}, "
+                             f"group={w.group_size})")
+        fn = self._load(isa, threads).int4_cpu_linear
+        q, s, z = unpack_w4(w)                                        # (N, K) uint8, (G, N) fp16 x2
+        self.packed = pack_tiles(q)                                   # (N/16, K/8, 16, 4) uint8
+        self.ws = tile_cols(s)                                        # (N/16, G, 16) fp32
+        self.wm = tile_cols(s.float() * z.float())                    # s * z, (N/16, G, 16) fp32
+        self.N, self.K, self.group_size = w.N, w.K, w.group_size
+        self._fn, self._ptrs = fn, (self.packed.data_ptr(), self.ws.data_ptr(), self.wm.data_ptr())
+        self._ints = (self.N, self.K, self.group_size)
+
+
+class Int8CPU(_CLinear):
+    """An int8 linear with per-output-row scales on the C kernel (the CPU lm_head: `native_head`): W = q * s,
+    q = quantize_w8's codes, repacked once (pack_tiles8); fp32 input (two int8 terms per 64-block, as Int4CPU),
+    fp32 out. N % 16 == 0, K % 64 == 0."""
+
+    def __init__(self, q: torch.Tensor, s: torch.Tensor, threads: Optional[int] = None, isa: Optional[str] = None):
+        N, K = q.shape
+        if N % NT or K % QB:
+            raise ValueError(f"Int8CPU needs N % 16 == 0 and K % 64 == 0 (got N={N}, K={K})")
+        fn = self._load(isa, threads).int8_cpu_linear
+        self.packed = pack_tiles8(q.to(torch.int8))                   # (N/16, K/4, 16, 4) int8
+        self.scales = s.float().reshape(-1).contiguous()              # (N,)
+        self.N, self.K = N, K
+        self._fn, self._ptrs, self._ints = fn, (self.packed.data_ptr(), self.scales.data_ptr()), (N, K)
+
+
+def pack_tiles8(q: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) -> (N/16, K/4, 16, 4): for 16 rows and 4 columns k0..k0+3, a row's 4 bytes."""
+    N, K = q.shape
+    return q.reshape(N // NT, NT, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def int8_cpu_ref(x: torch.Tensor, lin: Int8CPU) -> torch.Tensor:
+    """PyTorch reference of int8_cpu_linear: the same activation terms, fp64 dots."""
+    q1, q2, d = quantize_blocks_ref(x.reshape(-1, lin.K))
+    a = ((q1.double() + q2.double() / 256) * d.double()[..., None]).reshape(q1.shape[0], -1)   # (M, K)
+    w = lin.packed.permute(0, 2, 1, 3).reshape(lin.N, lin.K).double()
+    return ((a @ w.t()) * lin.scales.double()).float().reshape(*x.shape[:-1], lin.N)
 
 
 def quantize_blocks_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,12 +163,12 @@ def quantize_blocks_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     d = xb.abs().amax(-1) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))[..., None]
     q1 = torch.round(xb * inv)
-    q2 = torch.round((xb - q1 * d[..., None]) * (inv * 256)).clamp_(-128, 127)
+    q2 = torch.round((xb - q1 * d[..., None]) * (inv * 256)).clamp_(-127, 127)
     return q1, q2, d
 
 
 def int4_cpu_ref(x: torch.Tensor, lin: Int4CPU) -> torch.Tensor:
-    """PyTorch reference of int4_cpu.c: (..., K) -> (..., N) fp32, the same quantization and sums (fp64 dots)."""
+    """PyTorch reference of linear_cpu.c: (..., K) -> (..., N) fp32, the same quantization and sums (fp64 dots)."""
     shape, N, K, g = x.shape, lin.N, lin.K, lin.group_size
     q1, q2, d = quantize_blocks_ref(x.reshape(-1, K))                 # (M, KB, 64) x2, (M, KB)
     a = q1.double() + q2.double() / 256                               # the activations the kernel multiplies, / d
