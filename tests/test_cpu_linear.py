@@ -87,3 +87,17 @@ def test_int8_kernel_equals_reference(isa, N, K, M):
 def test_head_picks_the_kernel_where_it_fits():
     assert isinstance(native_head(torch.randn(4096, 576), torch.bfloat16), Int8CPU)
     assert isinstance(native_head(torch.randn(4000, 96), torch.bfloat16), Int8Head)   # N % 16, K % 64: oneDNN
+
+
+@pytest.mark.parametrize("T,D", [(1, 576), (5, 100), (3, 64)])
+def test_add_rms_norm_equals_torch(T, D):
+    gen = torch.Generator().manual_seed(5)
+    res, add = (torch.randn(T, D, generator=gen) * 3 for _ in range(2))
+    w = torch.rand(D, generator=gen) + 0.5
+    want_res = res + add
+    want = F.rms_norm(want_res, (D,), w, 1e-5)
+    got_res, got = cpu_linear.add_rms_norm(res, add, w, 1e-5)
+    assert got_res is res                                  # in place
+    torch.testing.assert_close(got_res, want_res, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cpu_linear.add_rms_norm(want_res.clone(), None, w, 1e-5)[1], want, rtol=1e-6, atol=1e-6)

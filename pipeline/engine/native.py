@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels.cpu_linear import add_rms_norm
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
 from ..kernels.native import dense_rows_from_env, native_head
 from ..weights import native_linear, of
@@ -193,21 +194,21 @@ class NativeRunner(ModelRunner):
     def _run(self, tokens, positions, slots, attend, select=None) -> torch.Tensor:
         """The decoder over T rows; attend(l, q (T, nh, hd) fp32) -> (T, nh * hd) after this step's K/V are written."""
         a = self.args
-        T, nh, nkv, hd, eps, D = tokens.shape[0], a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps, (a.dim,)
+        T, nh, nkv, hd, eps = tokens.shape[0], a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps
         cos, sin = (t.index_select(0, positions)[:, None] for t in (self.rot_cos, self.rot_sin))   # (T, 1, hd)
         slots = slots.long()
-        x = F.embedding(tokens, self.embed)                                      # (T, D) fp32
-        res = None
+        res = F.embedding(tokens, self.embed)                                    # (T, D) fp32: the residual stream
+        x = None
         for l, L in enumerate(self.layers):
-            res = x if res is None else res + x                                  # the residual stream, fp32
-            qkv = L.w_qkv(F.rms_norm(res, D, L.attn_norm, eps), L.b_qkv).float().view(T, nh + 2 * nkv, hd)
+            res, h = add_rms_norm(res, x, L.attn_norm, eps)                      # res += x (in place on a CPU)
+            qkv = L.w_qkv(h, L.b_qkv).float().view(T, nh + 2 * nkv, hd)
             qk = qkv[:, :nh + nkv]
             torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)     # rotary on q and k, in place
             self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
-            res = res + L.wo(attend(l, qkv[:, :nh]), L.b_o)
-            gate, up = L.w13(F.rms_norm(res, D, L.ffn_norm, eps)).chunk(2, -1)
+            res, h = add_rms_norm(res, L.wo(attend(l, qkv[:, :nh]), L.b_o), L.ffn_norm, eps)
+            gate, up = L.w13(h).chunk(2, -1)
             x = L.w2(F.silu(gate).mul_(up))
-        h = F.rms_norm(res + x, D, self.norm, eps)
+        h = add_rms_norm(res, x, self.norm, eps)[1]
         if select is not None:
             h = h[select]
         return self.head(h).float()                                              # (T', V)

@@ -6,6 +6,7 @@ Usage:
     y = lin(x)                       # x (..., K) float -> (..., N) fp32
     y_ref = int4_cpu_ref(x, lin)     # the PyTorch reference of the same arithmetic
     head = Int8CPU(q, s)             # int8 codes (N, K) with per-row scales: the CPU lm_head; int8_cpu_ref
+    res, h = add_rms_norm(res, x, w, eps)   # res += x in place; h = rms_norm(res) * w
     available()                      # False where no C compiler / no AVX2 (PIPELINE_CPU_KERNEL=0 turns it off)
 
 The math, per activation row m and output column n (codes q in [0, 15], per-group scale s and zero z):
@@ -42,6 +43,7 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
         lib.int4_cpu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.linear_cpu_stalls.restype = ctypes.c_long
+        lib.rmsnorm_cpu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
     return lib
 
 
@@ -154,6 +156,23 @@ def int8_cpu_ref(x: torch.Tensor, lin: Int8CPU) -> torch.Tensor:
     a = ((q1.double() + q2.double() / 256) * d.double()[..., None]).reshape(q1.shape[0], -1)   # (M, K)
     w = lin.packed.permute(0, 2, 1, 3).reshape(lin.N, lin.K).double()
     return ((a @ w.t()) * lin.scales.double()).float().reshape(*x.shape[:-1], lin.N)
+
+
+def add_rms_norm(res: torch.Tensor, add: Optional[torch.Tensor], weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and RMSNorm of a decoder layer in one C call: res (T, D) fp32 += add (None: nothing), in
+    place; returns (res, rms_norm(res) * weight). Tensors that are not contiguous fp32, or no kernel: torch's ops
+    (res + add is then a new tensor)."""
+    lib = library()
+    ok = lib is not None and all(t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu")
+                                 for t in (res, add, weight))
+    if not ok:
+        res = res if add is None else res + add
+        return res, torch.nn.functional.rms_norm(res, (res.shape[-1],), weight, eps)
+    out = torch.empty_like(res)
+    lib.rmsnorm_cpu(res.data_ptr(), None if add is None else add.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                    res.numel() // res.shape[-1], res.shape[-1], eps)
+    return res, out
 
 
 def quantize_blocks_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -344,3 +344,33 @@ int int8_cpu_linear(const float *x, const int8_t *w, const float *ws, float *y, 
     free(xd);
     return 0;
 }
+
+/* RMSNorm with the residual add in place: for each of T rows, res += add (when add is not NULL), then
+ * out = res / sqrt(mean(res^2) + eps) * w (fp32; the sum of squares in 8 partial sums). */
+void rmsnorm_cpu(float *res, const float *add, const float *w, float *out, int T, int D, float eps) {
+    for (int t = 0; t < T; t++) {
+        float *r = res + (size_t)t * D;
+        const float *a = add ? add + (size_t)t * D : NULL;
+        __m256 ss = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= D; i += 8) {
+            __m256 v = _mm256_loadu_ps(r + i);
+            if (a) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(a + i));
+                _mm256_storeu_ps(r + i, v);
+            }
+            ss = _mm256_add_ps(ss, _mm256_mul_ps(v, v));
+        }
+        float s = hsum256(ss);
+        for (; i < D; i++) {
+            if (a) r[i] += a[i];
+            s += r[i] * r[i];
+        }
+        float inv = 1.f / sqrtf(s / (float)D + eps);
+        __m256 vi = _mm256_set1_ps(inv);
+        float *o = out + (size_t)t * D;
+        for (i = 0; i + 8 <= D; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), vi), _mm256_loadu_ps(w + i)));
+        for (; i < D; i++) o[i] = r[i] * inv * w[i];
+    }
+}
