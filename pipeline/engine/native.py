@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu_attn
 from ..kernels.cpu_linear import add_rms_norm
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
 from ..kernels.native import dense_rows_from_env, native_head
@@ -152,6 +153,11 @@ class NativeRunner(ModelRunner):
                 self.kv.append({n: torch.zeros(side, dtype=torch.float32, device=dev) for n in ("scale", "zp")})
             else:
                 self.kv.append({})
+        self.attn_cpu = None     # decode attention on our C kernel over the paged cache where it takes the caches
+        if torch.device(dev).type == "cpu" and cpu_attn.available() and all(
+                cpu_attn.supports(c, self.kv_bits, self.kv_mode, a.n_heads) for c in self.kv_cache):
+            self.attn_cpu = cpu_attn.PagedAttnCPU(self.kv_cache, self.kv, self.kv_bits, self.kv_mode, a.n_heads,
+                                                  self.scale)
 
     def _write_kv(self, l: int, kv: torch.Tensor, slots: torch.Tensor) -> None:
         """kv (T, 2, n_kv, hd) fp32 -> codes at rows `slots` of layer l's cache (kvcache.py's rounding)."""
@@ -215,6 +221,10 @@ class NativeRunner(ModelRunner):
 
     def decode(self, tokens, positions, slots, block_tables, context_lens,
                max_context_len: Optional[int] = None) -> torch.Tensor:
+        if self.attn_cpu is not None:       # the C kernel reads each sequence's rows in place: no gather, no mask
+            with self.decode_threading(), torch.inference_mode():
+                return self._run(tokens, positions, slots,
+                                 lambda l, q: self.attn_cpu(l, q, block_tables, context_lens))
         B = tokens.shape[0]
         ctx = context_lens.tolist()
         n_max = max(ctx)

@@ -1,0 +1,224 @@
+/* Decode attention for x86 CPUs over the engine's paged KV cache, read in place: no gather, no dequantized copy.
+ * Built and loaded by pipeline/kernels/cpu_attn.py (its docstring has the layout and the math; `attn_cpu_ref`
+ * there is the PyTorch reference of this file).
+ *
+ *   q     (B, nh, hd) fp32, row b at q + b * q_stride      this step's queries (rotary applied)
+ *   cache (num_blocks, bs, 2, nkv, hdc)                    codes: fp32 | bf16 | int8 | int4 (uint8, two a byte,
+ *                                                          low nibble = even channel, stored code + 8; hdc = hd/2)
+ *   bt    (B, max_blocks) int32, ctx (B,) int32             block tables and context lengths (this token included)
+ *   scale, zp                                              static: (2, nkv) fp32 (K then V, one a head);
+ *                                                          dynamic: (num_blocks * bs, 2, nkv) fp32 (one a cache
+ *                                                          row and head); NULL for a 16-bit cache (s = 1, z = 0)
+ *   out   (B, nh * hd) fp32                                out[b, h] = softmax_j(sm * q_h . k_j) @ v_j
+ *
+ * The dequantization is folded into the attention: with k_j = s_k c_k + z_k and v_j = s_v c_v + z_v,
+ *     score_j = sm * (s_k (q . c_k) + z_k sum(q)),   out = sum_j p_j (s_v c_v + z_v) / sum_j p_j,
+ * one pass over the keys with an online softmax (a running max per head, rescaled once a chunk of CH keys), fp32
+ * sums. A (sequence, KV head) pair is one task: each K / V row is loaded and converted to fp32 once and used by the
+ * nh / nkv query heads of its group (GQA, query head h reads KV head h / (nh / nkv)). Tasks are split across
+ * `threads` OpenMP threads where built with OpenMP. hd % 16 == 0, hd <= 256.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CH 32        /* keys a chunk: scores of a chunk, then one rescale, then its V rows */
+#define HD_MAX 256
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_I8 = 2, DT_I4 = 3 };
+enum { KV_NONE = 0, KV_STATIC = 1, KV_DYNAMIC = 2 };
+
+/* One vector type per ISA (VL fp32 lanes) and the few ops the kernel uses; the kernel below is written once. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KERNEL_ISA "avx512_vnni"
+#define VL 16
+typedef __m512 vf;
+#define PS(op) _mm512_##op##_ps
+static inline float v_hsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf v_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf y, vf n) { return _mm512_scalef_ps(y, n); }                 /* y * 2^n */
+static inline vf v_bf16(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline vf v_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vf v_i4(const uint8_t *p) {              /* 8 bytes -> 16 channels: lo0, hi0, lo1, hi1, ... */
+    __m128i b = _mm_loadl_epi64((const __m128i *)p), m = _mm_set1_epi8(0x0F);
+    __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c), _mm512_set1_epi32(8)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KERNEL_ISA "avx2"
+#define VL 8
+typedef __m256 vf;
+#define PS(op) _mm256_##op##_ps
+static inline float v_hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+static inline vf v_round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2(vf y, vf n) {                  /* y * 2^n, n integral in [-126, 127] */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+static inline vf v_bf16(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline vf v_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vf v_i4(const uint8_t *p) {              /* 4 bytes -> 8 channels */
+    int32_t w;
+    memcpy(&w, p, 4);
+    __m128i b = _mm_cvtsi32_si128(w), m = _mm_set1_epi8(0x0F);
+    __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(c), _mm256_set1_epi32(8)));
+}
+#else
+#error "attn_cpu.c needs AVX2 + FMA or AVX512"
+#endif
+
+/* The plain fp32 ops, the same name in both ISAs but for the prefix. */
+static inline vf v_load(const float *p) { return PS(loadu)(p); }
+static inline void v_store(float *p, vf a) { PS(storeu)(p, a); }
+static inline vf v_set1(float a) { return PS(set1)(a); }
+static inline vf v_zero(void) { return PS(setzero)(); }
+static inline vf v_add(vf a, vf b) { return PS(add)(a, b); }
+static inline vf v_sub(vf a, vf b) { return PS(sub)(a, b); }
+static inline vf v_mul(vf a, vf b) { return PS(mul)(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return PS(fmadd)(a, b, c); }
+static inline vf v_max(vf a, vf b) { return PS(max)(a, b); }
+
+const char *attn_cpu_isa(void) { return KERNEL_ISA; }
+
+/* exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial; ~1 ulp); x below
+ * -87.3 gives ~1e-38, not 0 (the callers zero what must be 0). */
+static inline vf v_exp(vf x) {
+    x = v_max(x, v_set1(-87.3f));
+    vf n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    vf r = v_sub(v_sub(x, v_mul(n, v_set1(0.693359375f))), v_mul(n, v_set1(-2.12194440e-4f)));
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    vf y = v_add(v_fma(v_mul(p, r), r, r), v_set1(1.f));
+    return v_pow2(y, n);
+}
+
+/* hd codes at p (element offset `off` into the cache) -> fp32 dst. */
+static inline void load_row(const void *cache, size_t off, int dtype, int hd, float *dst) {
+    switch (dtype) {
+        case DT_F32: memcpy(dst, (const float *)cache + off, sizeof(float) * hd); break;
+        case DT_BF16: for (int i = 0; i < hd; i += VL) v_store(dst + i, v_bf16((const uint16_t *)cache + off + i)); break;
+        case DT_I8: for (int i = 0; i < hd; i += VL) v_store(dst + i, v_i8((const int8_t *)cache + off + i)); break;
+        default: for (int i = 0; i < hd; i += VL) v_store(dst + i, v_i4((const uint8_t *)cache + off + i / 2)); break;
+    }
+}
+
+/* One (sequence, KV head) task: the G = nh / nkv query heads of group g. */
+static void attend_group(const float *q, const void *cache, const int32_t *bt, int n, const float *scale,
+                         const float *zp, float *out, int nkv, int hd, int bs, int G, int g, int dtype, int mode,
+                         float sm) {
+    int hdc = dtype == DT_I4 ? hd / 2 : hd;
+    float row[HD_MAX] __attribute__((aligned(64)));
+    float acc[G][hd], sc[G][CH], qs[G], m[G], l[G], za[G];
+    float sk[CH], zk[CH];
+    size_t off[CH];
+    for (int h = 0; h < G; h++) {
+        vf s = v_zero();
+        for (int i = 0; i < hd; i += VL) s = v_add(s, v_load(q + (size_t)h * hd + i));
+        qs[h] = v_hsum(s);
+        m[h] = -INFINITY;
+        l[h] = za[h] = 0.f;
+        memset(acc[h], 0, sizeof(float) * hd);
+    }
+    for (int j0 = 0; j0 < n; j0 += CH) {
+        int c = n - j0 < CH ? n - j0 : CH;
+        for (int j = 0; j < c; j++) {          /* the chunk's cache rows: K's code offset, and the row's params */
+            size_t r = (size_t)bt[(j0 + j) / bs] * bs + (j0 + j) % bs;
+            off[j] = (r * 2 * nkv + g) * hdc;
+            sk[j] = 1.f, zk[j] = 0.f;
+            if (mode == KV_STATIC) sk[j] = scale[g], zk[j] = zp[g];
+            else if (mode == KV_DYNAMIC) sk[j] = scale[r * 2 * nkv + g], zk[j] = zp[r * 2 * nkv + g];
+        }
+        for (int j = 0; j < c; j++) {          /* scores: each K row converted once, dotted with G queries */
+            load_row(cache, off[j], dtype, hd, row);
+            for (int h = 0; h < G; h++) {
+                const float *qh = q + (size_t)h * hd;
+                vf d = v_mul(v_load(qh), v_load(row));
+                for (int i = VL; i < hd; i += VL) d = v_fma(v_load(qh + i), v_load(row + i), d);
+                sc[h][j] = sm * (sk[j] * v_hsum(d) + zk[j] * qs[h]);
+            }
+        }
+        for (int h = 0; h < G; h++) {          /* online softmax: new max, rescale, p = exp(score - max) */
+            float cm = sc[h][0];
+            for (int j = 1; j < c; j++) cm = sc[h][j] > cm ? sc[h][j] : cm;
+            if (cm > m[h]) {
+                float a = expf(m[h] - cm);
+                vf va = v_set1(a);
+                for (int i = 0; i < hd; i += VL) v_store(acc[h] + i, v_mul(v_load(acc[h] + i), va));
+                l[h] *= a, za[h] *= a, m[h] = cm;
+            }
+            vf mx = v_set1(m[h]), ls = v_zero();
+            int j = 0;
+            for (; j + VL <= c; j += VL) {
+                vf p = v_exp(v_sub(v_load(sc[h] + j), mx));
+                v_store(sc[h] + j, p);
+                ls = v_add(ls, p);
+            }
+            if (j < c) {                       /* the tail: padded with -inf, whose ~1e-38 are dropped */
+                float t[VL];
+                for (int i = 0; i < VL; i++) t[i] = j + i < c ? sc[h][j + i] : -INFINITY;
+                v_store(t, v_exp(v_sub(v_load(t), mx)));
+                for (int i = 0; j < c; i++, j++) sc[h][j] = t[i], l[h] += t[i];
+            }
+            l[h] += v_hsum(ls);
+        }
+        for (int j = 0; j < c; j++) {          /* values: each V row converted once, accumulated for G heads */
+            size_t voff = off[j] + (size_t)nkv * hdc;
+            size_t r = (size_t)bt[(j0 + j) / bs] * bs + (j0 + j) % bs;
+            float sv = 1.f, zv = 0.f;
+            if (mode == KV_STATIC) sv = scale[nkv + g], zv = zp[nkv + g];
+            else if (mode == KV_DYNAMIC) sv = scale[(r * 2 + 1) * nkv + g], zv = zp[(r * 2 + 1) * nkv + g];
+            load_row(cache, voff, dtype, hd, row);
+            for (int h = 0; h < G; h++) {
+                vf w = v_set1(sc[h][j] * sv);
+                for (int i = 0; i < hd; i += VL) v_store(acc[h] + i, v_fma(w, v_load(row + i), v_load(acc[h] + i)));
+                za[h] += sc[h][j] * zv;
+            }
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        vf il = v_set1(1.f / l[h]), z = v_set1(za[h]);
+        for (int i = 0; i < hd; i += VL) v_store(out + (size_t)h * hd + i, v_mul(v_add(v_load(acc[h] + i), z), il));
+    }
+}
+
+/* out (B, nh * hd) = decode attention of q over each sequence's ctx[b] cached rows. Returns 0, or -1 for an
+ * unsupported shape (hd % 16, hd > 256, nh % nkv). */
+int attn_cpu_decode(const float *q, long q_stride, const void *cache, const int32_t *bt, int max_blocks,
+                    const int32_t *ctx, const float *scale, const float *zp, float *out, int B, int nh, int nkv,
+                    int hd, int bs, int dtype, int mode, float sm, int threads) {
+    if (hd % 16 || hd > HD_MAX || nkv <= 0 || nh % nkv) return -1;
+    int G = nh / nkv;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
+#endif
+    for (int t = 0; t < B * nkv; t++) {
+        int b = t / nkv, g = t % nkv;
+        float *o = out + ((size_t)b * nh + (size_t)g * G) * hd;
+        if (ctx[b] <= 0) { memset(o, 0, sizeof(float) * G * hd); continue; }
+        attend_group(q + (size_t)b * q_stride + (size_t)g * G * hd, cache, bt + (size_t)b * max_blocks, ctx[b],
+                     scale, zp, o, nkv, hd, bs, G, g, dtype, mode, sm);
+    }
+    return 0;
+}
