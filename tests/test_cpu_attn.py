@@ -87,6 +87,17 @@ def test_threads_split_tasks(isa):
     assert torch.equal(one(0, q, bt, ctx), two(0, q, bt, ctx))
 
 
+def test_bad_tables_raise():
+    cache, p = paged_cache(3, 64, 8, "static", num_blocks=4)
+    attn, q = PagedAttnCPU([cache], [p], 8, "static", 9, 0.125, threads=1), torch.randn(1, 9, 64)
+    for bt, n in [([[0, 1]], 2 * BS + 1), ([[0, 4]], BS + 1), ([[-1, 0]], 3)]:     # too long; block ids 4, -1
+        with pytest.raises(ValueError, match="block"):
+            attn(0, q, torch.tensor(bt, dtype=torch.int32), torch.tensor([n], dtype=torch.int32))
+    attend = attn.step(torch.tensor([[2, 3]]), torch.tensor([BS + 1]))              # int64 tables converted
+    with pytest.raises(ValueError, match="q"):
+        attend(0, torch.randn(2, 9, 64))
+
+
 def test_supports():
     cache, _ = paged_cache(3, 64, 8, "static", num_blocks=2)
     assert supports(cache, 8, "static", 9) and not supports(cache, 8, "static", 8)       # 8 heads over 3 groups
@@ -103,15 +114,19 @@ def test_runner_decodes_through_the_kernel(monkeypatch, tiny, ws, qp, kv_mode): 
     eng = Engine.from_workspace(tiny["root"] / ws, "cpu", overrides)
     r, calls = eng.runner, []
     assert isinstance(r.attn_cpu, PagedAttnCPU)
-    kernel = PagedAttnCPU.__call__
+    step = PagedAttnCPU.step
 
-    def checked(self, l, q, bt, ctx):                    # each call against the reference on the live cache
-        o = kernel(self, l, q, bt, ctx)
-        ref = attn_cpu_ref(q, r.kv_cache[l], r.kv[l], r.kv_bits, r.kv_mode, bt, ctx, r.scale)
-        torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
-        calls.append(ctx.tolist())
-        return o
-    monkeypatch.setattr(PagedAttnCPU, "__call__", checked)
+    def checked(self, bt, ctx):                          # each call against the reference on the live cache
+        attend = step(self, bt, ctx)
+
+        def check(l, q):
+            o = attend(l, q)
+            ref = attn_cpu_ref(q, r.kv_cache[l], r.kv[l], r.kv_bits, r.kv_mode, bt, ctx, r.scale)
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-5)
+            calls.append(ctx.tolist())
+            return o
+        return check
+    monkeypatch.setattr(PagedAttnCPU, "step", checked)
     got = eng.generate(PROMPTS, GREEDY)
     assert len(calls) == 2 * (GREEDY.max_new_tokens - 1) and len(calls[0]) == len(PROMPTS)
     if qp == 0:     # 16-bit KV: the tokens of the torch path (int8 / int4 codes that flip on a 1e-7 change can

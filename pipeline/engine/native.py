@@ -223,8 +223,7 @@ class NativeRunner(ModelRunner):
                max_context_len: Optional[int] = None) -> torch.Tensor:
         if self.attn_cpu is not None:       # the C kernel reads each sequence's rows in place: no gather, no mask
             with self.decode_threading(), torch.inference_mode():
-                return self._run(tokens, positions, slots,
-                                 lambda l, q: self.attn_cpu(l, q, block_tables, context_lens))
+                return self._run(tokens, positions, slots, self.attn_cpu.step(block_tables, context_lens))
         B = tokens.shape[0]
         ctx = context_lens.tolist()
         n_max = max(ctx)

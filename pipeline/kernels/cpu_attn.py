@@ -4,6 +4,7 @@ dequantized copy), in a small C kernel (csrc/attn_cpu.c) compiled once per machi
 Usage:
     attn = PagedAttnCPU(runner.kv_cache, runner.kv, runner.kv_bits, runner.kv_mode, n_heads, runner.scale)
     o = attn(l, q, block_tables, context_lens)     # q (B, nh, hd) fp32 -> (B, nh * hd) fp32, layer l
+    attend = attn.step(block_tables, context_lens) # a decode step: tables checked once; attend(l, q) per layer
     o_ref = attn_cpu_ref(q, runner.kv_cache[l], runner.kv[l], runner.kv_bits, runner.kv_mode, block_tables,
                          context_lens, runner.scale)              # today's gather + dequantize + softmax attention
     supports(cache, kv_bits, kv_mode, n_heads)     # False: the caller keeps its torch path
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -44,13 +45,22 @@ MODES = {"none": 0, "static": 1, "dynamic": 2}                                  
 HD_MAX = 256
 
 
+class _Step(ctypes.Structure):
+    """csrc/attn_cpu.c's attn_step: a decode step's arguments, shared by its layers."""
+    _fields_ = [("bt", ctypes.c_void_p), ("ctx", ctypes.c_void_p)] + [
+        (n, ctypes.c_int) for n in ("max_blocks", "num_blocks", "B", "nh", "nkv", "hd", "bs", "dtype", "mode",
+                                    "threads")] + [("sm", ctypes.c_float)]
+
+
 def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     """csrc/attn_cpu.c built for `isa` (default: the best this CPU runs; cpu_build.load), or None."""
     lib = cpu_build.load("attn_cpu", isa)
     if lib is not None and lib.attn_cpu_decode.argtypes is None:
-        lib.attn_cpu_decode.restype = ctypes.c_int
-        lib.attn_cpu_decode.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-                                        + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int])
+        lib.attn_cpu_check.restype = ctypes.c_int
+        lib.attn_cpu_check.argtypes = [ctypes.POINTER(_Step)]
+        lib.attn_cpu_decode.restype = None
+        lib.attn_cpu_decode.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + [
+            ctypes.POINTER(_Step)]
     return lib
 
 
@@ -80,9 +90,9 @@ class PagedAttnCPU:
         if lib is None:
             raise RuntimeError(f"the CPU attention kernel is not available ({isa or 'best ISA'}; see cpu_attn.library)")
         self.isa = cpu_build.isa_of(lib)
-        self._fn = lib.attn_cpu_decode
+        self._fn, self._check = lib.attn_cpu_decode, lib.attn_cpu_check
         c = caches[0]
-        self.n_heads, self.n_kv, self.block_size = n_heads, c.shape[3], c.shape[1]
+        self.n_heads, self.n_kv, self.num_blocks, self.block_size = n_heads, c.shape[3], c.shape[0], c.shape[1]
         self.head_dim = 2 * c.shape[4] if kv_bits == 4 else c.shape[4]
         self.scale, self.threads = float(scale), threads or kernel_threads()
         self.dtype, self.mode = DTYPES[c.dtype], MODES[kv_mode]
@@ -92,22 +102,37 @@ class PagedAttnCPU:
         self._ptrs = [(c.data_ptr(), p["scale"].data_ptr() if p else None, p["zp"].data_ptr() if p else None)
                       for c, p in zip(caches, params)]
 
-    def __call__(self, l: int, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        B, nh, hd = q.shape                                           # (B, nh, hd) fp32; rows may be strided
-        if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != hd:
-            q = q.float().contiguous()
+    def step(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """attend(l, q (B, nh, hd) fp32) -> (B, nh * hd) fp32 for a decode step's sequences: the block tables
+        (B, max_blocks) and context lengths (B,) (this token's row included) checked and converted once for all
+        layers. The output is one buffer of the step, rewritten by each layer's call."""
         bt = block_tables if block_tables.dtype == torch.int32 and block_tables.is_contiguous() \
             else block_tables.to(torch.int32).contiguous()           # (B, max_blocks)
         ctx = context_lens if context_lens.dtype == torch.int32 and context_lens.is_contiguous() \
             else context_lens.to(torch.int32).contiguous()          # (B,)
-        out = torch.empty(B, nh * hd, dtype=torch.float32)
-        cache, s, z = self._ptrs[l]
-        rc = self._fn(q.data_ptr(), q.stride(0), cache, bt.data_ptr(), bt.shape[1], ctx.data_ptr(), s, z,
-                      out.data_ptr(), B, nh, self.n_kv, hd, self.block_size, self.dtype, self.mode, self.scale,
-                      self.threads)
+        B, nh, hd = ctx.shape[0], self.n_heads, self.head_dim
+        st = _Step(bt.data_ptr(), ctx.data_ptr(), bt.shape[1], self.num_blocks, B, nh, self.n_kv, hd,
+                   self.block_size, self.dtype, self.mode, self.threads, self.scale)
+        rc = self._check(st)
         if rc:
-            raise ValueError(f"attn_cpu_decode: unsupported shape (n_heads={nh}, n_kv={self.n_kv}, head_dim={hd})")
-        return out
+            raise ValueError(f"attn_cpu: " + ("unsupported shape" if rc == -1 else "a context longer than its block "
+                             f"table, or a block id outside the cache's {self.num_blocks}"))
+        out = torch.empty(B, nh * hd, dtype=torch.float32)
+        fn, ptrs, out_ptr, arg = self._fn, self._ptrs, out.data_ptr(), ctypes.byref(st)
+
+        def attend(l: int, q: torch.Tensor) -> torch.Tensor:
+            if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != hd:
+                q = q.float().contiguous()                            # (B, nh, hd); rows may be strided
+            if q.shape != (B, nh, hd):
+                raise ValueError(f"attn_cpu: q {tuple(q.shape)}, the step's are {(B, nh, hd)}")
+            fn(q.data_ptr(), q.stride(0), *ptrs[l], out_ptr, arg)
+            return out
+        attend.keep = (bt, ctx, st)                                   # what the pointers point into
+        return attend
+
+    def __call__(self, l: int, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """One layer's attention: q (B, nh, hd) fp32 -> (B, nh * hd) fp32 (a new tensor)."""
+        return self.step(block_tables, context_lens)(l, q)
 
 
 def attn_cpu_ref(q: torch.Tensor, cache: torch.Tensor, params: dict, kv_bits: int, kv_mode: str,

@@ -202,23 +202,40 @@ static void attend_group(const float *q, const void *cache, const int32_t *bt, i
     }
 }
 
-/* out (B, nh * hd) = decode attention of q over each sequence's ctx[b] cached rows. Returns 0, or -1 for an
- * unsupported shape (hd % 16, hd > 256, nh % nkv). */
-int attn_cpu_decode(const float *q, long q_stride, const void *cache, const int32_t *bt, int max_blocks,
-                    const int32_t *ctx, const float *scale, const float *zp, float *out, int B, int nh, int nkv,
-                    int hd, int bs, int dtype, int mode, float sm, int threads) {
-    if (hd % 16 || hd > HD_MAX || nkv <= 0 || nh % nkv) return -1;
-    int G = nh / nkv;
-    (void)threads;
+/* A decode step's arguments, the same for every layer (cpu_attn.py `_Step` mirrors it). */
+typedef struct {
+    const int32_t *bt, *ctx;      /* (B, max_blocks), (B,) */
+    int max_blocks, num_blocks, B, nh, nkv, hd, bs, dtype, mode, threads;
+    float sm;                     /* softmax scale */
+} attn_step;
+
+/* Returns 0, -1 for a shape the kernel does not take (hd % 16, hd > 256, nh % nkv), or -2 (nothing computed) for a
+ * context longer than its block table or a block id outside the cache. */
+int attn_cpu_check(const attn_step *st) {
+    if (st->hd % 16 || st->hd > HD_MAX || st->nkv <= 0 || st->nh % st->nkv) return -1;
+    for (int b = 0; b < st->B; b++) {
+        int n = st->ctx[b], nb = (n + st->bs - 1) / st->bs;
+        if (n > st->max_blocks * st->bs) return -2;
+        for (int i = 0; i < nb; i++)
+            if (st->bt[(size_t)b * st->max_blocks + i] < 0 || st->bt[(size_t)b * st->max_blocks + i] >= st->num_blocks)
+                return -2;
+    }
+    return 0;
+}
+
+/* out (B, nh * hd) = decode attention of q (row b at q + b * q_stride) over each sequence's ctx[b] rows of one
+ * layer's cache. The step's arguments must have passed attn_cpu_check. */
+void attn_cpu_decode(const float *q, long q_stride, const void *cache, const float *scale, const float *zp,
+                     float *out, const attn_step *st) {
+    int B = st->B, nh = st->nh, nkv = st->nkv, hd = st->hd, G = nh / nkv;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(st->threads) if (st->threads > 1)
 #endif
     for (int t = 0; t < B * nkv; t++) {
         int b = t / nkv, g = t % nkv;
         float *o = out + ((size_t)b * nh + (size_t)g * G) * hd;
-        if (ctx[b] <= 0) { memset(o, 0, sizeof(float) * G * hd); continue; }
-        attend_group(q + (size_t)b * q_stride + (size_t)g * G * hd, cache, bt + (size_t)b * max_blocks, ctx[b],
-                     scale, zp, o, nkv, hd, bs, G, g, dtype, mode, sm);
+        if (st->ctx[b] <= 0) { memset(o, 0, sizeof(float) * G * hd); continue; }
+        attend_group(q + (size_t)b * q_stride + (size_t)g * G * hd, cache, st->bt + (size_t)b * st->max_blocks,
+                     st->ctx[b], scale, zp, o, nkv, hd, st->bs, G, g, st->dtype, st->mode, st->sm);
     }
-    return 0;
 }
