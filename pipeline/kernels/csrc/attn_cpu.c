@@ -36,6 +36,18 @@ enum { KV_NONE = 0, KV_STATIC = 1, KV_DYNAMIC = 2 };
 typedef __m512 vf;
 #define PS(op) _mm512_##op##_ps
 static inline float v_hsum(vf a) { return _mm512_reduce_add_ps(a); }
+/* v_hsum_rows' first levels: 16 rows of 16 floats (d, row-major) -> b[i], 128-bit lane k = 4 partial sums of
+ * row 4k + i (rows loaded in the order that leaves sum j in lane j at the end). */
+static inline void rows_to_lanes(const float *d, vf b[4]) {
+    __m512 v[16], a[8];
+    for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_ps(d + 16 * ((j & 3) * 4 + (j >> 2)));
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+}
 static inline vf v_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf v_pow2(vf y, vf n) { return _mm512_scalef_ps(y, n); }                 /* y * 2^n */
 static inline vf v_bf16(const uint16_t *p) {
@@ -60,6 +72,14 @@ static inline float v_hsum(vf v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
+}
+/* 8 rows of 8 floats -> b[i], 128-bit lane k = 4 partial sums of row 4k + i (as the AVX512 levels). */
+static inline void rows_to_lanes(const float *d, vf b[4]) {
+    __m256 v[8];
+    for (int j = 0; j < 8; j++) v[j] = _mm256_loadu_ps(d + 8 * ((j & 1) * 4 + (j >> 1)));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
 }
 static inline vf v_round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf v_pow2(vf y, vf n) {                  /* y * 2^n, n integral in [-126, 127] */
@@ -95,6 +115,16 @@ static inline vf v_mul(vf a, vf b) { return PS(mul)(a, b); }
 static inline vf v_fma(vf a, vf b, vf c) { return PS(fmadd)(a, b, c); }
 static inline vf v_max(vf a, vf b) { return PS(max)(a, b); }
 
+/* VL rows of VL floats (d, row-major) -> lane j = the sum of row j: a transpose-and-add tree instead of VL
+ * horizontal sums; the last level sums within 128-bit lanes: lane k, element i = the total of b[i]'s lane k. */
+static inline vf v_hsum_rows(const float *d) {
+    vf b[4];
+    rows_to_lanes(d, b);
+    vf c0 = PS(add)(PS(unpacklo)(b[0], b[1]), PS(unpackhi)(b[0], b[1]));
+    vf c1 = PS(add)(PS(unpacklo)(b[2], b[3]), PS(unpackhi)(b[2], b[3]));
+    return PS(add)(PS(shuffle)(c0, c1, 0x44), PS(shuffle)(c0, c1, 0xEE));
+}
+
 const char *attn_cpu_isa(void) { return KERNEL_ISA; }
 
 /* exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial; ~1 ulp); x below
@@ -123,14 +153,15 @@ static inline void load_row(const void *cache, size_t off, int dtype, int hd, fl
     }
 }
 
-/* One (sequence, KV head) task: the G = nh / nkv query heads of group g. */
-static void attend_group(const float *q, const void *cache, const int32_t *bt, int n, const float *scale,
+/* One (sequence, KV head) task: the G = nh / nkv query heads of group g. Inlined with a constant hd for 64 and
+ * 128 (attend_hd), so that the loops over a row unroll. */
+static inline __attribute__((always_inline)) void attend_group(const float *q, const void *cache, const int32_t *bt, int n, const float *scale,
                          const float *zp, float *out, int nkv, int hd, int bs, int G, int g, int dtype, int mode,
                          float sm) {
     int hdc = dtype == DT_I4 ? hd / 2 : hd;
     float row[HD_MAX] __attribute__((aligned(64)));
     float acc[G][hd], sc[G][CH], qs[G], m[G], l[G], za[G];
-    float sk[CH], zk[CH];
+    float sk[CH] = {0}, zk[CH] = {0}, dots[G][VL][VL];     /* sk, zk past a chunk: finite, unused */
     size_t off[CH];
     for (int h = 0; h < G; h++) {
         vf s = v_zero();
@@ -149,14 +180,20 @@ static void attend_group(const float *q, const void *cache, const int32_t *bt, i
             if (mode == KV_STATIC) sk[j] = scale[g], zk[j] = zp[g];
             else if (mode == KV_DYNAMIC) sk[j] = scale[r * 2 * nkv + g], zk[j] = zp[r * 2 * nkv + g];
         }
-        for (int j = 0; j < c; j++) {          /* scores: each K row converted once, dotted with G queries */
-            load_row(cache, off[j], dtype, hd, row);
-            for (int h = 0; h < G; h++) {
-                const float *qh = q + (size_t)h * hd;
-                vf d = v_mul(v_load(qh), v_load(row));
-                for (int i = VL; i < hd; i += VL) d = v_fma(v_load(qh + i), v_load(row + i), d);
-                sc[h][j] = sm * (sk[j] * v_hsum(d) + zk[j] * qs[h]);
+        for (int j = 0; j < c; j += VL) {      /* scores: each K row converted once, dotted with G queries */
+            for (int k = 0; k < VL; k++) {
+                if (j + k < c) load_row(cache, off[j + k], dtype, hd, row);
+                for (int h = 0; h < G; h++) {
+                    const float *qh = q + (size_t)h * hd;
+                    vf d = v_zero();
+                    if (j + k < c)
+                        for (int i = 0; i < hd; i += VL) d = v_fma(v_load(qh + i), v_load(row + i), d);
+                    v_store(dots[h][k], d);
+                }
             }
+            for (int h = 0; h < G; h++)        /* lanes past c: scores of zero rows, never read */
+                v_store(sc[h] + j, v_mul(v_set1(sm), v_add(v_mul(v_load(sk + j), v_hsum_rows(dots[h][0])),
+                                                           v_mul(v_load(zk + j), v_set1(qs[h])))));
         }
         for (int h = 0; h < G; h++) {          /* online softmax: new max, rescale, p = exp(score - max) */
             float cm = sc[h][0];
@@ -202,6 +239,16 @@ static void attend_group(const float *q, const void *cache, const int32_t *bt, i
     }
 }
 
+static void attend_any(const float *q, const void *cache, const int32_t *bt, int n, const float *scale,
+                       const float *zp, float *out, int nkv, int hd, int bs, int G, int g, int dtype, int mode,
+                       float sm) {
+    switch (hd) {
+        case 64: attend_group(q, cache, bt, n, scale, zp, out, nkv, 64, bs, G, g, dtype, mode, sm); break;
+        case 128: attend_group(q, cache, bt, n, scale, zp, out, nkv, 128, bs, G, g, dtype, mode, sm); break;
+        default: attend_group(q, cache, bt, n, scale, zp, out, nkv, hd, bs, G, g, dtype, mode, sm); break;
+    }
+}
+
 /* A decode step's arguments, the same for every layer (cpu_attn.py `_Step` mirrors it). */
 typedef struct {
     const int32_t *bt, *ctx;      /* (B, max_blocks), (B,) */
@@ -235,7 +282,7 @@ void attn_cpu_decode(const float *q, long q_stride, const void *cache, const flo
         int b = t / nkv, g = t % nkv;
         float *o = out + ((size_t)b * nh + (size_t)g * G) * hd;
         if (st->ctx[b] <= 0) { memset(o, 0, sizeof(float) * G * hd); continue; }
-        attend_group(q + (size_t)b * q_stride + (size_t)g * G * hd, cache, st->bt + (size_t)b * st->max_blocks,
+        attend_any(q + (size_t)b * q_stride + (size_t)g * G * hd, cache, st->bt + (size_t)b * st->max_blocks,
                      st->ctx[b], scale, zp, o, nkv, hd, st->bs, G, g, st->dtype, st->mode, st->sm);
     }
 }
