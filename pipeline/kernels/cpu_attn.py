@@ -102,7 +102,8 @@ class PagedAttnCPU:
         self._ptrs = [(c.data_ptr(), p["scale"].data_ptr() if p else None, p["zp"].data_ptr() if p else None)
                       for c, p in zip(caches, params)]
 
-    def step(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def step(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> Callable[[int, torch.Tensor],
+                                                                                       torch.Tensor]:
         """attend(l, q (B, nh, hd) fp32) -> (B, nh * hd) fp32 for a decode step's sequences: the block tables
         (B, max_blocks) and context lengths (B,) (this token's row included) checked and converted once for all
         layers. The output is one buffer of the step, rewritten by each layer's call."""

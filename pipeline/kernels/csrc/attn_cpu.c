@@ -14,9 +14,11 @@
  * The dequantization is folded into the attention: with k_j = s_k c_k + z_k and v_j = s_v c_v + z_v,
  *     score_j = sm * (s_k (q . c_k) + z_k sum(q)),   out = sum_j p_j (s_v c_v + z_v) / sum_j p_j,
  * one pass over the keys with an online softmax (a running max per head, rescaled once a chunk of CH keys), fp32
- * sums. A (sequence, KV head) pair is one task: each K / V row is loaded and converted to fp32 once and used by the
- * nh / nkv query heads of its group (GQA, query head h reads KV head h / (nh / nkv)). Tasks are split across
- * `threads` OpenMP threads where built with OpenMP. hd % 16 == 0, hd <= 256.
+ * sums. A (sequence, KV head) pair is one task: each K / V row is loaded and converted to fp32 once (a chunk's rows
+ * into an L1 buffer) and used by the nh / nkv query heads of its group (GQA, query head h reads KV head
+ * h / (nh / nkv)); a head's query row and its output accumulator stay in registers over a chunk, and VL keys' dot
+ * products are summed by one transpose-and-add tree. Tasks are split across `threads` OpenMP threads where built
+ * with OpenMP. hd % 16 == 0, hd <= 256; the AVX512 build is cpu_build's "avx512_vnni" (it needs AVX512F/BW only).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -147,22 +149,24 @@ static inline vf v_exp(vf x) {
 static inline void load_row(const void *cache, size_t off, int dtype, int hd, float *dst) {
     switch (dtype) {
         case DT_F32: memcpy(dst, (const float *)cache + off, sizeof(float) * hd); break;
-        case DT_BF16: for (int i = 0; i < hd; i += VL) v_store(dst + i, v_bf16((const uint16_t *)cache + off + i)); break;
+        case DT_BF16:
+            for (int i = 0; i < hd; i += VL) v_store(dst + i, v_bf16((const uint16_t *)cache + off + i));
+            break;
         case DT_I8: for (int i = 0; i < hd; i += VL) v_store(dst + i, v_i8((const int8_t *)cache + off + i)); break;
         default: for (int i = 0; i < hd; i += VL) v_store(dst + i, v_i4((const uint8_t *)cache + off + i / 2)); break;
     }
 }
 
 /* One (sequence, KV head) task: the G = nh / nkv query heads of group g. Inlined with a constant hd for 64 and
- * 128 (attend_hd), so that the loops over a row unroll. */
-static inline __attribute__((always_inline)) void attend_group(const float *q, const void *cache, const int32_t *bt, int n, const float *scale,
-                         const float *zp, float *out, int nkv, int hd, int bs, int G, int g, int dtype, int mode,
-                         float sm) {
+ * 128 (attend_any): the loops over a row unroll, and a query's or an accumulator's row stays in registers. */
+static inline __attribute__((always_inline)) void attend_group(const float *q, const void *cache, const int32_t *bt,
+        int n, const float *scale, const float *zp, float *out, int nkv, int hd, int bs, int G, int g, int dtype,
+        int mode, float sm) {
     int hdc = dtype == DT_I4 ? hd / 2 : hd;
-    float row[HD_MAX] __attribute__((aligned(64)));
+    float rows[CH * hd], sv[CH], zv[CH];     /* a chunk's K rows, then its V rows, fp32 */
     float acc[G][hd], sc[G][CH], qs[G], m[G], l[G], za[G];
-    float sk[CH] = {0}, zk[CH] = {0}, dots[G][VL][VL];     /* sk, zk past a chunk: finite, unused */
-    size_t off[CH];
+    float sk[CH] = {0}, zk[CH] = {0}, dots[VL][VL];     /* sk, zk past a chunk: finite, unused */
+    size_t off[CH], row[CH];
     for (int h = 0; h < G; h++) {
         vf s = v_zero();
         for (int i = 0; i < hd; i += VL) s = v_add(s, v_load(q + (size_t)h * hd + i));
@@ -174,26 +178,28 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, c
     for (int j0 = 0; j0 < n; j0 += CH) {
         int c = n - j0 < CH ? n - j0 : CH;
         for (int j = 0; j < c; j++) {          /* the chunk's cache rows: K's code offset, and the row's params */
-            size_t r = (size_t)bt[(j0 + j) / bs] * bs + (j0 + j) % bs;
+            size_t r = row[j] = (size_t)bt[(j0 + j) / bs] * bs + (j0 + j) % bs;
             off[j] = (r * 2 * nkv + g) * hdc;
             sk[j] = 1.f, zk[j] = 0.f;
             if (mode == KV_STATIC) sk[j] = scale[g], zk[j] = zp[g];
             else if (mode == KV_DYNAMIC) sk[j] = scale[r * 2 * nkv + g], zk[j] = zp[r * 2 * nkv + g];
         }
-        for (int j = 0; j < c; j += VL) {      /* scores: each K row converted once, dotted with G queries */
-            for (int k = 0; k < VL; k++) {
-                if (j + k < c) load_row(cache, off[j + k], dtype, hd, row);
-                for (int h = 0; h < G; h++) {
-                    const float *qh = q + (size_t)h * hd;
-                    vf d = v_zero();
-                    if (j + k < c)
-                        for (int i = 0; i < hd; i += VL) d = v_fma(v_load(qh + i), v_load(row + i), d);
-                    v_store(dots[h][k], d);
-                }
-            }
-            for (int h = 0; h < G; h++)        /* lanes past c: scores of zero rows, never read */
-                v_store(sc[h] + j, v_mul(v_set1(sm), v_add(v_mul(v_load(sk + j), v_hsum_rows(dots[h][0])),
+        int cp = (c + VL - 1) / VL * VL;       /* scores: each K row converted once into rows (zeros to cp) */
+        for (int j = 0; j < c; j++) load_row(cache, off[j], dtype, hd, rows + (size_t)j * hd);
+        memset(rows + (size_t)c * hd, 0, sizeof(float) * (cp - c) * hd);
+        for (int h = 0; h < G; h++) {          /* and dotted with the G queries, a query in registers */
+            vf qv[HD_MAX / VL];
+            for (int i = 0; i < hd / VL; i++) qv[i] = v_load(q + (size_t)h * hd + i * VL);
+            for (int j = 0; j < cp; j += VL) {
+                for (int k = 0; k < VL; k++) {
+                    const float *kr = rows + (size_t)(j + k) * hd;
+                    vf d = v_mul(qv[0], v_load(kr));
+                    for (int i = 1; i < hd / VL; i++) d = v_fma(qv[i], v_load(kr + i * VL), d);
+                    v_store(dots[k], d);
+                }                              /* lanes past c: scores of zero rows, never read */
+                v_store(sc[h] + j, v_mul(v_set1(sm), v_add(v_mul(v_load(sk + j), v_hsum_rows(dots[0])),
                                                            v_mul(v_load(zk + j), v_set1(qs[h])))));
+            }
         }
         for (int h = 0; h < G; h++) {          /* online softmax: new max, rescale, p = exp(score - max) */
             float cm = sc[h][0];
@@ -219,18 +225,24 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, c
             }
             l[h] += v_hsum(ls);
         }
-        for (int j = 0; j < c; j++) {          /* values: each V row converted once, accumulated for G heads */
-            size_t voff = off[j] + (size_t)nkv * hdc;
-            size_t r = (size_t)bt[(j0 + j) / bs] * bs + (j0 + j) % bs;
-            float sv = 1.f, zv = 0.f;
-            if (mode == KV_STATIC) sv = scale[nkv + g], zv = zp[nkv + g];
-            else if (mode == KV_DYNAMIC) sv = scale[(r * 2 + 1) * nkv + g], zv = zp[(r * 2 + 1) * nkv + g];
-            load_row(cache, voff, dtype, hd, row);
-            for (int h = 0; h < G; h++) {
-                vf w = v_set1(sc[h][j] * sv);
-                for (int i = 0; i < hd; i += VL) v_store(acc[h] + i, v_fma(w, v_load(row + i), v_load(acc[h] + i)));
-                za[h] += sc[h][j] * zv;
+        for (int j = 0; j < c; j++) {          /* values: each V row converted once into rows */
+            size_t r = row[j];
+            sv[j] = 1.f, zv[j] = 0.f;
+            if (mode == KV_STATIC) sv[j] = scale[nkv + g], zv[j] = zp[nkv + g];
+            else if (mode == KV_DYNAMIC) sv[j] = scale[(r * 2 + 1) * nkv + g], zv[j] = zp[(r * 2 + 1) * nkv + g];
+            load_row(cache, off[j] + (size_t)nkv * hdc, dtype, hd, rows + (size_t)j * hd);
+        }
+        for (int h = 0; h < G; h++) {          /* and accumulated for the G heads, a head's row in registers */
+            vf a[HD_MAX / VL];
+            float zs = 0.f;
+            for (int i = 0; i < hd / VL; i++) a[i] = v_load(acc[h] + i * VL);
+            for (int j = 0; j < c; j++) {
+                vf w = v_set1(sc[h][j] * sv[j]);
+                for (int i = 0; i < hd / VL; i++) a[i] = v_fma(w, v_load(rows + (size_t)j * hd + i * VL), a[i]);
+                zs += sc[h][j] * zv[j];
             }
+            for (int i = 0; i < hd / VL; i++) v_store(acc[h] + i * VL, a[i]);
+            za[h] += zs;
         }
     }
     for (int h = 0; h < G; h++) {
