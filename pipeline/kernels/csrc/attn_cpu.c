@@ -163,7 +163,7 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, c
         int n, const float *scale, const float *zp, float *out, int nkv, int hd, int bs, int G, int g, int dtype,
         int mode, float sm) {
     int hdc = dtype == DT_I4 ? hd / 2 : hd;
-    float rows[CH * hd], sv[CH], zv[CH];     /* a chunk's K rows, then its V rows, fp32 */
+    float rows[CH * hd], sv[CH], zv[CH], pw[VL];     /* a chunk's K rows, then its V rows, fp32 */
     float acc[G][hd], sc[G][CH], qs[G], m[G], l[G], za[G];
     float sk[CH] = {0}, zk[CH] = {0}, dots[VL][VL];     /* sk, zk past a chunk: finite, unused */
     size_t off[CH], row[CH];
@@ -177,8 +177,10 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, c
     }
     for (int j0 = 0; j0 < n; j0 += CH) {
         int c = n - j0 < CH ? n - j0 : CH;
-        for (int j = 0; j < c; j++) {          /* the chunk's cache rows: K's code offset, and the row's params */
-            size_t r = row[j] = (size_t)bt[(j0 + j) / bs] * bs + (j0 + j) % bs;
+        int blk = j0 / bs, o = j0 % bs;        /* key j0 + j is row o of block bt[blk] */
+        for (int j = 0; j < c; j++, o++) {     /* the chunk's cache rows: K's code offset, and the row's params */
+            if (o == bs) blk++, o = 0;
+            size_t r = row[j] = (size_t)bt[blk] * bs + o;
             off[j] = (r * 2 * nkv + g) * hdc;
             sk[j] = 1.f, zk[j] = 0.f;
             if (mode == KV_STATIC) sk[j] = scale[g], zk[j] = zp[g];
@@ -232,17 +234,26 @@ static inline __attribute__((always_inline)) void attend_group(const float *q, c
             else if (mode == KV_DYNAMIC) sv[j] = scale[(r * 2 + 1) * nkv + g], zv[j] = zp[(r * 2 + 1) * nkv + g];
             load_row(cache, off[j] + (size_t)nkv * hdc, dtype, hd, rows + (size_t)j * hd);
         }
+        for (int j = c; j < cp; j++) sv[j] = zv[j] = 0.f;
         for (int h = 0; h < G; h++) {          /* and accumulated for the G heads, a head's row in registers */
-            vf a[HD_MAX / VL];
-            float zs = 0.f;
-            for (int i = 0; i < hd / VL; i++) a[i] = v_load(acc[h] + i * VL);
-            for (int j = 0; j < c; j++) {
-                vf w = v_set1(sc[h][j] * sv[j]);
-                for (int i = 0; i < hd / VL; i++) a[i] = v_fma(w, v_load(rows + (size_t)j * hd + i * VL), a[i]);
-                zs += sc[h][j] * zv[j];
+            vf a[HD_MAX / VL], b[HD_MAX / VL], zs = v_zero();   /* two sets: even and odd keys (FMA latency) */
+            for (int i = 0; i < hd / VL; i++) a[i] = v_load(acc[h] + i * VL), b[i] = v_zero();
+            for (int j = c; j < cp; j++) sc[h][j] = 0.f;
+            for (int j = 0; j < cp; j += VL) {
+                vf p = v_load(sc[h] + j);
+                zs = v_fma(p, v_load(zv + j), zs);
+                v_store(pw, v_mul(p, v_load(sv + j)));
+                for (int k = 0; k < VL && j + k < c; k += 2) {
+                    const float *r0 = rows + (size_t)(j + k) * hd;
+                    vf w0 = v_set1(pw[k]), w1 = v_set1(pw[k + 1]);     /* row c's weight is 0: a zero row */
+                    for (int i = 0; i < hd / VL; i++) {
+                        a[i] = v_fma(w0, v_load(r0 + i * VL), a[i]);
+                        b[i] = v_fma(w1, v_load(r0 + hd + i * VL), b[i]);
+                    }
+                }
             }
-            for (int i = 0; i < hd / VL; i++) v_store(acc[h] + i * VL, a[i]);
-            za[h] += zs;
+            for (int i = 0; i < hd / VL; i++) v_store(acc[h] + i * VL, v_add(a[i], b[i]));
+            za[h] += v_hsum(zs);
         }
     }
     for (int h = 0; h < G; h++) {
