@@ -4,7 +4,7 @@
   summation order, over batches 1 / 3 / 8 with ragged contexts (one row, exactly one block, several blocks, block
   ids out of order), head dims 64 / 128, GQA groups 1 / 3, and every cache it takes: int8 and int4 static / dynamic,
   bf16 and fp32 16-bit;
-- OpenMP threads split (sequence, KV head) tasks: the same sums as one thread;
+- threads (csrc/pool.h) split (sequence, KV head) tasks: the same sums as one thread;
 - the torch-native runner decodes through it where it takes the cache (not with PIPELINE_CPU_KERNEL=0): the greedy
   tokens of the gather + SDPA path (test_native.py's greedy tests run it against the reference path, every KV kind).
 """

@@ -17,13 +17,15 @@
  * sums. A (sequence, KV head) pair is one task: each K / V row is loaded and converted to fp32 once (a chunk's rows
  * into an L1 buffer) and used by the nh / nkv query heads of its group (GQA, query head h reads KV head
  * h / (nh / nkv)); a head's query row and its output accumulator stay in registers over a chunk, and VL keys' dot
- * products are summed by one transpose-and-add tree. Tasks are split across `threads` OpenMP threads where built
- * with OpenMP. hd % 16 == 0, hd <= 256; the AVX512 build is cpu_build's "avx512_vnni" (it needs AVX512F/BW only).
+ * products are summed by one transpose-and-add tree. Tasks are split across `threads` threads (csrc/pool.h;
+ * default 1: the decode step's thread). hd % 16 == 0, hd <= 256; the AVX512 build is cpu_build's "avx512_vnni" (it needs AVX512F/BW only).
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "pool.h"
 
 #define CH 32        /* keys a chunk: scores of a chunk, then one rescale, then its V rows */
 #define HD_MAX 256
@@ -293,19 +295,33 @@ int attn_cpu_check(const attn_step *st) {
     return 0;
 }
 
+typedef struct {                  /* one call's arguments, for pool_run's chunks */
+    const float *q, *scale, *zp;
+    long q_stride;
+    const void *cache;
+    float *out;
+    const attn_step *st;
+} attn_job;
+
+/* Task t = (sequence t / nkv, KV head t % nkv). */
+static void attn_task(void *arg, int t) {
+    const attn_job *j = (const attn_job *)arg;
+    const attn_step *st = j->st;
+    int nh = st->nh, nkv = st->nkv, hd = st->hd, G = nh / nkv, b = t / nkv, g = t % nkv;
+    float *o = j->out + ((size_t)b * nh + (size_t)g * G) * hd;
+    if (st->ctx[b] <= 0) {
+        memset(o, 0, sizeof(float) * G * hd);
+        return;
+    }
+    attend_any(j->q + (size_t)b * j->q_stride + (size_t)g * G * hd, j->cache, st->bt + (size_t)b * st->max_blocks,
+               st->ctx[b], j->scale, j->zp, o, nkv, hd, st->bs, G, g, st->dtype, st->mode, st->sm);
+}
+
 /* out (B, nh * hd) = decode attention of q (row b at q + b * q_stride) over each sequence's ctx[b] rows of one
- * layer's cache. The step's arguments must have passed attn_cpu_check. */
+ * layer's cache; the (sequence, KV head) tasks on st->threads threads (pool.h). The step's arguments must have
+ * passed attn_cpu_check. */
 void attn_cpu_decode(const float *q, long q_stride, const void *cache, const float *scale, const float *zp,
                      float *out, const attn_step *st) {
-    int B = st->B, nh = st->nh, nkv = st->nkv, hd = st->hd, G = nh / nkv;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic) num_threads(st->threads) if (st->threads > 1)
-#endif
-    for (int t = 0; t < B * nkv; t++) {
-        int b = t / nkv, g = t % nkv;
-        float *o = out + ((size_t)b * nh + (size_t)g * G) * hd;
-        if (st->ctx[b] <= 0) { memset(o, 0, sizeof(float) * G * hd); continue; }
-        attend_any(q + (size_t)b * q_stride + (size_t)g * G * hd, cache, st->bt + (size_t)b * st->max_blocks,
-                     st->ctx[b], scale, zp, o, nkv, hd, st->bs, G, g, st->dtype, st->mode, st->sm);
-    }
+    attn_job job = {q, scale, zp, q_stride, cache, out, st};
+    pool_run(attn_task, &job, st->B * st->nkv, st->threads);
 }
