@@ -101,3 +101,24 @@ def test_add_rms_norm_equals_torch(T, D):
     torch.testing.assert_close(got_res, want_res, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cpu_linear.add_rms_norm(want_res.clone(), None, w, 1e-5)[1], want, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_kv8_equals_the_runners_torch_ops():
+    gen = torch.Generator().manual_seed(6)
+    T, nh, nkv, hd, rows_n = 3, 6, 2, 64, 40
+    qkv = torch.randn(T, nh + 2 * nkv, hd, generator=gen) * 4
+    ang = torch.rand(T, hd // 2, generator=gen) * 6
+    cos = torch.cat([ang.cos(), ang.cos()], -1)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1)
+    scale, zp = torch.rand(2, nkv, generator=gen) * 0.05 + 0.01, torch.randn(2, nkv, generator=gen) * 0.1
+    slots = torch.tensor([7, 0, 33])
+    want_qkv = qkv.clone()
+    qk = want_qkv[:, :nh + nkv]
+    torch.add(qk * cos[:, None], torch.roll(qk, hd // 2, -1) * sin[:, None], out=qk)
+    codes = torch.round((want_qkv[:, nh:].view(T, 2, nkv, hd) - zp[..., None]) / scale[..., None]).clamp_(-128, 127)
+    want_rows = torch.zeros(rows_n, 2, nkv, hd, dtype=torch.int8)
+    want_rows.index_copy_(0, slots, codes.to(torch.int8))
+    rows = torch.zeros(rows_n, 2, nkv, hd, dtype=torch.int8)
+    assert cpu_linear.rope_kv8(qkv, cos, sin, nh, nkv, rows, slots, scale, zp, (-128, 127))
+    assert torch.equal(qkv, want_qkv) and torch.equal(rows, want_rows)          # bit for bit
+    assert not cpu_linear.rope_kv8(qkv, cos, sin, nh, nkv, rows.float(), slots, scale, zp, (-128, 127))

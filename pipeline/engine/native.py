@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu_attn
-from ..kernels.cpu_linear import add_rms_norm
+from ..kernels.cpu_linear import add_rms_norm, rope_kv8
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
 from ..kernels.native import dense_rows_from_env, native_head
 from ..weights import native_linear, of
@@ -158,6 +158,8 @@ class NativeRunner(ModelRunner):
                 cpu_attn.supports(c, self.kv_bits, self.kv_mode, a.n_heads) for c in self.kv_cache):
             self.attn_cpu = cpu_attn.PagedAttnCPU(self.kv_cache, self.kv, self.kv_bits, self.kv_mode, a.n_heads,
                                                   self.scale)
+        # rotary + the int8 static KV write in one C call a layer (cpu_linear.rope_kv8; it checks dtypes and device)
+        self.rope_kv8 = torch.device(dev).type == "cpu" and self.kv_bits == 8 and self.kv_mode == "static"
 
     def _write_kv(self, l: int, kv: torch.Tensor, slots: torch.Tensor) -> None:
         """kv (T, 2, n_kv, hd) fp32 -> codes at rows `slots` of layer l's cache (kvcache.py's rounding)."""
@@ -208,9 +210,11 @@ class NativeRunner(ModelRunner):
         for l, L in enumerate(self.layers):
             res, h = add_rms_norm(res, x, L.attn_norm, eps)                      # res += x (in place on a CPU)
             qkv = L.w_qkv(h, L.b_qkv).float().view(T, nh + 2 * nkv, hd)
-            qk = qkv[:, :nh + nkv]
-            torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)     # rotary on q and k, in place
-            self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
+            if not (self.rope_kv8 and rope_kv8(qkv, cos, sin, nh, nkv, self.kv_rows[l], slots,
+                                               self.kv[l]["scale"], self.kv[l]["zp"], self.qrange)):
+                qk = qkv[:, :nh + nkv]
+                torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)   # rotary on q and k, in place
+                self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
             res, h = add_rms_norm(res, L.wo(attend(l, qkv[:, :nh]), L.b_o), L.ffn_norm, eps)
             gate, up = L.w13(h).chunk(2, -1)
             x = L.w2(F.silu(gate).mul_(up))

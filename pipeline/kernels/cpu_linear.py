@@ -44,6 +44,7 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.linear_cpu_stalls.restype = ctypes.c_long
         lib.rmsnorm_cpu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
+        lib.rope_kv8_cpu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
     return lib
 
 
@@ -173,6 +174,24 @@ def add_rms_norm(res: torch.Tensor, add: Optional[torch.Tensor], weight: torch.T
     lib.rmsnorm_cpu(res.data_ptr(), None if add is None else add.data_ptr(), weight.data_ptr(), out.data_ptr(),
                     res.numel() // res.shape[-1], res.shape[-1], eps)
     return res, out
+
+
+def rope_kv8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, rows: torch.Tensor,
+             slots: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qrange: tuple[int, int]) -> bool:
+    """Rotary on q and k of qkv (T, n_heads + 2 n_kv, hd) fp32 in place, then k and v written as int8 codes with
+    static scales: rows (num_rows, 2, n_kv, hd) int8 at `slots` (T,) int64, scale / zp (2, n_kv) fp32; cos / sin
+    (T, hd) as NativeRunner's tables (rotate_half's sign in sin). The same roundings as the runner's torch ops.
+    False (nothing done) where there is no kernel or a tensor is not the contiguous CPU dtype expected."""
+    lib = library()
+    want = ((qkv, torch.float32), (cos, torch.float32), (sin, torch.float32), (rows, torch.int8),
+            (slots, torch.int64), (scale, torch.float32), (zp, torch.float32))
+    if lib is None or qkv.shape[-1] > 1024 or not all(
+            t.dtype == d and t.is_contiguous() and t.device.type == "cpu" for t, d in want):
+        return False
+    T, hd = qkv.shape[0], qkv.shape[-1]
+    lib.rope_kv8_cpu(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_heads, n_kv, hd, rows.data_ptr(),
+                     slots.data_ptr(), scale.data_ptr(), zp.data_ptr(), *qrange)
+    return True
 
 
 def quantize_blocks_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -374,3 +374,33 @@ void rmsnorm_cpu(float *res, const float *add, const float *w, float *out, int T
         for (; i < D; i++) o[i] = r[i] * inv * w[i];
     }
 }
+
+/* Rotary on q and k and the int8 static-scale KV write of a step, in place:
+ *   qkv (T, nh + 2 nkv, hd) fp32: q heads, k heads, v heads; cos, sin (T, hd): x = x * cos + rotate(x) * sin,
+ *   rotate(x)[i] = x[i + hd/2] (i < hd/2) or x[i - hd/2] (the runner's sin table carries rotate_half's sign);
+ *   k and v rows of token t -> codes round((x - zp) / scale) clamped to [lo, hi] at cache row slots[t] of
+ *   rows (num_rows, 2, nkv, hd) int8; scale, zp (2, nkv). Each product and sum rounded as torch's ops round them. */
+void rope_kv8_cpu(float *qkv, const float *cos, const float *sin, int T, int nh, int nkv, int hd, int8_t *rows,
+                  const int64_t *slots, const float *scale, const float *zp, int lo, int hi) {
+    int half = hd / 2, H = nh + 2 * nkv;
+    float tmp[1024];
+    for (int t = 0; t < T; t++) {
+        const float *c = cos + (size_t)t * hd, *s = sin + (size_t)t * hd;
+        for (int h = 0; h < nh + nkv; h++) {
+            float *x = qkv + ((size_t)t * H + h) * hd;
+            memcpy(tmp, x, sizeof(float) * hd);
+            for (int i = 0; i < half; i++) x[i] = tmp[i] * c[i] + tmp[i + half] * s[i];
+            for (int i = half; i < hd; i++) x[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
+        }
+        int8_t *dst = rows + (size_t)slots[t] * 2 * nkv * hd;
+        for (int j = 0; j < 2 * nkv; j++) {
+            const float *x = qkv + ((size_t)t * H + nh + j) * hd;
+            float sc = scale[j], z = zp[j];
+            for (int i = 0; i < hd; i++) {
+                float v = nearbyintf((x[i] - z) / sc);
+                v = v < (float)lo ? (float)lo : (v > (float)hi ? (float)hi : v);
+                dst[(size_t)j * hd + i] = (int8_t)v;
+            }
+        }
+    }
+}
