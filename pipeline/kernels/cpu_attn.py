@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from . import cpu_build
-from .cpu_linear import kernel_threads
+from .cpu_linear import kernel_threads, thread_rows
 from .kvcache import unpack_int4
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}     # csrc/attn_cpu.c DT_*
@@ -94,7 +94,7 @@ class PagedAttnCPU:
         c = caches[0]
         self.n_heads, self.n_kv, self.num_blocks, self.block_size = n_heads, c.shape[3], c.shape[0], c.shape[1]
         self.head_dim = 2 * c.shape[4] if kv_bits == 4 else c.shape[4]
-        self.scale, self.threads = float(scale), threads or kernel_threads()
+        self.scale, self.threads, self.thread_rows = float(scale), threads or kernel_threads(), thread_rows()
         self.dtype, self.mode = DTYPES[c.dtype], MODES[kv_mode]
         if not all(v.is_contiguous() and v.dtype == torch.float32 for p in params for v in p.values()):
             raise ValueError("PagedAttnCPU reads the KV params in place: they must be contiguous fp32")
@@ -113,7 +113,7 @@ class PagedAttnCPU:
             else context_lens.to(torch.int32).contiguous()          # (B,)
         B, nh, hd = ctx.shape[0], self.n_heads, self.head_dim
         st = _Step(bt.data_ptr(), ctx.data_ptr(), bt.shape[1], self.num_blocks, B, nh, self.n_kv, hd,
-                   self.block_size, self.dtype, self.mode, self.threads, self.scale)
+                   self.block_size, self.dtype, self.mode, self.threads if B >= self.thread_rows else 1, self.scale)
         rc = self._check(st)
         if rc:
             raise ValueError(f"attn_cpu: " + ("unsupported shape" if rc == -1 else "a context longer than its block "

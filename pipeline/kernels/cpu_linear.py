@@ -49,10 +49,16 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
 
 
 def kernel_threads() -> int:
-    """OpenMP threads of a kernel call: PIPELINE_CPU_KERNEL_THREADS (default 1: with OMP_WAIT_POLICY=passive, which
-    pipeline/__init__.py sets for torch's sake, waking a second thread for each ~40 us call cost more than it gave:
-    a batch-1 decode step 2.2x slower on the 2-core VM)."""
-    return int(os.environ.get("PIPELINE_CPU_KERNEL_THREADS", 1))
+    """Threads of a kernel call with at least thread_rows() rows: PIPELINE_CPU_KERNEL_THREADS, else torch's intra-op
+    threads when the layout is made. Calls with fewer rows (batch-1 decode) run on the caller alone: on the 2-core
+    VM of bench/cpu.py a second thread made a batch-1 step slower (80 against 112 tok/s: one row's GEMV is memory-
+    bound, ~35 us a call) and 8 concurrent requests faster (302 against 247 output tok/s; docs/perf-log.md, s11)."""
+    return int(os.environ.get("PIPELINE_CPU_KERNEL_THREADS", 0)) or torch.get_num_threads()
+
+
+def thread_rows() -> int:
+    """PIPELINE_CPU_KERNEL_THREAD_ROWS: rows (tokens of a step) from which a kernel call uses kernel_threads()."""
+    return int(os.environ.get("PIPELINE_CPU_KERNEL_THREAD_ROWS", 4))
 
 
 def available() -> bool:
@@ -95,7 +101,7 @@ class _CLinear:
         lib = library(isa)
         if lib is None:
             raise RuntimeError(f"the CPU kernels are not available ({isa or 'best ISA'}; see cpu_build.load)")
-        self.isa, self.threads = cpu_build.isa_of(lib), threads or kernel_threads()
+        self.isa, self.threads, self.thread_rows = cpu_build.isa_of(lib), threads or kernel_threads(), thread_rows()
         return lib
 
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
@@ -105,7 +111,8 @@ class _CLinear:
             x2 = x2.float().contiguous()
         M = x2.shape[0]
         y = torch.empty(M, self.N, dtype=torch.float32)
-        if M and self._fn(x2.data_ptr(), *self._ptrs, y.data_ptr(), M, *self._ints, self.threads):
+        threads = self.threads if M >= self.thread_rows else 1
+        if M and self._fn(x2.data_ptr(), *self._ptrs, y.data_ptr(), M, *self._ints, threads):
             raise MemoryError(f"{type(self).__name__}: no scratch memory for {M} x {self.K} activations")
         if bias is not None:
             y += bias.float()
