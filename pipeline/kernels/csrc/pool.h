@@ -3,15 +3,16 @@
  *
  * Why not OpenMP: the engine sets OMP_WAIT_POLICY=passive for torch's sake (spinning OpenMP workers took the cores
  * from torch's next op), so an OpenMP region wakes its workers from sleep on every call: ~tens of us, as much as a
- * ~40 us GEMV. These workers spin (with `pause`) for up to POOL_SPIN_US after a job, where the next call of a decode
- * step finds them awake, then sleep on a condition variable until the next job: an idle engine costs no CPU.
+ * ~40 us GEMV. These workers spin (with `pause`) for up to POOL_SPIN_US after a job, so that the next call of a
+ * decode step, and the first of the next step (the engine's host work between steps takes a few ms), finds them
+ * awake; then they sleep on a condition variable until the next job: an idle engine costs no CPU.
  * Chunks are taken from a shared counter, so a worker that the OS has descheduled (a busy machine) delays nothing:
  * the caller takes the chunks it would have taken. The counter carries the job's generation in its high 32 bits; a
  * worker takes chunk i of job g only by a compare-and-swap from (g, i), so a late worker never runs a chunk of a
  * finished job, and reads fn / arg only for a job that cannot have finished. A worker descheduled in the middle of a
  * chunk does delay the caller (up to an OS time slice: milliseconds, for a ~40 us call); when the caller has waited
- * over POOL_STALL_US for one, the next POOL_BACKOFF calls run on the caller alone (a machine busy with other work
- * gains nothing from a second thread), then threads are tried again.
+ * over POOL_STALL_US for an awake one, the next POOL_BACKOFF calls run on the caller alone (a machine busy with
+ * other work gains nothing from a second thread), then threads are tried again.
  */
 #ifndef PIPELINE_POOL_H
 #define PIPELINE_POOL_H
@@ -26,7 +27,7 @@
 #define POOL_SPIN_US 300
 #endif
 #define POOL_STALL_US 200
-#define POOL_BACKOFF 4000
+#define POOL_BACKOFF 16
 
 typedef void (*pool_fn)(void *arg, int chunk);
 
@@ -117,13 +118,14 @@ static void pool_run(pool_fn fn, void *arg, int nchunks, int threads) {
     atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
     pthread_mutex_lock(&pool.mu);
     atomic_store_explicit(&pool.next, (uint64_t)gen << 32, memory_order_release);
-    if (atomic_load(&pool.sleepers)) pthread_cond_broadcast(&pool.cv);
+    int woke = atomic_load(&pool.sleepers) > 0;     /* a waking worker is late by design: not a stall */
+    if (woke) pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
     pool_work(gen);
     if (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) {   /* a worker is finishing a chunk */
         double t0 = pool_now_us();
         while (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) _mm_pause();
-        if (pool_now_us() - t0 > POOL_STALL_US) {
+        if (!woke && pool_now_us() - t0 > POOL_STALL_US) {
             pool.backoff = POOL_BACKOFF;
             pool.stalls++;
         }
