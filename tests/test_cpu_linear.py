@@ -35,16 +35,17 @@ def test_tiles_round_trip():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("N,K,g", [(16, 64, 64), (48, 192, 64), (3072, 576, 64), (80, 512, 128), (32, 384, 128)])
 @pytest.mark.parametrize("M", [1, 3, 4, 9])
-def test_kernel_equals_reference(isa, N, K, g, M):
+@pytest.mark.parametrize("terms", [2, 1])
+def test_kernel_equals_reference(isa, N, K, g, M, terms):
     w = w4(N, K, g)
-    lin = Int4CPU(w, threads=1, isa=isa)
+    lin = Int4CPU(w, threads=1, isa=isa, terms=terms)
     x = torch.randn(M, K) * 3
     ref = int4_cpu_ref(x, lin)
     got = lin(x)
     assert got.shape == (M, N) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     exact = F.linear(x, dequantize_w4(w))
-    assert (got - exact).norm() <= 0.015 * exact.norm()
+    assert (got - exact).norm() <= (1e-4 if terms == 2 else 0.015) * exact.norm()
 
 
 @pytest.mark.parametrize("isa", ISAS)

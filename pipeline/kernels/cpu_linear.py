@@ -40,7 +40,7 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     """csrc/linear_cpu.c built for `isa` (default: the best this CPU runs; cpu_build.load), or None."""
     lib = cpu_build.load("linear_cpu", isa)
     if lib is not None and lib.int4_cpu_linear.argtypes is None:
-        lib.int4_cpu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+        lib.int4_cpu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.linear_cpu_stalls.restype = ctypes.c_long
         lib.rmsnorm_cpu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
@@ -122,7 +122,8 @@ class _CLinear:
 class Int4CPU(_CLinear):
     """A W4A16 linear on the C kernel: the weight repacked once (pack_tiles; fp32 s and s * z per group, tiled)."""
 
-    def __init__(self, w: W4Weight, threads: Optional[int] = None, isa: Optional[str] = None):
+    def __init__(self, w: W4Weight, threads: Optional[int] = None, isa: Optional[str] = None,
+                 terms: Optional[int] = None):
         if not supports(w):
             raise ValueError(f"Int4CPU needs K % 64 == 0, N % 16 == 0 and group % 64 == 0 (got K={w.K}, N={w.N}, "
                              f"group={w.group_size})")
@@ -133,7 +134,10 @@ class Int4CPU(_CLinear):
         self.wm = tile_cols(s.float() * z.float())                    # s * z, (N/16, G, 16) fp32
         self.N, self.K, self.group_size = w.N, w.K, w.group_size
         self._fn, self._ptrs = fn, (self.packed.data_ptr(), self.ws.data_ptr(), self.wm.data_ptr())
-        self._ints = (self.N, self.K, self.group_size)
+        self.terms = terms or int(os.environ.get("PIPELINE_CPU_ACT_TERMS", 2))
+        if self.terms not in (1, 2):
+            raise ValueError(f"activation terms must be 1 or 2 (PIPELINE_CPU_ACT_TERMS), got {self.terms}")
+        self._ints = (self.N, self.K, self.group_size, self.terms)
 
 
 class Int8CPU(_CLinear):
@@ -216,7 +220,7 @@ def int4_cpu_ref(x: torch.Tensor, lin: Int4CPU) -> torch.Tensor:
     """PyTorch reference of linear_cpu.c: (..., K) -> (..., N) fp32, the same quantization and sums (fp64 dots)."""
     shape, N, K, g = x.shape, lin.N, lin.K, lin.group_size
     q1, q2, d = quantize_blocks_ref(x.reshape(-1, K))                 # (M, KB, 64) x2, (M, KB)
-    a = q1.double() + q2.double() / 256                               # the activations the kernel multiplies, / d
+    a = q1.double() + (q2.double() / 256 if lin.terms == 2 else 0)   # the activations the kernel multiplies, / d
     q = unpack_tiles(lin.packed).double().reshape(N, K // QB, QB)     # (N, KB, 64)
     dots = torch.einsum("mbk,nbk->mnb", a, q)                         # (M, N, KB)
     gb = g // QB

@@ -41,7 +41,7 @@ static inline float hsum256(__m256 v) {
  * the nearest, ties to even (torch.round's); products and differences rounded one at a time (no FMA contraction:
  * built with -ffp-contract=off), as the reference computes them. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-static int quant_block(const float *x, int8_t *q, float *d_out) {
+static int quant_block(const float *x, int8_t *q, float *d_out, int terms) {
     __m512 v[4], amax = _mm512_setzero_ps();
     for (int i = 0; i < 4; i++) {
         v[i] = _mm512_loadu_ps(x + 16 * i);
@@ -55,6 +55,7 @@ static int quant_block(const float *x, int8_t *q, float *d_out) {
         __m512 r = _mm512_sub_ps(v[i], _mm512_mul_ps(_mm512_cvtepi32_ps(c1), vd));
         __m512i c2 = _mm512_cvtps_epi32(_mm512_mul_ps(r, vid2));
         c2 = _mm512_max_epi32(_mm512_min_epi32(c2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        if (terms == 1) c2 = _mm512_setzero_si512();
         _mm_storeu_si128((__m128i *)(q + 16 * i), _mm512_cvtsepi32_epi8(c1));
         _mm_storeu_si128((__m128i *)(q + QB + 16 * i), _mm512_cvtsepi32_epi8(c2));
         sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_slli_epi32(c1, 8), c2));
@@ -63,7 +64,7 @@ static int quant_block(const float *x, int8_t *q, float *d_out) {
     return _mm512_reduce_add_epi32(sum);
 }
 #else
-static int quant_block(const float *x, int8_t *q, float *d_out) {
+static int quant_block(const float *x, int8_t *q, float *d_out, int terms) {
     float amax = 0.f;
     for (int i = 0; i < QB; i++) {
         float a = x[i] < 0.f ? -x[i] : x[i];
@@ -75,7 +76,7 @@ static int quant_block(const float *x, int8_t *q, float *d_out) {
         int c1 = (int)nearbyintf(x[i] * id);
         float r = x[i] - (float)c1 * d;
         int c2 = (int)nearbyintf(r * id2);
-        c2 = c2 > 127 ? 127 : (c2 < -127 ? -127 : c2);
+        c2 = terms == 1 ? 0 : (c2 > 127 ? 127 : (c2 < -127 ? -127 : c2));
         q[i] = (int8_t)c1;
         q[QB + i] = (int8_t)c2;
         sum += c1 * 256 + c2;
@@ -90,7 +91,7 @@ static int quant_block(const float *x, int8_t *q, float *d_out) {
 /* One tile (16 columns) for mt activation rows: y[i * N + 0..15]. */
 static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, const float *ws, const float *wm,
         const int8_t *xq, const float *xd, const float *dsum, int KB, int gb, int K, int G, float *y, int N,
-        const int mt) {
+        const int mt, const int terms) {
     const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512 facc[MT];
     for (int i = 0; i < mt; i++) facc[i] = _mm512_setzero_ps();
@@ -108,8 +109,10 @@ static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, con
                     const int32_t *xi = (const int32_t *)(xb + (size_t)i * 2 * K + c * 8);
                     a1[i] = _mm512_dpbusd_epi32(a1[i], lo, _mm512_set1_epi32(xi[0]));
                     a1[i] = _mm512_dpbusd_epi32(a1[i], hi, _mm512_set1_epi32(xi[1]));
-                    a2[i] = _mm512_dpbusd_epi32(a2[i], lo, _mm512_set1_epi32(xi[QB / 4]));
-                    a2[i] = _mm512_dpbusd_epi32(a2[i], hi, _mm512_set1_epi32(xi[QB / 4 + 1]));
+                    if (terms == 2) {
+                        a2[i] = _mm512_dpbusd_epi32(a2[i], lo, _mm512_set1_epi32(xi[QB / 4]));
+                        a2[i] = _mm512_dpbusd_epi32(a2[i], hi, _mm512_set1_epi32(xi[QB / 4 + 1]));
+                    }
                 }
             }
             for (int i = 0; i < mt; i++)                /* |256 a1 + a2| <= 257 * 64 * 15 * 128 < 2^31 */
@@ -159,7 +162,7 @@ static inline __attribute__((always_inline)) void tile_dot8(const int8_t *w, con
 /* As the AVX512 tile, as two halves of 8 columns (the 32-byte halves of each 64-byte load). */
 static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, const float *ws, const float *wm,
         const int8_t *xq, const float *xd, const float *dsum, int KB, int gb, int K, int G, float *y, int N,
-        const int mt) {
+        const int mt, const int terms) {
     const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (int h = 0; h < 2; h++) {
         __m256 facc[MT];
@@ -179,10 +182,12 @@ static inline __attribute__((always_inline)) void tile_dot(const uint8_t *w, con
                         /* |each 16-bit sum| <= 4 * 15 * 128 */
                         __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xi[0])),
                                                       _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xi[1])));
-                        __m256i p2 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xi[QB / 4])),
-                                                      _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xi[QB / 4 + 1])));
                         a1[i] = _mm256_add_epi32(a1[i], _mm256_madd_epi16(p1, ones));
-                        a2[i] = _mm256_add_epi32(a2[i], _mm256_madd_epi16(p2, ones));
+                        if (terms == 2) {
+                            __m256i p2 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xi[QB / 4])),
+                                                          _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xi[QB / 4 + 1])));
+                            a2[i] = _mm256_add_epi32(a2[i], _mm256_madd_epi16(p2, ones));
+                        }
                     }
                 }
                 for (int i = 0; i < mt; i++)
@@ -240,7 +245,7 @@ const char *linear_cpu_isa(void) { return KERNEL_ISA; }
 long linear_cpu_stalls(void) { return pool.stalls; }
 
 /* x (M, K) -> xq (M, K/64, 2, 64) int8 (each block's q1 then q2), xd (M, K/64) block scales, dsum (M, K/group). */
-static void quant_rows(const float *x, int M, int K, int group, int8_t *xq, float *xd, float *dsum) {
+static void quant_rows(const float *x, int M, int K, int group, int8_t *xq, float *xd, float *dsum, int terms) {
     int KB = K / QB, G = K / group, gb = group / QB;
     for (int m = 0; m < M; m++) {
         for (int g = 0; g < G; g++) {
@@ -248,7 +253,7 @@ static void quant_rows(const float *x, int M, int K, int group, int8_t *xq, floa
             for (int j = 0; j < gb; j++) {
                 size_t b = (size_t)g * gb + j;
                 int sq = quant_block(x + (size_t)m * K + b * QB, xq + ((size_t)m * K + b * QB) * 2,
-                                     xd + (size_t)m * KB + b);
+                                     xd + (size_t)m * KB + b, terms);
                 t += xd[(size_t)m * KB + b] * ((float)sq * (1.f / 256.f));
             }
             dsum[(size_t)m * G + g] = t;
@@ -261,7 +266,7 @@ typedef struct {
     const float *ws, *wm, *xd, *dsum;
     const int8_t *xq;
     float *y;
-    int M, N, K, G, gb, tiles, per_chunk;
+    int M, N, K, G, gb, tiles, per_chunk, terms;
 } int4_job;
 
 static void int4_chunk(void *p, int chunk) {
@@ -275,27 +280,32 @@ static void int4_chunk(void *p, int chunk) {
             const int8_t *xm = j->xq + (size_t)m0 * K * 2;
             const float *xdm = j->xd + (size_t)m0 * KB, *dm = j->dsum + (size_t)m0 * G;
             float *ym = j->y + (size_t)m0 * N + (size_t)t * NT;
-            switch (M - m0 < MT ? M - m0 : MT) {
-                case 1: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 1); break;
-                case 2: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 2); break;
-                case 3: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 3); break;
-                default: tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, 4); break;
+            int mt = M - m0 < MT ? M - m0 : MT;
+#define TILE(MT_, T_) tile_dot(wt, wst, wmt, xm, xdm, dm, KB, gb, K, G, ym, N, MT_, T_)
+            if (j->terms == 2) {
+                switch (mt) { case 1: TILE(1, 2); break; case 2: TILE(2, 2); break; case 3: TILE(3, 2); break;
+                              default: TILE(4, 2); }
+            } else {
+                switch (mt) { case 1: TILE(1, 1); break; case 2: TILE(2, 1); break; case 3: TILE(3, 1); break;
+                              default: TILE(4, 1); }
             }
+#undef TILE
         }
     }
 }
 
-/* y (M, N) = x (M, K) @ W.T over `threads` threads (the pool). Returns 0, or -1 when out of scratch memory. */
+/* y (M, N) = x (M, K) @ W.T over `threads` threads (the pool); terms: the activation's int8 terms (2, or 1: q2 = 0,
+ * half the integer work, llama.cpp's Q8 precision). Returns 0, or -1 when out of scratch memory. */
 int int4_cpu_linear(const float *x, const uint8_t *w, const float *ws, const float *wm, float *y, int M, int N,
-                    int K, int group, int threads) {
+                    int K, int group, int terms, int threads) {
     int KB = K / QB, G = K / group;
     int8_t *xq = (int8_t *)malloc((size_t)M * K * 2);
     float *xd = (float *)malloc(sizeof(float) * ((size_t)M * KB + (size_t)M * G));
     if (!xq || !xd) { free(xq); free(xd); return -1; }
     float *dsum = xd + (size_t)M * KB;
-    quant_rows(x, M, K, group, xq, xd, dsum);
+    quant_rows(x, M, K, group, xq, xd, dsum, terms);
     int tiles = N / NT, per_chunk = tiles / (threads * 6) > 1 ? tiles / (threads * 6) : 1;   /* ~6 chunks a thread */
-    int4_job job = {w, ws, wm, xd, dsum, xq, y, M, N, K, G, group / QB, tiles, per_chunk};
+    int4_job job = {w, ws, wm, xd, dsum, xq, y, M, N, K, G, group / QB, tiles, per_chunk, terms};
     pool_run(int4_chunk, &job, (tiles + per_chunk - 1) / per_chunk, threads);
     free(xq);
     free(xd);
@@ -336,7 +346,7 @@ int int8_cpu_linear(const float *x, const int8_t *w, const float *ws, float *y, 
     float *xd = (float *)malloc(sizeof(float) * ((size_t)M * KB + (size_t)M));
     if (!xq || !xd) { free(xq); free(xd); return -1; }
     float *xsum = xd + (size_t)M * KB;
-    quant_rows(x, M, K, K, xq, xd, xsum);
+    quant_rows(x, M, K, K, xq, xd, xsum, 2);
     int tiles = N / NT, per_chunk = tiles / (threads * 6) > 1 ? tiles / (threads * 6) : 1;
     int8_job job = {w, xq, ws, xd, xsum, y, M, N, K, tiles, per_chunk};
     pool_run(int8_chunk, &job, (tiles + per_chunk - 1) / per_chunk, threads);
