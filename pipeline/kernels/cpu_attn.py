@@ -53,8 +53,8 @@ class _Step(ctypes.Structure):
 
 
 def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
-    """csrc/attn_cpu.c built for `isa` (default: the best this CPU runs; cpu_build.load), or None."""
-    lib = cpu_build.load("attn_cpu", isa)
+    """Our CPU kernels (csrc/cpu_kernels.c: attn_cpu.c among them) for `isa` (cpu_build.load), or None."""
+    lib = cpu_build.load("cpu_kernels", isa)
     if lib is not None and lib.attn_cpu_decode.argtypes is None:
         lib.attn_cpu_check.restype = ctypes.c_int
         lib.attn_cpu_check.argtypes = [ctypes.POINTER(_Step)]

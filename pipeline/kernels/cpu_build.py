@@ -1,13 +1,13 @@
 """Our C kernels for x86 CPUs (pipeline/kernels/csrc/*.c): compiled once per machine, loaded with ctypes.
 
 Usage:
-    lib = load("linear_cpu")            # csrc/linear_cpu.c for the best ISA this CPU has, or None
-    lib = load("linear_cpu", "avx2")    # another ISA's build (tests)
+    lib = load("cpu_kernels")           # csrc/cpu_kernels.c (every kernel) for the best ISA this CPU has, or None
+    lib = load("cpu_kernels", "avx2")   # another ISA's build (tests)
     cpu_isas()                          # ("avx512_vnni", "avx2") on an AVX512-VNNI machine
 
 A source is built with the system's C compiler (`cc`, or $CC) for an ISA of ISAS (-O3, no FMA contraction, with
 OpenMP where the compiler has it; threads: csrc/pool.h), into `<cache>/cpu_kernels/<name>_<isa>_<key>.so`, key =
-hash of the source, csrc/*.h, the flags and the compiler version, written atomically (a concurrent build wins or loses whole); later processes load the
+hash of the csrc/ sources, the flags and the compiler version, written atomically (a concurrent build wins or loses whole); later processes load the
 file. Each source defines `const char *<name>_isa(void)`. No compiler, no ISA of ISAS, a failed build, or
 PIPELINE_CPU_KERNEL=0: None (callers fall back to PyTorch's kernels).
 """
@@ -60,7 +60,7 @@ def _build(source: Path, cache: Path, isa: str) -> Optional[Path]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    src = b"".join(f.read_bytes() for f in [source, *sorted(source.parent.glob("*.[ch]"))])   # sources include others
     for omp in (["-fopenmp"], []):
         flags = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", *ISAS[isa][1], *omp]
         key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]

@@ -37,8 +37,8 @@ from .w4a16 import W4Weight, unpack_w4
 QB = 64                      # activation block: 64 codes
 NT = 16                      # output columns a tile interleaves
 def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
-    """csrc/linear_cpu.c built for `isa` (default: the best this CPU runs; cpu_build.load), or None."""
-    lib = cpu_build.load("linear_cpu", isa)
+    """Our CPU kernels (csrc/cpu_kernels.c: linear_cpu.c among them) for `isa` (cpu_build.load), or None."""
+    lib = cpu_build.load("cpu_kernels", isa)
     if lib is not None and lib.int4_cpu_linear.argtypes is None:
         lib.int4_cpu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
