@@ -1,5 +1,6 @@
-"""W4A16 on an x86 CPU: int4 weights times int8-quantized activations with integer dot products (llama.cpp's
-Q4 x Q8 design), in a small C kernel (csrc/linear_cpu.c) compiled once per machine and loaded with ctypes.
+"""The CPU backend's linears on our C kernels (csrc/linear_cpu.c, compiled once per machine, loaded with ctypes):
+int4 (W4A16) and int8 (the lm_head) weights times int8-quantized activations in integer dot products (llama.cpp's
+Q4 x Q8 design, with a second activation term), plus the decoder layer's small fused steps.
 
 Usage:
     lin = Int4CPU(w)                 # w: W4Weight (K % 64 == 0, N % 16 == 0, group % 64 == 0); repacked once
@@ -7,6 +8,7 @@ Usage:
     y_ref = int4_cpu_ref(x, lin)     # the PyTorch reference of the same arithmetic
     head = Int8CPU(q, s)             # int8 codes (N, K) with per-row scales: the CPU lm_head; int8_cpu_ref
     res, h = add_rms_norm(res, x, w, eps)   # res += x in place; h = rms_norm(res) * w
+    rope_kv8(qkv, cos, sin, nh, nkv, rows, slots, scale, zp, (-128, 127))   # rotary + int8 static KV write
     available()                      # False where no C compiler / no AVX2 (PIPELINE_CPU_KERNEL=0 turns it off)
 
 The math, per activation row m and output column n (codes q in [0, 15], per-group scale s and zero z):
@@ -16,8 +18,9 @@ The math, per activation row m and output column n (codes q in [0, 15], per-grou
 i.e. (q - z) * s against x, with the dot products in int32 (AVX512-VNNI `vpdpbusd`, or AVX2). The int4 bytes a
 token reads are those of PyTorch's int4 op; the integer dots make the kernel memory-bound at one row where
 `_weight_int4pack_mm_for_cpu` (bf16 FMAs) is compute-bound at ~19 GMAC/s a core (docs/perf-log.md, session 11).
-One int8 term (llama.cpp's Q8 activations) moved SmolLM2's perplexity 0.54% off the evaluate stage's; the second
-term keeps the input as precise as a bf16 one (tests/test_native_smollm2.py runs every row through this kernel).
+One int8 term (llama.cpp's Q8 activations; PIPELINE_CPU_ACT_TERMS=1) is 0.5% off the exact product and moved
+SmolLM2's perplexity by +1.0% over 8 windows; two terms are 2e-5 off (a bf16 input: 2.5e-3) and -0.16%
+(tests/test_native_smollm2.py runs every row through this kernel).
 
 The library: built once per machine by pipeline/kernels/cpu_build.py (the system's C compiler, the best ISA this
 CPU reports: AVX512-VNNI, else AVX2 + FMA). No compiler or no AVX2: `available()` is False and int4 linears stay on
@@ -36,6 +39,8 @@ from .w4a16 import W4Weight, unpack_w4
 
 QB = 64                      # activation block: 64 codes
 NT = 16                      # output columns a tile interleaves
+
+
 def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     """Our CPU kernels (csrc/cpu_kernels.c: linear_cpu.c among them) for `isa` (cpu_build.load), or None."""
     lib = cpu_build.load("cpu_kernels", isa)
