@@ -44,7 +44,8 @@ def w4kv8_workspace(smollm2_gguf, root):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dense_rows", ["32", "0"])
+@pytest.mark.parametrize("dense_rows", [pytest.param("32", marks=pytest.mark.slow), "0"])   # 32: the default
+# prefill path (a oneDNN bf16 copy, unit-tested in test_native.py); 0: every row through the C kernel of decode
 def test_native_perplexity_equals_evaluate(smollm2_gguf, tmp_path, monkeypatch, dense_rows):
     from pipeline.data import eval_text
     from pipeline.quant.kv import attach_kv_fake_quant
