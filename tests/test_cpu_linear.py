@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from pipeline.kernels import cpu_build, cpu_linear
 from pipeline.kernels.cpu_linear import Int4CPU, Int8CPU, int4_cpu_ref, int8_cpu_ref, pack_tiles, unpack_tiles
-from pipeline.kernels.native import ByRows, Int4Packed, Int8Head, int4_layout, native_head
+from pipeline.kernels.native import ByRows, Int4Packed, Int8Head, int4_layout, native_head, swiglu_down
 from pipeline.quant.w8 import quantize_w8
 from pipeline.kernels.w4a16 import dequantize_w4
 
@@ -123,3 +123,17 @@ def test_rope_kv8_equals_the_runners_torch_ops():
     assert cpu_linear.rope_kv8(qkv, cos, sin, nh, nkv, rows, slots, scale, zp, (-128, 127))
     assert torch.equal(qkv, want_qkv) and torch.equal(rows, want_rows)          # bit for bit
     assert not cpu_linear.rope_kv8(qkv, cos, sin, nh, nkv, rows.float(), slots, scale, zp, (-128, 127))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M", [1, 5])
+def test_swiglu_down_equals_the_unfused_ops(isa, M):
+    w = w4(96, 192, 64, seed=7)
+    lin = Int4CPU(w, threads=1, isa=isa)
+    gate_up = torch.randn(M, 384) * 4
+    gate, up = gate_up.chunk(2, -1)
+    act = F.silu(gate) * up
+    torch.testing.assert_close(lin.swiglu(gate_up), lin(act), rtol=1e-4, atol=1e-4 * lin(act).abs().max().item())
+    small = int4_layout(w, torch.bfloat16, dense_rows=4)          # ByRows: decode rows fused, prefill rows unfused
+
+    torch.testing.assert_close(swiglu_down(small, gate_up).float(), small(act).float(), rtol=2e-2, atol=2e-2)

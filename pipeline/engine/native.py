@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..kernels import cpu_attn
 from ..kernels.cpu_linear import add_rms_norm, rope_kv8
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
-from ..kernels.native import dense_rows_from_env, native_head
+from ..kernels.native import dense_rows_from_env, native_head, swiglu_down
 from ..weights import native_linear, of
 from .model import ModelRunner
 
@@ -216,8 +216,7 @@ class NativeRunner(ModelRunner):
                 torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)   # rotary on q and k, in place
                 self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
             res, h = add_rms_norm(res, L.wo(attend(l, qkv[:, :nh]), L.b_o), L.ffn_norm, eps)
-            gate, up = L.w13(h).chunk(2, -1)
-            x = L.w2(F.silu(gate).mul_(up))
+            x = swiglu_down(L.w2, L.w13(h))                                      # w2(silu(gate) * up)
         h = add_rms_norm(res, x, self.norm, eps)[1]
         if select is not None:
             h = h[select]

@@ -46,6 +46,7 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     lib = cpu_build.load("cpu_kernels", isa)
     if lib is not None and lib.int4_cpu_linear.argtypes is None:
         lib.int4_cpu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+        lib.int4_cpu_swiglu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.linear_cpu_stalls.restype = ctypes.c_long
         lib.rmsnorm_cpu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
@@ -109,15 +110,15 @@ class _CLinear:
         self.isa, self.threads, self.thread_rows = cpu_build.isa_of(lib), threads or kernel_threads(), thread_rows()
         return lib
 
-    def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.K)                                    # (M, K)
+    def __call__(self, x: torch.Tensor, bias=None, fn=None, K=None) -> torch.Tensor:
+        shape, K = x.shape, K or self.K
+        x2 = x.reshape(-1, K)                                         # (M, K)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         M = x2.shape[0]
         y = torch.empty(M, self.N, dtype=torch.float32)
         threads = self.threads if M >= self.thread_rows else 1
-        if M and self._fn(x2.data_ptr(), *self._ptrs, y.data_ptr(), M, *self._ints, threads):
+        if M and (fn or self._fn)(x2.data_ptr(), *self._ptrs, y.data_ptr(), M, *self._ints, threads):
             raise MemoryError(f"{type(self).__name__}: no scratch memory for {M} x {self.K} activations")
         if bias is not None:
             y += bias.float()
@@ -132,7 +133,8 @@ class Int4CPU(_CLinear):
         if not supports(w):
             raise ValueError(f"Int4CPU needs K % 64 == 0, N % 16 == 0 and group % 64 == 0 (got K={w.K}, N={w.N}, "
                              f"group={w.group_size})")
-        fn = self._load(isa, threads).int4_cpu_linear
+        lib = self._load(isa, threads)
+        fn = lib.int4_cpu_linear
         q, s, z = unpack_w4(w)                                        # (N, K) uint8, (G, N) fp16 x2
         self.packed = pack_tiles(q)                                   # (N/16, K/8, 16, 4) uint8
         self.ws = tile_cols(s)                                        # (N/16, G, 16) fp32
@@ -143,6 +145,11 @@ class Int4CPU(_CLinear):
         if self.terms not in (1, 2):
             raise ValueError(f"activation terms must be 1 or 2 (PIPELINE_CPU_ACT_TERMS), got {self.terms}")
         self._ints = (self.N, self.K, self.group_size, self.terms)
+        self._swiglu_fn = lib.int4_cpu_swiglu_linear
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(silu(gate) * up) @ W.T for gate_up (..., 2K): a SwiGLU MLP's down projection, the product made in C."""
+        return self(gate_up, fn=self._swiglu_fn, K=2 * self.K)
 
 
 class Int8CPU(_CLinear):

@@ -85,9 +85,23 @@ class ByRows:
     def __init__(self, small, large, rows: int):
         self.small, self.large, self.rows, self.dtype = small, large, rows, small.dtype
 
+    def _pick(self, x: torch.Tensor):
+        return self.large if x.numel() // x.shape[-1] >= self.rows else self.small
+
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
-        n = x.numel() // x.shape[-1]
-        return (self.large if n >= self.rows else self.small)(x, bias)
+        return self._pick(x)(x, bias)
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return swiglu_down(self._pick(gate_up), gate_up)
+
+
+def swiglu_down(lin, gate_up: torch.Tensor) -> torch.Tensor:
+    """lin(silu(gate) * up) for gate_up (..., 2K): in one call where the layout has `swiglu` (our C kernel)."""
+    fused = getattr(lin, "swiglu", None)
+    if fused is not None:
+        return fused(gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    return lin(F.silu(gate).mul_(up))
 
 
 class OneDNNLinear:
