@@ -18,6 +18,10 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
     `_weight_int4pack_mm[_for_cpu]`, W8A8 on `torch._int_mm`, dense in the activation dtype), and the lm_head is
     int8 weight-only on a CPU in bf16 mode; on a CPU, int4 linears run inputs of >= 32 rows (prefill) on a bf16
     copy prepacked for oneDNN (PIPELINE_NATIVE_DENSE_ROWS; `dense_rows` below);
+  - on an x86 CPU where our C kernels build (pipeline/kernels/cpu_build.py; PIPELINE_CPU_KERNEL=0 turns them off):
+    int4 and the int8 lm_head on integer dot products (kernels/cpu_linear.py), decode attention over the paged
+    cache in place (kernels/cpu_attn.py), and per layer one call each for the residual add + RMSNorm, rotary + int8
+    static KV write, and SwiGLU + down projection;
   - the activation dtype fed to the linears is bf16 (the CPU's fast int4 / bf16 kernels) or fp32
     (PIPELINE_NATIVE_DTYPE=fp32: exact mode, weights dequantized once to fp32); the residual stream, norms, rotary,
     KV quantization and attention stay fp32;
