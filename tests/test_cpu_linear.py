@@ -137,3 +137,18 @@ def test_swiglu_down_equals_the_unfused_ops(isa, M):
     small = int4_layout(w, torch.bfloat16, dense_rows=4)          # ByRows: decode rows fused, prefill rows unfused
 
     torch.testing.assert_close(swiglu_down(small, gate_up).float(), small(act).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("isa", ISAS[:1])
+def test_a_forked_child_computes_without_the_parents_workers(isa):
+    import multiprocessing as mp
+    w = w4(256, 576, 64, seed=8)
+    lin, x = Int4CPU(w, threads=2, isa=isa), torch.randn(8, 576)
+    want = lin(x)                                          # the parent's pool now has a worker
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=lambda: q.put(lin(x).tolist()))   # plain lists: no tensor fds to outlive the child
+    p.start()
+    got = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == 0 and torch.equal(torch.tensor(got), want)

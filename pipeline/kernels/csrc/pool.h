@@ -94,6 +94,15 @@ static void *pool_worker(void *unused) {
     return NULL;
 }
 
+/* A forked child has none of the parent's workers, and may have copied the mutex held: start afresh there. */
+static void pool_after_fork_child(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pool.started = 0;
+    atomic_store(&pool.sleepers, 0);
+    pool.backoff = 0;
+}
+
 /* Runs fn over nchunks chunks on up to `threads` threads; one caller at a time (the engine's step thread). */
 static void pool_run(pool_fn fn, void *arg, int nchunks, int threads) {
     if (threads > POOL_MAX) threads = POOL_MAX;
@@ -105,6 +114,8 @@ static void pool_run(pool_fn fn, void *arg, int nchunks, int threads) {
         for (int i = 0; i < nchunks; i++) fn(arg, i);
         return;
     }
+    static int atfork_set = 0;
+    if (!atfork_set) atfork_set = pthread_atfork(NULL, NULL, pool_after_fork_child) == 0;
     while (pool.started < threads - 1) {              /* lazily start the workers */
         pthread_t th;
         if (pthread_create(&th, NULL, pool_worker, NULL) != 0) break;
