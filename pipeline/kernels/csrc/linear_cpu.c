@@ -242,7 +242,6 @@ static inline __attribute__((always_inline)) void tile_dot8(const int8_t *w, con
 #endif
 
 const char *linear_cpu_isa(void) { return KERNEL_ISA; }
-long linear_cpu_stalls(void) { return pool.stalls; }
 
 /* x (M, K) -> xq (M, K/64, 2, 64) int8 (each block's q1 then q2), xd (M, K/64) block scales, dsum (M, K/group). */
 static void quant_rows(const float *x, int M, int K, int group, int8_t *xq, float *xd, float *dsum, int terms) {

@@ -42,7 +42,6 @@ static struct {
     void *arg;
     int nchunks;
     int backoff;                 /* calls left on the caller alone after a stall */
-    long stalls;                 /* stalls seen (pool_stalls) */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static double pool_now_us(void) {
@@ -136,10 +135,7 @@ static void pool_run(pool_fn fn, void *arg, int nchunks, int threads) {
     if (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) {   /* a worker is finishing a chunk */
         double t0 = pool_now_us();
         while (atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks) _mm_pause();
-        if (!woke && pool_now_us() - t0 > POOL_STALL_US) {
-            pool.backoff = POOL_BACKOFF;
-            pool.stalls++;
-        }
+        if (!woke && pool_now_us() - t0 > POOL_STALL_US) pool.backoff = POOL_BACKOFF;
     }
 }
 #endif
