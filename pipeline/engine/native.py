@@ -21,7 +21,8 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
   - on an x86 CPU where our C kernels build (pipeline/kernels/cpu_build.py; PIPELINE_CPU_KERNEL=0 turns them off):
     int4 and the int8 lm_head on integer dot products (kernels/cpu_linear.py), decode attention over the paged
     cache in place (kernels/cpu_attn.py), and per layer one call each for the residual add + RMSNorm, rotary + int8
-    static KV write, and SwiGLU + down projection;
+    static KV write, and SwiGLU + down projection; where all of a layer's ops are these (int4 linears, static int8
+    KV), a decode step's layers run in one C call (kernels/cpu_decoder.py, PIPELINE_CPU_FUSED=0 turns it off);
   - the activation dtype fed to the linears is bf16 (the CPU's fast int4 / bf16 kernels) or fp32
     (PIPELINE_NATIVE_DTYPE=fp32: exact mode, weights dequantized once to fp32); the residual stream, norms, rotary,
     KV quantization and attention stay fp32;
@@ -43,7 +44,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu_attn
+from ..kernels import cpu_attn, cpu_linear
+from ..kernels.cpu_decoder import FusedDecoder
 from ..kernels.cpu_linear import add_rms_norm, rope_kv8
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
 from ..kernels.native import dense_rows_from_env, native_head, swiglu_down
@@ -120,6 +122,7 @@ class NativeRunner(ModelRunner):
             L.b_qkv, L.b_o = (None if b is None else b.to(act) for b in (L.b_qkv, L.b_o))
         self.embed, self.norm = embed.float(), norm.float()
         self.head = native_head(lm_head, act)
+        self.ckern = cpu_linear.library() if torch.device(device).type == "cpu" else None   # looked up once
         self.dtype = act           # the linears' inputs and a 16-bit KV cache
         half = args.head_dim // 2
         self.rot_cos = torch.cat([self.cos, self.cos], -1)          # (max_pos, hd): x * cos + roll(x, hd/2) * sin
@@ -164,6 +167,7 @@ class NativeRunner(ModelRunner):
                                                   self.scale)
         # rotary + the int8 static KV write in one C call a layer (cpu_linear.rope_kv8; it checks dtypes and device)
         self.rope_kv8 = torch.device(dev).type == "cpu" and self.kv_bits == 8 and self.kv_mode == "static"
+        self.fused = FusedDecoder.build(self)    # a decode step's layers in one C call, where every op above is C
 
     def _write_kv(self, l: int, kv: torch.Tensor, slots: torch.Tensor) -> None:
         """kv (T, 2, n_kv, hd) fp32 -> codes at rows `slots` of layer l's cache (kvcache.py's rounding)."""
@@ -209,28 +213,39 @@ class NativeRunner(ModelRunner):
         T, nh, nkv, hd, eps = tokens.shape[0], a.n_heads, a.n_kv_heads, a.head_dim, a.norm_eps
         cos, sin = (t.index_select(0, positions)[:, None] for t in (self.rot_cos, self.rot_sin))   # (T, 1, hd)
         slots = slots.long()
+        lib = self.ckern
         res = F.embedding(tokens, self.embed)                                    # (T, D) fp32: the residual stream
         x = None
         for l, L in enumerate(self.layers):
-            res, h = add_rms_norm(res, x, L.attn_norm, eps)                      # res += x (in place on a CPU)
+            res, h = add_rms_norm(res, x, L.attn_norm, eps, lib)                 # res += x (in place on a CPU)
             qkv = L.w_qkv(h, L.b_qkv).float().view(T, nh + 2 * nkv, hd)
             if not (self.rope_kv8 and rope_kv8(qkv, cos, sin, nh, nkv, self.kv_rows[l], slots,
-                                               self.kv[l]["scale"], self.kv[l]["zp"], self.qrange)):
+                                               self.kv[l]["scale"], self.kv[l]["zp"], self.qrange, lib)):
                 qk = qkv[:, :nh + nkv]
                 torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)   # rotary on q and k, in place
                 self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
-            res, h = add_rms_norm(res, L.wo(attend(l, qkv[:, :nh]), L.b_o), L.ffn_norm, eps)
+            res, h = add_rms_norm(res, L.wo(attend(l, qkv[:, :nh]), L.b_o), L.ffn_norm, eps, lib)
             x = swiglu_down(L.w2, L.w13(h))                                      # w2(silu(gate) * up)
-        h = add_rms_norm(res, x, self.norm, eps)[1]
+        h = add_rms_norm(res, x, self.norm, eps, lib)[1]
         if select is not None:
             h = h[select]
         return self.head(h).float()                                              # (T', V)
+
+    def _run_fused(self, tokens, positions, slots, step) -> torch.Tensor:
+        """_run's decoder for a decode step in one C call (kernels/cpu_decoder.py; the same ops, the same bits)."""
+        cos, sin = (t.index_select(0, positions) for t in (self.rot_cos, self.rot_sin))    # (T, hd)
+        res = F.embedding(tokens, self.embed)                                             # (T, D) fp32
+        x = self.fused(res, cos, sin, slots.long().contiguous(), step)
+        return self.head(add_rms_norm(res, x, self.norm, self.args.norm_eps, self.ckern)[1]).float()   # (T, V)
 
     def decode(self, tokens, positions, slots, block_tables, context_lens,
                max_context_len: Optional[int] = None) -> torch.Tensor:
         if self.attn_cpu is not None:       # the C kernel reads each sequence's rows in place: no gather, no mask
             with self.decode_threading(), torch.inference_mode():
-                return self._run(tokens, positions, slots, self.attn_cpu.step(block_tables, context_lens))
+                attend = self.attn_cpu.step(block_tables, context_lens)
+                if self.fused is not None and tokens.shape[0] < self.fused.max_rows:
+                    return self._run_fused(tokens, positions, slots, attend.keep[2])
+                return self._run(tokens, positions, slots, attend)
         B = tokens.shape[0]
         ctx = context_lens.tolist()
         n_max = max(ctx)

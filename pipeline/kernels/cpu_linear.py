@@ -55,15 +55,18 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
 
 def kernel_threads() -> int:
     """Threads of a kernel call with at least thread_rows() rows: PIPELINE_CPU_KERNEL_THREADS, else torch's intra-op
-    threads when the layout is made. Calls with fewer rows (batch-1 decode) run on the caller alone: on the 2-core
-    VM of bench/cpu.py a second thread made a batch-1 step slower (80 against 112 tok/s: one row's GEMV is memory-
-    bound, ~35 us a call) and 8 concurrent requests faster (302 against 247 output tok/s; docs/perf-log.md, s11)."""
+    threads when the layout is made."""
     return int(os.environ.get("PIPELINE_CPU_KERNEL_THREADS", 0)) or torch.get_num_threads()
 
 
 def thread_rows() -> int:
-    """PIPELINE_CPU_KERNEL_THREAD_ROWS: rows (tokens of a step) from which a kernel call uses kernel_threads()."""
-    return int(os.environ.get("PIPELINE_CPU_KERNEL_THREAD_ROWS", 4))
+    """PIPELINE_CPU_KERNEL_THREAD_ROWS: rows (tokens of a step) from which a kernel call uses kernel_threads(), below
+    which it runs on the caller alone. Default 1: every call. On the 2-core VM of bench/cpu.py, a batch-1 decode step
+    takes 5.5-6.5 ms with both cores against 7.0-7.8 ms on the caller alone (one process, alternating runs,
+    docs/perf-log.md session 12: a GEMV's weights stream from DRAM, and one core draws ~half the bandwidth two do).
+    Session 11's opposite finding (80 against 112 tok/s) was made with a pool per library, whose workers spun against
+    each other."""
+    return int(os.environ.get("PIPELINE_CPU_KERNEL_THREAD_ROWS", 1))
 
 
 def available() -> bool:
@@ -181,15 +184,18 @@ def int8_cpu_ref(x: torch.Tensor, lin: Int8CPU) -> torch.Tensor:
     return ((a @ w.t()) * lin.scales.double()).float().reshape(*x.shape[:-1], lin.N)
 
 
-def add_rms_norm(res: torch.Tensor, add: Optional[torch.Tensor], weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _cpu(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    return t.dtype == dtype and t.is_cpu and t.is_contiguous()
+
+
+def add_rms_norm(res: torch.Tensor, add: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                 lib: Optional[ctypes.CDLL] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and RMSNorm of a decoder layer in one C call: res (T, D) fp32 += add (None: nothing), in
     place; returns (res, rms_norm(res) * weight). Tensors that are not contiguous fp32, or no kernel: torch's ops
-    (res + add is then a new tensor)."""
-    lib = library()
-    ok = lib is not None and all(t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu")
-                                 for t in (res, add, weight))
-    if not ok:
+    (res + add is then a new tensor). lib: library(), where the caller holds it (a decode step makes ~60 of these
+    ~4 us calls; the lookup would add 2 us to each)."""
+    lib = lib or library()
+    if lib is None or not (_cpu(res) and _cpu(weight) and (add is None or _cpu(add))):
         res = res if add is None else res + add
         return res, torch.nn.functional.rms_norm(res, (res.shape[-1],), weight, eps)
     out = torch.empty_like(res)
@@ -199,16 +205,17 @@ def add_rms_norm(res: torch.Tensor, add: Optional[torch.Tensor], weight: torch.T
 
 
 def rope_kv8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, rows: torch.Tensor,
-             slots: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qrange: tuple[int, int]) -> bool:
+             slots: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qrange: tuple[int, int],
+             lib: Optional[ctypes.CDLL] = None) -> bool:
     """Rotary on q and k of qkv (T, n_heads + 2 n_kv, hd) fp32 in place, then k and v written as int8 codes with
     static scales: rows (num_rows, 2, n_kv, hd) int8 at `slots` (T,) int64, scale / zp (2, n_kv) fp32; cos / sin
     (T, hd) as NativeRunner's tables (rotate_half's sign in sin). The same roundings as the runner's torch ops.
-    False (nothing done) where there is no kernel or a tensor is not the contiguous CPU dtype expected."""
-    lib = library()
-    want = ((qkv, torch.float32), (cos, torch.float32), (sin, torch.float32), (rows, torch.int8),
-            (slots, torch.int64), (scale, torch.float32), (zp, torch.float32))
-    if lib is None or qkv.shape[-1] > 1024 or not all(
-            t.dtype == d and t.is_contiguous() and t.device.type == "cpu" for t, d in want):
+    False (nothing done) where there is no kernel or a tensor is not the contiguous CPU dtype expected. lib: as
+    add_rms_norm's."""
+    lib = lib or library()
+    if lib is None or qkv.shape[-1] > 1024 or not (
+            _cpu(qkv) and _cpu(cos) and _cpu(sin) and _cpu(rows, torch.int8) and _cpu(slots, torch.int64)
+            and _cpu(scale) and _cpu(zp)):
         return False
     T, hd = qkv.shape[0], qkv.shape[-1]
     lib.rope_kv8_cpu(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_heads, n_kv, hd, rows.data_ptr(),

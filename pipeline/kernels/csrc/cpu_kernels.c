@@ -33,3 +33,4 @@ int int4_cpu_swiglu_linear(const float *gu, const uint8_t *w, const float *ws, c
     free(a);
     return rc;
 }
+#include "decoder_cpu.c"
