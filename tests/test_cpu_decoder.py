@@ -1,10 +1,11 @@
 """A CPU decode step's layers in one C call (pipeline/kernels/cpu_decoder.py, csrc/decoder_cpu.c):
 
-- the torch-native runner takes it for a W4A16 workspace with static int8 KV, and its decode logits are bit for bit
-  those of the per-op loop (the same C functions with the same arguments), with 1 and 3 sequences of ragged
-  contexts, one or two threads, with and without q/k/v and output biases; the greedy tokens are the same;
-- it is not taken where some op of the loop is not C (16-bit or dynamic KV) or when turned off
-  (PIPELINE_CPU_FUSED=0, PIPELINE_CPU_KERNEL=0), and the loop then runs as before.
+- the torch-native runner takes it for a W4A16 workspace with a 16-bit KV cache or int8 / int4 KV with static
+  scales, and its decode logits are bit for bit those of the per-op loop (the same C functions with the same
+  arguments), with 1 and 3 sequences of ragged contexts, one or two threads, with and without q/k/v and output
+  biases; the greedy tokens are the same;
+- it is not taken where some op of the loop is not C (dynamic KV scales, fp32 exact mode's dense linears) or when
+  turned off (PIPELINE_CPU_FUSED=0, PIPELINE_CPU_KERNEL=0), and the loop then runs as before.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from test_native import GREEDY
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler or no AVX2 here: no kernels")
 
 
-def native(monkeypatch, tiny, overrides):  # noqa: F811
+def native(monkeypatch, tiny, overrides, dtype="bf16"):  # noqa: F811
     monkeypatch.setenv("PIPELINE_KERNELS", "native")
-    monkeypatch.setenv("PIPELINE_NATIVE_DTYPE", "bf16")
+    monkeypatch.setenv("PIPELINE_NATIVE_DTYPE", dtype)
     return Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256, **overrides})
 
 
@@ -43,11 +44,16 @@ def decode_logits(eng, prompts):
         del r.decode
 
 
-@pytest.mark.parametrize("n_prompts,thread_rows", [(1, 1), (3, 1), (3, 64)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_decode_is_bit_for_bit_the_per_op_loop(monkeypatch, tiny, n_prompts, thread_rows, bias):  # noqa: F811
+KINDS = {"int8": {"quant_policy": 4, "kv_mode": "static"}, "int4": {"quant_policy": 8, "kv_mode": "static"},
+         "bf16": {"quant_policy": 0}}
+
+
+@pytest.mark.parametrize("n_prompts,thread_rows,bias,kv", [
+    (1, 1, False, "int8"), (3, 1, False, "int8"), (3, 64, False, "int8"), (3, 1, True, "int8"), (1, 64, True, "int8"),
+    (3, 1, False, "int4"), (3, 1, True, "bf16"), (1, 1, False, "bf16")])
+def test_fused_decode_is_bit_for_bit_the_per_op_loop(monkeypatch, tiny, n_prompts, thread_rows, bias, kv):  # noqa: F811
     monkeypatch.setenv("PIPELINE_CPU_KERNEL_THREAD_ROWS", str(thread_rows))   # 64: every call on the caller alone
-    eng = native(monkeypatch, tiny, {"quant_policy": 4, "kv_mode": "static"})
+    eng = native(monkeypatch, tiny, KINDS[kv])
     r = eng.runner
     assert r.fused is not None and r.attn_cpu is not None
     if bias:    # the workspace has none: give every layer q/k/v and output biases (bf16, as the runner keeps them)
@@ -68,14 +74,15 @@ def test_fused_decode_is_bit_for_bit_the_per_op_loop(monkeypatch, tiny, n_prompt
     r.fused = fused
 
 
-@pytest.mark.parametrize("overrides,env", [({"quant_policy": 0}, {}), ({"quant_policy": 4, "kv_mode": "dynamic"}, {}),
-                                           ({"quant_policy": 8, "kv_mode": "static"}, {}),
-                                           ({"quant_policy": 4, "kv_mode": "static"}, {"PIPELINE_CPU_FUSED": "0"}),
-                                           ({"quant_policy": 4, "kv_mode": "static"}, {"PIPELINE_CPU_KERNEL": "0"})])
-def test_not_taken_where_an_op_is_not_ours_or_when_off(monkeypatch, tiny, overrides, env):  # noqa: F811
+@pytest.mark.parametrize("overrides,env,dtype", [
+    ({"quant_policy": 4, "kv_mode": "dynamic"}, {}, "bf16"), ({"quant_policy": 8, "kv_mode": "dynamic"}, {}, "bf16"),
+    ({"quant_policy": 0}, {}, "fp32"),
+    ({"quant_policy": 4, "kv_mode": "static"}, {"PIPELINE_CPU_FUSED": "0"}, "bf16"),
+    ({"quant_policy": 4, "kv_mode": "static"}, {"PIPELINE_CPU_KERNEL": "0"}, "bf16")])
+def test_not_taken_where_an_op_is_not_ours_or_when_off(monkeypatch, tiny, overrides, env, dtype):  # noqa: F811
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    eng = native(monkeypatch, tiny, overrides)
+    eng = native(monkeypatch, tiny, overrides, dtype)
     assert eng.runner.fused is None
     tokens = eng.generate(PROMPTS, GREEDY)
     assert len(tokens) == len(PROMPTS) and all(len(t) == GREEDY.max_new_tokens for t in tokens)

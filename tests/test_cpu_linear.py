@@ -18,6 +18,7 @@ from pipeline.kernels import cpu_build, cpu_linear
 from pipeline.kernels.cpu_linear import Int4CPU, Int8CPU, int4_cpu_ref, int8_cpu_ref, pack_tiles, unpack_tiles
 from pipeline.kernels.native import ByRows, Int4Packed, Int8Head, int4_layout, native_head, swiglu_down
 from pipeline.quant.w8 import quantize_w8
+from pipeline.kernels.kvcache import pack_int4, qrange
 from pipeline.kernels.w4a16 import dequantize_w4
 
 from test_native import w4
@@ -104,7 +105,10 @@ def test_add_rms_norm_equals_torch(T, D):
     torch.testing.assert_close(cpu_linear.add_rms_norm(want_res.clone(), None, w, 1e-5)[1], want, rtol=1e-6, atol=1e-6)
 
 
-def test_rope_kv8_equals_the_runners_torch_ops():
+@pytest.mark.parametrize("kind", [torch.int8, torch.uint8, torch.bfloat16, torch.float32])
+def test_rope_kv_equals_the_runners_torch_ops(kind):
+    """Rotary + the KV write of every cache kind the C call takes, bit for bit NativeRunner's torch ops (_run's
+    rotary, _write_kv's codes / packing / dtype cast)."""
     gen = torch.Generator().manual_seed(6)
     T, nh, nkv, hd, rows_n = 3, 6, 2, 64, 40
     qkv = torch.randn(T, nh + 2 * nkv, hd, generator=gen) * 4
@@ -112,17 +116,35 @@ def test_rope_kv8_equals_the_runners_torch_ops():
     cos = torch.cat([ang.cos(), ang.cos()], -1)
     sin = torch.cat([-ang.sin(), ang.sin()], -1)
     scale, zp = torch.rand(2, nkv, generator=gen) * 0.05 + 0.01, torch.randn(2, nkv, generator=gen) * 0.1
+    bits = {torch.int8: 8, torch.uint8: 4}.get(kind)
+    qkv[0, nh, :2] = torch.tensor([float("inf"), -1e30])                         # clamped codes, bf16's inf
+    if bits is None:
+        qkv[1, nh + 1, 5] = float("nan")                                          # bf16's NaN
+    qr = qrange(bits) if bits else None
     slots = torch.tensor([7, 0, 33])
     want_qkv = qkv.clone()
     qk = want_qkv[:, :nh + nkv]
     torch.add(qk * cos[:, None], torch.roll(qk, hd // 2, -1) * sin[:, None], out=qk)
-    codes = torch.round((want_qkv[:, nh:].view(T, 2, nkv, hd) - zp[..., None]) / scale[..., None]).clamp_(-128, 127)
-    want_rows = torch.zeros(rows_n, 2, nkv, hd, dtype=torch.int8)
-    want_rows.index_copy_(0, slots, codes.to(torch.int8))
-    rows = torch.zeros(rows_n, 2, nkv, hd, dtype=torch.int8)
-    assert cpu_linear.rope_kv8(qkv, cos, sin, nh, nkv, rows, slots, scale, zp, (-128, 127))
-    assert torch.equal(qkv, want_qkv) and torch.equal(rows, want_rows)          # bit for bit
-    assert not cpu_linear.rope_kv8(qkv, cos, sin, nh, nkv, rows.float(), slots, scale, zp, (-128, 127))
+    kv = want_qkv[:, nh:].view(T, 2, nkv, hd)
+    if bits:
+        codes = torch.round((kv - zp[..., None]) / scale[..., None]).clamp_(*qr).to(torch.int8)
+        new = pack_int4(codes) if bits == 4 else codes
+    else:
+        new = kv.to(kind)
+    want_rows = torch.zeros(rows_n, *new.shape[1:], dtype=kind)
+    want_rows.index_copy_(0, slots, new)
+    rows = torch.zeros_like(want_rows)
+    assert cpu_linear.rope_kv(qkv, cos, sin, nh, nkv, rows, slots, scale, zp, qr)
+    assert torch.equal(qkv.nan_to_num(), want_qkv.nan_to_num())                      # bit for bit (NaN == NaN)
+    if bits:
+        assert torch.equal(rows, want_rows)
+    else:           # every value bit for bit (bf16 -> fp32 is exact); a NaN a NaN (torch's bits for it vary by path)
+        got, want = rows.float(), want_rows.float()
+        assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert not cpu_linear.rope_kv(qkv, cos, sin, nh, nkv, rows.double(), slots, scale, zp, qr)   # not a cache kind
+    if bits:        # quantized kinds need their scales
+        assert not cpu_linear.rope_kv(qkv, cos, sin, nh, nkv, rows, slots, None, None, qr)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -20,9 +20,10 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
     copy prepacked for oneDNN (PIPELINE_NATIVE_DENSE_ROWS; `dense_rows` below);
   - on an x86 CPU where our C kernels build (pipeline/kernels/cpu_build.py; PIPELINE_CPU_KERNEL=0 turns them off):
     int4 and the int8 lm_head on integer dot products (kernels/cpu_linear.py), decode attention over the paged
-    cache in place (kernels/cpu_attn.py), and per layer one call each for the residual add + RMSNorm, rotary + int8
-    static KV write, and SwiGLU + down projection; where all of a layer's ops are these (int4 linears, static int8
-    KV), a decode step's layers run in one C call (kernels/cpu_decoder.py, PIPELINE_CPU_FUSED=0 turns it off);
+    cache in place (kernels/cpu_attn.py), and per layer one call each for the residual add + RMSNorm, rotary +
+    KV write (16-bit, static int8 / int4), and SwiGLU + down projection; where all of a layer's ops are these (int4
+    linears, those KV kinds), a decode step's layers run in one C call (kernels/cpu_decoder.py;
+    PIPELINE_CPU_FUSED=0 turns it off);
   - the activation dtype fed to the linears is bf16 (the CPU's fast int4 / bf16 kernels) or fp32
     (PIPELINE_NATIVE_DTYPE=fp32: exact mode, weights dequantized once to fp32); the residual stream, norms, rotary,
     KV quantization and attention stay fp32;
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from ..kernels import cpu_attn, cpu_linear
 from ..kernels.cpu_decoder import FusedDecoder
-from ..kernels.cpu_linear import add_rms_norm, rope_kv8
+from ..kernels.cpu_linear import KV_KINDS, add_rms_norm, rope_kv
 from ..kernels.kvcache import kv_dynamic_params, pack_int4, qrange, unpack_int4
 from ..kernels.native import dense_rows_from_env, native_head, swiglu_down
 from ..weights import native_linear, of
@@ -165,8 +166,10 @@ class NativeRunner(ModelRunner):
                 cpu_attn.supports(c, self.kv_bits, self.kv_mode, a.n_heads) for c in self.kv_cache):
             self.attn_cpu = cpu_attn.PagedAttnCPU(self.kv_cache, self.kv, self.kv_bits, self.kv_mode, a.n_heads,
                                                   self.scale)
-        # rotary + the int8 static KV write in one C call a layer (cpu_linear.rope_kv8; it checks dtypes and device)
-        self.rope_kv8 = torch.device(dev).type == "cpu" and self.kv_bits == 8 and self.kv_mode == "static"
+        # rotary + the KV write in one C call a layer (cpu_linear.rope_kv; it checks dtypes and device): 16-bit
+        # caches and static int8 / int4 codes (dynamic scales: torch's ops)
+        self.rope_kv = torch.device(dev).type == "cpu" and self.kv_mode in ("static", "none") and (
+            self.kv_cache[0].dtype in KV_KINDS)
         self.fused = FusedDecoder.build(self)    # a decode step's layers in one C call, where every op above is C
 
     def _write_kv(self, l: int, kv: torch.Tensor, slots: torch.Tensor) -> None:
@@ -219,8 +222,8 @@ class NativeRunner(ModelRunner):
         for l, L in enumerate(self.layers):
             res, h = add_rms_norm(res, x, L.attn_norm, eps, lib)                 # res += x (in place on a CPU)
             qkv = L.w_qkv(h, L.b_qkv).float().view(T, nh + 2 * nkv, hd)
-            if not (self.rope_kv8 and rope_kv8(qkv, cos, sin, nh, nkv, self.kv_rows[l], slots,
-                                               self.kv[l]["scale"], self.kv[l]["zp"], self.qrange, lib)):
+            if not (self.rope_kv and rope_kv(qkv, cos, sin, nh, nkv, self.kv_rows[l], slots, self.kv[l].get("scale"),
+                                             self.kv[l].get("zp"), self.qrange, lib)):
                 qk = qkv[:, :nh + nkv]
                 torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)   # rotary on q and k, in place
                 self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)

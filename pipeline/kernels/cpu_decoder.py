@@ -3,7 +3,8 @@
     dec = FusedDecoder.build(runner)        # None where it does not apply (see `build`)
     x = dec(res, cos, sin, slots, step)     # res (T, D) fp32 updated in place; x (T, D): the last layer's MLP output
 
-NativeRunner's per-op loop makes ~8 calls a layer into C (norms, linears, rotary + KV write, attention), each with
+Taken for W4A16 workspaces with a 16-bit KV cache or int8 / int4 with static scales (`build`). NativeRunner's
+per-op loop makes ~8 calls a layer into C (norms, linears, rotary + KV write, attention), each with
 ~4-10 us of Python and ctypes around it: ~1.5 ms of a ~6 ms batch-1 step on the 2-core VM of bench/cpu.py. Here a
 step's layers are one call; each op inside is the same C function with the same arguments, so the step's outputs
 are bit for bit those of the per-op loop (tests/test_cpu_decoder.py). PIPELINE_CPU_FUSED=0 turns it off.
@@ -33,7 +34,8 @@ class _Layer(ctypes.Structure):
 
 class _Args(ctypes.Structure):
     _fields_ = [("cos", _P), ("sin", _P), ("slots", _P), ("st", ctypes.POINTER(_Step)), ("scratch", _P)] + [
-        (n, _I) for n in ("T", "D", "nh", "nkv", "hd", "F", "terms", "threads", "lo", "hi")] + [("eps", ctypes.c_float)]
+        (n, _I) for n in ("T", "D", "nh", "nkv", "hd", "F", "terms", "threads", "lo", "hi", "kv_kind")] + [
+        ("eps", ctypes.c_float)]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -65,7 +67,8 @@ class FusedDecoder:
         first = lins[0][0]
         self.terms, self.threads, self.thread_rows = first.terms, first.threads, first.thread_rows
         self.max_rows = min(getattr(w, "rows", 1 << 30) for L in runner.layers for w in (L.w_qkv, L.wo, L.w13, L.w2))
-        self.eps, (self.lo, self.hi) = float(a.norm_eps), runner.qrange
+        self.eps, (self.lo, self.hi) = float(a.norm_eps), runner.qrange or (0, 0)
+        self.kv_kind = cpu_linear.KV_KINDS[runner.kv_rows[0].dtype]
         self._keep, layers = [], []
         for l, (L, (qkv, wo, w13, w2)) in enumerate(zip(runner.layers, lins)):
             biases = [None if b is None else b.float().contiguous() for b in (L.b_qkv, L.b_o)]   # as the loop adds them
@@ -76,16 +79,17 @@ class FusedDecoder:
                                w.N, w.K, w.group_size)
             p = runner.kv[l]
             layers.append(_Layer(L.attn_norm.data_ptr(), L.ffn_norm.data_ptr(), lin(qkv, biases[0]), lin(wo, biases[1]),
-                                 lin(w13), lin(w2), runner.kv_rows[l].data_ptr(), p["scale"].data_ptr(),
-                                 p["zp"].data_ptr()))
+                                 lin(w13), lin(w2), runner.kv_rows[l].data_ptr(),
+                                 *(p[k].data_ptr() if k in p else None for k in ("scale", "zp"))))
         self.layers = (_Layer * len(layers))(*layers)
         self._scratch_rows, self._scratch = 0, None
 
     @classmethod
     def build(cls, runner) -> Optional["FusedDecoder"]:
-        """For a CPU runner whose decode attention is the C kernel, whose KV cache is int8 with static scales and
-        whose every linear decodes on Int4CPU with one setting of terms and threads; else None."""
-        if not enabled() or runner.attn_cpu is None or not runner.rope_kv8 or library() is None:
+        """For a CPU runner whose decode attention is the C kernel, whose KV cache is 16-bit or int8 / int4 with static
+        scales (the runner's `rope_kv`) and whose every linear decodes on Int4CPU with one setting of terms and
+        threads; else None."""
+        if not enabled() or runner.attn_cpu is None or not runner.rope_kv or library() is None:
             return None
         lins = [tuple(_int4(w) for w in (L.w_qkv, L.wo, L.w13, L.w2)) for L in runner.layers]
         flat = [w for ws in lins for w in ws]
@@ -109,7 +113,7 @@ class FusedDecoder:
         x = torch.empty(T, self.D, dtype=torch.float32)
         args = _Args(cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), ctypes.pointer(step), self._scratch.data_ptr(),
                      T, self.D, self.nh, self.nkv, self.hd, self.F, self.terms,
-                     self.threads if T >= self.thread_rows else 1, self.lo, self.hi, self.eps)
+                     self.threads if T >= self.thread_rows else 1, self.lo, self.hi, self.kv_kind, self.eps)
         if self._fn(ctypes.byref(args), self.layers, len(self.layers), res.data_ptr(), x.data_ptr(), 0):
             raise MemoryError(f"decoder_cpu: no scratch memory for {T} x {self.D} activations")
         return x

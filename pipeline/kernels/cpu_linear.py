@@ -8,7 +8,7 @@ Usage:
     y_ref = int4_cpu_ref(x, lin)     # the PyTorch reference of the same arithmetic
     head = Int8CPU(q, s)             # int8 codes (N, K) with per-row scales: the CPU lm_head; int8_cpu_ref
     res, h = add_rms_norm(res, x, w, eps)   # res += x in place; h = rms_norm(res) * w
-    rope_kv8(qkv, cos, sin, nh, nkv, rows, slots, scale, zp, (-128, 127))   # rotary + int8 static KV write
+    rope_kv(qkv, cos, sin, nh, nkv, rows, slots, scale, zp, (-128, 127))   # rotary + KV write (int8/int4/bf16/fp32)
     available()                      # False where no C compiler / no AVX2 (PIPELINE_CPU_KERNEL=0 turns it off)
 
 The math, per activation row m and output column n (codes q in [0, 15], per-group scale s and zero z):
@@ -49,7 +49,7 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
         lib.int4_cpu_swiglu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.rmsnorm_cpu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
-        lib.rope_kv8_cpu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
+        lib.rope_kv_cpu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     return lib
 
 
@@ -204,22 +204,30 @@ def add_rms_norm(res: torch.Tensor, add: Optional[torch.Tensor], weight: torch.T
     return res, out
 
 
-def rope_kv8(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, rows: torch.Tensor,
-             slots: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qrange: tuple[int, int],
-             lib: Optional[ctypes.CDLL] = None) -> bool:
-    """Rotary on q and k of qkv (T, n_heads + 2 n_kv, hd) fp32 in place, then k and v written as int8 codes with
-    static scales: rows (num_rows, 2, n_kv, hd) int8 at `slots` (T,) int64, scale / zp (2, n_kv) fp32; cos / sin
-    (T, hd) as NativeRunner's tables (rotate_half's sign in sin). The same roundings as the runner's torch ops.
-    False (nothing done) where there is no kernel or a tensor is not the contiguous CPU dtype expected. lib: as
-    add_rms_norm's."""
+KV_KINDS = {torch.int8: 0, torch.uint8: 1, torch.bfloat16: 2, torch.float32: 3}   # csrc's KV_INT8 .. KV_F32
+
+
+def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, rows: torch.Tensor,
+            slots: torch.Tensor, scale: Optional[torch.Tensor], zp: Optional[torch.Tensor],
+            qrange: Optional[tuple[int, int]], lib: Optional[ctypes.CDLL] = None) -> bool:
+    """Rotary on q and k of qkv (T, n_heads + 2 n_kv, hd) fp32 in place, then k and v written at cache rows `slots`
+    (T,) int64 of rows (num_rows, 2, n_kv, hd'), by rows' dtype: int8 codes with static scale / zp (2, n_kv) fp32 in
+    qrange; uint8: int4 codes in qrange (-8, 7), two a byte (kvcache.pack_int4's layout, hd' = hd / 2); bf16 or fp32:
+    the values (scale, zp, qrange unused). cos / sin (T, hd) as NativeRunner's tables (rotate_half's sign in sin).
+    The same roundings as the runner's torch ops. False (nothing done) where there is no kernel or a tensor is not the
+    contiguous CPU dtype expected. lib: as add_rms_norm's."""
     lib = lib or library()
-    if lib is None or qkv.shape[-1] > 1024 or not (
-            _cpu(qkv) and _cpu(cos) and _cpu(sin) and _cpu(rows, torch.int8) and _cpu(slots, torch.int64)
-            and _cpu(scale) and _cpu(zp)):
+    kind = KV_KINDS.get(rows.dtype)
+    if lib is None or kind is None or qkv.shape[-1] > 1024 or not (
+            _cpu(qkv) and _cpu(cos) and _cpu(sin) and _cpu(rows, rows.dtype) and _cpu(slots, torch.int64)):
+        return False
+    if kind <= 1 and (scale is None or zp is None or qrange is None or not (_cpu(scale) and _cpu(zp))):
         return False
     T, hd = qkv.shape[0], qkv.shape[-1]
-    lib.rope_kv8_cpu(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_heads, n_kv, hd, rows.data_ptr(),
-                     slots.data_ptr(), scale.data_ptr(), zp.data_ptr(), *qrange)
+    lo, hi = qrange or (0, 0)
+    lib.rope_kv_cpu(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_heads, n_kv, hd, rows.data_ptr(),
+                    slots.data_ptr(), None if kind > 1 else scale.data_ptr(), None if kind > 1 else zp.data_ptr(),
+                    lo, hi, kind)
     return True
 
 

@@ -1,12 +1,13 @@
 /* A decode step's decoder layers in one call (included by cpu_kernels.c after linear_cpu.c and attn_cpu.c): the
  * per-layer sequence of NativeRunner._run, made of this library's own kernels, with no Python between them.
  * cpu_decoder.py (`FusedDecoder`) builds the arguments; NativeRunner uses it for decode steps where every linear of
- * every layer is on the int4 kernel and the KV cache is int8 with static scales, and keeps its per-op loop elsewhere.
+ * every layer is on the int4 kernel and the KV cache is 16-bit or int8 / int4 with static scales, and keeps its per-op
+ * loop elsewhere.
  *
  * Per layer l, for the step's T rows (res (T, D) fp32 is the residual stream, x (T, D) the last layer's output):
  *   res += x; h = rmsnorm(res) * attn_norm                        rmsnorm_cpu
  *   qkv = h @ Wqkv.T (+ b_qkv)                                     int4_cpu_linear   (T, (nh + 2 nkv) hd)
- *   rotary on q, k; k, v -> int8 codes at the cache rows `slots`   rope_kv8_cpu
+ *   rotary on q, k; k, v written at the cache rows `slots`         rope_kv_cpu
  *   o = attention(q, the cache)                                    attn_cpu_decode   (T, nh hd)
  *   res += o @ Wo.T (+ b_o); h = rmsnorm(res) * ffn_norm           int4_cpu_linear, rmsnorm_cpu
  *   x = (silu(gate) * up) @ W2.T, gate | up = h @ W13.T            int4_cpu_linear, int4_cpu_swiglu_linear
@@ -22,8 +23,8 @@ typedef struct {                  /* one int4 linear as Int4CPU holds it */
 typedef struct {                  /* one layer (cpu_decoder.py `_Layer` mirrors it) */
     const float *attn_norm, *ffn_norm;
     dec_linear qkv, wo, w13, w2;  /* w13: N = 2F (gate rows, then up rows); w2: K = F */
-    int8_t *kv_rows;              /* the layer's cache as (num_rows, 2, nkv, hd) int8 */
-    const float *kv_scale, *kv_zp;/* (2, nkv) static KV params */
+    void *kv_rows;                /* the layer's cache as (num_rows, 2, nkv, hd') (rope_kv_cpu's kinds) */
+    const float *kv_scale, *kv_zp;/* (2, nkv) static KV params, NULL for a 16-bit cache */
 } dec_layer;
 
 typedef struct {                  /* a step's arguments (cpu_decoder.py `_Args`) */
@@ -31,7 +32,7 @@ typedef struct {                  /* a step's arguments (cpu_decoder.py `_Args`)
     const int64_t *slots;         /* (T,) cache rows of this step's tokens */
     const attn_step *st;          /* the attention's step (block tables, contexts, threads) */
     float *scratch;               /* decoder_cpu_scratch(...) floats */
-    int T, D, nh, nkv, hd, F, terms, threads, lo, hi;
+    int T, D, nh, nkv, hd, F, terms, threads, lo, hi, kv_kind;
     float eps;
 } dec_args;
 
@@ -59,8 +60,8 @@ int decoder_cpu(const dec_args *a, const dec_layer *layers, int n, float *res, f
         const dec_layer *L = layers + l;
         rmsnorm_cpu(res, l || x_in ? x : NULL, L->attn_norm, h, T, D, a->eps);
         if (dec_linear_run(&L->qkv, h, qkv, T, a->terms, a->threads, 0)) return -1;
-        rope_kv8_cpu(qkv, a->cos, a->sin, T, a->nh, a->nkv, hd, L->kv_rows, a->slots, L->kv_scale, L->kv_zp, a->lo,
-                     a->hi);
+        rope_kv_cpu(qkv, a->cos, a->sin, T, a->nh, a->nkv, hd, L->kv_rows, a->slots, L->kv_scale, L->kv_zp, a->lo,
+                    a->hi, a->kv_kind);
         attn_cpu_decode(qkv, (long)H * hd, L->kv_rows, L->kv_scale, L->kv_zp, o, a->st);
         if (dec_linear_run(&L->wo, o, y, T, a->terms, a->threads, 0)) return -1;
         rmsnorm_cpu(res, y, L->ffn_norm, h, T, D, a->eps);

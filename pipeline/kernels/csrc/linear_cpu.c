@@ -384,13 +384,27 @@ void rmsnorm_cpu(float *res, const float *add, const float *w, float *out, int T
     }
 }
 
-/* Rotary on q and k and the int8 static-scale KV write of a step, in place:
+/* fp32 -> bf16 bits as torch rounds them (c10::BFloat16: to nearest even; any NaN -> 0x7FC0). */
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* KV cache kinds of rope_kv_cpu */
+enum { KV_INT8 = 0, KV_INT4 = 1, KV_BF16 = 2, KV_F32 = 3 };
+
+/* Rotary on q and k and the KV write of a step, in place:
  *   qkv (T, nh + 2 nkv, hd) fp32: q heads, k heads, v heads; cos, sin (T, hd): x = x * cos + rotate(x) * sin,
  *   rotate(x)[i] = x[i + hd/2] (i < hd/2) or x[i - hd/2] (the runner's sin table carries rotate_half's sign);
- *   k and v rows of token t -> codes round((x - zp) / scale) clamped to [lo, hi] at cache row slots[t] of
- *   rows (num_rows, 2, nkv, hd) int8; scale, zp (2, nkv). Each product and sum rounded as torch's ops round them. */
-void rope_kv8_cpu(float *qkv, const float *cos, const float *sin, int T, int nh, int nkv, int hd, int8_t *rows,
-                  const int64_t *slots, const float *scale, const float *zp, int lo, int hi) {
+ *   k and v rows of token t -> cache row slots[t] of rows (num_rows, 2, nkv, hd') by `kind`:
+ *     KV_INT8  int8 codes round((x - zp) / scale) clamped to [lo, hi] (scale, zp (2, nkv): static)
+ *     KV_INT4  the same codes in [lo, hi] = [-8, 7], stored + 8, two a byte (low nibble = even channel; hd' = hd/2)
+ *     KV_BF16  x rounded to bf16 (scale, zp unused), KV_F32 x as is.
+ * Each product and sum rounded as torch's ops round them (kvcache.py's codes, Tensor.to(bfloat16)). */
+void rope_kv_cpu(float *qkv, const float *cos, const float *sin, int T, int nh, int nkv, int hd, void *rows,
+                 const int64_t *slots, const float *scale, const float *zp, int lo, int hi, int kind) {
     int half = hd / 2, H = nh + 2 * nkv;
     float tmp[1024];
     for (int t = 0; t < T; t++) {
@@ -401,14 +415,25 @@ void rope_kv8_cpu(float *qkv, const float *cos, const float *sin, int T, int nh,
             for (int i = 0; i < half; i++) x[i] = tmp[i] * c[i] + tmp[i + half] * s[i];
             for (int i = half; i < hd; i++) x[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
         }
-        int8_t *dst = rows + (size_t)slots[t] * 2 * nkv * hd;
+        size_t row = (size_t)slots[t] * 2 * nkv * hd;              /* values of one cache row */
         for (int j = 0; j < 2 * nkv; j++) {
             const float *x = qkv + ((size_t)t * H + nh + j) * hd;
-            float sc = scale[j], z = zp[j];
-            for (int i = 0; i < hd; i++) {
-                float v = nearbyintf((x[i] - z) / sc);
-                v = v < (float)lo ? (float)lo : (v > (float)hi ? (float)hi : v);
-                dst[(size_t)j * hd + i] = (int8_t)v;
+            size_t o = row + (size_t)j * hd;
+            if (kind == KV_F32) {
+                memcpy((float *)rows + o, x, sizeof(float) * hd);
+            } else if (kind == KV_BF16) {
+                for (int i = 0; i < hd; i++) ((uint16_t *)rows)[o + i] = bf16_bits(x[i]);
+            } else {
+                float sc = scale[j], z = zp[j];
+                for (int i = 0; i < hd; i++) {
+                    float v = nearbyintf((x[i] - z) / sc);
+                    tmp[i] = v < (float)lo ? (float)lo : (v > (float)hi ? (float)hi : v);
+                }
+                if (kind == KV_INT8)
+                    for (int i = 0; i < hd; i++) ((int8_t *)rows)[o + i] = (int8_t)tmp[i];
+                else
+                    for (int i = 0; i < hd; i += 2)
+                        ((uint8_t *)rows)[(o + i) / 2] = (uint8_t)((int)tmp[i] + 8) | (uint8_t)(((int)tmp[i + 1] + 8) << 4);
             }
         }
     }
