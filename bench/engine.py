@@ -133,13 +133,22 @@ def build_ws(root: Path, args, kind: str, g: int = 128) -> Path:
     return ws
 
 
+def layout_bytes(w) -> int:
+    """Bytes of a linear's stored tensors: a weight type's record (of(w).parts), or a torch-native layout's tensors
+    (PIPELINE_KERNELS=native: pipeline/kernels/native.py; ByRows counts its decode side)."""
+    w = getattr(w, "small", w)
+    try:
+        return sum(t.numel() * t.element_size() for t in of(w).parts(w).values())
+    except TypeError:
+        return sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
+
+
 def weight_bytes(eng) -> int:
     """Bytes a decode step reads for weights: every linear (int4 + scales + zeros, int8 + scales, or fp16),
     lm_head, norms."""
     r, total = eng.runner, 0
     for L in r.layers:
-        for w in (L.w_qkv, L.wo, L.w13, L.w2):
-            total += sum(t.numel() * t.element_size() for t in of(w).parts(w).values())   # its stored tensors
+        total += sum(layout_bytes(w) for w in (L.w_qkv, L.wo, L.w13, L.w2))
         total += (L.attn_norm.numel() + L.ffn_norm.numel()) * 2
     return total + r.lm_head.numel() * r.lm_head.element_size()
 
@@ -465,7 +474,9 @@ def main():
     light = a.decode_only or a.dry_run or args is not LLAMA7B    # no memory tables, no transformers baseline
     t_start = time.time()
     RES.update(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (dry run, tiny shapes)",
-               torch=torch.__version__, date="2026-11-25", model="tiny" if a.dry_run else f"synthetic-{a.shapes}",
+               torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               model="tiny" if a.dry_run else f"synthetic-{a.shapes}",
+               kernels=os.environ.get("PIPELINE_KERNELS", "auto"),   # native: the torch-native fallback, forced
                protocol=f"batch 1, prompt 1 token, {a.new} new tokens, greedy, ignore_eos")
     shm = Path("/dev/shm")
     root = Path("/dev/shm/enginebench" if shm.exists() and shutil.disk_usage(shm).free > 24e9 else "/tmp/enginebench")

@@ -172,8 +172,8 @@ def main():
         layouts = {k: [(n // 16, c // 16) for n, c in v] for k, v in LAYOUTS.items()}
     args = eb.TINY if a.dry_run else eb.LLAMA7B
     res = {"device": torch.cuda.get_device_name() if eb.DEV == "cuda" else "cpu (dry run)", "torch": torch.__version__,
-           "date": "2026-11-25", "model": "tiny" if a.dry_run else "synthetic-llama2-7b", "layouts": layouts,
-           "rows": {}, "baselines": {}}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "model": "tiny" if a.dry_run else "synthetic-llama2-7b", "layouts": layouts, "rows": {}, "baselines": {}}
     outp = Path(a.out)
     outp.mkdir(parents=True, exist_ok=True)
     save = lambda: (outp / "prefill.json").write_text(json.dumps(res, indent=1))  # noqa: E731  after every row

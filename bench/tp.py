@@ -189,7 +189,8 @@ def main(argv=None) -> None:
             sys.exit(f"bench/tp.py needs 2 GPUs, {torch.cuda.device_count()} visible (or use --dry-run on a CPU)")
     t_start = time.time()
     RES.update(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (gloo, dry run)",
-               gpus=torch.cuda.device_count(), torch=torch.__version__, date="2026-11-25",
+               gpus=torch.cuda.device_count(), torch=torch.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                env={k: os.environ[k] for k in NO_MULTICAST},
                protocol={"decode": f"batch 1, prompt 1 token, {a.new} new tokens, greedy, ignore_eos",
                          "throughput": f"{a.concurrent} concurrent requests, {a.prompt_len}-token prompts, "

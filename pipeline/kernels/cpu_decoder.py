@@ -75,8 +75,8 @@ class FusedDecoder:
             self._keep += biases
 
             def lin(w, b=None):
-                return _Linear(w.packed.data_ptr(), w.ws.data_ptr(), w.wm.data_ptr(), None if b is None else b.data_ptr(),
-                               w.N, w.K, w.group_size)
+                return _Linear(w.packed.data_ptr(), w.ws.data_ptr(), w.wm.data_ptr(),
+                               None if b is None else b.data_ptr(), w.N, w.K, w.group_size)
             p = runner.kv[l]
             layers.append(_Layer(L.attn_norm.data_ptr(), L.ffn_norm.data_ptr(), lin(qkv, biases[0]), lin(wo, biases[1]),
                                  lin(w13), lin(w2), runner.kv_rows[l].data_ptr(),

@@ -49,7 +49,8 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
         lib.int4_cpu_swiglu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.rmsnorm_cpu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
-        lib.rope_kv_cpu.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+        lib.rope_kv_cpu.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
+                                    + [ctypes.c_int] * 3)
     return lib
 
 
