@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline.engine import Engine
+from pipeline.engine.native import NativeRunner
 from pipeline.kernels import cpu_linear
 from pipeline.kernels.cpu_decoder import FusedDecoder
 
@@ -86,3 +87,30 @@ def test_not_taken_where_an_op_is_not_ours_or_when_off(monkeypatch, tiny, overri
     assert eng.runner.fused is None
     tokens = eng.generate(PROMPTS, GREEDY)
     assert len(tokens) == len(PROMPTS) and all(len(t) == GREEDY.max_new_tokens for t in tokens)
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "bf16"])
+def test_prefill_of_several_prompts_through_the_row_attention_equals_sdpa(monkeypatch, tiny, kv):  # noqa: F811
+    """A prefill step of several chunks attends through the C decode attention, each row a query over its own
+    sequence's rows (NativeRunner._prefill_rows): the first layer's attention equals the SDPA path's
+    (PIPELINE_CPU_PREFILL_ROWS_CONTEXT=0) up to fp32 summation order, and the greedy tokens are the same. (Later
+    layers' outputs drift further apart, as between any two summation orders: a 1e-7 change can flip an int8 KV
+    code or a bf16 rounding, which the next layers carry on.)"""
+    eng = native(monkeypatch, tiny, KINDS[kv])
+    seen, run = [], NativeRunner._run
+
+    def spy(self, tokens, positions, slots, attend, select=None):
+        def first(l, q):
+            o = attend(l, q)
+            if l == 0 and select is not None:              # a prefill step's first layer
+                seen.append((tokens.shape[0], q.clone(), o.clone()))
+            return o
+        return run(self, tokens, positions, slots, first, select)
+    monkeypatch.setattr(NativeRunner, "_run", spy)
+    rows = eng.generate(PROMPTS, GREEDY)
+    monkeypatch.setenv("PIPELINE_CPU_PREFILL_ROWS_CONTEXT", "0")
+    sdpa = eng.generate(PROMPTS, GREEDY)
+    assert rows == sdpa
+    (T, q1, got), (T2, q2, want) = seen[0], seen[-1]
+    assert T == T2 == sum(len(p) for p in PROMPTS) and torch.equal(q1, q2)     # one step of all the prompts
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

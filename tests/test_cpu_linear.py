@@ -40,13 +40,15 @@ def test_tiles_round_trip():
 def test_kernel_equals_reference(isa, N, K, g, M, terms):
     w = w4(N, K, g)
     lin = Int4CPU(w, threads=1, isa=isa, terms=terms)
-    x = torch.randn(M, K) * 3
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1000 * M + N + K)) * 3
     ref = int4_cpu_ref(x, lin)
     got = lin(x)
     assert got.shape == (M, N) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     exact = F.linear(x, dequantize_w4(w))
-    assert (got - exact).norm() <= (1e-4 if terms == 2 else 0.015) * exact.norm()
+    # one int8 term: each activation within max|x|/254 of its block; on a 16-column, 64-long dot that reached 2.8%
+    # of the exact product's norm in 3,000 random draws (an unseeded x made the former 1.5% bound flaky)
+    assert (got - exact).norm() <= (1e-4 if terms == 2 else 0.04) * exact.norm()
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -103,6 +105,40 @@ def test_add_rms_norm_equals_torch(T, D):
     torch.testing.assert_close(got_res, want_res, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cpu_linear.add_rms_norm(want_res.clone(), None, w, 1e-5)[1], want, rtol=1e-6, atol=1e-6)
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max().item()
+
+
+@pytest.mark.parametrize("T,D", [(1, 576), (37, 100), (3, 64)])
+def test_add_rms_norm_bf16_add_and_out_equals_torch(T, D):
+    """The prefill path's norm: a bf16 linear's output added (widened exactly, as torch promotes it), the norm
+    written as bf16 for the next bf16 linear (to nearest even: at most the one ulp of fp32 rounding before it)."""
+    gen = torch.Generator().manual_seed(8)
+    res, add = torch.randn(T, D, generator=gen) * 3, (torch.randn(T, D, generator=gen) * 3).bfloat16()
+    w = torch.rand(D, generator=gen) + 0.5
+    want_res = res + add
+    want = F.rms_norm(want_res, (D,), w, 1e-5)
+    got_res, got = cpu_linear.add_rms_norm(res, add, w, 1e-5, out_dtype=torch.bfloat16)
+    assert got_res is res and got.dtype == torch.bfloat16
+    assert torch.equal(got_res, want_res)
+    assert bf16_ulps(got, want.bfloat16()) <= 1
+
+
+@pytest.mark.parametrize("M,K", [(1, 1536), (37, 64), (5, 48)])
+def test_swiglu_bf16_equals_torch(M, K):
+    gen = torch.Generator().manual_seed(9)
+    gate_up = (torch.randn(M, 2 * K, generator=gen) * 4).bfloat16()
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])                      # exp's range ends, silu(0)
+    got = cpu_linear.swiglu_bf16(gate_up)
+    if K % 16:
+        assert got is None                                                    # not taken: the caller's torch ops
+        return
+    g, u = gate_up.float().chunk(2, -1)
+    assert got.shape == (M, K)                               # within one bf16 rounding (2^-8 relative) of torch's
+    torch.testing.assert_close(got.float(), (F.silu(g) * u).bfloat16().float(), rtol=2 ** -8, atol=1e-30)
+    assert cpu_linear.swiglu_bf16(gate_up.float()) is None                    # fp32: not this kernel's
 
 
 @pytest.mark.parametrize("kind", [torch.int8, torch.uint8, torch.bfloat16, torch.float32])

@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def prefill_rows_max_context() -> int:
+    """PIPELINE_CPU_PREFILL_ROWS_CONTEXT: the longest context (tokens) for which a CPU prefill step attends through the
+    C decode attention, one query row at a time (default 512; 0: never); longer ones take SDPA, whose blocked
+    matmuls win as a chunk's rows x context grows (the row kernel reads each key once per query row)."""
+    return int(os.environ.get("PIPELINE_CPU_PREFILL_ROWS_CONTEXT", 512))
+
+
 def act_dtype_from_env(device: torch.device) -> torch.dtype:
     """PIPELINE_NATIVE_DTYPE (bf16 | fp16 | fp32); default bf16, or fp16 on a GPU without bf16 (below sm_80)."""
     name = os.environ.get("PIPELINE_NATIVE_DTYPE")
@@ -117,6 +124,7 @@ class NativeRunner(ModelRunner):
         super().__init__(args, layers, embed, norm, lm_head, device, dtype, kv_bits, kv_mode, session_len)
         act = act_dtype or act_dtype_from_env(torch.device(device))
         rows = dense_rows(self.layers, act, torch.device(device))
+        self.dense_rows = rows     # steps of >= rows tokens run the linears on bf16 copies (0: never)
         for L in self.layers:   # the workspace's linears -> their torch-native layouts (their weight type's `native`)
             L.w_qkv, L.wo, L.w13, L.w2 = (native_linear(w, act, rows) for w in (L.w_qkv, L.wo, L.w13, L.w2))
             L.attn_norm, L.ffn_norm = L.attn_norm.float(), L.ffn_norm.float()
@@ -217,17 +225,18 @@ class NativeRunner(ModelRunner):
         cos, sin = (t.index_select(0, positions)[:, None] for t in (self.rot_cos, self.rot_sin))   # (T, 1, hd)
         slots = slots.long()
         lib = self.ckern
+        hdt = torch.bfloat16 if 0 < self.dense_rows <= T else torch.float32     # what the linears take
         res = F.embedding(tokens, self.embed)                                    # (T, D) fp32: the residual stream
         x = None
         for l, L in enumerate(self.layers):
-            res, h = add_rms_norm(res, x, L.attn_norm, eps, lib)                 # res += x (in place on a CPU)
+            res, h = add_rms_norm(res, x, L.attn_norm, eps, lib, hdt)            # res += x (in place on a CPU)
             qkv = L.w_qkv(h, L.b_qkv).float().view(T, nh + 2 * nkv, hd)
             if not (self.rope_kv and rope_kv(qkv, cos, sin, nh, nkv, self.kv_rows[l], slots, self.kv[l].get("scale"),
                                              self.kv[l].get("zp"), self.qrange, lib)):
                 qk = qkv[:, :nh + nkv]
                 torch.add(qk * cos, torch.roll(qk, self.half, -1) * sin, out=qk)   # rotary on q and k, in place
                 self._write_kv(l, qkv[:, nh:].view(T, 2, nkv, hd), slots)
-            res, h = add_rms_norm(res, L.wo(attend(l, qkv[:, :nh]), L.b_o), L.ffn_norm, eps, lib)
+            res, h = add_rms_norm(res, L.wo(attend(l, qkv[:, :nh]), L.b_o), L.ffn_norm, eps, lib, hdt)
             x = swiglu_down(L.w2, L.w13(h))                                      # w2(silu(gate) * up)
         h = add_rms_norm(res, x, self.norm, eps, lib)[1]
         if select is not None:
@@ -268,6 +277,18 @@ class NativeRunner(ModelRunner):
         with self.decode_threading(), torch.inference_mode():
             return self._run(tokens, positions, slots, attend)
 
+    def _prefill_rows(self, positions, seqs):
+        """attend(l, q) for a prefill step on the C decode attention: row i of the step is a query over the first
+        positions[i] + 1 rows of its sequence's cache (its own row and the chunk's earlier ones are written before
+        attention), so causal attention needs no mask and no gather of the cached keys."""
+        T = positions.shape[0]
+        if sum(n for _, n, _, _ in seqs) != T:
+            raise ValueError(f"prefill: chunks of {sum(n for _, n, _, _ in seqs)} rows for a step of {T}")
+        bt = torch.empty(T, seqs[0][2].shape[0], dtype=torch.int32)          # (T, max_blocks): each row's sequence's
+        for off, n, table, _ in seqs:
+            bt[off:off + n] = table
+        return self.attn_cpu.step(bt, (positions + 1).to(torch.int32))
+
     def decode_threading(self):
         """A context for a whole decode step on this runner's device (decode_threading): the engine runs its
         inputs, `decode` and the greedy token choice in one, so these small ops do not wake a second thread."""
@@ -275,7 +296,16 @@ class NativeRunner(ModelRunner):
 
     def prefill(self, tokens, positions, slots, seqs, select=None, plan=None) -> torch.Tensor:
         """Chunks of several sequences (see ModelRunner.prefill); each chunk's queries attend to its sequence's
-        cached keys (this chunk's included) in one SDPA call. `plan` (the Triton kernel's) is not used."""
+        cached keys (this chunk's included): on a CPU, for a step of several chunks with short contexts, through
+        the C decode attention, each row a query over its own sequence's rows up to its position (`_prefill_rows`;
+        not in the fp32 exact mode), else in one SDPA call a chunk. On the 2-core VM of bench/cpu.py (session 12):
+        8 chat prompts (297 tokens) 225-250 ms a prefill step against 272-275 with SDPA a chunk; one 37-token
+        prompt 56-64 against 49-55, so a lone chunk keeps SDPA.
+        `plan` (the Triton kernel's) is not used."""
+        if (self.attn_cpu is not None and self.dtype != torch.float32    # exact mode: SDPA, as the reference path
+                and len(seqs) > 1 and max(ctx for *_, ctx in seqs) <= prefill_rows_max_context()):
+            with torch.inference_mode():
+                return self._run(tokens, positions, slots, self._prefill_rows(positions, seqs), select)
         bs, dev = self.block_size, tokens.device
         chunks = []
         for off, n, bt, ctx in seqs:

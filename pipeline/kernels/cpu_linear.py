@@ -49,6 +49,9 @@ def library(isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
         lib.int4_cpu_swiglu_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
         lib.int8_cpu_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.rmsnorm_cpu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
+        lib.rmsnorm2_cpu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float]
+        lib.swiglu_bf16_cpu.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         lib.rope_kv_cpu.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
                                     + [ctypes.c_int] * 3)
     return lib
@@ -185,24 +188,44 @@ def int8_cpu_ref(x: torch.Tensor, lin: Int8CPU) -> torch.Tensor:
     return ((a @ w.t()) * lin.scales.double()).float().reshape(*x.shape[:-1], lin.N)
 
 
+BF16_F32 = (torch.bfloat16, torch.float32)
+
+
 def _cpu(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
     return t.dtype == dtype and t.is_cpu and t.is_contiguous()
 
 
 def add_rms_norm(res: torch.Tensor, add: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
-                 lib: Optional[ctypes.CDLL] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and RMSNorm of a decoder layer in one C call: res (T, D) fp32 += add (None: nothing), in
-    place; returns (res, rms_norm(res) * weight). Tensors that are not contiguous fp32, or no kernel: torch's ops
-    (res + add is then a new tensor). lib: library(), where the caller holds it (a decode step makes ~60 of these
-    ~4 us calls; the lookup would add 2 us to each)."""
+                 lib: Optional[ctypes.CDLL] = None, out_dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and RMSNorm of a decoder layer in one C call: res (T, D) fp32 += add (fp32 or bf16; None:
+    nothing), in place; returns (res, rms_norm(res) * weight), the latter in out_dtype (fp32, or bf16 for a bf16
+    linear next: rounded as torch rounds). Tensors that are not contiguous CPU ones of those dtypes, or no kernel:
+    torch's ops (res + add is then a new tensor, the norm fp32). lib: library(), where the caller holds it (a
+    decode step makes ~60 of these ~4 us calls; the lookup would add 2 us to each)."""
     lib = lib or library()
-    if lib is None or not (_cpu(res) and _cpu(weight) and (add is None or _cpu(add))):
+    if lib is None or not (_cpu(res) and _cpu(weight) and (add is None or _cpu(add, add.dtype))
+                           and (add is None or add.dtype in BF16_F32) and out_dtype in BF16_F32):
         res = res if add is None else res + add
         return res, torch.nn.functional.rms_norm(res, (res.shape[-1],), weight, eps)
-    out = torch.empty_like(res)
-    lib.rmsnorm_cpu(res.data_ptr(), None if add is None else add.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                    res.numel() // res.shape[-1], res.shape[-1], eps)
+    out = torch.empty(res.shape, dtype=out_dtype)
+    lib.rmsnorm2_cpu(res.data_ptr(), None if add is None else add.data_ptr(),
+                     int(add is not None and add.dtype == torch.bfloat16), weight.data_ptr(), out.data_ptr(),
+                     int(out_dtype == torch.bfloat16), res.numel() // res.shape[-1], res.shape[-1], eps)
     return res, out
+
+
+def swiglu_bf16(gate_up: torch.Tensor, lib: Optional[ctypes.CDLL] = None) -> Optional[torch.Tensor]:
+    """silu(gate) * up for gate_up (..., 2K) bf16 contiguous on a CPU, in fp32 and rounded once to bf16 (..., K);
+    None where the kernel does not take it (no kernel, another dtype or device, K % 16)."""
+    lib = lib or library()
+    K = gate_up.shape[-1] // 2
+    if lib is None or not _cpu(gate_up, torch.bfloat16) or K % 16:
+        return None
+    out = torch.empty(*gate_up.shape[:-1], K, dtype=torch.bfloat16)
+    if lib.swiglu_bf16_cpu(gate_up.data_ptr(), gate_up.numel() // (2 * K), K, out.data_ptr()):
+        raise MemoryError(f"swiglu_bf16: no scratch memory for {3 * K} floats")
+    return out
 
 
 KV_KINDS = {torch.int8: 0, torch.uint8: 1, torch.bfloat16: 2, torch.float32: 3}   # csrc's KV_INT8 .. KV_F32

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_linear
+from .cpu_linear import swiglu_bf16
 from .int8_gemm import int8_linear
 from .quant_act import quantize_per_token_ref
 from .w4a16 import W4Weight, dequantize_w4, unpack_w4
@@ -116,6 +117,14 @@ class OneDNNLinear:
         except (RuntimeError, AttributeError) as e:
             log.warning("oneDNN linear unavailable (%s): plain F.linear", str(e)[:200])
             self.packed = None
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for gate_up (..., 2K): the product in one C call on a bf16 CPU input, else torch's."""
+        act = swiglu_bf16(gate_up)
+        if act is None:
+            gate, up = gate_up.chunk(2, -1)
+            act = F.silu(gate).mul_(up)
+        return self(act)
 
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         x = x.to(self.dtype)

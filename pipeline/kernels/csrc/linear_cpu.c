@@ -354,42 +354,77 @@ int int8_cpu_linear(const float *x, const int8_t *w, const float *ws, float *y, 
     return 0;
 }
 
-/* RMSNorm with the residual add in place: for each of T rows, res += add (when add is not NULL), then
- * out = res / sqrt(mean(res^2) + eps) * w (fp32; the sum of squares in 8 partial sums). */
-void rmsnorm_cpu(float *res, const float *add, const float *w, float *out, int T, int D, float eps) {
-    for (int t = 0; t < T; t++) {
-        float *r = res + (size_t)t * D;
-        const float *a = add ? add + (size_t)t * D : NULL;
-        __m256 ss = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= D; i += 8) {
-            __m256 v = _mm256_loadu_ps(r + i);
-            if (a) {
-                v = _mm256_add_ps(v, _mm256_loadu_ps(a + i));
-                _mm256_storeu_ps(r + i, v);
-            }
-            ss = _mm256_add_ps(ss, _mm256_mul_ps(v, v));
-        }
-        float s = hsum256(ss);
-        for (; i < D; i++) {
-            if (a) r[i] += a[i];
-            s += r[i] * r[i];
-        }
-        float inv = 1.f / sqrtf(s / (float)D + eps);
-        __m256 vi = _mm256_set1_ps(inv);
-        float *o = out + (size_t)t * D;
-        for (i = 0; i + 8 <= D; i += 8)
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), vi), _mm256_loadu_ps(w + i)));
-        for (; i < D; i++) o[i] = r[i] * inv * w[i];
-    }
-}
-
 /* fp32 -> bf16 bits as torch rounds them (c10::BFloat16: to nearest even; any NaN -> 0x7FC0). */
 static inline uint16_t bf16_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float bf16_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 8 bf16 -> 8 fp32 (exact), and 8 fp32 -> 8 bf16 as bf16_bits rounds them (to nearest even; NaN -> 0x7FC0). */
+static inline __m256 bf16_load8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline void bf16_store8(uint16_t *p, __m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);   /* r0..r7 as 16-bit, in order */
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+
+/* RMSNorm with the residual add in place: for each of T rows, res += add (when add is not NULL), then
+ * out = res / sqrt(mean(res^2) + eps) * w (fp32; the sum of squares in 8 partial sums). add_bf16 / out_bf16: add
+ * is bf16 (widened exactly, as torch's fp32 + bf16 promotes it) / out is written as bf16 (rounded as torch rounds). */
+void rmsnorm2_cpu(float *res, const void *add, int add_bf16, const float *w, void *out, int out_bf16, int T, int D,
+                  float eps) {
+    for (int t = 0; t < T; t++) {
+        float *r = res + (size_t)t * D;
+        const float *a = add && !add_bf16 ? (const float *)add + (size_t)t * D : NULL;
+        const uint16_t *ab = add && add_bf16 ? (const uint16_t *)add + (size_t)t * D : NULL;
+        __m256 ss = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= D; i += 8) {
+            __m256 v = _mm256_loadu_ps(r + i);
+            if (a) v = _mm256_add_ps(v, _mm256_loadu_ps(a + i));
+            if (ab) v = _mm256_add_ps(v, bf16_load8(ab + i));
+            if (a || ab) _mm256_storeu_ps(r + i, v);
+            ss = _mm256_add_ps(ss, _mm256_mul_ps(v, v));
+        }
+        float s = hsum256(ss);
+        for (; i < D; i++) {
+            if (a) r[i] += a[i];
+            if (ab) r[i] += bf16_float(ab[i]);
+            s += r[i] * r[i];
+        }
+        float inv = 1.f / sqrtf(s / (float)D + eps);
+        __m256 vi = _mm256_set1_ps(inv);
+        if (out_bf16) {
+            uint16_t *o = (uint16_t *)out + (size_t)t * D;
+            for (i = 0; i + 8 <= D; i += 8)
+                bf16_store8(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), vi), _mm256_loadu_ps(w + i)));
+            for (; i < D; i++) o[i] = bf16_bits(r[i] * inv * w[i]);
+        } else {
+            float *o = (float *)out + (size_t)t * D;
+            for (i = 0; i + 8 <= D; i += 8)
+                _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + i), vi), _mm256_loadu_ps(w + i)));
+            for (; i < D; i++) o[i] = r[i] * inv * w[i];
+        }
+    }
+}
+
+/* rmsnorm2_cpu with fp32 add and out (the decode step's). */
+void rmsnorm_cpu(float *res, const float *add, const float *w, float *out, int T, int D, float eps) {
+    rmsnorm2_cpu(res, add, 0, w, out, 0, T, D, eps);
 }
 
 /* KV cache kinds of rope_kv_cpu */
@@ -422,7 +457,9 @@ void rope_kv_cpu(float *qkv, const float *cos, const float *sin, int T, int nh, 
             if (kind == KV_F32) {
                 memcpy((float *)rows + o, x, sizeof(float) * hd);
             } else if (kind == KV_BF16) {
-                for (int i = 0; i < hd; i++) ((uint16_t *)rows)[o + i] = bf16_bits(x[i]);
+                int i = 0;
+                for (; i + 8 <= hd; i += 8) bf16_store8((uint16_t *)rows + o + i, _mm256_loadu_ps(x + i));
+                for (; i < hd; i++) ((uint16_t *)rows)[o + i] = bf16_bits(x[i]);
             } else {
                 float sc = scale[j], z = zp[j];
                 for (int i = 0; i < hd; i++) {
