@@ -2,7 +2,7 @@
 
 - tiny random llama (4 heads, 2 KV heads) at tp=2, fp16 and w4a16 + int8 KV: greedy tokens equal tp=1 on the
   same workspace (tp=1 reassembles the shards), prefill logits close; MQA (1 KV head) at tp=2: the KV head
-  replicated on both ranks.
+  replicated on both ranks; the calling process (rank 0) keeps its torch thread count.
 - the CLI: `pipeline=serve serve.tp=2` on tiny-random w4a16 (RTN stages, turbomind tp=2, serve on two ranks).
 - SmolLM2-135M (9 heads, 3 KV heads: tp=2 divides neither, refused naming the valid tp values [1, 3]) at tp=3,
   fp16 and w4a16 (RTN, group 64) workspaces from the load artifact: greedy tokens equal tp=1 for several
@@ -65,7 +65,9 @@ def run_both(ws: Path, prompts, tp: int, params=GREEDY, logits=False, **over):
 
 @pytest.mark.parametrize("kind", ["fp16", "w4", "mqa"])
 def test_tiny_tp2_greedy_equals_tp1(tiny_ws, kind):
+    threads = torch.get_num_threads()
     (ref, l1, s1), (got, l2, s2) = run_both(tiny_ws / kind, PROMPTS, 2, logits=True)
+    assert torch.get_num_threads() == threads      # rank 0 in this process: its thread share only inside its steps
     assert got == ref
     assert (l1 - l2).abs().max() <= 1e-4 * l1.abs().max()
     assert s2["tp"] == 2 and s1["tp"] == 1

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -262,8 +263,10 @@ def _kill(procs: list) -> None:
 class TPRunner:
     """Rank 0's stand-in for the ModelRunner: broadcasts each call to the followers, runs its own shard."""
 
-    def __init__(self, worker: Worker, procs: list, devices: list, store, ctrl, timeout_s: float):
+    def __init__(self, worker: Worker, procs: list, devices: list, store, ctrl, timeout_s: float,
+                 threads: Optional[int] = None):
         self.worker, self.local = worker, worker.runner
+        self.threads = threads        # torch threads for rank 0's own compute on a CPU (cpu_threads), else None
         self.procs, self.devices, self.store, self.ctrl = procs, devices, store, ctrl
         self.tp, self.timeout_s = len(devices), timeout_s
         self.args, self.device, self.kv_mode = self.local.args, self.local.device, self.local.kv_mode
@@ -291,7 +294,8 @@ class TPRunner:
                 raise RuntimeError("the tensor-parallel group is shut down")
             try:
                 self._send(op, tensors, extra, obj)
-                return local()
+                with cpu_threads(self.threads):
+                    return local()
             except Exception as e:
                 dead = self.dead_rank()
                 if dead:
@@ -411,6 +415,21 @@ def _await(store, procs: list, devices: list, key: str, what: str, timeout_s: fl
         time.sleep(0.05)
 
 
+@contextmanager
+def cpu_threads(n: Optional[int]):
+    """torch's intra-op threads set to n for the block (None: unchanged); the caller's setting is restored after, so
+    that a tensor-parallel engine made in a Python process does not leave that process on n threads."""
+    prev = torch.get_num_threads()
+    if n is None or n == prev:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def launch(ws, device: torch.device, tp: int, spec: dict, timeout_s: float = 120.0) -> TPRunner:
     """Spawn ranks 1..tp-1, join them in a process group, load rank 0's shard; returns rank 0's TPRunner.
     spec: session_len, quant_policy, kv_mode, max_batch_size, cache_max_entry_count, num_blocks, cuda_graphs."""
@@ -426,7 +445,7 @@ def launch(ws, device: torch.device, tp: int, spec: dict, timeout_s: float = 120
         devices = [torch.device("cuda", i) for i in range(tp)]
     else:
         devices = [torch.device("cpu")] * tp
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    threads = max(1, (os.cpu_count() or 1) // tp) if device.type == "cpu" else None   # rank 0's share of the cores
     os.environ.update(NO_MULTICAST)
     store = dist.TCPStore("127.0.0.1", 0, tp, True, timedelta(seconds=timeout_s), wait_for_workers=False)
     repo = str(Path(__file__).resolve().parents[2])
@@ -442,7 +461,8 @@ def launch(ws, device: torch.device, tp: int, spec: dict, timeout_s: float = 120
         if devices[0].type == "cuda":
             torch.cuda.set_device(devices[0])
         ctrl = _init_groups(store, 0, tp, devices[0], timeout_s)
-        runner = _load(w, 0, tp, devices[0], spec)
+        with cpu_threads(threads):
+            runner = _load(w, 0, tp, devices[0], spec)
         _await(store, procs, devices, "ready", "load its shards", timeout_s)
     except BaseException:
         _kill(procs)
@@ -451,7 +471,7 @@ def launch(ws, device: torch.device, tp: int, spec: dict, timeout_s: float = 120
         raise
     print(f"tensor parallelism: tp={tp} on {', '.join(map(str, devices))}; follower pids "
           f"{' '.join(str(p.pid) for p in procs)}", file=sys.stderr, flush=True)
-    return TPRunner(Worker(runner, spec, ctrl), procs, devices, store, ctrl, timeout_s)
+    return TPRunner(Worker(runner, spec, ctrl), procs, devices, store, ctrl, timeout_s, threads)
 
 
 if __name__ == "__main__":   # a follower rank, started by launch()
