@@ -254,10 +254,10 @@ class NativeRunner(ModelRunner):
                max_context_len: Optional[int] = None) -> torch.Tensor:
         if self.attn_cpu is not None:       # the C kernel reads each sequence's rows in place: no gather, no mask
             with self.decode_threading(), torch.inference_mode():
-                attend = self.attn_cpu.step(block_tables, context_lens)
                 if self.fused is not None and tokens.shape[0] < self.fused.max_rows:
-                    return self._run_fused(tokens, positions, slots, attend.keep[2])
-                return self._run(tokens, positions, slots, attend)
+                    return self._run_fused(tokens, positions, slots,
+                                           self.attn_cpu.step_args(block_tables, context_lens))
+                return self._run(tokens, positions, slots, self.attn_cpu.step(block_tables, context_lens))
         B = tokens.shape[0]
         ctx = context_lens.tolist()
         n_max = max(ctx)

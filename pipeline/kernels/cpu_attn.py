@@ -102,11 +102,10 @@ class PagedAttnCPU:
         self._ptrs = [(c.data_ptr(), p["scale"].data_ptr() if p else None, p["zp"].data_ptr() if p else None)
                       for c, p in zip(caches, params)]
 
-    def step(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> Callable[[int, torch.Tensor],
-                                                                                       torch.Tensor]:
-        """attend(l, q (B, nh, hd) fp32) -> (B, nh * hd) fp32 for a decode step's sequences: the block tables
-        (B, max_blocks) and context lengths (B,) (this token's row included) checked and converted once for all
-        layers. The output is one buffer of the step, rewritten by each layer's call."""
+    def step_args(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> _Step:
+        """csrc's attn_step for a decode step's sequences: the block tables (B, max_blocks) and context lengths (B,)
+        (this token's row included) checked and converted once for all layers; it keeps (`.keep`) the tensors its
+        pointers point into. kernels/cpu_decoder.py passes it to the one-call decode step."""
         bt = block_tables if block_tables.dtype == torch.int32 and block_tables.is_contiguous() \
             else block_tables.to(torch.int32).contiguous()           # (B, max_blocks)
         ctx = context_lens if context_lens.dtype == torch.int32 and context_lens.is_contiguous() \
@@ -118,6 +117,15 @@ class PagedAttnCPU:
         if rc:
             raise ValueError(f"attn_cpu: " + ("unsupported shape" if rc == -1 else "a context longer than its block "
                              f"table, or a block id outside the cache's {self.num_blocks}"))
+        st.keep = (bt, ctx)
+        return st
+
+    def step(self, block_tables: torch.Tensor, context_lens: torch.Tensor) -> Callable[[int, torch.Tensor],
+                                                                                       torch.Tensor]:
+        """attend(l, q (B, nh, hd) fp32) -> (B, nh * hd) fp32 for a decode step's sequences (step_args). The output
+        is one buffer of the step, rewritten by each layer's call."""
+        st = self.step_args(block_tables, context_lens)
+        B, nh, hd = st.B, self.n_heads, self.head_dim
         out = torch.empty(B, nh * hd, dtype=torch.float32)
         fn, ptrs, out_ptr, arg = self._fn, self._ptrs, out.data_ptr(), ctypes.byref(st)
 
@@ -128,7 +136,7 @@ class PagedAttnCPU:
                 raise ValueError(f"attn_cpu: q {tuple(q.shape)}, the step's are {(B, nh, hd)}")
             fn(q.data_ptr(), q.stride(0), *ptrs[l], out_ptr, arg)
             return out
-        attend.keep = (bt, ctx, st)                                   # what the pointers point into
+        attend.keep = st                                              # what the pointers point into
         return attend
 
     def __call__(self, l: int, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:

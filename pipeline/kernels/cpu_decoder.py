@@ -41,7 +41,7 @@ class _Args(ctypes.Structure):
 def library() -> Optional[ctypes.CDLL]:
     lib = cpu_linear.library()
     if lib is not None and lib.decoder_cpu.argtypes is None:
-        lib.decoder_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_Layer), _I, _P, _P, _I]
+        lib.decoder_cpu.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_Layer), _I, _P, _P]
         lib.decoder_cpu_scratch.restype = ctypes.c_long
         lib.decoder_cpu_scratch.argtypes = [_I] * 6
     return lib
@@ -104,7 +104,7 @@ class FusedDecoder:
     def __call__(self, res: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  step: _Step) -> torch.Tensor:
         """res (T, D) fp32 contiguous (in place: the residual stream after the last layer); cos / sin (T, hd) fp32,
-        slots (T,) int64 contiguous; step: the attention's step struct (PagedAttnCPU.step(...).keep[2]). Returns x
+        slots (T,) int64 contiguous; step: the attention's step struct (PagedAttnCPU.step_args). Returns x
         (T, D), the last layer's MLP output (the caller adds it and applies the final norm)."""
         T = res.shape[0]
         if T > self._scratch_rows:
@@ -114,6 +114,6 @@ class FusedDecoder:
         args = _Args(cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), ctypes.pointer(step), self._scratch.data_ptr(),
                      T, self.D, self.nh, self.nkv, self.hd, self.F, self.terms,
                      self.threads if T >= self.thread_rows else 1, self.lo, self.hi, self.kv_kind, self.eps)
-        if self._fn(ctypes.byref(args), self.layers, len(self.layers), res.data_ptr(), x.data_ptr(), 0):
+        if self._fn(ctypes.byref(args), self.layers, len(self.layers), res.data_ptr(), x.data_ptr()):
             raise MemoryError(f"decoder_cpu: no scratch memory for {T} x {self.D} activations")
         return x

@@ -50,15 +50,15 @@ static int dec_linear_run(const dec_linear *L, const float *x, float *y, int T, 
     return rc;
 }
 
-/* Runs n layers over the step: res (T, D) updated in place, x (T, D): in, the output of the layer before layers[0]
- * (NULL: none, the embedding); out, the last layer's MLP output. Returns 0, or -1 when out of scratch memory. */
-int decoder_cpu(const dec_args *a, const dec_layer *layers, int n, float *res, float *x, int x_in) {
+/* Runs n layers over the step: res (T, D), the embeddings, updated in place (the residual stream); x (T, D): out,
+ * the last layer's MLP output. Returns 0, or -1 when out of scratch memory. */
+int decoder_cpu(const dec_args *a, const dec_layer *layers, int n, float *res, float *x) {
     int T = a->T, D = a->D, H = a->nh + 2 * a->nkv, hd = a->hd;
     float *h = a->scratch, *y = h + (size_t)T * D, *qkv = y + (size_t)T * D, *o = qkv + (size_t)T * H * hd,
           *gu = o + (size_t)T * a->nh * hd;
     for (int l = 0; l < n; l++) {
         const dec_layer *L = layers + l;
-        rmsnorm_cpu(res, l || x_in ? x : NULL, L->attn_norm, h, T, D, a->eps);
+        rmsnorm_cpu(res, l ? x : NULL, L->attn_norm, h, T, D, a->eps);
         if (dec_linear_run(&L->qkv, h, qkv, T, a->terms, a->threads, 0)) return -1;
         rope_kv_cpu(qkv, a->cos, a->sin, T, a->nh, a->nkv, hd, L->kv_rows, a->slots, L->kv_scale, L->kv_zp, a->lo,
                     a->hi, a->kv_kind);
