@@ -160,3 +160,25 @@ def test_load_64_streaming_clients(server):
 @pytest.mark.slow
 def test_load_64_streaming_clients_long(server):
     run_load(server, rounds=8, per_client=5, max_tokens=32, budget_s=180)
+
+
+def test_kept_alive_connection_answers_without_delayed_ack_stall(server):
+    """Requests on one kept-alive connection (what httpx, the openai client and browsers do) come back in a few
+    ms: with Nagle on the server's sockets each response's second segment waited for the client's delayed ACK,
+    ~40 ms a request, and a streamed token the same (fixed by a TCP listening socket with TCP_NODELAY)."""
+    server.wait_idle(NUM_BLOCKS)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for path, kw in (("/v1/models", {}), ("/health", {})):
+            times = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                c.get(path, **kw).raise_for_status()
+                times.append(time.perf_counter() - t0)
+            assert sorted(times)[4] < 0.025, (path, times)   # median; 44 ms each with the stall
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            r = c.post("/v1/chat/completions", json=body(1, False))
+            assert r.status_code == 200, r.text
+            times.append(time.perf_counter() - t0)
+        assert sorted(times)[2] < 0.035, times

@@ -172,6 +172,8 @@ class Engine:
                       "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0,
                       "prefill_enqueue_s": 0.0,   # of prefill_s: until the step's launches were all issued
                       "mixed_steps": 0, "mixed_decode_tokens": 0}   # prefill steps that also advanced decoders
+        # where a start's time went (seconds; /health shows it): load (from_workspace), GEMM tuning, graph captures
+        self.startup: dict[str, float] = {}
         if dev.type == "cuda" and s.get("warmup", True):
             self.warmup()
 
@@ -184,7 +186,9 @@ class Engine:
             sizes.append(self.max_prefill_tokens)
         if hasattr(self.runner, "warmup_gemms"):
             self.runner.warmup_gemms(sizes)
+        t1 = time.perf_counter()
         n_graphs = self.graphs.capture_all() if self.graphs is not None else 0
+        t2 = time.perf_counter()
         n_prefill = 0
         if not self._probe_prefill_kernel():
             self.prefill_graphs = None
@@ -196,6 +200,9 @@ class Engine:
                             type(e).__name__, str(e)[:500])
                 self.prefill_graphs = None
                 torch.cuda.synchronize(self.runner.device)
+        t3 = time.perf_counter()
+        self.startup.update(tune_s=t1 - t0, decode_graphs_s=t2 - t1, prefill_graphs_s=t3 - t2, warmup_s=t3 - t0,
+                            decode_graphs=n_graphs, prefill_graphs=n_prefill)
         log.info("warm-up: GEMMs tuned for %d prefill sizes, %d decode graphs and %d prefill graphs captured in %.1f s",
                  len(sizes), n_graphs, n_prefill, time.perf_counter() - t0)
 
@@ -234,6 +241,7 @@ class Engine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
+        t0 = time.perf_counter()
         if settings.get("tp", 1) > 1:   # tensor parallelism: this process is rank 0 (pipeline/engine/tp.py)
             from .tp import launch
             runner = launch(w, dev, settings["tp"], {**settings, "quant_policy": qp}, settings.get("tp_timeout", 120.0))
@@ -245,7 +253,10 @@ class Engine:
         if (ws / TOKENIZER).exists():
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(str(ws / TOKENIZER))
-        return cls(runner, tok, settings, c["model_name"], c["weight_type"], qp)
+        load_s = time.perf_counter() - t0
+        engine = cls(runner, tok, settings, c["model_name"], c["weight_type"], qp)
+        engine.startup["load_s"] = load_s   # weights, KV cache sizing excluded (it is in the constructor), tokenizer
+        return engine
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
@@ -317,7 +328,7 @@ class Engine:
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
                     tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps=dict(self.steps),
-                    prefix_cache=self._prefix_cache_stats())
+                    prefix_cache=self._prefix_cache_stats(), startup=dict(self.startup))
 
     def _prefix_cache_stats(self) -> dict:
         """Prefix caching counters: prompt tokens looked up and reused at admission, blocks holding a prefix hash

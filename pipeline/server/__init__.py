@@ -45,8 +45,12 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     defaults = dict(defaults or {})
     app = create_app(engine, model_name=model_name, keys=keys, info=info, defaults=defaults)
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP, and
+    # with Nagle on, every response on a kept-alive connection after its first segment waited for the client's
+    # delayed ACK: +40 ms a request, and SSE chunks held back the same way
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # inherited by accepted connections on Linux
     sock.bind((host, port))                       # port 0: the OS picks a free one
     port = sock.getsockname()[1]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
