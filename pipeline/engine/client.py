@@ -78,9 +78,6 @@ class EngineClient:
         ws = Path(workspace)
         self.workspace, self.hang_timeout, self.on_failure, self.log_file = ws, hang_timeout, on_failure, log_file
         self.tokenizer = None
-        if (ws / TOKENIZER).exists():
-            from transformers import AutoTokenizer
-            self.tokenizer = AutoTokenizer.from_pretrained(str(ws / TOKENIZER))
         self._ids = itertools.count()
         self._handles: dict[int, ClientHandle] = {}
         self._send_lock = threading.Lock()
@@ -102,13 +99,18 @@ class EngineClient:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         repo = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         log.info("engine core process started (pid %d)%s", self.proc.pid, f", its log: {log_file}" if log_file else "")
         try:
+            if (ws / TOKENIZER).exists():   # while the core starts (imports, weights, warm-up)
+                from transformers import AutoTokenizer
+                self.tokenizer = AutoTokenizer.from_pretrained(str(ws / TOKENIZER))
             self.info = self._wait_ready(start_timeout)
         except BaseException:
             self._kill()
             raise
+        self.ready_s = time.monotonic() - t0   # the core's whole start, its interpreter and imports included
         self.session_len, self.model_name = self.info["session_len"], self.info["model_name"]
         self._last_msg = time.monotonic()
         self._busy = 0.0
@@ -186,7 +188,9 @@ class EngineClient:
                                    f"in {timeout} s")
         finally:
             self._stats_wait.pop(token, None)
-        return {**box[0], "engine_pid": self.proc.pid, "engine_process": True}
+        st = {**box[0], "engine_pid": self.proc.pid, "engine_process": True}
+        st["startup"] = {**st.get("startup", {}), "spawn_to_ready_s": self.ready_s}
+        return st
 
     def start(self) -> "EngineClient":
         return self                                   # the core steps from its start

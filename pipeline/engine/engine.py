@@ -171,7 +171,10 @@ class Engine:
         self.steps = {"decode_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
                       "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0,
                       "prefill_enqueue_s": 0.0,   # of prefill_s: until the step's launches were all issued
-                      "mixed_steps": 0, "mixed_decode_tokens": 0}   # prefill steps that also advanced decoders
+                      "mixed_steps": 0, "mixed_decode_tokens": 0,   # prefill steps that also advanced decoders
+                      # prefill steps run as a graph: their rows (decoders included) and their buckets' rows (the
+                      # difference is padding computed for nothing)
+                      "prefill_graph_rows": 0, "prefill_graph_bucket_rows": 0}
         # where a start's time went (seconds; /health shows it): load (from_workspace), GEMM tuning, graph captures
         self.startup: dict[str, float] = {}
         if dev.type == "cuda" and s.get("warmup", True):
@@ -622,6 +625,8 @@ class Engine:
             host_meta = [(off, n, self._host_table(s.blocks), ctx)
                          for (off, n, _, ctx), s in zip(meta, list(decoders) + [c[0] for c in chunks])]
             logits = pg.run(tokens, positions, slots, host_meta, select or [0])[:len(select)]
+            self.steps["prefill_graph_rows"] += len(tokens)
+            self.steps["prefill_graph_bucket_rows"] += pg.bucket(len(tokens))
         else:
             sel = torch.tensor(select, dtype=torch.long, device=self.runner.device)
             logits = self.runner.prefill(*self._dev(tokens, positions, slots), meta, sel)
