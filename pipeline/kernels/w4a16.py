@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -114,19 +116,22 @@ def unpack_w4(w: W4Weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact inverse of pack_w4 -> (q (N, K) uint8, scales (K//g, N) fp16, zeros (K//g, N) fp16)."""
     K, N, g = w.K, w.N, w.group_size
     G, P = K // g, g // 8
-    packed = w.qweight.t().reshape(N, G, 1, P).to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(8, device=packed.device, dtype=torch.int64) * 4).view(1, 1, 8, 1)
-    q = ((packed >> shifts) & 0xF).reshape(N, K).to(torch.uint8)
+    if sys.byteorder == "little":   # byte i of word p holds codes 8-plane j = 2i (low nibble) and 2i + 1 (high)
+        b = w.qweight.t().contiguous().view(torch.uint8).reshape(N, G, P, 4)
+        q = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(N, G, P, 8).transpose(2, 3).reshape(N, K)
+    else:
+        packed = w.qweight.t().reshape(N, G, 1, P)   # int32: >> sign-extends, & 0xF keeps the nibble exactly
+        shifts = (torch.arange(8, device=packed.device, dtype=torch.int32) * 4).view(1, 1, 8, 1)
+        q = ((packed >> shifts) & 0xF).to(torch.uint8).reshape(N, K)
     return q, w.scales.clone(), w.zeros.clone()
 
 
 def dequantize_w4(w: W4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N, K) dense weight (q - z) * s, computed in fp32 (exact) and cast once to `dtype`."""
     q, s, z = unpack_w4(w)
-    g = w.group_size
-    s = s.float().t().repeat_interleave(g, dim=1)  # (N, K)
-    z = z.float().t().repeat_interleave(g, dim=1)
-    return ((q.float() - z) * s).to(dtype)
+    N, K, g = w.N, w.K, w.group_size
+    q = q.view(N, K // g, g).float()                                   # (N, G, g): each group's s, z broadcast
+    return ((q - z.float().t().unsqueeze(-1)) * s.float().t().unsqueeze(-1)).reshape(N, K).to(dtype)
 
 
 def w4a16_linear_ref(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
