@@ -24,8 +24,9 @@ default --output-len). The first --prefix-lead requests (default 1: the one that
 then the rest with --clients concurrent clients; every request counts in the reported numbers. (With
 --prefix-lead 0 the first wave of --clients requests is admitted before any prefix block is computed, and all
 of it misses.) It runs on the main server (serve.prefix_caching=true, after the runs above) and then on a second
-server, started after the first stops (GPU memory), with the same overrides + serve.prefix_caching=false (the
-same cached workspace), after the main warm-up. Right before the measured run, both servers get a warm-up of
+server, started after the first stops (GPU memory): the same workspace served directly, `python -m pipeline.serve
+WORKSPACE --no-prefix-caching` with the first server's max batch, session length and KV blocks (its launch to
+first token is the "second start" figure), after the main warm-up. Right before the measured run, both servers get a warm-up of
 4 requests of the same shape with another shared prefix, sent the same way (so the cache-hit path is warm, and
 no measured request hits a block the warm-up brought).
 Reported for each: TTFT p50/p90/p99, output tok/s, the server's prefix-cache hit rate over the run (prompt
@@ -497,12 +498,17 @@ def main() -> None:
         server.stop()
     if preqs:
         t0 = time.time()
-        off = ApiServer(Path(tempfile.mkdtemp(prefix="bench_serve_noprefix_")), *overrides,
-                        "serve.prefix_caching=false", cache_dir=Path(args.cache_dir))
+        # the second start: the workspace served directly (`python -m pipeline.serve WORKSPACE`, as `lmdeploy serve
+        # api_server ./workspace`), prefix caching off, the first server's batch, session and KV blocks
+        off = ApiServer.for_workspace(
+            Path(tempfile.mkdtemp(prefix="bench_serve_noprefix_")), ws, "--device", device, "--no-prefix-caching",
+            "--max-batch-size", str(h["max_batch_size"]), "--session-len", str(h["session_len"]),
+            "--cache-block-seq-len", str(h["block_size"]), "--num-blocks", str(h["total_blocks"]))
         off.start(timeout=1800)
         res["prefix_off_startup_s"] = time.time() - t0
         res["prefix_off_first_token_s"] = first_token_s(off.url, h["model"], t0)   # the target: launch -> a token
         res["prefix_off_startup"] = off.health().get("startup")   # where the engine core's start went
+        res["prefix_off_command"] = " ".join(["python -m pipeline.serve", *map(str, off.cmd[3:])])
         try:
             run(off.url, warm, min(WARMUP_REQUESTS, args.clients))
             run(off.url, pwarm, min(WARMUP_REQUESTS, args.clients), args.prefix_lead)
