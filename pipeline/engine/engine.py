@@ -41,6 +41,7 @@ import torch
 
 from ..kernels import pdl
 from ..kernels.dispatch import use_native, use_triton
+from ..kernels.tuner import tuning_summary
 from ..artifacts.workspace import QUANT_POLICIES, TOKENIZER, Workspace
 from ..weights import table_row
 from .blocks import BlockManager, blocks_for
@@ -205,7 +206,7 @@ class Engine:
                 torch.cuda.synchronize(self.runner.device)
         t3 = time.perf_counter()
         self.startup.update(tune_s=t1 - t0, decode_graphs_s=t2 - t1, prefill_graphs_s=t3 - t2, warmup_s=t3 - t0,
-                            decode_graphs=n_graphs, prefill_graphs=n_prefill)
+                            decode_graphs=n_graphs, prefill_graphs=n_prefill, **tuning_summary())
         log.info("warm-up: GEMMs tuned for %d prefill sizes, %d decode graphs and %d prefill graphs captured in %.1f s",
                  len(sizes), n_graphs, n_prefill, time.perf_counter() - t0)
 

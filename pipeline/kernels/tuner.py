@@ -214,6 +214,15 @@ def _check_output(name: str, out, ref: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- tuner
+TUNERS: list["Tuner"] = []   # every tuner made in this process (engine start-up reports: tuning_summary)
+
+
+def tuning_summary() -> dict[str, int]:
+    """Shape keys whose choice this process read from the tuning files (`loaded`) or timed itself (`timed`)."""
+    loaded = sum(len(t.loaded) for t in TUNERS)
+    return {"tuning_loaded_keys": loaded, "tuning_timed_keys": sum(len(t.times) for t in TUNERS) - loaded}
+
+
 class Tuner:
     def __init__(self, env: str, timer: Callable = bench_ms, version: str = "0"):
         self.env, self.timer, self.version = env, timer, version
@@ -226,6 +235,7 @@ class Tuner:
         self._disk: dict[str, dict[str, dict]] = {}     # {context: {key repr: entry}}, as last read or written
         self._mine: dict[str, dict[str, dict]] = {}     # what this process tuned (re-merged on every write)
         self._warned: set[str] = set()
+        TUNERS.append(self)
 
     def record(self, key: tuple) -> tuple[str | None, dict[str, float]]:
         return self.tuned.get(key), self.times.get(key, {})
