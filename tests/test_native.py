@@ -61,6 +61,24 @@ def test_int4_linear_matches_reference(monkeypatch, N, K, g, M, dense_rows):
     torch.testing.assert_close(exact(x, bias), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_int4_packed_takes_a_strided_input(device):
+    """A column slice (the SwiGLU's gate half, as NativeRunner.warmup_gemms passes it) gives the contiguous input's
+    result: PyTorch's CUDA int4 op raised 'Expected A.is_contiguous()' on it (the forced native backend on an H100,
+    2026-12-07)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    w = w4(64, 256, 64)
+    w = w.to(device)
+    lin = Int4Packed(w)
+    wide = torch.randn(5, 512, device=device).bfloat16()
+    x = wide[:, :256]
+    assert not x.is_contiguous()
+    torch.testing.assert_close(lin(x).float(), lin(x.contiguous()).float(), rtol=0, atol=0)
+    ref = w4a16_linear_ref(x.float(), w)
+    assert (lin(x).float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+
+
 @pytest.mark.parametrize("N,K,M", [(64, 128, 1), (72, 200, 7), (256, 576, 17)])
 def test_int8_linear_matches_reference(N, K, M):
     gen = torch.Generator().manual_seed(1)
