@@ -137,6 +137,17 @@ async def one_request(c: httpx.AsyncClient, model: str, req: dict) -> dict:
     return {"ttft": times[0] - t0, "itl": itl, "tokens": counts[-1], "latency": times[-1] - t0}
 
 
+def server_latency(h0: dict, h1: dict):
+    """Mean ms over a run, from /health's counters (None where the server has none): the front end's arrival ->
+    engine submit and arrival -> first token's event; the engine's submit -> admitted and submit -> first token."""
+    (f0, e0), (f1, e1) = ((h.get("frontend_latency"), h.get("latency")) for h in (h0, h1))
+    if not (f0 and f1 and e0 and e1):
+        return None
+    mean = lambda a, b, k, n: 1e3 * (b[k] - a[k]) / (b[n] - a[n]) if b[n] > a[n] else None  # noqa: E731
+    return {"frontend_submit": mean(f0, f1, "submit_s", "streams"),
+            "frontend_ttft": mean(f0, f1, "ttft_s", "first_chunks"), "engine_queue": mean(e0, e1, "queue_s", "first_tokens"), "engine_ttft": mean(e0, e1, "ttft_s", "first_tokens")}
+
+
 def cache_delta(h0: dict, h1: dict):
     """The server's prefix-cache counters over a run (None where /health has no `prefix_cache`)."""
     a, b = h0.get("prefix_cache"), h1.get("prefix_cache")
@@ -176,6 +187,7 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
         sampler.cancel()
         h1 = (await c.get("/health")).json()
     steps = {k: h1["steps"][k] - h0["steps"][k] for k in h0["steps"]}   # the engine's own account of this run
+    lat = server_latency(h0, h1)
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft = [r["ttft"] for r in ok]
@@ -191,6 +203,8 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
             "ttft_ms_first_wave": {p: 1e3 * pct(wave, p) for p in (50, 90, 99)} if wave else None,
             "ttft_ms_later": {p: 1e3 * pct(later, p) for p in (50, 90, 99)} if later else None,
             "itl_ms": {p: 1e3 * pct(itl, p) for p in (50, 90, 99)},
+            "ttft_ms_mean": 1e3 * statistics.mean(ttft) if ttft else None,
+            "server_latency_ms": lat,
             "lead_requests": min(lead, len(reqs)),
             "lead_ttft_ms": [1e3 * r.get("ttft", math.nan) for r in results[:lead]],
             "mean_running_batch": statistics.mean(running) if running else 0.0,
@@ -596,6 +610,13 @@ def table(r: dict) -> None:
             if on.get(part) and off.get(part):
                 print(f"  TTFT p50 of {label}: on {on[part][50]:.0f} ms, off {off[part][50]:.0f} ms "
                       f"({off[part][50] / on[part][50]:.2f}x)")
+    print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued):")
+    for name, x in rows:
+        lat = x.get("server_latency_ms")
+        if lat and x.get("ttft_ms_mean") is not None:
+            f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            print(f"  {name:<38} {x['ttft_ms_mean']:.1f} | {f(lat['frontend_ttft'])} (submit {f(lat['frontend_submit'])}) | "
+                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])})")
     for label, wall, parts in (("first start", r["startup_s"], r.get("startup")),
                                ("second start", r.get("prefix_off_startup_s"), r.get("prefix_off_startup"))):
         if wall is not None:

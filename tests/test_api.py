@@ -45,6 +45,22 @@ def test_startup_log_names_workspace_quant_kv_url(server):
     assert f"listening on {server.url}" in log
 
 
+def test_health_reports_start_up_and_first_token_latency(server, client):
+    """/health says where the start went and where a streamed request's first token's time went: in the front end
+    (arrival -> submitted, arrival -> first event) and in the engine (submit -> admitted, submit -> first token)."""
+    h0 = server.health()
+    assert {"load_s", "core_s", "spawn_to_ready_s"} <= set(h0["startup"]), h0["startup"]
+    stream = client.completions.create(model="tiny-random", prompt="a b c", max_tokens=3, stream=True)
+    assert sum(1 for _ in stream) >= 1
+    h1 = server.health()
+    f0, f1, e0, e1 = h0["frontend_latency"], h1["frontend_latency"], h0["latency"], h1["latency"]
+    assert f1["streams"] - f0["streams"] == 1 and f1["first_chunks"] - f0["first_chunks"] == 1
+    assert e1["first_tokens"] - e0["first_tokens"] == 1
+    front, engine = f1["ttft_s"] - f0["ttft_s"], e1["ttft_s"] - e0["ttft_s"]
+    assert 0 < engine <= front < 30, (engine, front)   # the engine's span lies inside the front end's
+    assert 0 <= e1["queue_s"] - e0["queue_s"] <= engine and 0 < f1["submit_s"] - f0["submit_s"] <= front
+
+
 def test_models_health_and_keys(server, client):
     assert [m.id for m in client.models.list()] == ["tiny-random"]
     h = server.health()                                  # /health is open (no key needed)

@@ -176,6 +176,9 @@ class Engine:
                       # prefill steps run as a graph: their rows (decoders included) and their buckets' rows (the
                       # difference is padding computed for nothing)
                       "prefill_graph_rows": 0, "prefill_graph_bucket_rows": 0}
+        # requests' time inside the engine (seconds, summed; /health): submit -> admitted (queue), submit -> first
+        # token chosen (ttft; its output goes out right after the step)
+        self.latency = {"first_tokens": 0, "queue_s": 0.0, "ttft_s": 0.0}
         # where a start's time went (seconds; /health shows it): load (from_workspace), GEMM tuning, graph captures
         self.startup: dict[str, float] = {}
         if dev.type == "cuda" and s.get("warmup", True):
@@ -276,7 +279,7 @@ class Engine:
         detok = Detokenizer(self.tokenizer, params.stop) if self.detokenize else Detokenizer(None, [])
         state = processors.RowState(params, prompt, self._matcher(params)) if processors.needs_state(params) else None
         seq = Sequence(rid, prompt, params, self.handle_factory(self, rid), gen, reserve=need, detok=detok,
-                       state=state)
+                       state=state, t_submit=time.perf_counter())
         with self._lock:
             self._inbox.append(seq)
         self._wake.set()
@@ -332,7 +335,7 @@ class Engine:
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
                     tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps=dict(self.steps),
-                    prefix_cache=self._prefix_cache_stats(), startup=dict(self.startup))
+                    prefix_cache=self._prefix_cache_stats(), startup=dict(self.startup), latency=dict(self.latency))
 
     def _prefix_cache_stats(self) -> dict:
         """Prefix caching counters: prompt tokens looked up and reused at admission, blocks holding a prefix hash
@@ -405,6 +408,7 @@ class Engine:
             for h in self._prompt_hashes.get(id(s), [])[len(hit):]:
                 self._computing.setdefault(h, s.rid)
             self.running.append(s)
+            self.latency["queue_s"] += time.perf_counter() - s.t_submit
         batch = list(self.running)
         try:
             # prefill first: a new request's first token does not wait behind the running batch's decode step
@@ -680,6 +684,9 @@ class Engine:
                 self._finish(s, "stop")
                 continue
             s.out_ids.append(t)
+            if len(s.out_ids) == 1:
+                self.latency["first_tokens"] += 1
+                self.latency["ttft_s"] += time.perf_counter() - s.t_submit
             if lps is not None and lps[i] is not None:
                 s.logprobs.append(lps[i])
             cut = s.detok.add(t)

@@ -92,6 +92,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)   # one entry per out_ids token when params.logprobs is set
     prompt_logprobs: Optional[list] = None         # params.prompt_logprobs: [None, one entry per prompt token ...]
     _sent_prompt_logprobs: bool = False
+    t_submit: float = 0.0                          # time.perf_counter() at submit (latency counters: engine.py)
 
     def __post_init__(self):
         if self.params.prompt_logprobs is not None:

@@ -76,6 +76,9 @@ class Server:
         self.engine, self.model_name, self.info = engine, model_name, info
         self.defaults = {**DEFAULTS, **defaults}
         self.counts = {"requests_total": 0, "requests_cancelled": 0, "requests_failed": 0}
+        # streamed requests' time in this process (seconds, summed; /health's frontend_latency): the request's
+        # arrival -> handed to the engine (submit_s), -> its first token's event yielded (ttft_s)
+        self.latency = {"streams": 0, "submit_s": 0.0, "first_chunks": 0, "ttft_s": 0.0}
         self.session_len = int(engine.stats()["session_len"])
 
     # ------------------------------------------------------------------ request -> prompts, params
@@ -175,13 +178,15 @@ class Server:
         return results
 
     async def stream(self, pending: Pending, rid: str, created: int, replies: Optional[list], include_usage: bool,
-                     continuous: bool, echo: Optional[list] = None, echo_logprobs: bool = False, n: int = 1):
+                     continuous: bool, echo: Optional[list] = None, echo_logprobs: bool = False, n: int = 1,
+                     t_arrival: Optional[float] = None):
         """SSE events of every handle, merged as they arrive; then usage (if asked) and [DONE].
         replies: chat only, each choice's tools.Reply (its text as content or tool-call deltas).
         continuous: each text chunk carries its request's usage so far (live tokens/s in the page).
         echo: per prompt (prompt ids, its text or None) for completions with echo: sent as each choice's first chunk
         (with the prompt's logprobs if echo_logprobs).
-        n: choices per prompt (choice i answers prompt i // n)."""
+        n: choices per prompt (choice i answers prompt i // n).
+        t_arrival: the request's perf_counter() on arrival (each choice's first token counted in `latency`)."""
         chat = replies is not None
         kind = "chat.completion.chunk" if chat else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
@@ -208,7 +213,7 @@ class Server:
             if chat:
                 for i in range(len(handles)):
                     yield sse(chunk(i, None, None, first=True))
-            left, usage, echoed = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set()
+            left, usage, echoed, firsts = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set(), set()
             while left:
                 i, out = await queue.get()
                 if isinstance(out, Exception) or out.finish_reason == "error":
@@ -220,6 +225,10 @@ class Server:
                     echoed.add(i)
                     head, lp = self.echo_prompt(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
                     yield sse(chunk(i, head, None, logprobs=lp))
+                if out.token_ids and i not in firsts and t_arrival is not None:
+                    firsts.add(i)
+                    self.latency["first_chunks"] += 1
+                    self.latency["ttft_s"] += time.perf_counter() - t_arrival
                 lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
                 deltas = replies[i].deltas(out.text) if chat else [None] * bool(out.text)
                 if (lps or (continuous and out.token_ids)) and not deltas:   # with usage: a chunk per step, text or not
@@ -260,6 +269,7 @@ class Server:
         return head, None if prompt_logprobs is None else fmt.completion(i, prompt, prompt_logprobs)
 
     async def complete(self, request: Request, chat: bool):
+        t_arrival = time.perf_counter()
         req = parse_body(await read_body(request), ChatRequest if chat else CompletionRequest)
         self.check_model(req.model)
         if chat:
@@ -272,8 +282,10 @@ class Server:
         if req.stream:
             so = req.stream_options
             replies = [tools.Reply.for_request(req) for _ in pending.handles] if chat else None
+            self.latency["streams"] += 1
+            self.latency["submit_s"] += time.perf_counter() - t_arrival
             events = self.stream(pending, rid, created, replies, bool(so and so.include_usage),
-                                 bool(so and so.continuous_usage_stats), echo, echo_logprobs, req.n)
+                                 bool(so and so.continuous_usage_stats), echo, echo_logprobs, req.n, t_arrival)
             return EngineStream(events, on_disconnect=pending.cancel)
         results = await self.collect(request, pending)
         usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in results[::req.n]),   # once a prompt
@@ -366,7 +378,8 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_name, **srv.info, **srv.engine.stats(), **srv.counts}
+        return {"status": "ok", "model": model_name, **srv.info, **srv.engine.stats(), **srv.counts,
+                "frontend_latency": dict(srv.latency)}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
