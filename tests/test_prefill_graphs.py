@@ -12,11 +12,14 @@ from test_engine import ARGS, PROMPTS, tiny  # noqa: F401 - the module's workspa
 
 
 def test_prefill_buckets():
-    assert prefill_buckets(2048) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert prefill_buckets(2048) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
+                                     1280, 1536, 1792, 2048]
     assert prefill_buckets(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert prefill_buckets(300) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 300]
     assert prefill_buckets(16) == [16]
-    b = prefill_buckets(2048)
+    b = prefill_buckets(4096)
     assert all(y <= 1.5 * x for x, y in zip(b, b[1:]))        # padding at most a third of a bucket
+    assert all(y <= 1.25 * x for x, y in zip(b, b[1:]) if x >= 256)   # a fifth where the step is compute-bound
 
 
 def chunks(eng, gen):

@@ -113,14 +113,18 @@ class DecodeGraphs:
 
 
 PREFILL_MIN_BUCKET = 16
+PREFILL_FINE_FROM = 256   # from here, quarter steps between powers of two
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
-    """Token-count buckets of the prefill graphs: 16, 24, 32, 48, 64, ... (powers of two and 1.5x between them, so
-    padding wastes at most a third), the last one max_tokens."""
+    """Token-count buckets of the prefill graphs: 16, 24, 32, 48, ..., 192 (powers of two and 1.5x between them:
+    padding at most a third, cheap while the weights' bytes bound the step), then quarter steps 256, 320, 384, 448,
+    512, 640, ... (padding at most a fifth where the GEMMs' FLOPs bound it: 13% of the rows of a 7B's serving run
+    were padding with 1.5x steps, ~8% expected with these), the last one max_tokens."""
     out, b = [], PREFILL_MIN_BUCKET
     while b < max_tokens:
-        out += [b] + ([b * 3 // 2] if b * 3 // 2 < max_tokens else [])
+        steps = (b, b * 3 // 2) if b < PREFILL_FINE_FROM else (b, b * 5 // 4, b * 3 // 2, b * 7 // 4)
+        out += [x for x in steps if x < max_tokens]
         b *= 2
     return out + [max_tokens]
 
