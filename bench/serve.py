@@ -145,7 +145,8 @@ def server_latency(h0: dict, h1: dict):
         return None
     mean = lambda a, b, k, n: 1e3 * (b[k] - a[k]) / (b[n] - a[n]) if b[n] > a[n] else None  # noqa: E731
     return {"frontend_submit": mean(f0, f1, "submit_s", "streams"),
-            "frontend_ttft": mean(f0, f1, "ttft_s", "first_chunks"), "engine_queue": mean(e0, e1, "queue_s", "first_tokens"), "engine_ttft": mean(e0, e1, "ttft_s", "first_tokens")}
+            "frontend_ttft": mean(f0, f1, "ttft_s", "first_chunks"), "engine_queue": mean(e0, e1, "queue_s", "admitted"),
+            "engine_ttft": mean(e0, e1, "ttft_s", "first_tokens")}
 
 
 def cache_delta(h0: dict, h1: dict):

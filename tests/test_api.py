@@ -55,7 +55,7 @@ def test_health_reports_start_up_and_first_token_latency(server, client):
     h1 = server.health()
     f0, f1, e0, e1 = h0["frontend_latency"], h1["frontend_latency"], h0["latency"], h1["latency"]
     assert f1["streams"] - f0["streams"] == 1 and f1["first_chunks"] - f0["first_chunks"] == 1
-    assert e1["first_tokens"] - e0["first_tokens"] == 1
+    assert e1["first_tokens"] - e0["first_tokens"] == 1 and e1["admitted"] - e0["admitted"] == 1
     front, engine = f1["ttft_s"] - f0["ttft_s"], e1["ttft_s"] - e0["ttft_s"]
     assert 0 < engine <= front < 30, (engine, front)   # the engine's span lies inside the front end's
     assert 0 <= e1["queue_s"] - e0["queue_s"] <= engine and 0 < f1["submit_s"] - f0["submit_s"] <= front

@@ -176,9 +176,9 @@ class Engine:
                       # prefill steps run as a graph: their rows (decoders included) and their buckets' rows (the
                       # difference is padding computed for nothing)
                       "prefill_graph_rows": 0, "prefill_graph_bucket_rows": 0}
-        # requests' time inside the engine (seconds, summed; /health): submit -> admitted (queue), submit -> first
-        # token chosen (ttft; its output goes out right after the step)
-        self.latency = {"first_tokens": 0, "queue_s": 0.0, "ttft_s": 0.0}
+        # requests' time inside the engine (seconds, summed; /health): submit -> admitted (queue_s over `admitted`),
+        # submit -> first token chosen (ttft_s over `first_tokens`; its output goes out right after the step)
+        self.latency = {"admitted": 0, "queue_s": 0.0, "first_tokens": 0, "ttft_s": 0.0}
         # where a start's time went (seconds; /health shows it): load (from_workspace), GEMM tuning, graph captures
         self.startup: dict[str, float] = {}
         if dev.type == "cuda" and s.get("warmup", True):
@@ -262,7 +262,7 @@ class Engine:
             tok = AutoTokenizer.from_pretrained(str(ws / TOKENIZER))
         load_s = time.perf_counter() - t0
         engine = cls(runner, tok, settings, c["model_name"], c["weight_type"], qp)
-        engine.startup["load_s"] = load_s   # weights, KV cache sizing excluded (it is in the constructor), tokenizer
+        engine.startup["load_s"] = load_s   # the runner (weights) and the tokenizer; the KV cache comes after
         return engine
 
     # ------------------------------------------------------------------ public API
@@ -408,6 +408,7 @@ class Engine:
             for h in self._prompt_hashes.get(id(s), [])[len(hit):]:
                 self._computing.setdefault(h, s.rid)
             self.running.append(s)
+            self.latency["admitted"] += 1
             self.latency["queue_s"] += time.perf_counter() - s.t_submit
         batch = list(self.running)
         try:

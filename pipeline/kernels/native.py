@@ -76,7 +76,7 @@ class Int4Packed:
     def __call__(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1]), bias).reshape(*x.shape[:-1], self.N)
-        # contiguous: the CUDA op rejects a strided input (a slice such as gate_up[:, :hidden]); the CPU one copes
+        # contiguous: PyTorch's int4 ops (CUDA and CPU) reject a strided input, e.g. a slice gate_up[:, :hidden]
         y = self._mm(x.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_zeros)
         return y if bias is None else y + bias
 

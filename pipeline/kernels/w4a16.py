@@ -41,9 +41,8 @@ are saved per GPU and reused by the next process (PIPELINE_TUNE_CACHE=0 turns th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
