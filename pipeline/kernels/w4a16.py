@@ -129,8 +129,9 @@ def dequantize_w4(w: W4Weight, dtype: torch.dtype = torch.float32) -> torch.Tens
     """(N, K) dense weight (q - z) * s, computed in fp32 (exact) and cast once to `dtype`."""
     q, s, z = unpack_w4(w)
     N, K, g = w.N, w.K, w.group_size
-    q = q.view(N, K // g, g).float()                                   # (N, G, g): each group's s, z broadcast
-    return ((q - z.float().t().unsqueeze(-1)) * s.float().t().unsqueeze(-1)).reshape(N, K).to(dtype)
+    out = q.view(N, K // g, g).float()                                 # (N, G, g): each group's s, z broadcast
+    out.sub_(z.float().t().unsqueeze(-1)).mul_(s.float().t().unsqueeze(-1))   # in place: one (N, K) fp32 buffer
+    return out.view(N, K).to(dtype)
 
 
 def w4a16_linear_ref(x: torch.Tensor, w: W4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
