@@ -128,6 +128,24 @@ def test_engine_native_w8a8_greedy_equals_reference(monkeypatch, tiny_w8, qp):  
     assert nat.generate(PROMPTS, GREEDY) == ref.generate(PROMPTS, GREEDY)
 
 
+@pytest.mark.gpu
+def test_engine_native_forced_on_cuda_warms_up_and_matches_reference(monkeypatch, tiny):  # noqa: F811
+    """The old-GPU path (PIPELINE_KERNELS=native on a CUDA device): the engine builds, warms up (its GEMMs at every
+    prefill size: this crashed on an H100 on a strided input) and gives the reference path's logits within bf16's
+    error."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setenv("PIPELINE_KERNELS", "reference")
+    ref = Engine.from_workspace(tiny["root"] / "w4", "cuda", {"session_len": 256, "quant_policy": 4})
+    monkeypatch.setenv("PIPELINE_KERNELS", "native")
+    nat = Engine.from_workspace(tiny["root"] / "w4", "cuda", {"session_len": 256, "quant_policy": 4})
+    assert isinstance(nat.runner, NativeRunner) and nat.runner.device.type == "cuda"
+    prompt = list(range(3, 60))
+    lr, ln = ref.prompt_logits(prompt).float().cpu(), nat.prompt_logits(prompt).float().cpu()
+    assert (lr - ln).abs().mean() <= 4e-2 * lr.abs().mean()
+    assert len(nat.generate(PROMPTS, GREEDY)[0]) == GREEDY.max_new_tokens
+
+
 def test_engine_native_bf16_logits_close_to_reference(monkeypatch, tiny):  # noqa: F811
     ref, nat = engines(monkeypatch, tiny["root"] / "w4", {"session_len": 256, "quant_policy": 4}, dtype="bf16")
     prompt = list(range(3, 60))
