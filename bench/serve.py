@@ -585,8 +585,6 @@ def table(r: dict) -> None:
         if st.get("prefill_steps"):
             print(f"{name}: {st['prefill_steps']} prefill steps, {1e3 * st['prefill_s'] / st['prefill_steps']:.1f} ms "
                   f"each, of which {1e3 * st.get('prefill_enqueue_s', 0.0) / st['prefill_steps']:.1f} ms issuing launches")
-    for name, x in (("batched", b), ("batch-1", one)):
-        st = x["engine_steps"]
         if st.get("prefill_graph_bucket_rows"):
             print(f"{name}: prefill graphs ran {st['prefill_graph_bucket_rows']} bucket rows for "
                   f"{st['prefill_graph_rows']} real ones "
