@@ -114,7 +114,7 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                                          (2, 33, 128, 32, "swap_split3"), (3, 40, 384, 128, "swap_k8"),
                                          (17, 40, 256, 128, "swap_k2"), (19, 70, 192, 64, "swap_k8"),
                                          (5, 40, 640, 64, "swap_k2"), (3, 33, 256, 32, "swap_k4"),
-                                         (2, 40, 256, 64, "swap_tile")])
+                                         (2, 40, 256, 64, "swap_tile"), (24, 40, 256, 128, "swap_split3")])
 def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(N, K, g), g)
