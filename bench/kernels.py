@@ -106,7 +106,7 @@ def _gemlite_layer(q, s, z, dtype):
 def bench_w4a16(args) -> dict:
     dev = torch.device("cuda")
     dtype = torch.float16
-    g = 128
+    g = args.group
     Ms = args.ms or ([1, 16, 256] if args.quick else [1, 4, 16, 64, 256, 2048])
     bw = copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -253,6 +253,8 @@ def main():
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated of {list(SECTIONS)}")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--group", type=int, default=128, help="w4a16: quantization group size (issue 26's tables: 128; "
+                    "the serving presets build 64)")
     ap.add_argument("--ms", type=lambda v: [int(m) for m in v.split(",")], default=None,
                     help="W4A16 activation rows to time, e.g. 1,16,64,256,2048 (default: all six; --quick: 1,16,256)")
     args = ap.parse_args()
