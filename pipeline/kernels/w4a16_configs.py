@@ -68,11 +68,9 @@ INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
 
 
 def candidates(M: int) -> tuple[str, ...]:
-    """Up to 32 rows (a serving batch's decode step) the BLOCK_M = 16 swap tiles too: two or more M tiles per weight
-    tile, the repeats read from L2, against the wider BLOCK_M = 32 / 64 MMAs of the mid set (the tuner times both)."""
     if M <= 4:
         return FMA_SET + DECODE_SET
-    return DECODE_SET if M <= 16 else MID_SET + SWAP_DECODE if M <= 32 else MID_SET if M <= 64 else PREFILL_SET
+    return DECODE_SET if M <= 16 else MID_SET if M <= 64 else PREFILL_SET
 
 
 # Gluon kernels (`w4a16_gluon.py`, sm_90 only; names -> `w4a16_gluon.GLUON_CONFIGS`): timed next to the above for
