@@ -440,6 +440,7 @@ def main():
     ap.add_argument("--out", default=None, help="results JSON (default engine.json; --dry-run: /tmp/engine_dry.json)")
     ap.add_argument("--new", type=int, default=512, help="new tokens per decode run (--dry-run: at most 16)")
     ap.add_argument("--quick", action="store_true", help="skip the HF static-cache baseline")
+    ap.add_argument("--eager-too", action="store_true", help="every decode row also without CUDA graphs, same engine")
     ap.add_argument("--profile-only", action="store_true", help="decode rows + kernel profile only (no check)")
     ap.add_argument("--decode-only", action="store_true",
                     help="check, copy bandwidth and the decode rows (fp16, w4a16, w4a16_kv8, w8a8, w8a8_kv8) only")
@@ -498,7 +499,7 @@ def main():
             os.environ["PIPELINE_PDL"], suffix = PDL_MODES[mode]
             pdl_off_for(off)
             row = name + suffix + ("_no-" + "+".join(off) if off else "")
-            eng = decode(ws, row, qp, bw, a.new, eager=row == "w4a16" and not (light or a.profile_only))
+            eng = decode(ws, row, qp, bw, a.new, eager=a.eager_too or (row == "w4a16" and not (light or a.profile_only)))
             RES["decode"][row]["pdl"] = eng.stats()["pdl"]
             if a.profile_only:
                 profile(eng, row)

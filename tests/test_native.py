@@ -171,3 +171,43 @@ def test_dispatch_picks_native_where_triton_does_not_run(monkeypatch):
     monkeypatch.setenv("PIPELINE_KERNELS", "auto")
     monkeypatch.setenv("TRITON_INTERPRET", "1")                                 # the test suite's kernels' path
     assert not dispatch.use_native(cpu)
+
+
+def test_graph_shaped_decode_step_matches_eager_and_padding_writes_only_scratch(monkeypatch, tiny):  # noqa: F811
+    """What a CUDA graph of the native runner replays (engine/graphs.py), on the CPU: a decode step shaped by the
+    context bucket (`max_context_len`: keys masked past each context, no host read of the lengths) with padding rows
+    (slot -1, context 1, block 0) gives the real rows' logits of the eager step, and the padding rows' K/V land in
+    the scratch block only (the blocks of real sequences keep their bits)."""
+    import pipeline.engine.native as native_mod
+    monkeypatch.setenv("PIPELINE_KERNELS", "native")
+    monkeypatch.setenv("PIPELINE_CPU_KERNEL", "0")     # torch's ops: the path a GPU runs
+    monkeypatch.setattr(native_mod, "scratch_blocks", lambda device: 1)
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 256, "quant_policy": 4,
+                                                             "warmup": False})
+    r = eng.runner
+    assert isinstance(r, NativeRunner) and r.attn_cpu is None and r.scratch_slot == r.num_blocks * r.block_size
+    bs = r.block_size
+    lens = [37, 90]                                    # two sequences, ragged, in blocks 1.. and 3..
+    tables = [torch.tensor([1, 2, 0, 0], dtype=torch.int32), torch.tensor([3, 4, 0, 0], dtype=torch.int32)]
+    for L, bt in zip(lens, tables):
+        ids = torch.arange(3, 3 + L)
+        pos = torch.arange(L)
+        slots = torch.tensor([int(bt[p // bs]) * bs + p % bs for p in range(L)])
+        r.prefill(ids, pos, slots, [(0, L, bt, L)], torch.tensor([L - 1]))
+    tok = torch.tensor([5, 6])
+    pos = torch.tensor(lens)
+    slots = torch.tensor([int(bt[p // bs]) * bs + p % bs for bt, p in zip(tables, lens)])
+    bt = torch.stack(tables)
+    ctx = torch.tensor([L + 1 for L in lens], dtype=torch.int32)
+    eager = r.decode(tok, pos, slots, bt, ctx).clone()
+    before = [c[:r.num_blocks].clone() for c in r.kv_cache]
+    pad = 2                                            # the graph's bucket of 4 rows, context bucket 256
+    graph = r.decode(torch.cat([tok, torch.zeros(pad, dtype=torch.long)]),
+                     torch.cat([pos, torch.zeros(pad, dtype=torch.long)]),
+                     torch.cat([slots, torch.full((pad,), -1)]),
+                     torch.cat([bt, torch.zeros(pad, 4, dtype=torch.int32)]),
+                     torch.cat([ctx, torch.ones(pad, dtype=torch.int32)]), max_context_len=256)
+    assert torch.allclose(graph[:2], eager, rtol=1e-4, atol=1e-4), (graph[:2] - eager).abs().max()
+    for c, b in zip(r.kv_cache, before):               # the real rows rewrote the same K/V; padding went to scratch
+        assert torch.equal(c[:r.num_blocks], b)
+        assert c[r.num_blocks, 0].abs().sum() > 0

@@ -140,10 +140,13 @@ class Engine:
         pdl_on = table_row(weight_type).pdl if s.get("pdl") is None else bool(s["pdl"])   # pipeline/weights
         self.pdl = pdl_on and s.get("tp", 1) == 1
         pdl.set_default(self.pdl)
-        # decode graphs on the Triton kernels only: the PyTorch references (PIPELINE_KERNELS=reference) index with
-        # masks, which a CUDA-graph capture refuses; the native runner's attention sizes its gathers by the context
-        if (dev.type == "cuda" and s.get("cuda_graphs", True) and not getattr(runner, "native", False)
-                and use_triton(torch.empty(0, device=dev), "rope_kv_write")):
+        # decode graphs on the Triton kernels and the native runner (engine/native.py, where its largest step's
+        # temporaries fit); not on the PyTorch references (PIPELINE_KERNELS=reference), whose masked indexing a
+        # CUDA-graph capture refuses
+        native = getattr(runner, "native", False)
+        if dev.type == "cuda" and s.get("cuda_graphs", True) and (
+                runner.graph_memory_ok(self.max_batch_size, self.max_blocks * self.block_size) if native
+                else use_triton(torch.empty(0, device=dev), "rope_kv_write")):
             from .graphs import DecodeGraphs
             self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
         self.prefill_graphs = None

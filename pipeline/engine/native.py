@@ -32,7 +32,9 @@ What differs from ModelRunner (same API, same paged-KV engine around it):
     together (the codes, static/dynamic scales and int4 packing of pipeline/kernels/kvcache.py, with its op order:
     exact mode matches the reference path bit for bit there), then SDPA (grouped-query heads without a copy).
     k_cache / v_cache are views of it in the usual layout;
-  - the per-token host work is a plain loop of ~30 torch calls a layer; no CUDA graphs.
+  - the per-token host work is a plain loop of ~30 torch calls a layer; on a GPU, decode steps replay CUDA graphs
+    (engine/graphs.py: per batch and context bucket, the keys masked past each context, padding rows writing a
+    scratch block) where the largest bucket's gathered fp32 K/V fits `graph_memory_ok`, else they run eagerly.
 """
 from __future__ import annotations
 
@@ -116,6 +118,12 @@ def decode_threading(device: torch.device):
             torch.set_num_threads(threads)
 
 
+def scratch_blocks(device: torch.device) -> int:
+    """KV blocks allocated past the engine's: one on a GPU (the padding rows of a CUDA-graph decode step write
+    there), none on a CPU (no graphs)."""
+    return 1 if device.type == "cuda" else 0
+
+
 class NativeRunner(ModelRunner):
     native = True
 
@@ -154,12 +162,15 @@ class NativeRunner(ModelRunner):
         dt = {16: self.dtype, 8: torch.int8, 4: torch.uint8}[self.kv_bits]
         self.num_blocks, self.block_size = num_blocks, block_size
         self.qrange = qrange(self.kv_bits) if self.kv_bits != 16 else None
-        self.kv_cache = [torch.zeros(num_blocks, block_size, 2, a.n_kv_heads, hd, dtype=dt, device=dev)
+        # on a GPU one scratch block past the engine's: a CUDA graph's padding rows (slot -1) write their K/V there
+        extra = scratch_blocks(torch.device(dev))
+        self.scratch_slot = num_blocks * block_size if extra else None
+        self.kv_cache = [torch.zeros(num_blocks + extra, block_size, 2, a.n_kv_heads, hd, dtype=dt, device=dev)
                          for _ in self.layers]
-        self.kv_rows = [c.view(num_blocks * block_size, 2, a.n_kv_heads, hd) for c in self.kv_cache]   # by slot
-        self.k_cache = [c[:, :, 0].transpose(1, 2) for c in self.kv_cache]   # (num_blocks, n_kv, block, hd) views
-        self.v_cache = [c[:, :, 1].transpose(1, 2) for c in self.kv_cache]
-        side = (num_blocks * block_size, 2, a.n_kv_heads)
+        self.kv_rows = [c.view(-1, 2, a.n_kv_heads, hd) for c in self.kv_cache]   # by slot
+        self.k_cache = [c[:num_blocks, :, 0].transpose(1, 2) for c in self.kv_cache]   # (num_blocks, n_kv, block, hd)
+        self.v_cache = [c[:num_blocks, :, 1].transpose(1, 2) for c in self.kv_cache]
+        side = ((num_blocks + extra) * block_size, 2, a.n_kv_heads)
         self.kv = []
         for L in self.layers:
             if self.kv_mode == "static":     # kv_static rows: k_scale, k_zp, v_scale, v_zp -> (2, n_kv, 1)
@@ -183,6 +194,8 @@ class NativeRunner(ModelRunner):
     def _write_kv(self, l: int, kv: torch.Tensor, slots: torch.Tensor) -> None:
         """kv (T, 2, n_kv, hd) fp32 -> codes at rows `slots` of layer l's cache (kvcache.py's rounding)."""
         rows, p = self.kv_rows[l], self.kv[l]
+        if self.scratch_slot is not None:   # padding rows of a CUDA graph: the scratch block, no host check
+            slots = torch.where(slots < 0, self.scratch_slot, slots)
         if self.kv_mode == "none":
             rows.index_copy_(0, slots, kv.to(rows.dtype))
             return
@@ -259,10 +272,13 @@ class NativeRunner(ModelRunner):
                                            self.attn_cpu.step_args(block_tables, context_lens))
                 return self._run(tokens, positions, slots, self.attn_cpu.step(block_tables, context_lens))
         B = tokens.shape[0]
-        ctx = context_lens.tolist()
-        n_max = max(ctx)
+        if max_context_len is not None:   # a CUDA graph's step (graphs.py): shapes from the context bucket, no host read
+            n_max, ctx = max_context_len, None
+        else:
+            ctx = context_lens.tolist()
+            n_max = max(ctx)
         blocks = block_tables[:, :math.ceil(n_max / self.block_size)].long()     # (B, nb)
-        if B == 1 or min(ctx) == n_max:
+        if ctx is not None and (B == 1 or min(ctx) == n_max):
             n, mask = n_max, None
         else:       # ragged contexts: every sequence's keys up to the longest, the rest masked out
             n = None
@@ -276,6 +292,26 @@ class NativeRunner(ModelRunner):
             return o.view(B, -1)
         with self.decode_threading(), torch.inference_mode():
             return self._run(tokens, positions, slots, attend)
+
+    def graph_step_bytes(self, batch: int, context: int) -> int:
+        """Temporary bytes of one layer's attention in a decode step of `batch` rows over a `context` bucket: the
+        gathered cache rows (codes) and their fp32 K and V, twice (SDPA's math path may copy them)."""
+        a = self.args
+        per_row = 2 * a.n_kv_heads * a.head_dim
+        return batch * context * per_row * (self.kv_cache[0].element_size() + 2 * 4)
+
+    def graph_memory_ok(self, batch: int, context: int) -> bool:
+        """CUDA graphs of decode steps up to (batch, context) keep their largest step's temporaries in a pool of
+        their own: only where that fits in half of the GPU memory left after the weights and the KV cache."""
+        if torch.device(self.device).type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        need = self.graph_step_bytes(batch, context)
+        if need > free // 2:
+            log.warning("decode steps run without CUDA graphs: a %d x %d-token step needs ~%.1f GB of temporaries "
+                        "(%.1f GB free)", batch, context, need / 1e9, free / 1e9)
+            return False
+        return True
 
     def _prefill_rows(self, positions, seqs):
         """attend(l, q) for a prefill step on the C decode attention: row i of the step is a query over the first
