@@ -146,6 +146,21 @@ def test_engine_native_forced_on_cuda_warms_up_and_matches_reference(monkeypatch
     assert len(nat.generate(PROMPTS, GREEDY)[0]) == GREEDY.max_new_tokens
 
 
+@pytest.mark.gpu
+def test_engine_native_cuda_graphs_give_the_eager_tokens(monkeypatch, tiny):  # noqa: F811
+    """PIPELINE_NATIVE_CUDA_GRAPHS=1: the native runner's decode steps captured as CUDA graphs (masked keys, padding
+    rows on the scratch block) give the greedy tokens of the same engine without graphs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setenv("PIPELINE_KERNELS", "native")
+    monkeypatch.setenv("PIPELINE_NATIVE_CUDA_GRAPHS", "1")
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", {"session_len": 256, "quant_policy": 4})
+    assert eng.graphs is not None and eng.graphs.graphs, "no decode graph was captured"
+    with_graphs = eng.generate(PROMPTS, GREEDY)
+    eng.graphs = None
+    assert eng.generate(PROMPTS, GREEDY) == with_graphs
+
+
 def test_engine_native_bf16_logits_close_to_reference(monkeypatch, tiny):  # noqa: F811
     ref, nat = engines(monkeypatch, tiny["root"] / "w4", {"session_len": 256, "quant_policy": 4}, dtype="bf16")
     prompt = list(range(3, 60))

@@ -140,8 +140,8 @@ class Engine:
         pdl_on = table_row(weight_type).pdl if s.get("pdl") is None else bool(s["pdl"])   # pipeline/weights
         self.pdl = pdl_on and s.get("tp", 1) == 1
         pdl.set_default(self.pdl)
-        # decode graphs on the Triton kernels and the native runner (engine/native.py, where its largest step's
-        # temporaries fit); not on the PyTorch references (PIPELINE_KERNELS=reference), whose masked indexing a
+        # decode graphs on the Triton kernels and, opted in, the native runner (engine/native.py
+        # `graph_memory_ok`; a failed capture there falls back to eager steps); not on the PyTorch references (PIPELINE_KERNELS=reference), whose masked indexing a
         # CUDA-graph capture refuses
         native = getattr(runner, "native", False)
         if dev.type == "cuda" and s.get("cuda_graphs", True) and (
@@ -200,7 +200,17 @@ class Engine:
         if hasattr(self.runner, "warmup_gemms"):
             self.runner.warmup_gemms(sizes)
         t1 = time.perf_counter()
-        n_graphs = self.graphs.capture_all() if self.graphs is not None else 0
+        n_graphs = 0
+        if self.graphs is not None:
+            try:
+                n_graphs = self.graphs.capture_all()
+            except Exception as e:  # noqa: BLE001 - the native runner's graphs (opt-in) serve eagerly instead
+                if not getattr(self.runner, "native", False):
+                    raise
+                log.warning("decode CUDA graphs failed to capture (%s: %s): decode steps run eagerly",
+                            type(e).__name__, str(e)[:500])
+                self.graphs = None
+                torch.cuda.synchronize(self.runner.device)
         t2 = time.perf_counter()
         n_prefill = 0
         if not self._probe_prefill_kernel():
