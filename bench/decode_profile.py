@@ -86,11 +86,14 @@ def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int
     floor_us = 2 * B * C * H * D / bw * 1e6
     ctx_bucket = 1 << max(8, (C - 1).bit_length())
     out = {"batch": B, "context": C, "kv_floor_us": round(floor_us, 2)}
-    variants = {"default": {}}
+    variants = {"default": {}, "fma_default": dict(variant="fma")}
     for ns in (1, 2, 3, 4, 6):
         for bn in (64, 128):
             for nw, st in ((4, 2), (4, 3), (8, 2)):
                 variants[f"s{ns}_bn{bn}_w{nw}_st{st}"] = dict(num_splits=ns, block_n=bn, num_warps=nw, num_stages=st)
+    for ns in (1, 2, 4):   # the CUDA-core kernel for one query head per KV head (attention.py, variant "fma"):
+        for bn, nw in ((16, 1), (16, 2), (32, 4), (64, 8)):   # tiles that compile without spills (ptxas, sm_90)
+            variants[f"fma_s{ns}_bn{bn}_w{nw}"] = dict(variant="fma", num_splits=ns, block_n=bn, num_warps=nw)
     for name, kw in variants.items():
         fn = lambda: _launch(q, kc, vc, bt, cl, D ** -0.5, "static", 8, *par, max_context_len=ctx_bucket, **kw)  # noqa
         try:

@@ -113,3 +113,42 @@ def test_gpu_split_merge_bit_identical_over_many_launches():
     for _ in range(200):
         out = compiled_attention._launch(q, kc, vc, tables, lens, scale, mode, bits, **params)
         assert torch.equal(out, first)
+
+
+@pytest.mark.parametrize("kv_mode,kv_bits", [("none", 16), ("static", 8)])
+@pytest.mark.parametrize("num_splits,block_n,lens", [(1, 16, [37, 5, 70]), (3, 16, [37, 5, 70]), (2, 32, [1, 53, 9])])
+def test_interpreter_fma_variant_mha(kv_mode, kv_bits, num_splits, block_n, lens, monkeypatch):
+    """The CUDA-core variant for one query head per KV head (`variant="fma"`, per-row online softmax merged at the
+    end) against the reference, with context splits and tiles spanning several paged blocks."""
+    mod = interpreted("attention", monkeypatch)
+    seed = fresh_seed()
+    q, kc, vc, tables, lens_t, params = make_case(3, 4, 4, 32, 8, lens, kv_mode, kv_bits, torch.float16, "cpu")
+    ref = compiled_attention.paged_decode_attention_ref(q, kc, vc, tables, lens_t, 32 ** -0.5, kv_mode, kv_bits,
+                                                        **params)
+    out = torch.full_like(q, float("nan"))
+    mod._launch(q, kc, vc, tables, lens_t, 32 ** -0.5, kv_mode, kv_bits, **params, out=out, num_splits=num_splits,
+                block_n=block_n, variant="fma")
+    err = rel_err(out, ref)
+    assert err < TOL[torch.float16], f"fma {kv_mode}/{kv_bits} splits={num_splits} seed={seed}: rel err {err:.2e}"
+    assert int(mod.arrival_counters(q.device, 1).abs().sum()) == 0, "split counters not re-armed to 0"
+
+
+def test_fma_variant_refuses_what_it_does_not_serve():
+    q, kc, vc, tables, lens_t, params = make_case(1, 4, 2, 32, 8, [9], "static", 8, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="one query head per KV head"):
+        compiled_attention._launch(q, kc, vc, tables, lens_t, 1.0, "static", 8, **params, variant="fma")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ok(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_mode,kv_bits", [("none", 16), ("static", 8)])
+@pytest.mark.parametrize("splits,block_n,warps", [(None, None, 4), (1, 16, 1), (2, 16, 2), (4, 64, 8)])
+def test_gpu_fma_variant_real_sizes(dtype, kv_mode, kv_bits, splits, block_n, warps):
+    lens = [1, 777, 4096, 2500, 16, 1000, 3333]
+    q, kc, vc, tables, lens_t, params = make_case(len(lens), 32, 32, 128, 64, lens, kv_mode, kv_bits, dtype, "cuda")
+    ref = compiled_attention.paged_decode_attention_ref(q, kc, vc, tables, lens_t, 128 ** -0.5, kv_mode, kv_bits,
+                                                        **params)
+    out = compiled_attention._launch(q, kc, vc, tables, lens_t, 128 ** -0.5, kv_mode, kv_bits, **params,
+                                     num_splits=splits, block_n=block_n, num_warps=warps, variant="fma")
+    assert rel_err(out, ref) < TOL[dtype], f"fma {kv_mode}/{kv_bits} {dtype} splits={splits} bn={block_n}"

@@ -29,6 +29,7 @@ KV, also when it is bf16). int4 is handled as even/odd channel halves, never int
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -64,6 +65,19 @@ def _dot_kq(q, k):
 
 
 @triton.jit
+def _program_range(CL, n_kv, part, PDL: tl.constexpr):
+    # grid (B * n_kv, splits): this program's (sequence, KV head) and its context split [start, end)
+    gdc_launch(PDL)
+    gdc_wait(PDL)
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b = pid // n_kv
+    start = sid * part
+    end = tl.minimum(start + part, tl.load(CL + b))
+    return pid, sid, b, pid % n_kv, start, end
+
+
+@triton.jit
 def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             sm_scale, n_kv, part, n_splits,
             s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt, s_sb, s_sh,
@@ -71,15 +85,7 @@ def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
             BLOCK_N: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
             BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
-    gdc_launch(PDL)
-    gdc_wait(PDL)
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
-    b = pid // n_kv
-    kvh = pid % n_kv
-    ctx = tl.load(CL + b)
-    start = sid * part
-    end = tl.minimum(start + part, ctx)
+    pid, sid, b, kvh, start, end = _program_range(CL, n_kv, part, PDL)
 
     PACK: tl.constexpr = 2 if BITS == 4 else 1
     DK: tl.constexpr = HEAD_DIM // PACK  # stored elements per token row
@@ -181,6 +187,73 @@ def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
 
 
 @triton.jit
+def _attn_decode_g1_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
+                           sm_scale, n_kv, part, n_splits,
+                           s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_bt,
+                           s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
+                           BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                           MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    # variant "fma": one query head per KV head (G = 1, multi-head attention), 16-bit or static int8 KV. No MMA
+    # (a G = 1 dot pads the query to 16 rows): scores and the weighted V sum on CUDA cores, and the online softmax
+    # kept per tile row (BLOCK_N running maxima, sums and (BLOCK_N, D) accumulators), so no loop iteration needs
+    # a reduction across the tile's rows; the rows are merged once at the end (as `_merge_splits` merges splits).
+    pid, sid, b, h, start, end = _program_range(CL, n_kv, part, PDL)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_d)
+    if BITS != 16:
+        q = q.to(tl.float16)      # as the MMA kernel: quantized KV scores from the fp16 query
+    q = q.to(tl.float32)
+    if MODE == 1:
+        ks = tl.load(KS + h)
+        kz = tl.load(KZ + h)
+        vs = tl.load(VS + h)
+        vz = tl.load(VZ + h)
+        qz = kz * tl.sum(q, 0)
+    m_r = tl.full([BLOCK_N], -1.0e30, tl.float32)
+    l_r = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        blk = tl.load(BT + b * s_bt + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        row = offs_n % BLOCK_SIZE
+        kt = tl.load(K + blk[:, None] * s_kb + h * s_kh + row[:, None] * s_kt + offs_d[None, :], mask=nmask[:, None],
+                     other=0)
+        vt = tl.load(V + blk[:, None] * s_vb + h * s_vh + row[:, None] * s_vt + offs_d[None, :], mask=nmask[:, None],
+                     other=0)
+        s = tl.sum(_kv_tile(kt, BITS, False).to(tl.float32) * q[None, :], 1)
+        if MODE == 1:
+            s = s * ks + qz
+        s = tl.where(nmask, s * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_r, s)
+        alpha = tl.exp2(m_r - m_new)
+        p = tl.exp2(s - m_new)
+        l_r = l_r * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * _kv_tile(vt, BITS, False).to(tl.float32)
+        m_r = m_new
+    # merge the rows: m the maximum, each row's sum and accumulator scaled by 2^(m_r - m)
+    m_i = tl.max(m_r, 0)
+    w = tl.where(l_r > 0, tl.exp2(m_r - m_i), 0.0)
+    l_i = tl.sum(l_r * w, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.maximum(l_i, 1e-30)
+    if MODE == 1:
+        o = o * vs + tl.where(l_i > 0, vz, 0.0)   # an empty split outputs 0, not the zero point
+    if SPLIT:
+        tl.store(OP + b * s_pb + h * s_ph + sid * s_ps + offs_d, o)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(LSE + b * s_lb + h * s_lh + sid, lse)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            tl.debug_barrier()
+            _merge_splits(OP, LSE, O, b, h, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh, 1, HEAD_DIM, BLOCK_S)
+            tl.atomic_xchg(CNT + pid, 0)
+    else:
+        tl.store(O + b * s_ob + h * s_oh + offs_d, o.to(O.dtype.element_ty))
+
+
+@triton.jit
 def _merge_splits(OP, LSE, O, b, kvh, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
                   G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     # out[b, h] = sum_s 2^(lse_s - max) op_s / sum_s 2^(lse_s - max) for the G query heads of KV head kvh;
@@ -199,6 +272,11 @@ def _merge_splits(OP, LSE, O, b, kvh, n_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_
 
 
 WAVES = 3  # the context is split until about this many programs per SM
+
+
+def fma_applies(n_heads: int, n_kv: int, kv_mode: str, kv_bits: int) -> bool:
+    """The "fma" variant serves this call: multi-head attention (G = 1) over a 16-bit or static int8 cache."""
+    return n_heads == n_kv and (kv_mode, kv_bits) in (("none", 16), ("static", 8))
 
 
 def _context_split(pairs, max_ctx, block_n, device, num_splits=None, waves=WAVES):
@@ -255,7 +333,8 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, pa
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="none", kv_bits=16,
             k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, max_context_len=None,
-            num_splits=None, block_n=None, num_warps=4, num_stages=2, waves=WAVES):
+            num_splits=None, block_n=None, num_warps=4, num_stages=2, waves=WAVES, variant="mma"):
+    """variant "fma" (G = 1, 16-bit or static int8 KV; `fma_applies`): `_attn_decode_g1_kernel`, no MMA."""
     params = {"k_scale": k_scale, "k_zp": k_zp, "v_scale": v_scale, "v_zp": v_zp}
     _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params)
     if q.stride(-1) != 1:
@@ -267,7 +346,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-    block_n = block_n or (64 if kv_bits == 16 else 128)
+    block_n = block_n or (32 if variant == "fma" else 64 if kv_bits == 16 else 128)   # fma: 32 rows x 4 warps, no spills
     max_ctx = max_context_len or block_tables.shape[1] * bs  # capacity: graph-safe upper bound
     num_splits, part = _context_split(B * n_kv, max_ctx, block_n, q.device, num_splits, waves)
     split = num_splits > 1
@@ -281,6 +360,23 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     pdl = pdl_enabled(q.device)
+    if variant == "fma":
+        if not fma_applies(H, n_kv, kv_mode, kv_bits):
+            raise ValueError(f"decode attention variant 'fma' takes one query head per KV head and 16-bit or static "
+                             f"int8 KV, not {H}/{n_kv} heads, kv_mode={kv_mode!r}, kv_bits={kv_bits}")
+        _attn_decode_g1_kernel[(B * n_kv, num_splits)](
+            q, k_cache, v_cache, block_tables, context_lens, ks, kz, vs, vz, out, op, lse, cnt,
+            scale * LOG2E, n_kv, part, num_splits,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1), op.stride(0), op.stride(1), op.stride(2) if split else 0,
+            lse.stride(0), lse.stride(1),
+            BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n, MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits,
+            SPLIT=split, BLOCK_S=next_pow2(num_splits), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+            **launch_kwargs(pdl))
+        return out
+    elif variant != "mma":
+        raise ValueError(f"decode attention variant must be 'mma' or 'fma', got {variant!r}")
     _attn_decode_kernel[(B * n_kv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, ks, kz, vs, vz, out, op, lse, cnt,
         scale * LOG2E, n_kv, part, num_splits,
@@ -347,5 +443,16 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     """
     args = (q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode, kv_bits, k_scale, k_zp, v_scale, v_zp)
     if use_triton(q, "paged_decode_attention"):
-        return _launch(*args, out=out, max_context_len=max_context_len)
+        variant = "fma" if decode_variant() == "fma" and fma_applies(q.shape[1], k_cache.shape[1], kv_mode,
+                                                                      kv_bits) else "mma"
+        return _launch(*args, out=out, max_context_len=max_context_len, variant=variant)
     return paged_decode_attention_ref(*args, out=out)
+
+
+def decode_variant() -> str:
+    """PIPELINE_ATTN_DECODE: "mma" (default) or "fma" (the CUDA-core kernel where `fma_applies`; not yet measured
+    on a GPU: bench/decode_profile.py --attention-sweep times both)."""
+    v = os.environ.get("PIPELINE_ATTN_DECODE", "mma")
+    if v not in ("mma", "fma"):
+        raise ValueError(f"PIPELINE_ATTN_DECODE={v!r} is not 'mma' or 'fma'")
+    return v
