@@ -77,6 +77,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue as queue_mod
 import random
 import statistics
 import sys
@@ -226,7 +227,14 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
             go.set()
             left = procs
             while left:
-                r = await asyncio.to_thread(done.get)
+                try:
+                    r = await asyncio.to_thread(done.get, True, 5.0)
+                except queue_mod.Empty:   # a client process that died sends no end mark: say so, do not hang
+                    dead = [w for w in workers if w.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(f"bench client process(es) {[w.pid for w in dead]} exited with "
+                                           f"{[w.exitcode for w in dead]}")
+                    continue
                 if r is None:
                     left -= 1
                 else:
