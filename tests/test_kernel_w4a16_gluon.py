@@ -162,6 +162,36 @@ def test_offline_sm90_compile_every_config(name):
 
 @pytest.mark.slow
 @offline
+@pytest.mark.parametrize("name", ["gl_m16_n128_k16_s4_c4", "gl_m32_n128_k16_s4_c4", "gl_m64_n64_k16_s4_c2_ws"])
+@pytest.mark.parametrize("act", [False, True])
+def test_offline_pdl_streams_weights_before_the_wait(name, act):
+    """With PDL the kernel lets the next one launch first thing, issues the first groups' weight copies (TMA) before
+    `griddepcontrol.wait` and every activation copy after it (the warp-specialized variant waits before it forks)."""
+    from triton.runtime.jit import mangle_type
+    BM, BN, KT, stages, warps, split, ws = wg.GLUON_CONFIGS[name]
+    g, K = 128, 4096
+    x_l = wg.layouts(BM, BN, KT, g, torch.float16)[0]
+    xd = wg.TensorDescriptor(torch.empty(64, 2 * K, dtype=torch.float16), [64, 2 * K], [2 * K, 1], [BM, KT], x_l)
+    sig = {"x_desc": mangle_type(xd), "q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16",
+           "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
+           "K": "i32", "stride_ym": "i32", "split_k": "i32"}
+    cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages, act),
+               SPLIT=split != 1, HAS_BIAS=False, DKIND=1, ACT=act, WS=bool(ws), num_warps=warps, PDL=True)
+    ptx = compile_sm90(wg._kernel, sig, cst, warps).asm["ptx"]
+    launch, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+    assert 0 <= launch < wait
+    copies = [i for i in range(len(ptx)) if ptx.startswith("cp.async.bulk.tensor", i)]
+    before = [i for i in copies if i < wait]
+    if ws:
+        assert not before
+    else:   # the packed-weight copies of the prologue's STAGES - 1 groups (KW of them a group; x's are all after)
+        P = g // 8
+        assert len(before) == (cst["STAGES"] - 1) * (KT // P), (len(before), cst["STAGES"], KT // P)
+    assert len(copies) > len(before)
+
+
+@pytest.mark.slow
+@offline
 @pytest.mark.parametrize("name,g,dtype", [("gl_m16_n64_k16_s4_c4", 128, "fp16"),
                                           ("gl_m128_n128_k32_s3", 64, "bf16"),
                                           ("gl_m64_n64_k16_s4_c2", 32, "fp16"),

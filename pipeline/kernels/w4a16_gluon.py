@@ -30,6 +30,10 @@ instructions defining accumulator registers"; the tuner measures whether it stil
 Warp specialization (configs `_ws`): a one-warp producer partition (24 registers) issues the TMA copies as soon as
 the MMA warps release a stage (`empty` mbarriers), so the MMA warps skip the per-copy barriers that the compiler
 puts before each refill they issue themselves.
+Programmatic dependent launch (`pdl=True`, what the tuner passes where pdl.py enables it: int4 decode on Hopper): the
+kernel lets the next one launch first thing, and issues the prologue's weight copies before `griddepcontrol.wait`
+(inline PTX: Gluon 3.6 has no builtin), the activation copies after it, as the Triton GEMVs do; the warp-specialized
+variant waits before it forks.
 Limits: N % 4 == 0 (TMA's 16-byte row pitch of qweight), fp16/bf16 activations. Gluon compiles for the GPU only
 (no interpreter): `available(device)` gates it to sm_90 with a Triton that ships Gluon's Hopper API; written against Triton 3.6.
 """
@@ -43,6 +47,7 @@ import torch
 import triton
 
 from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting, sm_count
+from pipeline.kernels.pdl import launch_kwargs
 
 try:  # Gluon's Hopper API (Triton >= 3.5); absent or different elsewhere: the module still imports
     from triton.experimental import gluon
@@ -243,21 +248,38 @@ if HAVE_GLUON:
         return a
 
     @gluon.jit
+    def _gdc_launch():
+        # programmatic dependent launch (pdl.py): the next kernel in the stream may be scheduled now
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gdc_wait():
+        # programmatic dependent launch: from here on the previous kernels' writes are visible
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
     def _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, bar, grp, s, off_m, off_n, K, pred,
-                     GROUP: gl.constexpr, KT: gl.constexpr, KW: gl.constexpr, ACT: gl.constexpr):
+                     GROUP: gl.constexpr, KT: gl.constexpr, KW: gl.constexpr, ACT: gl.constexpr,
+                     PART: gl.constexpr = 0):
         # group grp into stage s, arriving on bar: its g/KT activation slices (BM, KT) (with ACT the gate's and the
-        # up's) and KW copies of its packed (g/8, BN) tile
+        # up's) and KW copies of its packed (g/8, BN) tile. PART 1: the barrier's byte count and the packed weights
+        # only (no kernel writes them: issued before a PDL wait); PART 2: the activations only (after the wait)
         P: gl.constexpr = GROUP // 8
         NJ: gl.constexpr = GROUP // KT
         nx: gl.constexpr = 2 if ACT else 1
-        mbarrier.expect(bar, nx * NJ * x_desc.block_type.nbytes + KW * q_desc.block_type.nbytes, pred=pred)
-        for j in gl.static_range(NJ):
-            tma.async_copy_global_to_shared(x_desc, [off_m, grp * GROUP + j * KT], bar, x_smem.index(s * NJ + j),
-                                            pred=pred)
-            if ACT:  # x is [gate | up]: the up slices are K inputs further
-                tma.async_copy_global_to_shared(x_desc, [off_m, K + grp * GROUP + j * KT], bar,
-                                                u_smem.index(s * NJ + j), pred=pred)
-        _issue_q_loads(q_desc, q_smem.index(s), bar, grp, off_n, pred, P, KW)
+        if PART != 2:
+            mbarrier.expect(bar, nx * NJ * x_desc.block_type.nbytes + KW * q_desc.block_type.nbytes, pred=pred)
+        if PART != 1:
+            for j in gl.static_range(NJ):
+                tma.async_copy_global_to_shared(x_desc, [off_m, grp * GROUP + j * KT], bar, x_smem.index(s * NJ + j),
+                                                pred=pred)
+                if ACT:  # x is [gate | up]: the up slices are K inputs further
+                    tma.async_copy_global_to_shared(x_desc, [off_m, K + grp * GROUP + j * KT], bar,
+                                                    u_smem.index(s * NJ + j), pred=pred)
+        if PART != 2:
+            _issue_q_loads(q_desc, q_smem.index(s), bar, grp, off_n, pred, P, KW)
 
     @gluon.jit
     def _issue_q_loads(q_desc, q_buf, bar, grp, off_n, pred, P: gl.constexpr, KW: gl.constexpr):
@@ -347,8 +369,10 @@ if HAVE_GLUON:
     def _kernel(x_desc, q_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_k,
                 GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
                 STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, DKIND: gl.constexpr,
-                ACT: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+                ACT: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False):
         # grid (tiles of y^T in grouped order, split_k); see the module docstring
+        if PDL:
+            _gdc_launch()
         P: gl.constexpr = GROUP // 8
         KW: gl.constexpr = KT // P
         NJ: gl.constexpr = GROUP // KT
@@ -386,6 +410,8 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=1)
         if WS:
+            if PDL:  # the producer warp reads activations from its first copy on
+                _gdc_wait()
             res = gl.warp_specialize([
                 (_consume, (x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, N, K, g_lo,
                             n_iter, off_m, off_n, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT, WS, num_warps)),
@@ -395,7 +421,12 @@ if HAVE_GLUON:
         else:
             for st in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 groups in flight
                 _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(st), g_lo + st, st, off_m, off_n, K,
-                             st < n_iter, GROUP, KT, KW, ACT)
+                             st < n_iter, GROUP, KT, KW, ACT, 1 if PDL else 0)
+            if PDL:  # the weights stream while the previous kernel finishes; its outputs (x) only after the wait
+                _gdc_wait()
+                for st in gl.static_range(STAGES - 1):
+                    _issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(st), g_lo + st, st, off_m,
+                                 off_n, K, st < n_iter, GROUP, KT, KW, ACT, 2)
             res = _consume(x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, N, K, g_lo,
                            n_iter, off_m, off_n, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT, WS, num_warps)
         acc = res[0]
@@ -496,9 +527,10 @@ def dequantize_gluon(w, dtype: torch.dtype = torch.float16, config: str = "gl_m6
 
 def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
                        config: str | tuple = "gl_m64_n64_k16_s4_c2", act: str | None = None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """y = x @ dequant(w).T (+ bias); x (..., K) fp16/bf16 on an sm_90 GPU, w: `W4Weight` (N % 4 == 0).
-    act="silu_mul": x is (..., 2K) = [gate | up] and y = silu_mul(x) @ dequant(w).T."""
+    act="silu_mul": x is (..., 2K) = [gate | up] and y = silu_mul(x) @ dequant(w).T. pdl: launched with programmatic
+    dependent launch (pdl.py): the first groups' weight copies are issued before the wait for the previous kernel."""
     BM, BN, KT, stages, warps, split, ws_ = GLUON_CONFIGS[config] if isinstance(config, str) else config
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
@@ -521,5 +553,5 @@ def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
     _kernel[(tiles, split)](x_desc, q_desc, w.scales, w.zeros, bias if bias is not None else y, y, ws, cnt,
                             M, N, K, y.stride(0), split, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=stages,
                             SPLIT=split > 1, HAS_BIAS=bias is not None, DKIND=_DKIND[x2.dtype], ACT=act is not None,
-                            WS=bool(ws_), num_warps=warps)
+                            WS=bool(ws_), num_warps=warps, PDL=pdl, **launch_kwargs(pdl))
     return y.reshape(*x.shape[:-1], N)
