@@ -23,7 +23,8 @@ def bench():
 def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     prefix = 128   # two 64-token KV blocks: every request after the first reuses them
     cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",
-           "--requests", "4", "--batch1", "1", "--client-procs", "2", "--prompt-len", "8:16", "--output-len", "4:8", "--device", "cpu",
+           "--requests", "4", "--batch1", "1", "--client-procs", "2", "--prompt-len", "8:16", "--output-len", "4:8",
+           "--device", "cpu",
            "--prefix-len", str(prefix), "--prefix-requests", "4", "--question-len", "8:16",
            "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -140,9 +140,9 @@ class Engine:
         pdl_on = table_row(weight_type).pdl if s.get("pdl") is None else bool(s["pdl"])   # pipeline/weights
         self.pdl = pdl_on and s.get("tp", 1) == 1
         pdl.set_default(self.pdl)
-        # decode graphs on the Triton kernels and, opted in, the native runner (engine/native.py
-        # `graph_memory_ok`; a failed capture there falls back to eager steps); not on the PyTorch references (PIPELINE_KERNELS=reference), whose masked indexing a
-        # CUDA-graph capture refuses
+        # decode graphs on the Triton kernels and, opted in, the native runner (engine/native.py `graph_memory_ok`;
+        # a failed capture there falls back to eager steps); not on the PyTorch references
+        # (PIPELINE_KERNELS=reference), whose masked indexing a CUDA-graph capture refuses
         native = getattr(runner, "native", False)
         if dev.type == "cuda" and s.get("cuda_graphs", True) and (
                 runner.graph_memory_ok(self.max_batch_size, self.max_blocks * self.block_size) if native

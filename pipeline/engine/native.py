@@ -273,7 +273,7 @@ class NativeRunner(ModelRunner):
                                            self.attn_cpu.step_args(block_tables, context_lens))
                 return self._run(tokens, positions, slots, self.attn_cpu.step(block_tables, context_lens))
         B = tokens.shape[0]
-        if max_context_len is not None:   # a CUDA graph's step (graphs.py): shapes from the context bucket, no host read
+        if max_context_len is not None:   # a CUDA graph's step (graphs.py): shapes from the bucket, no host read
             n_max, ctx = max_context_len, None
         else:
             ctx = context_lens.tolist()

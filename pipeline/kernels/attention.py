@@ -346,7 +346,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be like q {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-    block_n = block_n or (32 if variant == "fma" else 64 if kv_bits == 16 else 128)   # fma: 32 rows x 4 warps, no spills
+    block_n = block_n or (32 if variant == "fma" else 64 if kv_bits == 16 else 128)   # fma 32 x 4 warps: no spills
     max_ctx = max_context_len or block_tables.shape[1] * bs  # capacity: graph-safe upper bound
     num_splits, part = _context_split(B * n_kv, max_ctx, block_n, q.device, num_splits, waves)
     split = num_splits > 1

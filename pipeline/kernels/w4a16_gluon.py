@@ -30,10 +30,10 @@ instructions defining accumulator registers"; the tuner measures whether it stil
 Warp specialization (configs `_ws`): a one-warp producer partition (24 registers) issues the TMA copies as soon as
 the MMA warps release a stage (`empty` mbarriers), so the MMA warps skip the per-copy barriers that the compiler
 puts before each refill they issue themselves.
-Programmatic dependent launch (`pdl=True`, what the tuner passes where pdl.py enables it: int4 decode on Hopper): the
-kernel lets the next one launch first thing, and issues the prologue's weight copies before `griddepcontrol.wait`
-(inline PTX: Gluon 3.6 has no builtin), the activation copies after it, as the Triton GEMVs do; the warp-specialized
-variant waits before it forks.
+Programmatic dependent launch (`pdl=True`, what the tuner passes where pdl.py enables it: int4 decode on Hopper):
+the kernel lets the next one launch first thing, and issues the prologue's weight copies before
+`griddepcontrol.wait` (inline PTX: Gluon 3.6 has no builtin), the activation copies after it, as the Triton GEMVs
+do; the warp-specialized variant waits before it forks.
 Limits: N % 4 == 0 (TMA's 16-byte row pitch of qweight), fp16/bf16 activations. Gluon compiles for the GPU only
 (no interpreter): `available(device)` gates it to sm_90 with a Triton that ships Gluon's Hopper API; written against Triton 3.6.
 """
