@@ -31,7 +31,9 @@ first token is the "second start" figure), after the main warm-up. Right before 
 no measured request hits a block the warm-up brought).
 Reported for each: TTFT p50/p90/p99, output tok/s, the server's prefix-cache hit rate over the run (prompt
 tokens reused / prompt tokens looked up, from the `prefix_cache` counters of /health; None where the server
-has none), and TTFT p50 (off) / TTFT p50 (on).
+has none), and TTFT p50 (off) / TTFT p50 (on). Then the same requests again at a lighter load
+(--prefix-light-clients, default --clients // 4) on each server: at 32 clients the TTFT of a wave sent at once is
+mostly its queueing behind the other prompts, at 8 mostly the arrival's own prefill.
 
 transformers peers (--no-hf skips both): LlamaForCausalLM with random weights of the workspace's shape, fp16
 on GPU, fp32 on CPU. `generate`: the first --clients requests as one left-padded batch, generated to the
@@ -495,6 +497,9 @@ def main() -> None:
     ap.add_argument("--question-len", type=span, default=(64, 256), help="own tokens after the shared prefix")
     ap.add_argument("--prefix-output-len", type=span, default=None, help="default: --output-len")
     ap.add_argument("--prefix-lead", type=int, default=1, help="prefix requests sent alone before the concurrent rest")
+    ap.add_argument("--prefix-light-clients", type=int, default=None,
+                    help="the prefix workload again at this lighter concurrency, on both servers (default: --clients "
+                         "// 4; 0: skip)")
     ap.add_argument("--no-prefix", action="store_true", help="skip the shared-prefix workload (and its second server)")
     ap.add_argument("--peak-tflops", type=float, default=660.0, help="roofline: dense fp16 peak")
     ap.add_argument("--peak-tbps", type=float, default=None,
@@ -511,6 +516,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(REPO / "outputs" / "cache"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    light = args.clients // 4 if args.prefix_light_clients is None else args.prefix_light_clients
     if args.client_procs is None:
         args.client_procs = 4 if (os.cpu_count() or 1) >= 8 else 1
     out = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results")
@@ -551,7 +557,7 @@ def main() -> None:
                         "prefix": None if args.no_prefix else {
                             "requests": args.prefix_requests, "prefix_len": args.prefix_len,
                             "question_len_uniform": args.question_len, "output_len_uniform": pout,
-                            "lead_requests": args.prefix_lead}},
+                            "lead_requests": args.prefix_lead, "light_clients": light or None}},
            "startup_s": build_s, "startup": h.get("startup"), "roofline_model": {**costs, "peak_tflops": args.peak_tflops,
                                                     "peak_tbps": args.peak_tbps}}
 
@@ -571,6 +577,8 @@ def main() -> None:
         if preqs:
             run(server.url, pwarm, min(WARMUP_REQUESTS, args.clients), args.prefix_lead)   # its shapes and paths
             res["prefix_on"] = run(server.url, preqs, args.clients, args.prefix_lead)
+            if light:
+                res["prefix_on_light"] = run(server.url, preqs, light, args.prefix_lead)
             save()
     finally:
         server.stop()
@@ -591,9 +599,14 @@ def main() -> None:
             run(off.url, warm, min(WARMUP_REQUESTS, args.clients))
             run(off.url, pwarm, min(WARMUP_REQUESTS, args.clients), args.prefix_lead)
             res["prefix_off"] = run(off.url, preqs, args.clients, args.prefix_lead)
+            if light:
+                res["prefix_off_light"] = run(off.url, preqs, light, args.prefix_lead)
         finally:
             off.stop()
         res["prefix_ttft_p50_off_over_on"] = res["prefix_off"]["ttft_ms"][50] / res["prefix_on"]["ttft_ms"][50]
+        if light:
+            res["prefix_ttft_p50_off_over_on_light"] = (res["prefix_off_light"]["ttft_ms"][50]
+                                                        / res["prefix_on_light"]["ttft_ms"][50])
         save()
     res["transformers_generate"], res["transformers_generate_batch"] = (None, None) if args.no_hf else \
         hf_rows(ws, reqs, args.clients, device)
@@ -672,6 +685,11 @@ def table(r: dict) -> None:
             if on.get(part) and off.get(part):
                 print(f"  TTFT p50 of {label}: on {on[part][50]:.0f} ms, off {off[part][50]:.0f} ms "
                       f"({off[part][50] / on[part][50]:.2f}x)")
+        lon, loff = r.get("prefix_on_light"), r.get("prefix_off_light")
+        if lon and loff:
+            print(f"  the same workload at {lon['clients']} clients: TTFT p50 on {lon['ttft_ms'][50]:.0f} ms, off "
+                  f"{loff['ttft_ms'][50]:.0f} ms = {r['prefix_ttft_p50_off_over_on_light']:.2f}x; output tok/s on "
+                  f"{lon['output_tokens_per_s']:.1f}, off {loff['output_tokens_per_s']:.1f}")
     print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued):")
     for name, x in rows:
         lat = x.get("server_latency_ms")

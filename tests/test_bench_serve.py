@@ -25,7 +25,7 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",
            "--requests", "4", "--batch1", "1", "--client-procs", "2", "--prompt-len", "8:16", "--output-len", "4:8",
            "--device", "cpu",
-           "--prefix-len", str(prefix), "--prefix-requests", "4", "--question-len", "8:16",
+           "--prefix-len", str(prefix), "--prefix-requests", "4", "--question-len", "8:16", "--prefix-light-clients", "1",
            "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -60,6 +60,11 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     for run in (on, off):   # 1 lead, then the 2 clients' first wave, then 1 later request
         assert set(run["ttft_ms_first_wave"]) == set(run["ttft_ms_later"]) == {"50", "90", "99"}
     assert "sent at once" in r.stdout
+    lon, loff = res["prefix_on_light"], res["prefix_off_light"]   # the lighter load: the same requests, 1 client
+    assert lon["clients"] == loff["clients"] == 1 and lon["ok"] == loff["ok"] == 4
+    assert lon["prefix_cache"]["hits"] == 4 * prefix                # every one hits the cache the runs above filled
+    assert res["prefix_ttft_p50_off_over_on_light"] == loff["ttft_ms"]["50"] / lon["ttft_ms"]["50"]
+    assert "the same workload at 1 clients" in r.stdout
 
     static, cb = res["transformers_generate"], res["transformers_generate_batch"]
     assert "error" not in static and "error" not in cb, (static, cb)
