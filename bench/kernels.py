@@ -180,7 +180,8 @@ def bench_w4a16(args) -> dict:
                 "ours": [lambda w=w: w4.w4a16_linear(x, w) for w in ws],
                 "fp16_cublas": [lambda W=W: F.linear(x, W) for W in w16],
             }
-            gl_ms = {n: t for n, t in tune_ms.items() if n in w4.w4a16_gluon.GLUON_CONFIGS and math.isfinite(t)}
+            gl_names = {**w4.w4a16_gluon.GLUON_CONFIGS, **w4.w4a16_gluon_gemv.GEMV_CONFIGS}
+            gl_ms = {n: t for n, t in tune_ms.items() if n in gl_names and math.isfinite(t)}
             if gl_ms:  # the fastest Gluon config at tuning (sm_90), timed as its own row
                 gl_best = min(gl_ms, key=gl_ms.get)
                 methods["gluon"] = [lambda w=w: w4.w4a16_linear(x, w, config=gl_best) for w in ws]

@@ -9,6 +9,7 @@ import torch
 from pipeline.kernels import w4a16 as w4
 from pipeline.kernels import w4a16_configs as c
 from pipeline.kernels import w4a16_gluon as wg
+from pipeline.kernels import w4a16_gluon_gemv as wv
 from tests.test_kernel_w4a16 import TOL, make_quant, ref64, rel_err
 
 on_sm90 = pytest.mark.skipif(not (torch.cuda.is_available() and wg.available(torch.device("cuda"))),
@@ -27,6 +28,16 @@ def test_every_gluon_config_is_a_candidate_and_fits():
             if wg.fits(name, g, False):
                 assert wg.stages_for(BM, BN, KT, g, stages) * (BM * g * 2 + KT * BN * 4) <= wg.SMEM_BYTES, (name, g)
     assert not wg.fits("gl_m256_n128_k16_s3", 128, True)  # the SwiGLU's gate, up and product tiles: too big
+
+
+def test_every_gemv_config_serves_the_llama_shapes_at_group_64_and_128():
+    """The TMA GEMVs' stages are whole groups filling their consumer warps' rows: each config takes K = 4096 at both
+    group sizes, and the tuner never offers one where K's groups do not split into whole stages."""
+    for name in wv.GEMV_CONFIGS:
+        assert wv.fits(name, 64, 4096) and wv.fits(name, 128, 4096), name
+    for name, (_, rows, *_) in wv.GEMV_CONFIGS.items():          # K = 11008: 86 groups of 128, 172 of 64
+        assert wv.fits(name, 128, 11008) == (86 % (rows // 16) == 0) and wv.fits(name, 64, 11008) == (
+            172 % (rows // 8) == 0), name
 
 
 def test_not_available_off_sm90(monkeypatch):
@@ -115,6 +126,39 @@ def test_gpu_gluon_tuned_through_w4a16_linear_and_repeatable(monkeypatch):
                               act="silu_mul")
 
 
+@pytest.mark.gpu
+@on_sm90
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gpu_gluon_gemv_matches_reference(g, pdl):
+    """Every TMA GEMV config on one row against the reference: the four Llama-2-7B linears (split-K and the bias)
+    and N not a multiple of the tile (TMA zero-fills the columns past N); repeat launches give the same bits."""
+    for K, N in ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (1024, 4100)):
+        w = w4.pack_w4(*make_quant(N, K, g, seed=K + N), g).to("cuda")
+        x = torch.randn(1, K, device="cuda").half()
+        bias = torch.randn(N, device="cuda").half()
+        ref = ref64(x, w, bias)
+        for name in wv.GEMV_CONFIGS:
+            if not wv.fits(name, g, K):
+                continue
+            y = wv.w4a16_gluon_gemv(x, w, bias, config=name, pdl=pdl)
+            assert rel_err(y, ref) < TOL[torch.float16], f"{name} g={g} K={K} N={N}: {rel_err(y, ref):.2e}"
+            assert all(torch.equal(wv.w4a16_gluon_gemv(x, w, bias, config=name, pdl=pdl), y) for _ in range(5))
+
+
+@pytest.mark.gpu
+@on_sm90
+def test_gpu_gluon_gemv_tuned_at_one_row(monkeypatch):
+    """Opted in, the tuner times the TMA GEMVs beside the wide Triton GEMVs for one row (and not for two)."""
+    monkeypatch.setenv("PIPELINE_W4A16_GLUON", "1")
+    w = w4.pack_w4(*make_quant(4096, 4096, 64, seed=5), 64).to("cuda")
+    for M, want in ((1, True), (2, False)):
+        x = torch.randn(M, 4096, device="cuda").half()
+        assert rel_err(w4.w4a16_linear(x, w), ref64(x, w)) < TOL[torch.float16]
+        _, ms = w4.tuning_record(x, w)
+        assert (set(wv.GEMV_CONFIGS) <= set(ms)) == want, sorted(ms)
+
+
 offline = pytest.mark.skipif(not (wg.HAVE_GLUON and __import__("triton").__version__.startswith(COMPILED_WITH)),
                              reason=f"offline compile checked with Triton {COMPILED_WITH}x only")
 
@@ -188,6 +232,32 @@ def test_offline_pdl_streams_weights_before_the_wait(name, act):
         P = g // 8
         assert len(before) == (cst["STAGES"] - 1) * (KT // P), (len(before), cst["STAGES"], KT // P)
     assert len(copies) > len(before)
+
+
+@pytest.mark.slow
+@offline
+@pytest.mark.parametrize("name", list(wv.GEMV_CONFIGS))
+@pytest.mark.parametrize("g", [64, 128])
+def test_offline_sm90_compile_gemv(name, g):
+    """Each TMA GEMV config compiles to an sm_90 cubin without a GPU, with PDL: the next kernel released first; the
+    consumers' wait before x; without a producer warp, the ring's first copies issued before that wait."""
+    from triton.runtime.jit import mangle_type
+    BN, rows, stages, warps, split, ws = wv.GEMV_CONFIGS[name]
+    K, N = 4096, 4096
+    qd = wv.TensorDescriptor(torch.empty(K // 8, N, dtype=torch.int32), [K // 8, N], [N, 1], [rows, BN],
+                             wv._q_layout())
+    sig = {"q_desc": mangle_type(qd), "x_ptr": "*fp16", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16",
+           "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "split_k": "i32"}
+    cst = dict(GROUP=g, ROWS=rows, BLOCK_N=BN, STAGES=stages, SPLIT=True, HAS_BIAS=True, PDL=True, WS=bool(ws),
+               num_warps=warps)
+    k = compile_sm90(wv._gemv, sig, cst, warps)
+    ptx = k.asm["ptx"]
+    assert len(k.asm["cubin"]) > 0 and k.metadata.shared <= wv.SMEM_BYTES + 1024
+    launch, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+    assert 0 <= launch < wait
+    assert ptx.count("lop3.b32") == 4 * rows * BN // (32 * warps)   # 4 lop3 a packed word, a thread's share
+    if not ws:
+        assert 0 <= ptx.find("cp.async.bulk.tensor") < wait
 
 
 @pytest.mark.slow

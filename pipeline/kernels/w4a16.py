@@ -53,7 +53,7 @@ from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_trit
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner, config_version
-from pipeline.kernels import w4a16_gluon
+from pipeline.kernels import w4a16_gluon, w4a16_gluon_gemv
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, gluon_candidates,
                                           tuning_set)
@@ -290,7 +290,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # ------------------------------------------------------------------------------- configs and tuner
 # W4A16_TUNE=0: default configs, no timing. Bump "1" when a kernel of this family changes (config edits change
 # the digest by themselves): saved tunings of other versions are ignored (pipeline/kernels/tuner.py).
-TUNER = Tuner("W4A16_TUNE", version=config_version("1", {**CONFIGS, **w4a16_gluon.GLUON_CONFIGS}))
+TUNER = Tuner("W4A16_TUNE", version=config_version("1", {**CONFIGS, **w4a16_gluon.GLUON_CONFIGS,
+                                                         **w4a16_gluon_gemv.GEMV_CONFIGS}))
 _DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr
 
 
@@ -322,6 +323,9 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up); pdl: launch with PDL
     (default: what pdl.enabled says for x2's device)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
+    if cfg is not None and cfg[0] == "gluon_gemv":  # sm_90 Gluon GEMV (w4a16_gluon_gemv.py): one row, no act
+        return w4a16_gluon_gemv.w4a16_gluon_gemv(x2, w, bias, cfg[1], out=_alloc_out(M, N, out_dtype, x2.device),
+                                                 pdl=pdl_enabled(x2.device) if pdl is None else pdl)
     if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py)
         return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], "silu_mul" if act else None,
                                               out=_alloc_out(M, N, out_dtype, x2.device),
@@ -398,8 +402,11 @@ def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = Non
 
 
 def _config(name: str):
-    """A config name -> its launch tuple: CONFIGS' (Triton kernels) or ("gluon", name) for `w4a16_gluon`'s."""
-    return ("gluon", name) if name in w4a16_gluon.GLUON_CONFIGS else CONFIGS[name]
+    """A config name -> its launch tuple: CONFIGS' (Triton kernels), ("gluon", name) for `w4a16_gluon`'s or
+    ("gluon_gemv", name) for `w4a16_gluon_gemv`'s."""
+    if name in w4a16_gluon.GLUON_CONFIGS:
+        return ("gluon", name)
+    return ("gluon_gemv", name) if name in w4a16_gluon_gemv.GEMV_CONFIGS else CONFIGS[name]
 
 
 def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) -> str:
@@ -412,6 +419,9 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
     names = tuning_set(M, pdl)
     if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
+        if w4a16_gluon_gemv.applicable(x2, w, act):   # one row: the TMA-streamed GEMVs too
+            names = names + tuple(n for n in w4a16_gluon_gemv.GEMV_CONFIGS
+                                  if w4a16_gluon_gemv.fits(n, w.group_size, w.K))
     return TUNER.choose(key, names, lambda name: _launch(x2, w, bias, out_dtype, _config(name), act, pdl),
                         default_config(M), x2.device)
 

@@ -75,15 +75,9 @@ def _write_row(y, m, pid_n, pid_k, offs_n, mask_n, M, N, split_k, b_ptr, y_ptr, 
                       HAS_BIAS)
 
 
-@triton.jit
-def _dot8_h2(q, zz, x04, x15, x26, x37):
-    # q int32 of 8 nibbles; zz = fp16x2 (1024 + z, 1024 + z); x_ab = fp16x2 (x_a / 16, x_b / 16) ->
-    # fp32 sum_j x_j (q_j - z) / 16. Each lop3 makes nibbles i and i + 4 into the fp16 pair (1024 + q_i,
-    # 1024 + q_i+4), one sub.f16x2 makes them exact q - z, one fma.f16x2 accumulates two products: about
-    # 2.5 instructions per weight instead of 4 in fp32. Four products per lane are summed in fp16 (x is
-    # pre-scaled by 1/16 so |sum| <= 3.75 max|x| cannot overflow), the two lanes in fp32. GPU only.
-    return tl.inline_asm_elementwise(
-        asm="""{
+# _dot8_h2's PTX (also the Gluon GEMV's, w4a16_gluon_gemv._dot8): $0 fp32 out; $1 the packed word; $2 fp16x2
+# (1024 + z, 1024 + z); $3..$6 fp16x2 pairs (x_j / 16, x_j+4 / 16) for j = 0..3
+DOT8_H2_ASM = tl.constexpr("""{
         .reg .b32 t, u, a;
         .reg .f16 lo, hi;
         .reg .f32 flo, fhi;
@@ -106,7 +100,18 @@ def _dot8_h2(q, zz, x04, x15, x26, x37):
         cvt.f32.f16 flo, lo;
         cvt.f32.f16 fhi, hi;
         add.f32 $0, flo, fhi;
-        }""",
+        }""")
+
+
+@triton.jit
+def _dot8_h2(q, zz, x04, x15, x26, x37):
+    # q int32 of 8 nibbles; zz = fp16x2 (1024 + z, 1024 + z); x_ab = fp16x2 (x_a / 16, x_b / 16) ->
+    # fp32 sum_j x_j (q_j - z) / 16. Each lop3 makes nibbles i and i + 4 into the fp16 pair (1024 + q_i,
+    # 1024 + q_i+4), one sub.f16x2 makes them exact q - z, one fma.f16x2 accumulates two products: about
+    # 2.5 instructions per weight instead of 4 in fp32. Four products per lane are summed in fp16 (x is
+    # pre-scaled by 1/16 so |sum| <= 3.75 max|x| cannot overflow), the two lanes in fp32. GPU only.
+    return tl.inline_asm_elementwise(
+        asm=DOT8_H2_ASM,
         constraints="=f,r,r,r,r,r,r",
         args=[q, zz, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)
 

@@ -248,6 +248,16 @@ if HAVE_GLUON:
         return a
 
     @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr):
+        # a shared-memory ring's mbarriers: `ready` (its copies landed) and `empty` (its readers are done), one each
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=1)
+        return ready, empty
+
+    @gluon.jit
     def _gdc_launch():
         # programmatic dependent launch (pdl.py): the next kernel in the stream may be scheduled now
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
@@ -404,11 +414,7 @@ if HAVE_GLUON:
             u_smem = x_smem
             a_smem = x_smem
         q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KW * P, BLOCK_N], q_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=1)
+        ready, empty = _ring_barriers(STAGES)
         if WS:
             if PDL:  # the producer warp reads activations from its first copy on
                 _gdc_wait()
