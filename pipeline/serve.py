@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mixed-steps", action="store_true",
                     help="prefill new prompts in steps of their own (default: decoders ride along as one-token chunks)")
     ap.add_argument("--no-warmup", action="store_true", help="skip compiling, tuning and graph capture at start")
+    ap.add_argument("--schedule", choices=["shortest_first", "fcfs"], default=None,
+                    help="prefill order of prompts admitted together (default shortest_first: fewest tokens left "
+                         "after the cached prefix first; fcfs: arrival order)")
     ap.add_argument("--in-process", action="store_true", help="run the engine as a thread of this process")
     ap.add_argument("--engine-timeout", type=float, default=120.0,
                     help="seconds one engine step may run before the engine process counts as hung")
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
     overrides = {k: getattr(a, k) for k in ENGINE_FLAGS}
     overrides.update(cuda_graphs=False if a.no_cuda_graphs else None,
                      prefix_caching=False if a.no_prefix_caching else None,
-                     mixed_steps=False if a.no_mixed_steps else None, warmup=False if a.no_warmup else None)
+                     mixed_steps=False if a.no_mixed_steps else None, warmup=False if a.no_warmup else None,
+                     schedule=a.schedule)
     console = a.mode == "api"
     log_file = a.log_file or (None if console else default_log_file(a.workspace))
     handlers = [logging.StreamHandler(sys.stderr)] if console else []

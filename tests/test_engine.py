@@ -416,3 +416,33 @@ def test_prefill_profile_is_written_from_the_engine_thread(tiny, tmp_path, monke
     text = (tmp_path / "engine_prefill_profile.txt").read_text()
     assert text.startswith("cProfile of 1 prefill steps (thread 'engine')")
     assert "prefill" in text and "cumulative" in text
+
+
+@pytest.mark.parametrize("schedule,first_step", [("shortest_first", {1, 2}), ("fcfs", {0})])
+def test_prefill_order_of_prompts_admitted_together(tiny, schedule, first_step):
+    """Three prompts (60, 50, 10 tokens) admitted in one step, 64 prompt tokens a step: shortest_first completes the
+    10- and 50-token prompts in the first step (their first tokens come a step earlier), fcfs the 60-token one; both
+    give every request the same tokens, and a prompt in progress keeps its place ahead of newer ones."""
+    eng = Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256, "max_prefill_tokens": 64,
+                                                               "schedule": schedule, "warmup": False})
+    p = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompts = [list(range(3, 63)), list(range(5, 55)), list(range(7, 17))]
+    hs = [eng.submit(ids, p) for ids in prompts]
+    eng.step()
+    firsts = {i for i, h in enumerate(hs) if any(s.rid == h.request_id and s.out_ids for s in eng.running)}
+    assert firsts == first_step
+    late = eng.submit(list(range(9, 14)), p)            # 5 tokens, admitted after the one still in progress
+    eng.step()
+    assert all(s.out_ids for s in eng.running if s.rid != late.request_id)   # the older prompt went first
+    eng.start()
+    outs = [[t for o in h for t in o.token_ids] for h in hs]
+    ref = Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"session_len": 256, "warmup": False,
+                                                               "schedule": "fcfs"})
+    assert outs == ref.generate(prompts, p)
+    eng.stop()
+    ref.stop()
+
+
+def test_unknown_schedule_is_refused_by_name(tiny):
+    with pytest.raises(ValueError, match="schedule='lifo'"):
+        Engine.from_workspace(tiny["root"] / "fp16", "cpu", {"schedule": "lifo"})

@@ -116,8 +116,11 @@ def engines(monkeypatch, ws, overrides, dtype="fp32"):
 @pytest.mark.parametrize("ws,qp,kv_mode", [("fp16", 0, None), ("w4", 0, None), ("w4", 4, "static"),
                                            ("w4", 4, "dynamic"), ("w4", 8, "static"), ("w4", 8, "dynamic")])
 def test_engine_native_greedy_equals_reference(monkeypatch, tiny, ws, qp, kv_mode):  # noqa: F811
+    # chunked prefill too; fcfs: this random model's greedy tokens with int4 dynamic KV change with the rows that share
+    # a prefill step (in both paths, one prompt at a time vs batched), and the two paths agree bit for bit on this
+    # composition, not on every one
     ref, nat = engines(monkeypatch, tiny["root"] / ws, {"session_len": 256, "quant_policy": qp, "kv_mode": kv_mode,
-                                                        "max_prefill_tokens": 16})   # chunked prefill too
+                                                        "max_prefill_tokens": 16, "schedule": "fcfs"})
     assert nat.runner.kv_mode == ref.runner.kv_mode and nat.runner.kv_bits == ref.runner.kv_bits
     assert nat.generate(PROMPTS, GREEDY) == ref.generate(PROMPTS, GREEDY)
 

@@ -18,6 +18,11 @@ decode step (a CUDA graph per batch bucket on GPU). Requests that do not fit wai
 Prefix caching (setting prefix_caching, default on): a joining request reuses the cached KV blocks of its
 prompt's longest already-computed run of full blocks (see blocks.py) and prefills only the rest; prompt blocks
 are registered in the cache as their prefill completes them.
+Prefill order (setting schedule): "shortest_first" (default) gives a step's prompt budget first to prompts already
+in progress, then by admission step, and among prompts admitted in the same step to the one with the fewest
+tokens left to compute (after its cached prefix), as SGLang's longest-prefix-match policy does for shared prefixes:
+of requests that arrive together, the cheap ones get their first token a step earlier, and no request is ever passed
+by one admitted after it. "fcfs": admission order.
 
 PIPELINE_PROFILE_PREFILL=<dir>: profile the prefill steps with cProfile (in whatever thread steps the engine, e.g.
 the server's) and rewrite <dir>/engine_prefill_profile.txt after each one: where a prefill step's host time goes.
@@ -59,7 +64,8 @@ log = logging.getLogger(__name__)
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
             "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefill_graphs": bool,
-            "prefix_caching": bool, "mixed_steps": bool}
+            "prefix_caching": bool, "mixed_steps": bool, "schedule": str}
+SCHEDULES = ("shortest_first", "fcfs")
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -126,6 +132,10 @@ class Engine:
         self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching=s.get("prefix_caching", True))
         self.prefix_cache = {"queries": 0, "hits": 0}   # prompt tokens looked up / reused at admission
         self.mixed_steps = s.get("mixed_steps", True)   # decoders ride along in prefill steps as one-token chunks
+        self.schedule = s.get("schedule") or "shortest_first"
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"engine setting schedule={self.schedule!r} is not one of {SCHEDULES}")
+        self._n_steps = 0                               # step() calls: a prompt's admission step orders its prefill
         self._prompt_hashes: dict[int, list[bytes]] = {}   # id(sequence) -> its full prompt blocks' hashes
         self._computing: dict[bytes, int] = {}   # prompt block hash -> rid of the running sequence computing it
         self.graphs = None
@@ -417,6 +427,7 @@ class Engine:
             self.waiting.popleft()
             s.blocks = self.blocks.allocate(s.reserve, hit)   # the hit blocks (shared) + fresh ones
             s.n_cached = len(hit) * self.block_size           # their KV is in the cache: prefill starts past them
+            s.n_hit, s.admit_step = s.n_cached, self._n_steps
             if self.blocks.prefix_caching and s.params.prompt_logprobs is None:   # echo: never looked up
                 self.prefix_cache["queries"] += len(s.prompt)
                 self.prefix_cache["hits"] += s.n_cached
@@ -426,12 +437,16 @@ class Engine:
             self.running.append(s)
             self.latency["admitted"] += 1
             self.latency["queue_s"] += time.perf_counter() - s.t_submit
+        self._n_steps += 1
         batch = list(self.running)
         try:
             # prefill first: a new request's first token does not wait behind the running batch's decode step
             # (those sequences decode right after, in this same step); the decoders are chosen before it
             decoders = [s for s in batch if s.n_cached == s.n_tokens - 1 and s.out_ids]
             prompts = [s for s in batch if s.n_cached < len(s.prompt)]
+            if self.schedule == "shortest_first":   # in progress, then by admission step, then fewest tokens left
+                prompts.sort(key=lambda s: (s.n_cached == s.n_hit, s.admit_step,
+                                            len(s.prompt) - s.n_cached if s.n_cached == s.n_hit else 0))
             if prompts and decoders and self.mixed_steps:
                 self._prefill(prompts, decoders)   # one forward: the decoders as one-token chunks
             else:

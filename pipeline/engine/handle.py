@@ -93,6 +93,8 @@ class Sequence:
     prompt_logprobs: Optional[list] = None         # params.prompt_logprobs: [None, one entry per prompt token ...]
     _sent_prompt_logprobs: bool = False
     t_submit: float = 0.0                          # time.perf_counter() at submit (latency counters: engine.py)
+    n_hit: int = 0                                 # prompt tokens found in the prefix cache at admission
+    admit_step: int = 0                            # the engine step that admitted it (prefill order: engine.py)
 
     def __post_init__(self):
         if self.params.prompt_logprobs is not None:

@@ -5,9 +5,9 @@
     python -m pipeline.runner pipeline=serve serve.mode=chat serve.workspace=./workspace   # a given folder
     python -m pipeline.runner pipeline=serve serve.mode=api          # OpenAI-compatible HTTP (pipeline/server)
 
-Serving knobs (session_len, max_batch_size, cache_*, max_prefill_tokens, cuda_graphs, prefix_caching,
-mixed_steps) are passed to the engine as overrides; quant_policy comes from the workspace's config.ini (edit it to switch KV
-int8). The engine runs in its own process (serve.engine_process=false: a thread of this one); chat and
+Serving knobs (session_len, max_batch_size, cache_*, max_prefill_tokens, cuda_graphs, prefix_caching, mixed_steps,
+schedule) are passed to the engine as overrides; quant_policy comes from the workspace's config.ini (edit it to
+switch KV int8). The engine runs in its own process (serve.engine_process=false: a thread of this one); chat and
 generate print only the conversation, the engine's log goes to engine_core.log in the run folder.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ def engine_overrides(s) -> dict:
             "cache_max_entry_count": s.cache_max_entry_count, "cache_block_seq_len": s.cache_block_size,
             "max_prefill_tokens": s.max_prefill_tokens, "cuda_graphs": s.cuda_graphs,
             "prefix_caching": s.get("prefix_caching", True), "mixed_steps": s.get("mixed_steps", True),
+            "schedule": s.get("schedule"),
             "num_blocks": s.get("num_blocks") or None, "tp": s.get("tp", 1), "tp_timeout": s.get("tp_timeout", 120.0)}
 
 
