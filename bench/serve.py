@@ -506,6 +506,8 @@ def main() -> None:
                     help="roofline: memory bandwidth (default: the device-to-device copy measured on this workplace's "
                          "cards: 4.3 TB/s on an H200, else 3.0, an H100's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--schedule", choices=["shortest_first", "fcfs"], default=None,
+                    help="the engine's prefill order on both servers (default: the engine's, shortest_first)")
     ap.add_argument("--client-procs", type=int, default=None,
                     help="processes the concurrent clients run in (default: 4 where the machine has 8 or more CPUs, "
                          "else 1)")
@@ -530,7 +532,8 @@ def main() -> None:
     if args.peak_tbps is None:
         args.peak_tbps = 4.3 if "H200" in device_name(device) else 3.0
     overrides = [f"model={args.model}", f"quant={args.quant}", f"device={device}",
-                 f"serve.max_batch_size={args.clients}", "serve.session_len=4096", *(FAST_BUILD if args.set is None else args.set)]
+                 f"serve.max_batch_size={args.clients}", "serve.session_len=4096", *(FAST_BUILD if args.set is None else args.set),
+                 *([f"serve.schedule={args.schedule}"] if args.schedule else [])]
     t0 = time.time()
     server = ApiServer(Path(tempfile.mkdtemp(prefix="bench_serve_")), *overrides, cache_dir=Path(args.cache_dir))
     server.start(timeout=1800)
@@ -553,7 +556,7 @@ def main() -> None:
                "weight_type", "quant_policy", "kv_capacity_tokens", "max_batch_size", "session_len", "device")},
            "workload": {"requests": n, "clients": args.clients, "prompt_len_uniform": args.prompt_len,
                         "output_len_uniform": args.output_len, "seed": args.seed, "batch1_requests": args.batch1,
-                        "client_procs": args.client_procs,
+                        "client_procs": args.client_procs, "schedule": args.schedule or "engine default",
                         "prefix": None if args.no_prefix else {
                             "requests": args.prefix_requests, "prefix_len": args.prefix_len,
                             "question_len_uniform": args.question_len, "output_len_uniform": pout,
@@ -589,7 +592,8 @@ def main() -> None:
         off = ApiServer.for_workspace(
             Path(tempfile.mkdtemp(prefix="bench_serve_noprefix_")), ws, "--device", device, "--no-prefix-caching",
             "--max-batch-size", str(h["max_batch_size"]), "--session-len", str(h["session_len"]),
-            "--cache-block-seq-len", str(h["block_size"]), "--num-blocks", str(h["total_blocks"]))
+            "--cache-block-seq-len", str(h["block_size"]), "--num-blocks", str(h["total_blocks"]),
+            *(["--schedule", args.schedule] if args.schedule else []))
         off.start(timeout=1800)
         res["prefix_off_startup_s"] = time.time() - t0
         res["prefix_off_first_token_s"] = first_token_s(off.url, h["model"], t0)   # the target: launch -> a token

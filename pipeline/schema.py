@@ -132,6 +132,7 @@ class ServeConfig:
     cuda_graphs: bool = True
     prefix_caching: bool = True       # reuse the KV blocks of shared prompt prefixes
     mixed_steps: bool = True          # decoders advance in the same forward as new prompts' prefill chunks
+    schedule: str = "shortest_first"  # prefill order of prompts admitted together: shortest_first | fcfs
     engine_process: bool = True       # the engine steps in a process of its own (False: a thread of the server's)
     max_new_tokens: int = 128
     temperature: float = 0.0

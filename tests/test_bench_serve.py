@@ -25,7 +25,8 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",
            "--requests", "4", "--batch1", "1", "--client-procs", "2", "--prompt-len", "8:16", "--output-len", "4:8",
            "--device", "cpu",
-           "--prefix-len", str(prefix), "--prefix-requests", "4", "--question-len", "8:16", "--prefix-light-clients", "1",
+           "--prefix-len", str(prefix), "--prefix-requests", "4", "--question-len", "8:16",
+           "--prefix-light-clients", "1", "--schedule", "fcfs",
            "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -65,6 +66,7 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     assert lon["prefix_cache"]["hits"] == 4 * prefix                # every one hits the cache the runs above filled
     assert res["prefix_ttft_p50_off_over_on_light"] == loff["ttft_ms"]["50"] / lon["ttft_ms"]["50"]
     assert "the same workload at 1 clients" in r.stdout
+    assert res["workload"]["schedule"] == "fcfs" and "--schedule fcfs" in res["prefix_off_command"]
 
     static, cb = res["transformers_generate"], res["transformers_generate_batch"]
     assert "error" not in static and "error" not in cb, (static, cb)

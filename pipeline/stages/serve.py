@@ -31,7 +31,7 @@ def engine_overrides(s) -> dict:
             "cache_max_entry_count": s.cache_max_entry_count, "cache_block_seq_len": s.cache_block_size,
             "max_prefill_tokens": s.max_prefill_tokens, "cuda_graphs": s.cuda_graphs,
             "prefix_caching": s.get("prefix_caching", True), "mixed_steps": s.get("mixed_steps", True),
-            "schedule": s.get("schedule"),
+            "schedule": s.get("schedule") or None,
             "num_blocks": s.get("num_blocks") or None, "tp": s.get("tp", 1), "tp_timeout": s.get("tp_timeout", 120.0)}
 
 
