@@ -131,19 +131,25 @@ def test_gpu_gluon_tuned_through_w4a16_linear_and_repeatable(monkeypatch):
 @pytest.mark.parametrize("g", [64, 128])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_gpu_gluon_gemv_matches_reference(g, pdl):
-    """Every TMA GEMV config on one row against the reference: the four Llama-2-7B linears (split-K and the bias)
-    and N not a multiple of the tile (TMA zero-fills the columns past N); repeat launches give the same bits."""
+    """Every TMA GEMV config on one row against the reference, plain and with the fused SwiGLU: the four Llama-2-7B
+    linears (split-K and the bias) and N not a multiple of the tile (TMA zero-fills the columns past N); repeat
+    launches give the same bits."""
     for K, N in ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (1024, 4100)):
         w = w4.pack_w4(*make_quant(N, K, g, seed=K + N), g).to("cuda")
         x = torch.randn(1, K, device="cuda").half()
         bias = torch.randn(N, device="cuda").half()
         ref = ref64(x, w, bias)
+        gu = torch.randn(1, 2 * K, device="cuda").half()
+        from pipeline.kernels.norm import silu_mul_ref
+        ref_act = ref64(silu_mul_ref(gu), w, bias)
         for name in wv.GEMV_CONFIGS:
             if not wv.fits(name, g, K):
                 continue
             y = wv.w4a16_gluon_gemv(x, w, bias, config=name, pdl=pdl)
             assert rel_err(y, ref) < TOL[torch.float16], f"{name} g={g} K={K} N={N}: {rel_err(y, ref):.2e}"
             assert all(torch.equal(wv.w4a16_gluon_gemv(x, w, bias, config=name, pdl=pdl), y) for _ in range(5))
+            y = wv.w4a16_gluon_gemv(gu, w, bias, config=name, pdl=pdl, act="silu_mul")   # the fused SwiGLU
+            assert rel_err(y, ref_act) < TOL[torch.float16], f"{name} silu_mul g={g} K={K}: {rel_err(y, ref_act):.2e}"
 
 
 @pytest.mark.gpu
@@ -237,8 +243,8 @@ def test_offline_pdl_streams_weights_before_the_wait(name, act):
 @pytest.mark.slow
 @offline
 @pytest.mark.parametrize("name", list(wv.GEMV_CONFIGS))
-@pytest.mark.parametrize("g", [64, 128])
-def test_offline_sm90_compile_gemv(name, g):
+@pytest.mark.parametrize("g,act", [(64, False), (128, False), (64, True)])
+def test_offline_sm90_compile_gemv(name, g, act):
     """Each TMA GEMV config compiles to an sm_90 cubin without a GPU, with PDL: the next kernel released first; the
     consumers' wait before x; without a producer warp, the ring's first copies issued before that wait."""
     from triton.runtime.jit import mangle_type
@@ -249,7 +255,7 @@ def test_offline_sm90_compile_gemv(name, g):
     sig = {"q_desc": mangle_type(qd), "x_ptr": "*fp16", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16",
            "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "split_k": "i32"}
     cst = dict(GROUP=g, ROWS=rows, BLOCK_N=BN, STAGES=stages, SPLIT=True, HAS_BIAS=True, PDL=True, WS=bool(ws),
-               num_warps=warps)
+               ACT=act, num_warps=warps)
     k = compile_sm90(wv._gemv, sig, cst, warps)
     ptx = k.asm["ptx"]
     assert len(k.asm["cubin"]) > 0 and k.metadata.shared <= wv.SMEM_BYTES + 1024

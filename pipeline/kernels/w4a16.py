@@ -323,9 +323,10 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up); pdl: launch with PDL
     (default: what pdl.enabled says for x2's device)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
-    if cfg is not None and cfg[0] == "gluon_gemv":  # sm_90 Gluon GEMV (w4a16_gluon_gemv.py): one row, no act
+    if cfg is not None and cfg[0] == "gluon_gemv":  # sm_90 Gluon GEMV (w4a16_gluon_gemv.py): one row
         return w4a16_gluon_gemv.w4a16_gluon_gemv(x2, w, bias, cfg[1], out=_alloc_out(M, N, out_dtype, x2.device),
-                                                 pdl=pdl_enabled(x2.device) if pdl is None else pdl)
+                                                 pdl=pdl_enabled(x2.device) if pdl is None else pdl,
+                                                 act="silu_mul" if act else None)
     if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py)
         return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], "silu_mul" if act else None,
                                               out=_alloc_out(M, N, out_dtype, x2.device),

@@ -20,7 +20,8 @@ kernels.
 Programmatic dependent launch (pdl=True): the kernel lets the next one launch first; the producer never reads what
 a kernel writes (weights only), so it streams while the previous kernel finishes; the consumers wait
 (`griddepcontrol.wait`, inline PTX) before they read x or write anything.
-Limits: one row (M = 1), fp16 activations, no fused SwiGLU, N % 4 == 0 (TMA's 16-byte row pitch), sm_90 only.
+act="silu_mul" (x = [gate | up]): silu(gate) * up made per activation pair, rounded to fp16 as the Triton GEMVs do.
+Limits: one row (M = 1), fp16 activations, N % 4 == 0 (TMA's 16-byte row pitch), sm_90 only.
 Gluon compiles for the GPU only: tests/test_kernel_w4a16_gluon.py compiles it for sm_90 offline (Triton 3.6) and
 checks it against the reference on a GPU.
 """
@@ -77,10 +78,20 @@ if HAVE_GLUON:
         return a + b
 
     @gluon.jit
-    def _pair(x_ptr, offs, da, db):
+    def _x(x_ptr, offs, K, ACT: gl.constexpr):
+        # the activations at offs / 16 in fp16; ACT: x is [gate | up] (2K wide) and the value is silu(gate) * up,
+        # rounded to fp16 first, as `w4a16_gemv._load_x` rounds it
+        v = gl.load(x_ptr + offs)
+        if ACT:
+            g = v.to(gl.float32)
+            v = (g / (1.0 + gl.exp(-g)) * gl.load(x_ptr + offs + K).to(gl.float32)).to(gl.float16)
+        return (v.to(gl.float32) * 0.0625).to(gl.float16)
+
+    @gluon.jit
+    def _pair(x_ptr, offs, da, db, K, ACT: gl.constexpr):
         # fp16x2 (x[offs + da] / 16, x[offs + db] / 16) as int32: the planes a and b of a packed word's row
-        a = (gl.load(x_ptr + offs + da).to(gl.float32) * 0.0625).to(gl.float16)
-        b = (gl.load(x_ptr + offs + db).to(gl.float32) * 0.0625).to(gl.float16)
+        a = _x(x_ptr, offs + da, K, ACT)
+        b = _x(x_ptr, offs + db, K, ACT)
         return (a.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) | (b.to(gl.int16, bitcast=True).to(gl.int32) << 16)
 
     @gluon.jit
@@ -93,9 +104,9 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(q_desc, [(c_lo + i) * ROWS, off_n], ready.index(s), q_smem.index(s))
 
     @gluon.jit
-    def _consume(q_desc, x_ptr, s_ptr, z_ptr, q_smem, ready, empty, N, c_lo, n_iter, off_n, GROUP: gl.constexpr,
+    def _consume(q_desc, x_ptr, s_ptr, z_ptr, q_smem, ready, empty, N, K, c_lo, n_iter, off_n, GROUP: gl.constexpr,
                  ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
-                 WS: gl.constexpr, num_warps: gl.constexpr):
+                 WS: gl.constexpr, ACT: gl.constexpr, num_warps: gl.constexpr):
         # (ROWS, BLOCK_N) fp32 partial products of chunks [c_lo, c_lo + n_iter): row r of a chunk is packed row
         # r % P of its group r // P; thread rows along the tile's rows, 4 consecutive columns a thread
         P: gl.constexpr = GROUP // 8
@@ -115,10 +126,10 @@ if HAVE_GLUON:
             s = i % STAGES
             g0 = (c_lo + i) * KS                           # the chunk's first group
             base = g0 * GROUP
-            x04 = gl.expand_dims(_pair(x_ptr, base + xrow, 0, 4 * P), 1)
-            x15 = gl.expand_dims(_pair(x_ptr, base + xrow, P, 5 * P), 1)
-            x26 = gl.expand_dims(_pair(x_ptr, base + xrow, 2 * P, 6 * P), 1)
-            x37 = gl.expand_dims(_pair(x_ptr, base + xrow, 3 * P, 7 * P), 1)
+            x04 = gl.expand_dims(_pair(x_ptr, base + xrow, 0, 4 * P, K, ACT), 1)
+            x15 = gl.expand_dims(_pair(x_ptr, base + xrow, P, 5 * P, K, ACT), 1)
+            x26 = gl.expand_dims(_pair(x_ptr, base + xrow, 2 * P, 6 * P, K, ACT), 1)
+            x37 = gl.expand_dims(_pair(x_ptr, base + xrow, 3 * P, 7 * P, K, ACT), 1)
             sz = gl.expand_dims((g0 + r // P) * N, 1) + gl.expand_dims(c, 0)   # (ROWS, BN): each row's group
             sc = gl.load(s_ptr + sz, mask=cmask, other=0.0).to(gl.float32)
             zc = gl.load(z_ptr + sz, mask=cmask, other=0.0).to(gl.float32) + 1024.0
@@ -141,7 +152,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _gemv(q_desc, x_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, split_k, GROUP: gl.constexpr,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-              HAS_BIAS: gl.constexpr, PDL: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+              HAS_BIAS: gl.constexpr, PDL: gl.constexpr, WS: gl.constexpr, ACT: gl.constexpr,
+              num_warps: gl.constexpr):
         # grid (cdiv(N, BLOCK_N), split_k): columns [off_n, off_n + BLOCK_N), chunks of ROWS packed rows [c_lo, ...)
         if PDL:
             _gdc_launch()
@@ -156,8 +168,8 @@ if HAVE_GLUON:
         ready, empty = _ring_barriers(STAGES)
         if WS:
             res = gl.warp_specialize([
-                (_consume, (q_desc, x_ptr, s_ptr, z_ptr, q_smem, ready, empty, N, c_lo, n_iter, off_n, GROUP, ROWS,
-                            BLOCK_N, STAGES, PDL, WS, num_warps)),
+                (_consume, (q_desc, x_ptr, s_ptr, z_ptr, q_smem, ready, empty, N, K, c_lo, n_iter, off_n, GROUP,
+                            ROWS, BLOCK_N, STAGES, PDL, WS, ACT, num_warps)),
                 (_produce, (q_desc, q_smem, ready, empty, c_lo, n_iter, off_n, ROWS, STAGES)),
             ], [1], [24])
         else:   # the consumers stream the ring themselves; the first STAGES chunks go out before any wait
@@ -165,8 +177,8 @@ if HAVE_GLUON:
                 mbarrier.expect(ready.index(st), q_desc.block_type.nbytes, pred=st < n_iter)
                 tma.async_copy_global_to_shared(q_desc, [(c_lo + st) * ROWS, off_n], ready.index(st),
                                                 q_smem.index(st), pred=st < n_iter)
-            res = _consume(q_desc, x_ptr, s_ptr, z_ptr, q_smem, ready, empty, N, c_lo, n_iter, off_n, GROUP, ROWS,
-                           BLOCK_N, STAGES, PDL, WS, num_warps)
+            res = _consume(q_desc, x_ptr, s_ptr, z_ptr, q_smem, ready, empty, N, K, c_lo, n_iter, off_n, GROUP, ROWS,
+                           BLOCK_N, STAGES, PDL, WS, ACT, num_warps)
         y = res[0]
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(st))
@@ -195,8 +207,8 @@ if HAVE_GLUON:
 
 
 def applicable(x2: torch.Tensor, w, act: bool) -> bool:
-    """This call fits the GEMV: one fp16 row, no fused SwiGLU, N % 4 == 0 (the tuner skips it otherwise)."""
-    return x2.shape[0] == 1 and x2.dtype == torch.float16 and not act and w.N % 4 == 0
+    """This call fits the GEMV: one fp16 row, N % 4 == 0 (the tuner skips it otherwise)."""
+    return x2.shape[0] == 1 and x2.dtype == torch.float16 and w.N % 4 == 0
 
 
 def _q_layout():
@@ -204,12 +216,13 @@ def _q_layout():
 
 
 def w4a16_gluon_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, config: str = "glv_n128_r32_s4_c4",
-                     out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
-    """y = x @ dequant(w).T (+ bias) for one row x (1, K) fp16 on an sm_90 GPU; w: `W4Weight` with N % 4 == 0."""
+                     out: torch.Tensor | None = None, pdl: bool = False, act: str | None = None) -> torch.Tensor:
+    """y = x @ dequant(w).T (+ bias) for one row x (1, K) fp16 on an sm_90 GPU; w: `W4Weight` with N % 4 == 0.
+    act="silu_mul": x is (1, 2K) = [gate | up] and y = silu_mul(x) @ dequant(w).T."""
     BN, rows, stages, warps, split, ws_ = GEMV_CONFIGS[config]
     x2 = x.reshape(-1, x.shape[-1])
     N, K, g = w.N, w.K, w.group_size
-    if not applicable(x2, w, False) or x2.shape[1] != K or not fits(config, g, K):
+    if not applicable(x2, w, act is not None) or x2.shape[1] != (2 * K if act else K) or not fits(config, g, K):
         raise ValueError(f"gluon W4A16 GEMV: unsupported call (x {tuple(x2.shape)} {x2.dtype}, N={N}, K={K}, g={g}, "
                          f"config {config})")
     x2 = x2.contiguous()
@@ -224,6 +237,7 @@ def w4a16_gluon_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, confi
     cnt = arrival_counters(x2.device, cdiv(N, BN)) if split > 1 else y
     _gemv[(cdiv(N, BN), split)](q_desc, x2, w.scales, w.zeros, bias if bias is not None else y, y, ws, cnt, N, K, split,
                                 GROUP=g, ROWS=rows, BLOCK_N=BN, STAGES=stages, SPLIT=split > 1,
-                                HAS_BIAS=bias is not None, PDL=pdl, WS=bool(ws_), num_warps=warps,
+                                HAS_BIAS=bias is not None, PDL=pdl, WS=bool(ws_), ACT=act is not None,
+                                num_warps=warps,
                                 **launch_kwargs(pdl))
     return y.reshape(*x.shape[:-1], N)
