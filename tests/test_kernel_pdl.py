@@ -64,7 +64,8 @@ def _chain(x_in, norm_w, w1, w2, w3, cfg):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("cfg", ["wide_n128_s2_h2", "wide_n32_s4_w2_h2", "fma_n64_c8", "gemv_n64_c4_sl",
-                                 "gl_m16_n128_k16_s4_c4", "gl_m32_n128_k16_s4_c4", "gl_m64_n64_k16_s4_c2_ws"])
+                                 "gl_m16_n128_k16_s4_c4", "gl_m32_n128_k16_s4_c4", "gl_m64_n64_k16_s4_c2_ws",
+                                 "glv_n64_r32_s4_c8", "glv_n128_r32_s6_c4_ws"])
 def test_gpu_graph_chain_identical_with_and_without_pdl(monkeypatch, cfg):
     """The chain captured in a CUDA graph and replayed on fresh inputs gives the same bits with PDL as the
     eager launches without it: a kernel that read its input before the previous kernel finished writing it
@@ -75,7 +76,7 @@ def test_gpu_graph_chain_identical_with_and_without_pdl(monkeypatch, cfg):
     if torch.cuda.get_device_capability() < (9, 0) or not pdl.supported_by_triton():
         pytest.skip("PDL needs compute capability 9.0 and a Triton with launch_pdl")
     from pipeline.kernels import w4a16_gluon
-    if cfg.startswith("gl_") and not w4a16_gluon.available(dev):
+    if cfg.startswith("gl") and not w4a16_gluon.available(dev):
         pytest.skip("the Gluon kernel runs on sm_90 only")
     torch.manual_seed(0)
     D, F = 4096, 11008
@@ -83,7 +84,7 @@ def test_gpu_graph_chain_identical_with_and_without_pdl(monkeypatch, cfg):
     w2 = w4.pack_w4(*make_quant(D, F, 128), 128).to(dev)
     w3 = w4.pack_w4(*make_quant(D, D, 128), 128).to(dev)
     norm_w = torch.rand(D, device=dev).half() + 0.5
-    M = 1 if cfg.startswith(("wide", "fma")) else 24 if cfg.startswith("gl_") else 4
+    M = 1 if cfg.startswith(("wide", "fma", "glv")) else 24 if cfg.startswith("gl_") else 4
     inputs = [torch.randn(M, D, device=dev).half() for _ in range(6)]
 
     monkeypatch.setenv("PIPELINE_PDL", "0")
