@@ -251,7 +251,7 @@ def test_offline_sm90_compile_gemv(name, g, act):
     BN, rows, stages, warps, split, ws = wv.GEMV_CONFIGS[name]
     K, N = 4096, 4096
     qd = wv.TensorDescriptor(torch.empty(K // 8, N, dtype=torch.int32), [K // 8, N], [N, 1], [rows, BN],
-                             wv._q_layout())
+                             wg.packed_layout())
     sig = {"q_desc": mangle_type(qd), "x_ptr": "*fp16", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16",
            "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "split_k": "i32"}
     cst = dict(GROUP=g, ROWS=rows, BLOCK_N=BN, STAGES=stages, SPLIT=True, HAS_BIAS=True, PDL=True, WS=bool(ws),

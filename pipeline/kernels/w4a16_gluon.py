@@ -513,8 +513,12 @@ def split_for(M: int, N: int, K: int, g: int, BM: int, BN: int, split: int, devi
 def layouts(BM: int, BN: int, KT: int, g: int, dtype: torch.dtype):
     """Shared-memory layouts of an activation slice (BM, KT) and the packed weight buffer (KW * g/8, BN)."""
     x_l = gl.NVMMASharedLayout.get_default_for([BM, KT], getattr(gl, _GL_DTYPE[dtype]))
-    q_l = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # unswizzled: sliced by g/8 rows
-    return x_l, q_l
+    return x_l, packed_layout()
+
+
+def packed_layout():
+    """Shared-memory layout of TMA tiles of qweight: unswizzled int32 rows (sliced by g/8 rows, read row-major)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 def dequantize_gluon(w, dtype: torch.dtype = torch.float16, config: str = "gl_m64_n64_k16_s4_c2") -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count
 from pipeline.kernels.pdl import launch_kwargs
-from pipeline.kernels.w4a16_gluon import HAVE_GLUON
+from pipeline.kernels.w4a16_gluon import HAVE_GLUON, packed_layout
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -211,10 +211,6 @@ def applicable(x2: torch.Tensor, w, act: bool) -> bool:
     return x2.shape[0] == 1 and x2.dtype == torch.float16 and w.N % 4 == 0
 
 
-def _q_layout():
-    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)   # unswizzled, row-major
-
-
 def w4a16_gluon_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, config: str = "glv_n128_r32_s4_c4",
                      out: torch.Tensor | None = None, pdl: bool = False, act: str | None = None) -> torch.Tensor:
     """y = x @ dequant(w).T (+ bias) for one row x (1, K) fp16 on an sm_90 GPU; w: `W4Weight` with N % 4 == 0.
@@ -232,7 +228,7 @@ def w4a16_gluon_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, confi
     split = max(1, min(chunks, split))
     split = cdiv(chunks, cdiv(chunks, split))          # no empty split
     y = out if out is not None else torch.empty(1, N, device=x2.device, dtype=x2.dtype)
-    q_desc = TensorDescriptor(w.qweight, [K // 8, N], [N, 1], [rows, BN], _q_layout())
+    q_desc = TensorDescriptor(w.qweight, [K // 8, N], [N, 1], [rows, BN], packed_layout())
     ws = torch.empty(split, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, cdiv(N, BN)) if split > 1 else y
     _gemv[(cdiv(N, BN), split)](q_desc, x2, w.scales, w.zeros, bias if bias is not None else y, y, ws, cnt, N, K, split,
