@@ -323,14 +323,13 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     """x2 (M, K), or (M, 2K) = [gate | up] with act (the kernel reads silu(gate) * up); pdl: launch with PDL
     (default: what pdl.enabled says for x2's device)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
+    pdl = pdl_enabled(x2.device) if pdl is None else pdl
     if cfg is not None and cfg[0] == "gluon_gemv":  # sm_90 Gluon GEMV (w4a16_gluon_gemv.py): one row
         return w4a16_gluon_gemv.w4a16_gluon_gemv(x2, w, bias, cfg[1], out=_alloc_out(M, N, out_dtype, x2.device),
-                                                 pdl=pdl_enabled(x2.device) if pdl is None else pdl,
-                                                 act="silu_mul" if act else None)
+                                                 pdl=pdl, act="silu_mul" if act else None)
     if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py)
         return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], "silu_mul" if act else None,
-                                              out=_alloc_out(M, N, out_dtype, x2.device),
-                                              pdl=pdl_enabled(x2.device) if pdl is None else pdl)
+                                              out=_alloc_out(M, N, out_dtype, x2.device), pdl=pdl)
     if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
         if act:
             x2 = silu_mul(x2)
@@ -361,7 +360,6 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     b = bias if bias is not None else x2
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
-    pdl = pdl_enabled(x2.device) if pdl is None else pdl
     if cfg[0] == "wide":
         h2 = bool(h2) and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: GPU fp16 only
         _gemv_wide_kernel[(cdiv(N, BN) * split * M,)](
