@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count
+from pipeline.kernels.dispatch import arrival_counters, cdiv
 from pipeline.kernels.pdl import launch_kwargs
-from pipeline.kernels.w4a16_gluon import HAVE_GLUON, packed_layout
+from pipeline.kernels.w4a16_gluon import HAVE_GLUON, packed_layout, split_for
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -222,11 +222,7 @@ def w4a16_gluon_gemv(x: torch.Tensor, w, bias: torch.Tensor | None = None, confi
         raise ValueError(f"gluon W4A16 GEMV: unsupported call (x {tuple(x2.shape)} {x2.dtype}, N={N}, K={K}, g={g}, "
                          f"config {config})")
     x2 = x2.contiguous()
-    chunks = K // 8 // rows
-    if split < 0:
-        split = cdiv(-split * sm_count(x2.device, cpu=4), cdiv(N, BN))
-    split = max(1, min(chunks, split))
-    split = cdiv(chunks, cdiv(chunks, split))          # no empty split
+    split = split_for(1, N, K, rows * 8, 1, BN, split, x2.device)   # K cut in chunks of `rows` packed rows
     y = out if out is not None else torch.empty(1, N, device=x2.device, dtype=x2.dtype)
     q_desc = TensorDescriptor(w.qweight, [K // 8, N], [N, 1], [rows, BN], packed_layout())
     ws = torch.empty(split, N, device=x2.device, dtype=torch.float32) if split > 1 else y
