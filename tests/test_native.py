@@ -151,12 +151,12 @@ def test_engine_native_forced_on_cuda_warms_up_and_matches_reference(monkeypatch
 
 @pytest.mark.gpu
 def test_engine_native_cuda_graphs_give_the_eager_tokens(monkeypatch, tiny):  # noqa: F811
-    """PIPELINE_NATIVE_CUDA_GRAPHS=1: the native runner's decode steps captured as CUDA graphs (masked keys, padding
-    rows on the scratch block) give the greedy tokens of the same engine without graphs."""
+    """The native runner's decode steps captured as CUDA graphs (on a GPU by default; masked keys, padding rows on
+    the scratch block) give the greedy tokens of the same engine without graphs."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     monkeypatch.setenv("PIPELINE_KERNELS", "native")
-    monkeypatch.setenv("PIPELINE_NATIVE_CUDA_GRAPHS", "1")
+    monkeypatch.delenv("PIPELINE_NATIVE_CUDA_GRAPHS", raising=False)
     eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", {"session_len": 256, "quant_policy": 4})
     assert eng.graphs is not None and eng.graphs.graphs, "no decode graph was captured"
     with_graphs = eng.generate(PROMPTS, GREEDY)
