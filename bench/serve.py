@@ -68,6 +68,12 @@ between prefill and decode, from the workspace's config.ini. V = vocab, d = hidd
   default workload (128 requests, prompts U[128, 1024], outputs U[64, 256]) at B = 32, in expectation:
   prefill 1.47 s + decode 2.01 s = 3.48 s, 5,890 output tok/s; the seed-0 draw of it: 3.52 s, 5,870 tok/s
   (tests/test_bench_serve.py checks this).
+A/B mode (--ab NAME[:ENV=VALUE,...] ..., --ab-rounds R): after the workspace is built, only the batched run, on one
+server per variant (`python -m pipeline.serve WORKSPACE` with the variant's environment added, the same batch,
+session and KV blocks; warmed up as above), R rounds, the variants' order reversed every other round (A B, B A, ...):
+a machine that drifts over the runs (session 15 saw each of four runs in a row slower than the one before) moves
+every variant alike. Reported: each run, and per variant the median output tok/s and in-step decode / prefill
+tok/s, and its output tok/s over the first variant's in the same round. E.g. `--ab mma:PIPELINE_ATTN_DECODE=mma fma`.
 Prefill host share (every engine run, shown for the batched one): prefill_enqueue_s / prefill_s from the
 engine's step counters: the part of the prefill steps' time the host spent issuing launches (target <= 25%).
 """
@@ -511,6 +517,9 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=None,
                     help="processes the concurrent clients run in (default: 4 where the machine has 8 or more CPUs, "
                          "else 1)")
+    ap.add_argument("--ab", nargs="+", default=None, metavar="NAME[:ENV=VALUE,...]",
+                    help="A/B mode: only the batched run, on one server per variant and round (module doc)")
+    ap.add_argument("--ab-rounds", type=int, default=2, help="A/B mode: rounds (each variant once a round)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     ap.add_argument("--set", nargs="*", default=None,
@@ -518,6 +527,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(REPO / "outputs" / "cache"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.ab or []]
+    if len({n for n, _ in variants}) != len(variants) or args.ab_rounds < 1:
+        raise SystemExit("--ab: the variants need distinct names; --ab-rounds >= 1")
     light = args.clients // 4 if args.prefix_light_clients is None else args.prefix_light_clients
     if args.client_procs is None:
         args.client_procs = 4 if (os.cpu_count() or 1) >= 8 else 1
@@ -569,6 +581,13 @@ def main() -> None:
 
     def run(url: str, rs: list[dict], clients: int, lead: int = 0) -> dict:
         return asyncio.run(drive(url, h["model"], rs, clients, lead, args.client_procs))
+    if variants:
+        server.stop()   # built the workspace (and its tunings); every variant gets its own server
+        res["ab"] = ab_runs(ws, h, device, variants, args.ab_rounds, reqs, warm, args, run,
+                            lambda ab: (res.update(ab=ab), save()))
+        print(f"\nwrote {path}")
+        ab_table(res["ab"])
+        return
     try:
         run(server.url, warm, min(WARMUP_REQUESTS, args.clients))
         res["engine_batched"] = b = run(server.url, reqs, args.clients)
@@ -617,6 +636,80 @@ def main() -> None:
     save()
     print(f"\nwrote {path}")
     table(res)
+
+
+AB_KEYS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s", "ttft_ms", "itl_ms",
+           "n_errors", "prefill_share_of_wall", "decode_share_of_wall", "mean_decode_batch")
+AB_MEDIANS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """--ab's 'NAME' or 'NAME:ENV=VALUE[,ENV=VALUE...]' -> (name, {ENV: VALUE})."""
+    name, _, rest = spec.partition(":")
+    env = {}
+    for kv in filter(None, rest.split(",")):
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--ab {spec!r}: expected NAME or NAME:ENV=VALUE[,ENV=VALUE...]")
+        env[k] = v
+    if not name:
+        raise SystemExit(f"--ab {spec!r}: the variant needs a name")
+    return name, env
+
+
+def ab_order(variants: list, rounds: int) -> list[tuple[int, tuple]]:
+    """(round, variant) in run order: the variants' order reversed every other round."""
+    return [(r, v) for r in range(rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
+
+
+def ab_summary(variants: list, runs: list[dict]) -> dict:
+    """Per variant: the medians of AB_MEDIANS over its runs, and its output tok/s over the first variant's, round by
+    round."""
+    base = {x["round"]: x["output_tokens_per_s"] for x in runs if x["variant"] == variants[0][0]}
+    out = {}
+    for name, _ in variants:
+        mine = [x for x in runs if x["variant"] == name]
+        if not mine:        # a run cut short: the variants measured so far
+            continue
+        out[name] = {k: statistics.median(x[k] for x in mine) for k in AB_MEDIANS}
+        out[name]["over_first_by_round"] = [x["output_tokens_per_s"] / base[x["round"]] for x in mine
+                                            if x["round"] in base]
+    return out
+
+
+def ab_runs(ws: Path, h: dict, device: str, variants: list, rounds: int, reqs: list, warm: list, args, run,
+            save) -> dict:
+    """The A/B mode (module doc): one server per (round, variant), the batched workload on each."""
+    flags = ["--device", device, "--max-batch-size", str(h["max_batch_size"]), "--session-len", str(h["session_len"]),
+             "--cache-block-seq-len", str(h["block_size"]), "--num-blocks", str(h["total_blocks"]),
+             *(["--schedule", args.schedule] if args.schedule else [])]
+    ab = {"variants": [{"name": n, "env": e} for n, e in variants], "rounds": rounds, "runs": []}
+    for r, (name, env) in ab_order(variants, rounds):
+        srv = ApiServer.for_workspace(Path(tempfile.mkdtemp(prefix=f"bench_serve_ab_{name}_")), ws, *flags, env=env)
+        t0 = time.time()
+        srv.start(timeout=1800)
+        try:
+            start_s = time.time() - t0
+            run(srv.url, warm, min(WARMUP_REQUESTS, args.clients))
+            x = run(srv.url, reqs, args.clients)
+        finally:
+            srv.stop()
+        ab["runs"].append({"round": r, "variant": name, "startup_s": start_s, **{k: x[k] for k in AB_KEYS}})
+        print(f"A/B round {r} {name}: {x['output_tokens_per_s']:.1f} output tok/s, decode "
+              f"{x['decode_tokens_per_s_in_steps']:.0f} tok/s in its steps, {x['n_errors']} errors", flush=True)
+        ab["summary"] = ab_summary(variants, ab["runs"])
+        save(ab)
+    return ab
+
+
+def ab_table(ab: dict) -> None:
+    first = ab["variants"][0]["name"]
+    print(f"{'variant':<24}{'out tok/s (median)':>20}{'decode in steps':>17}{'prefill in steps':>18}"
+          f"  over {first}, by round")
+    for v in ab["variants"]:
+        x = ab["summary"][v["name"]]
+        print(f"{v['name']:<24}{x['output_tokens_per_s']:>20.1f}{x['decode_tokens_per_s_in_steps']:>17.0f}"
+              f"{x['prefill_tokens_per_s']:>18.0f}  " + " ".join(f"{q:.3f}" for q in x["over_first_by_round"]))
 
 
 def first_token_s(url: str, model: str, t0: float) -> float:

@@ -94,3 +94,38 @@ def test_roofline_of_the_default_gpu_workload_matches_the_issue_estimate(bench):
     one = bench.roofline([512], [129], c16, 1, 660, 3.0)
     assert one["decode_s"] == pytest.approx((128 * c16["weight_bytes"] + c16["kv_bytes_per_token"]
                                              * sum(512 + j for j in range(1, 129))) / 3e12)
+
+
+def test_ab_variants_order_and_summary(bench):
+    """--ab: variant specs parse to (name, env); rounds alternate the order (A B, B A: drift falls on both alike);
+    the summary's per-round ratio is against the first variant of the same round."""
+    a, b = bench.parse_variant("mma:PIPELINE_ATTN_DECODE=mma,PIPELINE_PDL=0"), bench.parse_variant("fma")
+    assert a == ("mma", {"PIPELINE_ATTN_DECODE": "mma", "PIPELINE_PDL": "0"}) and b == ("fma", {})
+    for bad in ("mma:PIPELINE_ATTN_DECODE", ":X=1", "x:=1"):
+        with pytest.raises(SystemExit, match="--ab"):
+            bench.parse_variant(bad)
+    order = bench.ab_order([a, b], 3)
+    assert [(r, v[0]) for r, v in order] == [(0, "mma"), (0, "fma"), (1, "fma"), (1, "mma"), (2, "mma"), (2, "fma")]
+    runs = [{"round": r, "variant": v[0], "output_tokens_per_s": t, "decode_tokens_per_s_in_steps": 2 * t,
+             "prefill_tokens_per_s": 3 * t} for (r, v), t in zip(order, (100, 110, 90, 80, 100, 120))]
+    s = bench.ab_summary([a, b], runs)
+    assert s["mma"]["output_tokens_per_s"] == 100 and s["fma"]["output_tokens_per_s"] == 110
+    assert s["fma"]["decode_tokens_per_s_in_steps"] == 220 and s["mma"]["over_first_by_round"] == [1.0, 1.0, 1.0]
+    assert s["fma"]["over_first_by_round"] == pytest.approx([1.1, 90 / 80, 1.2])
+    assert set(bench.ab_summary([a, b], runs[:1])) == {"mma"}   # saved after every run: a cut run keeps what it has
+
+
+@pytest.mark.slow   # three CPU servers (~1 min on 2 cores)
+def test_serve_bench_ab_mode_runs_each_variant_each_round(tmp_path):
+    cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",
+           "--requests", "4", "--client-procs", "1", "--prompt-len", "8:16", "--output-len", "4:8", "--device", "cpu",
+           "--ab", "fused", "eager:PIPELINE_CPU_FUSED=0", "--ab-rounds", "2",
+           "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ab = json.loads((tmp_path / "serve_tiny-random_fp16.json").read_text())["ab"]
+    assert [(x["round"], x["variant"]) for x in ab["runs"]] == [(0, "fused"), (0, "eager"), (1, "eager"), (1, "fused")]
+    assert all(x["n_errors"] == 0 and x["output_tokens_per_s"] > 0 for x in ab["runs"])
+    assert ab["summary"]["fused"]["over_first_by_round"] == [1.0, 1.0]
+    assert len(ab["summary"]["eager"]["over_first_by_round"]) == 2
+    assert "over fused, by round" in r.stdout

@@ -33,15 +33,18 @@ class ApiServer:
                     f"cache_dir={cache}", f"hydra.run.dir={self.workdir / 'run'}", *overrides]
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.env: dict = {}
 
     @classmethod
-    def for_workspace(cls, workdir: Path, workspace: Path, *flags: str) -> "ApiServer":
+    def for_workspace(cls, workdir: Path, workspace: Path, *flags: str, env: dict | None = None) -> "ApiServer":
+        """`python -m pipeline.serve WORKSPACE --port 0 *flags`, with `env` added to this process's environment."""
         s = cls(workdir)
         s.cmd = [sys.executable, "-m", "pipeline.serve", str(workspace), "--port", "0", *flags]
+        s.env = dict(env or {})
         return s
 
     def start(self, timeout: float = 600) -> "ApiServer":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
