@@ -41,6 +41,7 @@ are saved per GPU and reused by the next process (PIPELINE_TUNE_CACHE=0 turns th
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -347,7 +348,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         split = _split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * cdiv(N, BN)
     elif cfg[0] == "swap":
-        _, BM, BN, split, warps, stages, kw = cfg
+        _, BM, BN, split, warps, stages, kw, *pairs = cfg
         stages = _swap_stages(BM, BN, g, stages, act, x2.element_size())
         split = _split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = cdiv(M, BM) * cdiv(N, BN)
@@ -375,8 +376,8 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         _w4a16_swap_kernel[(tiles, split)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=_DKIND[x2.dtype],
-            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, num_warps=warps, num_stages=stages,
-            **launch_kwargs(pdl))
+            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=bool(pairs and pairs[0]),
+            ASM=x2.device.type == "cuda", num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     else:
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
                                 M, N, K, x2.stride(0), y.stride(0), split,
@@ -416,6 +417,8 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
     if name is not None:  # the common case: no candidate list, no closure
         return name
     names = tuning_set(M, pdl)
+    if x2.dtype != torch.float16 or os.environ.get("PIPELINE_W4A16_PAIRS", "1") == "0":
+        names = tuple(n for n in names if not n.endswith("_pr"))   # the pair unpack: fp16 only; =0 for an A/B
     if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
         if w4a16_gluon_gemv.applicable(x2, w, act):   # one row: the TMA-streamed GEMVs too

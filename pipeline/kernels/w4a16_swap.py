@@ -15,6 +15,12 @@ inputs each) are joined in registers into one (BN, KW * g/8) operand per dot: KW
 Groups of 64 (or 32) take the same path when KW * g/8 >= 16 (the `_k8` configs): the scale folded in and one
 dot per group chained into the accumulator; with KW = 1 they fall back to one reshaped dot of K = g per group
 whose fp32 sum is scaled (3.4x slower for w13 at M = 32, g = 64: bench/results/decode_profile_nopdl_g64.json).
+PAIRS (the `_pr` configs, fp16): the unpack above costs ~3.3 instructions a weight in the sm_90 SASS (a shift, mask
+and or per nibble, then shuffles to pair neighbours along k for the MMA's fp16x2 registers), and at 16-32 rows
+the loop is bound by instruction issue more than by bytes. A group's inputs may be summed in any order, so the
+pair order takes nibbles s and s + 4 of a word (16 bits apart: one `lop3` makes both, already a pair) as
+neighbours along k, and the activations are permuted to match in registers on their way to shared memory:
+21-40% fewer loop instructions for 16-32-row tiles (tests/sm90_swap_sass.py), more spills from 128 rows up.
 Measured: bench/results/w4a16_swap_v*.json, docs/perf-log.md "W4A16 v10".
 """
 from __future__ import annotations
@@ -79,6 +85,50 @@ def _planes(q, zc, sw, j0: tl.constexpr, KW: tl.constexpr, DKIND: tl.constexpr):
     return w
 
 
+PAIR_ASM = tl.constexpr("lop3.b32 $0, $1, 0x000f000f, 0x64006400, 0xea;")   # $1 = $2: the word, twice
+
+
+@triton.jit
+def _pairs(q, zc, sw, s: tl.constexpr, ASM: tl.constexpr):
+    # nibbles s and s + 4 of each word of q (BN, P) as the fp16 pairs (q_s - z, q_s+4 - z) * sw, (BN, 2P) in the
+    # pair order: element 2p + b is nibble s + 4b of word p, i.e. input (s + 4b) * P + p of the group. One
+    # `lop3` makes a pair (1024 + q_s, 1024 + q_s+4) straight from the shifted word (two nibbles 16 bits apart),
+    # so the unpack costs one instruction per two weights and the pair stays in one register: the fp16 MMA
+    # operand holds consecutive k in pairs. ASM False (the interpreter): the same values from plain Triton.
+    BN: tl.constexpr = q.shape[0]
+    P: tl.constexpr = q.shape[1]
+    qs = q >> (4 * s)
+    if ASM:
+        qq = tl.reshape(tl.join(qs, qs), (BN, 2 * P))
+        w = tl.inline_asm_elementwise(PAIR_ASM, "=r,r,r", [qq], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        nib = tl.reshape(tl.join(qs & 0xF, (qs >> 16) & 0xF), (BN, 2 * P))
+        w = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    return (w - zc.to(tl.float16)) * sw     # zc = 1024 + z and sw (BN, 1): q - z exact, times s rounded once
+
+
+@triton.jit
+def _pair_planes(q, zc, sw, ASM: tl.constexpr):
+    # the group's 8 planes as one (BN, 8P) operand in pair order: element s * 2P + 2p + b is input (s + 4b) * P + p
+    BN: tl.constexpr = q.shape[0]
+    P: tl.constexpr = q.shape[1]
+    a = tl.join(_pairs(q, zc, sw, 0, ASM), _pairs(q, zc, sw, 1, ASM))           # (BN, 2P, 2): slice s = d2
+    b = tl.join(_pairs(q, zc, sw, 2, ASM), _pairs(q, zc, sw, 3, ASM))
+    w = tl.join(a, b)                                                           # (BN, 2P, 2, 2): s = 2 * d3 + d2
+    return tl.reshape(tl.permute(w, (0, 3, 2, 1)), (BN, 8 * P))
+
+
+@triton.jit
+def _xt_pairs(ptrs, K, mask_m, ACT: tl.constexpr):
+    # the group's activations (BM, g), loaded in input order (contiguous rows), handed to the dot transposed in
+    # the pair order of `_pair_planes`: (BM, 2, 4, P) [b, s, p] -> (BM, 4, P, 2) [s, p, b] -> (BM, g)
+    x = _load_x(ptrs, K, mask_m[:, None], ACT)
+    BM: tl.constexpr = x.shape[0]
+    P: tl.constexpr = x.shape[1] // 8
+    x = tl.reshape(tl.permute(tl.reshape(x, (BM, 2, 4, P)), (0, 2, 3, 1)), (BM, 8 * P))
+    return tl.trans(x)
+
+
 @triton.jit
 def _xt(ptrs, K, mask_m, ACT: tl.constexpr):
     # an activation slice loaded row-major (BM, P), contiguous along K, and handed to the dot transposed: the
@@ -106,7 +156,8 @@ def _store_tile(acc, pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, b_ptr, y_
 def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                        split_k, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        SPLIT: tl.constexpr, GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ACT: tl.constexpr, KW: tl.constexpr = 1, PDL: tl.constexpr = False):
+                       ACT: tl.constexpr, KW: tl.constexpr = 1, PDL: tl.constexpr = False,
+                       PAIRS: tl.constexpr = False, ASM: tl.constexpr = False):
     # grid: (tiles of (M, N) in grouped order, split_k); each K step is one quantization group, whose
     # packed (P, BN) slab is read as (BN, P): row n holds the 8 nibble planes of column n's g inputs.
     gdc_launch(PDL)
@@ -125,7 +176,15 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
-    if KW * P >= 16:  # 8 // KW dots of K = KW * P (a wgmma's K is 16 at least), the planes side by side
+    if PAIRS and DKIND == 1:  # fp16: one dot of K = g a group, weights and activations in the pair order (`_pairs`)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
+        for g in range(g_lo, g_hi):
+            q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
+            sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)  # (BN,) fp16
+            zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
+            xg = _xt_pairs(x_ptrs + g * GROUP, K, mask_m, ACT)  # (g, BM) in the pair order
+            acc = _dot(_pair_planes(q, zc[:, None], sc[:, None], ASM), xg, acc, DKIND)
+    elif KW * P >= 16:  # 8 // KW dots of K = KW * P (a wgmma's K is 16 at least), the planes side by side
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, KW * P)[None, :]  # (BM, KW*P), used transposed
         for g in range(g_lo, g_hi):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
