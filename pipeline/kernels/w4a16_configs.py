@@ -52,6 +52,8 @@ CONFIGS = {
     "swap_m32_n64_c4_pr": ("swap", 32, 64, -4, 4, 4, 8, 1),
     "swap_m32_n128_c2_pr": ("swap", 32, 128, -2, 4, 3, 8, 1),
     "swap_m32_n256_c2_pr": ("swap", 32, 256, -2, 8, 3, 8, 1),
+    "swap_m64_n128_c2_pr": ("swap", 64, 128, -2, 8, 3, 8, 1),
+    "swap_m64_n128_c1_pr": ("swap", 64, 128, -1, 8, 3, 8, 1),
     "swap_m64_n64_c4_k8": ("swap", 64, 64, -4, 4, 4, 8),
     "swap_m64_n64_c2_k8": ("swap", 64, 64, -2, 4, 4, 8),
     "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 1),
@@ -64,9 +66,9 @@ CONFIGS = {
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c4_pr", "swap_m16_n64_c8_pr",
                "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m32_n128_c2_k8", "swap_m32_n64_c4_k8", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8",
-            "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr")
+            "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
-                "swap_m256_n128_c1_k4")
+                "swap_m256_n128_c1_k4", "swap_m64_n128_c1_pr")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
               "gemv_n32_c8_sl", "gemv_n32_c8_px", "gemv_n64_c8_px", "gemv_n64_c4_px", "gemv_n128_c8_px",
               "gemv_n64_c16_px") + SWAP_DECODE
