@@ -295,7 +295,7 @@ def test_offline_sm90_pair_unpack_cuts_the_loop(name, base, g):
     env = {**os.environ, "TRITON_INTERPRET": "0"}     # the compiler, not the interpreter
 
     def sass(cfg: str) -> dict:
-        r = subprocess.run([sys.executable, str(Path(__file__).parent / "sm90_swap_sass.py"), cfg, str(g)],
+        r = subprocess.run([sys.executable, str(Path(__file__).parent / "sm90_sass.py"), "swap", cfg, str(g)],
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.splitlines()[-1])

@@ -42,6 +42,28 @@ from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, l
 LOG2E = 1.4426950408889634
 
 
+I8_F16_ASM = tl.constexpr("""{
+        .reg .b32 t, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, 0x64646464, 0x4140;
+        prmt.b32 $1, t, 0x64646464, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""")
+
+
+@triton.jit
+def _kv_i8(x, ASM: tl.constexpr):
+    """int8 codes -> their values in fp16, as `_kv_tile` makes them. ASM (a GPU): four codes a 32-bit word: one xor
+    makes them biased (q + 128), two byte permutes put each under the fp16 exponent 0x64 (1024 + q + 128, two a
+    word) and two sub.f16x2 take 1152 off: ~1.25 instructions a code against ~4 for the per-code widen, add and
+    pack the compiler makes of `_kv_tile` (sm_90 SASS)."""
+    if ASM:
+        return tl.inline_asm_elementwise(I8_F16_ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    return _kv_tile(x, 8, False)
+
+
 @triton.jit
 def _kv_tile(x, BITS: tl.constexpr, HIGH: tl.constexpr):
     """A loaded K/V tile as dot operand. Codes become their exact signed values q in fp16 without
@@ -193,7 +215,7 @@ def _attn_decode_g1_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
                            s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
                            BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                            MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-                           PDL: tl.constexpr = False):
+                           PDL: tl.constexpr = False, ASM: tl.constexpr = False):
     # variant "fma": one query head per KV head (G = 1, multi-head attention), 16-bit or static int8 KV. No MMA
     # (a G = 1 dot pads the query to 16 rows): scores and the weighted V sum on CUDA cores, and the online softmax
     # kept per tile row (BLOCK_N running maxima, sums and (BLOCK_N, D) accumulators), so no loop iteration needs
@@ -222,7 +244,11 @@ def _attn_decode_g1_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
                      other=0)
         vt = tl.load(V + blk[:, None] * s_vb + h * s_vh + row[:, None] * s_vt + offs_d[None, :], mask=nmask[:, None],
                      other=0)
-        s = tl.sum(_kv_tile(kt, BITS, False).to(tl.float32) * q[None, :], 1)
+        if BITS == 8:
+            kf = _kv_i8(kt, ASM).to(tl.float32)
+        else:
+            kf = _kv_tile(kt, BITS, False).to(tl.float32)
+        s = tl.sum(kf * q[None, :], 1)
         if MODE == 1:
             s = s * ks + qz
         s = tl.where(nmask, s * sm_scale, float("-inf"))
@@ -230,7 +256,11 @@ def _attn_decode_g1_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
         alpha = tl.exp2(m_r - m_new)
         p = tl.exp2(s - m_new)
         l_r = l_r * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * _kv_tile(vt, BITS, False).to(tl.float32)
+        if BITS == 8:
+            vf = _kv_i8(vt, ASM).to(tl.float32)
+        else:
+            vf = _kv_tile(vt, BITS, False).to(tl.float32)
+        acc = acc * alpha[:, None] + p[:, None] * vf
         m_r = m_new
     # merge the rows: m the maximum, each row's sum and accumulator scaled by 2^(m_r - m)
     m_i = tl.max(m_r, 0)
@@ -372,8 +402,8 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
             out.stride(0), out.stride(1), op.stride(0), op.stride(1), op.stride(2) if split else 0,
             lse.stride(0), lse.stride(1),
             BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n, MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits,
-            SPLIT=split, BLOCK_S=next_pow2(num_splits), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-            **launch_kwargs(pdl))
+            SPLIT=split, BLOCK_S=next_pow2(num_splits), PDL=pdl, ASM=q.is_cuda, num_warps=num_warps,
+            num_stages=num_stages, **launch_kwargs(pdl))
         return out
     elif variant != "mma":
         raise ValueError(f"decode attention variant must be 'mma' or 'fma', got {variant!r}")

@@ -20,7 +20,7 @@ and or per nibble, then shuffles to pair neighbours along k for the MMA's fp16x2
 the loop is bound by instruction issue more than by bytes. A group's inputs may be summed in any order, so the
 pair order takes nibbles s and s + 4 of a word (16 bits apart: one `lop3` makes both, already a pair) as
 neighbours along k, and the activations are permuted to match in registers on their way to shared memory:
-21-40% fewer loop instructions for 16-32-row tiles (tests/sm90_swap_sass.py), more spills from 128 rows up.
+21-40% fewer loop instructions for 16-32-row tiles (tests/sm90_sass.py), more spills from 128 rows up.
 Measured: bench/results/w4a16_swap_v*.json, docs/perf-log.md "W4A16 v10".
 """
 from __future__ import annotations

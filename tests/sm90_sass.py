@@ -1,0 +1,78 @@
+"""Kernels compiled for sm_90 without a GPU, and what their SASS says (Triton 3.6): the main loop's instructions.
+
+    python tests/sm90_sass.py swap swap_m16_n64_c8_pr 64   # W4A16 swap config at group 64 -> {"loop", "pair_lop3", "local"}
+    python tests/sm90_sass.py attn_fma 1                   # the fma decode attention, static int8 KV, ASM on -> {...}
+
+fp16, with the runtime's 16-divisibility of sizes, strides and pointers (what the launchers' JIT specializes on at the
+7B's shapes). `loop`: instructions of the main loop (the backward branch with the most instructions in its body);
+`local`: spills. tests/test_kernel_w4a16.py and tests/test_kernel_attention.py run it with TRITON_INTERPRET=0.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def compile_sm90(fn, sig: dict, cst: dict, warps: int, stages: int):
+    names = list(fn.arg_names)
+    sig = {n: sig.get(n, "constexpr" if n in cst else "i32") for n in names}
+    div = [n for n in names if sig[n].startswith("*") or n in ("N", "K") or n.startswith("stride") or n.startswith("s_")]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in cst.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def loop_instructions(cubin: bytes) -> int:
+    """Instructions of the largest loop body (a backward branch to a label before it)."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, check=True,
+                              text=True).stdout
+    lines, best = sass.splitlines(), 0
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `?\(\.(L_x_\d+)\)", line)
+        head = [j for j, x in enumerate(lines) if m and x.startswith(f".{m.group(1)}:")]
+        if head and head[0] < i:
+            best = max(best, sum(bool(re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", x)) for x in lines[head[0]:i + 1]))
+    return best
+
+
+def swap(name: str, g: int) -> dict:
+    from pipeline.kernels.w4a16_configs import CONFIGS
+    from pipeline.kernels.w4a16_swap import _w4a16_swap_kernel as fn
+    _, BM, BN, _, warps, stages, kw, *pairs = CONFIGS[name]
+    sig = {n: "*i32" if n in ("q_ptr", "cnt_ptr") else "*fp32" if n == "ws_ptr" else "*fp16"
+           for n in fn.arg_names if n.endswith("_ptr")}
+    cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=True, GROUP_M=8, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw,
+               PDL=True, PAIRS=bool(pairs and pairs[0]), ASM=True)
+    k = compile_sm90(fn, sig, cst, warps, stages)
+    ptx = k.asm["ptx"]
+    return {"loop": loop_instructions(k.asm["cubin"]), "pair_lop3": ptx.count("0x000f000f, 0x64006400"),
+            "local": ".local" in ptx}
+
+
+def attn_fma(asm: int) -> dict:
+    from pipeline.kernels.attention import _attn_decode_g1_kernel as fn
+    sig = {"Q": "*fp16", "K": "*i8", "V": "*i8", "BT": "*i32", "CL": "*i32", "KS": "*fp32", "KZ": "*fp32",
+           "VS": "*fp32", "VZ": "*fp32", "O": "*fp16", "OP": "*fp32", "LSE": "*fp32", "CNT": "*i32", "sm_scale": "fp32"}
+    cst = dict(BLOCK_SIZE=64, HEAD_DIM=128, BLOCK_N=32, MODE=1, BITS=8, SPLIT=False, BLOCK_S=4, PDL=True,
+               ASM=bool(asm))
+    k = compile_sm90(fn, sig, cst, 4, 2)
+    ptx = k.asm["ptx"]
+    return {"loop": loop_instructions(k.asm["cubin"]), "byte_prmt": ptx.count("0x64646464, 0x4140"),
+            "local": ".local" in ptx}
+
+
+if __name__ == "__main__":
+    kind, *args = sys.argv[1:]
+    print(json.dumps({"swap": lambda n, g: swap(n, int(g)), "attn_fma": lambda a: attn_fma(int(a))}[kind](*args)))
