@@ -54,14 +54,14 @@ I8_F16_ASM = tl.constexpr("""{
 
 
 @triton.jit
-def _kv_i8(x, ASM: tl.constexpr):
-    """int8 codes -> their values in fp16, as `_kv_tile` makes them. ASM (a GPU): four codes a 32-bit word: one xor
-    makes them biased (q + 128), two byte permutes put each under the fp16 exponent 0x64 (1024 + q + 128, two a
-    word) and two sub.f16x2 take 1152 off: ~1.25 instructions a code against ~4 for the per-code widen, add and
-    pack the compiler makes of `_kv_tile` (sm_90 SASS)."""
-    if ASM:
+def _kv_codes(x, BITS: tl.constexpr, HIGH: tl.constexpr, ASM: tl.constexpr):
+    """`_kv_tile`; with ASM (a GPU) int8 codes go four a 32-bit word: one xor makes them biased (q + 128), two byte
+    permutes put each under the fp16 exponent 0x64 (1024 + q + 128, two a word) and two sub.f16x2 take 1152 off,
+    the same exact values in ~1.25 instructions a code against ~4 for the per-code widen, add and pack the
+    compiler makes of `_kv_tile` (sm_90 SASS: tests/sm90_sass.py)."""
+    if BITS == 8 and ASM:
         return tl.inline_asm_elementwise(I8_F16_ASM, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
-    return _kv_tile(x, 8, False)
+    return _kv_tile(x, BITS, HIGH)
 
 
 @triton.jit
@@ -106,7 +106,7 @@ def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             s_ob, s_oh, s_pb, s_ph, s_ps, s_lb, s_lh,
             G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
             BLOCK_N: tl.constexpr, MODE: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
-            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+            BLOCK_S: tl.constexpr, PDL: tl.constexpr = False, ASM: tl.constexpr = False):
     pid, sid, b, kvh, start, end = _program_range(CL, n_kv, part, PDL)
 
     PACK: tl.constexpr = 2 if BITS == 4 else 1
@@ -148,7 +148,7 @@ def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
         if BITS == 4:
             s = _dot_kq(q0, _kv_tile(kt, BITS, False)) + _dot_kq(q1, _kv_tile(kt, BITS, True))
         else:
-            s = _dot_kq(q0, _kv_tile(kt, BITS, False))
+            s = _dot_kq(q0, _kv_codes(kt, BITS, False, ASM))
         if MODE == 1:
             s = s * ks + kz * qsum[:, None]
         if MODE == 2:
@@ -172,7 +172,7 @@ def _attn_decode_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
             acc0 = acc0 * alpha[:, None] + tl.dot(pv, _kv_tile(vt, BITS, False))
             acc1 = acc1 * alpha[:, None] + tl.dot(pv, _kv_tile(vt, BITS, True))
         else:
-            acc0 = acc0 * alpha[:, None] + tl.dot(pv, _kv_tile(vt, BITS, False))
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, _kv_codes(vt, BITS, False, ASM))
 
     inv_l = 1.0 / tl.maximum(l_i, 1e-30)
     if MODE == 0:
@@ -244,11 +244,7 @@ def _attn_decode_g1_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
                      other=0)
         vt = tl.load(V + blk[:, None] * s_vb + h * s_vh + row[:, None] * s_vt + offs_d[None, :], mask=nmask[:, None],
                      other=0)
-        if BITS == 8:
-            kf = _kv_i8(kt, ASM).to(tl.float32)
-        else:
-            kf = _kv_tile(kt, BITS, False).to(tl.float32)
-        s = tl.sum(kf * q[None, :], 1)
+        s = tl.sum(_kv_codes(kt, BITS, False, ASM).to(tl.float32) * q[None, :], 1)
         if MODE == 1:
             s = s * ks + qz
         s = tl.where(nmask, s * sm_scale, float("-inf"))
@@ -256,11 +252,7 @@ def _attn_decode_g1_kernel(Q, K, V, BT, CL, KS, KZ, VS, VZ, O, OP, LSE, CNT,
         alpha = tl.exp2(m_r - m_new)
         p = tl.exp2(s - m_new)
         l_r = l_r * alpha + p
-        if BITS == 8:
-            vf = _kv_i8(vt, ASM).to(tl.float32)
-        else:
-            vf = _kv_tile(vt, BITS, False).to(tl.float32)
-        acc = acc * alpha[:, None] + p[:, None] * vf
+        acc = acc * alpha[:, None] + p[:, None] * _kv_codes(vt, BITS, False, ASM).to(tl.float32)
         m_r = m_new
     # merge the rows: m the maximum, each row's sum and accumulator scaled by 2^(m_r - m)
     m_i = tl.max(m_r, 0)
@@ -416,7 +408,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         lse.stride(0), lse.stride(1),
         G=G, BLOCK_G=max(16, next_pow2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
         MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split,
-        BLOCK_S=next_pow2(num_splits), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_S=next_pow2(num_splits), PDL=pdl, ASM=q.is_cuda, num_warps=num_warps, num_stages=num_stages,
         **launch_kwargs(pdl))
     return out
 
