@@ -608,11 +608,8 @@ def main() -> None:
         t0 = time.time()
         # the second start: the workspace served directly (`python -m pipeline.serve WORKSPACE`, as `lmdeploy serve
         # api_server ./workspace`), prefix caching off, the first server's batch, session and KV blocks
-        off = ApiServer.for_workspace(
-            Path(tempfile.mkdtemp(prefix="bench_serve_noprefix_")), ws, "--device", device, "--no-prefix-caching",
-            "--max-batch-size", str(h["max_batch_size"]), "--session-len", str(h["session_len"]),
-            "--cache-block-seq-len", str(h["block_size"]), "--num-blocks", str(h["total_blocks"]),
-            *(["--schedule", args.schedule] if args.schedule else []))
+        off = ApiServer.for_workspace(Path(tempfile.mkdtemp(prefix="bench_serve_noprefix_")), ws,
+                                      *same_server(h, device, args.schedule), "--no-prefix-caching")
         off.start(timeout=1800)
         res["prefix_off_startup_s"] = time.time() - t0
         res["prefix_off_first_token_s"] = first_token_s(off.url, h["model"], t0)   # the target: launch -> a token
@@ -677,12 +674,18 @@ def ab_summary(variants: list, runs: list[dict]) -> dict:
     return out
 
 
+def same_server(h: dict, device: str, schedule) -> list[str]:
+    """`python -m pipeline.serve WORKSPACE` flags for a server like the one whose /health is h: the same device,
+    batch, session, KV block size and block count (and prefill order, when one was asked)."""
+    return ["--device", device, "--max-batch-size", str(h["max_batch_size"]), "--session-len", str(h["session_len"]),
+            "--cache-block-seq-len", str(h["block_size"]), "--num-blocks", str(h["total_blocks"]),
+            *(["--schedule", schedule] if schedule else [])]
+
+
 def ab_runs(ws: Path, h: dict, device: str, variants: list, rounds: int, reqs: list, warm: list, args, run,
             save) -> dict:
     """The A/B mode (module doc): one server per (round, variant), the batched workload on each."""
-    flags = ["--device", device, "--max-batch-size", str(h["max_batch_size"]), "--session-len", str(h["session_len"]),
-             "--cache-block-seq-len", str(h["block_size"]), "--num-blocks", str(h["total_blocks"]),
-             *(["--schedule", args.schedule] if args.schedule else [])]
+    flags = same_server(h, device, args.schedule)
     ab = {"variants": [{"name": n, "env": e} for n, e in variants], "rounds": rounds, "runs": []}
     for r, (name, env) in ab_order(variants, rounds):
         srv = ApiServer.for_workspace(Path(tempfile.mkdtemp(prefix=f"bench_serve_ab_{name}_")), ws, *flags, env=env)

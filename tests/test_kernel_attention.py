@@ -161,18 +161,7 @@ def test_offline_sm90_fma_int8_codes_four_a_word():
     """The fma decode kernel's int8 codes become fp16 four a 32-bit word on a GPU (`_kv_i8`: xor, two byte
     permutes, two sub.f16x2): its main loop has at least 15% fewer instructions than with the per-code widen
     (measured 344 against 454 for 32 keys x 128 dims), no spills."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-
-    def sass(asm: int) -> dict:
-        r = subprocess.run([sys.executable, str(Path(__file__).parent / "sm90_sass.py"), "attn_fma", str(asm)],
-                           capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return json.loads(r.stdout.splitlines()[-1])
-    on, off = sass(1), sass(0)
+    from sm90_sass import measure
+    on, off = measure("attn_fma", "1"), measure("attn_fma", "0")
     assert on["byte_prmt"] >= 1 and off["byte_prmt"] == 0 and not on["local"]
     assert 0 < on["loop"] <= 0.85 * off["loop"], (on, off)

@@ -5,7 +5,6 @@
 """
 import importlib
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -289,16 +288,7 @@ def test_every_named_config_is_tuned_somewhere():
 def test_offline_sm90_pair_unpack_cuts_the_loop(name, base, g):
     """The pair unpack compiles for sm_90 (one lop3 per two weights in the PTX, no spills) and its main loop has
     at least 15% fewer instructions than the same tile's plane unpack (measured 21-40%)."""
-    import json
-    import subprocess
-    import sys
-    env = {**os.environ, "TRITON_INTERPRET": "0"}     # the compiler, not the interpreter
-
-    def sass(cfg: str) -> dict:
-        r = subprocess.run([sys.executable, str(Path(__file__).parent / "sm90_sass.py"), "swap", cfg, str(g)],
-                           capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        return json.loads(r.stdout.splitlines()[-1])
-    pr, base = sass(name), sass(base)
+    from sm90_sass import measure
+    pr, base = measure("swap", name, str(g)), measure("swap", base, str(g))
     assert pr["pair_lop3"] >= 4 and not pr["local"] and not base["local"]
     assert 0 < pr["loop"] <= 0.85 * base["loop"], (pr, base)
