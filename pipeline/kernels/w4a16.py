@@ -57,7 +57,7 @@ from pipeline.kernels.tuner import Tuner, config_version
 from pipeline.kernels import w4a16_gluon, w4a16_gluon_gemv
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, gluon_candidates,
-                                          tuning_set)
+                                          tuning_set, uses_pairs)
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
 from pipeline.kernels.tiles import tile_offsets
 from pipeline.kernels.w4a16_swap import _dot, _nibbles_to_qz, _store_tile, _w4a16_swap_kernel
@@ -418,7 +418,7 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
         return name
     names = tuning_set(M, pdl)
     if x2.dtype != torch.float16 or os.environ.get("PIPELINE_W4A16_PAIRS", "1") == "0":
-        names = tuple(n for n in names if not n.endswith("_pr"))   # the pair unpack: fp16 only; =0 for an A/B
+        names = tuple(n for n in names if not uses_pairs(n))   # the pair unpack: fp16 only; =0 for an A/B
     if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
         if w4a16_gluon_gemv.applicable(x2, w, act):   # one row: the TMA-streamed GEMVs too

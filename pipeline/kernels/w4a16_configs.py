@@ -14,7 +14,7 @@ from __future__ import annotations
 # ("swap", BLOCK_M, BLOCK_N, split, warps, stages, kw): `w4a16_swap._w4a16_swap_kernel`, y^T = W x^T with the
 # dequantized weights as the MMA's register operand; split as above; kw nibble planes (of g/8 inputs) per dot;
 # an 8th field 1 (`_pr`, fp16): the pair unpack (`w4a16_swap._pairs`: one lop3 per two weights, the inputs of a
-# group reordered to match, one dot of K = g), 25-40% fewer instructions a group for 16-32-row tiles (sm_90 SASS).
+# group reordered to match, one dot of K = g), 21-40% fewer instructions a group for 16-32-row tiles (sm_90 SASS).
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
     "wide_n128_s2": ("wide", 128, 2, 4, 0),
@@ -78,6 +78,12 @@ FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too f
 MID_SET = ("gemv_n64_c4_sl", "tile_m32_n64_c4_sl") + SWAP_MID
 PREFILL_SET = ("dequant_cublas",) + SWAP_PREFILL
 INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
+
+
+def uses_pairs(name: str) -> bool:
+    """A swap config with the pair unpack (its 8th field; fp16 activations only)."""
+    cfg = CONFIGS.get(name)
+    return bool(cfg and cfg[0] == "swap" and cfg[7:8] == (1,))
 
 
 def candidates(M: int) -> tuple[str, ...]:
