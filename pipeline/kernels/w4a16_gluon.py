@@ -84,6 +84,11 @@ GLUON_CONFIGS = {
     "gl_m128_n128_k32_s3": (128, 128, 32, 3, 8, 1, 0),
     "gl_m256_n128_k16_s3": (256, 128, 16, 3, 8, 1, 0),
     "gl_m128_n256_k16_s3_ws": (128, 256, 16, 3, 8, 1, 1),
+    # prefill sizes where whole tiles leave SMs idle (M = 256: 64 tiles of 128 x 128 at N = 4096, 192 at 12288 on
+    # 132 SMs, 2026-12-07): half as many rows a tile (two programs an SM fit), or K in two programs (`_k2`)
+    "gl_m64_n128_k16_s4": (64, 128, 16, 4, 4, 1, 0),
+    "gl_m128_n128_k16_s4_ws_k2": (128, 128, 16, 4, 8, 2, 1),
+    "gl_m256_n128_k16_s3_k4": (256, 128, 16, 3, 8, 4, 0),
 }
 SMEM_BYTES = 220 * 1024  # of the H100's 227 KB, leaving room for the barriers and the epilogue's scratch
 
