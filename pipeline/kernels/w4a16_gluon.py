@@ -25,8 +25,10 @@ the buffer: see `_load_packed`). `dequantize_gluon` runs just that operand path 
 Split-K (split > 1): fp32 partial tiles and a last-arriving-program finish, like `_finish_split` in
 `w4a16_gemv.py` (deterministic: partials summed in split order). TMA zero-fills rows past M and columns past N.
 act="silu_mul" (x = [gate | up]): both halves arrive by TMA and the MMA warps write silu(gate) * up of each group
-to a double-buffered shared tile that the wgmmas read (ptxas serializes the wgmmas of this variant: "non wgmma
-instructions defining accumulator registers"; the tuner measures whether it still wins).
+to a double-buffered shared tile that the wgmmas read.
+ptxas keeps the wgmmas asynchronous only if the loop has no zero-trip path (`gl.assume(n_iter > 0)`): without it,
+it serialized every wgmma (C7515, "non wgmma instructions defining accumulator registers") of the SwiGLU variant
+and of 256-row tiles with split K or a producer warp, until 2026-12-07 (tests/test_kernel_w4a16_gluon.py checks).
 Warp specialization (configs `_ws`): a one-warp producer partition (24 registers) issues the TMA copies as soon as
 the MMA warps release a stage (`empty` mbarriers), so the MMA warps skip the per-copy barriers that the compiler
 puts before each refill they issue themselves.
@@ -330,6 +332,10 @@ if HAVE_GLUON:
         TK: gl.constexpr = KT // 8  # threads along KT, 8 inputs each, for the SwiGLU's (BM, KT) slices
         x_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TK, TK], [num_warps, 1], [1, 0])
         n_groups = K // GROUP
+        # split_for leaves no split empty; said to the compiler, the loop has no zero-trip path, whose accumulator
+        # zeros would end the wgmma pipeline early: ptxas serialized every wgmma of the 256-row tiles at 8 warps
+        # with split K or a producer warp (C7515, "non wgmma instructions defining accumulator registers")
+        gl.assume(n_iter > 0)
 
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=col_l)
         mask_n = offs_n < N
