@@ -72,9 +72,13 @@ def point(eng, B: int, C: int, bw: float, wb: int, kvb: float, steps: int = 50) 
             "kernels_ms": dict(sorted(by.items(), key=lambda kv: -kv[1])[:16])}
 
 
-def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int = 128) -> dict:
+def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int = 128, only: str | None = None,
+                    rounds: int = 3) -> dict:
     """One layer's int8 (static) decode attention at batch B, context C (distinct blocks): the launcher's default
-    and other splits / tile lengths / warps / stages, us per call (CUDA events over 20 calls) and x the KV floor."""
+    (MMA kernel), the CUDA-core kernel's default, both without the inline-PTX int8 conversion (`_noasm`), and other
+    splits / tile lengths / warps / stages; `only`: a comma list of variant names. Timing: per variant a CUDA graph
+    of 20 launches, replayed 5 times per round, `rounds` rounds with the variants in turn (so drift hits each
+    alike); us per call (the median round) and x the KV floor, plus each round's us."""
     from pipeline.kernels.attention import _launch
     nb = -(-C // bs)
     kc = torch.randint(-128, 127, (B * nb, H, bs, D), dtype=torch.int8, device="cuda")
@@ -85,8 +89,9 @@ def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int
     par = [torch.rand(H, device="cuda") * 0.02 for _ in range(4)]
     floor_us = 2 * B * C * H * D / bw * 1e6
     ctx_bucket = 1 << max(8, (C - 1).bit_length())
-    out = {"batch": B, "context": C, "kv_floor_us": round(floor_us, 2)}
-    variants = {"default": {}, "fma_default": dict(variant="fma")}
+    out = {"batch": B, "context": C, "kv_floor_us": round(floor_us, 2), "rounds": rounds}
+    variants = {"default": {}, "fma_default": dict(variant="fma"), "default_noasm": dict(asm=False),
+                "fma_default_noasm": dict(variant="fma", asm=False)}
     for ns in (1, 2, 3, 4, 6):
         for bn in (64, 128):
             for nw, st in ((4, 2), (4, 3), (8, 2)):
@@ -94,21 +99,38 @@ def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int
     for ns in (1, 2, 4):   # the CUDA-core kernel for one query head per KV head (attention.py, variant "fma"):
         for bn, nw in ((16, 1), (16, 2), (32, 4), (64, 8)):   # tiles that compile without spills (ptxas, sm_90)
             variants[f"fma_s{ns}_bn{bn}_w{nw}"] = dict(variant="fma", num_splits=ns, block_n=bn, num_warps=nw)
+    if only:
+        unknown = set(only.split(",")) - set(variants)
+        if unknown:
+            raise SystemExit(f"--sweep-variants: unknown {sorted(unknown)}; known: {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k in only.split(",")}
+    graphs = {}
     for name, kw in variants.items():
-        fn = lambda: _launch(q, kc, vc, bt, cl, D ** -0.5, "static", 8, *par, max_context_len=ctx_bucket, **kw)  # noqa
+        fn = lambda kw=kw: _launch(q, kc, vc, bt, cl, D ** -0.5, "static", 8, *par, max_context_len=ctx_bucket, **kw)  # noqa
         try:
-            fn()
+            fn()   # compile outside the capture
             torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(20):
-                fn()
-            e1.record()
-            torch.cuda.synchronize()
-            us = e0.elapsed_time(e1) / 20 * 1e3
-            out[name] = {"us": round(us, 2), "x_floor": round(us / floor_us, 2)}
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(20):
+                    fn()
+            graphs[name] = g
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    times = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, g in graphs.items():
+            g.replay()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(5):
+                g.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            times[name].append(e0.elapsed_time(e1) / 100 * 1e3)
+    for name, ts in times.items():
+        us = sorted(ts)[len(ts) // 2]
+        out[name] = {"us": round(us, 2), "x_floor": round(us / floor_us, 2), "rounds_us": [round(t, 2) for t in ts]}
     return out
 
 
@@ -120,6 +142,8 @@ def main() -> None:
     ap.add_argument("--qp", type=int, default=4, help="quant_policy: 0 fp16 KV, 4 int8, 8 int4")
     ap.add_argument("--attention-sweep", default=None, help="BxC points (e.g. 32x672,8x672): only sweep one layer's "
                     "int8 decode attention launch settings there")
+    ap.add_argument("--sweep-variants", default=None, help="only these sweep variants (comma list), e.g. "
+                    "default,default_noasm,fma_default,fma_default_noasm")
     a = ap.parse_args()
     pts = [tuple(int(v) for v in p.split("x")) for p in a.points.split(",")]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -131,7 +155,7 @@ def main() -> None:
         res["bandwidth_GBps"] = round(bw / 1e9, 1)
         res["attention_sweep"] = []
         for p in a.attention_sweep.split(","):
-            r = attention_sweep(*(int(v) for v in p.split("x")), bw)
+            r = attention_sweep(*(int(v) for v in p.split("x")), bw, only=a.sweep_variants)
             res["attention_sweep"].append(r)
             best = sorted(((k, v["us"]) for k, v in r.items() if isinstance(v, dict) and "us" in v), key=lambda kv: kv[1])
             print(p, "floor", r["kv_floor_us"], "default", r["default"], "best", best[:4], flush=True)

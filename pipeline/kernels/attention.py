@@ -355,8 +355,9 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, pa
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="none", kv_bits=16,
             k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, max_context_len=None,
-            num_splits=None, block_n=None, num_warps=4, num_stages=2, waves=WAVES, variant="mma"):
-    """variant "fma" (G = 1, 16-bit or static int8 KV; `fma_applies`): `_attn_decode_g1_kernel`, no MMA."""
+            num_splits=None, block_n=None, num_warps=4, num_stages=2, waves=WAVES, variant="mma", asm=None):
+    """variant "fma" (G = 1, 16-bit or static int8 KV; `fma_applies`): `_attn_decode_g1_kernel`, no MMA.
+    asm: int8 codes four a word by inline PTX (`_kv_codes`); default on a GPU (bench/decode_profile.py times both)."""
     params = {"k_scale": k_scale, "k_zp": k_zp, "v_scale": v_scale, "v_zp": v_zp}
     _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params)
     if q.stride(-1) != 1:
@@ -382,6 +383,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     pdl = pdl_enabled(q.device)
+    asm = q.is_cuda if asm is None else asm
     if variant == "fma":
         if not fma_applies(H, n_kv, kv_mode, kv_bits):
             raise ValueError(f"decode attention variant 'fma' takes one query head per KV head and 16-bit or static "
@@ -394,7 +396,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
             out.stride(0), out.stride(1), op.stride(0), op.stride(1), op.stride(2) if split else 0,
             lse.stride(0), lse.stride(1),
             BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n, MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits,
-            SPLIT=split, BLOCK_S=next_pow2(num_splits), PDL=pdl, ASM=q.is_cuda, num_warps=num_warps,
+            SPLIT=split, BLOCK_S=next_pow2(num_splits), PDL=pdl, ASM=asm, num_warps=num_warps,
             num_stages=num_stages, **launch_kwargs(pdl))
         return out
     elif variant != "mma":
@@ -408,7 +410,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
         lse.stride(0), lse.stride(1),
         G=G, BLOCK_G=max(16, next_pow2(G)), BLOCK_SIZE=bs, HEAD_DIM=D, BLOCK_N=block_n,
         MODE=kvcache.KV_MODES.index(kv_mode), BITS=kv_bits, SPLIT=split,
-        BLOCK_S=next_pow2(num_splits), PDL=pdl, ASM=q.is_cuda, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_S=next_pow2(num_splits), PDL=pdl, ASM=asm, num_warps=num_warps, num_stages=num_stages,
         **launch_kwargs(pdl))
     return out
 
