@@ -43,9 +43,13 @@ def test_every_gemv_config_serves_the_llama_shapes_at_group_64_and_128():
 def test_not_available_off_sm90(monkeypatch):
     assert not wg.available(torch.device("cpu"))
     monkeypatch.setattr(wg, "available", lambda d: True)
-    assert not wg.enabled("cuda")                      # off unless opted in (wrong outputs on the first H100 run)
-    monkeypatch.setenv("PIPELINE_W4A16_GLUON", "1")
-    assert wg.enabled("cuda")
+    monkeypatch.delenv("PIPELINE_W4A16_GLUON", raising=False)
+    monkeypatch.delenv("PIPELINE_W4A16_GLUON_GEMV", raising=False)
+    assert wg.enabled("cuda") and not wg.gemv_enabled("cuda")   # on by default; the one-row GEMVs opt-in
+    monkeypatch.setenv("PIPELINE_W4A16_GLUON_GEMV", "1")
+    assert wg.gemv_enabled("cuda")
+    monkeypatch.setenv("PIPELINE_W4A16_GLUON", "0")
+    assert not wg.enabled("cuda") and not wg.gemv_enabled("cuda")
     monkeypatch.undo()
     monkeypatch.setattr(wg, "device_capability", lambda d: (8, 0))
     assert not wg.available(torch.device("cuda"))
@@ -156,7 +160,7 @@ def test_gpu_gluon_gemv_matches_reference(g, pdl):
 @on_sm90
 def test_gpu_gluon_gemv_tuned_at_one_row(monkeypatch):
     """Opted in, the tuner times the TMA GEMVs beside the wide Triton GEMVs for one row (and not for two)."""
-    monkeypatch.setenv("PIPELINE_W4A16_GLUON", "1")
+    monkeypatch.setenv("PIPELINE_W4A16_GLUON_GEMV", "1")
     w = w4.pack_w4(*make_quant(4096, 4096, 64, seed=5), 64).to("cuda")
     for M, want in ((1, True), (2, False)):
         x = torch.randn(M, 4096, device="cuda").half()

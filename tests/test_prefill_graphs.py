@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.engine import Engine, SamplingParams
-from pipeline.engine.graphs import prefill_buckets
+from pipeline.engine.graphs import capture_chunks, prefill_buckets
 from test_engine import ARGS, PROMPTS, tiny  # noqa: F401 - the module's workspace fixture
 
 
@@ -20,6 +20,25 @@ def test_prefill_buckets():
     b = prefill_buckets(4096)
     assert all(y <= 1.5 * x for x, y in zip(b, b[1:]))        # padding at most a third of a bucket
     assert all(y <= 1.25 * x for x, y in zip(b, b[1:]) if x >= 256)   # a fifth where the step is compute-bound
+
+
+def test_a_bucket_larger_than_one_block_table_is_captured_as_several_prompts(tiny):  # noqa: F811
+    """With a short session a step's token budget is still filled by several sequences: buckets go up to max_seqs
+    block tables, and a bucket past one table's tokens is captured as whole-table chunks whose dummy step runs.
+    (Session 16's device run: at session_len 256 every prefill graph failed to capture, 'table (4,)', and the
+    engine prefilled eagerly.)"""
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 64, "max_batch_size": 2})
+    r, cap = eng.runner, eng.max_blocks * eng.block_size
+    table = torch.zeros(eng.max_blocks, dtype=torch.int32)
+    b = prefill_buckets(min(eng.max_prefill_tokens, 2 * cap))[-1]
+    assert b == 2 * cap
+    dummy = capture_chunks(b, cap, table)
+    assert [(off, n, ctx) for off, n, _, ctx in dummy] == [(0, cap, cap), (cap, cap, cap)]
+    assert [n for _, n, _, _ in capture_chunks(cap + 5, cap, table)] == [cap, 5]
+    pos = [p for _, n, _, _ in dummy for p in range(n)]
+    out = r.prefill(torch.zeros(b, dtype=torch.long), torch.tensor(pos), torch.full((b,), -1), dummy,
+                    torch.zeros(2, dtype=torch.long), plan=r.prefill_plan(dummy, b, max_seqs=2))
+    assert out.shape == (2, ARGS.vocab_size) and torch.isfinite(out).all()
 
 
 def chunks(eng, gen):

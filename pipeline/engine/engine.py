@@ -163,7 +163,8 @@ class Engine:
         if (dev.type == "cuda" and s.get("cuda_graphs", True) and s.get("prefill_graphs", True)
                 and s.get("tp", 1) == 1 and use_triton(torch.empty(0, device=dev), "paged_prefill_attention")):
             from .graphs import PrefillGraphs   # whole prefill steps as graphs (needs the Triton attention kernel)
-            self.prefill_graphs = PrefillGraphs(runner, self.max_prefill_tokens, self.max_batch_size, self.max_blocks)
+            self.prefill_graphs = PrefillGraphs(runner, self.max_prefill_tokens, self.max_batch_size, self.max_blocks,
+                                                self.block_size)
         eos = runner.args.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:

@@ -129,6 +129,12 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return out + [max_tokens]
 
 
+def capture_chunks(b: int, table_tokens: int, table) -> list[tuple]:
+    """The chunks a bucket of b rows is captured with: whole prompts of at most one block table's tokens each, in
+    order, all on `table` ((offset, n, table, context) as ModelRunner.prefill takes)."""
+    return [(off, min(table_tokens, b - off), table, min(table_tokens, b - off)) for off in range(0, b, table_tokens)]
+
+
 class PrefillGraphs:
     """CUDA graphs of a whole prefill step, one per token-count bucket: every layer's linears, norms, rotary + KV
     write and the paged prefill attention kernel (one launch per layer, its tiling read from a plan buffer), then
@@ -137,13 +143,16 @@ class PrefillGraphs:
     per layer. Padding rows write no KV (slot -1) and their attention rows are zeros.
 
     Usage:
-        pg = PrefillGraphs(runner, max_tokens=2048, max_seqs=32, max_blocks=64)
+        pg = PrefillGraphs(runner, max_tokens=2048, max_seqs=32, max_blocks=64, block_size=64)
         logits = pg.run(tokens, positions, slots, seqs, select)   # host lists; seqs as ModelRunner.prefill takes
+    A step holds at most max_seqs chunks of at most one block table's tokens (max_blocks * block_size) each, so
+    buckets stop there; a bucket larger than one table is captured as several such chunks.
     """
 
-    def __init__(self, runner, max_tokens: int, max_seqs: int, max_blocks: int):
+    def __init__(self, runner, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int):
         self.runner, self.max_seqs, self.max_blocks = runner, max_seqs, max_blocks
-        self.buckets = prefill_buckets(max_tokens)
+        self.table_tokens = max_blocks * block_size
+        self.buckets = prefill_buckets(min(max_tokens, max_seqs * self.table_tokens))
         self.graphs, self.io, self.plans, self.outputs, self.pool = {}, {}, {}, {}, None
         self.staging: dict[int, torch.Tensor] = {}   # pinned host copies of each bucket's inputs
 
@@ -193,9 +202,9 @@ class PrefillGraphs:
         self.io[b] = torch.zeros(3 * b + self.max_seqs, dtype=torch.long, device=dev)
         self.staging[b] = torch.zeros(3 * b + self.max_seqs, dtype=torch.long, pin_memory=True)
         table = torch.zeros(self.max_blocks, dtype=torch.int32, device=dev)
-        dummy = [(0, b, table, b)]                                         # slots -1: nothing is written
+        dummy = capture_chunks(b, self.table_tokens, table)               # slots -1: nothing is written
         self.plans[b] = r.prefill_plan(dummy, b, max_seqs=self.max_seqs)
-        self._fill(b, [0] * b, list(range(b)), [-1] * b, dummy, [0])
+        self._fill(b, [0] * b, [p for _, n, _, _ in dummy for p in range(n)], [-1] * b, dummy, [0])
         tokens, positions, slots, select = self._views(b)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

@@ -474,11 +474,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def decode_variant() -> str:
-    """PIPELINE_ATTN_DECODE: "fma" (default: the CUDA-core kernel where `fma_applies`, the MMA kernel elsewhere) or
-    "mma" (the MMA kernel everywhere). On an H100 (bench/results/decode_profile_attn_fma_h100_s15.json, the 7B's
-    static int8 KV, graph timing) the fma kernel took 92 / 118 / 73 / 220 us where the MMA kernel took
-    141 / 128 / 77 / 252 at batch x context 32 x 672, 26 x 1024, 8 x 672, 32 x 2048."""
-    v = os.environ.get("PIPELINE_ATTN_DECODE", "fma")
+    """PIPELINE_ATTN_DECODE: "mma" (default: the MMA kernel everywhere) or "fma" (the CUDA-core kernel where
+    `fma_applies`). Timed alone on an H100 the fma kernel was faster (session 15, graph timing: 92 / 118 / 73 / 220
+    us against 141 / 128 / 77 / 252 at batch x context 32 x 672, 26 x 1024, 8 x 672, 32 x 2048), but in the 7B's
+    serving run, alternating fresh servers (session 16, `bench/results/serve_ab_h100_s16.log`), decode steps ran
+    3235 / 3252 tok/s with the MMA kernel against 3170 with fma: the server's measurement decides."""
+    v = os.environ.get("PIPELINE_ATTN_DECODE", "mma")
     if v not in ("mma", "fma"):
         raise ValueError(f"PIPELINE_ATTN_DECODE={v!r} is not 'mma' or 'fma'")
     return v

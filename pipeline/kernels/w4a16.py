@@ -421,7 +421,7 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
         names = tuple(n for n in names if not uses_pairs(n))   # the pair unpack: fp16 only; =0 for an A/B
     if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
-        if w4a16_gluon_gemv.applicable(x2, w, act):   # one row: the TMA-streamed GEMVs too
+        if w4a16_gluon.gemv_enabled(x2.device) and w4a16_gluon_gemv.applicable(x2, w, act):   # one row (opt-in)
             names = names + tuple(n for n in w4a16_gluon_gemv.GEMV_CONFIGS
                                   if w4a16_gluon_gemv.fits(n, w.group_size, w.K))
     return TUNER.choose(key, names, lambda name: _launch(x2, w, bias, out_dtype, _config(name), act, pdl),

@@ -102,12 +102,18 @@ def available(device) -> bool:
 
 
 def enabled(device) -> bool:
-    """The tuner times the Gluon configs: `available` and opted in (PIPELINE_W4A16_GLUON=1). Off by default: on
-    the first H100 run (2026-12-07, bench/results/w4a16_gluon_diag_h100_s10.log) every config gave wrong
-    outputs (relative error ~1, correlation 0.4-0.6 with the reference), and the tuner's output check rejected
-    them at the cost of their compiles at every first server start. Cause: the packed words' shared-memory read
-    (`_load_packed`), fixed since but not yet run on a GPU."""
-    return os.environ.get("PIPELINE_W4A16_GLUON", "0") == "1" and available(device)
+    """The tuner times the Gluon configs next to the Triton kernels: `available` and not turned off
+    (PIPELINE_W4A16_GLUON=0). On by default since session 16's H100 A/B (alternating fresh servers, the 7B's serving
+    run, `bench/results/serve_ab_gluon_h100_s16.log`): 1.09x / 1.13x the output tok/s of the Triton kernels alone,
+    decode steps 3616 against 3220 tok/s, once ptxas no longer serialized the fused-SwiGLU variant's wgmmas (see the
+    module docstring). Costs ~1 min more tuning at a first start (then cached)."""
+    return os.environ.get("PIPELINE_W4A16_GLUON", "1") != "0" and available(device)
+
+
+def gemv_enabled(device) -> bool:
+    """The one-row TMA GEMVs (`w4a16_gluon_gemv`) too: opt-in (PIPELINE_W4A16_GLUON_GEMV=1), 1.2-1.5x slower than
+    the Triton wide GEMV on every Llama-7B shape on an H100 (session 15), so not worth their tuning time."""
+    return os.environ.get("PIPELINE_W4A16_GLUON_GEMV", "0") == "1" and enabled(device)
 
 
 def applicable(x2: torch.Tensor, w, act: bool) -> bool:

@@ -4,7 +4,8 @@ Usage:
     from pipeline.kernels.w4a16_gluon_gemv import GEMV_CONFIGS, w4a16_gluon_gemv
     y = w4a16_gluon_gemv(x, w, bias, config="glv_n128_r32_s4_c4", pdl=True)   # x (1, K) fp16 on sm_90, w: W4Weight
     Normally reached through `pipeline.kernels.w4a16.w4a16_linear`, whose tuner times these configs next to the wide
-    Triton GEMVs at M = 1 when the Gluon kernels are opted in (PIPELINE_W4A16_GLUON=1); reference: `w4a16_linear_ref`.
+    Triton GEMVs at M = 1 when opted in (PIPELINE_W4A16_GLUON_GEMV=1: 1.2-1.5x slower than those on an H100, session
+    15); reference: `w4a16_linear_ref`.
 
 Why: the wide Triton GEMV (`w4a16_gemv._gemv_wide_kernel`) keeps its whole weight tile in registers, so registers
 cap how many bytes an SM has in flight (1.72-1.83x the int4 roofline with PDL, session 14). Here TMA copies tiles of
