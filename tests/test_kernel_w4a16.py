@@ -226,6 +226,25 @@ def test_interpreter_fused_silu_mul_and_counters_rearmed(monkeypatch, poisoned, 
         w4.w4a16_linear(gate_up, w, act="gelu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+def test_interpreter_unfused_swiglu_candidate(monkeypatch, poisoned):
+    """act="silu_mul" calls also offer the tuner the product as its own kernel + the plain GEMM (UNFUSED, by name
+    like any config): same result; plain calls do not offer it."""
+    from pipeline.kernels.norm import silu_mul_ref
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    M, N, K, g = 5, 40, 256, 64
+    w = w4.pack_w4(*make_quant(N, K, g), g)
+    gate_up = torch.randn(M, 2 * K).half()
+    y = w4.w4a16_linear(gate_up, w, config=w4.UNFUSED, act="silu_mul")
+    assert rel_err(y, ref64(silu_mul_ref(gate_up), w)) < TOL[torch.float16]
+    offered = {}
+    monkeypatch.setattr(w4.TUNER, "choose", lambda key, names, launch, default, device: offered.setdefault(
+        key[7], tuple(names)) and default)
+    w4._choose(gate_up, w, None, torch.float16, act=True)
+    w4._choose(gate_up[:, :K], w, None, torch.float16, act=False)
+    assert w4.UNFUSED in offered[True] and w4.UNFUSED not in offered[False]
+
+
 @gpu
 @needs_cuda
 def test_gpu_fused_silu_mul_every_decode_config(poisoned):
@@ -235,7 +254,7 @@ def test_gpu_fused_silu_mul_every_decode_config(poisoned):
     for M in (1, 4, 16, 64, 256):
         gate_up = torch.randn(M, 2 * K, device="cuda").half()
         ref = ref64(silu_mul_ref(gate_up), w)
-        for name in w4.candidates(M):
+        for name in w4.candidates(M) + (w4.UNFUSED,):
             err = rel_err(w4.w4a16_linear(gate_up, w, config=name, act="silu_mul"), ref)
             assert err < TOL[torch.float16], f"M={M} config {name}: rel err {err:.2e}"
     assert int(arrival_counters(torch.device("cuda", torch.cuda.current_device()), 1).abs().sum()) == 0

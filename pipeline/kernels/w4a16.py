@@ -325,6 +325,8 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     (default: what pdl.enabled says for x2's device)."""
     M, N, K, g = x2.shape[0], w.N, w.K, w.group_size
     pdl = pdl_enabled(x2.device) if pdl is None else pdl
+    if cfg is not None and cfg[0] == UNFUSED:   # act: the SwiGLU product as its own kernel, then the plain GEMM
+        return w4a16_linear(silu_mul(x2) if act else x2, w, bias)
     if cfg is not None and cfg[0] == "gluon_gemv":  # sm_90 Gluon GEMV (w4a16_gluon_gemv.py): one row
         return w4a16_gluon_gemv.w4a16_gluon_gemv(x2, w, bias, cfg[1], out=_alloc_out(M, N, out_dtype, x2.device),
                                                  pdl=pdl, act="silu_mul" if act else None)
@@ -401,9 +403,18 @@ def tuning_record(x: torch.Tensor, w: W4Weight, bias=None, act: str | None = Non
     return TUNER.record(_key(x.reshape(-1, x.shape[-1]), w, bias, act is not None, pdl_enabled(x.device)))
 
 
+# For act="silu_mul" calls the tuner also times the product as its own kernel (norm.silu_mul) followed by the plain
+# GEMM with its own tuned config: fusing it costs every program along N the SwiGLU of its inputs again, which
+# doubles the main loop's instructions at 16-64 rows (sm_90 SASS, 2026-12-07: swap_m32_n64_c4_k8 213 -> 468,
+# gl_m32_n128_k16_s4_c4 425 -> 1035), where those kernels are bound by instruction issue.
+UNFUSED = "silu_mul+gemm"
+
+
 def _config(name: str):
-    """A config name -> its launch tuple: CONFIGS' (Triton kernels), ("gluon", name) for `w4a16_gluon`'s or
-    ("gluon_gemv", name) for `w4a16_gluon_gemv`'s."""
+    """A config name -> its launch tuple: CONFIGS' (Triton kernels), ("gluon", name) for `w4a16_gluon`'s,
+    ("gluon_gemv", name) for `w4a16_gluon_gemv`'s or (UNFUSED,)."""
+    if name == UNFUSED:
+        return (UNFUSED,)
     if name in w4a16_gluon.GLUON_CONFIGS:
         return ("gluon", name)
     return ("gluon_gemv", name) if name in w4a16_gluon_gemv.GEMV_CONFIGS else CONFIGS[name]
@@ -419,6 +430,8 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
     names = tuning_set(M, pdl)
     if x2.dtype != torch.float16 or os.environ.get("PIPELINE_W4A16_PAIRS", "1") == "0":
         names = tuple(n for n in names if not uses_pairs(n))   # the pair unpack: fp16 only; =0 for an A/B
+    if act:
+        names = names + (UNFUSED,)
     if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
         if w4a16_gluon.gemv_enabled(x2.device) and w4a16_gluon_gemv.applicable(x2, w, act):   # one row (opt-in)
