@@ -243,6 +243,10 @@ def test_interpreter_unfused_swiglu_candidate(monkeypatch, poisoned):
     w4._choose(gate_up, w, None, torch.float16, act=True)
     w4._choose(gate_up[:, :K], w, None, torch.float16, act=False)
     assert w4.UNFUSED in offered[True] and w4.UNFUSED not in offered[False]
+    monkeypatch.setenv("PIPELINE_W4A16_UNFUSED", "0")
+    offered.clear()
+    w4._choose(gate_up, w, None, torch.float16, act=True)
+    assert w4.UNFUSED not in offered[True]
 
 
 @gpu

@@ -430,7 +430,7 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
     names = tuning_set(M, pdl)
     if x2.dtype != torch.float16 or os.environ.get("PIPELINE_W4A16_PAIRS", "1") == "0":
         names = tuple(n for n in names if not uses_pairs(n))   # the pair unpack: fp16 only; =0 for an A/B
-    if act:
+    if act and os.environ.get("PIPELINE_W4A16_UNFUSED", "1") != "0":   # =0 for an A/B
         names = names + (UNFUSED,)
     if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
