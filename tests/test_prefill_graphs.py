@@ -100,6 +100,22 @@ def test_gpu_prefill_graph_logits_and_tokens_equal_eager(tiny, qp):  # noqa: F81
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prefill_graphs_past_one_block_table(tiny):  # noqa: F811
+    """session_len 64 with a 256-token step budget (session 16's bench/engine.py case, scaled down): every bucket
+    up to max batch x one table captures, and a step of four whole prompts replays the largest one."""
+    opts = {"session_len": 64, "max_batch_size": 4, "max_prefill_tokens": 512}
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
+    pg = eng.prefill_graphs
+    assert pg is not None and set(pg.graphs) == set(pg.buckets) and pg.buckets[-1] == 4 * 64
+    p = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompts = [list(range(3 + i, 63 + i)) for i in range(4)]          # 4 x 60 tokens: one 240-token step
+    eager = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "prefill_graphs": False})
+    a, b = eng.generate(prompts, p), eager.generate(prompts, p)
+    assert sum(x == y for x, y in zip(a, b)) >= len(a) - 1, (a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("qp", [0, 4, 8])
 def test_gpu_mixed_step_decode_rows_equal_the_decode_graph(tiny, qp):  # noqa: F811
     """A mixed step's decoders (one-token chunks in a prefill graph, beside a prompt chunk) get the logits the
