@@ -81,6 +81,8 @@ GLUON_CONFIGS = {
     "gl_m64_n128_k16_s4_c2": (64, 128, 16, 4, 4, -2, 0),
     "gl_m64_n128_k16_s6_c2": (64, 128, 16, 6, 4, -2, 0),
     "gl_m64_n256_k16_s4_c2": (64, 256, 16, 4, 8, -2, 0),
+    "gl_m32_n256_k16_s4_c4": (32, 256, 16, 4, 8, -4, 0),    # 256 wide: half the activation re-reads of 128 (its
+                                                             # wgmmas pipelined only since the assume, see _consume)
     "gl_m128_n128_k16_s4": (128, 128, 16, 4, 8, 1, 0),
     "gl_m128_n128_k16_s4_ws": (128, 128, 16, 4, 8, 1, 1),
     "gl_m128_n128_k32_s3": (128, 128, 32, 3, 8, 1, 0),
