@@ -158,7 +158,7 @@ def main() -> None:
             r = attention_sweep(*(int(v) for v in p.split("x")), bw, only=a.sweep_variants)
             res["attention_sweep"].append(r)
             best = sorted(((k, v["us"]) for k, v in r.items() if isinstance(v, dict) and "us" in v), key=lambda kv: kv[1])
-            print(p, "floor", r["kv_floor_us"], "default", r["default"], "best", best[:4], flush=True)
+            print(p, "floor", r["kv_floor_us"], "default", r.get("default"), "best", best[:4], flush=True)
             Path(a.out).write_text(json.dumps(res, indent=1))
         return
     root = Path("/tmp/decode_profile")
