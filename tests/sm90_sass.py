@@ -30,14 +30,30 @@ def compile_sm90(fn, sig: dict, cst: dict, warps: int, stages: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def _tool(name: str, *args: str, file: tuple[str, bytes | str]) -> subprocess.CompletedProcess:
+    """Run Triton's own copy of an NVIDIA tool on one file (name, contents) in a temporary folder."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    fname, data = file
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, fname), "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        return subprocess.run([os.path.join(tools, name), *args, fname], cwd=d, capture_output=True, check=True,
+                              text=True)
+
+
+def sass_text(cubin: bytes) -> str:
+    """The cubin's SASS (nvdisasm)."""
+    return _tool("nvdisasm", "-c", file=("k.cubin", cubin)).stdout
+
+
+def ptxas_info(ptx: str) -> str:
+    """ptxas's -v messages for this PTX (sm_90a), e.g. C7515 when it serializes wgmmas."""
+    return _tool("ptxas", "-arch=sm_90a", "-v", "-o", os.devnull, file=("k.ptx", ptx)).stderr
+
+
 def loop_instructions(cubin: bytes) -> int:
     """Instructions of the largest loop body (a backward branch to a label before it)."""
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, check=True,
-                              text=True).stdout
+    sass = sass_text(cubin)
     lines, best = sass.splitlines(), 0
     for i, line in enumerate(lines):
         m = re.search(r"BRA `?\(\.(L_x_\d+)\)", line)

@@ -183,24 +183,6 @@ def compile_sm90(fn, sig: dict, cst: dict, warps: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def ptxas_info_and_sass(k) -> tuple[str, str]:
-    """ptxas's -v messages for compiled kernel k's PTX (sm_90a) and the SASS of its cubin (Triton's own tools)."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as d:
-        open(os.path.join(d, "k.ptx"), "w").write(k.asm["ptx"])
-        open(os.path.join(d, "k.cubin"), "wb").write(k.asm["cubin"])
-        info = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", "k.ptx", "-o", "x.cubin"], cwd=d,
-                              capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", "k.cubin"], cwd=d, capture_output=True,
-                              text=True, check=True).stdout
-    return info, sass
-
-
 def q_desc_type(BM, BN, KT, g, N=4096, K=4096):
     from triton.runtime.jit import mangle_type
     q_l = wg.layouts(BM, BN, KT, g, torch.float16)[1]
@@ -233,9 +215,10 @@ def test_offline_sm90_compile_every_config(name):
     assert ptx.count("wgmma.wait_group.sync.aligned 1;") == g // KT and ptx.count("wgmma.mma_async") % (g // KT) == 0
     assert "cp.async.bulk.tensor.2d" in ptx and "mbarrier.try_wait" in ptx
     assert ("setmaxnreg.dec.sync.aligned.u32" in ptx) == bool(ws)  # the producer warp gives its registers away
-    info, sass = ptxas_info_and_sass(k)
+    from tests.sm90_sass import ptxas_info, sass_text
+    info = ptxas_info(ptx)
     assert "C7515" not in info, info
-    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass_text(k.asm["cubin"])
 
 
 @pytest.mark.slow
@@ -257,7 +240,8 @@ def test_offline_pdl_streams_weights_before_the_wait(name, act):
                SPLIT=split != 1, HAS_BIAS=False, DKIND=1, ACT=act, WS=bool(ws), num_warps=warps, PDL=True)
     k = compile_sm90(wg._kernel, sig, cst, warps)
     ptx = k.asm["ptx"]
-    assert "C7515" not in ptxas_info_and_sass(k)[0]   # wgmmas pipelined, the SwiGLU's product tiles too
+    from tests.sm90_sass import ptxas_info
+    assert "C7515" not in ptxas_info(ptx)   # wgmmas pipelined, the SwiGLU's product tiles too
     launch, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
     assert 0 <= launch < wait
     copies = [i for i in range(len(ptx)) if ptx.startswith("cp.async.bulk.tensor", i)]
