@@ -357,7 +357,8 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
             k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, max_context_len=None,
             num_splits=None, block_n=None, num_warps=4, num_stages=2, waves=WAVES, variant="mma", asm=None):
     """variant "fma" (G = 1, 16-bit or static int8 KV; `fma_applies`): `_attn_decode_g1_kernel`, no MMA.
-    asm: int8 codes four a word by inline PTX (`_kv_codes`); default on a GPU (bench/decode_profile.py times both)."""
+    asm: int8 codes four a word by inline PTX (`_kv_codes`); default on a GPU unless PIPELINE_KV_I8_ASM=0 (for a
+    serving A/B; bench/decode_profile.py times both per kernel)."""
     params = {"k_scale": k_scale, "k_zp": k_zp, "v_scale": v_scale, "v_zp": v_zp}
     _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params)
     if q.stride(-1) != 1:
@@ -383,7 +384,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     pdl = pdl_enabled(q.device)
-    asm = q.is_cuda if asm is None else asm
+    asm = q.is_cuda and os.environ.get("PIPELINE_KV_I8_ASM", "1") != "0" if asm is None else asm
     if variant == "fma":
         if not fma_applies(H, n_kv, kv_mode, kv_bits):
             raise ValueError(f"decode attention variant 'fma' takes one query head per KV head and 16-bit or static "
