@@ -384,7 +384,8 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     ks, kz, vs, vz = (dummy if t is None else t for t in (k_scale, k_zp, v_scale, v_zp))
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     pdl = pdl_enabled(q.device)
-    asm = q.is_cuda and os.environ.get("PIPELINE_KV_I8_ASM", "1") != "0" if asm is None else asm
+    if asm is None:
+        asm = q.is_cuda and os.environ.get("PIPELINE_KV_I8_ASM", "1") != "0"
     if variant == "fma":
         if not fma_applies(H, n_kv, kv_mode, kv_bits):
             raise ValueError(f"decode attention variant 'fma' takes one query head per KV head and 16-bit or static "

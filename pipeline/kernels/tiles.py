@@ -1,8 +1,21 @@
-"""Output-tile index helpers shared by the tiled GEMM kernels (`w4a16`, `w4a16_swap`, `int8_gemm`)."""
+"""Output-tile index helpers shared by the tiled GEMM kernels (`w4a16`, `w4a16_swap`, `int8_gemm`), and the split-K
+count their launchers (Triton and Gluon W4A16) share."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from pipeline.kernels.dispatch import cdiv, sm_count
+
+
+def split_for(M: int, N: int, K: int, g: int, BM: int, BN: int, split: int, device) -> int:
+    """Programs along K: fixed (split > 0), or enough for about -split programs per SM; never an empty split."""
+    G = K // g
+    if split <= 0:
+        split = cdiv(-split * sm_count(device, cpu=4), cdiv(M, BM) * cdiv(N, BN))
+    split = max(1, min(G, split))
+    return cdiv(G, cdiv(G, split))
+
 
 
 @triton.jit

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_triton
+from pipeline.kernels.dispatch import arrival_counters, cdiv, use_triton
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner, config_version
@@ -59,7 +59,7 @@ from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERP
                                           PREFILL_SET, WIDE_SET, candidates, default_config, gluon_candidates,
                                           tuning_set, uses_pairs)
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
-from pipeline.kernels.tiles import tile_offsets
+from pipeline.kernels.tiles import split_for, tile_offsets
 from pipeline.kernels.w4a16_swap import _dot, _nibbles_to_qz, _store_tile, _w4a16_swap_kernel
 
 GROUP_SIZES = (32, 64, 128)
@@ -300,17 +300,6 @@ def _m_bucket(M: int) -> int:
     return 1 << max(0, (M - 1).bit_length())
 
 
-def _split_for(M, N, K, g, BM, BN, split, device) -> int:
-    """Programs along K: fixed, or enough for about -split programs per SM; no empty split."""
-    G = K // g
-    if split <= 0:
-        sms = sm_count(device, cpu=4)
-        tiles = cdiv(M, BM) * cdiv(N, BN)
-        split = cdiv(-split * sms, tiles)
-    split = max(1, min(G, split))
-    return cdiv(G, cdiv(G, split))
-
-
 def _swap_stages(BM: int, BN: int, g: int, stages: int, act: bool, itemsize: int) -> int:
     """Pipeline depth of a swap config that fits the shared memory (227 KB on H100): per stage one group's codes
     (BN * g / 2 bytes) and activations (BM * g, twice with the fused SwiGLU, which reads gate and up)."""
@@ -347,17 +336,17 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         tiles = M * cdiv(N, BN)
     elif cfg[0] == "fma":
         _, BN, split, warps, stages = cfg
-        split = _split_for(M, N, K, g, 1, BN, split, x2.device)
+        split = split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * cdiv(N, BN)
     elif cfg[0] == "swap":
         _, BM, BN, split, warps, stages, kw, *pairs = cfg
         stages = _swap_stages(BM, BN, g, stages, act, x2.element_size())
-        split = _split_for(M, N, K, g, BM, BN, split, x2.device)
+        split = split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = cdiv(M, BM) * cdiv(N, BN)
     else:
         BM, BN, split, warps, stages, sliced, px = cfg
         px = px and x2.dtype == torch.float16 and x2.device.type == "cuda"  # inline PTX: fp16 on a GPU only
-        split = _split_for(M, N, K, g, BM, BN, split, x2.device)
+        split = split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = cdiv(M, BM) * cdiv(N, BN)
     y = _alloc_out(M, N, out_dtype, x2.device)
     b = bias if bias is not None else x2

@@ -48,8 +48,9 @@ import os
 import torch
 import triton
 
-from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting, sm_count
+from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting
 from pipeline.kernels.pdl import launch_kwargs
+from pipeline.kernels.tiles import split_for
 
 try:  # Gluon's Hopper API (Triton >= 3.5); absent or different elsewhere: the module still imports
     from triton.experimental import gluon
@@ -517,15 +518,6 @@ if HAVE_GLUON:
 
 _GL_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DKIND = {torch.float16: 1, torch.bfloat16: 2}
-
-
-def split_for(M: int, N: int, K: int, g: int, BM: int, BN: int, split: int, device) -> int:
-    """Programs along K: fixed, or enough for about -split programs per SM; never an empty split."""
-    G = K // g
-    if split <= 0:
-        split = cdiv(-split * sm_count(device, cpu=4), cdiv(M, BM) * cdiv(N, BN))
-    split = max(1, min(G, split))
-    return cdiv(G, cdiv(G, split))
 
 
 @functools.lru_cache(maxsize=None)

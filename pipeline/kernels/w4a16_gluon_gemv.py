@@ -32,7 +32,8 @@ import torch
 
 from pipeline.kernels.dispatch import arrival_counters, cdiv
 from pipeline.kernels.pdl import launch_kwargs
-from pipeline.kernels.w4a16_gluon import HAVE_GLUON, packed_layout, split_for
+from pipeline.kernels.tiles import split_for
+from pipeline.kernels.w4a16_gluon import HAVE_GLUON, packed_layout
 
 if HAVE_GLUON:
     from triton.experimental import gluon
