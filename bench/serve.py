@@ -280,6 +280,12 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
             "decode_tokens_per_s_in_steps": steps["decode_tokens"] / max(steps["decode_s"], 1e-9),
             "prefill_share_of_wall": steps["prefill_s"] / wall, "decode_share_of_wall": steps["decode_s"] / wall,
             "prefill_host_share": enqueue / steps["prefill_s"] if enqueue is not None and steps["prefill_s"] > 0
+            else None,
+            # the device's own timeline (engine/timeline.py; GPU only): its share of the wall running steps, and its
+            # waits for the host between consecutive steps
+            "device_busy_share_of_wall": steps["device_busy_s"] / wall if steps.get("device_busy_s") else None,
+            "device_gap_share_of_wall": steps["device_gap_s"] / wall if steps.get("device_gaps") else None,
+            "device_gap_ms_mean": 1e3 * steps["device_gap_s"] / steps["device_gaps"] if steps.get("device_gaps")
             else None}
 
 
@@ -636,7 +642,8 @@ def main() -> None:
 
 
 AB_KEYS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s", "ttft_ms", "itl_ms",
-           "n_errors", "prefill_share_of_wall", "decode_share_of_wall", "mean_decode_batch")
+           "n_errors", "prefill_share_of_wall", "decode_share_of_wall", "mean_decode_batch",
+           "device_busy_share_of_wall", "device_gap_share_of_wall")
 AB_MEDIANS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s")
 
 
@@ -756,6 +763,10 @@ def table(r: dict) -> None:
     print(f"where the batched run's time went (engine steps): prefill {b['prefill_share_of_wall']:.0%} of the wall at "
           f"{b['prefill_tokens_per_s']:.0f} prompt tok/s, decode {b['decode_share_of_wall']:.0%} at "
           f"{b['decode_tokens_per_s_in_steps']:.0f} tok/s")
+    if b.get("device_busy_share_of_wall") is not None:
+        print(f"the device (its own timeline): running steps {b['device_busy_share_of_wall']:.0%} of the wall, waiting "
+              f"for the host between steps {b['device_gap_share_of_wall']:.0%} "
+              f"({b['engine_steps']['device_gaps']} gaps, {b['device_gap_ms_mean']:.2f} ms mean)")
     for name, x in (("batched", b), ("batch-1", one)):
         st = x["engine_steps"]
         if st.get("prefill_steps"):

@@ -354,6 +354,36 @@ def test_gpu_sampled_lookahead_with_graphs_equals_plain(tiny):
     assert outs[0] == outs[1] and outs[0][0] != outs[0][1]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_device_timeline_counts_steps_and_host_gaps(tiny):
+    """The device timeline (engine/timeline.py) times the steps on the device: busy time within the wall, one gap
+    per chained step, and look-ahead decoding (the next step queued before the host reads the last) leaves smaller
+    gaps than step-by-step decoding, where every step waits for the host."""
+    opts = {"session_len": 512, "max_batch_size": 4, "max_prefill_tokens": 64}
+    res = {}
+    for ahead in (False, True):
+        eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "lookahead": ahead})
+        before = eng.stats()["steps"]
+        t0 = time.perf_counter()
+        eng.generate(PROMPTS[:3], SamplingParams(max_new_tokens=64, ignore_eos=True))
+        wall = time.perf_counter() - t0
+        eng.timeline.pause()                       # settles the last steps
+        st = eng.stats()["steps"]
+        d = {k: st[k] - before[k] for k in ("device_busy_s", "device_gap_s", "device_gaps", "decode_steps")}
+        assert 0 < d["device_busy_s"] + d["device_gap_s"] <= wall
+        assert d["decode_steps"] <= d["device_gaps"] + 2
+        res[ahead] = d["device_gap_s"] / d["device_gaps"]
+    assert res[True] < res[False]
+
+
+def test_device_timeline_is_a_no_op_on_cpu(tiny):
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", {"session_len": 128, "max_batch_size": 2})
+    eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    st = eng.stats()["steps"]
+    assert (st["device_busy_s"], st["device_gap_s"], st["device_gaps"]) == (0.0, 0.0, 0)
+
+
 @pytest.mark.parametrize("qp,kv_mode", [(0, None), (4, None), (8, None), (4, "dynamic")])
 def test_batched_prefill_attention_equals_per_chunk(tiny, qp, kv_mode):
     """One attention call for a step's chunks (padded queries and keys, masks) gives the per-chunk loop's logits:

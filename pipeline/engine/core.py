@@ -113,6 +113,8 @@ class Core:
     def run(self) -> None:
         e = self.engine
         while not self.stopping:
+            if not e.has_work():
+                e.timeline.pause()
             self.drain(0 if e.has_work() else 50)
             if self.stopping:
                 break

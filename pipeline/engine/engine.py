@@ -58,6 +58,7 @@ from .params import GenerationOutput, SamplingParams
 from . import processors
 from .sampling import ARGMAX_ROWS, argmax, sample_device
 from .text import Detokenizer, chat_prompt
+from .timeline import DeviceTimeline
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class Engine:
         # requests' time inside the engine (seconds, summed; /health): submit -> admitted (queue_s over `admitted`),
         # submit -> first token chosen (ttft_s over `first_tokens`; its output goes out right after the step)
         self.latency = {"admitted": 0, "queue_s": 0.0, "first_tokens": 0, "ttft_s": 0.0}
+        self.timeline = DeviceTimeline(self.runner.device)   # the device's idle time between steps (timeline.py)
         # where a start's time went (seconds; /health shows it): load (from_workspace), GEMM tuning, graph captures
         self.startup: dict[str, float] = {}
         if dev.type == "cuda" and s.get("warmup", True):
@@ -361,7 +363,7 @@ class Engine:
                     kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
-                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps=dict(self.steps),
+                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps={**self.steps, **self.timeline.counters()},
                     prefix_cache=self._prefix_cache_stats(), startup=dict(self.startup), latency=dict(self.latency))
 
     def _prefix_cache_stats(self) -> dict:
@@ -404,6 +406,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stopping:
             if not self.has_work():
+                self.timeline.pause()
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -514,6 +517,7 @@ class Engine:
                 and len(seqs) == len(self.running) and not self.waiting:
             return self._decode_ahead(seqs)
         t0 = time.perf_counter()
+        self.timeline.begin()
         pos = [s.n_tokens - 1 for s in seqs]
         inputs = self._step_inputs(seqs, pos, self._dev([s.last_token for s in seqs])[0])
         if self.graphs is not None:
@@ -582,6 +586,7 @@ class Engine:
         its tokens (host ints) and their logprobs (None, or an entry per sequence: logprobs.py) for the sequences
         that ask."""
         n = len(seqs)
+        self.timeline.begin()
         greedy = all(s.params.temperature == 0 and not s.params.logit_bias and s.state is None for s in seqs)
         ks = [s.params.logprobs for s in seqs]
         want_lp = any(k is not None for k in ks)
@@ -612,6 +617,7 @@ class Engine:
         buf.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
+        self.timeline.end()
 
         def wait() -> tuple[list[int], Optional[list]]:
             done.synchronize()
@@ -652,6 +658,7 @@ class Engine:
         prof = _profiler()
         if prof is not None:
             prof.enable()
+        self.timeline.begin()
         pg = self.prefill_graphs
         if echo:   # every row of the echo chunks: eager (a graph returns one row a chunk)
             rows = [off + j for _, off, t in echo for j in range(len(t))]
@@ -675,6 +682,7 @@ class Engine:
         if done:
             self._accept(done, logits)
         elif self.runner.device.type == "cuda":   # nothing sampled: wait so the chunk's GPU time is counted here
+            self.timeline.end()
             torch.cuda.synchronize(self.runner.device)
         if prof is not None:
             prof.disable()
@@ -703,6 +711,7 @@ class Engine:
         logits = processors.apply(logits, seqs, self._grammars)   # penalties and grammars: their rows only
         toks = sample_device(logits, [s.params for s in seqs], [s.generator for s in seqs])
         lp = request_rows(raw, toks, ks) if any(k is not None for k in ks) else None
+        self.timeline.end()                                       # the step's last launch: the host waits next
         self._accept_tokens(seqs, toks.tolist(), lp and lp.fetch())
 
     def _accept_tokens(self, seqs: list[Sequence], toks: list[int], lps: Optional[list] = None) -> None:
