@@ -286,7 +286,10 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
             "device_busy_share_of_wall": steps["device_busy_s"] / wall if steps.get("device_busy_s") else None,
             "device_gap_share_of_wall": steps["device_gap_s"] / wall if steps.get("device_gaps") else None,
             "device_gap_ms_mean": 1e3 * steps["device_gap_s"] / steps["device_gaps"] if steps.get("device_gaps")
-            else None}
+            else None,
+            # the API server process's CPU time (all its threads: HTTP, SSE, detokenization) per streamed token
+            "frontend_cpu_us_per_token": 1e6 * (h1["frontend_cpu_s"] - h0["frontend_cpu_s"]) / max(out_tokens, 1)
+            if "frontend_cpu_s" in h0 else None}
 
 
 # ------------------------------------------------------------------------------------ roofline
@@ -806,8 +809,10 @@ def table(r: dict) -> None:
         lat = x.get("server_latency_ms")
         if lat and x.get("ttft_ms_mean") is not None:
             f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            cpu = x.get("frontend_cpu_us_per_token")
             print(f"  {name:<38} {x['ttft_ms_mean']:.1f} | {f(lat['frontend_ttft'])} (submit {f(lat['frontend_submit'])}) | "
-                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])})")
+                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])})"
+                  + ("" if cpu is None else f"; front end CPU {cpu:.0f} us a streamed token"))
     for label, wall, parts in (("first start", r["startup_s"], r.get("startup")),
                                ("second start", r.get("prefix_off_startup_s"), r.get("prefix_off_startup"))):
         if wall is not None:

@@ -36,7 +36,7 @@ import zmq
 
 from ..workspace import TOKENIZER
 from .engine import check_request
-from .handle import RequestHandle
+from .handle import RequestHandle, wake_all
 from .params import GenerationOutput, SamplingParams
 from .procs import exit_text
 from .text import Detokenizer, chat_prompt
@@ -54,8 +54,9 @@ class ClientHandle(RequestHandle):
         self.finished = False
 
     def deliver(self, ids: list[int], finished: bool, reason, error, n_prompt: int, n_gen: int,
-                logprobs=None, prompt_logprobs=None) -> bool:
-        """One output of the core; True when a stop string ended the request here (the core must cancel it)."""
+                logprobs=None, prompt_logprobs=None, wake: bool = True) -> bool:
+        """One output of the core; True when a stop string ended the request here (the core must cancel it).
+        wake=False: the caller wakes the consumer (handle.wake_all, once per message of the core)."""
         if self.finished:
             return False
         hit = False
@@ -67,7 +68,7 @@ class ClientHandle(RequestHandle):
         n_gen = len(self.detok.ids) if hit else n_gen
         self.finished = finished
         self._push(GenerationOutput(self.request_id, list(ids), self.detok.take(finished), finished, reason,
-                                    error, n_prompt, n_gen, logprobs, prompt_logprobs))
+                                    error, n_prompt, n_gen, logprobs, prompt_logprobs), wake)
         return hit
 
 
@@ -238,15 +239,17 @@ class EngineClient:
     def _dispatch(self, msg) -> None:
         op = msg[0]
         if op == "out":
-            stops = []
+            stops, delivered = [], []
             for rid, *out in msg[1]:
                 h = self._handles.get(rid)
                 if h is None:
                     continue
-                if h.deliver(*out):
+                if h.deliver(*out, wake=False):
                     stops.append(rid)
+                delivered.append(h)
                 if h.finished:
                     del self._handles[rid]
+            wake_all(delivered)                      # one call into the event loop for the step, not one a request
             if stops and not self._closing:
                 self._send(["cancel", stops])
         elif op == "beat":

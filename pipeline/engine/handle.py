@@ -30,13 +30,16 @@ class RequestHandle:
     def cancel(self) -> None:
         self._engine.cancel(self.request_id)
 
-    def _push(self, out: GenerationOutput) -> None:
+    def _push(self, out: GenerationOutput, wake: bool = True) -> None:
+        """Queue an output (from the engine's thread). wake=False: the caller wakes the consumer itself, e.g. once
+        for every handle of a step (wake_all)."""
         if out.finished:
             self.done_pushed = True
         self._q.put(out)
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._event.set)
+        if wake:
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self._event.set)
 
     def __iter__(self):
         return self
@@ -71,6 +74,33 @@ class RequestHandle:
                 continue
             self._done = out.finished
             return out
+
+    async def next_outputs(self) -> list[GenerationOutput]:
+        """Every output queued now, waiting for the first (StopAsyncIteration after the final one): a consumer that
+        fell behind catches up in one wake-up and one write."""
+        outs = [await self.__anext__()]
+        while not outs[-1].finished:
+            try:
+                outs.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        self._done = outs[-1].finished
+        return outs
+
+
+def wake_all(handles) -> None:
+    """Wake the asyncio consumers of these handles (pushed with wake=False): one call into each event loop."""
+    loops: dict = {}
+    for h in handles:
+        if h._loop is not None:
+            loops.setdefault(h._loop, []).append(h._event)
+    for loop, events in loops.items():
+        loop.call_soon_threadsafe(_set_all, events)
+
+
+def _set_all(events: list) -> None:
+    for ev in events:
+        ev.set()
 
 
 @dataclass

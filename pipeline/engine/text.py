@@ -26,9 +26,24 @@ def chat_prompt(tokenizer, messages: list[dict], tools: Optional[list[dict]] = N
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:      # tokenizers < 0.21
+    DecodeStream = None
+
+
+def _decode_stream(tokenizer):
+    """(the `tokenizers` backend, a fresh DecodeStream) for a fast tokenizer, else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if DecodeStream is None or backend is None:
+        return None
+    return backend, DecodeStream(skip_special_tokens=True)
+
+
 class Detokenizer:
-    """Text of one request's output ids, decoded one token at a time (vLLM's prefix/read offsets: only a short
-    window is re-decoded per token); incomplete UTF-8 is held back; stop strings cut the text.
+    """Text of one request's output ids, decoded one token at a time: by the `tokenizers` library's DecodeStream
+    for fast tokenizers (in Rust, ~0.6 us a token), else by re-decoding a short window per token (vLLM's prefix/read
+    offsets, ~6 us); the two give the same text. Incomplete UTF-8 is held back; stop strings cut the text.
     tokenizer None: ids are counted, no text (the engine core process, where the front end decodes)."""
 
     def __init__(self, tokenizer, stop: list[str]):
@@ -36,6 +51,7 @@ class Detokenizer:
         self.ids: list[int] = []
         self.text = ""
         self._prefix = self._read = self._sent = 0
+        self._stream = _decode_stream(tokenizer) if tokenizer is not None else None
 
     def add(self, token_id: int) -> bool:
         """Append one output id; True when a stop string appeared (the text is cut before it)."""
@@ -43,11 +59,17 @@ class Detokenizer:
         ids.append(token_id)
         if self.tok is None:
             return False
-        prev = self.tok.decode(ids[self._prefix:self._read], skip_special_tokens=True)
-        new = self.tok.decode(ids[self._prefix:], skip_special_tokens=True)
-        if len(new) > len(prev) and not new.endswith("\ufffd"):
-            self.text += new[len(prev):]
-            self._prefix, self._read = self._read, len(ids)
+        if self._stream is not None:
+            piece = self._stream[1].step(self._stream[0], token_id)
+            if not piece:
+                return False
+            self.text += piece
+        else:
+            prev = self.tok.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+            new = self.tok.decode(ids[self._prefix:], skip_special_tokens=True)
+            if len(new) > len(prev) and not new.endswith("\ufffd"):
+                self.text += new[len(prev):]
+                self._prefix, self._read = self._read, len(ids)
         for st in self.stop:
             i = self.text.find(st, max(0, self._sent - len(st)))
             if i >= 0:

@@ -69,6 +69,41 @@ class Pending:
             self.finished(i, "cancelled")
 
 
+async def _arrivals(handles: list):
+    """Lists of (choice index, output) as the handles' outputs arrive, each list what is there at one wake-up; an
+    exception of a handle arrives as its output. One handle (n = 1, the usual case) is read directly; several are
+    merged through a queue by one task each."""
+    if len(handles) == 1:
+        h = handles[0]
+        while True:
+            try:
+                outs = await h.next_outputs()
+            except StopAsyncIteration:
+                return
+            except Exception as e:   # noqa: BLE001 - reported to the client as an error event
+                yield [(0, e)]
+                return
+            yield [(0, out) for out in outs]
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, h) -> None:
+        try:
+            async for out in h.aiter():
+                await queue.put((i, out))
+        except Exception as e:   # noqa: BLE001 - reported to the client as an error event
+            await queue.put((i, e))
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            yield batch
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 class Server:
     """Request -> engine submissions -> OpenAI response objects."""
 
@@ -189,7 +224,6 @@ class Server:
         t_arrival: the request's perf_counter() on arrival (each choice's first token counted in `latency`)."""
         chat = replies is not None
         kind = "chat.completion.chunk" if chat else "text_completion"
-        queue: asyncio.Queue = asyncio.Queue()
         fmt = ChoiceLogprobs(self.engine.tokenizer, chat)
 
         def chunk(i: int, text: Optional[str], reason: Optional[str], first: bool = False, delta=None,
@@ -201,66 +235,65 @@ class Server:
                 choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
             return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
 
-        async def pump(i: int, h) -> None:
-            try:
-                async for out in h.aiter():
-                    await queue.put((i, out))
-            except Exception as e:   # noqa: BLE001 - reported to the client as an error event
-                await queue.put((i, e))
         handles = pending.handles
-        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+        arrivals = _arrivals(handles)
         try:
             if chat:
-                for i in range(len(handles)):
-                    yield sse(chunk(i, None, None, first=True))
+                yield "".join(sse(chunk(i, None, None, first=True)) for i in range(len(handles)))
             left, usage, echoed, firsts = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set(), set()
-            while left:
-                i, out = await queue.get()
-                if isinstance(out, Exception) or out.finish_reason == "error":
-                    msg = str(out) if isinstance(out, Exception) else out.error
-                    self.counts["requests_failed"] += 1
-                    yield sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())
+            failed = False
+            async for batch in arrivals:     # what arrived since the last write: its events go out in one write
+                events = []
+                for i, out in batch:
+                    if isinstance(out, Exception) or out.finish_reason == "error":
+                        msg = str(out) if isinstance(out, Exception) else out.error
+                        self.counts["requests_failed"] += 1
+                        events.append(sse(ApiError(500, f"generation failed: {msg}", type="server_error").body()))
+                        failed = True
+                        break
+                    if echo is not None and i not in echoed:     # its first output (the prompt's logprobs with it)
+                        echoed.add(i)
+                        head, lp = self.echo_prompt(fmt, i, *echo[i // n],
+                                                    out.prompt_logprobs if echo_logprobs else None)
+                        events.append(sse(chunk(i, head, None, logprobs=lp)))
+                    if out.token_ids and i not in firsts and t_arrival is not None:
+                        firsts.add(i)
+                        self.latency["first_chunks"] += 1
+                        self.latency["ttft_s"] += time.perf_counter() - t_arrival
+                    lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
+                    deltas = replies[i].deltas(out.text) if chat else [None] * bool(out.text)
+                    if (lps or (continuous and out.token_ids)) and not deltas:   # with usage: a chunk a step
+                        deltas = [None]
+                    for j, delta in enumerate(deltas):
+                        ev = chunk(i, out.text, None, delta=delta, logprobs=lps if j == 0 else None)
+                        if continuous:
+                            ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
+                                           "completion_tokens": out.num_generated_tokens,
+                                           "total_tokens": out.num_prompt_tokens + out.num_generated_tokens}
+                        events.append(sse(ev))
+                    if out.finished:
+                        left -= 1
+                        pending.finished(i, out.finish_reason)
+                        usage["prompt_tokens"] += out.num_prompt_tokens if i % n == 0 else 0   # once a prompt
+                        usage["completion_tokens"] += out.num_generated_tokens
+                        reason = out.finish_reason
+                        if chat:
+                            last, reason = replies[i].finish(reason)
+                            events.extend(sse(chunk(i, None, None, delta=delta)) for delta in last)
+                        events.append(sse(chunk(i, None, reason)))
+                if not failed and not left:
+                    if include_usage:
+                        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                        events.append(sse({"id": rid, "object": kind, "created": created, "model": self.model_name,
+                                           "choices": [], "usage": usage}))
+                    events.append(sse("[DONE]"))
+                if events:
+                    yield "".join(events)
+                if failed or not left:
                     break
-                if echo is not None and i not in echoed:     # its first output (the prompt's logprobs come with it)
-                    echoed.add(i)
-                    head, lp = self.echo_prompt(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
-                    yield sse(chunk(i, head, None, logprobs=lp))
-                if out.token_ids and i not in firsts and t_arrival is not None:
-                    firsts.add(i)
-                    self.latency["first_chunks"] += 1
-                    self.latency["ttft_s"] += time.perf_counter() - t_arrival
-                lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
-                deltas = replies[i].deltas(out.text) if chat else [None] * bool(out.text)
-                if (lps or (continuous and out.token_ids)) and not deltas:   # with usage: a chunk per step, text or not
-                    deltas = [None]
-                for j, delta in enumerate(deltas):
-                    ev = chunk(i, out.text, None, delta=delta, logprobs=lps if j == 0 else None)
-                    if continuous:
-                        ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
-                                       "completion_tokens": out.num_generated_tokens,
-                                       "total_tokens": out.num_prompt_tokens + out.num_generated_tokens}
-                    yield sse(ev)
-                if out.finished:
-                    left -= 1
-                    pending.finished(i, out.finish_reason)
-                    usage["prompt_tokens"] += out.num_prompt_tokens if i % n == 0 else 0   # once a prompt
-                    usage["completion_tokens"] += out.num_generated_tokens
-                    reason = out.finish_reason
-                    if chat:
-                        last, reason = replies[i].finish(reason)
-                        for delta in last:
-                            yield sse(chunk(i, None, None, delta=delta))
-                    yield sse(chunk(i, None, reason))
-            else:
-                if include_usage:
-                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                    yield sse({"id": rid, "object": kind, "created": created, "model": self.model_name,
-                               "choices": [], "usage": usage})
-                yield sse("[DONE]")
         finally:
             pending.cancel()          # what is still running when the stream ends early (client gone, error)
-            for t in tasks:
-                t.cancel()
+            await arrivals.aclose()
 
     def echo_prompt(self, fmt: ChoiceLogprobs, i: int, prompt: List[int], text: Optional[str],
              prompt_logprobs: Optional[list]) -> tuple[str, Optional[dict]]:
@@ -379,7 +412,7 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
     @app.get("/health")
     def health():
         return {"status": "ok", "model": model_name, **srv.info, **srv.engine.stats(), **srv.counts,
-                "frontend_latency": dict(srv.latency)}
+                "frontend_latency": dict(srv.latency), "frontend_cpu_s": time.process_time()}
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
