@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -257,6 +258,12 @@ def _is_union_tag(p) -> bool:
                                    or p.startswith(("literal", "function")))
 
 
+# a JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way a lone surrogate gets into json.loads' output
+# from UTF-8 bytes (raw UTF-8 cannot encode one), so bodies without it skip the walk below (a 1,000-token prompt
+# list: ~0.3 ms of the front end's event loop)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _check_strings(data) -> None:
     """A lone surrogate ("\\ud800", valid JSON but not UTF-8) anywhere in the body: a 400 naming where.
     Iterative, so any depth json.loads returned is fine."""
@@ -302,7 +309,8 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
-    _check_strings(data)
+    if _SURROGATE_ESCAPE.search(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")):
+        _check_strings(data)
     for name, check in {**IGNORED, **UNSUPPORTED}.items():
         if name in data:
             why = check(data[name], data)
