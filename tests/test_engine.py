@@ -305,7 +305,8 @@ def test_greedy_lookahead_equals_step_by_step(tiny):
 def test_sampled_lookahead_equals_step_by_step(tiny):
     """Sampled decoding is queued ahead too (tokens drawn on the device from each request's own generator):
     seeded requests beside greedy ones give the same tokens as plain step-by-step decoding, and the steps ran
-    ahead (fewer host waits than tokens is not observable here; the decode count is)."""
+    ahead (fewer host waits than tokens is not observable here; the engine.step() calls are), also past the
+    steps where sequences reached their length and left the batch."""
     ws = tiny["root"] / "w4"
     plain = Engine.from_workspace(ws, "cpu", {"session_len": 256, "lookahead": False})
     ahead = Engine.from_workspace(ws, "cpu", {"session_len": 256})
@@ -321,6 +322,9 @@ def test_sampled_lookahead_equals_step_by_step(tiny):
         outs[name] = ([[t for o in h for t in o.token_ids] for h in hs], calls)
     assert outs["ahead"][0] == outs["plain"][0] and [len(o) for o in outs["ahead"][0]] == [12, 20, 16]
     assert outs["ahead"][1] < outs["plain"][1] / 3     # most tokens came from steps queued ahead in one call
+    # one prefill step, then one look-ahead run: sequences reaching their length (12, then 16) left it on the device
+    # without ending it
+    assert outs["ahead"][1] == 2
     assert len({tuple(o) for o in outs["ahead"][0][:2]}) == 2
 
 
@@ -335,6 +339,13 @@ def test_gpu_greedy_lookahead_with_graphs_equals_plain(tiny):
     for prompts, n in ((PROMPTS[:1], 300), (PROMPTS[:3], 40)):   # 300: crosses the 256 context bucket
         p = SamplingParams(max_new_tokens=n, ignore_eos=True)
         assert ahead.generate(prompts, p) == plain.generate(prompts, p)
+    # lengths that end at different steps: the run goes on with the argmax rows gathered on the device
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 40, 23)]
+    outs = []
+    for eng in (plain, ahead):
+        hs = [eng.submit(PROMPTS[i], q) for i, q in enumerate(params)]
+        outs.append([[t for o in h for t in o.token_ids] for h in hs])
+    assert outs[0] == outs[1] and [len(o) for o in outs[1]] == [5, 40, 23]
 
 
 @pytest.mark.gpu

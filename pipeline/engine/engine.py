@@ -543,18 +543,21 @@ class Engine:
         the ones its predecessor chose on the device (argmax, or `sample_device` with the rows' own generators and
         penalties counted on the device: processors.py), so
         the host's per-token work (reading tokens, stop checks, streaming, the next step's inputs) overlaps the
-        device's step instead of idling it. Runs while the batch stays the same and every sequence has room for one
-        more token; a new request, a cancel or a finished sequence ends it after the step in flight (its tokens are
-        kept for the sequences still running; a finished sequence's extra token is dropped, and its extra KV row
-        lies in blocks it still owned)."""
+        device's step instead of idling it. A sequence whose step in flight is its last (max_new_tokens, session_len)
+        is left out of the step queued next, its rows' tokens gathered on the device, so the run goes on without it.
+        A new request, a cancel or any other finish ends the run after the step in flight (its tokens are kept for
+        the sequences still running; a finished sequence's extra token is dropped, and its extra KV row lies in
+        blocks it still owned)."""
         pos = [s.n_tokens - 1 for s in seqs]
         pending = self._launch_step(seqs, pos, [s.last_token for s in seqs])
         while True:
             t0 = time.perf_counter()
             nxt = [p + 1 for p in pos]
-            ahead = not (self._inbox or self._cancels or self._stopping) and all(
-                self._room_for_two(s, p) for s, p in zip(seqs, nxt))
-            following = self._launch_step(seqs, nxt, None) if ahead else None
+            keep: list[int] = []
+            if not (self._inbox or self._cancels or self._stopping):
+                keep = [i for i, (s, p) in enumerate(zip(seqs, nxt)) if self._room_for_two(s, p)]
+            following = self._launch_step([seqs[i] for i in keep], [nxt[i] for i in keep], None,
+                                          keep=None if len(keep) == len(seqs) else keep) if keep else None
             toks, lps = pending()
             for s in seqs:
                 s.n_cached += 1
@@ -564,29 +567,38 @@ class Engine:
                 self.on_step()
             if following is None:
                 return
-            if any(s.finished for s in seqs):
-                toks, lps = following()
+            kept = set(keep)
+            left_out = [s for i, s in enumerate(seqs) if i not in kept]
+            seqs, pos = [seqs[i] for i in keep], [nxt[i] for i in keep]
+            if any(s.finished for s in seqs) or not all(s.finished for s in left_out):
+                toks, lps = following()   # an unforeseen finish, or a left-out row that goes on: end the run here
                 live = [i for i, s in enumerate(seqs) if not s.finished]
                 for i in live:
                     seqs[i].n_cached += 1
                 self._accept_tokens([seqs[i] for i in live], [toks[i] for i in live], lps and [lps[i] for i in live])
                 self._count("decode", len(live), time.perf_counter())
                 return
-            pos, pending = nxt, following
+            pending = following
 
     def _room_for_two(self, s: Sequence, next_pos: int) -> bool:
         """The step in flight and the one after it both fit this sequence's reserved blocks and limits."""
         return (next_pos < len(s.blocks) * self.block_size and s.n_tokens + 2 <= self.session_len
                 and len(s.out_ids) + 2 <= s.params.max_new_tokens)
 
-    def _launch_step(self, seqs: list[Sequence], pos: list[int], tokens: Optional[list[int]]):
+    def _launch_step(self, seqs: list[Sequence], pos: list[int], tokens: Optional[list[int]],
+                     keep: Optional[list[int]] = None):
         """Queue one decode step and its token choice on the device (greedy: the graph's own argmax; sampled:
         `sample_device`), leaving the chosen tokens where the next step reads its inputs; tokens=None: this step's
-        inputs are the tokens the previous one left. Returns a function that waits for this step only and gives
+        inputs are the tokens the previous one left (keep: the previous batch's rows that `seqs` are, in order; their
+        tokens are gathered on the device first). Returns a function that waits for this step only and gives
         its tokens (host ints) and their logprobs (None, or an entry per sequence: logprobs.py) for the sequences
         that ask."""
         n = len(seqs)
         self.timeline.begin()
+        if tokens is None and keep is not None:
+            buf = self.graphs.tokens if self.graphs is not None else self._next
+            idx = torch.tensor(keep, dtype=torch.long).to(buf.device, non_blocking=True)
+            buf[:n].copy_(buf.index_select(0, idx))
         greedy = all(s.params.temperature == 0 and not s.params.logit_bias and s.state is None for s in seqs)
         ks = [s.params.logprobs for s in seqs]
         want_lp = any(k is not None for k in ks)
