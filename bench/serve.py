@@ -10,7 +10,10 @@ Workload (seeded): prompt lengths ~ uniform integers in --prompt-len, output len
 --output-len; prompts are random token ids (/v1/completions with a token-id prompt, so lengths are exact)
 and every request runs to its output length (ignore_eos). Clients pull requests from one queue, each
 keeping one request in flight. Per request: TTFT (send -> first token) and ITL (gaps between tokens,
-from stream_options.continuous_usage_stats: one SSE chunk per engine step, with its token count).
+from stream_options.continuous_usage_stats: one SSE chunk per engine step, with its token count). A run's wall
+(output tok/s = its tokens / wall): the first request sent -> the last token received (`wall_s`; until session
+16 the wall also held the client processes' wake-up after the go signal and their exit, kept as
+`wall_s_to_client_exit`).
 The warm-up (4 requests) and batch-1 (--batch1) requests come from the same distributions but are other
 prompts than the batched run's: prefix caching is on, and a prompt sent again would hit the cache.
 The workspace is built by the pipeline (quant.search/clip off and a small calibration set by default:
@@ -35,7 +38,8 @@ has none), and TTFT p50 (off) / TTFT p50 (on). Then the same requests again at a
 (--prefix-light-clients, default --clients // 4) on each server: at 32 clients the TTFT of a wave sent at once is
 mostly its queueing behind the other prompts, at 8 mostly the arrival's own prefill.
 
-transformers peers (--no-hf skips both): LlamaForCausalLM with random weights of the workspace's shape, fp16
+transformers peers (--no-hf skips both; --hf-only runs only them, on the same requests, with no server or
+workspace: a device call of their own): LlamaForCausalLM with random weights of the model's shape, fp16
 on GPU, fp32 on CPU. `generate`: the first --clients requests as one left-padded batch, generated to the
 longest output length (useful tokens counted). Continuous batching (paged attention): the
 ContinuousBatchingManager that `model.generate_batch` drives, fed the batched run's requests with --clients
@@ -144,7 +148,9 @@ async def one_request(c: httpx.AsyncClient, model: str, req: dict) -> dict:
     if not counts or counts[-1] != req["max_tokens"]:
         return {"error": f"got {counts[-1] if counts else 0} tokens, asked {req['max_tokens']}"}
     itl = [(b - a) / (nb - na) for a, b, na, nb in zip(times, times[1:], counts, counts[1:])]
-    return {"ttft": times[0] - t0, "itl": itl, "tokens": counts[-1], "latency": times[-1] - t0}
+    # t_sent / t_last: time.perf_counter() (CLOCK_MONOTONIC, one clock for every client process on Linux)
+    return {"ttft": times[0] - t0, "itl": itl, "tokens": counts[-1], "latency": times[-1] - t0,
+            "t_sent": t0, "t_last": times[-1]}
 
 
 def server_latency(h0: dict, h1: dict):
@@ -198,6 +204,13 @@ def _client_proc(url: str, model: str, reqs: list[dict], counter, done, clients:
     done.put(None)
 
 
+def serving_span(results: list[dict]) -> float | None:
+    """Seconds from the first request sent to the last token received (the benchmark's wall): the client
+    processes' start-up after the go signal and their exit are not the server's time."""
+    ok = [r for r in results if "t_sent" in r]
+    return max(r["t_last"] for r in ok) - min(r["t_sent"] for r in ok) if ok else None
+
+
 async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int = 0, procs: int = 1) -> dict:
     """`clients` concurrent streaming clients over the request list (the first `lead` requests sent alone,
     one after the other, before them); throughput and latency percentiles over every request.
@@ -249,7 +262,8 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
                     results.append(r)
             for w in workers:
                 w.join(10)
-        wall = time.perf_counter() - t0
+        wall_procs = time.perf_counter() - t0   # to the client processes' exit
+        wall = serving_span(results) or wall_procs
         sampler.cancel()
         h1 = (await c.get("/health")).json()
     steps = {k: h1["steps"][k] - h0["steps"][k] for k in h0["steps"]}   # the engine's own account of this run
@@ -263,7 +277,8 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
     out_tokens = sum(r["tokens"] for r in ok)
     enqueue = steps.get("prefill_enqueue_s")
     return {"clients": clients, "requests": len(reqs), "ok": len(ok), "errors": errors[:5], "n_errors": len(errors),
-            "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens_per_s": out_tokens / wall,
+            "wall_s": wall, "wall_s_to_client_exit": wall_procs,
+            "requests_per_s": len(ok) / wall, "output_tokens_per_s": out_tokens / wall,
             "output_tokens": out_tokens, "prompt_tokens": sum(len(r["prompt"]) for r in reqs),
             "ttft_ms": {p: 1e3 * pct(ttft, p) for p in (50, 90, 99)},
             "ttft_ms_first_wave": {p: 1e3 * pct(wave, p) for p in (50, 90, 99)} if wave else None,
@@ -362,13 +377,23 @@ def run_roofline(run: dict, reqs: list[dict], costs: dict, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------ transformers peers
-def hf_model(ws: Path, device: str):
-    """transformers LlamaForCausalLM, random weights of the workspace's shape (fp16 on GPU, fp32 on CPU)."""
+def preset_args(model: str):
+    """ModelArgs of a conf/model preset that gives its shape (the synthetic ones): --hf-only needs no workspace."""
+    from omegaconf import OmegaConf
+
+    from pipeline.models.llama import ModelArgs
+    path = REPO / "conf" / "model" / f"{model}.yaml"
+    c = OmegaConf.load(path) if path.exists() else {}
+    if "shape" not in c:
+        raise SystemExit(f"--hf-only takes a model preset with a `shape` (synthetic-*), not {model!r}")
+    return ModelArgs(**OmegaConf.to_container(c["shape"]))
+
+
+def hf_model(a, device: str):
+    """transformers LlamaForCausalLM, random weights of these ModelArgs' shape (fp16 on GPU, fp32 on CPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.workspace import config_args, read_config
-    a = config_args(read_config(ws))
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
                       num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
                       head_dim=a.head_dim, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
@@ -474,8 +499,8 @@ def hf_generate_batch(model, reqs: list[dict], clients: int, device: str) -> dic
             "attn_implementation": attn}
 
 
-def hf_rows(ws: Path, reqs: list[dict], clients: int, device: str) -> tuple[dict, dict]:
-    """Both transformers rows on one model; a row that fails is {"error": ...}."""
+def hf_rows(a, reqs: list[dict], clients: int, device: str) -> tuple[dict, dict]:
+    """Both transformers rows on one model (ModelArgs a's shape); a row that fails is {"error": ...}."""
     def attempt(fn, *a):
         try:
             return fn(*a)
@@ -485,7 +510,7 @@ def hf_rows(ws: Path, reqs: list[dict], clients: int, device: str) -> tuple[dict
             if device.startswith("cuda"):
                 import torch
                 torch.cuda.empty_cache()
-    model = attempt(hf_model, ws, device)
+    model = attempt(hf_model, a, device)
     if isinstance(model, dict):
         return model, model
     static = attempt(hf_generate, model, reqs[:clients], device)
@@ -531,6 +556,9 @@ def main() -> None:
     ap.add_argument("--ab-rounds", type=int, default=2, help="A/B mode: rounds (each variant once a round)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    ap.add_argument("--hf-only", action="store_true",
+                    help="only the transformers rows (same workload and seed; no server, no workspace), to "
+                         "serve_<model>_transformers.json")
     ap.add_argument("--set", nargs="*", default=None,
                     help="runner overrides replacing the fast-build ones (`--set` alone: none)")
     ap.add_argument("--cache-dir", default=str(REPO / "outputs" / "cache"))
@@ -552,6 +580,19 @@ def main() -> None:
 
     if args.peak_tbps is None:
         args.peak_tbps = 4.3 if "H200" in device_name(device) else 3.0
+    if args.hf_only:   # the transformers rows alone, on the workload this command's other runs send
+        a = preset_args(args.model)
+        reqs = workload(args.requests, args.prompt_len, args.output_len, a.vocab_size, args.seed)
+        res = {"command": " ".join(["python bench/serve.py", *sys.argv[1:]]), "device": device_name(device),
+               "model": args.model, "workload": {"requests": args.requests, "clients": args.clients,
+                                                 "prompt_len_uniform": args.prompt_len,
+                                                 "output_len_uniform": args.output_len, "seed": args.seed}}
+        res["transformers_generate"], res["transformers_generate_batch"] = hf_rows(a, reqs, args.clients, device)
+        path = out / f"serve_{args.model}_transformers.json"
+        path.write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: res[k] for k in ("transformers_generate", "transformers_generate_batch")}, indent=1))
+        print(f"\nwrote {path}")
+        return
     overrides = [f"model={args.model}", f"quant={args.quant}", f"device={device}",
                  f"serve.max_batch_size={args.clients}", "serve.session_len=4096", *(FAST_BUILD if args.set is None else args.set),
                  *([f"serve.schedule={args.schedule}"] if args.schedule else [])]
@@ -637,8 +678,9 @@ def main() -> None:
             res["prefix_ttft_p50_off_over_on_light"] = (res["prefix_off_light"]["ttft_ms"][50]
                                                         / res["prefix_on_light"]["ttft_ms"][50])
         save()
+    from pipeline.workspace import config_args
     res["transformers_generate"], res["transformers_generate_batch"] = (None, None) if args.no_hf else \
-        hf_rows(ws, reqs, args.clients, device)
+        hf_rows(config_args(cfg), reqs, args.clients, device)
     save()
     print(f"\nwrote {path}")
     table(res)

@@ -71,6 +71,18 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     static, cb = res["transformers_generate"], res["transformers_generate_batch"]
     assert "error" not in static and "error" not in cb, (static, cb)
     assert cb["output_tokens"] == cb["generated_tokens"] == b["output_tokens"]   # each to its own max_new_tokens
+    # the wall: first request sent -> last token received, within the wall to the client processes' exit
+    for run in (b, res["engine_batch1"], on, off):
+        assert 0 < run["wall_s"] <= run["wall_s_to_client_exit"]
+        assert run["output_tokens_per_s"] == pytest.approx(run["output_tokens"] / run["wall_s"])
+
+    # the transformers rows alone (a device call of their own): the same requests, no server or workspace
+    cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--hf-only", "--device", "cpu",
+           "--clients", "2", "--requests", "4", "--prompt-len", "8:16", "--output-len", "4:8", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    alone = json.loads((tmp_path / "serve_tiny-random_transformers.json").read_text())
+    assert alone["transformers_generate_batch"]["output_tokens"] == b["output_tokens"]
 
 
 def test_roofline_of_the_default_gpu_workload_matches_the_issue_estimate(bench):
