@@ -75,7 +75,7 @@ def point(eng, B: int, C: int, bw: float, wb: int, kvb: float, steps: int = 50) 
 def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int = 128, only: str | None = None,
                     rounds: int = 3) -> dict:
     """One layer's int8 (static) decode attention at batch B, context C (distinct blocks): the launcher's default
-    (MMA kernel), the CUDA-core kernel's default, both without the inline-PTX int8 conversion (`_noasm`), and other
+    (MMA kernel), the CUDA-core kernel's default, both with the inline-PTX int8 conversion (`_asm`), and other
     splits / tile lengths / warps / stages; `only`: a comma list of variant names. Timing: per variant a CUDA graph
     of 20 launches, replayed 5 times per round, `rounds` rounds with the variants in turn (so drift hits each
     alike); us per call (the median round) and x the KV floor, plus each round's us."""
@@ -90,8 +90,8 @@ def attention_sweep(B: int, C: int, bw: float, bs: int = 64, H: int = 32, D: int
     floor_us = 2 * B * C * H * D / bw * 1e6
     ctx_bucket = 1 << max(8, (C - 1).bit_length())
     out = {"batch": B, "context": C, "kv_floor_us": round(floor_us, 2), "rounds": rounds}
-    variants = {"default": {}, "fma_default": dict(variant="fma"), "default_noasm": dict(asm=False),
-                "fma_default_noasm": dict(variant="fma", asm=False)}
+    variants = {"default": {}, "fma_default": dict(variant="fma"), "default_asm": dict(asm=True),
+                "fma_default_asm": dict(variant="fma", asm=True)}
     for ns in (1, 2, 3, 4, 6):
         for bn in (64, 128):
             for nw, st in ((4, 2), (4, 3), (8, 2)):
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--attention-sweep", default=None, help="BxC points (e.g. 32x672,8x672): only sweep one layer's "
                     "int8 decode attention launch settings there")
     ap.add_argument("--sweep-variants", default=None, help="only these sweep variants (comma list), e.g. "
-                    "default,default_noasm,fma_default,fma_default_noasm")
+                    "default,default_asm,fma_default,fma_default_asm")
     a = ap.parse_args()
     pts = [tuple(int(v) for v in p.split("x")) for p in a.points.split(",")]
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -160,7 +160,8 @@ def test_gpu_fma_variant_real_sizes(dtype, kv_mode, kv_bits, splits, block_n, wa
 def test_offline_sm90_fma_int8_codes_four_a_word():
     """The fma decode kernel's int8 codes become fp16 four a 32-bit word on a GPU (`_kv_i8`: xor, two byte
     permutes, two sub.f16x2): its main loop has at least 15% fewer instructions than with the per-code widen
-    (measured 344 against 454 for 32 keys x 128 dims), no spills."""
+    (measured 344 against 454 for 32 keys x 128 dims), no spills. Timed on an H100 it was 11-15% slower all the same
+    (bench/results/decode_profile_attn_h100_s17.json): off by default, PIPELINE_KV_I8_ASM=1."""
     from sm90_sass import measure
     on, off = measure("attn_fma", "1"), measure("attn_fma", "0")
     assert on["byte_prmt"] >= 1 and off["byte_prmt"] == 0 and not on["local"]

@@ -357,8 +357,9 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
             k_scale=None, k_zp=None, v_scale=None, v_zp=None, out=None, max_context_len=None,
             num_splits=None, block_n=None, num_warps=4, num_stages=2, waves=WAVES, variant="mma", asm=None):
     """variant "fma" (G = 1, 16-bit or static int8 KV; `fma_applies`): `_attn_decode_g1_kernel`, no MMA.
-    asm: int8 codes four a word by inline PTX (`_kv_codes`); default on a GPU unless PIPELINE_KV_I8_ASM=0 (for a
-    serving A/B; bench/decode_profile.py times both per kernel)."""
+    asm: int8 codes four a word by inline PTX (`_kv_codes`); default off, PIPELINE_KV_I8_ASM=1 turns it on (a GPU
+    only). Timed on an H100 (bench/decode_profile.py, 2026-12-07) it made both kernels slower alone (MMA 3%, CUDA-core
+    11-15%) and changed nothing in serving (decode steps 3891 with it, 3885 / 3880 without)."""
     params = {"k_scale": k_scale, "k_zp": k_zp, "v_scale": v_scale, "v_zp": v_zp}
     _check(q, k_cache, v_cache, block_tables, context_lens, kv_mode, kv_bits, params)
     if q.stride(-1) != 1:
@@ -385,7 +386,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, kv_mode="non
     s_sb, s_sh = (ks.stride(0), ks.stride(1)) if kv_mode == "dynamic" else (0, 0)
     pdl = pdl_enabled(q.device)
     if asm is None:
-        asm = q.is_cuda and os.environ.get("PIPELINE_KV_I8_ASM", "1") != "0"
+        asm = q.is_cuda and os.environ.get("PIPELINE_KV_I8_ASM", "0") == "1"
     if variant == "fma":
         if not fma_applies(H, n_kv, kv_mode, kv_bits):
             raise ValueError(f"decode attention variant 'fma' takes one query head per KV head and 16-bit or static "
