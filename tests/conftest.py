@@ -55,6 +55,15 @@ def wikitext() -> dict:
     return {"test": SHARED_DATA / "test.txt", "valid": SHARED_DATA / "valid.txt"}
 
 
+def bench_script(name: str):
+    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(*overrides: str, cwd: Path = REPO, check: bool = True, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m pipeline.runner <overrides>` as a real process; returns the completed process."""

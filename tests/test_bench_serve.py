@@ -1,22 +1,19 @@
 """bench/serve.py end to end on the CPU (tiny model): the script a GPU call runs must work before the call.
 And its roofline model against the issue's estimate for the default GPU workload."""
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "bench" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("serve")
 
 
 @pytest.mark.slow   # a bench smoke run (21-35 s on 2 cores): the GPU script end to end on the tiny model

@@ -1,0 +1,38 @@
+"""bench/w4a16_ncu.py's reading of Nsight Compute's CSV (`--page details`), on a hand-written fixture in ncu's column
+layout (no GPU or ncu here): kernels kept apart, launches counted, values averaged, Duration in us, other metrics
+dropped, the lines ncu prints before its CSV skipped."""
+import pytest
+from conftest import bench_script
+
+HEAD = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",' \
+       '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+
+
+def row(i: int, kernel: str, metric: str, unit: str, value: str) -> str:
+    return f'"{i}","1","python3","h","{kernel}","1","7","(128, 1, 1)","(528, 1, 1)","0","9.0","S","{metric}","{unit}",' \
+           f'"{value}"'
+
+
+@pytest.fixture(scope="module")
+def ncu():
+    return bench_script("w4a16_ncu")
+
+
+def test_summary_of_a_details_csv(ncu):
+    text = "\n".join(["==PROF== Connected to process 1", HEAD,
+                      row(0, "_silu_mul_kernel", "Duration", "nsecond", "2,500"),
+                      row(1, "_w4a16_swap_kernel", "Duration", "usecond", "20.0"),
+                      row(1, "_w4a16_swap_kernel", "DRAM Throughput", "%", "40"),
+                      row(1, "_w4a16_swap_kernel", "Registers Per Thread", "register/thread", "128"),
+                      row(1, "_w4a16_swap_kernel", "SM Frequency", "cycle/nsecond", "1.75"),
+                      row(2, "_silu_mul_kernel", "Duration", "nsecond", "3,500"),
+                      row(3, "_w4a16_swap_kernel", "Duration", "usecond", "22.0"),
+                      row(3, "_w4a16_swap_kernel", "DRAM Throughput", "%", "44"),
+                      row(3, "_w4a16_swap_kernel", "Registers Per Thread", "register/thread", "128")])
+    s = ncu.summarize(text)
+    assert list(s) == ["_silu_mul_kernel", "_w4a16_swap_kernel"]
+    assert s["_silu_mul_kernel"] == {"launches": 2, "Duration (us)": 3.0}
+    assert s["_w4a16_swap_kernel"] == {"launches": 2, "Duration (us)": 21.0, "DRAM Throughput (%)": 42.0,
+                                       "Registers Per Thread (register/thread)": 128.0}
+    with pytest.raises(ValueError, match="no ncu CSV header"):
+        ncu.summarize("==ERROR== ERR_NVGPUCTRPERM")
