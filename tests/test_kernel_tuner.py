@@ -51,6 +51,32 @@ def test_picks_fastest_once_per_key_and_records_failures():
     assert t.record(("other",)) == (None, {})
 
 
+def test_threads_launch_every_candidate_before_the_serial_timing(monkeypatch):
+    """PIPELINE_TUNE_THREADS=N: every candidate is launched once from worker threads (their compiles overlap), then
+    checked and timed one by one in the caller's thread as without it; the same pick. A launch that tunes a nested
+    call (the unfused SwiGLU's plain GEMM) takes that call's default in a worker: nothing is timed beside others."""
+    import threading
+    monkeypatch.setenv("PIPELINE_TUNE_THREADS", "3")
+    main, launched = threading.get_ident(), []
+    timer, calls = fake_timer({"a": 2.0, "b": 1.0, "c": None, "d": 3.0})
+    inner = Tuner("TEST_INNER", timer=fake_timer({"x": 1.0, "y": 0.5})[0])
+    nested = []
+
+    def launch(name):
+        launched.append((name, threading.get_ident()))
+        if name == "d":   # a candidate whose launch tunes another call
+            nested.append(inner.choose(("inner",), ("x", "y"), lambda n: n, default="x", device="cpu"))
+        return name
+    t = Tuner("TEST_TUNE", timer=timer)
+    assert t.choose(("k",), ("a", "b", "c", "d"), launch, default="a", device="cpu") == "b"
+    workers = [n for n, tid in launched if tid != main]
+    assert sorted(workers) == ["a", "b", "c", "d"] and calls == ["a", "b", "c", "d"]
+    assert nested[0] == "x" and nested[-1] == "y"      # default in the worker; tuned in the serial pass
+    monkeypatch.setenv("PIPELINE_TUNE_THREADS", "many")
+    with pytest.raises(ValueError, match="PIPELINE_TUNE_THREADS='many'"):
+        Tuner("TEST_TUNE2", timer=timer).choose(("k",), ("a", "b"), launch, default="a", device="cpu")
+
+
 def test_env_switch_returns_default_without_timing(monkeypatch):
     timer, calls = fake_timer({"a": 2.0, "b": 1.0})
     t = Tuner("TEST_TUNE", timer=timer)

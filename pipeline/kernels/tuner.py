@@ -213,6 +213,45 @@ def _check_output(name: str, out, ref: torch.Tensor) -> None:
         raise ValueError(f"{name}: output differs from the default config's (relative error {err:.2e})")
 
 
+_local = threading.local()   # precompiling: this thread is one of precompile()'s
+
+
+def tune_threads() -> int:
+    """PIPELINE_TUNE_THREADS=N (default 0: off): candidates launched once by N threads before the timing, so their
+    compiles overlap (Triton's compile releases the GIL for much of its work: 12 sm_90 compiles took 2.7 instead of
+    4.1 s on two threads of a 2-core CPU); the timing itself stays serial."""
+    v = os.environ.get("PIPELINE_TUNE_THREADS", "0")
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"PIPELINE_TUNE_THREADS={v!r} is not a whole number of threads") from None
+    return max(0, n)
+
+
+def precompile(names: tuple, launch: Callable[[str], object], device) -> None:
+    """Launch every candidate once from tune_threads() threads (none: nothing), each on the caller's CUDA stream, and
+    wait: what a candidate needs compiled is then cached for the serial checks and timing. Errors are dropped here
+    (the serial pass records them)."""
+    n = min(tune_threads(), len(names))
+    if n <= 1:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    cuda = torch.device(device).type == "cuda"
+    stream = torch.cuda.current_stream(device) if cuda else None
+
+    def one(name: str) -> None:
+        _local.precompiling = True   # a launch that tunes a nested call takes its default here (choose)
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                launch(name)
+        except Exception:  # noqa: BLE001 - recorded by the serial pass
+            pass
+    with ThreadPoolExecutor(n, thread_name_prefix="tune-compile") as ex:
+        list(ex.map(one, names))
+    if cuda:
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------------------------- tuner
 TUNERS: list["Tuner"] = []   # every tuner made in this process (engine start-up reports: tuning_summary)
 
@@ -260,8 +299,11 @@ class Tuner:
                 return saved["config"]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return default
+        if getattr(_local, "precompiling", False):   # never time beside other threads' launches
+            return default
         times = {}
         ref = _reference(launch, default)
+        precompile(names, launch, device)
         for name in names:
             try:
                 if ref is not None and name != default:
