@@ -13,7 +13,8 @@ keeping one request in flight. Per request: TTFT (send -> first token) and ITL (
 from stream_options.continuous_usage_stats: one SSE chunk per engine step, with its token count). A run's wall
 (output tok/s = its tokens / wall): the first request sent -> the last token received (`wall_s`; until session
 16 the wall also held the client processes' wake-up after the go signal and their exit, kept as
-`wall_s_to_client_exit`).
+`wall_s_to_client_exit`). Each client process opens its connections and streams one 3-token request before the
+clock (and before the engine counters are read): a fresh process's first request spent 13-30 ms more in the client.
 The warm-up (4 requests) and batch-1 (--batch1) requests come from the same distributions but are other
 prompts than the batched run's: prefix caching is on, and a prompt sent again would hit the cache.
 The workspace is built by the pipeline (quant.search/clip off and a small calibration set by default:
@@ -175,11 +176,18 @@ def cache_delta(h0: dict, h1: dict):
             "evictions": b.get("evictions", 0) - a.get("evictions", 0), "cached_blocks": b.get("cached_blocks")}
 
 
-async def _clients(url: str, model: str, reqs: list[dict], take, clients: int, put) -> None:
+async def _clients(url: str, model: str, reqs: list[dict], take, clients: int, put, ready=None) -> None:
     """`clients` closed-loop streaming clients: each sends reqs[take()] until take() gives None; each result
-    goes to put(result)."""
+    goes to put(result). First the client is warmed (its `clients` connections opened, its streaming path run once
+    on a 3-token prompt: a fresh process's first request took 13-30 ms longer to its first token than its second
+    on a 2-core CPU, which is the client's time, not the server's), then `await ready()` (if given)."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+        await asyncio.gather(*(c.get("/health") for _ in range(clients)))
+        await one_request(c, model, {"prompt": [1, 2, 3], "max_tokens": 1})
+        if ready is not None:
+            await ready()
+
         async def client():
             while (i := take()) is not None:
                 put({**await one_request(c, model, reqs[i]), "sent": i})
@@ -197,10 +205,12 @@ def _taker(counter, n: int):
 
 
 def _client_proc(url: str, model: str, reqs: list[dict], counter, done, clients: int, ready, go) -> None:
-    """A client process (spawned): signals ready, waits for go, then runs its share of the clients."""
-    ready.set()
-    go.wait()
-    asyncio.run(_clients(url, model, reqs, _taker(counter, len(reqs)), clients, done.put))
+    """A client process (spawned): warms its client, signals ready, waits for go, then runs its share of the
+    clients."""
+    async def start() -> None:
+        ready.set()
+        await asyncio.to_thread(go.wait)
+    asyncio.run(_clients(url, model, reqs, _taker(counter, len(reqs)), clients, done.put, start))
     done.put(None)
 
 
@@ -224,8 +234,20 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
             while True:
                 running.append((await c.get("/health")).json()["running"])
                 await asyncio.sleep(0.25)
-        h0 = (await c.get("/health")).json()
-        if procs > 1:
+        await one_request(c, model, {"prompt": [1, 2, 3], "max_tokens": 1})   # warm (`_clients`), off the counters
+        clock: dict = {}
+
+        async def begin() -> None:
+            """The clients are warm: the engine's counters now, the clock, the lead requests one by one."""
+            clock["h0"] = (await c.get("/health")).json()
+            clock["sampler"] = asyncio.ensure_future(sample_batch())
+            clock["t0"] = time.perf_counter()
+            for i in range(lead):
+                results.append({**await one_request(c, model, reqs[i]), "sent": i})
+        if procs == 1:
+            nxt = iter(range(lead, len(reqs)))
+            await _clients(url, model, reqs, lambda: next(nxt, None), clients, results.append, begin)
+        else:
             mp = multiprocessing.get_context("spawn")
             counter, done, go = mp.Value("l", lead), mp.Queue(), mp.Event()
             ready = [mp.Event() for _ in range(procs)]
@@ -237,14 +259,7 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
                 w.start()
             if not all(await asyncio.to_thread(lambda: [e.wait(120) for e in ready])):
                 raise RuntimeError("bench client processes did not start within 120 s")
-        sampler = asyncio.ensure_future(sample_batch())
-        t0 = time.perf_counter()
-        for i in range(lead):
-            results.append({**await one_request(c, model, reqs[i]), "sent": i})
-        if procs == 1:
-            nxt = iter(range(lead, len(reqs)))
-            await _clients(url, model, reqs, lambda: next(nxt, None), clients, results.append)
-        else:
+            await begin()
             go.set()
             left = procs
             while left:
@@ -262,6 +277,7 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
                     results.append(r)
             for w in workers:
                 w.join(10)
+        h0, sampler, t0 = clock["h0"], clock["sampler"], clock["t0"]
         wall_procs = time.perf_counter() - t0   # to the client processes' exit
         wall = serving_span(results) or wall_procs
         sampler.cancel()
