@@ -30,6 +30,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def env_count(name: str, default: int) -> int:
+    """A whole, non-negative count from the environment variable `name` (default when unset); a ValueError naming
+    the variable for anything else."""
+    v = os.environ.get(name, str(default))
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"{name}={v!r} is not a whole number") from None
+    if n < 0:
+        raise ValueError(f"{name}={v!r} is negative")
+    return n
+
+
 def next_pow2(n: int) -> int:
     """Host-side smallest power of two >= n (n >= 1), for block sizes (triton.next_power_of_2 costs ~3 us a call on
     the host through the same wrapper)."""

@@ -40,6 +40,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .dispatch import env_count
+
 log = logging.getLogger(__name__)
 _flush: dict[str, torch.Tensor] = {}
 FORMAT = 1
@@ -220,12 +222,7 @@ def tune_threads() -> int:
     """PIPELINE_TUNE_THREADS=N (default 0: off): candidates launched once by N threads before the timing, so their
     compiles overlap (Triton's compile releases the GIL for much of its work: 12 sm_90 compiles took 2.7 instead of
     4.1 s on two threads of a 2-core CPU); the timing itself stays serial."""
-    v = os.environ.get("PIPELINE_TUNE_THREADS", "0")
-    try:
-        n = int(v)
-    except ValueError:
-        raise ValueError(f"PIPELINE_TUNE_THREADS={v!r} is not a whole number of threads") from None
-    return max(0, n)
+    return env_count("PIPELINE_TUNE_THREADS", 0)
 
 
 def precompile(names: tuple, launch: Callable[[str], object], device) -> None:
