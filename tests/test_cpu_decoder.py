@@ -75,26 +75,6 @@ def test_fused_decode_is_bit_for_bit_the_per_op_loop(monkeypatch, tiny, n_prompt
     r.fused = fused
 
 
-@pytest.mark.parametrize("n_prompts,split,kv", [(3, 1, "int8"), (8, 4, "int8"), (8, 4, "int4"), (6, 2, "bf16")])
-def test_rows_split_between_threads_are_bit_for_bit_the_per_op_loop(monkeypatch, tiny, n_prompts, split, kv):  # noqa: F811
-    """PIPELINE_CPU_ROW_SPLIT: with two threads each taking its own rows of the step through every layer (no pool job
-    per op), the logits are still those of the per-op loop bit for bit (3 rows split 2 + 1, 8 as 4 + 4, 6 as 3 + 3)."""
-    for k, v in {"PIPELINE_CPU_KERNEL_THREAD_ROWS": "1", "PIPELINE_CPU_KERNEL_THREADS": "2",
-                 "PIPELINE_CPU_ROW_SPLIT": str(split)}.items():
-        monkeypatch.setenv(k, v)
-    eng = native(monkeypatch, tiny, {**KINDS[kv], "max_batch_size": 8})
-    r = eng.runner
-    assert r.fused is not None and (r.fused.row_split, r.fused.threads) == (split, 2)
-    prompts = [PROMPTS[i % len(PROMPTS)] + [7 + i] * (i % 3) for i in range(n_prompts)]   # ragged contexts
-    fused = r.fused
-    got_tokens, got = decode_logits(eng, prompts)
-    r.fused = None
-    want_tokens, want = decode_logits(eng, prompts)
-    r.fused = fused
-    assert got_tokens == want_tokens and len(got) == len(want) == GREEDY.max_new_tokens - 1
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-
-
 @pytest.mark.parametrize("overrides,env,dtype", [
     ({"quant_policy": 4, "kv_mode": "dynamic"}, {}, "bf16"), ({"quant_policy": 8, "kv_mode": "dynamic"}, {}, "bf16"),
     ({"quant_policy": 0}, {}, "fp32"),

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 
 from . import cpu_linear
-from .dispatch import env_count
 from .cpu_attn import _Step
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -36,7 +35,7 @@ class _Layer(ctypes.Structure):
 class _Args(ctypes.Structure):
     _fields_ = [("cos", _P), ("sin", _P), ("slots", _P), ("st", ctypes.POINTER(_Step)), ("scratch", _P)] + [
         (n, _I) for n in ("T", "D", "nh", "nkv", "hd", "F", "terms", "threads", "lo", "hi", "kv_kind")] + [
-        ("eps", ctypes.c_float), ("row_split", _I)]
+        ("eps", ctypes.c_float)]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -50,15 +49,6 @@ def library() -> Optional[ctypes.CDLL]:
 
 def enabled() -> bool:
     return os.environ.get("PIPELINE_CPU_FUSED", "1") != "0"
-
-
-def row_split() -> int:
-    """PIPELINE_CPU_ROW_SPLIT: rows a thread takes at least when a step's rows are split between the threads, each
-    thread running its rows through every layer alone (0: never; then every op splits its own work). Default 4, the
-    int4 kernel's rows per pass: on the 2-core VM of bench/cpu.py a step of 8 rows took ~9 ms on two processes of 4
-    rows and one thread each (no slowdown beside each other) against 12.9 ms for 8 rows with every op on two threads
-    (18.5 on one)."""
-    return env_count("PIPELINE_CPU_ROW_SPLIT", 4)
 
 
 def _int4(w) -> Optional[cpu_linear.Int4CPU]:
@@ -79,7 +69,6 @@ class FusedDecoder:
         self.max_rows = min(getattr(w, "rows", 1 << 30) for L in runner.layers for w in (L.w_qkv, L.wo, L.w13, L.w2))
         self.eps, (self.lo, self.hi) = float(a.norm_eps), runner.qrange or (0, 0)
         self.kv_kind = cpu_linear.KV_KINDS[runner.kv_rows[0].dtype]
-        self.row_split = row_split()
         self._keep, layers = [], []
         for l, (L, (qkv, wo, w13, w2)) in enumerate(zip(runner.layers, lins)):
             biases = [None if b is None else b.float().contiguous() for b in (L.b_qkv, L.b_o)]   # as the loop adds them
@@ -124,8 +113,7 @@ class FusedDecoder:
         x = torch.empty(T, self.D, dtype=torch.float32)
         args = _Args(cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), ctypes.pointer(step), self._scratch.data_ptr(),
                      T, self.D, self.nh, self.nkv, self.hd, self.F, self.terms,
-                     self.threads if T >= self.thread_rows else 1, self.lo, self.hi, self.kv_kind, self.eps,
-                     self.row_split)
+                     self.threads if T >= self.thread_rows else 1, self.lo, self.hi, self.kv_kind, self.eps)
         if self._fn(ctypes.byref(args), self.layers, len(self.layers), res.data_ptr(), x.data_ptr()):
             raise MemoryError(f"decoder_cpu: no scratch memory for {T} x {self.D} activations")
         return x

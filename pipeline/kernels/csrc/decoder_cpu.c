@@ -34,7 +34,6 @@ typedef struct {                  /* a step's arguments (cpu_decoder.py `_Args`)
     float *scratch;               /* decoder_cpu_scratch(...) floats */
     int T, D, nh, nkv, hd, F, terms, threads, lo, hi, kv_kind;
     float eps;
-    int row_split;                /* > 0: with threads > 1 and T >= 2 * row_split, each thread takes its own rows */
 } dec_args;
 
 /* Floats of scratch a step of T rows needs. */
@@ -51,59 +50,23 @@ static int dec_linear_run(const dec_linear *L, const float *x, float *y, int T, 
     return rc;
 }
 
-/* Rows r0..r1-1 of the step through the n layers, each op on `threads` threads: every op works row by row, so a row
- * range reads and writes only its rows of res, x, the scratch arrays and the attention's tables. */
-static int decoder_rows(const dec_args *a, const dec_layer *layers, int n, float *res, float *x, int r0, int r1,
-                        int threads) {
-    int T = a->T, D = a->D, H = a->nh + 2 * a->nkv, hd = a->hd, R = r1 - r0;
+/* Runs n layers over the step: res (T, D), the embeddings, updated in place (the residual stream); x (T, D): out,
+ * the last layer's MLP output. Returns 0, or -1 when out of scratch memory. */
+int decoder_cpu(const dec_args *a, const dec_layer *layers, int n, float *res, float *x) {
+    int T = a->T, D = a->D, H = a->nh + 2 * a->nkv, hd = a->hd;
     float *h = a->scratch, *y = h + (size_t)T * D, *qkv = y + (size_t)T * D, *o = qkv + (size_t)T * H * hd,
           *gu = o + (size_t)T * a->nh * hd;
-    h += (size_t)r0 * D, y += (size_t)r0 * D, qkv += (size_t)r0 * H * hd, o += (size_t)r0 * a->nh * hd;
-    gu += (size_t)r0 * 2 * a->F, res += (size_t)r0 * D, x += (size_t)r0 * D;
-    const float *cos = a->cos + (size_t)r0 * hd, *sin = a->sin + (size_t)r0 * hd;
-    attn_step st = *a->st;
-    st.bt += (size_t)r0 * st.max_blocks, st.ctx += r0, st.B = R, st.threads = threads;
     for (int l = 0; l < n; l++) {
         const dec_layer *L = layers + l;
-        rmsnorm_cpu(res, l ? x : NULL, L->attn_norm, h, R, D, a->eps);
-        if (dec_linear_run(&L->qkv, h, qkv, R, a->terms, threads, 0)) return -1;
-        rope_kv_cpu(qkv, cos, sin, R, a->nh, a->nkv, hd, L->kv_rows, a->slots + r0, L->kv_scale, L->kv_zp, a->lo,
+        rmsnorm_cpu(res, l ? x : NULL, L->attn_norm, h, T, D, a->eps);
+        if (dec_linear_run(&L->qkv, h, qkv, T, a->terms, a->threads, 0)) return -1;
+        rope_kv_cpu(qkv, a->cos, a->sin, T, a->nh, a->nkv, hd, L->kv_rows, a->slots, L->kv_scale, L->kv_zp, a->lo,
                     a->hi, a->kv_kind);
-        attn_cpu_decode(qkv, (long)H * hd, L->kv_rows, L->kv_scale, L->kv_zp, o, &st);
-        if (dec_linear_run(&L->wo, o, y, R, a->terms, threads, 0)) return -1;
-        rmsnorm_cpu(res, y, L->ffn_norm, h, R, D, a->eps);
-        if (dec_linear_run(&L->w13, h, gu, R, a->terms, threads, 0)) return -1;
-        if (dec_linear_run(&L->w2, gu, x, R, a->terms, threads, 1)) return -1;
+        attn_cpu_decode(qkv, (long)H * hd, L->kv_rows, L->kv_scale, L->kv_zp, o, a->st);
+        if (dec_linear_run(&L->wo, o, y, T, a->terms, a->threads, 0)) return -1;
+        rmsnorm_cpu(res, y, L->ffn_norm, h, T, D, a->eps);
+        if (dec_linear_run(&L->w13, h, gu, T, a->terms, a->threads, 0)) return -1;
+        if (dec_linear_run(&L->w2, gu, x, T, a->terms, a->threads, 1)) return -1;
     }
     return 0;
-}
-
-typedef struct {                  /* decoder_cpu split by rows: pool_run's chunks */
-    const dec_args *a;
-    const dec_layer *layers;
-    int n, per;
-    float *res, *x;
-    atomic_int failed;
-} dec_job;
-
-static void dec_chunk(void *arg, int c) {
-    dec_job *j = (dec_job *)arg;
-    int r0 = c * j->per, r1 = r0 + j->per < j->a->T ? r0 + j->per : j->a->T;
-    if (decoder_rows(j->a, j->layers, j->n, j->res, j->x, r0, r1, 1)) atomic_store(&j->failed, 1);
-}
-
-/* Runs n layers over the step: res (T, D), the embeddings, updated in place (the residual stream); x (T, D): out,
- * the last layer's MLP output. Returns 0, or -1 when out of scratch memory. With threads > 1 and at least
- * 2 * row_split rows, each of up to `threads` threads takes T / threads rows through every layer with no
- * synchronization between ops (the weights it streams are the other thread's too, read from the shared cache);
- * else every op splits its own work across the threads (one pool job each: ~8 a layer). The same bits either way:
- * every op computes each row on its own. */
-int decoder_cpu(const dec_args *a, const dec_layer *layers, int n, float *res, float *x) {
-    int chunks = a->row_split > 0 ? a->T / a->row_split : 1;
-    if (chunks > a->threads) chunks = a->threads;
-    if (a->threads <= 1 || chunks < 2)
-        return decoder_rows(a, layers, n, res, x, 0, a->T, a->threads);
-    dec_job job = {a, layers, n, (a->T + chunks - 1) / chunks, res, x, 0};
-    pool_run(dec_chunk, &job, chunks, chunks);
-    return atomic_load(&job.failed) ? -1 : 0;
 }

@@ -105,8 +105,7 @@ static void pool_after_fork_child(void) {
 /* Runs fn over nchunks chunks on up to `threads` threads; one caller at a time (the engine's step thread). */
 static void pool_run(pool_fn fn, void *arg, int nchunks, int threads) {
     if (threads > POOL_MAX) threads = POOL_MAX;
-    if (threads > 1 && nchunks > 1 && pool.backoff > 0) {   /* single-threaded calls (a pool chunk's own) never
-                                                              * touch the pool's state */
+    if (pool.backoff > 0) {
         pool.backoff--;
         threads = 1;
     }
