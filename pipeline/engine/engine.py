@@ -363,7 +363,8 @@ class Engine:
                     kv_capacity_tokens=self.blocks.num_blocks * self.block_size, max_batch_size=self.max_batch_size,
                     session_len=self.session_len, quant_policy=self.quant_policy, weight_type=self.weight_type,
                     model_name=self.model_name, kv_mode=self.runner.kv_mode, device=str(self.runner.device),
-                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device), steps={**self.steps, **self.timeline.counters()},
+                    tp=getattr(self.runner, "tp", 1), pdl=pdl.enabled(self.runner.device),
+                    steps={**self.steps, **self.timeline.counters()},
                     prefix_cache=self._prefix_cache_stats(), startup=dict(self.startup), latency=dict(self.latency))
 
     def _prefix_cache_stats(self) -> dict:
