@@ -25,7 +25,7 @@ import torch
 
 class DeviceTimeline:
     def __init__(self, device: torch.device):
-        self.on = device.type == "cuda"
+        self.on, self.device = device.type == "cuda", device
         self.busy_s = self.gap_s = 0.0
         self.gaps = 0
         self._pending: deque = deque()          # (begin, end, chained) events not yet known to have run
@@ -35,7 +35,7 @@ class DeviceTimeline:
 
     def _record(self) -> "torch.cuda.Event":
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
+        ev.record(torch.cuda.current_stream(self.device))   # the engine's device, whichever is current
         return ev
 
     def begin(self) -> None:
