@@ -156,14 +156,16 @@ async def one_request(c: httpx.AsyncClient, model: str, req: dict) -> dict:
 
 def server_latency(h0: dict, h1: dict):
     """Mean ms over a run, from /health's counters (None where the server has none): the front end's arrival ->
-    engine submit and arrival -> first token's event; the engine's submit -> admitted and submit -> first token."""
+    engine submit and arrival -> first token's event; the engine's submit -> admitted and submit -> first token; the
+    engine process's pickup of a request (front end's send -> taken, between steps)."""
     (f0, e0), (f1, e1) = ((h.get("frontend_latency"), h.get("latency")) for h in (h0, h1))
     if not (f0 and f1 and e0 and e1):
         return None
     mean = lambda a, b, k, n: 1e3 * (b[k] - a[k]) / (b[n] - a[n]) if b[n] > a[n] else None  # noqa: E731
     return {"frontend_submit": mean(f0, f1, "submit_s", "streams"),
             "frontend_ttft": mean(f0, f1, "ttft_s", "first_chunks"), "engine_queue": mean(e0, e1, "queue_s", "admitted"),
-            "engine_ttft": mean(e0, e1, "ttft_s", "first_tokens")}
+            "engine_ttft": mean(e0, e1, "ttft_s", "first_tokens"),
+            "engine_pickup": mean(e0, e1, "pickup_s", "picked") if "picked" in e0 else None}
 
 
 def cache_delta(h0: dict, h1: dict):
@@ -862,14 +864,15 @@ def table(r: dict) -> None:
             print(f"  the same workload at {lon['clients']} clients: TTFT p50 on {lon['ttft_ms'][50]:.0f} ms, off "
                   f"{loff['ttft_ms'][50]:.0f} ms = {r['prefix_ttft_p50_off_over_on_light']:.2f}x; output tok/s on "
                   f"{lon['output_tokens_per_s']:.1f}, off {loff['output_tokens_per_s']:.1f}")
-    print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued):")
+    print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued; "
+          "the engine process's pickup of a request, between steps):")
     for name, x in rows:
         lat = x.get("server_latency_ms")
         if lat and x.get("ttft_ms_mean") is not None:
             f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
             cpu = x.get("frontend_cpu_us_per_token")
             print(f"  {name:<38} {x['ttft_ms_mean']:.1f} | {f(lat['frontend_ttft'])} (submit {f(lat['frontend_submit'])}) | "
-                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])})"
+                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])}; pickup {f(lat.get('engine_pickup'))})"
                   + ("" if cpu is None else f"; front end CPU {cpu:.0f} us a streamed token"))
     for label, wall, parts in (("first start", r["startup_s"], r.get("startup")),
                                ("second start", r.get("prefix_off_startup_s"), r.get("prefix_off_startup"))):

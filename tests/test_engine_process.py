@@ -57,7 +57,10 @@ def test_same_tokens_and_text_as_in_process(client, local):
     outs = list(client.submit(PROMPTS[1], SamplingParams(max_new_tokens=20, stop=[stop])))
     assert outs[-1].finished and outs[-1].finish_reason == "stop"
     assert "".join(o.text for o in outs) == text[:text.index(stop)]
-    assert wait_idle(client)["engine_pid"] == client.proc.pid   # the stop string cancelled it in the core
+    st = wait_idle(client)
+    assert st["engine_pid"] == client.proc.pid   # the stop string cancelled it in the core
+    lat = st["latency"]   # the core's pickup of each request (front end's send -> taken between steps)
+    assert lat["picked"] >= 2 * len(PROMPTS) + 1 and 0 <= lat["pickup_s"] / lat["picked"] < 5.0
 
 
 def wait_idle(client, timeout: float = 10) -> dict:

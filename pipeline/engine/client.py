@@ -160,7 +160,7 @@ class EngineClient:
         core_params = dataclasses.asdict(params)
         core_params["stop"] = []                     # checked here, on the text
         try:
-            self._send(["add", rid, prompt, core_params])
+            self._send(["add", rid, prompt, core_params, time.perf_counter()])
         except BaseException:
             self._handles.pop(rid, None)
             raise

@@ -9,8 +9,10 @@ with the thread issuing kernel launches, and under 32 clients each launch took ~
 thread. Here the process does nothing but schedule and step; text lives in the front end.
 
 Protocol (msgpack over PUSH/PULL sockets; the front end binds both, this process connects):
-  front -> core   ["add", rid, prompt_ids, params]   params: SamplingParams fields (stop strings stay in
-                                                     the front end, which cancels a request that hits one)
+  front -> core   ["add", rid, prompt_ids, params, t_sent]   params: SamplingParams fields (stop strings stay
+                                                     in the front end, which cancels a request that hits one);
+                                                     t_sent: the front end's time.perf_counter() (one clock for
+                                                     both processes on Linux) for the pickup wait below
                   ["cancel", [rid, ...]]  ["stats", token]  ["stop"]
   core -> front   ["ready", stats]        once the engine is built and warmed up
                   ["out", [[rid, token_ids, finished, reason, error, n_prompt, n_generated, logprobs,
@@ -62,6 +64,9 @@ class Core:
         self.pending: list = []                      # outputs of the current step, sent together
         self.busy_since = 0.0                        # monotonic start of the step in progress (0: idle)
         self.stopping = False
+        # requests' wait from the front end's send to this process taking them (it does so between steps): seconds
+        # summed over `picked`, in stats()["latency"] beside the engine's own (submit -> admitted, -> first token)
+        self.pickup = {"picked": 0, "pickup_s": 0.0}
         engine.detokenize = False
         engine.handle_factory = lambda eng, rid: _Sink(self.pending, rid)
         engine.on_step = self.tick
@@ -77,7 +82,10 @@ class Core:
     def handle(self, msg) -> None:
         op = msg[0]
         if op == "add":
-            _, rid, prompt, params = msg
+            _, rid, prompt, params, *sent = msg
+            if sent:
+                self.pickup["picked"] += 1
+                self.pickup["pickup_s"] += max(0.0, time.perf_counter() - sent[0])
             try:
                 self.engine.submit(prompt, SamplingParams(**params), request_id=rid)
             except (ValueError, TypeError) as e:     # the front end checks first; this is the last line
@@ -86,7 +94,9 @@ class Core:
             for rid in msg[1]:
                 self.engine.cancel(rid)
         elif op == "stats":
-            self.send(["stats", msg[1], self.engine.stats()])
+            st = self.engine.stats()
+            st["latency"] = {**st.get("latency", {}), **self.pickup}
+            self.send(["stats", msg[1], st])
         elif op == "stop":
             self.stopping = True
         else:
