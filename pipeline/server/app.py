@@ -236,51 +236,58 @@ class Server:
             return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
 
         handles = pending.handles
+        left, usage, echoed, firsts = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set(), set()
+
+        def events_of(i: int, out) -> list[str]:
+            """One output's SSE events (choice i); an exception or error output: the error event alone."""
+            nonlocal left
+            if isinstance(out, Exception) or out.finish_reason == "error":
+                self.counts["requests_failed"] += 1
+                msg = str(out) if isinstance(out, Exception) else out.error
+                return [sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())]
+            events = []
+            if echo is not None and i not in echoed:     # its first output (the prompt's logprobs come with it)
+                echoed.add(i)
+                head, lp = self.echo_prompt(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
+                events.append(sse(chunk(i, head, None, logprobs=lp)))
+            if out.token_ids and i not in firsts and t_arrival is not None:
+                firsts.add(i)
+                self.latency["first_chunks"] += 1
+                self.latency["ttft_s"] += time.perf_counter() - t_arrival
+            lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
+            deltas = replies[i].deltas(out.text) if chat else [None] * bool(out.text)
+            if (lps or (continuous and out.token_ids)) and not deltas:   # with usage: a chunk per step, text or not
+                deltas = [None]
+            for j, delta in enumerate(deltas):
+                ev = chunk(i, out.text, None, delta=delta, logprobs=lps if j == 0 else None)
+                if continuous:
+                    ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
+                                   "completion_tokens": out.num_generated_tokens,
+                                   "total_tokens": out.num_prompt_tokens + out.num_generated_tokens}
+                events.append(sse(ev))
+            if out.finished:
+                left -= 1
+                pending.finished(i, out.finish_reason)
+                usage["prompt_tokens"] += out.num_prompt_tokens if i % n == 0 else 0   # once a prompt
+                usage["completion_tokens"] += out.num_generated_tokens
+                reason = out.finish_reason
+                if chat:
+                    last, reason = replies[i].finish(reason)
+                    events += [sse(chunk(i, None, None, delta=delta)) for delta in last]
+                events.append(sse(chunk(i, None, reason)))
+            return events
+
         arrivals = _arrivals(handles)
         try:
             if chat:
                 yield "".join(sse(chunk(i, None, None, first=True)) for i in range(len(handles)))
-            left, usage, echoed, firsts = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set(), set()
-            failed = False
             async for batch in arrivals:     # what arrived since the last write: its events go out in one write
-                events = []
+                events, failed = [], False
                 for i, out in batch:
-                    if isinstance(out, Exception) or out.finish_reason == "error":
-                        msg = str(out) if isinstance(out, Exception) else out.error
-                        self.counts["requests_failed"] += 1
-                        events.append(sse(ApiError(500, f"generation failed: {msg}", type="server_error").body()))
-                        failed = True
+                    events += events_of(i, out)
+                    failed = isinstance(out, Exception) or out.finish_reason == "error"
+                    if failed:
                         break
-                    if echo is not None and i not in echoed:     # its first output (the prompt's logprobs with it)
-                        echoed.add(i)
-                        head, lp = self.echo_prompt(fmt, i, *echo[i // n],
-                                                    out.prompt_logprobs if echo_logprobs else None)
-                        events.append(sse(chunk(i, head, None, logprobs=lp)))
-                    if out.token_ids and i not in firsts and t_arrival is not None:
-                        firsts.add(i)
-                        self.latency["first_chunks"] += 1
-                        self.latency["ttft_s"] += time.perf_counter() - t_arrival
-                    lps = fmt.piece(i, out.token_ids, out.logprobs) if out.token_ids else None
-                    deltas = replies[i].deltas(out.text) if chat else [None] * bool(out.text)
-                    if (lps or (continuous and out.token_ids)) and not deltas:   # with usage: a chunk a step
-                        deltas = [None]
-                    for j, delta in enumerate(deltas):
-                        ev = chunk(i, out.text, None, delta=delta, logprobs=lps if j == 0 else None)
-                        if continuous:
-                            ev["usage"] = {"prompt_tokens": out.num_prompt_tokens,
-                                           "completion_tokens": out.num_generated_tokens,
-                                           "total_tokens": out.num_prompt_tokens + out.num_generated_tokens}
-                        events.append(sse(ev))
-                    if out.finished:
-                        left -= 1
-                        pending.finished(i, out.finish_reason)
-                        usage["prompt_tokens"] += out.num_prompt_tokens if i % n == 0 else 0   # once a prompt
-                        usage["completion_tokens"] += out.num_generated_tokens
-                        reason = out.finish_reason
-                        if chat:
-                            last, reason = replies[i].finish(reason)
-                            events.extend(sse(chunk(i, None, None, delta=delta)) for delta in last)
-                        events.append(sse(chunk(i, None, reason)))
                 if not failed and not left:
                     if include_usage:
                         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
