@@ -123,9 +123,10 @@ class Core:
     def run(self) -> None:
         e = self.engine
         while not self.stopping:
-            if not e.has_work():
+            idle = not e.has_work()
+            if idle:
                 e.timeline.pause()
-            self.drain(0 if e.has_work() else 50)
+            self.drain(50 if idle else 0)
             if self.stopping:
                 break
             if e.has_work():

@@ -238,13 +238,14 @@ class Server:
         handles = pending.handles
         left, usage, echoed, firsts = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set(), set()
 
-        def events_of(i: int, out) -> list[str]:
-            """One output's SSE events (choice i); an exception or error output: the error event alone."""
+        def events_of(i: int, out) -> tuple[list[str], bool]:
+            """One output's SSE events (choice i), and whether it failed (an exception or an error output: then the
+            error event alone)."""
             nonlocal left
             if isinstance(out, Exception) or out.finish_reason == "error":
                 self.counts["requests_failed"] += 1
                 msg = str(out) if isinstance(out, Exception) else out.error
-                return [sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())]
+                return [sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())], True
             events = []
             if echo is not None and i not in echoed:     # its first output (the prompt's logprobs come with it)
                 echoed.add(i)
@@ -275,7 +276,7 @@ class Server:
                     last, reason = replies[i].finish(reason)
                     events += [sse(chunk(i, None, None, delta=delta)) for delta in last]
                 events.append(sse(chunk(i, None, reason)))
-            return events
+            return events, False
 
         arrivals = _arrivals(handles)
         try:
@@ -284,8 +285,8 @@ class Server:
             async for batch in arrivals:     # what arrived since the last write: its events go out in one write
                 events, failed = [], False
                 for i, out in batch:
-                    events += events_of(i, out)
-                    failed = isinstance(out, Exception) or out.finish_reason == "error"
+                    more, failed = events_of(i, out)
+                    events += more
                     if failed:
                         break
                 if not failed and not left:

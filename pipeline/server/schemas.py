@@ -309,7 +309,7 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")):
+    if _SURROGATE_ESCAPE.search(raw):
         _check_strings(data)
     for name, check in {**IGNORED, **UNSUPPORTED}.items():
         if name in data:
