@@ -210,3 +210,33 @@ def test_a_forked_child_computes_without_the_parents_workers(isa):
     got = q.get(timeout=60)
     p.join(60)
     assert p.exitcode == 0 and torch.equal(torch.tensor(got), want)
+
+
+AMX = "avx512_amx" in ISAS
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX tile unit here (or the OS did not grant its state)")
+@pytest.mark.parametrize("N,K,g", [(48, 192, 64), (80, 512, 128), (64, 1536, 64)])
+@pytest.mark.parametrize("terms", [2, 1])
+def test_amx_tiles_give_the_vnni_bits(N, K, g, terms):
+    """The AMX path (M >= 4 by default; full chunks of 8 rows and a last one of M % 8) computes the same exact integer
+    dots as VNNI and the same float epilogue in the same order: equal bits, one or two threads."""
+    w = w4(N, K, g, seed=N + K)
+    vnni = Int4CPU(w, threads=1, isa="avx512_vnni", terms=terms)
+    amx1, amx2 = (Int4CPU(w, threads=t, isa="avx512_amx", terms=terms) for t in (1, 2))
+    for M in (1, 2, 7, 8, 9, 16, 21):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 3
+        want = vnni(x)
+        assert torch.equal(amx1(x), want) and torch.equal(amx2(x), want), M
+    gate_up = torch.randn(9, 2 * K) * 2
+    assert torch.equal(amx2.swiglu(gate_up), vnni.swiglu(gate_up))
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX tile unit here (or the OS did not grant its state)")
+@pytest.mark.parametrize("M", [2, 8, 13])
+def test_amx_int8_head_gives_the_vnni_bits(M):
+    gen = torch.Generator().manual_seed(M)
+    q, s = quantize_w8(torch.randn(224, 576, generator=gen))
+    x = torch.randn(M, 576, generator=gen) * 2
+    want = Int8CPU(q, s, threads=1, isa="avx512_vnni")(x)
+    assert torch.equal(Int8CPU(q, s, threads=2, isa="avx512_amx")(x), want)

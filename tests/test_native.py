@@ -122,7 +122,27 @@ def test_engine_native_greedy_equals_reference(monkeypatch, tiny, ws, qp, kv_mod
     ref, nat = engines(monkeypatch, tiny["root"] / ws, {"session_len": 256, "quant_policy": qp, "kv_mode": kv_mode,
                                                         "max_prefill_tokens": 16, "schedule": "fcfs"})
     assert nat.runner.kv_mode == ref.runner.kv_mode and nat.runner.kv_bits == ref.runner.kv_bits
-    assert nat.generate(PROMPTS, GREEDY) == ref.generate(PROMPTS, GREEDY)
+    if qp != 8:
+        assert nat.generate(PROMPTS, GREEDY) == ref.generate(PROMPTS, GREEDY)
+        return
+    # int4 KV: a code is 1/15 of a head's range, so the two paths' ~1e-5 differences in K and V round some values to
+    # neighbouring codes, and this random model's logprobs move by up to ~0.05 (on one Xeon, at main: 73 vs 147 at
+    # step 7 of prompt 2, 0.045 apart in the reference). Greedy tokens must agree up to a step where the reference's
+    # top two are that close (a near-tie), after which the two sequences are different prompts.
+    lp = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, ignore_eos=True, logprobs=2)
+    for want, got in zip(*(logprob_runs(e, PROMPTS, lp) for e in (ref, nat))):
+        for (tw, (_, ids, top)), (tg, _) in zip(want, got):
+            if tw != tg:
+                assert tg in ids and top[0] - top[ids.index(tg)] < 0.1, (tw, tg, ids, top)
+                break
+
+
+def logprob_runs(eng, prompts, params) -> list[list[tuple[int, list]]]:
+    """Per prompt, (token, [logprob, top ids, top logprobs]) for each generated token."""
+    handles = [eng.submit(p, params) for p in prompts]
+    while any(not h.done_pushed for h in handles):
+        eng.step()
+    return [[(t, lp) for out in h for t, lp in zip(out.token_ids, out.logprobs)] for h in handles]
 
 
 @pytest.mark.parametrize("qp", [0, 4])

@@ -3,7 +3,8 @@
 Usage:
     lib = load("cpu_kernels")           # csrc/cpu_kernels.c (every kernel) for the best ISA this CPU has, or None
     lib = load("cpu_kernels", "avx2")   # another ISA's build (tests)
-    cpu_isas()                          # ("avx512_vnni", "avx2") on an AVX512-VNNI machine
+    cpu_isas()                          # ("avx512_vnni", "avx2") on an AVX512-VNNI machine; "avx512_amx" first
+                                        # where the CPU has AMX-INT8 (that build only where the OS grants it)
 
 A source is built with the system's C compiler (`cc`, or $CC) for an ISA of ISAS (-O3, no FMA contraction, with
 OpenMP where the compiler has it; threads: csrc/pool.h), into `<cache>/cpu_kernels/<name>_<isa>_<key>.so`, key =
@@ -28,9 +29,13 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 
 # the kernels' ISAs, best first: (what /proc/cpuinfo must list, the compiler's flags)
+_VNNI = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma"]
 ISAS = {
-    "avx512_vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
-                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma"]),
+    # AVX512-VNNI plus the AMX tile unit for the int8 dot products of linears of >= PIPELINE_CPU_AMX_ROWS rows
+    # (linear_cpu.c); used only where the OS grants the tile state (the library's cpu_amx_enable)
+    "avx512_amx": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"},
+                   [*_VNNI, "-mamx-tile", "-mamx-int8"]),
+    "avx512_vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, _VNNI),
     "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
 }
 _libs: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}
@@ -78,6 +83,23 @@ def _build(source: Path, cache: Path, isa: str) -> Optional[Path]:
     return None
 
 
+def amx_rows() -> int:
+    """PIPELINE_CPU_AMX_ROWS: rows (tokens of a call) from which an AMX build's linears use the tile unit (below it,
+    VNNI; the same bits either way). 0 turns the tile unit off. Default 4: SmolLM2's 30 layers of linears at 2 / 3 /
+    4 / 8 rows took 2.1-2.2 / 2.4 / 2.5-2.9 / 3.7-4.0 ms on AMX against 1.8 / 2.1 / 3.4-3.6 / 6.0-6.7 ms on VNNI
+    (2 threads of a Xeon with AMX, docs/perf-log.md session 18)."""
+    return int(os.environ.get("PIPELINE_CPU_AMX_ROWS", 4))
+
+
+def _amx_ready(lib: ctypes.CDLL) -> bool:
+    """Ask the OS for the AMX tile state (once per process) and set the row threshold: False where it refuses."""
+    if not lib.cpu_amx_enable():
+        return False
+    rows = amx_rows()
+    lib.cpu_amx_set_rows(ctypes.c_int(rows if rows > 0 else 1 << 30))
+    return True
+
+
 def isa_of(lib: ctypes.CDLL) -> str:
     return lib._isa_name
 
@@ -87,10 +109,11 @@ def load(name: str, isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     if os.environ.get("PIPELINE_CPU_KERNEL", "1") == "0":
         return None
     if isa is None:
-        isas = cpu_isas()
-        if not isas:
-            return None
-        isa = isas[0]
+        for isa in cpu_isas():      # the best that builds and runs here
+            lib = load(name, isa)
+            if lib is not None:
+                return lib
+        return None
     if (name, isa) in _libs:
         return _libs[name, isa]
     from .tuner import cache_dir
@@ -104,6 +127,10 @@ def load(name: str, isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(path))
         getattr(lib, f"{name}_isa").restype = ctypes.c_char_p
         lib._isa_name = getattr(lib, f"{name}_isa")().decode()
-        log.info("CPU kernel %s: %s (%s)", name, lib._isa_name, path.name)
+        if lib._isa_name == "avx512_amx" and not _amx_ready(lib):
+            log.info("CPU kernel %s: the OS did not grant the AMX tile state; not using the %s build", name, isa)
+            lib = None
+        else:
+            log.info("CPU kernel %s: %s (%s)", name, lib._isa_name, path.name)
     _libs[name, isa] = lib
     return lib

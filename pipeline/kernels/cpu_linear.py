@@ -23,7 +23,8 @@ SmolLM2's perplexity by +1.0% over 8 windows; two terms are 2e-5 off (a bf16 inp
 (tests/test_native_smollm2.py runs every row through this kernel).
 
 The library: built once per machine by pipeline/kernels/cpu_build.py (the system's C compiler, the best ISA this
-CPU reports: AVX512-VNNI, else AVX2 + FMA). No compiler or no AVX2: `available()` is False and int4 linears stay on
+CPU reports: AVX512-VNNI with AMX-INT8 (the int8 dots of calls of >= PIPELINE_CPU_AMX_ROWS rows on the tile
+unit, the same bits), else AVX512-VNNI, else AVX2 + FMA). No compiler or no AVX2: `available()` is False and int4 linears stay on
 PyTorch's int4 op. `Int4CPU(w, isa="avx2")` loads another ISA's build (the tests run both).
 """
 from __future__ import annotations

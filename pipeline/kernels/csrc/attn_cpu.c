@@ -35,7 +35,9 @@ enum { KV_NONE = 0, KV_STATIC = 1, KV_DYNAMIC = 2 };
 
 /* One vector type per ISA (VL fp32 lanes) and the few ops the kernel uses; the kernel below is written once. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+#ifndef KERNEL_ISA   /* linear_cpu.c, included first, names the build */
 #define KERNEL_ISA "avx512_vnni"
+#endif
 #define VL 16
 typedef __m512 vf;
 #define PS(op) _mm512_##op##_ps
@@ -67,7 +69,9 @@ static inline vf v_i4(const uint8_t *p) {              /* 8 bytes -> 16 channels
     return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c), _mm512_set1_epi32(8)));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
+#ifndef KERNEL_ISA   /* linear_cpu.c, included first, names the build */
 #define KERNEL_ISA "avx2"
+#endif
 #define VL 8
 typedef __m256 vf;
 #define PS(op) _mm256_##op##_ps
