@@ -237,6 +237,13 @@ static uint8_t *amx_scratch(size_t bytes) {
         else AMX_DOT(0, 1, 2, a, bt, cbuf);                                                                    \
     } while (0)
 
+/* ROWS(mt) with mt a constant 1..8 (so that the epilogue's accumulators stay in registers) */
+#define AMX_CHUNK_ROWS(n)                                                                                      \
+    switch (n) {                                                                                               \
+        case 1: ROWS(1); break; case 2: ROWS(2); break; case 3: ROWS(3); break; case 4: ROWS(4); break;       \
+        case 5: ROWS(5); break; case 6: ROWS(6); break; case 7: ROWS(7); break; default: ROWS(8);             \
+    }
+
 /* tile_dot's epilogue over AMX products: rows m0..m0+mt-1 of a 16-column tile whose unpacked codes are in bt. */
 static inline __attribute__((always_inline)) void amx_rows4(const uint8_t *bt, int32_t *cbuf, const int8_t *xq,
         const float *xd, const float *dsum, const float *ws, const float *wm, int M, int m0, int KB, int gb, int G,
@@ -453,10 +460,7 @@ static void int4_chunk_amx(void *p, int chunk) {
         for (int m0 = 0; m0 < M; m0 += 8) {
             const uint8_t *pf = m0 == 0 && t + 1 < t1 ? wt + (size_t)K * NT / 2 : NULL;   /* the next tile */
 #define ROWS(MT_) amx_rows4(bt, cbuf, j->xq, j->xd, j->dsum, wst, wmt, M, m0, KB, gb, G, yt, N, pf, MT_)
-            switch (M - m0 < 8 ? M - m0 : 8) {
-                case 1: ROWS(1); break; case 2: ROWS(2); break; case 3: ROWS(3); break; case 4: ROWS(4); break;
-                case 5: ROWS(5); break; case 6: ROWS(6); break; case 7: ROWS(7); break; default: ROWS(8);
-            }
+            AMX_CHUNK_ROWS(M - m0 < 8 ? M - m0 : 8);
 #undef ROWS
         }
     }
@@ -535,10 +539,7 @@ static void int8_chunk_amx(void *p, int chunk) {
         for (int m0 = 0; m0 < M; m0 += 8) {
             const int8_t *pf = m0 == 0 && t + 1 < t1 ? wt + (size_t)K * NT : NULL;
 #define ROWS(MT_) amx_rows8(bt, cbuf, j->xq, j->xd, j->xsum, wst, M, m0, KB, yt, N, pf, MT_)
-            switch (M - m0 < 8 ? M - m0 : 8) {
-                case 1: ROWS(1); break; case 2: ROWS(2); break; case 3: ROWS(3); break; case 4: ROWS(4); break;
-                case 5: ROWS(5); break; case 6: ROWS(6); break; case 7: ROWS(7); break; default: ROWS(8);
-            }
+            AMX_CHUNK_ROWS(M - m0 < 8 ? M - m0 : 8);
 #undef ROWS
         }
     }
