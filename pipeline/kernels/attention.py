@@ -477,12 +477,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def decode_variant() -> str:
-    """PIPELINE_ATTN_DECODE: "mma" (default: the MMA kernel everywhere) or "fma" (the CUDA-core kernel where
-    `fma_applies`). Timed alone on an H100 the fma kernel was faster (session 15, graph timing: 92 / 118 / 73 / 220
-    us against 141 / 128 / 77 / 252 at batch x context 32 x 672, 26 x 1024, 8 x 672, 32 x 2048), but in the 7B's
-    serving run, alternating fresh servers (session 16, `bench/results/serve_ab_h100_s16.log`), decode steps ran
-    3235 / 3252 tok/s with the MMA kernel against 3170 with fma: the server's measurement decides."""
-    v = os.environ.get("PIPELINE_ATTN_DECODE", "mma")
+    """PIPELINE_ATTN_DECODE: "fma" (default: the CUDA-core kernel where `fma_applies`, else the MMA kernel) or "mma"
+    (the MMA kernel everywhere). The server's measurement decides, alternating fresh servers on the 7B: in session 16
+    MMA's decode steps were 2.0-2.6% faster than fma's, which then converted its int8 KV with inline PTX; that
+    conversion made both kernels slower timed alone and is now off (session 17: fma without it 11-18% faster than
+    MMA in graph timing), and in session 18's A/B (H100, `bench/results/serve_ab_h100_s18.json`) fma's decode steps
+    ran 3996 / 4030 tok/s against 3921 with MMA (2636.7 / 2655.7 against 2620.9 output tok/s)."""
+    v = os.environ.get("PIPELINE_ATTN_DECODE", "fma")
     if v not in ("mma", "fma"):
         raise ValueError(f"PIPELINE_ATTN_DECODE={v!r} is not 'mma' or 'fma'")
     return v
