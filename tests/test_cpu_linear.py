@@ -240,3 +240,13 @@ def test_amx_int8_head_gives_the_vnni_bits(M):
     x = torch.randn(M, 576, generator=gen) * 2
     want = Int8CPU(q, s, threads=1, isa="avx512_vnni")(x)
     assert torch.equal(Int8CPU(q, s, threads=2, isa="avx512_amx")(x), want)
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX tile unit here (or the OS did not grant its state)")
+def test_an_amx_build_the_os_refuses_gives_way_to_vnni(monkeypatch):
+    """Where the OS does not grant the tile state (an older kernel, a sandbox), the loader skips the AMX build and
+    takes the next ISA's: the kernels stay available."""
+    monkeypatch.setattr(cpu_build, "_libs", {})
+    monkeypatch.setattr(cpu_build, "_amx_ready", lambda lib: False)
+    assert cpu_build.load("cpu_kernels", "avx512_amx") is None
+    assert cpu_build.isa_of(cpu_build.load("cpu_kernels")) == "avx512_vnni"
