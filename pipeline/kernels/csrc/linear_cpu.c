@@ -173,8 +173,9 @@ static inline __attribute__((always_inline)) void tile_dot8(const int8_t *w, con
  *   C = A . B: row 2i = q1_i . q_w, row 2i + 1 = q2_i . q_w (int32, exact), then the epilogue of tile_dot in the
  *       same order and the same float operations: the AMX path gives the VNNI path's bits.
  * The OS must grant the tile state (arch_prctl ARCH_REQ_XCOMP_PERM): cpu_amx_enable() asks once; the library
- * loader (cpu_build.py) uses this build only where it returns 1. Tiles 0-1 serve full chunks of 8 rows, 3-4 the
- * last chunk's M % 8 rows, 2 the weights; each chunk of work configures them and releases them. */
+ * loader (cpu_build.py) uses this build only where it returns 1. Tiles 0-2 and 3-5 (C, A, B) serve the even and odd
+ * blocks of chunks of min(M, 8) rows, 6-7 (C, A) the last chunk's M % 8 rows when M > 8; each chunk of work (pool.h)
+ * configures them and releases them. */
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -206,7 +207,7 @@ static inline void amx_config(int M) {
     _tile_loadconfig(&c);
 }
 
-/* A thread's scratch: the tile's unpacked codes (K/64 blocks of 1 KB) and one C tile; grown as needed. */
+/* A thread's scratch: the tile's unpacked codes (K/64 blocks of 1 KB) and two C tiles' buffers; grown as needed. */
 static __thread uint8_t *amx_buf;
 static __thread size_t amx_cap;
 
