@@ -80,6 +80,34 @@ def test_gpu_gluon_odd_shapes(g, dtype):
 
 @pytest.mark.gpu
 @on_sm90
+def test_gpu_gluon_tail_split_whole_waves_then_split_tiles():
+    """Split-0 configs (`_tl`): a grid of whole tiles for the full waves, then the last partial wave's tiles split
+    along K: 5 tiles past one wave of this GPU's SMs, and fewer tiles than SMs (every tile split); against the
+    reference, with a bias, the same bits on every launch."""
+    from pipeline.kernels.dispatch import sm_count
+    n_sm, g, K = sm_count(torch.device("cuda"), cpu=4), 128, 1024
+    assert wg.tail_split(n_sm + 5, K // g, n_sm) == (n_sm, K // g)
+    for N, M in ((128 * (n_sm + 5), 128), (1000, 256)):
+        w = w4.pack_w4(*make_quant(N, K, g, seed=N), g).to("cuda")
+        x, bias = torch.randn(M, K, device="cuda").half(), torch.randn(N, device="cuda").half()
+        ref = ref64(x, w, bias)
+        y = wg.w4a16_gluon_linear(x, w, bias, config="gl_m128_n128_k16_s4_ws_tl")
+        assert rel_err(y, ref) < TOL[torch.float16], N
+        assert all(torch.equal(wg.w4a16_gluon_linear(x, w, bias, config="gl_m128_n128_k16_s4_ws_tl"), y)
+                   for _ in range(20))
+
+
+def test_tail_split_fills_about_one_wave_and_leaves_no_split_empty():
+    assert wg.tail_split(172, 32, 132) == (132, 3)      # 4096 x 22016 at M = 256, 128 x 128 tiles: 132 + 40 x 3
+    assert wg.tail_split(264, 32, 132) == (264, 1)      # whole waves: nothing split
+    assert wg.tail_split(64, 32, 132) == (0, 2)         # one partial wave: every tile in 2
+    assert wg.tail_split(140, 5, 132) == (132, 5)       # the split never exceeds the groups
+    n_full, split = wg.tail_split(140, 86, 132)
+    assert (n_full, split) == (132, 15) and (split - 1) * -(-86 // split) < 86     # no empty split of 86 groups
+
+
+@pytest.mark.gpu
+@on_sm90
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_gluon_operand_is_the_reference_weight(dtype):
     """The MMA's register operand (TMA copies, register layout, dequantization) is dequantize_w4's weight, bit for
@@ -205,9 +233,9 @@ def test_offline_sm90_compile_every_config(name):
     xd = wg.TensorDescriptor(torch.empty(64, K, dtype=torch.float16), [64, K], [K, 1], [BM, KT], x_l)
     sig = {"x_desc": mangle_type(xd), "q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16",
            "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
-           "K": "i32", "stride_ym": "i32", "split_k": "i32"}
+           "K": "i32", "stride_ym": "i32", "split_k": "i32", "n_full": "i32"}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages),
-               SPLIT=split != 1, HAS_BIAS=True, DKIND=1, ACT=False, WS=bool(ws), num_warps=warps)
+               SPLIT=split != 1, HAS_BIAS=True, DKIND=1, ACT=False, WS=bool(ws), num_warps=warps, TAIL=split == 0)
     k = compile_sm90(wg._kernel, sig, cst, warps)
     ptx = k.asm["ptx"]
     assert len(k.asm["cubin"]) > 0 and k.metadata.shared <= wg.SMEM_BYTES + 1024
@@ -235,9 +263,10 @@ def test_offline_pdl_streams_weights_before_the_wait(name, act):
     xd = wg.TensorDescriptor(torch.empty(64, 2 * K, dtype=torch.float16), [64, 2 * K], [2 * K, 1], [BM, KT], x_l)
     sig = {"x_desc": mangle_type(xd), "q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16",
            "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
-           "K": "i32", "stride_ym": "i32", "split_k": "i32"}
+           "K": "i32", "stride_ym": "i32", "split_k": "i32", "n_full": "i32"}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages, act),
-               SPLIT=split != 1, HAS_BIAS=False, DKIND=1, ACT=act, WS=bool(ws), num_warps=warps, PDL=True)
+               SPLIT=split != 1, HAS_BIAS=False, DKIND=1, ACT=act, WS=bool(ws), num_warps=warps, PDL=True,
+               TAIL=split == 0)
     k = compile_sm90(wg._kernel, sig, cst, warps)
     ptx = k.asm["ptx"]
     from tests.sm90_sass import ptxas_info

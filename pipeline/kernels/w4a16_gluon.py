@@ -23,7 +23,9 @@ MMA's register layout without shuffles, the packed tile is loaded KW times into 
 element (n, c) of its transposed view is exactly word c % P of column n (read through a plain row-major view of
 the buffer: see `_load_packed`). `dequantize_gluon` runs just that operand path and returns the weights it makes.
 Split-K (split > 1): fp32 partial tiles and a last-arriving-program finish, like `_finish_split` in
-`w4a16_gemv.py` (deterministic: partials summed in split order). TMA zero-fills rows past M and columns past N.
+`w4a16_gemv.py` (deterministic: partials summed in split order). Split 0 (configs `_tl`, `tail_split`): the tiles of
+the full waves whole and only the last partial wave's split, so that it fills the SMs (a 1-D grid; the whole tiles
+take the same finish as a split of one). TMA zero-fills rows past M and columns past N.
 act="silu_mul" (x = [gate | up]): both halves arrive by TMA and the MMA warps write silu(gate) * up of each group
 to a double-buffered shared tile that the wgmmas read.
 ptxas keeps the wgmmas asynchronous only if the loop has no zero-trip path (`gl.assume(n_iter > 0)`): without it,
@@ -48,7 +50,7 @@ import os
 import torch
 import triton
 
-from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting
+from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting, sm_count
 from pipeline.kernels.pdl import launch_kwargs
 from pipeline.kernels.tiles import split_for
 
@@ -63,7 +65,7 @@ except Exception:  # pragma: no cover - depends on the Triton install
     HAVE_GLUON = False
 
 # name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, split, ws); split > 0: that many programs along K, split < 0:
-# split K until about -split programs per SM (as `w4a16_configs`). BLOCK_M is the wgmma's N (8..256, multiple
+# split K until about -split programs per SM (as `w4a16_configs`), split 0: only the last partial wave's tiles split. BLOCK_M is the wgmma's N (8..256, multiple
 # of 8), BLOCK_N its M (64 per warpgroup), KT the K of one wgmma (16, 32 or 64; at least g/8). ws: a producer
 # warp streams the ring (warp specialization); else the MMA warps refill it themselves.
 GLUON_CONFIGS = {
@@ -97,6 +99,11 @@ GLUON_CONFIGS = {
     # the M = 256 and 2048 pick (2026-12-07) with K in two programs: 4096 x 22016 at M = 256 is 172 tiles of 128 x 256
     # on 132 SMs (1.3 waves, 0.66x cuBLAS); 344 fill 2.6 waves, for one partial written and read back a tile
     "gl_m128_n256_k16_s3_ws_k2": (128, 256, 16, 3, 8, 2, 1),
+    # split 0 (`_tl`): whole tiles, and only the last partial wave's tiles split along K to fill the SMs (`tail_split`):
+    # 4096 x 22016 at M = 256 ran 172 tiles of 128 x 128 (its pick, 111.5 us against cuBLAS's 73.8, 2026-12-07) in
+    # two rounds on 132 SMs; here 132 whole, then 40 tiles in 3 parts, 120 programs
+    "gl_m128_n128_k16_s4_ws_tl": (128, 128, 16, 4, 8, 0, 1),
+    "gl_m128_n256_k16_s3_ws_tl": (128, 256, 16, 3, 8, 0, 1),
 }
 SMEM_BYTES = 220 * 1024  # of the H100's 227 KB, leaving room for the barriers and the epilogue's scratch
 
@@ -399,11 +406,19 @@ if HAVE_GLUON:
         return (acc, )
 
     @gluon.jit
-    def _kernel(x_desc, q_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_k,
+    def _store_tile(acc, y_ptrs, b_ptr, on, mask, N, HAS_BIAS: gl.constexpr):
+        if HAS_BIAS:
+            acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
+        gl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _kernel(x_desc, q_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, split_k, n_full,
                 GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
                 STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, DKIND: gl.constexpr,
-                ACT: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False):
-        # grid (tiles of y^T in grouped order, split_k); see the module docstring
+                ACT: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False,
+                TAIL: gl.constexpr = False):
+        # grid (tiles of y^T in grouped order, split_k); TAIL: a 1-D grid of n_full whole tiles, then split_k
+        # programs for each later tile (the last partial wave split along K); see the module docstring
         if PDL:
             _gdc_launch()
         P: gl.constexpr = GROUP // 8
@@ -413,19 +428,28 @@ if HAVE_GLUON:
         dt: gl.constexpr = x_desc.dtype
 
         # output tile (pid_m, pid_n) in grouped order, and this split's groups [g_lo, g_lo + n_iter)
-        pid = gl.program_id(0)
-        pid_k = gl.program_id(1)
+        if TAIL:
+            pid = gl.program_id(0)
+            whole = pid < n_full
+            rest = gl.maximum(pid - n_full, 0)
+            tile = gl.where(whole, pid, n_full + rest // split_k)
+            pid_k = gl.where(whole, 0, rest % split_k)
+            sk = gl.where(whole, 1, split_k)
+        else:
+            tile = gl.program_id(0)
+            pid_k = gl.program_id(1)
+            sk = split_k
         num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
+        first_m = (tile // in_group) * GROUP_M
         size_m = gl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % size_m
-        pid_n = (pid % in_group) // size_m
+        pid_m = first_m + (tile % in_group) % size_m
+        pid_n = (tile % in_group) // size_m
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         n_groups = K // GROUP
-        per_split = gl.cdiv(n_groups, split_k)
+        per_split = gl.cdiv(n_groups, sk)
         g_lo = pid_k * per_split
         n_iter = gl.minimum(per_split, n_groups - g_lo)
 
@@ -472,23 +496,20 @@ if HAVE_GLUON:
         offs = gl.expand_dims(om, 0) * N + gl.expand_dims(on, 1)
         y_ptrs = y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1)
         if SPLIT:  # this split's partial, then the last program of the tile to arrive sums them in split order
+            # (TAIL: a whole tile too, as a split of one: a branch around this path did not lower in Triton 3.6)
             MN = M * N
             gl.store(ws_ptr + pid_k * MN + offs, acc, mask=mask)
             gl.thread_barrier()
-            arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-            if arrived == split_k - 1:
+            arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == sk - 1:
                 gl.thread_barrier()
                 acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=out_l)
-                for k in range(split_k):
+                for k in range(sk):
                     acc += gl.load(ws_ptr + k * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-                gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-                gl.atomic_xchg(cnt_ptr + pid, 0)
+                _store_tile(acc, y_ptrs, b_ptr, on, mask, N, HAS_BIAS)
+                gl.atomic_xchg(cnt_ptr + tile, 0)
         else:
-            if HAS_BIAS:
-                acc += gl.expand_dims(gl.load(b_ptr + on, mask=on < N, other=0.0).to(gl.float32), 1)
-            gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            _store_tile(acc, y_ptrs, b_ptr, on, mask, N, HAS_BIAS)
 
     @gluon.jit
     def _dequant_kernel(q_desc, s_ptr, z_ptr, w_ptr, N, K, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -549,6 +570,16 @@ def dequantize_gluon(w, dtype: torch.dtype = torch.float16, config: str = "gl_m6
     return out
 
 
+def tail_split(tiles: int, n_groups: int, n_sm: int) -> tuple[int, int]:
+    """(whole tiles, the split of each later one) for a split-0 (`_tl`) config: the full waves of tiles run whole, and
+    each tile of the last partial wave is split along K so that they fill about one wave, never into an empty split
+    (e.g. 172 tiles on 132 SMs: 132 whole, then 40 x 3 programs, ~1.33 waves of work instead of 2)."""
+    rem = tiles % n_sm if tiles >= n_sm else tiles
+    split = max(1, min(n_sm // rem if rem else 1, n_groups))
+    split = cdiv(n_groups, cdiv(n_groups, split))
+    return (tiles, 1) if rem == 0 or split == 1 else (tiles - rem, split)
+
+
 def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
                        config: str | tuple = "gl_m64_n64_k16_s4_c2", act: str | None = None,
                        out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
@@ -566,16 +597,22 @@ def w4a16_gluon_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
         raise ValueError(f"gluon W4A16: unsupported call (x {tuple(x2.shape)} {x2.dtype}, N={N}, K={K}, g={g}, "
                          f"KT={KT}, act={act})")
     stages = stages_for(BM, BN, KT, g, stages, act is not None, x2.element_size())
-    split = split_for(M, N, K, g, BM, BN, split, x2.device)
     tiles = cdiv(M, BM) * cdiv(N, BN)
+    n_full, grid = tiles, None
+    if split == 0:   # whole tiles, the last partial wave split along K to fill the SMs
+        n_full, split = tail_split(tiles, K // g, sm_count(x2.device, cpu=4))
+        grid = (n_full + (tiles - n_full) * split,) if split > 1 else None
+    else:
+        split = split_for(M, N, K, g, BM, BN, split, x2.device)
     y = out if out is not None else torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     x_l, q_l = layouts(BM, BN, KT, g, x2.dtype)
     x_desc = TensorDescriptor(x2, [M, x2.shape[1]], [x2.stride(0), 1], [BM, KT], x_l)
     q_desc = TensorDescriptor(w.qweight, [K // 8, N], [N, 1], [P, BN], q_l)
     ws = torch.empty(split, M, N, device=x2.device, dtype=torch.float32) if split > 1 else y
     cnt = arrival_counters(x2.device, tiles) if split > 1 else y
-    _kernel[(tiles, split)](x_desc, q_desc, w.scales, w.zeros, bias if bias is not None else y, y, ws, cnt,
-                            M, N, K, y.stride(0), split, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=stages,
-                            SPLIT=split > 1, HAS_BIAS=bias is not None, DKIND=_DKIND[x2.dtype], ACT=act is not None,
-                            WS=bool(ws_), num_warps=warps, PDL=pdl, **launch_kwargs(pdl))
+    _kernel[grid or (tiles, split)](x_desc, q_desc, w.scales, w.zeros, bias if bias is not None else y, y, ws, cnt,
+                                    M, N, K, y.stride(0), split, n_full, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT,
+                                    STAGES=stages, SPLIT=split > 1, HAS_BIAS=bias is not None,
+                                    DKIND=_DKIND[x2.dtype], ACT=act is not None, WS=bool(ws_), num_warps=warps,
+                                    PDL=pdl, TAIL=grid is not None, **launch_kwargs(pdl))
     return y.reshape(*x.shape[:-1], N)
