@@ -113,7 +113,16 @@ def ours(ws: Path, prompts: list[list[int]], n: int, rounds: int = 5) -> dict:
     med = {b: sorted(rs, key=lambda x: x["wall_s"])[len(rs) // 2] for b, rs in runs.items()}
     return {"batch1": {**med[1], "walls_s": [x["wall_s"] for x in runs[1]]},
             "batch8": {**med[8], "walls_s": [x["wall_s"] for x in runs[8]]},
-            "rounds": rounds, "backend": type(eng.runner).__name__}
+            "rounds": rounds, "backend": type(eng.runner).__name__, "kernel_isa": kernel_isa()}
+
+
+def kernel_isa() -> str | None:
+    """The build of our C kernels this machine runs (cpu_build: avx512_amx, avx512_vnni, avx2), with the AMX row
+    threshold where it applies."""
+    from pipeline.kernels import cpu_build
+    lib = cpu_build.load("cpu_kernels")
+    isa = lib and cpu_build.isa_of(lib)
+    return f"{isa} (from {cpu_build.amx_rows()} rows)" if isa == "avx512_amx" else isa
 
 
 def hf(gguf: Path, prompts: list[list[int]], n: int, pad_id: int) -> dict:
@@ -251,7 +260,7 @@ def print_table(res: dict) -> None:
               f"{r['batch8']['output_tok_s']} |")
     if "ours" in rows:
         o = rows["ours"]
-        print(f"ours: 8 concurrent / batch-1 output tok/s = "
+        print(f"ours ({o.get('kernel_isa')}): 8 concurrent / batch-1 output tok/s = "
               f"{o['batch8']['output_tok_s'] / o['batch1']['output_tok_s']:.2f}x")
     if "main_job" in res:
         print(f"main job second run: {res['main_job']['second_run_s']} s")
