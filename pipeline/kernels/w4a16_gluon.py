@@ -65,9 +65,10 @@ except Exception:  # pragma: no cover - depends on the Triton install
     HAVE_GLUON = False
 
 # name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, split, ws); split > 0: that many programs along K, split < 0:
-# split K until about -split programs per SM (as `w4a16_configs`), split 0: only the last partial wave's tiles split. BLOCK_M is the wgmma's N (8..256, multiple
-# of 8), BLOCK_N its M (64 per warpgroup), KT the K of one wgmma (16, 32 or 64; at least g/8). ws: a producer
-# warp streams the ring (warp specialization); else the MMA warps refill it themselves.
+# split K until about -split programs per SM (as `w4a16_configs`), split 0: only the last partial wave's tiles split
+# (`tail_split`). BLOCK_M is the wgmma's N (8..256, multiple of 8), BLOCK_N its M (64 per warpgroup), KT the K of one
+# wgmma (16, 32 or 64; at least g/8). ws: a producer warp streams the ring (warp specialization); else the MMA warps
+# refill it themselves.
 GLUON_CONFIGS = {
     "gl_m16_n64_k16_s4_c4": (16, 64, 16, 4, 4, -4, 0),
     "gl_m16_n64_k16_s4_c4_ws": (16, 64, 16, 4, 4, -4, 1),

@@ -245,6 +245,13 @@ static uint8_t *amx_scratch(size_t bytes) {
         case 5: ROWS(5); break; case 6: ROWS(6); break; case 7: ROWS(7); break; default: ROWS(8);             \
     }
 
+/* Row i of a stored C tile as tile_dot combines its terms: 256 (q1 . q_w) + q2 . q_w, as fp32. */
+static inline __m512 amx_dots(const int32_t *cb, int i) {
+    __m512i a1 = _mm512_load_si512((const void *)(cb + 32 * i));
+    __m512i a2 = _mm512_load_si512((const void *)(cb + 32 * i + 16));
+    return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a1, 8), a2));
+}
+
 /* tile_dot's epilogue over AMX products: rows m0..m0+mt-1 of a 16-column tile whose unpacked codes are in bt. */
 static inline __attribute__((always_inline)) void amx_rows4(const uint8_t *bt, int32_t *cbuf, const int8_t *xq,
         const float *xd, const float *dsum, const float *ws, const float *wm, int M, int m0, int KB, int gb, int G,
@@ -264,16 +271,16 @@ static inline __attribute__((always_inline)) void amx_rows4(const uint8_t *bt, i
             AMX_BLOCK(tail, b + 1, xq + ((size_t)(b + 1) * M + m0) * 2 * QB, bt + (size_t)(b + 1) * 1024,
                       cbuf + ((b + 1) & 1) * 256);
         const int32_t *cb = cbuf + (b & 1) * 256;
-        for (int i = 0; i < mt; i++) {
-            __m512i a1 = _mm512_load_si512((const void *)(cb + 32 * i)), a2 = _mm512_load_si512((const void *)(cb + 32 * i + 16));
-            facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a1, 8), a2)),
-                                      _mm512_mul_ps(s, _mm512_set1_ps(xd[(size_t)(m0 + i) * KB + b] * (1.f / 256.f))), facc[i]);
-        }
+        for (int i = 0; i < mt; i++)
+            facc[i] = _mm512_fmadd_ps(amx_dots(cb, i),
+                                      _mm512_mul_ps(s, _mm512_set1_ps(xd[(size_t)(m0 + i) * KB + b] * (1.f / 256.f))),
+                                      facc[i]);
     }
     for (int i = 0; i < mt; i++) {
         __m512 z = _mm512_setzero_ps();
         for (int g = 0; g < G; g++)
-            z = _mm512_fmadd_ps(_mm512_loadu_ps(wm + (size_t)g * NT), _mm512_set1_ps(dsum[(size_t)(m0 + i) * G + g]), z);
+            z = _mm512_fmadd_ps(_mm512_loadu_ps(wm + (size_t)g * NT), _mm512_set1_ps(dsum[(size_t)(m0 + i) * G + g]),
+                                z);
         _mm512_storeu_ps(y + (size_t)(m0 + i) * N, _mm512_sub_ps(facc[i], z));
     }
 }
@@ -290,11 +297,9 @@ static inline __attribute__((always_inline)) void amx_rows8(const uint8_t *bt, i
         if (pf)                                         /* the next tile's 1,024 bytes of block b */
             for (int k = 0; k < 16; k++) _mm_prefetch((const char *)pf + (size_t)b * 1024 + k * 64, _MM_HINT_T0);
         AMX_BLOCK(M > 8 && mt < 8, b, a, bt + (size_t)b * 1024, cb);
-        for (int i = 0; i < mt; i++) {
-            __m512i a1 = _mm512_load_si512((const void *)(cb + 32 * i)), a2 = _mm512_load_si512((const void *)(cb + 32 * i + 16));
-            facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a1, 8), a2)),
-                                      _mm512_set1_ps(xd[(size_t)(m0 + i) * KB + b] * (1.f / 256.f)), facc[i]);
-        }
+        for (int i = 0; i < mt; i++)
+            facc[i] = _mm512_fmadd_ps(amx_dots(cb, i), _mm512_set1_ps(xd[(size_t)(m0 + i) * KB + b] * (1.f / 256.f)),
+                                      facc[i]);
     }
     __m512 s = _mm512_loadu_ps(ws);
     for (int i = 0; i < mt; i++)
