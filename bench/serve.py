@@ -22,9 +22,9 @@ weights are random, so only their format matters for speed). Writes <out>/serve_
 (out = --out, else $OUT, else bench/results) after each part, so a run cut short keeps what it measured,
 and prints a table last.
 
-Shared-prefix workload (--no-prefix skips it): --prefix-requests prompts, each = one shared random prefix of
---prefix-len tokens (seeded) + its own random question of U(--question-len) tokens; outputs U(--prefix-output-len,
-default --output-len). The first --prefix-lead requests (default 1: the one that fills the cache) go alone,
+Shared-prefix workload (--no-prefix skips it; --prefix-only runs it alone with the second start: a device call of its
+own): --prefix-requests prompts, each = one shared random prefix of --prefix-len tokens (seeded) + its own random
+question of U(--question-len) tokens; outputs U(--prefix-output-len, default --output-len). The first --prefix-lead requests (default 1: the one that fills the cache) go alone,
 then the rest with --clients concurrent clients; every request counts in the reported numbers. (With
 --prefix-lead 0 the first wave of --clients requests is admitted before any prefix block is computed, and all
 of it misses.) It runs on the main server (serve.prefix_caching=true, after the runs above) and then on a second
@@ -559,6 +559,9 @@ def main() -> None:
                     help="the prefix workload again at this lighter concurrency, on both servers (default: --clients "
                          "// 4; 0: skip)")
     ap.add_argument("--no-prefix", action="store_true", help="skip the shared-prefix workload (and its second server)")
+    ap.add_argument("--prefix-only", action="store_true",
+                    help="only the shared-prefix workload on both servers (and the second start): no batched or "
+                         "batch-1 runs, no transformers rows (a device call of its own, with --no-hf's other half)")
     ap.add_argument("--peak-tflops", type=float, default=660.0, help="roofline: dense fp16 peak")
     ap.add_argument("--peak-tbps", type=float, default=None,
                     help="roofline: memory bandwidth (default: the device-to-device copy measured on this workplace's "
@@ -582,6 +585,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(REPO / "outputs" / "cache"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.prefix_only and (args.no_prefix or args.ab or args.hf_only):
+        ap.error("--prefix-only runs the shared-prefix workload alone: not with --no-prefix, --ab or --hf-only")
     variants = [parse_variant(v) for v in args.ab or []]
     if len({n for n, _ in variants}) != len(variants) or args.ab_rounds < 1:
         raise SystemExit("--ab: the variants need distinct names; --ab-rounds >= 1")
@@ -658,12 +663,13 @@ def main() -> None:
         return
     try:
         run(server.url, warm, min(WARMUP_REQUESTS, args.clients))
-        res["engine_batched"] = b = run(server.url, reqs, args.clients)
-        b["roofline"] = run_roofline(b, reqs, costs, args)
-        save()
-        res["engine_batch1"] = one = run(server.url, solo, 1)
-        one["roofline"] = run_roofline(one, solo, costs, args)
-        save()
+        if not args.prefix_only:
+            res["engine_batched"] = b = run(server.url, reqs, args.clients)
+            b["roofline"] = run_roofline(b, reqs, costs, args)
+            save()
+            res["engine_batch1"] = one = run(server.url, solo, 1)
+            one["roofline"] = run_roofline(one, solo, costs, args)
+            save()
         if preqs:
             run(server.url, pwarm, min(WARMUP_REQUESTS, args.clients), args.prefix_lead)   # its shapes and paths
             res["prefix_on"] = run(server.url, preqs, args.clients, args.prefix_lead)
@@ -697,8 +703,8 @@ def main() -> None:
                                                         / res["prefix_on_light"]["ttft_ms"][50])
         save()
     from pipeline.workspace import config_args
-    res["transformers_generate"], res["transformers_generate_batch"] = (None, None) if args.no_hf else \
-        hf_rows(config_args(cfg), reqs, args.clients, device)
+    res["transformers_generate"], res["transformers_generate_batch"] = (None, None) if args.no_hf or args.prefix_only \
+        else hf_rows(config_args(cfg), reqs, args.clients, device)
     save()
     print(f"\nwrote {path}")
     table(res)
@@ -800,19 +806,63 @@ def device_name(device: str) -> str:
 
 
 def table(r: dict) -> None:
-    b, one = r["engine_batched"], r["engine_batch1"]
-    hf, cb = r["transformers_generate"], r["transformers_generate_batch"]
+    b, one = r.get("engine_batched"), r.get("engine_batch1")
+    hf, cb = r.get("transformers_generate"), r.get("transformers_generate_batch")
     on, off, pw = r.get("prefix_on"), r.get("prefix_off"), r["workload"]["prefix"]
     print(f"{r['model']} {r['quant']} on {r['device']}; prompts U{r['workload']['prompt_len_uniform']}, "
           f"outputs U{r['workload']['output_len_uniform']} tokens")
     print(f"{'run':<40}{'req/s':>8}{'out tok/s':>11}{'TTFT p50/p90/p99 ms':>24}{'ITL p50/p90/p99 ms':>22}")
-    rows = [(f"engine, {b['clients']} HTTP clients", b), ("engine, 1 HTTP client (batch 1)", one)]
+    rows = [(f"engine, {b['clients']} HTTP clients", b), ("engine, 1 HTTP client (batch 1)", one)] if b else []
     if on and off:
         rows += [("prefix workload, cache on", on), ("prefix workload, cache off", off)]
     for name, x in rows:
         t, i = x["ttft_ms"], x["itl_ms"]
         print(f"{name:<40}{x['requests_per_s']:>8.2f}{x['output_tokens_per_s']:>11.1f}"
               f"{t[50]:>10.0f}/{t[90]:.0f}/{t[99]:.0f}{i[50]:>12.1f}/{i[90]:.1f}/{i[99]:.1f}")
+    if b:   # --prefix-only runs none of these
+        engine_lines(r, b, one, hf, cb)
+    if on and off:
+        rate = lambda x: "n/a" if x["prefix_cache"] is None else f"{x['prefix_cache']['hit_rate']:.0%}"  # noqa: E731
+        print(f"prefix workload ({pw['requests']} requests, {pw['prefix_len']}-token shared prefix + "
+              f"U{pw['question_len_uniform']} own, the first {on['lead_requests']} alone): hit rate on {rate(on)}, "
+              f"off {rate(off)}; TTFT p50 off/on = {r['prefix_ttft_p50_off_over_on']:.2f}x (target >= 3x)")
+        for part, label in (("ttft_ms_first_wave", f"the {on['clients']} sent at once"), ("ttft_ms_later", "the rest")):
+            if on.get(part) and off.get(part):
+                print(f"  TTFT p50 of {label}: on {on[part][50]:.0f} ms, off {off[part][50]:.0f} ms "
+                      f"({off[part][50] / on[part][50]:.2f}x)")
+        lon, loff = r.get("prefix_on_light"), r.get("prefix_off_light")
+        if lon and loff:
+            print(f"  the same workload at {lon['clients']} clients: TTFT p50 on {lon['ttft_ms'][50]:.0f} ms, off "
+                  f"{loff['ttft_ms'][50]:.0f} ms = {r['prefix_ttft_p50_off_over_on_light']:.2f}x; output tok/s on "
+                  f"{lon['output_tokens_per_s']:.1f}, off {loff['output_tokens_per_s']:.1f}")
+    print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued; "
+          "the engine process's pickup of a request, between steps):")
+    for name, x in rows:
+        lat = x.get("server_latency_ms")
+        if lat and x.get("ttft_ms_mean") is not None:
+            f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+            cpu = x.get("frontend_cpu_us_per_token")
+            print(f"  {name:<38} {x['ttft_ms_mean']:.1f} | {f(lat['frontend_ttft'])} (submit {f(lat['frontend_submit'])}) | "
+                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])}; pickup {f(lat.get('engine_pickup'))})"
+                  + ("" if cpu is None else f"; front end CPU {cpu:.0f} us a streamed token"))
+    for label, wall, parts in (("first start", r["startup_s"], r.get("startup")),
+                               ("second start", r.get("prefix_off_startup_s"), r.get("prefix_off_startup"))):
+        if wall is not None:
+            print(f"{label}: ready {wall:.1f} s after launch"
+                  + (f", first token {r['prefix_off_first_token_s']:.1f} s (target <= 45 s)"
+                     if label == "second start" and r.get("prefix_off_first_token_s") else "")
+                  + ("; engine core: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in parts.items()) if parts else ""))
+    print("errors: " + " + ".join(str(x["n_errors"]) for x in (b, one, on, off) if x))
+    if b:
+        print(f"mean running batch {b['mean_running_batch']:.1f}; "
+              f"batched/batch-1 output tok/s = {b['output_tokens_per_s'] / one['output_tokens_per_s']:.2f}x"
+              + "".join(f"; batched/{k} = {b['output_tokens_per_s'] / x['output_tokens_per_s']:.2f}x"
+                        for k, x in (("transformers generate", hf), ("transformers cont. batching", cb))
+                        if x and "error" not in x))
+
+def engine_lines(r: dict, b: dict, one: dict, hf, cb) -> None:
+    """table()'s lines on the batched and batch-1 runs: the peers, where the time went, the roofline."""
     if hf is not None:
         name = f"transformers generate, batch {b['clients']}"
         print(f"{name:<40}error: {hf['error'][:200]}" if "error" in hf else
@@ -850,46 +900,6 @@ def table(r: dict) -> None:
         print(f"  {name}: {f['roofline_s']:.2f} s (prefill {f['prefill_s']:.2f} + decode {f['decode_s']:.2f}, "
               f"mean decode batch {f['mean_batch']:.1f}) = {f['roofline_output_tokens_per_s']:.0f} out tok/s; "
               f"measured {x['output_tokens_per_s']:.1f} = {f['fraction_reached']:.1%} of it")
-    if on and off:
-        rate = lambda x: "n/a" if x["prefix_cache"] is None else f"{x['prefix_cache']['hit_rate']:.0%}"  # noqa: E731
-        print(f"prefix workload ({pw['requests']} requests, {pw['prefix_len']}-token shared prefix + "
-              f"U{pw['question_len_uniform']} own, the first {on['lead_requests']} alone): hit rate on {rate(on)}, "
-              f"off {rate(off)}; TTFT p50 off/on = {r['prefix_ttft_p50_off_over_on']:.2f}x (target >= 3x)")
-        for part, label in (("ttft_ms_first_wave", f"the {on['clients']} sent at once"), ("ttft_ms_later", "the rest")):
-            if on.get(part) and off.get(part):
-                print(f"  TTFT p50 of {label}: on {on[part][50]:.0f} ms, off {off[part][50]:.0f} ms "
-                      f"({off[part][50] / on[part][50]:.2f}x)")
-        lon, loff = r.get("prefix_on_light"), r.get("prefix_off_light")
-        if lon and loff:
-            print(f"  the same workload at {lon['clients']} clients: TTFT p50 on {lon['ttft_ms'][50]:.0f} ms, off "
-                  f"{loff['ttft_ms'][50]:.0f} ms = {r['prefix_ttft_p50_off_over_on_light']:.2f}x; output tok/s on "
-                  f"{lon['output_tokens_per_s']:.1f}, off {loff['output_tokens_per_s']:.1f}")
-    print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued; "
-          "the engine process's pickup of a request, between steps):")
-    for name, x in rows:
-        lat = x.get("server_latency_ms")
-        if lat and x.get("ttft_ms_mean") is not None:
-            f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-            cpu = x.get("frontend_cpu_us_per_token")
-            print(f"  {name:<38} {x['ttft_ms_mean']:.1f} | {f(lat['frontend_ttft'])} (submit {f(lat['frontend_submit'])}) | "
-                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])}; pickup {f(lat.get('engine_pickup'))})"
-                  + ("" if cpu is None else f"; front end CPU {cpu:.0f} us a streamed token"))
-    for label, wall, parts in (("first start", r["startup_s"], r.get("startup")),
-                               ("second start", r.get("prefix_off_startup_s"), r.get("prefix_off_startup"))):
-        if wall is not None:
-            print(f"{label}: ready {wall:.1f} s after launch"
-                  + (f", first token {r['prefix_off_first_token_s']:.1f} s (target <= 45 s)"
-                     if label == "second start" and r.get("prefix_off_first_token_s") else "")
-                  + ("; engine core: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in parts.items()) if parts else ""))
-    print(f"errors: {b['n_errors']} + {one['n_errors']}"
-          + (f" + {on['n_errors']} + {off['n_errors']}" if on and off else "")
-          + f"; mean running batch {b['mean_running_batch']:.1f}; "
-          f"batched/batch-1 output tok/s = {b['output_tokens_per_s'] / one['output_tokens_per_s']:.2f}x"
-          + "".join(f"; batched/{k} = {b['output_tokens_per_s'] / x['output_tokens_per_s']:.2f}x"
-                    for k, x in (("transformers generate", hf), ("transformers cont. batching", cb))
-                    if x and "error" not in x))
-
 
 if __name__ == "__main__":
     main()

@@ -82,6 +82,24 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     assert alone["transformers_generate_batch"]["output_tokens"] == b["output_tokens"]
 
 
+@pytest.mark.slow
+def test_serve_bench_prefix_only_runs_both_servers_and_nothing_else(tmp_path):
+    """--prefix-only (a device call of its own): the shared-prefix workload on the main server and on the second start,
+    no batched, batch-1 or transformers runs; the table prints what there is."""
+    cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",
+           "--client-procs", "1", "--device", "cpu", "--prefix-len", "128", "--prefix-requests", "4",
+           "--question-len", "8:16", "--output-len", "4:8", "--prefix-light-clients", "0", "--prefix-only",
+           "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "serve_tiny-random_fp16.json").read_text())
+    assert "engine_batched" not in res and "engine_batch1" not in res and res["transformers_generate"] is None
+    assert res["prefix_on"]["ok"] == res["prefix_off"]["ok"] == 4 and res["prefix_off_first_token_s"] > 0
+    assert "TTFT p50 off/on" in r.stdout and "second start" in r.stdout
+    bad = subprocess.run([*cmd, "--no-prefix"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--prefix-only" in bad.stderr
+
+
 def test_roofline_of_the_default_gpu_workload_matches_the_issue_estimate(bench):
     """Llama-2-7B w4a16_kv8 (group 64), 128 requests, prompts U[128, 1024], outputs U[64, 256], 32 running:
     the issue's estimate is ~3.5 s, ~5,900 output tok/s on an H100 (660 TFLOP/s, 3.0 TB/s)."""
