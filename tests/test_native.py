@@ -130,7 +130,9 @@ def test_engine_native_greedy_equals_reference(monkeypatch, tiny, ws, qp, kv_mod
     # step 7 of prompt 2, 0.045 apart in the reference). Greedy tokens must agree up to a step where the reference's
     # top two are that close (a near-tie), after which the two sequences are different prompts.
     lp = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, ignore_eos=True, logprobs=2)
-    for want, got in zip(*(logprob_runs(e, PROMPTS, lp) for e in (ref, nat))):
+    runs = [logprob_runs(e, PROMPTS, lp) for e in (ref, nat)]
+    assert all(len(r) == GREEDY.max_new_tokens for rs in runs for r in rs)
+    for want, got in zip(*runs):
         for (tw, (_, ids, top)), (tg, _) in zip(want, got):
             if tw != tg:
                 assert tg in ids and top[0] - top[ids.index(tg)] < 0.1, (tw, tg, ids, top)
