@@ -13,9 +13,13 @@ def split_for(M: int, N: int, K: int, g: int, BM: int, BN: int, split: int, devi
     G = K // g
     if split <= 0:
         split = cdiv(-split * sm_count(device, cpu=4), cdiv(M, BM) * cdiv(N, BN))
+    return no_empty_split(G, split)
+
+
+def no_empty_split(G: int, split: int) -> int:
+    """`split` clamped to 1..G groups and lowered until every one of the splits gets at least one of the G groups."""
     split = max(1, min(G, split))
     return cdiv(G, cdiv(G, split))
-
 
 
 @triton.jit

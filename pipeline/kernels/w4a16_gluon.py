@@ -52,7 +52,7 @@ import triton
 
 from pipeline.kernels.dispatch import arrival_counters, cdiv, device_capability, interpreting, sm_count
 from pipeline.kernels.pdl import launch_kwargs
-from pipeline.kernels.tiles import split_for
+from pipeline.kernels.tiles import no_empty_split, split_for
 
 try:  # Gluon's Hopper API (Triton >= 3.5); absent or different elsewhere: the module still imports
     from triton.experimental import gluon
@@ -576,8 +576,7 @@ def tail_split(tiles: int, n_groups: int, n_sm: int) -> tuple[int, int]:
     each tile of the last partial wave is split along K so that they fill about one wave, never into an empty split
     (e.g. 172 tiles on 132 SMs: 132 whole, then 40 x 3 programs, ~1.33 waves of work instead of 2)."""
     rem = tiles % n_sm if tiles >= n_sm else tiles
-    split = max(1, min(n_sm // rem if rem else 1, n_groups))
-    split = cdiv(n_groups, cdiv(n_groups, split))
+    split = no_empty_split(n_groups, n_sm // rem if rem else 1)
     return (tiles, 1) if rem == 0 or split == 1 else (tiles - rem, split)
 
 
