@@ -33,7 +33,8 @@ SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
 KEEP = ("Duration", "DRAM Throughput", "Memory Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
         "Theoretical Occupancy", "Registers Per Thread", "Grid Size", "Block Size", "Dynamic Shared Memory Per Block",
         "Warp Cycles Per Issued Instruction", "Issue Slots Busy", "Issued Warp Per Scheduler", "L1/TEX Hit Rate",
-        "L2 Hit Rate", "Waves Per SM")
+        "L2 Hit Rate", "Waves Per SM", "L1/TEX Cache Throughput", "L2 Cache Throughput",
+        "DRAM Frequency", "SM Frequency", "Elapsed Cycles")
 
 
 def operands(K: int, N: int, M: int, g: int, act: bool, dev):
