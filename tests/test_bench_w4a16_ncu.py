@@ -24,7 +24,7 @@ def test_summary_of_a_details_csv(ncu):
                       row(1, "_w4a16_swap_kernel", "Duration", "usecond", "20.0"),
                       row(1, "_w4a16_swap_kernel", "DRAM Throughput", "%", "40"),
                       row(1, "_w4a16_swap_kernel", "Registers Per Thread", "register/thread", "128"),
-                      row(1, "_w4a16_swap_kernel", "SM Frequency", "cycle/nsecond", "1.75"),
+                      row(1, "_w4a16_swap_kernel", "Block Limit Registers", "block", "4"),
                       row(2, "_silu_mul_kernel", "Duration", "nsecond", "3,500"),
                       row(3, "_w4a16_swap_kernel", "Duration", "usecond", "22.0"),
                       row(3, "_w4a16_swap_kernel", "DRAM Throughput", "%", "44"),

@@ -350,6 +350,43 @@ def test_gpu_greedy_lookahead_with_graphs_equals_plain(tiny):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny):
+    """The decode graphs record an event after 2/3 of their layers; a look-ahead run waits on it before queuing
+    the next step and takes what arrived (on_poll). A request that arrives then ends the run after the step in
+    flight: the running sequence has exactly one more token when the run returns (without the mark the next step
+    was already queued: two more). Outputs equal plain step-by-step decoding with B arriving at the same token."""
+    opts = {"session_len": 512, "max_batch_size": 4, "max_prefill_tokens": 64}
+    pa, pb = (SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (40, 8))
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
+    assert eng.graphs.mark is not None and eng.graphs.mark_layer == round(0.67 * eng.runner.args.n_layers) - 1
+    ha = eng.submit(PROMPTS[0], pa)
+    eng.step()                                   # A's prefill: its first token
+    seen, hb = [], []
+
+    def poll():
+        seen.append(len(eng.running[0].out_ids))
+        if len(seen) == 3:
+            hb.append(eng.submit(PROMPTS[1], pb))
+    eng.on_poll = poll
+    eng.step()                                   # a look-ahead run: B arrives at its third step's mark
+    k = len(eng.running[0].out_ids)
+    assert len(seen) == 3 and k == seen[-1] + 1
+    eng.on_poll = None
+    while eng.has_work():
+        eng.step()
+    plain = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "lookahead": False})
+    pha = plain.submit(PROMPTS[0], pa)
+    while not plain.running or len(plain.running[0].out_ids) < k:
+        plain.step()
+    phb = plain.submit(PROMPTS[1], pb)
+    while plain.has_work():
+        plain.step()
+    got, want = ([[t for o in h for t in o.token_ids] for h in hs] for hs in ((ha, hb[0]), (pha, phb)))
+    assert got == want and [len(o) for o in got] == [40, 8]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_sampled_lookahead_with_graphs_equals_plain(tiny):
     """Sampled decoding queued ahead over the decode graphs (tokens drawn on the device from each request's CUDA
     generator, written into the graph's token input): the same tokens as plain step-by-step decoding."""

@@ -22,7 +22,9 @@ Protocol (msgpack over PUSH/PULL sockets; the front end binds both, this process
                                                              calls the engine hung when it grows past its limit
                   ["fatal", message]      start-up failed (the process then exits 1)
 Outputs go out after every step, and after every decode step of a look-ahead run (Engine.on_step), which
-also takes new requests and cancels in between, so streaming and admission never wait for a batch to end.
+also takes new requests and cancels in between, so streaming and admission never wait for a batch to end; in
+look-ahead runs new messages are also taken at the decode graph's mark, before the next step is queued
+(Engine.on_poll).
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class Core:
         engine.detokenize = False
         engine.handle_factory = lambda eng, rid: _Sink(self.pending, rid)
         engine.on_step = self.tick
+        engine.on_poll = self.drain                  # mid-step in look-ahead runs (Engine._await_mark)
 
     def send(self, msg) -> None:
         self.outbox.send(msgpack.packb(msg), copy=False)

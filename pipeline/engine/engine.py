@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
             "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefill_graphs": bool,
-            "prefix_caching": bool, "mixed_steps": bool, "schedule": str}
+            "prefix_caching": bool, "mixed_steps": bool, "schedule": str, "lookahead_mark": float}
 SCHEDULES = ("shortest_first", "fcfs")
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
@@ -159,7 +159,11 @@ class Engine:
                 runner.graph_memory_ok(self.max_batch_size, self.max_blocks * self.block_size) if native
                 else use_triton(torch.empty(0, device=dev), "rope_kv_write")):
             from .graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks)
+            # lookahead_mark: the decode graphs mark this fraction of their layers (an event the host can wait on),
+            # so a look-ahead run queues its next step only then, after taking what arrived meanwhile
+            mark = s.get("lookahead_mark", float(os.environ.get("PIPELINE_LOOKAHEAD_MARK", 0.67)))
+            mark = mark if self.lookahead and not native else 0.0
+            self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks, mark=mark)
         self.prefill_graphs = None
         if (dev.type == "cuda" and s.get("cuda_graphs", True) and s.get("prefill_graphs", True)
                 and s.get("tp", 1) == 1 and use_triton(torch.empty(0, device=dev), "paged_prefill_attention")):
@@ -186,6 +190,8 @@ class Engine:
         self.detokenize = True
         self.handle_factory: Callable[["Engine", int], RequestHandle] = RequestHandle
         self.on_step: Optional[Callable[[], None]] = None
+        # called mid-step in look-ahead runs, at the decode graph's mark: take new requests and cancels (send nothing)
+        self.on_poll: Optional[Callable[[], None]] = None
         # where the engine's time goes (cumulative; /health shows it): decode steps vs prefill chunks
         self.steps = {"decode_steps": 0, "decode_tokens": 0, "decode_s": 0.0,
                       "prefill_steps": 0, "prefill_tokens": 0, "prefill_s": 0.0,
@@ -553,6 +559,7 @@ class Engine:
         pending = self._launch_step(seqs, pos, [s.last_token for s in seqs])
         while True:
             t0 = time.perf_counter()
+            self._await_mark()
             nxt = [p + 1 for p in pos]
             keep: list[int] = []
             if not (self._inbox or self._cancels or self._stopping):
@@ -580,6 +587,18 @@ class Engine:
                 self._count("decode", len(live), time.perf_counter())
                 return
             pending = following
+
+    def _await_mark(self) -> None:
+        """Wait until the decode step in flight passes its graph's mark (lookahead_mark of its layers) and take what
+        arrived meanwhile: a request that arrives during a step then waits for that step only, not also for the
+        next one, which is queued after this point (with the mark at 2/3, ~2 ms of a 7B's step are left to queue
+        it in). Without a mark (no graphs, or the setting 0) the next step is queued right away, as before."""
+        mark = self.graphs.mark if self.graphs is not None else None
+        if mark is None:
+            return
+        mark.synchronize()
+        if self.on_poll is not None:
+            self.on_poll()
 
     def _room_for_two(self, s: Sequence, next_pos: int) -> bool:
         """The step in flight and the one after it both fit this sequence's reserved blocks and limits."""

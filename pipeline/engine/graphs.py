@@ -9,24 +9,61 @@ short context is spread over programs instead of looping in one.
 Each graph also takes the argmax of its logits and leaves it in its own token input buffer, so a greedy
 step can be replayed with no host round trip for its input (`run_greedy(None, ...)`).
 
+With mark > 0 every graph also records one event (`mark`, shared by all buckets) after that fraction of its
+layers: the engine's look-ahead run waits on it before queuing the next step (Engine._await_mark), so what arrived
+during this step is seen while a third of it is still running. The latest replay's record is the one waited for.
+
 Usage:
-    g = DecodeGraphs(runner, max_batch_size=32, max_blocks=64)
+    g = DecodeGraphs(runner, max_batch_size=32, max_blocks=64, mark=0.67)
     logits = g.run(tokens, positions, slots, block_tables, context_lens, max_context=300)   # -> (n, V)
     toks = g.run_greedy(None, positions + 1, ...)   # inputs: the previous replay's argmax -> (n,)
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_CONTEXT_BUCKET = 256
 
 
+def _graph_event(device) -> Optional[torch.cuda.Event]:
+    """An event that a CUDA graph can record (an external event record node), checked by capturing one; None where
+    this torch / driver cannot (then the engine queues look-ahead steps without a mark)."""
+    try:
+        ev = torch.cuda.Event(external=True)
+        x = torch.zeros(1, device=device)
+        s = torch.cuda.Stream(device)
+        s.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(s):
+            x.add_(1)
+        torch.cuda.current_stream(device).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            x.add_(1)
+            ev.record()
+        g.replay()
+        ev.synchronize()
+        return ev
+    except (TypeError, RuntimeError) as e:
+        log.warning("decode graphs without a mid-step mark (look-ahead queues each step at once): %s", e)
+        return None
+
+
 class DecodeGraphs:
-    def __init__(self, runner, max_batch_size: int, max_blocks: int):
+    def __init__(self, runner, max_batch_size: int, max_blocks: int, mark: float = 0.0):
         self.runner = runner
+        self.mark, self.mark_layer = None, None
+        layers = len(getattr(runner, "layers", ()))
+        if mark > 0 and layers and hasattr(runner, "layer_mark"):
+            if not 0 < mark <= 1:
+                raise ValueError(f"lookahead_mark={mark} must lie in (0, 1]: the fraction of layers a step marks")
+            self.mark = _graph_event(runner.device)   # None where an event cannot be recorded inside a graph
+            self.mark_layer = min(layers - 1, max(0, round(mark * layers) - 1))
         self.buckets = sorted({b for b in BUCKETS if b < max_batch_size} | {max_batch_size})
         B, dev = max_batch_size, runner.device
         self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
@@ -104,10 +141,16 @@ class DecodeGraphs:
                 self.runner.decode(*args, max_context_len=c)   # rewrites the KV rows the replay writes: idempotent
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            out = self.runner.decode(*args, max_context_len=c)
-            tok = out.argmax(-1)
-            self.tokens[:b].copy_(tok)   # the next step's inputs, for greedy decoding queued ahead (run_greedy)
+        if self.mark is not None:
+            self.runner.layer_mark = (self.mark_layer, self.mark.record)
+        try:
+            with torch.cuda.graph(g, pool=self.pool):
+                out = self.runner.decode(*args, max_context_len=c)
+                tok = out.argmax(-1)
+                self.tokens[:b].copy_(tok)   # the next step's inputs, for greedy decoding queued ahead (run_greedy)
+        finally:
+            if self.mark is not None:
+                self.runner.layer_mark = None
         self.pool = g.pool()
         self.graphs[b, c], self.outputs[b, c] = g, (out, tok)
 

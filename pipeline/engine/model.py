@@ -123,6 +123,7 @@ class ModelRunner:
         self.k_cache = self.v_cache = None
         self.batched_prefill = True   # one attention call per layer for a step's chunks (False: one per chunk)
         self.prefill_kernel = True    # paged_prefill_attention on the Triton path (False: gather + SDPA)
+        self.layer_mark: Optional[tuple] = None   # (layer, fn): fn() after that layer of a forward (graphs.py)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -212,6 +213,8 @@ class ModelRunner:
             x = self.reduce(linear(o.reshape(T, nh * hd), L.wo, L.b_o))
             gate_up, res = norm_linear(x, res, L.ffn_norm, a.norm_eps, L.w13)           # (T, 2 I)
             x = self.reduce(swiglu_down(gate_up, L.w2))
+            if self.layer_mark is not None and l == self.layer_mark[0]:
+                self.layer_mark[1]()                                      # e.g. a CUDA graph's event (graphs.py)
         h, _ = rms_norm(x, self.norm, a.norm_eps, residual=res)
         if select is not None:
             h = h[select]
