@@ -37,7 +37,8 @@ Reported for each: TTFT p50/p90/p99, output tok/s, the server's prefix-cache hit
 tokens reused / prompt tokens looked up, from the `prefix_cache` counters of /health; None where the server
 has none), and TTFT p50 (off) / TTFT p50 (on). Then the same requests again at a lighter load
 (--prefix-light-clients, default --clients // 4) on each server: at 32 clients the TTFT of a wave sent at once is
-mostly its queueing behind the other prompts, at 8 mostly the arrival's own prefill.
+mostly its queueing behind the other prompts, at 8 mostly the arrival's own prefill. Last, the first --prefix-single
+requests (default 16) with one client on each server: an arrival's TTFT with nothing else running.
 
 transformers peers (--no-hf skips both; --hf-only runs only them, on the same requests, with no server or
 workspace: a device call of their own): LlamaForCausalLM with random weights of the model's shape, fp16
@@ -558,6 +559,9 @@ def main() -> None:
     ap.add_argument("--prefix-light-clients", type=int, default=None,
                     help="the prefix workload again at this lighter concurrency, on both servers (default: --clients "
                          "// 4; 0: skip)")
+    ap.add_argument("--prefix-single", type=int, default=16,
+                    help="the first N prefix requests again with one client, on both servers (0: skip): the TTFT of "
+                         "an arrival with nothing else running")
     ap.add_argument("--no-prefix", action="store_true", help="skip the shared-prefix workload (and its second server)")
     ap.add_argument("--prefix-only", action="store_true",
                     help="only the shared-prefix workload on both servers (and the second start): no batched or "
@@ -645,7 +649,8 @@ def main() -> None:
                         "prefix": None if args.no_prefix else {
                             "requests": args.prefix_requests, "prefix_len": args.prefix_len,
                             "question_len_uniform": args.question_len, "output_len_uniform": pout,
-                            "lead_requests": args.prefix_lead, "light_clients": light or None}},
+                            "lead_requests": args.prefix_lead, "light_clients": light or None,
+                            "single_client_requests": args.prefix_single or None}},
            "startup_s": build_s, "startup": h.get("startup"), "roofline_model": {**costs, "peak_tflops": args.peak_tflops,
                                                     "peak_tbps": args.peak_tbps}}
 
@@ -675,6 +680,8 @@ def main() -> None:
             res["prefix_on"] = run(server.url, preqs, args.clients, args.prefix_lead)
             if light:
                 res["prefix_on_light"] = run(server.url, preqs, light, args.prefix_lead)
+            if args.prefix_single:
+                res["prefix_on_single"] = run(server.url, preqs[:args.prefix_single], 1)
             save()
     finally:
         server.stop()
@@ -695,12 +702,15 @@ def main() -> None:
             res["prefix_off"] = run(off.url, preqs, args.clients, args.prefix_lead)
             if light:
                 res["prefix_off_light"] = run(off.url, preqs, light, args.prefix_lead)
+            if args.prefix_single:
+                res["prefix_off_single"] = run(off.url, preqs[:args.prefix_single], 1)
         finally:
             off.stop()
         res["prefix_ttft_p50_off_over_on"] = res["prefix_off"]["ttft_ms"][50] / res["prefix_on"]["ttft_ms"][50]
-        if light:
-            res["prefix_ttft_p50_off_over_on_light"] = (res["prefix_off_light"]["ttft_ms"][50]
-                                                        / res["prefix_on_light"]["ttft_ms"][50])
+        for part in ("light", "single"):
+            if f"prefix_on_{part}" in res and f"prefix_off_{part}" in res:
+                res[f"prefix_ttft_p50_off_over_on_{part}"] = (res[f"prefix_off_{part}"]["ttft_ms"][50]
+                                                              / res[f"prefix_on_{part}"]["ttft_ms"][50])
         save()
     from pipeline.workspace import config_args
     res["transformers_generate"], res["transformers_generate_batch"] = (None, None) if args.no_hf or args.prefix_only \
@@ -830,11 +840,12 @@ def table(r: dict) -> None:
             if on.get(part) and off.get(part):
                 print(f"  TTFT p50 of {label}: on {on[part][50]:.0f} ms, off {off[part][50]:.0f} ms "
                       f"({off[part][50] / on[part][50]:.2f}x)")
-        lon, loff = r.get("prefix_on_light"), r.get("prefix_off_light")
-        if lon and loff:
-            print(f"  the same workload at {lon['clients']} clients: TTFT p50 on {lon['ttft_ms'][50]:.0f} ms, off "
-                  f"{loff['ttft_ms'][50]:.0f} ms = {r['prefix_ttft_p50_off_over_on_light']:.2f}x; output tok/s on "
-                  f"{lon['output_tokens_per_s']:.1f}, off {loff['output_tokens_per_s']:.1f}")
+        for part in ("light", "single"):
+            lon, loff = r.get(f"prefix_on_{part}"), r.get(f"prefix_off_{part}")
+            if lon and loff:
+                print(f"  {lon['requests']} requests at {lon['clients']} client(s): TTFT p50 on {lon['ttft_ms'][50]:.0f} "
+                      f"ms, off {loff['ttft_ms'][50]:.0f} ms = {r[f'prefix_ttft_p50_off_over_on_{part}']:.2f}x; output "
+                      f"tok/s on {lon['output_tokens_per_s']:.1f}, off {loff['output_tokens_per_s']:.1f}")
     print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued; "
           "the engine process's pickup of a request, between steps):")
     for name, x in rows:

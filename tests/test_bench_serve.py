@@ -23,7 +23,7 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
            "--requests", "4", "--batch1", "1", "--client-procs", "2", "--prompt-len", "8:16", "--output-len", "4:8",
            "--device", "cpu",
            "--prefix-len", str(prefix), "--prefix-requests", "4", "--question-len", "8:16",
-           "--prefix-light-clients", "1", "--schedule", "fcfs",
+           "--prefix-light-clients", "1", "--prefix-single", "2", "--schedule", "fcfs",
            "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -62,7 +62,12 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     assert lon["clients"] == loff["clients"] == 1 and lon["ok"] == loff["ok"] == 4
     assert lon["prefix_cache"]["hits"] == 4 * prefix                # every one hits the cache the runs above filled
     assert res["prefix_ttft_p50_off_over_on_light"] == loff["ttft_ms"]["50"] / lon["ttft_ms"]["50"]
-    assert "the same workload at 1 clients" in r.stdout
+    assert "4 requests at 1 client(s)" in r.stdout
+    son, soff = res["prefix_on_single"], res["prefix_off_single"]   # the first 2 requests, one client
+    assert son["clients"] == soff["clients"] == 1 and son["ok"] == soff["ok"] == 2
+    assert son["prefix_cache"]["hits"] == 2 * prefix
+    assert res["prefix_ttft_p50_off_over_on_single"] == soff["ttft_ms"]["50"] / son["ttft_ms"]["50"]
+    assert "2 requests at 1 client(s)" in r.stdout
     assert res["workload"]["schedule"] == "fcfs" and "--schedule fcfs" in res["prefix_off_command"]
 
     static, cb = res["transformers_generate"], res["transformers_generate_batch"]
@@ -88,12 +93,14 @@ def test_serve_bench_prefix_only_runs_both_servers_and_nothing_else(tmp_path):
     no batched, batch-1 or transformers runs; the table prints what there is."""
     cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "2",
            "--client-procs", "1", "--device", "cpu", "--prefix-len", "128", "--prefix-requests", "4",
-           "--question-len", "8:16", "--output-len", "4:8", "--prefix-light-clients", "0", "--prefix-only",
+           "--question-len", "8:16", "--output-len", "4:8", "--prefix-light-clients", "0", "--prefix-single", "0",
+           "--prefix-only",
            "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "serve_tiny-random_fp16.json").read_text())
     assert "engine_batched" not in res and "engine_batch1" not in res and res["transformers_generate"] is None
+    assert "prefix_on_single" not in res and "prefix_ttft_p50_off_over_on_single" not in res
     assert res["prefix_on"]["ok"] == res["prefix_off"]["ok"] == 4 and res["prefix_off_first_token_s"] > 0
     assert "TTFT p50 off/on" in r.stdout and "second start" in r.stdout
     bad = subprocess.run([*cmd, "--no-prefix"], cwd=REPO, capture_output=True, text=True, timeout=60)
