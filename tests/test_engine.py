@@ -348,17 +348,20 @@ def test_gpu_greedy_lookahead_with_graphs_equals_plain(tiny):
     assert outs[0] == outs[1] and [len(o) for o in outs[1]] == [5, 40, 23]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny):
-    """The decode graphs record an event after 2/3 of their layers; a look-ahead run waits on it before queuing
-    the next step and takes what arrived (on_poll). A request that arrives then ends the run after the step in
-    flight: the running sequence has exactly one more token when the run returns (without the mark the next step
-    was already queued: two more). Outputs equal plain step-by-step decoding with B arriving at the same token."""
-    opts = {"session_len": 512, "max_batch_size": 4, "max_prefill_tokens": 64}
+class _Mark:
+    """A stand-in for the decode graph's event on a CPU: the look-ahead run waits on it, then polls."""
+    def __init__(self):
+        self.waits = 0
+
+    def synchronize(self):
+        self.waits += 1
+
+
+def _mark_run(eng, plain):
+    """A look-ahead run that takes request B at its third step's mark: the running sequence has exactly one more
+    token when the run returns (the step in flight; without the mark the next step was already queued: two more).
+    Outputs equal step-by-step decoding with B arriving at the same token."""
     pa, pb = (SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (40, 8))
-    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
-    assert eng.graphs.mark is not None and eng.graphs.mark_layer == round(0.67 * eng.runner.args.n_layers) - 1
     ha = eng.submit(PROMPTS[0], pa)
     eng.step()                                   # A's prefill: its first token
     seen, hb = [], []
@@ -374,7 +377,6 @@ def test_gpu_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny)
     eng.on_poll = None
     while eng.has_work():
         eng.step()
-    plain = Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "lookahead": False})
     pha = plain.submit(PROMPTS[0], pa)
     while not plain.running or len(plain.running[0].out_ids) < k:
         plain.step()
@@ -383,6 +385,26 @@ def test_gpu_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny)
         plain.step()
     got, want = ([[t for o in h for t in o.token_ids] for h in hs] for hs in ((ha, hb[0]), (pha, phb)))
     assert got == want and [len(o) for o in got] == [40, 8]
+
+
+def test_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny):
+    opts = {"session_len": 512, "max_batch_size": 4, "max_prefill_tokens": 64}
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cpu", opts)
+    assert eng.step_mark is None                 # no decode graphs on a CPU: the run queues each step at once
+    eng.step_mark = mark = _Mark()
+    _mark_run(eng, Engine.from_workspace(tiny["root"] / "w4", "cpu", {**opts, "lookahead": False}))
+    assert mark.waits >= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny):
+    """The decode graphs record an event after 2/3 of their layers (lookahead_mark), which the run waits on."""
+    opts = {"session_len": 512, "max_batch_size": 4, "max_prefill_tokens": 64}
+    eng = Engine.from_workspace(tiny["root"] / "w4", "cuda", opts)
+    assert eng.step_mark is eng.graphs.mark is not None
+    assert eng.graphs.mark_layer == round(0.67 * eng.runner.args.n_layers) - 1
+    _mark_run(eng, Engine.from_workspace(tiny["root"] / "w4", "cuda", {**opts, "lookahead": False}))
 
 
 @pytest.mark.gpu

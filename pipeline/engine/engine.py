@@ -164,6 +164,8 @@ class Engine:
             mark = s.get("lookahead_mark", float(os.environ.get("PIPELINE_LOOKAHEAD_MARK", 0.67)))
             mark = mark if self.lookahead and not native else 0.0
             self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks, mark=mark)
+        # what look-ahead runs wait on before queuing the next step (anything with .synchronize(); None: no wait)
+        self.step_mark = self.graphs.mark if self.graphs is not None else None
         self.prefill_graphs = None
         if (dev.type == "cuda" and s.get("cuda_graphs", True) and s.get("prefill_graphs", True)
                 and s.get("tp", 1) == 1 and use_triton(torch.empty(0, device=dev), "paged_prefill_attention")):
@@ -228,7 +230,7 @@ class Engine:
                     raise
                 log.warning("decode CUDA graphs failed to capture (%s: %s): decode steps run eagerly",
                             type(e).__name__, str(e)[:500])
-                self.graphs = None
+                self.graphs = self.step_mark = None
                 torch.cuda.synchronize(self.runner.device)
         t2 = time.perf_counter()
         n_prefill = 0
@@ -593,10 +595,9 @@ class Engine:
         arrived meanwhile: a request that arrives during a step then waits for that step only, not also for the
         next one, which is queued after this point (with the mark at 2/3, ~2 ms of a 7B's step are left to queue
         it in). Without a mark (no graphs, or the setting 0) the next step is queued right away, as before."""
-        mark = self.graphs.mark if self.graphs is not None else None
-        if mark is None:
+        if self.step_mark is None:
             return
-        mark.synchronize()
+        self.step_mark.synchronize()
         if self.on_poll is not None:
             self.on_poll()
 
