@@ -394,6 +394,8 @@ def test_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny):
     eng.step_mark = mark = _Mark()
     _mark_run(eng, Engine.from_workspace(tiny["root"] / "w4", "cpu", {**opts, "lookahead": False}))
     assert mark.waits >= 3
+    with pytest.raises(ValueError, match="lookahead_mark=1.5 must lie in"):
+        Engine.from_workspace(tiny["root"] / "w4", "cpu", {**opts, "lookahead_mark": 1.5})
 
 
 @pytest.mark.gpu

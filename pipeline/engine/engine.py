@@ -144,6 +144,10 @@ class Engine:
         self._step_threads = getattr(runner, "decode_threading", contextlib.nullcontext)
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
         self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
+        mark = s.get("lookahead_mark", float(os.environ.get("PIPELINE_LOOKAHEAD_MARK", 0.67)))
+        if not 0 <= mark <= 1:
+            raise ValueError(f"lookahead_mark={mark} must lie in [0, 1]: the fraction of a decode step's layers after "
+                             f"which a look-ahead run queues the next step (0: at once)")
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=dev)  # last step's greedy tokens
         # programmatic dependent launch (Hopper): by default where it was measured faster (W4A16; see kernels/pdl.py);
         # set before warm-up, so the captured decode graphs carry it
@@ -161,9 +165,8 @@ class Engine:
             from .graphs import DecodeGraphs
             # lookahead_mark: the decode graphs mark this fraction of their layers (an event the host can wait on),
             # so a look-ahead run queues its next step only then, after taking what arrived meanwhile
-            mark = s.get("lookahead_mark", float(os.environ.get("PIPELINE_LOOKAHEAD_MARK", 0.67)))
-            mark = mark if self.lookahead and not native else 0.0
-            self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks, mark=mark)
+            self.graphs = DecodeGraphs(runner, self.max_batch_size, self.max_blocks,
+                                       mark=mark if self.lookahead and not native else 0.0)
         # what look-ahead runs wait on before queuing the next step (anything with .synchronize(); None: no wait)
         self.step_mark = self.graphs.mark if self.graphs is not None else None
         self.prefill_graphs = None

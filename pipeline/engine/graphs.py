@@ -59,9 +59,7 @@ class DecodeGraphs:
         self.runner = runner
         self.mark, self.mark_layer = None, None
         layers = len(getattr(runner, "layers", ()))
-        if mark > 0 and layers and hasattr(runner, "layer_mark"):
-            if not 0 < mark <= 1:
-                raise ValueError(f"lookahead_mark={mark} must lie in (0, 1]: the fraction of layers a step marks")
+        if mark and layers and hasattr(runner, "layer_mark"):
             self.mark = _graph_event(runner.device)   # None where an event cannot be recorded inside a graph
             self.mark_layer = min(layers - 1, max(0, round(mark * layers) - 1))
         self.buckets = sorted({b for b in BUCKETS if b < max_batch_size} | {max_batch_size})
