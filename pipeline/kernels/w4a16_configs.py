@@ -15,10 +15,9 @@ from __future__ import annotations
 # dequantized weights as the MMA's register operand; split as above; kw nibble planes (of g/8 inputs) per dot;
 # an 8th field 1 (`_pr`, fp16): the pair unpack (`w4a16_swap._pairs`: one lop3 per two weights, the inputs of a
 # group reordered to match, one dot of K = g), 21-40% fewer instructions a group for 16-32-row tiles (sm_90 SASS).
-# `_s6` / `_s8`: deeper cp.async rings for the decode tiles. In the sm_90 SASS of swap_m16_n64_c4_pr each program
-# keeps only 2 groups' loads outstanding while it computes (DEPBAR.LE SB0, 8 at 4 commit groups a group), ~28 KB of
-# weights in flight an SM at 4 programs: less than the ~1 us of loaded DRAM latency needs at 3 TB/s (~23-45 KB an
-# SM); 6 and 8 stages keep 4 and 6 groups outstanding (same loop, 24-33 KB of shared memory at 16 x 64).
+# `_s8`: a deeper cp.async ring (8 stages: 6 groups' loads outstanding instead of 2, per the sm_90 SASS). Of the deeper
+# rings timed on an H100 (session 19: 16 x 64 pairs at c4 / c2, 32 x 64 and 64 x 64 `_k8` at 6 stages) only this one
+# won a 7B shape: 4096 x 12288 at M = 2-16, 26.4 against 27.8 us at M = 16 (docs/perf-log.md, session 19).
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
     "wide_n128_s2": ("wide", 128, 2, 4, 0),
@@ -58,10 +57,7 @@ CONFIGS = {
     "swap_m32_n256_c2_pr": ("swap", 32, 256, -2, 8, 3, 8, 1),
     "swap_m64_n128_c2_pr": ("swap", 64, 128, -2, 8, 3, 8, 1),
     "swap_m64_n128_c1_pr": ("swap", 64, 128, -1, 8, 3, 8, 1),
-    "swap_m16_n64_c4_s8_pr": ("swap", 16, 64, -4, 4, 8, 8, 1),
     "swap_m16_n64_c2_s8_pr": ("swap", 16, 64, -2, 4, 8, 8, 1),
-    "swap_m32_n64_c4_s6_k8": ("swap", 32, 64, -4, 4, 6, 8),
-    "swap_m64_n64_c2_s6_k8": ("swap", 64, 64, -2, 4, 6, 8),
     "swap_m64_n64_c4_k8": ("swap", 64, 64, -4, 4, 4, 8),
     "swap_m64_n64_c2_k8": ("swap", 64, 64, -2, 4, 4, 8),
     "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 1),
@@ -72,10 +68,9 @@ CONFIGS = {
     "dequant_cublas": None,
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c4_pr", "swap_m16_n64_c8_pr",
-               "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr", "swap_m16_n64_c4_s8_pr", "swap_m16_n64_c2_s8_pr")
+               "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr", "swap_m16_n64_c2_s8_pr")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m32_n128_c2_k8", "swap_m32_n64_c4_k8", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8",
-            "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr",
-            "swap_m32_n64_c4_s6_k8", "swap_m64_n64_c2_s6_k8")
+            "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
                 "swap_m256_n128_c1_k4", "swap_m64_n128_c1_pr")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
