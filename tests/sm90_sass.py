@@ -51,16 +51,20 @@ def ptxas_info(ptx: str) -> str:
     return _tool("ptxas", "-arch=sm_90a", "-v", "-o", os.devnull, file=("k.ptx", ptx)).stderr
 
 
-def loop_instructions(cubin: bytes) -> int:
-    """Instructions of the largest loop body (a backward branch to a label before it)."""
-    sass = sass_text(cubin)
-    lines, best = sass.splitlines(), 0
+def loop_body(cubin: bytes) -> list[str]:
+    """The instructions of the largest loop body (a backward branch to a label before it)."""
+    lines, best = sass_text(cubin).splitlines(), []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `?\(\.(L_x_\d+)\)", line)
         head = [j for j, x in enumerate(lines) if m and x.startswith(f".{m.group(1)}:")]
         if head and head[0] < i:
-            best = max(best, sum(bool(re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", x)) for x in lines[head[0]:i + 1]))
+            body = [x for x in lines[head[0]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", x)]
+            best = body if len(body) > len(best) else best
     return best
+
+
+def loop_instructions(cubin: bytes) -> int:
+    return len(loop_body(cubin))
 
 
 def swap(name: str, g: int) -> dict:
@@ -70,11 +74,13 @@ def swap(name: str, g: int) -> dict:
     sig = {n: "*i32" if n in ("q_ptr", "cnt_ptr") else "*fp32" if n == "ws_ptr" else "*fp16"
            for n in fn.arg_names if n.endswith("_ptr")}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=True, GROUP_M=8, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw,
-               PDL=True, PAIRS=bool(pairs and pairs[0]), ASM=True)
+               PDL=True, PAIRS=pairs[0] if pairs else 0, ASM=True)
     k = compile_sm90(fn, sig, cst, warps, stages)
     ptx = k.asm["ptx"]
+    body = "\n".join(loop_body(k.asm["cubin"]))   # in the main loop: a fence, a shared store, a wait for every wgmma
     return {"loop": loop_instructions(k.asm["cubin"]), "pair_lop3": ptx.count("0x000f000f, 0x64006400"),
-            "local": ".local" in ptx}
+            "local": ".local" in ptx, "membar": "MEMBAR" in body, "sts": bool(re.search(r"\bSTS\b", body)),
+            "wait_all_wgmma": "DEPBAR.LE gsb0, 0x0" in body}
 
 
 def attn_fma(asm: int) -> dict:

@@ -99,7 +99,8 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                   "swap_split3": ("swap", 16, 32, 3, 4, 1, 1), "swap_tile": ("swap", 32, 64, 1, 4, 1, 1),
                   "swap_k8": ("swap", 16, 32, 2, 4, 1, 8), "swap_k2": ("swap", 32, 32, 1, 4, 1, 2),
                   "swap_k4": ("swap", 16, 32, 3, 4, 1, 4), "swap_pairs": ("swap", 16, 32, 2, 4, 1, 8, 1),
-                  "swap_pairs_tile": ("swap", 32, 64, 1, 4, 1, 8, 1)}
+                  "swap_pairs_tile": ("swap", 32, 64, 1, 4, 1, 8, 1), "swap_np": ("swap", 16, 32, 2, 4, 1, 8, 2),
+                  "swap_np_tile": ("swap", 32, 64, 1, 4, 1, 8, 2)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
@@ -117,7 +118,8 @@ INTERP_CONFIGS = {"gemv_split3": (16, 32, 3, 4, 1, 0, 0), "gemv_split1": (16, 16
                                          (5, 40, 640, 64, "swap_k2"), (3, 33, 256, 32, "swap_k4"),
                                          (2, 40, 256, 64, "swap_tile"), (24, 40, 256, 128, "swap_split3"),
                                          (3, 40, 384, 128, "swap_pairs"), (19, 70, 192, 64, "swap_pairs_tile"),
-                                         (2, 33, 128, 32, "swap_pairs")])
+                                         (2, 33, 128, 32, "swap_pairs"), (3, 40, 384, 128, "swap_np"),
+                                         (19, 70, 192, 64, "swap_np_tile"), (2, 33, 128, 32, "swap_np")])
 def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(N, K, g), g)
@@ -208,7 +210,7 @@ def test_gpu_small_groups_and_odd_shapes(poisoned, g):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
 @pytest.mark.parametrize("cfg", ["gemv_split3", "sliced_split2", "fma_split3", "tile", "px_split3", "wide_ks2",
-                                 "swap_split3", "swap_k8", "swap_pairs"])
+                                 "swap_split3", "swap_k8", "swap_pairs", "swap_np"])
 def test_interpreter_fused_silu_mul_and_counters_rearmed(monkeypatch, poisoned, cfg):
     """act="silu_mul" equals silu_mul then the GEMM; split-K counters are back to 0 after every launch."""
     from pipeline.kernels.norm import silu_mul_ref
@@ -315,3 +317,17 @@ def test_offline_sm90_pair_unpack_cuts_the_loop(name, base, g):
     pr, base = measure("swap", name, str(g)), measure("swap", base, str(g))
     assert pr["pair_lop3"] >= 4 and not pr["local"] and not base["local"]
     assert 0 < pr["loop"] <= 0.85 * base["loop"], (pr, base)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("triton").__version__.startswith("3.6."),
+                    reason="sm_90 SASS checked with Triton 3.6")
+@pytest.mark.parametrize("name,base", [("swap_m16_n64_c8_np", "swap_m16_n64_c8_k8"),
+                                       ("swap_m32_n64_c4_np", "swap_m32_n64_c4_k8")])
+def test_offline_sm90_natural_pairs_keep_the_activations_as_loaded(name, base):
+    """Natural pairs (`_np`): the main loop has no shared-memory permutation of the activations (no STS, no MEMBAR),
+    no wait for every wgmma, no spills, and fewer instructions than the same tile's plane unpack (`_k8`)."""
+    from sm90_sass import measure
+    np_, k8 = measure("swap", name, "64"), measure("swap", base, "64")
+    assert not np_["sts"] and not np_["membar"] and not np_["wait_all_wgmma"] and not np_["local"], np_
+    assert np_["pair_lop3"] >= 4 and 0 < np_["loop"] < k8["loop"], (np_, k8)

@@ -367,7 +367,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         _w4a16_swap_kernel[(tiles, split)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=_DKIND[x2.dtype],
-            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=bool(pairs and pairs[0]),
+            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=int(pairs[0]) if pairs else 0,
             ASM=x2.device.type == "cuda", num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     else:
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,

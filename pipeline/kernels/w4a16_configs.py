@@ -18,6 +18,11 @@ from __future__ import annotations
 # `_s8`: a deeper cp.async ring (8 stages: 6 groups' loads outstanding instead of 2, per the sm_90 SASS). Of the deeper
 # rings timed on an H100 (session 19: 16 x 64 pairs at c4 / c2, 32 x 64 and 64 x 64 `_k8` at 6 stages) only this one
 # won a 7B shape: 4096 x 12288 at M = 2-16, 26.4 against 27.8 us at M = 16 (docs/perf-log.md, session 19).
+# an 8th field 2 (`_np`, fp16): natural pairs (`w4a16_swap._np_planes`: words p and p + 1 of a plane made one fp16 pair
+# by prmt + lop3, ~1.1 instructions a weight): the group's k order is the layout's own, so the activations reach the
+# MMA as loaded; in the sm_90 SASS of the 16 x 64 tile (g64) the loop has no shared-memory permutation, fence or
+# second barrier and its four wgmmas are not each waited for (`DEPBAR.LE gsb0, 0x3`): 175 instructions against 156
+# (`_pr`, which waits for all four) and 214 (`_k8`). Not yet timed on a GPU.
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
     "wide_n128_s2": ("wide", 128, 2, 4, 0),
@@ -58,6 +63,11 @@ CONFIGS = {
     "swap_m64_n128_c2_pr": ("swap", 64, 128, -2, 8, 3, 8, 1),
     "swap_m64_n128_c1_pr": ("swap", 64, 128, -1, 8, 3, 8, 1),
     "swap_m16_n64_c2_s8_pr": ("swap", 16, 64, -2, 4, 8, 8, 1),
+    "swap_m16_n64_c4_np": ("swap", 16, 64, -4, 4, 4, 8, 2),
+    "swap_m16_n64_c8_np": ("swap", 16, 64, -8, 4, 3, 8, 2),
+    "swap_m16_n64_c2_s8_np": ("swap", 16, 64, -2, 4, 8, 8, 2),
+    "swap_m32_n64_c4_np": ("swap", 32, 64, -4, 4, 4, 8, 2),
+    "swap_m64_n64_c2_np": ("swap", 64, 64, -2, 4, 4, 8, 2),
     "swap_m64_n64_c4_k8": ("swap", 64, 64, -4, 4, 4, 8),
     "swap_m64_n64_c2_k8": ("swap", 64, 64, -2, 4, 4, 8),
     "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 1),
@@ -68,9 +78,11 @@ CONFIGS = {
     "dequant_cublas": None,
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c4_pr", "swap_m16_n64_c8_pr",
-               "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr", "swap_m16_n64_c2_s8_pr")
+               "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr", "swap_m16_n64_c2_s8_pr",
+               "swap_m16_n64_c4_np", "swap_m16_n64_c8_np", "swap_m16_n64_c2_s8_np")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m32_n128_c2_k8", "swap_m32_n64_c4_k8", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8",
-            "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr")
+            "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr",
+            "swap_m32_n64_c4_np", "swap_m64_n64_c2_np")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
                 "swap_m256_n128_c1_k4", "swap_m64_n128_c1_pr")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
@@ -85,9 +97,9 @@ INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
 
 
 def uses_pairs(name: str) -> bool:
-    """A swap config with the pair unpack (its 8th field; fp16 activations only)."""
+    """A swap config with a pair unpack (its 8th field 1 or 2; fp16 activations only)."""
     cfg = CONFIGS.get(name)
-    return bool(cfg and cfg[0] == "swap" and cfg[7:8] == (1,))
+    return bool(cfg and cfg[0] == "swap" and cfg[7:8] in ((1,), (2,)))
 
 
 def candidates(M: int) -> tuple[str, ...]:

@@ -21,6 +21,10 @@ the loop is bound by instruction issue more than by bytes. A group's inputs may 
 pair order takes nibbles s and s + 4 of a word (16 bits apart: one `lop3` makes both, already a pair) as
 neighbours along k, and the activations are permuted to match in registers on their way to shared memory:
 21-40% fewer loop instructions for 16-32-row tiles (tests/sm90_sass.py), more spills from 128 rows up.
+NATURAL PAIRS (the `_np` configs, PAIRS = 2, fp16): neighbours along k of a nibble plane (words p and p + 1) made one
+fp16 pair by `prmt` + `lop3` (`_np_planes`): the k order stays the layout's, so the activations reach the MMA as
+loaded; the sm_90 main loop loses `_pairs`' permutation through shared memory, its fence and second barrier, and its
+wait for every wgmma (tests/test_kernel_w4a16.py, offline SASS).
 Measured: bench/results/w4a16_swap_v*.json, docs/perf-log.md "W4A16 v10".
 """
 from __future__ import annotations
@@ -118,6 +122,48 @@ def _pair_planes(q, zc, sw, ASM: tl.constexpr):
     return tl.reshape(tl.permute(w, (0, 3, 2, 1)), (BN, 8 * P))
 
 
+# NATURAL PAIRS (PAIRS == 2): the two neighbours along k of a plane, words p and p + 1 at the same nibble, as one fp16
+# pair: `prmt` takes byte c of each word into bytes 0 and 2, `lop3` keeps their low nibbles under 0x6400 (odd nibbles:
+# the words shifted by 4 first, once for all four odd planes). The group's k order stays the layout's own (plane by
+# plane), so the activations go to the MMA as loaded (no permutation through shared memory, no fence, no second
+# barrier a group), at ~1.1 instructions a weight for the unpack against ~1.0 for `_pairs`.
+NP_ASM0 = tl.constexpr("prmt.b32 $0, $1, $2, 0x4400; lop3.b32 $0, $0, 0x000f000f, 0x64006400, 0xea;")
+NP_ASM1 = tl.constexpr("prmt.b32 $0, $1, $2, 0x5511; lop3.b32 $0, $0, 0x000f000f, 0x64006400, 0xea;")
+NP_ASM2 = tl.constexpr("prmt.b32 $0, $1, $2, 0x6622; lop3.b32 $0, $0, 0x000f000f, 0x64006400, 0xea;")
+NP_ASM3 = tl.constexpr("prmt.b32 $0, $1, $2, 0x7733; lop3.b32 $0, $0, 0x000f000f, 0x64006400, 0xea;")
+
+
+@triton.jit
+def _np_plane(q, q4, zc, sw, j: tl.constexpr, ASM: tl.constexpr):
+    # plane j of q (BN, P) as (q_j - z) * sw in fp16, natural order (element p = input j * P + p); q4 = q >> 4
+    if not ASM:   # the interpreter: the same values from plain Triton
+        return _plane(q, zc, sw, j, 1)
+    qs = q if j % 2 == 0 else q4
+    if j // 2 == 0:
+        w = tl.inline_asm_elementwise(NP_ASM0, "=r,r,r", [qs], dtype=tl.float16, is_pure=True, pack=2)
+    elif j // 2 == 1:
+        w = tl.inline_asm_elementwise(NP_ASM1, "=r,r,r", [qs], dtype=tl.float16, is_pure=True, pack=2)
+    elif j // 2 == 2:
+        w = tl.inline_asm_elementwise(NP_ASM2, "=r,r,r", [qs], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        w = tl.inline_asm_elementwise(NP_ASM3, "=r,r,r", [qs], dtype=tl.float16, is_pure=True, pack=2)
+    return (w - zc.to(tl.float16)[:, None]) * sw
+
+
+@triton.jit
+def _np_planes(q, zc, sw, ASM: tl.constexpr):
+    # the group's 8 planes side by side, (BN, 8P) in natural k order (as `_planes` with KW = 8)
+    BN: tl.constexpr = q.shape[0]
+    P: tl.constexpr = q.shape[1]
+    q4 = q >> 4
+    a = tl.join(_np_plane(q, q4, zc, sw, 0, ASM), _np_plane(q, q4, zc, sw, 1, ASM))
+    b = tl.join(_np_plane(q, q4, zc, sw, 2, ASM), _np_plane(q, q4, zc, sw, 3, ASM))
+    c = tl.join(_np_plane(q, q4, zc, sw, 4, ASM), _np_plane(q, q4, zc, sw, 5, ASM))
+    d = tl.join(_np_plane(q, q4, zc, sw, 6, ASM), _np_plane(q, q4, zc, sw, 7, ASM))
+    w = tl.join(tl.join(a, b), tl.join(c, d))  # (BN, P, 2, 2, 2): plane 4*d4 + 2*d3 + d2
+    return tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BN, 8 * P))
+
+
 @triton.jit
 def _xt_pairs(ptrs, K, mask_m, ACT: tl.constexpr):
     # the group's activations (BM, g), loaded in input order (contiguous rows), handed to the dot transposed in
@@ -176,7 +222,15 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
-    if PAIRS and DKIND == 1:  # fp16: one dot of K = g a group, weights and activations in the pair order (`_pairs`)
+    if PAIRS == 2 and DKIND == 1 and KW == 8 and P >= 2:   # fp16: one dot of K = g a group, natural pairs
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g), used transposed
+        for g in range(g_lo, g_hi):
+            q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
+            sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)  # (BN,) fp16
+            zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
+            xg = _xt(x_ptrs + g * GROUP, K, mask_m, ACT)  # (g, BM)
+            acc = _dot(_np_planes(q, zc, sc[:, None], ASM), xg, acc, DKIND)
+    elif PAIRS == 1 and DKIND == 1:  # fp16: one dot of K = g a group, weights and activations in the pair order
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         for g in range(g_lo, g_hi):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
