@@ -18,7 +18,7 @@ from __future__ import annotations
 # `_s8`: a deeper cp.async ring (8 stages: 6 groups' loads outstanding instead of 2, per the sm_90 SASS). Of the deeper
 # rings timed on an H100 (session 19: 16 x 64 pairs at c4 / c2, 32 x 64 and 64 x 64 `_k8` at 6 stages) only this one
 # won a 7B shape: 4096 x 12288 at M = 2-16, 26.4 against 27.8 us at M = 16 (docs/perf-log.md, session 19).
-# an 8th field 2 (`_np`, fp16): natural pairs (`w4a16_swap._np_planes`: words p and p + 1 of a plane made one fp16 pair
+# an 8th field 2 (`_np`, fp16): natural pairs (`w4a16_swap._np_plane`: words p and p + 1 of a plane made one fp16 pair
 # by prmt + lop3, ~1.1 instructions a weight): the group's k order is the layout's own, so the activations reach the
 # MMA as loaded; in the sm_90 SASS of the 16 x 64 tile (g64) the loop has no shared-memory permutation, fence or
 # second barrier and its four wgmmas are not each waited for (`DEPBAR.LE gsb0, 0x3`): 175 instructions against 156

@@ -22,7 +22,7 @@ pair order takes nibbles s and s + 4 of a word (16 bits apart: one `lop3` makes 
 neighbours along k, and the activations are permuted to match in registers on their way to shared memory:
 21-40% fewer loop instructions for 16-32-row tiles (tests/sm90_sass.py), more spills from 128 rows up.
 NATURAL PAIRS (the `_np` configs, PAIRS = 2, fp16): neighbours along k of a nibble plane (words p and p + 1) made one
-fp16 pair by `prmt` + `lop3` (`_np_planes`): the k order stays the layout's, so the activations reach the MMA as
+fp16 pair by `prmt` + `lop3` (`_np_plane`): the k order stays the layout's, so the activations reach the MMA as
 loaded; the sm_90 main loop loses `_pairs`' permutation through shared memory, its fence and second barrier, and its
 wait for every wgmma (tests/test_kernel_w4a16.py, offline SASS).
 Measured: bench/results/w4a16_swap_v*.json, docs/perf-log.md "W4A16 v10".
@@ -65,28 +65,46 @@ def _plane(q, zc, sw, j: tl.constexpr, DKIND: tl.constexpr):
 
 
 @triton.jit
-def _planes(q, zc, sw, j0: tl.constexpr, KW: tl.constexpr, DKIND: tl.constexpr):
+def _planes(q, zc, sw, j0: tl.constexpr, KW: tl.constexpr, DKIND: tl.constexpr, NP: tl.constexpr = False,
+            ASM: tl.constexpr = False):
     # planes j0 .. j0 + KW - 1 side by side, (BN, KW * P) in natural k order, built by joins whose new
-    # minor dims are permuted in front of P: register moves only, no shared-memory round trip
+    # minor dims are permuted in front of P: register moves only, no shared-memory round trip. NP: each plane
+    # by natural pairs (`_np_plane`, fp16)
     BN: tl.constexpr = q.shape[0]
     P: tl.constexpr = q.shape[1]
+    if NP:
+        q4 = q >> 4   # the odd nibbles' words, shifted once for all four odd planes
+    else:
+        q4 = q
     if KW == 1:
-        w = _plane(q, zc, sw, j0, DKIND)
+        w = _any_plane(q, q4, zc, sw, j0, DKIND, NP, ASM)
     elif KW == 2:
-        w = tl.join(_plane(q, zc, sw, j0, DKIND), _plane(q, zc, sw, j0 + 1, DKIND))  # (BN, P, 2)
+        w = tl.join(_any_plane(q, q4, zc, sw, j0, DKIND, NP, ASM),
+                    _any_plane(q, q4, zc, sw, j0 + 1, DKIND, NP, ASM))  # (BN, P, 2)
         w = tl.reshape(tl.permute(w, (0, 2, 1)), (BN, 2 * P))
     elif KW == 4:
-        a = tl.join(_plane(q, zc, sw, j0, DKIND), _plane(q, zc, sw, j0 + 1, DKIND))
-        b = tl.join(_plane(q, zc, sw, j0 + 2, DKIND), _plane(q, zc, sw, j0 + 3, DKIND))
+        a = tl.join(_any_plane(q, q4, zc, sw, j0, DKIND, NP, ASM), _any_plane(q, q4, zc, sw, j0 + 1, DKIND, NP, ASM))
+        b = tl.join(_any_plane(q, q4, zc, sw, j0 + 2, DKIND, NP, ASM),
+                    _any_plane(q, q4, zc, sw, j0 + 3, DKIND, NP, ASM))
         w = tl.reshape(tl.permute(tl.join(a, b), (0, 3, 2, 1)), (BN, 4 * P))  # (BN, P, 2, 2): plane 2*d3 + d2
     else:
-        a = tl.join(_plane(q, zc, sw, j0, DKIND), _plane(q, zc, sw, j0 + 1, DKIND))
-        b = tl.join(_plane(q, zc, sw, j0 + 2, DKIND), _plane(q, zc, sw, j0 + 3, DKIND))
-        c = tl.join(_plane(q, zc, sw, j0 + 4, DKIND), _plane(q, zc, sw, j0 + 5, DKIND))
-        d = tl.join(_plane(q, zc, sw, j0 + 6, DKIND), _plane(q, zc, sw, j0 + 7, DKIND))
+        a = tl.join(_any_plane(q, q4, zc, sw, j0, DKIND, NP, ASM), _any_plane(q, q4, zc, sw, j0 + 1, DKIND, NP, ASM))
+        b = tl.join(_any_plane(q, q4, zc, sw, j0 + 2, DKIND, NP, ASM),
+                    _any_plane(q, q4, zc, sw, j0 + 3, DKIND, NP, ASM))
+        c = tl.join(_any_plane(q, q4, zc, sw, j0 + 4, DKIND, NP, ASM),
+                    _any_plane(q, q4, zc, sw, j0 + 5, DKIND, NP, ASM))
+        d = tl.join(_any_plane(q, q4, zc, sw, j0 + 6, DKIND, NP, ASM),
+                    _any_plane(q, q4, zc, sw, j0 + 7, DKIND, NP, ASM))
         w = tl.join(tl.join(a, b), tl.join(c, d))  # (BN, P, 2, 2, 2): plane 4*d4 + 2*d3 + d2
         w = tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BN, 8 * P))
     return w
+
+
+@triton.jit
+def _any_plane(q, q4, zc, sw, j: tl.constexpr, DKIND: tl.constexpr, NP: tl.constexpr, ASM: tl.constexpr):
+    if NP and ASM:
+        return _np_plane(q, q4, zc, sw, j)
+    return _plane(q, zc, sw, j, DKIND)   # also the interpreter's natural pairs: the same values
 
 
 PAIR_ASM = tl.constexpr("lop3.b32 $0, $1, 0x000f000f, 0x64006400, 0xea;")   # $1 = $2: the word, twice
@@ -134,10 +152,8 @@ NP_ASM3 = tl.constexpr("prmt.b32 $0, $1, $2, 0x7733; lop3.b32 $0, $0, 0x000f000f
 
 
 @triton.jit
-def _np_plane(q, q4, zc, sw, j: tl.constexpr, ASM: tl.constexpr):
+def _np_plane(q, q4, zc, sw, j: tl.constexpr):
     # plane j of q (BN, P) as (q_j - z) * sw in fp16, natural order (element p = input j * P + p); q4 = q >> 4
-    if not ASM:   # the interpreter: the same values from plain Triton
-        return _plane(q, zc, sw, j, 1)
     qs = q if j % 2 == 0 else q4
     if j // 2 == 0:
         w = tl.inline_asm_elementwise(NP_ASM0, "=r,r,r", [qs], dtype=tl.float16, is_pure=True, pack=2)
@@ -148,20 +164,6 @@ def _np_plane(q, q4, zc, sw, j: tl.constexpr, ASM: tl.constexpr):
     else:
         w = tl.inline_asm_elementwise(NP_ASM3, "=r,r,r", [qs], dtype=tl.float16, is_pure=True, pack=2)
     return (w - zc.to(tl.float16)[:, None]) * sw
-
-
-@triton.jit
-def _np_planes(q, zc, sw, ASM: tl.constexpr):
-    # the group's 8 planes side by side, (BN, 8P) in natural k order (as `_planes` with KW = 8)
-    BN: tl.constexpr = q.shape[0]
-    P: tl.constexpr = q.shape[1]
-    q4 = q >> 4
-    a = tl.join(_np_plane(q, q4, zc, sw, 0, ASM), _np_plane(q, q4, zc, sw, 1, ASM))
-    b = tl.join(_np_plane(q, q4, zc, sw, 2, ASM), _np_plane(q, q4, zc, sw, 3, ASM))
-    c = tl.join(_np_plane(q, q4, zc, sw, 4, ASM), _np_plane(q, q4, zc, sw, 5, ASM))
-    d = tl.join(_np_plane(q, q4, zc, sw, 6, ASM), _np_plane(q, q4, zc, sw, 7, ASM))
-    w = tl.join(tl.join(a, b), tl.join(c, d))  # (BN, P, 2, 2, 2): plane 4*d4 + 2*d3 + d2
-    return tl.reshape(tl.permute(w, (0, 4, 3, 2, 1)), (BN, 8 * P))
 
 
 @triton.jit
@@ -229,7 +231,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
             sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)  # (BN,) fp16
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
             xg = _xt(x_ptrs + g * GROUP, K, mask_m, ACT)  # (g, BM)
-            acc = _dot(_np_planes(q, zc, sc[:, None], ASM), xg, acc, DKIND)
+            acc = _dot(_planes(q, zc, sc[:, None], 0, 8, DKIND, True, ASM), xg, acc, DKIND)
     elif PAIRS == 1 and DKIND == 1:  # fp16: one dot of K = g a group, weights and activations in the pair order
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         for g in range(g_lo, g_hi):
