@@ -148,6 +148,8 @@ BAD = [  # (path, body, status, words the error message must contain)
     ("/v1/completions", {"model": "tiny-random", "prompt": "x" * 1000}, 400, "session_len"),
     ("/v1/completions", {"model": "tiny-random", "prompt": [1, 99999]}, 400, "token ids"),
     ("/v1/completions", {"model": "tiny-random", "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": [[1, 2], []]}, 400, "empty list (or holds one)"),
+    ("/v1/completions", {"model": "tiny-random", "prompt": [1, [2]]}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny-random", "messages": MSG}, 400, "missing required field 'prompt'"),
     ("/v1/nothing", {}, 404, "no route"),
     # issue 23: what used to be 500s, and OpenAI fields we cannot honour

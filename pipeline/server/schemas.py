@@ -231,7 +231,9 @@ class CompletionRequest(_Sampling):
     def check(self) -> None:
         super().check()
         p = self.prompt
-        if isinstance(p, list) and (not p or any(isinstance(x, list) and not x for x in p)):
+        # a list of ints or strings holds no lists (pydantic took one of the union's homogeneous list types): only a
+        # batch of token-id lists is walked (a walk over a 1,200-id prompt was 60% of parsing it, ~160 us)
+        if isinstance(p, list) and (not p or (isinstance(p[0], list) and any(not x for x in p))):
             raise ApiError(400, "prompt is an empty list (or holds one); give a string, a list of strings, a list of "
                            "token ids or a list of token-id lists", param="prompt")
         if self.suffix:
