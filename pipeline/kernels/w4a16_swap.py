@@ -224,15 +224,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
-    if PAIRS == 2 and DKIND == 1 and KW == 8 and P >= 2:   # fp16: one dot of K = g a group, natural pairs
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g), used transposed
-        for g in range(g_lo, g_hi):
-            q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
-            sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)  # (BN,) fp16
-            zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
-            xg = _xt(x_ptrs + g * GROUP, K, mask_m, ACT)  # (g, BM)
-            acc = _dot(_planes(q, zc, sc[:, None], 0, 8, DKIND, True, ASM), xg, acc, DKIND)
-    elif PAIRS == 1 and DKIND == 1:  # fp16: one dot of K = g a group, weights and activations in the pair order
+    if PAIRS == 1 and DKIND == 1:  # fp16: one dot of K = g a group, weights and activations in the pair order
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
         for g in range(g_lo, g_hi):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
@@ -248,9 +240,9 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
             if DKIND != 2:  # fp16 / fp32: the scale folded into the weights, the dots chain into acc
                 sw = sc.to(x_ptr.dtype.element_ty)[:, None]  # exact: scales are fp16
-                for j in tl.static_range(8 // KW):  # one dot per KW planes (K = KW * P)
+                for j in tl.static_range(8 // KW):  # one dot per KW planes (K = KW * P); PAIRS 2: natural pairs
                     xj = _xt(x_ptrs + g * GROUP + j * KW * P, K, mask_m, ACT)  # (KW * P, BM)
-                    acc = _dot(_planes(q, zc, sw, j * KW, KW, DKIND), xj, acc, DKIND)
+                    acc = _dot(_planes(q, zc, sw, j * KW, KW, DKIND, PAIRS == 2 and DKIND == 1, ASM), xj, acc, DKIND)
             else:  # bf16 cannot hold an fp16 scale exactly: scale each group's fp32 sum instead
                 d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for j in tl.static_range(8 // KW):
