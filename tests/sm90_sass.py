@@ -74,7 +74,7 @@ def swap(name: str, g: int) -> dict:
     sig = {n: "*i32" if n in ("q_ptr", "cnt_ptr") else "*fp32" if n == "ws_ptr" else "*fp16"
            for n in fn.arg_names if n.endswith("_ptr")}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=True, GROUP_M=8, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw,
-               PDL=True, PAIRS=pairs[0] if pairs else 0, ASM=True)
+               PDL=True, PAIRS=pairs[0] if pairs else 0, ASM=True, UNROLL=pairs[1] if len(pairs) > 1 else 1)
     k = compile_sm90(fn, sig, cst, warps, stages)
     ptx = k.asm["ptx"]
     body = "\n".join(loop_body(k.asm["cubin"]))   # in the main loop: a fence, a shared store, a wait for every wgmma

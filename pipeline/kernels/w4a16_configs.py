@@ -23,6 +23,11 @@ from __future__ import annotations
 # MMA as loaded; in the sm_90 SASS of the 16 x 64 tile (g64) the loop has no shared-memory permutation, fence or
 # second barrier and its four wgmmas are not each waited for (`DEPBAR.LE gsb0, 0x3`): 175 instructions against 156
 # (`_pr`, which waits for all four) and 214 (`_k8`). Not yet timed on a GPU.
+# a 9th field U (`_u2`): the group loop unrolled U times before Triton pipelines it (`tl.range(loop_unroll_factor)`),
+# so the ring's index arithmetic, barriers and wgmma fences are paid once per U groups: sm_90 SASS, g64, loop
+# instructions per group 175 -> 135 (16 x 64 `_np`), 156 -> 135 (`_pr`), 213 -> 177 (32 x 64 `_k8`); a 16-row tile's
+# four warps issue ~4 x 175 instructions a group on each scheduler at 4 programs an SM, about the time its 8 KB
+# take at 3 TB/s, so the decode tiles are near issue-bound. Not yet timed on a GPU.
 CONFIGS = {
     "wide_n64_s4": ("wide", 64, 4, 4, 0),
     "wide_n128_s2": ("wide", 128, 2, 4, 0),
@@ -68,6 +73,12 @@ CONFIGS = {
     "swap_m16_n64_c2_s8_np": ("swap", 16, 64, -2, 4, 8, 8, 2),
     "swap_m32_n64_c4_np": ("swap", 32, 64, -4, 4, 4, 8, 2),
     "swap_m64_n64_c2_np": ("swap", 64, 64, -2, 4, 4, 8, 2),
+    "swap_m16_n64_c4_np_u2": ("swap", 16, 64, -4, 4, 4, 8, 2, 2),
+    "swap_m16_n64_c8_np_u2": ("swap", 16, 64, -8, 4, 3, 8, 2, 2),
+    "swap_m16_n64_c2_s8_np_u2": ("swap", 16, 64, -2, 4, 8, 8, 2, 2),
+    "swap_m16_n64_c4_pr_u2": ("swap", 16, 64, -4, 4, 4, 8, 1, 2),
+    "swap_m32_n64_c4_np_u2": ("swap", 32, 64, -4, 4, 4, 8, 2, 2),
+    "swap_m32_n64_c4_k8_u2": ("swap", 32, 64, -4, 4, 4, 8, 0, 2),
     "swap_m64_n64_c4_k8": ("swap", 64, 64, -4, 4, 4, 8),
     "swap_m64_n64_c2_k8": ("swap", 64, 64, -2, 4, 4, 8),
     "swap_m128_n128_c1": ("swap", 128, 128, -1, 8, 3, 1),
@@ -79,10 +90,11 @@ CONFIGS = {
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c4_pr", "swap_m16_n64_c8_pr",
                "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr", "swap_m16_n64_c2_s8_pr",
-               "swap_m16_n64_c4_np", "swap_m16_n64_c8_np", "swap_m16_n64_c2_s8_np")
+               "swap_m16_n64_c4_np", "swap_m16_n64_c8_np", "swap_m16_n64_c2_s8_np", "swap_m16_n64_c4_np_u2",
+               "swap_m16_n64_c8_np_u2", "swap_m16_n64_c2_s8_np_u2", "swap_m16_n64_c4_pr_u2")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m32_n128_c2_k8", "swap_m32_n64_c4_k8", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8",
             "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr",
-            "swap_m32_n64_c4_np", "swap_m64_n64_c2_np")
+            "swap_m32_n64_c4_np", "swap_m64_n64_c2_np", "swap_m32_n64_c4_np_u2", "swap_m32_n64_c4_k8_u2")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
                 "swap_m256_n128_c1_k4", "swap_m64_n128_c1_pr")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",

@@ -205,7 +205,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
                        split_k, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        SPLIT: tl.constexpr, GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr,
                        ACT: tl.constexpr, KW: tl.constexpr = 1, PDL: tl.constexpr = False,
-                       PAIRS: tl.constexpr = False, ASM: tl.constexpr = False):
+                       PAIRS: tl.constexpr = False, ASM: tl.constexpr = False, UNROLL: tl.constexpr = 1):
     # grid: (tiles of (M, N) in grouped order, split_k); each K step is one quantization group, whose
     # packed (P, BN) slab is read as (BN, P): row n holds the 8 nibble planes of column n's g inputs.
     gdc_launch(PDL)
@@ -226,7 +226,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
     if PAIRS == 1 and DKIND == 1:  # fp16: one dot of K = g a group, weights and activations in the pair order
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]  # (BM, g)
-        for g in range(g_lo, g_hi):
+        for g in tl.range(g_lo, g_hi, loop_unroll_factor=UNROLL):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
             sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)  # (BN,) fp16
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
@@ -234,7 +234,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
             acc = _dot(_pair_planes(q, zc[:, None], sc[:, None], ASM), xg, acc, DKIND)
     elif KW * P >= 16:  # 8 // KW dots of K = KW * P (a wgmma's K is 16 at least), the planes side by side
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, KW * P)[None, :]  # (BM, KW*P), used transposed
-        for g in range(g_lo, g_hi):
+        for g in tl.range(g_lo, g_hi, loop_unroll_factor=UNROLL):
             q = tl.load(q_ptrs + g * P * N, mask=mask_n[:, None], other=0)  # (BN, P) int32
             sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + C
