@@ -5,7 +5,7 @@
     python bench/w4a16_decode.py --ncu wide_n64_s4_h2    # a few launches of one config, for `ncu`
     python bench/w4a16_decode.py --ms 64,256 --pdl off --no-floors --cublas   # tile configs beside fp16 cuBLAS
 
-Per linear (K, N), fp16 activations, group 128, L2 defeated by rotating weight copies, calls replayed in
+Per linear (K, N), fp16 activations, group 128 (--group), L2 defeated by rotating weight copies, calls replayed in
 one CUDA graph (bench/kernels.py's timing):
 - roofline: int4 weights + fp16 scale and zero read once at the measured copy bandwidth;
 - launch floor: an empty Triton kernel with the same grid as a `wide` config (graph launch + drain);
@@ -128,7 +128,7 @@ def blocked(w: w4.W4Weight) -> w4.W4Weight:
 
 def bench(args) -> dict:
     dev = torch.device("cuda")
-    g = 128
+    g = args.group
     bw = copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "copy_bw_GBps": bw / 1e9, "group_size": g, "pdl_supported": pdl.enabled(dev), "shapes": []}
@@ -273,6 +273,7 @@ def ncu_target(name: str, M: int = 1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
+    ap.add_argument("--group", type=int, default=128, help="quantization group size (the serving presets: 64)")
     ap.add_argument("--configs", default="", help="comma-separated config names (default: every candidate)")
     ap.add_argument("--pdl", type=lambda s: s.split(","), default=["off", "on"],
                     help="programmatic dependent launch for the configs: off, on, or off,on (default)")
