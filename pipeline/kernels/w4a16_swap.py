@@ -25,6 +25,9 @@ NATURAL PAIRS (the `_np` configs, PAIRS = 2, fp16): neighbours along k of a nibb
 fp16 pair by `prmt` + `lop3` (`_np_plane`): the k order stays the layout's, so the activations reach the MMA as
 loaded; the sm_90 main loop loses `_pairs`' permutation through shared memory, its fence and second barrier, and its
 wait for every wgmma (tests/test_kernel_w4a16.py, offline SASS).
+UNROLL (the `_u2` configs): the group loop unrolled before Triton pipelines it, so the cp.async ring's index
+arithmetic, its barriers and the wgmma fences are paid once per UNROLL groups (sm_90, g64: 175 -> 135 loop
+instructions a group for the 16 x 64 natural-pair tile); a trip count that UNROLL does not divide gets a remainder loop.
 Measured: bench/results/w4a16_swap_v*.json, docs/perf-log.md "W4A16 v10".
 """
 from __future__ import annotations
