@@ -382,7 +382,7 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
     app.state.server = srv
     keys = [k.encode() for k in keys]
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:   # async: a sync dependency would hop to a worker thread
         if not keys:
             return
         auth = request.headers.get("authorization", "")
