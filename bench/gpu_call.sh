@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device call's measurements, by name, each cut to its own time limit so a slow step cannot eat the call.
+#
+#   bash bench/gpu_call.sh decode tests        # on the GPU machine, in the repository root; results under $OUT
+#   bash bench/gpu_call.sh serve_ab            # the serving A/B (~7 min on an H100 with a cold tuner)
+#
+# Sets (in the order given; each writes $OUT/<set>/ and a log):
+#   decode    bench/w4a16_decode.py at group 64 (M = 16, 32) and 128 (M = 16): the decode tiles side by side
+#             (pairs, plane unpack, natural pairs, unrolled loops) with fp16 cuBLAS, one process per group size
+#   ncu       bench/w4a16_ncu.py on the 4096 x 12288 linear at M = 16 and 32 (the tuner's top 3 each)
+#   tests     the GPU tests of the W4A16 kernels and of the engine's look-ahead mark and device timeline
+#   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
+#   serve     bench/serve.py --no-hf (batched, batch 1, the prefix workload, the second start)
+#   prefill   bench/prefill.py --rows w4a16_kv8 (where a prefill step's time goes, torch.profiler's top kernels)
+# The tuner's file (every config's time at every shape it tuned) is copied to $OUT/tuning after each set.
+# Wheels: the packages the GPU image lacks are installed from .whl/ (git-ignored; carry it) into /tmp/site.
+set -u -o pipefail
+OUT=${OUT:-bench/results/gpu_call}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  echo "no .whl/ here: hydra-core, fastapi, ... must already be importable"; export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 PIPELINE_CACHE_DIR=${PIPELINE_CACHE_DIR:-/tmp/pipeline_cache}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+DECODE=swap_m16_n64_c4_pr,swap_m16_n64_c2_s8_pr,swap_m16_n64_c8_pr,swap_m16_n64_c8_k8,swap_m16_n64_c4_np,\
+swap_m16_n64_c8_np,swap_m16_n64_c2_s8_np,swap_m16_n64_c4_np_u2,swap_m16_n64_c8_np_u2,swap_m16_n64_c2_s8_np_u2,\
+swap_m16_n64_c4_pr_u2,swap_m32_n64_c4_k8,swap_m32_n64_c4_np,swap_m32_n64_c4_pr,swap_m32_n64_c4_np_u2,\
+swap_m32_n64_c4_k8_u2,swap_m64_n64_c2_np,swap_m64_n64_c2_k8
+
+step() {   # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME/log, print its tail
+  local name=$1 limit=$2; shift 2
+  mkdir -p "$OUT/$name"
+  echo "== $name (limit ${limit} s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name/log" | tail -40
+  echo "== $name exit ${PIPESTATUS[0]}"
+  mkdir -p "$OUT/tuning" && cp -r "$PIPELINE_CACHE_DIR/tuning/." "$OUT/tuning/" 2>/dev/null || true
+}
+
+for set in "$@"; do
+  case $set in
+    decode)
+      step decode_g64 220 python3 bench/w4a16_decode.py --group 64 --ms 16,32 --pdl off --cublas --configs "$DECODE" \
+        --out "$OUT/decode_g64"
+      step decode_g128 150 python3 bench/w4a16_decode.py --group 128 --ms 16 --pdl off --no-floors --cublas \
+        --configs "$DECODE" --out "$OUT/decode_g128" ;;
+    ncu) step ncu 300 python3 bench/w4a16_ncu.py --ms 16,32 --top 3 --out "$OUT/ncu" ;;
+    tests)
+      step tests_engine 200 python3 -m pytest -m gpu -q tests/test_engine.py -k "lookahead or timeline"
+      step tests_w4a16 240 python3 -m pytest -m gpu -q -x tests/test_kernel_w4a16.py ;;
+    serve_ab) step serve_ab 540 python3 bench/serve.py --no-hf --no-prefix --ab mark nomark:PIPELINE_LOOKAHEAD_MARK=0 \
+      --ab-rounds 1 --out "$OUT/serve_ab" ;;
+    serve) step serve 580 python3 bench/serve.py --no-hf --out "$OUT/serve" ;;
+    prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
+    *) echo "unknown set: $set (decode, ncu, tests, serve_ab, serve, prefill)"; exit 2 ;;
+  esac
+done
