@@ -70,11 +70,12 @@ def loop_instructions(cubin: bytes) -> int:
 def swap(name: str, g: int) -> dict:
     from pipeline.kernels.w4a16_configs import CONFIGS
     from pipeline.kernels.w4a16_swap import _w4a16_swap_kernel as fn
-    _, BM, BN, _, warps, stages, kw, *pairs = CONFIGS[name]
+    cfg = CONFIGS[name]
+    _, BM, BN, _, warps, stages, kw, pairs, unroll = (*cfg, *(0, 1)[len(cfg) - 7:])   # as w4a16.py reads them
     sig = {n: "*i32" if n in ("q_ptr", "cnt_ptr") else "*fp32" if n == "ws_ptr" else "*fp16"
            for n in fn.arg_names if n.endswith("_ptr")}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=True, GROUP_M=8, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw,
-               PDL=True, PAIRS=pairs[0] if pairs else 0, ASM=True, UNROLL=pairs[1] if len(pairs) > 1 else 1)
+               PDL=True, PAIRS=pairs, ASM=True, UNROLL=unroll)
     k = compile_sm90(fn, sig, cst, warps, stages)
     ptx = k.asm["ptx"]
     body = "\n".join(loop_body(k.asm["cubin"]))   # in the main loop: a fence, a shared store, a wait for every wgmma

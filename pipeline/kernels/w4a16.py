@@ -339,8 +339,8 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         split = split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * cdiv(N, BN)
     elif cfg[0] == "swap":
-        _, BM, BN, split, warps, stages, kw, *pairs = cfg
-        unroll = pairs[1] if len(pairs) > 1 else 1
+        # the 8th (pairs) and 9th (unroll) fields are optional: 0 and 1 where a config leaves them out
+        _, BM, BN, split, warps, stages, kw, pairs, unroll = (*cfg, *(0, 1)[len(cfg) - 7:])
         stages = _swap_stages(BM, BN, g, stages, act, x2.element_size())
         split = split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = cdiv(M, BM) * cdiv(N, BN)
@@ -368,7 +368,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         _w4a16_swap_kernel[(tiles, split)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=_DKIND[x2.dtype],
-            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=int(pairs[0]) if pairs else 0,
+            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=int(pairs),
             ASM=x2.device.type == "cuda", UNROLL=unroll, num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     else:
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,
