@@ -68,10 +68,9 @@ def loop_instructions(cubin: bytes) -> int:
 
 
 def swap(name: str, g: int) -> dict:
-    from pipeline.kernels.w4a16_configs import CONFIGS
+    from pipeline.kernels.w4a16_configs import CONFIGS, swap_fields
     from pipeline.kernels.w4a16_swap import _w4a16_swap_kernel as fn
-    cfg = CONFIGS[name]
-    _, BM, BN, _, warps, stages, kw, pairs, unroll = (*cfg, *(0, 1)[len(cfg) - 7:])   # as w4a16.py reads them
+    BM, BN, _, warps, stages, kw, pairs, unroll = swap_fields(CONFIGS[name])
     sig = {n: "*i32" if n in ("q_ptr", "cnt_ptr") else "*fp32" if n == "ws_ptr" else "*fp16"
            for n in fn.arg_names if n.endswith("_ptr")}
     cst = dict(GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=True, GROUP_M=8, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw,

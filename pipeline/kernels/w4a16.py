@@ -57,7 +57,7 @@ from pipeline.kernels.tuner import Tuner, config_version
 from pipeline.kernels import w4a16_gluon, w4a16_gluon_gemv
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, gluon_candidates,
-                                          tuning_set, uses_pairs)
+                                          swap_fields, tuning_set, uses_pairs)
 from pipeline.kernels.w4a16_gemv import _gemv_kernel, _gemv_wide_kernel, _group_range, _load_x
 from pipeline.kernels.tiles import split_for, tile_offsets
 from pipeline.kernels.w4a16_swap import _dot, _nibbles_to_qz, _store_tile, _w4a16_swap_kernel
@@ -339,8 +339,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         split = split_for(M, N, K, g, 1, BN, split, x2.device)
         tiles = M * cdiv(N, BN)
     elif cfg[0] == "swap":
-        # the 8th (pairs) and 9th (unroll) fields are optional: 0 and 1 where a config leaves them out
-        _, BM, BN, split, warps, stages, kw, pairs, unroll = (*cfg, *(0, 1)[len(cfg) - 7:])
+        BM, BN, split, warps, stages, kw, pairs, unroll = swap_fields(cfg)
         stages = _swap_stages(BM, BN, g, stages, act, x2.element_size())
         split = split_for(M, N, K, g, BM, BN, split, x2.device)
         tiles = cdiv(M, BM) * cdiv(N, BN)
@@ -368,7 +367,7 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         _w4a16_swap_kernel[(tiles, split)](
             x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt, M, N, K, x2.stride(0), y.stride(0), split,
             GROUP=g, BLOCK_M=BM, BLOCK_N=BN, SPLIT=split > 1, GROUP_M=8, DKIND=_DKIND[x2.dtype],
-            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=int(pairs),
+            HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=pairs,
             ASM=x2.device.type == "cuda", UNROLL=unroll, num_warps=warps, num_stages=stages, **launch_kwargs(pdl))
     else:
         _w4a16_kernel[(tiles, split)](x2, w.qweight, w.scales, w.zeros, b, y, ws, cnt,

@@ -108,10 +108,16 @@ PREFILL_SET = ("dequant_cublas",) + SWAP_PREFILL
 INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
 
 
+def swap_fields(cfg: tuple) -> tuple:
+    """A swap config's (BLOCK_M, BLOCK_N, split, warps, stages, kw, pairs, unroll): the 8th (pairs) and 9th (unroll)
+    fields are optional, 0 and 1 where a config leaves them out."""
+    return (*cfg, *(0, 1)[len(cfg) - 7:])[1:]
+
+
 def uses_pairs(name: str) -> bool:
-    """A swap config with a pair unpack (its 8th field 1 or 2; fp16 activations only)."""
+    """A swap config with a pair unpack (pairs 1 or 2; fp16 activations only)."""
     cfg = CONFIGS.get(name)
-    return bool(cfg and cfg[0] == "swap" and cfg[7:8] in ((1,), (2,)))
+    return bool(cfg and cfg[0] == "swap" and swap_fields(cfg)[6] in (1, 2))
 
 
 def candidates(M: int) -> tuple[str, ...]:

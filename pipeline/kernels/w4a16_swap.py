@@ -208,7 +208,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
                        split_k, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        SPLIT: tl.constexpr, GROUP_M: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr,
                        ACT: tl.constexpr, KW: tl.constexpr = 1, PDL: tl.constexpr = False,
-                       PAIRS: tl.constexpr = False, ASM: tl.constexpr = False, UNROLL: tl.constexpr = 1):
+                       PAIRS: tl.constexpr = 0, ASM: tl.constexpr = False, UNROLL: tl.constexpr = 1):
     # grid: (tiles of (M, N) in grouped order, split_k); each K step is one quantization group, whose
     # packed (P, BN) slab is read as (BN, P): row n holds the 8 nibble planes of column n's g inputs.
     gdc_launch(PDL)
