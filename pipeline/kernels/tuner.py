@@ -13,9 +13,9 @@ $XDG_CACHE_HOME/llm-pipeline or ~/.cache/llm-pipeline), so a second server start
 PIPELINE_TUNE_CACHE=0 turns that off. One file per kernel family: each tuner reads, locks and rewrites only its
 own, and one family's file can be deleted alone. Entries are grouped by context (`device_identity`: GPU name,
 compute capability, SM count; Triton's version; the tuner's `version`, which the kernel module bumps when its
-kernels change and which carries a digest of its config table, `config_version`) and keyed by the repr of the
-normalized shape key:
-    {"format": 1, "tuner": "W4A16_TUNE", "contexts": {"<gpu> | triton 3.9.0 | version 1+ab12cd34":
+kernels change and which carries a digest of its config table, `config_version`; how calls were timed, `TIMING`)
+and keyed by the repr of the normalized shape key:
+    {"format": 1, "tuner": "W4A16_TUNE", "contexts": {"<gpu> | triton 3.9.0 | version 1+ab12cd34 | read-flush":
         {"(0, 'torch.float16', 1, 4096, 4096, 128, False, False, True)":
             {"config": "wide_n64_s4", "ms": {"wide_n64_s4": 0.011, ...}, "failed": []}}}}
 Only keys whose chosen config timed successfully are saved; a saved choice is used only if it is among the
@@ -47,16 +47,28 @@ _flush: dict[str, torch.Tensor] = {}
 FORMAT = 1
 
 
+# How bench_ms times: part of every tuning context, so that choices timed another way are not reused. "read-flush":
+# L2 emptied by reading 64 MB (clean lines, as serving leaves it: the previous layer's weights and KV are reads);
+# the first method zeroed the buffer, leaving ~50 MB of dirty lines whose write-back the timed kernel's reads paid.
+TIMING = "read-flush"
+
+
+def flush_l2(device) -> None:
+    """Evict L2 by reading 64 MB (a reduction into one element): the lines left behind are clean."""
+    flush = _flush.setdefault(str(device), torch.zeros(16 << 20, dtype=torch.int32, device=device))
+    flush.amax()
+
+
 def bench_ms(fn: Callable[[], object], device, reps: int = 8) -> float:
     """Median ms of `fn` on a CUDA device, L2 flushed before each call (decode weights would otherwise sit in
-    L2); a GPU sleep queued ahead keeps the host's launch latency out of the events."""
+    L2; `flush_l2`); a GPU sleep queued ahead keeps the host's launch latency out of the events."""
     fn()
-    flush = _flush.setdefault(str(device), torch.empty(64 << 20, dtype=torch.uint8, device=device))
+    flush_l2(device)
     torch.cuda.synchronize()
     torch.cuda._sleep(20_000_000)
     ts = []
     for _ in range(reps):
-        flush.zero_()
+        flush_l2(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -327,7 +339,7 @@ class Tuner:
         if ident is None:
             return None
         import triton
-        return f"{ident} | triton {triton.__version__} | version {self.version}"
+        return f"{ident} | triton {triton.__version__} | version {self.version} | {TIMING}"
 
     def _warn_once(self, what: str, msg: str, *args) -> None:
         if what not in self._warned:
