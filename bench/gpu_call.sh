@@ -7,6 +7,7 @@
 # Sets (in the order given; each writes $OUT/<set>/ and a log):
 #   decode    bench/w4a16_decode.py at group 64 (M = 16, 32) and 128 (M = 16): the decode tiles side by side
 #             (pairs, plane unpack, natural pairs, unrolled loops) with fp16 cuBLAS, one process per group size
+#   kernels   bench/kernels.py --only w4a16 (issue 26's table: g128, M = 1 ... 2048, tuned ours, Gluon, tinygemm, cuBLAS)
 #   ncu       bench/w4a16_ncu.py on the 4096 x 12288 linear at M = 16 and 32 (the tuner's top 3 each)
 #   tests     the GPU tests of the W4A16 kernels and of the engine's look-ahead mark and device timeline
 #   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
@@ -47,6 +48,7 @@ for set in "$@"; do
         --out "$OUT/decode_g64"
       step decode_g128 150 python3 bench/w4a16_decode.py --group 128 --ms 16 --pdl off --no-floors --cublas \
         --configs "$DECODE" --out "$OUT/decode_g128" ;;
+    kernels) step kernels 420 python3 bench/kernels.py --only w4a16 --ms 1,16,32,64,256,2048 --out "$OUT/kernels" ;;
     ncu) step ncu 300 python3 bench/w4a16_ncu.py --ms 16,32 --top 3 --out "$OUT/ncu" ;;
     tests)
       step tests_engine 200 python3 -m pytest -m gpu -q tests/test_engine.py -k "lookahead or timeline"
@@ -55,6 +57,6 @@ for set in "$@"; do
       --ab-rounds 1 --out "$OUT/serve_ab" ;;
     serve) step serve 580 python3 bench/serve.py --no-hf --out "$OUT/serve" ;;
     prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
-    *) echo "unknown set: $set (decode, ncu, tests, serve_ab, serve, prefill)"; exit 2 ;;
+    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, prefill)"; exit 2 ;;
   esac
 done
