@@ -12,6 +12,8 @@
 #   tests     the GPU tests of the W4A16 kernels and of the engine's look-ahead mark and device timeline
 #   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
 #   serve     bench/serve.py --no-hf (batched, batch 1, the prefix workload, the second start)
+#   serve_peers  bench/serve.py --no-prefix: batched and batch 1 with the `transformers` peers (static `generate`,
+#             continuous batching) in the same run (~6-7 min on an H100 with a cold tuner)
 #   prefill   bench/prefill.py --rows w4a16_kv8 (where a prefill step's time goes, torch.profiler's top kernels)
 # The tuner's file (every config's time at every shape it tuned) is copied to $OUT/tuning after each set.
 # Wheels: the packages the GPU image lacks are installed from .whl/ (git-ignored; carry it) into /tmp/site.
@@ -55,8 +57,9 @@ for set in "$@"; do
       step tests_w4a16 240 python3 -m pytest -m gpu -q -x tests/test_kernel_w4a16.py ;;
     serve_ab) step serve_ab 540 python3 bench/serve.py --no-hf --no-prefix --ab mark nomark:PIPELINE_LOOKAHEAD_MARK=0 \
       --ab-rounds 1 --out "$OUT/serve_ab" ;;
+    serve_peers) step serve_peers 580 python3 bench/serve.py --no-prefix --out "$OUT/serve_peers" ;;
     serve) step serve 580 python3 bench/serve.py --no-hf --out "$OUT/serve" ;;
     prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
-    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, prefill)"; exit 2 ;;
+    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, serve_peers, prefill)"; exit 2 ;;
   esac
 done
