@@ -233,9 +233,14 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
     lead = min(lead, len(reqs))
     results, running = [], []
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        samples = []   # (time, /health) every 0.25 s: the counters after the first wave (server_latency_later)
+
         async def sample_batch():   # the engine's running batch, as seen by /health
             while True:
-                running.append((await c.get("/health")).json()["running"])
+                t = time.perf_counter()
+                h = (await c.get("/health")).json()
+                running.append(h["running"])
+                samples.append((t, h))
                 await asyncio.sleep(0.25)
         await one_request(c, model, {"prompt": [1, 2, 3], "max_tokens": 1})   # warm (`_clients`), off the counters
         clock: dict = {}
@@ -292,6 +297,10 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
     ttft = [r["ttft"] for r in ok]
     wave = [r["ttft"] for r in ok if lead <= r["sent"] < lead + clients]   # sent at once after the lead requests
     later = [r["ttft"] for r in ok if r["sent"] >= lead + clients]          # each sent as a client's previous one ended
+    # the server's latency counters over the later arrivals only: from the first /health sample taken after every
+    # request of the first wave had its first token, to the end (requests in flight at that sample straddle it)
+    wave_done = max((r["t_sent"] + r["ttft"] for r in ok if r["sent"] < lead + clients), default=None)
+    mid = next((h for t, h in samples if wave_done is not None and t >= wave_done), None)
     itl = [x for r in ok for x in r["itl"]]
     out_tokens = sum(r["tokens"] for r in ok)
     enqueue = steps.get("prefill_enqueue_s")
@@ -304,7 +313,9 @@ async def drive(url: str, model: str, reqs: list[dict], clients: int, lead: int 
             "ttft_ms_later": {p: 1e3 * pct(later, p) for p in (50, 90, 99)} if later else None,
             "itl_ms": {p: 1e3 * pct(itl, p) for p in (50, 90, 99)},
             "ttft_ms_mean": 1e3 * statistics.mean(ttft) if ttft else None,
+            "ttft_ms_later_mean": 1e3 * statistics.mean(later) if later else None,
             "server_latency_ms": lat,
+            "server_latency_ms_later": server_latency(mid, h1) if mid is not None and later else None,
             "lead_requests": min(lead, len(reqs)),
             "lead_ttft_ms": [1e3 * r.get("ttft", math.nan) for r in results[:lead]],
             "mean_running_batch": statistics.mean(running) if running else 0.0,
@@ -848,14 +859,15 @@ def table(r: dict) -> None:
                       f"tok/s on {lon['output_tokens_per_s']:.1f}, off {loff['output_tokens_per_s']:.1f}")
     print("TTFT means, ms (client | front end: arrival -> first event | engine: submit -> first token, of it queued; "
           "the engine process's pickup of a request, between steps):")
+    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for name, x in rows:
-        lat = x.get("server_latency_ms")
-        if lat and x.get("ttft_ms_mean") is not None:
-            f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-            cpu = x.get("frontend_cpu_us_per_token")
-            print(f"  {name:<38} {x['ttft_ms_mean']:.1f} | {f(lat['frontend_ttft'])} (submit {f(lat['frontend_submit'])}) | "
-                  f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])}; pickup {f(lat.get('engine_pickup'))})"
-                  + ("" if cpu is None else f"; front end CPU {cpu:.0f} us a streamed token"))
+        for label, mean, lat in ((name, x.get("ttft_ms_mean"), x.get("server_latency_ms")),
+                                 ("  later arrivals", x.get("ttft_ms_later_mean"), x.get("server_latency_ms_later"))):
+            if lat and mean is not None:
+                cpu = x.get("frontend_cpu_us_per_token") if label == name else None
+                print(f"  {label:<38} {mean:.1f} | {f(lat['frontend_ttft'])} (submit {f(lat['frontend_submit'])}) | "
+                      f"{f(lat['engine_ttft'])} (queued {f(lat['engine_queue'])}; pickup {f(lat.get('engine_pickup'))})"
+                      + ("" if cpu is None else f"; front end CPU {cpu:.0f} us a streamed token"))
     for label, wall, parts in (("first start", r["startup_s"], r.get("startup")),
                                ("second start", r.get("prefix_off_startup_s"), r.get("prefix_off_startup"))):
         if wall is not None:

@@ -57,6 +57,10 @@ def test_serve_bench_smoke_run_accounts_for_every_token(tmp_path):
     assert res["prefix_ttft_p50_off_over_on"] == off["ttft_ms"]["50"] / on["ttft_ms"]["50"]
     for run in (on, off):   # 1 lead, then the 2 clients' first wave, then 1 later request
         assert set(run["ttft_ms_first_wave"]) == set(run["ttft_ms_later"]) == {"50", "90", "99"}
+        # the server's counters over the later arrivals: from a /health sample after the first wave (0.25 s apart:
+        # none may fall inside so short a run)
+        later = run["server_latency_ms_later"]
+        assert later is None or later["engine_ttft"] > 0
     assert "sent at once" in r.stdout
     lon, loff = res["prefix_on_light"], res["prefix_off_light"]   # the lighter load: the same requests, 1 client
     assert lon["clients"] == loff["clients"] == 1 and lon["ok"] == loff["ok"] == 4
