@@ -12,9 +12,11 @@ tokens each after 1024 cached ones, the masked attention path). Baselines measur
 - fp16 linears: the same step's seven linears per layer plus the lm_head rows as fp16 cuBLAS `F.linear` at the
   same M, i.e. what the matmuls alone cost a dense fp16 model (the step can only beat it where int4 GEMMs do);
 - FLOP floor: matmul + attention FLOPs over the fp16 cuBLAS TFLOP/s of the M = T (4096 x 11008) product.
-Per layout also the host's time to enqueue the step (near the step's time: launch-bound) and, for whole prompts, the
+Per layout also the host's time to enqueue the step (near the step's time: launch-bound), the step as one CUDA-graph
+launch where the engine's prefill graphs take it (`graph_ms`, what serving runs) and, for whole prompts, the
 same prompts through `Engine.generate` with one new token (a time to first token without HTTP).
-Then one step of the 4x512 layout under torch.profiler: the top kernels by GPU time, the GPU busy time and the
+Two mixed layouts (serving's steps with decoders as one-token chunks): a prefix-workload arrival's step and its 26
+decoders alone. Then one step of the 4x512 layout and one of the prefix arrival's under torch.profiler: the top kernels by GPU time, the GPU busy time and the
 wall time (their difference is time the GPU waited for the host). Writes <out>/prefill.json after every row (a run
 cut off by a time limit keeps what it measured) and prints a table last. About 3 minutes on an H100 for both rows.
 """
@@ -39,15 +41,19 @@ import engine as eb  # noqa: E402  (bench/engine.py: workspace builders, shapes)
 from pipeline.engine import Engine, SamplingParams  # noqa: E402
 
 LAYOUTS = {"1x512": [(512, 512)], "1x2048": [(2048, 2048)], "4x512": [(512, 512)] * 4, "16x128": [(128, 128)] * 16,
-           "2x1024+1024": [(1024, 2048)] * 2}  # (new tokens n, context after the chunk)
+           "2x1024+1024": [(1024, 2048)] * 2,   # (new tokens n, context after the chunk)
+           # serving's mixed steps (decoders ride along as one-token chunks): a prefix-workload arrival, 160 question
+           # tokens past a cached 1,024-token prefix, beside 26 decoders at context 700, and those decoders alone
+           "mix160+1024_26x700": [(160, 1184)] + [(1, 700)] * 26, "26x700": [(1, 700)] * 26}
 ROWS = {"w4a16": 0, "w4a16_kv8": 4, "w4a16_kv8_fullcache": 4}  # row -> quant_policy
 # rows whose engine sizes its KV cache like the server does (cache_max_entry_count of the free memory), not just
 # what the layouts need: shows whether a nearly full device changes the step (allocator retries, cudaMalloc/Free)
 FULL_CACHE = {"w4a16_kv8_fullcache"}
 
 
-def step_inputs(eng: Engine, layout, seed: int = 0):
-    """Tokens, positions, slots, per-sequence meta and the rows whose logits a real step would sample."""
+def step_inputs(eng: Engine, layout, seed: int = 0, host: bool = False):
+    """Tokens, positions, slots, per-sequence meta and the rows whose logits a real step would sample: device
+    tensors for `ModelRunner.prefill`, or (host=True) the host lists and tables `PrefillGraphs.run` takes."""
     bs, dev = eng.block_size, eng.runner.device
     gen = torch.Generator().manual_seed(seed)
     tokens, positions, slots, meta, select = [], [], [], [], []
@@ -56,11 +62,13 @@ def step_inputs(eng: Engine, layout, seed: int = 0):
         nb = -(-ctx // bs)
         blocks = list(range(next_block, next_block + nb))
         next_block += nb
-        meta.append((len(tokens), n, eng._table(blocks), ctx))
+        meta.append((len(tokens), n, eng._host_table(blocks) if host else eng._table(blocks), ctx))
         tokens += torch.randint(0, eng.runner.args.vocab_size, (n,), generator=gen).tolist()
         positions += list(range(ctx - n, ctx))
         slots += [eng._slot(blocks, p) for p in range(ctx - n, ctx)]
         select.append(len(tokens) - 1)
+    if host:
+        return tokens, positions, slots, meta, select
     t, p, s = eng._dev(tokens, positions, slots)
     return t, p, s, meta, torch.tensor(select, dtype=torch.long, device=dev)
 
@@ -169,7 +177,7 @@ def main():
     layouts = LAYOUTS
     if a.dry_run:
         eb.DEV, a.reps = "cpu", 1
-        layouts = {k: [(n // 16, c // 16) for n, c in v] for k, v in LAYOUTS.items()}
+        layouts = {k: [(max(1, n // 16), c // 16) for n, c in v] for k, v in LAYOUTS.items()}
     args = eb.TINY if a.dry_run else eb.LLAMA7B
     res = {"device": torch.cuda.get_device_name() if eb.DEV == "cuda" else "cpu (dry run)", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -193,11 +201,12 @@ def main():
     for row in rows:
         need = max(sum(c for _, c in layout) for layout in layouts.values())  # tokens cached at once, at most
         sizing = {} if row in FULL_CACHE else {"num_blocks": need // 16 + 32}  # blocks of >= 16 tokens
-        eng = Engine.from_workspace(ws, eb.DEV, {"quant_policy": ROWS[row], "session_len": 4096, "max_batch_size": 16,
-                                                 **sizing})
+        eng = Engine.from_workspace(ws, eb.DEV, {"quant_policy": ROWS[row], "session_len": 4096, "max_batch_size": 32,
+                                                 **sizing})   # the server's batch: its prefill graphs take 32 chunks
         mem0 = alloc_stats()
         out = {}
         for L, layout in layouts.items():
+            T = sum(n for n, _ in layout)
             inputs = step_inputs(eng, layout)
             s = timed(lambda: eng.runner.prefill(*inputs), a.reps)
             b = res["baselines"][L]
@@ -205,6 +214,10 @@ def main():
                       "x_fp16_linears": round(s * 1e3 / b["fp16_linears_ms"], 2),
                       "of_flop_floor": round(b["flops"] / (b["cublas_tflops"] * 1e12) / s, 3),
                       "host_enqueue_ms": round(enqueue_s(lambda: eng.runner.prefill(*inputs), a.reps) * 1e3, 2)}
+            pg = eng.prefill_graphs   # the step as the engine runs it where it fits: one CUDA-graph launch
+            if pg is not None and pg.fits(T, len(layout)):
+                hin = step_inputs(eng, layout, host=True)
+                out[L]["graph_ms"] = round(timed(lambda: pg.run(*hin), a.reps) * 1e3, 2)
             if all(n == c for n, c in layout):  # whole prompts: the same step through Engine.generate
                 out[L]["engine_generate_ms"] = round(engine_s(eng, layout, a.reps) * 1e3, 2)
                 if row in FULL_CACHE:  # and with the engine stepping in its own thread, as the server runs it
@@ -223,6 +236,7 @@ def main():
         out["kv_cache_tokens"] = eng.blocks.num_blocks * eng.block_size
         out["allocator_during_row"] = {k: mem1[k] - mem0[k] for k in mem0}   # cudaMalloc/cudaFree calls, retries
         out["profile_4x512"] = profile_step(eng, step_inputs(eng, layouts["4x512"]))
+        out["profile_mix160+1024_26x700"] = profile_step(eng, step_inputs(eng, layouts["mix160+1024_26x700"]))
         save()
         del eng
         eb.free()
@@ -232,13 +246,15 @@ def main():
     print(json.dumps({r: v["profile_4x512"] for r, v in res["rows"].items()}, indent=1))
     for r, v in res["rows"].items():
         print(f"{r}: KV cache {v['kv_cache_tokens']} tokens, allocator during the row {v['allocator_during_row']}")
-    print(f"{'row':10s} {'layout':12s} {'ms':>8s} {'tok/s':>8s} {'x fp16 linears':>15s} {'of FLOP floor':>14s} "
-          f"{'host enqueue ms':>16s} {'engine ms':>10s}")
+    print(f"{'row':10s} {'layout':18s} {'ms':>8s} {'tok/s':>8s} {'x fp16 linears':>15s} {'of FLOP floor':>14s} "
+          f"{'host enqueue ms':>16s} {'graph ms':>9s} {'engine ms':>10s}")
+    nan = float("nan")
     for row, v in res["rows"].items():
         for L in layouts:
             r = v[L]
-            print(f"{row:10s} {L:12s} {r['ms']:8.2f} {r['tokens_per_s']:8d} {r['x_fp16_linears']:15.2f} "
-                  f"{r['of_flop_floor']:14.3f} {r['host_enqueue_ms']:16.2f} {r.get('engine_generate_ms', float('nan')):10.2f}")
+            print(f"{row:10s} {L:18s} {r['ms']:8.2f} {r['tokens_per_s']:8d} {r['x_fp16_linears']:15.2f} "
+                  f"{r['of_flop_floor']:14.3f} {r['host_enqueue_ms']:16.2f} {r.get('graph_ms', nan):9.2f} "
+                  f"{r.get('engine_generate_ms', nan):10.2f}")
 
 
 if __name__ == "__main__":

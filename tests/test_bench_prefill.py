@@ -18,10 +18,12 @@ def test_bench_prefill_dry_run(tmp_path):
     res = json.loads((tmp_path / "prefill.json").read_text())
     assert set(res["rows"]) == {"w4a16", "w4a16_kv8", "w4a16_kv8_fullcache"}
     for row in res["rows"].values():
-        for layout in ("1x512", "1x2048", "4x512", "16x128", "2x1024+1024"):
+        for layout in ("1x512", "1x2048", "4x512", "16x128", "2x1024+1024", "mix160+1024_26x700", "26x700"):
             assert row[layout]["tokens_per_s"] > 0 and row[layout]["ms"] > 0 and row[layout]["host_enqueue_ms"] > 0
         assert row["4x512"]["engine_generate_ms"] > 0 and "engine_generate_ms" not in row["2x1024+1024"]
         assert row["profile_4x512"]["wall_ms_under_profiler"] > 0 and row["kv_cache_tokens"] > 0
+        assert row["profile_mix160+1024_26x700"]["wall_ms_under_profiler"] > 0
+        assert "graph_ms" not in row["4x512"]   # CUDA graphs: GPU only
         assert row["4x512"]["per_chunk_attention_ms"] > 0 and "per_chunk_attention_ms" not in row["1x2048"]
     assert res["baselines"]["4x512"]["tokens"] == 4 * 512 // 16
-    assert "of FLOP floor" in p.stdout.splitlines()[-16]
+    assert "of FLOP floor" in p.stdout.splitlines()[-22]
