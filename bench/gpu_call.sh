@@ -14,6 +14,8 @@
 #   serve     bench/serve.py --no-hf (batched, batch 1, the prefix workload, the second start)
 #   serve_peers  bench/serve.py --no-prefix: batched and batch 1 with the `transformers` peers (static `generate`,
 #             continuous batching) in the same run (~6-7 min on an H100 with a cold tuner)
+#   decode_step  bench/decode_profile.py at serving's decode batches (26 x 704, 32 x 1024): a captured decode step's
+#             GPU time by kernel (linears, attention, the rest) against its byte floor
 #   prefill   bench/prefill.py --rows w4a16_kv8 (where a prefill step's time goes, torch.profiler's top kernels)
 # The tuner's file (every config's time at every shape it tuned) is copied to $OUT/tuning after each set.
 # Wheels: the packages the GPU image lacks are installed from .whl/ (git-ignored; carry it) into /tmp/site.
@@ -59,7 +61,8 @@ for set in "$@"; do
       --ab-rounds 1 --out "$OUT/serve_ab" ;;
     serve_peers) step serve_peers 580 python3 bench/serve.py --no-prefix --out "$OUT/serve_peers" ;;
     serve) step serve 580 python3 bench/serve.py --no-hf --out "$OUT/serve" ;;
+    decode_step) step decode_step 300 python3 bench/decode_profile.py --points 26x704,32x1024 --out "$OUT/decode_step.json" ;;
     prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
-    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, serve_peers, prefill)"; exit 2 ;;
+    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, serve_peers, decode_step, prefill)"; exit 2 ;;
   esac
 done
