@@ -298,6 +298,19 @@ def test_swap_pipeline_depth_fits_shared_memory():
                 assert 1 <= depth <= stages and depth * (BN * 64 + BM * 256 * (2 if act else 1)) <= 220 * 1024, name
 
 
+def test_tuner_row_buckets_have_a_half_step_where_flops_bound():
+    """A mixed step of a prefix-cache hit (~190 rows) gets a choice tuned at 192 rows, not one tuned at 256 (two
+    128-row tiles computing 256); decode sizes keep power-of-two buckets; the warm-up list covers every bucket."""
+    b = w4._m_bucket
+    assert [b(m) for m in (1, 3, 12, 17, 24, 33, 64)] == [1, 4, 16, 32, 32, 64, 64]
+    assert [b(m) for m in (65, 96, 97, 129, 186, 192, 193, 300, 385, 2048)] == [96, 96, 128, 192, 192, 192, 256, 384,
+                                                                                  512, 2048]
+    sizes = w4.tuning_sizes(2048)
+    assert sizes == [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert {b(m) for m in range(1, 2049)} == set(sizes)
+    assert w4.tuning_sizes(100)[-2:] == [96, 100] and w4.tuning_sizes(1) == [1]   # a limit off the buckets: itself
+
+
 def test_every_named_config_is_tuned_somewhere():
     """The GPU every-config test walks `candidates(M)`: a name outside every set would never be compiled in a test."""
     from pipeline.kernels import w4a16_configs as c

@@ -47,6 +47,7 @@ import torch
 from ..kernels import pdl
 from ..kernels.dispatch import use_native, use_triton
 from ..kernels.tuner import tuning_summary
+from ..kernels.w4a16 import tuning_sizes
 from ..artifacts.workspace import QUANT_POLICIES, TOKENIZER, Workspace
 from ..weights import table_row
 from .blocks import BlockManager, blocks_for
@@ -218,9 +219,9 @@ class Engine:
         """Compile and tune every GEMM shape a prefill chunk can hit and capture every decode graph bucket now,
         so that no request pays for it (the first batch of 32 would otherwise wait for ~20 Triton compiles)."""
         t0 = time.perf_counter()
-        sizes = [1 << i for i in range(max(1, self.max_prefill_tokens).bit_length())]
-        if self.max_prefill_tokens not in sizes:
-            sizes.append(self.max_prefill_tokens)
+        # every row bucket of the GEMM tuners, largest first: the int8 tuner's power-of-two buckets are then tuned at
+        # their top (128, not 96), as before
+        sizes = tuning_sizes(self.max_prefill_tokens)[::-1]
         if hasattr(self.runner, "warmup_gemms"):
             self.runner.warmup_gemms(sizes)
         t1 = time.perf_counter()

@@ -296,8 +296,23 @@ TUNER = Tuner("W4A16_TUNE", version=config_version("1", {**CONFIGS, **w4a16_gluo
 _DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr
 
 
+FINE_FROM = 64   # above it the tuner's row buckets have a 1.5x step between powers of two
+
+
 def _m_bucket(M: int) -> int:
-    return 1 << max(0, (M - 1).bit_length())
+    """The row count a shape's choice is tuned at and shared by: the next power of two up to FINE_FROM, then the next
+    of 96, 128, 192, 256, 384, ... . Where the tensor cores' FLOPs bound a call, a config chosen at 2^k rows and
+    run at 0.75 * 2^k (a prefix-cache hit's mixed step: ~190 rows) computes a third more rows than it needs (two
+    128-row tiles for 192); the prefill graphs' buckets (engine/graphs.py) have the same steps and finer."""
+    p = 1 << max(0, (M - 1).bit_length())
+    return p * 3 // 4 if p > FINE_FROM and M <= p * 3 // 4 else p
+
+
+def tuning_sizes(max_m: int) -> list[int]:
+    """Every row bucket up to max_m, and max_m: the row counts a warm-up runs so every bucket a step can hit is
+    tuned before a request is timed (Engine.warmup)."""
+    out = sorted({_m_bucket(m) for m in range(1, max(1, max_m) + 1)} | {max(1, max_m)})
+    return [m for m in out if m <= max(1, max_m)]
 
 
 def _swap_stages(BM: int, BN: int, g: int, stages: int, act: bool, itemsize: int) -> int:
