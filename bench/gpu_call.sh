@@ -12,6 +12,7 @@
 #   tests     the GPU tests of the W4A16 kernels and of the engine's look-ahead mark and device timeline
 #   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
 #   serve     bench/serve.py --no-hf (batched, batch 1, the prefix workload, the second start)
+#   serve_batched  bench/serve.py --no-prefix --no-hf: the batched and batch-1 runs alone (~4-5 min, cold tuner)
 #   serve_peers  bench/serve.py --no-prefix: batched and batch 1 with the `transformers` peers (static `generate`,
 #             continuous batching) in the same run (~6-7 min on an H100 with a cold tuner)
 #   decode_step  bench/decode_profile.py at serving's decode batches (26 x 704, 32 x 1024): a captured decode step's
@@ -59,10 +60,11 @@ for set in "$@"; do
       step tests_w4a16 240 python3 -m pytest -m gpu -q -x tests/test_kernel_w4a16.py ;;
     serve_ab) step serve_ab 540 python3 bench/serve.py --no-hf --no-prefix --ab mark nomark:PIPELINE_LOOKAHEAD_MARK=0 \
       --ab-rounds 1 --out "$OUT/serve_ab" ;;
+    serve_batched) step serve_batched 420 python3 bench/serve.py --no-prefix --no-hf --out "$OUT/serve_batched" ;;
     serve_peers) step serve_peers 580 python3 bench/serve.py --no-prefix --out "$OUT/serve_peers" ;;
     serve) step serve 580 python3 bench/serve.py --no-hf --out "$OUT/serve" ;;
     decode_step) step decode_step 300 python3 bench/decode_profile.py --points 26x704,32x1024 --out "$OUT/decode_step.json" ;;
     prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
-    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, serve_peers, decode_step, prefill)"; exit 2 ;;
+    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, serve_batched, serve_peers, decode_step, prefill)"; exit 2 ;;
   esac
 done
