@@ -121,7 +121,14 @@ static void pool_run(pool_fn fn, void *arg, int nchunks, int threads) {
         pthread_detach(th);
         pool.started++;
     }
-    uint32_t gen = (uint32_t)(atomic_load(&pool.next) >> 32) + 1;
+    /* Close the last job before its fields change: a worker that loaded `next` for it (all its chunks taken, the index
+     * at its nchunks) and then reads this job's larger nchunks would otherwise win its compare-exchange on the old
+     * word, run a chunk of this job under the old generation and count it done twice, and this call could return
+     * while a chunk still runs (a rare, load-dependent wrong token in the CPU decode tests). INT32_MAX >= any
+     * nchunks, and + 1 cannot reach the generation bits: nothing takes it. */
+    uint32_t old = (uint32_t)(atomic_load(&pool.next) >> 32);
+    atomic_store(&pool.next, ((uint64_t)old << 32) | 0x7fffffffu);
+    uint32_t gen = old + 1;
     pool.fn = fn;
     pool.arg = arg;
     pool.nchunks = nchunks;
