@@ -1,4 +1,8 @@
-"""Tuner timing, read flush vs zero flush, same process, alternating: does the zeroed buffer's write-back inflate it?"""
+"""The tuner's timing (tuner.bench_ms) with its L2 flush as a read (today) and as a zeroed buffer (before session 21),
+alternating in one process, on three Llama-2-7B decode shapes at group 64: what the zeroed buffer's write-back cost.
+
+    python bench/tuner_flush_ab.py      # GPU; writes $OUT/tuner_flush_ab.json (else /tmp)
+"""
 import json, os, sys, torch
 sys.path.insert(0, "bench"); sys.path.insert(0, ".")
 from w4a16_decode import make_weights

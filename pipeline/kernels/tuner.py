@@ -49,7 +49,8 @@ FORMAT = 1
 
 # How bench_ms times: part of every tuning context, so that choices timed another way are not reused. "read-flush":
 # L2 emptied by reading 64 MB (clean lines, as serving leaves it: the previous layer's weights and KV are reads);
-# the first method zeroed the buffer, leaving ~50 MB of dirty lines whose write-back the timed kernel's reads paid.
+# the first method zeroed the buffer, leaving ~50 MB of dirty lines whose write-back the timed kernel's reads paid
+# (0-10% on W4A16 decode GEMMs on an H100, bench/tuner_flush_ab.py, session 21).
 TIMING = "read-flush"
 
 
