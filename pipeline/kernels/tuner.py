@@ -56,7 +56,9 @@ TIMING = "read-flush"
 
 def flush_l2(device) -> None:
     """Evict L2 by reading 64 MB (a reduction into one element): the lines left behind are clean."""
-    flush = _flush.setdefault(str(device), torch.zeros(16 << 20, dtype=torch.int32, device=device))
+    flush = _flush.get(str(device))
+    if flush is None:   # made once (setdefault would fill a new 64 MB buffer, a write, at every call)
+        flush = _flush[str(device)] = torch.zeros(16 << 20, dtype=torch.int32, device=device)
     flush.amax()
 
 
