@@ -3,31 +3,48 @@ alternating in one process, on three Llama-2-7B decode shapes at group 64: what 
 
     python bench/tuner_flush_ab.py      # GPU; writes $OUT/tuner_flush_ab.json (else /tmp)
 """
-import json, os, sys, torch
-sys.path.insert(0, "bench"); sys.path.insert(0, ".")
-from w4a16_decode import make_weights
-import pipeline.kernels.w4a16 as w4
-import pipeline.kernels.tuner as t
-dev = "cuda"
-zero = torch.empty(64 << 20, dtype=torch.uint8, device=dev)
-def zero_flush(device):
-    zero.zero_()
-res = {}
-for K, N in ((4096, 12288), (4096, 22016), (11008, 4096)):
-    (w,) = make_weights(K, N, 64, dev, 1)
-    for M, cfg in ((16, "swap_m16_n64_c4_pr"), (32, "swap_m32_n64_c4_np")):
-        x = torch.randn(M, K, device=dev, dtype=torch.float16)
-        fn = lambda: w4.w4a16_linear(x, w, config=cfg)
-        r = {"read": [], "zero": []}
-        for rnd in range(3):
-            for mode in ("read", "zero"):
-                orig = t.flush_l2
-                if mode == "zero":
-                    t.flush_l2 = zero_flush
-                try:
-                    r[mode].append(round(t.bench_ms(fn, dev, reps=16) * 1e3, 2))
-                finally:
-                    t.flush_l2 = orig
-        res[f"{K}x{N} M={M} {cfg}"] = r
-        print(f"{K}x{N} M={M} {cfg}: read {r['read']} us, zero {r['zero']} us", flush=True)
-json.dump({"device": torch.cuda.get_device_name(), "us": res}, open(os.environ.get("OUT", "/tmp") + "/tuner_flush_ab.json", "w"), indent=1)
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from w4a16_decode import make_weights  # noqa: E402
+import pipeline.kernels.tuner as tuner  # noqa: E402
+import pipeline.kernels.w4a16 as w4  # noqa: E402
+
+SHAPES = ((4096, 12288), (4096, 22016), (11008, 4096))            # (K, N)
+CALLS = ((16, "swap_m16_n64_c4_pr"), (32, "swap_m32_n64_c4_np"))  # (M, config)
+
+
+def main() -> None:
+    dev = "cuda"
+    zero = torch.empty(64 << 20, dtype=torch.uint8, device=dev)
+    flushes = {"read": tuner.flush_l2, "zero": lambda device: zero.zero_()}
+    res = {}
+    for K, N in SHAPES:
+        (w,) = make_weights(K, N, 64, dev, 1)
+        for M, cfg in CALLS:
+            x = torch.randn(M, K, device=dev, dtype=torch.float16)
+            r = {mode: [] for mode in flushes}
+            for _ in range(3):   # rounds, the two methods alternating
+                for mode, flush in flushes.items():
+                    tuner.flush_l2 = flush       # bench_ms calls the module's flush_l2
+                    try:
+                        r[mode].append(round(tuner.bench_ms(lambda: w4.w4a16_linear(x, w, config=cfg), dev, 16) * 1e3, 2))
+                    finally:
+                        tuner.flush_l2 = flushes["read"]
+            res[f"{K}x{N} M={M} {cfg}"] = r
+            print(f"{K}x{N} M={M} {cfg}: read {r['read']} us, zero {r['zero']} us", flush=True)
+    out = Path(os.environ.get("OUT", "/tmp")) / "tuner_flush_ab.json"
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "us": res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
