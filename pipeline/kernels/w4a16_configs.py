@@ -135,7 +135,8 @@ GLUON_MID = ("gl_m32_n64_k16_s4_c4", "gl_m32_n64_k16_s4_c4_ws", "gl_m32_n128_k16
              "gl_m32_n256_k16_s4_c4")
 GLUON_PREFILL = ("gl_m128_n128_k16_s4", "gl_m128_n128_k16_s4_ws", "gl_m128_n128_k32_s3", "gl_m256_n128_k16_s3",
                  "gl_m128_n256_k16_s3_ws", "gl_m64_n128_k16_s4", "gl_m128_n128_k16_s4_ws_k2", "gl_m256_n128_k16_s3_k4",
-                 "gl_m128_n256_k16_s3_ws_k2", "gl_m128_n128_k16_s4_ws_tl", "gl_m128_n256_k16_s3_ws_tl")
+                 "gl_m128_n256_k16_s3_ws_k2", "gl_m128_n128_k16_s4_ws_tl", "gl_m128_n256_k16_s3_ws_tl",
+                 "gl_m256_n128_k16_s3_ws", "gl_m256_n128_k16_s3_ws_tl")
 
 
 def gluon_candidates(M: int) -> tuple[str, ...]:

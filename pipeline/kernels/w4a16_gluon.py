@@ -105,6 +105,10 @@ GLUON_CONFIGS = {
     # two rounds on 132 SMs; here 132 whole, then 40 tiles in 3 parts, 120 programs
     "gl_m128_n128_k16_s4_ws_tl": (128, 128, 16, 4, 8, 0, 1),
     "gl_m128_n256_k16_s3_ws_tl": (128, 256, 16, 3, 8, 0, 1),
+    # 256 rows a tile with the producer warp: at M = 256 each weight is dequantized once, not once per 128-row tile
+    # (the same MMA area as 128 x 256, whose two warpgroups each hold 128 weight columns)
+    "gl_m256_n128_k16_s3_ws": (256, 128, 16, 3, 8, 1, 1),
+    "gl_m256_n128_k16_s3_ws_tl": (256, 128, 16, 3, 8, 0, 1),
 }
 SMEM_BYTES = 220 * 1024  # of the H100's 227 KB, leaving room for the barriers and the epilogue's scratch
 
