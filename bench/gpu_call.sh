@@ -8,6 +8,7 @@
 #   decode    bench/w4a16_decode.py at group 64 (M = 16, 32) and 128 (M = 16): the decode tiles side by side
 #             (pairs, plane unpack, natural pairs, unrolled loops) with fp16 cuBLAS, one process per group size
 #   kernels   bench/kernels.py --only w4a16 (issue 26's table: g128, M = 1 ... 2048, tuned ours, Gluon, tinygemm, cuBLAS)
+#   kernels_prefill  the same at the prefill and mixed-step sizes only (M = 192, 256, 2048: ~4 min)
 #   ncu       bench/w4a16_ncu.py on the 4096 x 12288 linear at M = 16 and 32 (the tuner's top 3 each)
 #   tests     the GPU tests of the W4A16 kernels and of the engine's look-ahead mark and device timeline
 #   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
@@ -54,6 +55,8 @@ for set in "$@"; do
       step decode_g128 150 python3 bench/w4a16_decode.py --group 128 --ms 16 --pdl off --no-floors --cublas \
         --configs "$DECODE" --out "$OUT/decode_g128" ;;
     kernels) step kernels 420 python3 bench/kernels.py --only w4a16 --ms 1,16,32,64,256,2048 --out "$OUT/kernels" ;;
+    kernels_prefill) step kernels_prefill 300 python3 bench/kernels.py --only w4a16 --ms 192,256,2048 \
+      --out "$OUT/kernels_prefill" ;;
     ncu) step ncu 300 python3 bench/w4a16_ncu.py --ms 16,32 --top 3 --out "$OUT/ncu" ;;
     tests)
       step tests_engine 200 python3 -m pytest -m gpu -q tests/test_engine.py -k "lookahead or timeline"
@@ -65,6 +68,6 @@ for set in "$@"; do
     serve) step serve 580 python3 bench/serve.py --no-hf --out "$OUT/serve" ;;
     decode_step) step decode_step 300 python3 bench/decode_profile.py --points 26x704,32x1024 --out "$OUT/decode_step.json" ;;
     prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
-    *) echo "unknown set: $set (decode, kernels, ncu, tests, serve_ab, serve, serve_batched, serve_peers, decode_step, prefill)"; exit 2 ;;
+    *) echo "unknown set: $set (decode, kernels, kernels_prefill, ncu, tests, serve_ab, serve, serve_batched, serve_peers, decode_step, prefill)"; exit 2 ;;
   esac
 done
