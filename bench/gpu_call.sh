@@ -19,7 +19,11 @@
 #   decode_step  bench/decode_profile.py at serving's decode batches (26 x 704, 32 x 1024): a captured decode step's
 #             GPU time by kernel (linears, attention, the rest) against its byte floor
 #   prefill   bench/prefill.py --rows w4a16_kv8 (where a prefill step's time goes, torch.profiler's top kernels)
-# The tuner's file (every config's time at every shape it tuned) is copied to $OUT/tuning after each set.
+# The tuner's file (every config's time at every shape it tuned) is copied to $OUT/tuning after each set. Carried
+# back (run's carry: [".whl", ".gpu_tuning"]) it seeds a fresh machine's tuning cache, so a serving run does not
+# spend its first ~90-120 s re-tuning what an earlier call tuned (choices are keyed by GPU model, Triton, kernel
+# version and config table: stale ones are ignored); after a call: cp <files_at>/tuning/*.json .gpu_tuning/.
+# The startup figures of such a run say how many shapes were loaded rather than timed (tuning_loaded_keys).
 # Wheels: the packages the GPU image lacks are installed from .whl/ (git-ignored; carry it) into /tmp/site.
 set -u -o pipefail
 OUT=${OUT:-bench/results/gpu_call}
@@ -32,6 +36,10 @@ else
   echo "no .whl/ here: hydra-core, fastapi, ... must already be importable"; export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 PIPELINE_CACHE_DIR=${PIPELINE_CACHE_DIR:-/tmp/pipeline_cache}
+if ls .gpu_tuning/*.json >/dev/null 2>&1; then   # never over what this (warm) machine tuned since
+  mkdir -p "$PIPELINE_CACHE_DIR/tuning" && cp -n .gpu_tuning/*.json "$PIPELINE_CACHE_DIR/tuning/" \
+    && echo "tuning cache seeded from .gpu_tuning: $(ls .gpu_tuning)"
+fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 DECODE=swap_m16_n64_c4_pr,swap_m16_n64_c2_s8_pr,swap_m16_n64_c8_pr,swap_m16_n64_c8_k8,swap_m16_n64_c4_np,\
 swap_m16_n64_c8_np,swap_m16_n64_c2_s8_np,swap_m16_n64_c4_np_u2,swap_m16_n64_c8_np_u2,swap_m16_n64_c2_s8_np_u2,\
