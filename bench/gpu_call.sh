@@ -18,6 +18,8 @@
 #             continuous batching) in the same run (~6-7 min on an H100 with a cold tuner)
 #   serve_all  bench/serve.py with no flag: all of the above parts and the `transformers` peers, in that order (each
 #             part saved as it ends); fits one call only with a seeded tuning cache (.gpu_tuning, below)
+#   engine1   bench/engine.py --profile-only --kinds w4: batch-1 decode (w4a16, w4a16_kv8; 512 tokens, CUDA graphs) of
+#             the 7B against its roofline, with the kernels' profile (issue 26's engine re-measure)
 #   decode_step  bench/decode_profile.py at serving's decode batches (26 x 704, 32 x 1024): a captured decode step's
 #             GPU time by kernel (linears, attention, the rest) against its byte floor
 #   prefill   bench/prefill.py --rows w4a16_kv8 (where a prefill step's time goes, torch.profiler's top kernels)
@@ -77,8 +79,9 @@ for set in "$@"; do
     serve_peers) step serve_peers 580 python3 bench/serve.py --no-prefix --out "$OUT/serve_peers" ;;
     serve_all) step serve_all 590 python3 bench/serve.py --out "$OUT/serve_all" ;;
     serve) step serve 580 python3 bench/serve.py --no-hf --out "$OUT/serve" ;;
+    engine1) step engine1 300 python3 bench/engine.py --profile-only --kinds w4 --out "$OUT/engine1.json" ;;
     decode_step) step decode_step 300 python3 bench/decode_profile.py --points 26x704,32x1024 --out "$OUT/decode_step.json" ;;
     prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
-    *) echo "unknown set: $set (decode, kernels, kernels_prefill, ncu, tests, serve_ab, serve, serve_all, serve_batched, serve_peers, decode_step, prefill)"; exit 2 ;;
+    *) echo "unknown set: $set (decode, kernels, kernels_prefill, ncu, tests, serve_ab, serve, serve_all, serve_batched, serve_peers, engine1, decode_step, prefill)"; exit 2 ;;
   esac
 done
