@@ -29,6 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
+# where a warp's cycles between two issued instructions go (long_scoreboard: global/TMA data; barrier, wait,
+# short_scoreboard, mio_throttle, math_pipe_throttle, ...): the WarpStateStats section draws them as a chart, which
+# `--page details` does not print, so they are asked for by name; a run whose ncu refuses them goes on without
+STALLS = r"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 # the metrics the summary keeps per kernel (ncu's display names, as in its `--page details` CSV)
 KEEP = ("Duration", "DRAM Throughput", "Memory Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
         "Theoretical Occupancy", "Registers Per Thread", "Grid Size", "Block Size", "Dynamic Shared Memory Per Block",
@@ -74,7 +79,7 @@ def summarize(text: str) -> dict:
     seen: dict[str, set] = {}
     for r in csv.DictReader(io.StringIO(text[start:])):
         name, metric, unit = r.get("Kernel Name", "?")[:90], r.get("Metric Name", ""), r.get("Metric Unit", "")
-        if metric not in KEEP:
+        if metric not in KEEP and not metric.startswith(STALL_PREFIX):
             continue
         try:
             v = float(r["Metric Value"].replace(",", ""))
@@ -88,16 +93,19 @@ def summarize(text: str) -> dict:
             for name, d in per.items()}
 
 
-def run_ncu(a, M: int, name: str, out: Path) -> dict:
+def run_ncu(a, M: int, name: str, out: Path, stalls: bool = True) -> dict:
     cmd = ["ncu", "--csv", "--page", "details", "--profile-from-start", "off", "--target-processes", "all",
-           *[x for s in SECTIONS for x in ("--section", s)],
+           *[x for s in SECTIONS for x in ("--section", s)], *(["--metrics", STALLS] if stalls else []),
            sys.executable, str(Path(__file__).resolve()), "--child", "--K", str(a.K), "--N", str(a.N), "--ms", str(M),
            "--group", str(a.group), "--configs", name, "--reps", str(a.reps)] + (["--act"] if a.act else [])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     if a.keep_csv:
         (out / f"w4a16_ncu_{M}_{name.replace('+', '_')}.csv").write_text(p.stdout)
     if p.returncode or '"ID"' not in p.stdout:
-        return {"error": f"ncu exited {p.returncode}: {(p.stderr or p.stdout)[-600:]}"}
+        err = f"ncu exited {p.returncode}: {(p.stderr or p.stdout)[-600:]}"
+        if stalls:   # the stall metrics' names are this ncu's to refuse: the sections alone, and say why
+            return {**run_ncu(a, M, name, out, stalls=False), "stall_metrics_error": err[:300]}
+        return {"error": err}
     return summarize(p.stdout)
 
 

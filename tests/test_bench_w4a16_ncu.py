@@ -36,3 +36,24 @@ def test_summary_of_a_details_csv(ncu):
                                        "Registers Per Thread (register/thread)": 128.0}
     with pytest.raises(ValueError, match="no ncu CSV header"):
         ncu.summarize("==ERROR== ERR_NVGPUCTRPERM")
+
+
+def test_stall_reasons_kept_and_a_refusal_falls_back_to_the_sections(ncu, monkeypatch, tmp_path):
+    stall = "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio"
+    text = "\n".join([HEAD, row(0, "_k", "Duration", "usecond", "10"), row(0, "_k", stall, "", "3.5"),
+                      row(0, "_k", "smsp__something_else", "", "1")])
+    assert ncu.summarize(text)["_k"] == {"launches": 1, "Duration (us)": 10.0, stall: 3.5}
+
+    calls = []
+
+    class Done:
+        def __init__(self, cmd):
+            self.returncode = 1 if ncu.STALLS in cmd else 0
+            self.stdout = "==ERROR== Failed to find metric" if self.returncode else text
+            self.stderr = ""
+
+    monkeypatch.setattr(ncu.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done(cmd))
+    a = type("A", (), {"K": 64, "N": 64, "group": 64, "reps": 1, "act": False, "timeout": 5, "keep_csv": False})()
+    got = ncu.run_ncu(a, 16, "cfg", tmp_path)
+    assert len(calls) == 2 and ncu.STALLS in calls[0] and ncu.STALLS not in calls[1]
+    assert got["_k"]["Duration (us)"] == 10.0 and "Failed to find metric" in got["stall_metrics_error"]
