@@ -83,6 +83,25 @@ def swap(name: str, g: int) -> dict:
             "wait_all_wgmma": "DEPBAR.LE gsb0, 0x0" in body}
 
 
+def swapk(name: str, g: int) -> dict:
+    """A stream-K swap config (`w4a16_streamk`): the same measures, and whether the main loop streams by cp.async
+    (LDGSTS) with loads left in flight across iterations (a DEPBAR that does not wait for all of them)."""
+    from pipeline.kernels.w4a16_configs import CONFIGS
+    from pipeline.kernels.w4a16_streamk import _w4a16_swapk_kernel as fn
+    _, BM, BN, _, warps, stages, kw, pairs = CONFIGS[name]
+    sig = {n: "*i32" if n in ("q_ptr", "cnt_ptr") else "*fp32" if n == "ws_ptr" else "*fp16"
+           for n in fn.arg_names if n.endswith("_ptr")}
+    cst = dict(MAX_PARTS=3, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw, PDL=True,
+               PAIRS=pairs, ASM=True)
+    k = compile_sm90(fn, sig, cst, warps, stages)
+    ptx = k.asm["ptx"]
+    body = "\n".join(loop_body(k.asm["cubin"]))
+    return {"loop": loop_instructions(k.asm["cubin"]), "pair_lop3": ptx.count("0x000f000f, 0x64006400"),
+            "local": ".local" in ptx, "ldgsts": len(re.findall(r"\bLDGSTS", body)),
+            "depbar": re.findall(r"DEPBAR\.LE SB0, 0x[0-9a-f]+", body), "wgmma": len(re.findall(r"HGMMA", body)),
+            "wait_all_wgmma": "DEPBAR.LE gsb0, 0x0" in body}
+
+
 def attn_fma(asm: int) -> dict:
     from pipeline.kernels.attention import _attn_decode_g1_kernel as fn
     sig = {"Q": "*fp16", "K": "*i8", "V": "*i8", "BT": "*i32", "CL": "*i32", "KS": "*fp32", "KZ": "*fp32",
@@ -106,4 +125,5 @@ def measure(*args: str) -> dict:
 
 if __name__ == "__main__":
     kind, *args = sys.argv[1:]
-    print(json.dumps({"swap": lambda n, g: swap(n, int(g)), "attn_fma": lambda a: attn_fma(int(a))}[kind](*args)))
+    print(json.dumps({"swap": lambda n, g: swap(n, int(g)), "swapk": lambda n, g: swapk(n, int(g)),
+                      "attn_fma": lambda a: attn_fma(int(a))}[kind](*args)))

@@ -291,11 +291,62 @@ def test_swap_pipeline_depth_fits_shared_memory():
     assert w4._swap_stages(256, 128, 128, 3, False, 2) == 3
     assert w4._swap_stages(256, 128, 128, 3, True, 2) == 1
     for name, cfg in w4.CONFIGS.items():
-        if cfg and cfg[0] == "swap":
+        if cfg and cfg[0] in ("swap", "swapk"):
             _, BM, BN, _, _, stages, *_ = cfg
             for act in (False, True):
                 depth = w4._swap_stages(BM, BN, 128, stages, act, 2)
                 assert 1 <= depth <= stages and depth * (BN * 64 + BM * 256 * (2 if act else 1)) <= 220 * 1024, name
+
+
+def test_streamk_runs_cover_every_step_once_and_parts_bound_the_tiles():
+    """Stream-K (`w4a16_streamk`): the programs' runs [p T // P, (p + 1) T // P) tile the steps, `owner` names the run
+    that holds each step, and `max_parts` is at least the programs any tile is cut between (brute force)."""
+    from pipeline.kernels import w4a16_streamk as sk
+    for tiles, G, n_sm, ctas in [(1, 1, 132, 2), (3, 5, 4, 1), (192, 64, 132, 2), (64, 32, 132, 4), (7, 172, 132, 2),
+                                 (344, 64, 132, 4), (5, 3, 2, 8)]:
+        T, P = tiles * G, sk.programs(tiles, G, n_sm, ctas)
+        assert 1 <= P <= n_sm * ctas and (P == 1 or T // P >= 2)
+        runs = [range(p * T // P, (p + 1) * T // P) for p in range(P)]
+        assert sorted(i for r in runs for i in r) == list(range(T)) and all(len(r) >= 1 for r in runs)
+        assert all(sk.owner(i, T, P) == p for p, r in enumerate(runs) for i in r)
+        parts = max(sk.owner(t * G + G - 1, T, P) - sk.owner(t * G, T, P) + 1 for t in range(tiles))
+        assert parts <= sk.max_parts(tiles, G, P) <= P
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K,g,cfg", [(1, 40, 192, 64, ("swapk", 16, 32, 2, 4, 1, 8, 2)),
+                                         (3, 72, 640, 128, ("swapk", 16, 32, 3, 4, 1, 8, 0)),
+                                         (19, 70, 384, 64, ("swapk", 16, 32, 1, 4, 1, 8, 1)),
+                                         (5, 33, 256, 32, ("swapk", 16, 32, 4, 4, 1, 8, 2)),
+                                         (2, 200, 128, 128, ("swapk", 16, 64, 1, 4, 1, 8, 0)),
+                                         (24, 40, 1152, 128, ("swapk", 32, 32, 2, 4, 1, 8, 1))])
+def test_interpreter_streamk_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g, cfg):
+    """The stream-K swap tile over odd shapes: tiles whole in one run, cut between two or more runs (partials summed
+    by the last to arrive), several tiles a run, partial row and column tiles; the same result on a second call,
+    counters back to 0; with the fused SwiGLU too."""
+    from pipeline.kernels.norm import silu_mul_ref
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    w = w4.pack_w4(*make_quant(N, K, g), g)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if M % 2 else None
+    y = w4.w4a16_linear(x, w, bias, config=cfg)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert rel_err(y, ref64(x, w, bias)) < TOL[dtype]
+    assert torch.equal(w4.w4a16_linear(x, w, bias, config=cfg), y)
+    assert int(arrival_counters(torch.device("cpu"), 1).abs().sum()) == 0
+    if dtype == torch.float16:
+        gate_up = torch.randn(M, 2 * K).half()
+        assert rel_err(w4.w4a16_linear(gate_up, w, config=cfg, act="silu_mul"), ref64(silu_mul_ref(gate_up), w)) \
+            < TOL[dtype]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
+def test_streamk_refuses_a_dot_under_16(monkeypatch):
+    monkeypatch.setenv("PIPELINE_KERNELS", "triton")
+    w = w4.pack_w4(*make_quant(40, 128, 32), 32)
+    with pytest.raises(ValueError, match="kw \\* g/8 = 8 < 16"):
+        w4.w4a16_linear(torch.randn(2, 128), w, config=("swapk", 16, 32, 2, 4, 1, 2, 0))
 
 
 def test_tuner_row_buckets_have_a_half_step_where_flops_bound():
@@ -317,6 +368,21 @@ def test_every_named_config_is_tuned_somewhere():
     tuned = {n for M in (1, 2, 4, 8, 16, 32, 64, 128, 2048) for n in c.candidates(M)} | set(c.WIDE_SET)
     assert set(c.CONFIGS) == tuned
     assert all(c.default_config(M) in c.CONFIGS for M in (1, 16, 64, 256))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("triton").__version__.startswith("3.6."),
+                    reason="sm_90 SASS checked with Triton 3.6")
+@pytest.mark.parametrize("name,g", [("swapk_m16_n64_c2_np", 64), ("swapk_m16_n64_c2_pr", 128),
+                                    ("swapk_m16_n64_c4_k8", 64), ("swapk_m32_n64_c2_np", 64)])
+def test_offline_sm90_streamk_loop_is_pipelined(name, g):
+    """The stream-K loop streams through a cp.async ring across its tile ends (LDGSTS in the main loop and a wait that
+    leaves groups in flight), with no spills: the split finish after the loop, not in it (a barrier in the loop kept
+    Triton 3.6 from pipelining it: plain LDGs, each group's loads waited for at once)."""
+    from sm90_sass import measure
+    r = measure("swapk", name, str(g))
+    assert r["ldgsts"] >= 4 and r["depbar"] and all(int(d.rsplit("0x", 1)[1], 16) > 0 for d in r["depbar"]), r
+    assert r["wgmma"] >= 1 and not r["local"], r
 
 
 @pytest.mark.slow

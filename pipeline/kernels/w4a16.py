@@ -50,11 +50,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pipeline.kernels.dispatch import arrival_counters, cdiv, use_triton
+from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_triton
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner, config_version
-from pipeline.kernels import w4a16_gluon, w4a16_gluon_gemv
+from pipeline.kernels import w4a16_gluon, w4a16_gluon_gemv, w4a16_streamk
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, gluon_candidates,
                                           swap_fields, tuning_set, uses_pairs)
@@ -345,6 +345,23 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
                                                       BLOCK_N=128, num_warps=4)
         y = x2 @ wt
         return y if bias is None else y + bias.to(y.dtype)
+    if cfg[0] == "swapk":  # the persistent stream-K swap tile (w4a16_streamk.py): one wave, equal runs of steps
+        _, BM, BN, ctas, warps, stages, kw, pairs = cfg
+        if kw * g // 8 < 16 and not (pairs == 1 and x2.dtype == torch.float16):
+            raise ValueError(f"{cfg}: a dot of K = kw * g/8 = {kw * g // 8} < 16 at group {g}")
+        tiles, G = cdiv(M, BM) * cdiv(N, BN), K // g
+        progs = w4a16_streamk.programs(tiles, G, sm_count(x2.device, cpu=3), ctas)
+        parts = w4a16_streamk.max_parts(tiles, G, progs)
+        y = _alloc_out(M, N, out_dtype, x2.device)
+        ws = torch.empty(parts, M, N, device=x2.device, dtype=torch.float32) if parts > 1 else y
+        w4a16_streamk._w4a16_swapk_kernel[(progs,)](
+            x2, w.qweight, w.scales, w.zeros, bias if bias is not None else x2, y, ws,
+            arrival_counters(x2.device, tiles), M, N, K, x2.stride(0), y.stride(0), progs, MAX_PARTS=parts,
+            GROUP=g, BLOCK_M=BM,
+            BLOCK_N=BN, DKIND=_DKIND[x2.dtype], HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=pairs,
+            ASM=x2.device.type == "cuda", num_warps=warps,
+            num_stages=_swap_stages(BM, BN, g, stages, act, x2.element_size()), **launch_kwargs(pdl))
+        return y
     if cfg[0] == "wide":
         _, BN, KS, warps, h2 = cfg
         split = cdiv(K // g, KS)

@@ -86,15 +86,32 @@ CONFIGS = {
     "swap_m128_n64_c1_k8": ("swap", 128, 64, -1, 4, 3, 8),
     "swap_m128_n64_c2_k4": ("swap", 128, 64, -2, 4, 3, 4),
     "swap_m256_n128_c1_k4": ("swap", 256, 128, -1, 8, 3, 4),
+    # ("swapk", BLOCK_M, BLOCK_N, ctas, warps, stages, kw, pairs): `w4a16_streamk`, the swap tile persistent and
+    # stream-K: ctas programs an SM, one wave, each streaming an equal run of (tile, group) steps across tile
+    # boundaries; only tiles cut between programs take a split-K finish. The decode configs' times fit ~9-23 us fixed
+    # + bytes at 1.5-2.5 TB/s (session 21's tuning times, M = 16): this aims at the fixed part. Not yet timed.
+    "swapk_m16_n64_c2_np": ("swapk", 16, 64, 2, 4, 4, 8, 2),
+    "swapk_m16_n64_c4_np": ("swapk", 16, 64, 4, 4, 4, 8, 2),
+    "swapk_m16_n64_c2_s8_np": ("swapk", 16, 64, 2, 4, 8, 8, 2),
+    "swapk_m16_n64_c2_pr": ("swapk", 16, 64, 2, 4, 4, 8, 1),
+    "swapk_m16_n128_c2_np": ("swapk", 16, 128, 2, 4, 4, 8, 2),
+    "swapk_m16_n64_c4_k8": ("swapk", 16, 64, 4, 4, 4, 8, 0),
+    "swapk_m32_n64_c2_np": ("swapk", 32, 64, 2, 4, 4, 8, 2),
+    "swapk_m32_n64_c4_np": ("swapk", 32, 64, 4, 4, 4, 8, 2),
+    "swapk_m32_n64_c2_k8": ("swapk", 32, 64, 2, 4, 4, 8, 0),
+    "swapk_m64_n64_c2_np": ("swapk", 64, 64, 2, 4, 4, 8, 2),
     "dequant_cublas": None,
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c4_pr", "swap_m16_n64_c8_pr",
                "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr", "swap_m16_n64_c2_s8_pr",
                "swap_m16_n64_c4_np", "swap_m16_n64_c8_np", "swap_m16_n64_c2_s8_np", "swap_m16_n64_c4_np_u2",
-               "swap_m16_n64_c8_np_u2", "swap_m16_n64_c2_s8_np_u2", "swap_m16_n64_c4_pr_u2")
+               "swap_m16_n64_c8_np_u2", "swap_m16_n64_c2_s8_np_u2", "swap_m16_n64_c4_pr_u2",
+               "swapk_m16_n64_c2_np", "swapk_m16_n64_c4_np", "swapk_m16_n64_c2_s8_np", "swapk_m16_n64_c2_pr",
+               "swapk_m16_n128_c2_np", "swapk_m16_n64_c4_k8")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m32_n128_c2_k8", "swap_m32_n64_c4_k8", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8",
             "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr",
-            "swap_m32_n64_c4_np", "swap_m64_n64_c2_np", "swap_m32_n64_c4_np_u2", "swap_m32_n64_c4_k8_u2")
+            "swap_m32_n64_c4_np", "swap_m64_n64_c2_np", "swap_m32_n64_c4_np_u2", "swap_m32_n64_c4_k8_u2",
+            "swapk_m32_n64_c2_np", "swapk_m32_n64_c4_np", "swapk_m32_n64_c2_k8", "swapk_m64_n64_c2_np")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
                 "swap_m256_n128_c1_k4", "swap_m64_n128_c1_pr")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",
@@ -117,6 +134,8 @@ def swap_fields(cfg: tuple) -> tuple:
 def uses_pairs(name: str) -> bool:
     """A swap config with a pair unpack (pairs 1 or 2; fp16 activations only)."""
     cfg = CONFIGS.get(name)
+    if cfg and cfg[0] == "swapk":
+        return cfg[7] in (1, 2)
     return bool(cfg and cfg[0] == "swap" and swap_fields(cfg)[6] in (1, 2))
 
 
