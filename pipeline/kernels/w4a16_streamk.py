@@ -57,12 +57,7 @@ def _w4a16_swapk_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_pt
     gdc_wait(PDL)
     pid = tl.program_id(0)
     P: tl.constexpr = GROUP // 8
-    if DKIND == 1:
-        C: tl.constexpr = 1024.0
-    elif DKIND == 2:
-        C: tl.constexpr = 128.0
-    else:
-        C: tl.constexpr = 0.0
+    C: tl.constexpr = 1024.0 if DKIND == 1 else 128.0 if DKIND == 2 else 0.0   # _nibbles_to_qz's magic on z too
     G = K // GROUP
     n_m = tl.cdiv(M, BLOCK_M)
     total = n_m * tl.cdiv(N, BLOCK_N) * G
