@@ -6,7 +6,8 @@
 #
 # Sets (in the order given; each writes $OUT/<set>/ and a log):
 #   decode    bench/w4a16_decode.py at group 64 (M = 16, 32) and 128 (M = 16): the decode tiles side by side (the best
-#             split-K swap tiles and the stream-K `swapk_*` ones) with fp16 cuBLAS, one process per group size
+#             split-K swap tiles, the stream-K `swapk_*` and Gluon `glk_*` ones) with fp16 cuBLAS, one process per
+#             group size
 #   kernels   bench/kernels.py --only w4a16 (issue 26's table: g128, M = 1 ... 2048, tuned ours, Gluon, tinygemm, cuBLAS)
 #   kernels_prefill  the same at the prefill and mixed-step sizes only (M = 192, 256, 2048: ~4 min)
 #   ncu       bench/w4a16_ncu.py on the 4096 x 12288 linear at M = 16 and 32 (the tuner's top 3 each)
@@ -48,7 +49,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 DECODE=swap_m16_n64_c4_pr,swap_m16_n64_c8,swap_m16_n64_c2_s8_pr,swap_m16_n64_c4_np,swapk_m16_n64_c2_np,\
 swapk_m16_n64_c4_np,swapk_m16_n64_c2_s8_np,swapk_m16_n64_c2_pr,swapk_m16_n128_c2_np,swapk_m16_n64_c4_k8,\
 swap_m32_n64_c4_k8,swap_m32_n64_c4_np,swapk_m32_n64_c2_np,swapk_m32_n64_c4_np,swapk_m32_n64_c2_k8,swap_m64_n64_c2_k8,\
-swap_m64_n64_c2_np,swapk_m64_n64_c2_np
+swap_m64_n64_c2_np,swapk_m64_n64_c2_np,glk_m16_n128_k16_s8_c1,glk_m16_n128_k16_s14_c1,glk_m16_n64_k16_s12_c1,\
+glk_m16_n256_k16_s8_c1,glk_m32_n128_k16_s8_c1,glk_m32_n256_k16_s6_c1
 
 step() {   # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME/log, print its tail
   local name=$1 limit=$2; shift 2

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import L2_DEFEAT_BYTES, LLAMA_LINEARS, copy_bandwidth, rel_err, time_calls  # noqa: E402
 from pipeline.kernels import pdl  # noqa: E402
 from pipeline.kernels import w4a16 as w4  # noqa: E402
+from pipeline.kernels import w4a16_gluon, w4a16_gluon_sk  # noqa: E402
 
 
 @triton.jit
@@ -180,7 +181,8 @@ def bench(args) -> dict:
             x = torch.randn(M, K, device=dev, dtype=torch.float16)
             ref = x.double() @ w4.dequantize_w4(ws[0], torch.float64).T
             row = {}
-            for name, mode in [(n, m) for n in w4.candidates(M) for m in args.pdl]:
+            names = w4.candidates(M) + (w4a16_gluon_sk.candidates(M) if w4a16_gluon.enabled(dev) else ())
+            for name, mode in [(n, m) for n in names for m in args.pdl]:
                 if only and name not in only:
                     continue
                 os.environ["PIPELINE_PDL"] = "1" if mode == "on" else "0"

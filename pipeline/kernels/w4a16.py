@@ -54,7 +54,7 @@ from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count, use_trit
 from pipeline.kernels.norm import silu_mul
 from pipeline.kernels.pdl import enabled as pdl_enabled, gdc_launch, gdc_wait, launch_kwargs
 from pipeline.kernels.tuner import Tuner, config_version
-from pipeline.kernels import w4a16_gluon, w4a16_gluon_gemv, w4a16_streamk
+from pipeline.kernels import w4a16_gluon, w4a16_gluon_gemv, w4a16_gluon_sk, w4a16_streamk
 from pipeline.kernels.w4a16_configs import (CONFIGS, DECODE_SET, FMA_SET, INTERPRET_CONFIG, MID_SET,  # noqa: F401
                                           PREFILL_SET, WIDE_SET, candidates, default_config, gluon_candidates,
                                           swap_fields, tuning_set, uses_pairs)
@@ -292,7 +292,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
 # W4A16_TUNE=0: default configs, no timing. Bump "1" when a kernel of this family changes (config edits change
 # the digest by themselves): saved tunings of other versions are ignored (pipeline/kernels/tuner.py).
 TUNER = Tuner("W4A16_TUNE", version=config_version("1", {**CONFIGS, **w4a16_gluon.GLUON_CONFIGS,
-                                                         **w4a16_gluon_gemv.GEMV_CONFIGS}))
+                                                         **w4a16_gluon_gemv.GEMV_CONFIGS,
+                                                         **w4a16_gluon_sk.SK_CONFIGS}))
 _DKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the dot dtype, a kernel constexpr
 
 
@@ -334,6 +335,9 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     if cfg is not None and cfg[0] == "gluon_gemv":  # sm_90 Gluon GEMV (w4a16_gluon_gemv.py): one row
         return w4a16_gluon_gemv.w4a16_gluon_gemv(x2, w, bias, cfg[1], out=_alloc_out(M, N, out_dtype, x2.device),
                                                  pdl=pdl, act="silu_mul" if act else None)
+    if cfg is not None and cfg[0] == "gluon_sk":  # sm_90 Gluon, persistent stream-K (w4a16_gluon_sk.py)
+        return w4a16_gluon_sk.w4a16_gluon_sk_linear(x2, w, bias, cfg[1], "silu_mul" if act else None,
+                                                    out=_alloc_out(M, N, out_dtype, x2.device), pdl=pdl)
     if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py)
         return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], "silu_mul" if act else None,
                                               out=_alloc_out(M, N, out_dtype, x2.device), pdl=pdl)
@@ -433,11 +437,14 @@ UNFUSED = "silu_mul+gemm"
 
 def _config(name: str):
     """A config name -> its launch tuple: CONFIGS' (Triton kernels), ("gluon", name) for `w4a16_gluon`'s,
+    ("gluon_sk", name) for `w4a16_gluon_sk`'s,
     ("gluon_gemv", name) for `w4a16_gluon_gemv`'s or (UNFUSED,)."""
     if name == UNFUSED:
         return (UNFUSED,)
     if name in w4a16_gluon.GLUON_CONFIGS:
         return ("gluon", name)
+    if name in w4a16_gluon_sk.SK_CONFIGS:
+        return ("gluon_sk", name)
     return ("gluon_gemv", name) if name in w4a16_gluon_gemv.GEMV_CONFIGS else CONFIGS[name]
 
 
@@ -455,6 +462,7 @@ def _choose(x2, w, bias, out_dtype, act: bool = False, pdl: bool | None = None) 
         names = names + (UNFUSED,)
     if w4a16_gluon.enabled(x2.device) and w4a16_gluon.applicable(x2, w, act):
         names = names + tuple(n for n in gluon_candidates(M) if w4a16_gluon.fits(n, w.group_size, act))
+        names = names + tuple(n for n in w4a16_gluon_sk.candidates(M) if w4a16_gluon_sk.fits(n, w.group_size, act))
         if w4a16_gluon.gemv_enabled(x2.device) and w4a16_gluon_gemv.applicable(x2, w, act):   # one row (opt-in)
             names = names + tuple(n for n in w4a16_gluon_gemv.GEMV_CONFIGS
                                   if w4a16_gluon_gemv.fits(n, w.group_size, w.K))

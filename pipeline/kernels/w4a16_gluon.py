@@ -289,6 +289,24 @@ if HAVE_GLUON:
         return ready, empty
 
     @gluon.jit
+    def _ring(x_desc, q_desc, STAGES: gl.constexpr, NJ: gl.constexpr, KP: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, KT: gl.constexpr, ACT: gl.constexpr):
+        # the ring's buffers: per stage NJ activation slices (BM, KT) and KP = KW * g/8 rows of packed weights;
+        # with ACT the up slices too, and silu(gate) * up (two buffers: one may still be read by the MMAs in
+        # flight); and its mbarriers
+        dt: gl.constexpr = x_desc.dtype
+        x_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
+        if ACT:
+            u_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
+            a_smem = gl.allocate_shared_memory(dt, [2 * NJ, BLOCK_M, KT], x_desc.layout)
+        else:
+            u_smem = x_smem
+            a_smem = x_smem
+        q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KP, BLOCK_N], q_desc.layout)
+        ready, empty = _ring_barriers(STAGES)
+        return x_smem, u_smem, a_smem, q_smem, ready, empty
+
+    @gluon.jit
     def _gdc_launch():
         # programmatic dependent launch (pdl.py): the next kernel in the stream may be scheduled now
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
@@ -378,19 +396,7 @@ if HAVE_GLUON:
             zc = gl.load(z_ptr + nxt * N + offs_n, mask=mask_n, other=0.0)
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             qr, hv, sh_c, sc_i, zc_i = _group_operands(q_smem.index(s), sc_g, zc_g, a_l, GROUP, KT, BLOCK_N, DKIND)
-            if ACT:  # silu(gate) * up of this group into a_smem[i % 2] (group i - 2's MMAs, its readers, are retired)
-                b0 = (i % 2) * NJ
-                gl.thread_barrier()
-                for j in gl.static_range(NJ):
-                    gate = x_smem.index(s * NJ + j).load(x_l).to(gl.float32)
-                    up = u_smem.index(s * NJ + j).load(x_l).to(gl.float32)
-                    a_smem.index(b0 + j).store((gate / (1.0 + gl.exp(-gate)) * up).to(dt))
-                fence_async_shared()
-                gl.thread_barrier()
-                b_smem = a_smem
-            else:
-                b0 = s * NJ
-                b_smem = x_smem
+            b_smem, b0 = _b_operand(x_smem, u_smem, a_smem, s, i, NJ, x_l, ACT)
             for j in gl.static_range(NJ):
                 a = _dequant_slice(qr, hv, sh_c, sc_i, zc_i, j, KW, DKIND)
                 xt = b_smem.index(b0 + j).permute((1, 0))  # (KT, BM): the transposed activation slice
@@ -409,6 +415,24 @@ if HAVE_GLUON:
                                      off_m, off_n, K, ahead < n_iter, GROUP, KT, KW, ACT)
         acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
         return (acc, )
+
+    @gluon.jit
+    def _b_operand(x_smem, u_smem, a_smem, s, i, NJ: gl.constexpr, x_l: gl.constexpr, ACT: gl.constexpr):
+        # the wgmmas' activation slices of ring stage s (step i) and the index of its first: the stage itself, or
+        # with ACT silu(gate) * up of it written to a_smem[i % 2] (step i - 2's MMAs, its readers, are retired)
+        if ACT:
+            b0 = (i % 2) * NJ
+            gl.thread_barrier()
+            for j in gl.static_range(NJ):
+                gate = x_smem.index(s * NJ + j).load(x_l).to(gl.float32)
+                up = u_smem.index(s * NJ + j).load(x_l).to(gl.float32)
+                a_smem.index(b0 + j).store((gate / (1.0 + gl.exp(-gate)) * up).to(a_smem.dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            res = (a_smem, b0)
+        else:
+            res = (x_smem, s * NJ)
+        return res
 
     @gluon.jit
     def _store_tile(acc, y_ptrs, b_ptr, on, mask, N, HAS_BIAS: gl.constexpr):
@@ -430,7 +454,6 @@ if HAVE_GLUON:
         KW: gl.constexpr = KT // P
         NJ: gl.constexpr = GROUP // KT
         GROUP_M: gl.constexpr = 8
-        dt: gl.constexpr = x_desc.dtype
 
         # output tile (pid_m, pid_n) in grouped order, and this split's groups [g_lo, g_lo + n_iter)
         if TAIL:
@@ -458,15 +481,8 @@ if HAVE_GLUON:
         g_lo = pid_k * per_split
         n_iter = gl.minimum(per_split, n_groups - g_lo)
 
-        x_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
-        if ACT:  # the up slices, and silu(gate) * up (two buffers: one may still be read by the MMAs in flight)
-            u_smem = gl.allocate_shared_memory(dt, [STAGES * NJ, BLOCK_M, KT], x_desc.layout)
-            a_smem = gl.allocate_shared_memory(dt, [2 * NJ, BLOCK_M, KT], x_desc.layout)
-        else:
-            u_smem = x_smem
-            a_smem = x_smem
-        q_smem = gl.allocate_shared_memory(gl.int32, [STAGES, KW * P, BLOCK_N], q_desc.layout)
-        ready, empty = _ring_barriers(STAGES)
+        x_smem, u_smem, a_smem, q_smem, ready, empty = _ring(x_desc, q_desc, STAGES, NJ, KW * P, BLOCK_M, BLOCK_N,
+                                                             KT, ACT)
         if WS:
             if PDL:  # the producer warp reads activations from its first copy on
                 _gdc_wait()

@@ -1,0 +1,98 @@
+"""The stream-K Gluon W4A16 tile (`w4a16_gluon_sk`): its configs and candidates (CPU), its sm_90 compile (offline,
+Triton 3.6), and its outputs against the reference on an sm_90 GPU (marked gpu).
+
+    pytest tests/test_kernel_w4a16_gluon_sk.py                          # CPU
+    python -m pytest -m "gpu or slow" tests/test_kernel_w4a16_gluon_sk.py   # the GPU machine / offline compile
+"""
+import pytest
+import torch
+
+from pipeline.kernels import w4a16 as w4
+from pipeline.kernels import w4a16_gluon as wg
+from pipeline.kernels import w4a16_gluon_sk as sk
+from tests.test_kernel_w4a16 import TOL, make_quant, ref64, rel_err
+from tests.test_kernel_w4a16_gluon import COMPILED_WITH, compile_sm90, on_sm90, q_desc_type
+
+offline = pytest.mark.skipif(not (wg.HAVE_GLUON and __import__("triton").__version__.startswith(COMPILED_WITH)),
+                             reason=f"offline compile checked with Triton {COMPILED_WITH}x only")
+
+
+def test_every_config_is_a_candidate_fits_and_runs_one_program_an_sm():
+    """Every config is offered at some decode M (16..64, none below or above), serves groups 64 and 128 in shared
+    memory, and asks for one program an SM (a warp-specialized program holds 255 registers a thread)."""
+    assert {n for M in (16, 32, 64) for n in sk.candidates(M)} == set(sk.SK_CONFIGS)
+    assert sk.candidates(8) == sk.candidates(65) == ()
+    assert all(sk.SK_CONFIGS[n][0] == 16 for n in sk.candidates(9))
+    for name, (BM, BN, KT, stages, warps, ctas) in sk.SK_CONFIGS.items():
+        assert ctas == 1 and BN % (16 * warps) == 0 and BM % 8 == 0, name
+        assert sk.fits(name, 64, False) and sk.fits(name, 128, False), name
+        assert wg.stages_for(BM, BN, KT, 128, stages) >= 4, name    # a deep ring is the point
+
+
+def test_tuned_through_w4a16_only_on_sm90(monkeypatch):
+    """The tuner routes `glk_*` names to this kernel; off sm_90 (or with PIPELINE_W4A16_GLUON=0) none is offered."""
+    assert w4._config("glk_m16_n128_k16_s8_c1") == ("gluon_sk", "glk_m16_n128_k16_s8_c1")
+    assert not wg.enabled(torch.device("cpu"))
+
+
+@pytest.mark.slow
+@offline
+@pytest.mark.parametrize("g", [64, 128])
+@pytest.mark.parametrize("name", list(sk.SK_CONFIGS))
+def test_offline_sm90_compile(name, g):
+    """Each config compiles for sm_90 without a GPU: TMA copies, async register-operand wgmmas with one left in flight
+    while the next slice is dequantized (wait_group 1 per slice; `WARPGROUP.DEPBAR.LE gsb0, 0x1` in the SASS), no
+    serialized wgmmas (C7515: the next tile's first wgmma ignores the accumulator instead of zeros written to it),
+    no spills, within shared memory; the fused SwiGLU too."""
+    from triton.runtime.jit import mangle_type
+    from tests.sm90_sass import ptxas_info, sass_text
+    BM, BN, KT, stages, warps, _ = sk.SK_CONFIGS[name]
+    K = 4096
+    for act in (False, True):
+        if not sk.fits(name, g, act):
+            continue
+        width = 2 * K if act else K
+        x_l = wg.layouts(BM, BN, KT, g, torch.float16)[0]
+        xd = wg.TensorDescriptor(torch.empty(64, width, dtype=torch.float16), [64, width], [width, 1], [BM, KT], x_l)
+        sig = {"x_desc": mangle_type(xd), "q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16",
+               "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
+               "K": "i32", "stride_ym": "i32", "n_progs": "i32"}
+        cst = dict(MAX_PARTS=3, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages, act),
+                   HAS_BIAS=True, DKIND=1, ACT=act, num_warps=warps, PDL=True)
+        k = compile_sm90(sk._sk_kernel, sig, cst, warps)
+        ptx, info = k.asm["ptx"], ptxas_info(k.asm["ptx"])
+        assert k.metadata.shared <= wg.SMEM_BYTES + 1024 and "cp.async.bulk.tensor.2d" in ptx
+        assert ptx.count("wgmma.wait_group.sync.aligned 1;") == g // KT, (name, act)
+        assert "C7515" not in info and " 0 bytes spill stores" in info, info
+        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass_text(k.asm["cubin"])
+
+
+@pytest.mark.gpu
+@on_sm90
+@pytest.mark.parametrize("g,dtype", [(128, torch.float16), (64, torch.float16), (64, torch.bfloat16)])
+def test_gpu_streamk_odd_shapes(g, dtype):
+    """Against the reference over N not a multiple of any tile, rows from 16 to 64 (partial row tiles), runs holding
+    whole tiles and tiles cut between runs, a bias at odd M, the fused SwiGLU; the same bits on every launch (parts
+    summed in run order) and the split counters back at 0."""
+    from pipeline.kernels.dispatch import arrival_counters
+    from pipeline.kernels.norm import silu_mul_ref
+    for N, K in ((1000, 1024), (4100, 768), (12288, 4096)):
+        w = w4.pack_w4(*make_quant(N, K, g, seed=N + g), g).to("cuda")
+        bias = torch.randn(N, device="cuda").to(dtype)
+        for M in (16, 9, 33, 64):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            b = bias if M % 2 else None
+            ref = ref64(x, w, b)
+            for name in sk.candidates(max(M, 16)):
+                if not sk.fits(name, g, False):
+                    continue
+                y = sk.w4a16_gluon_sk_linear(x, w, b, config=name)
+                assert y.shape == (M, N) and y.dtype == dtype
+                err = rel_err(y, ref)
+                assert err < TOL[dtype], f"{name} g={g} M={M} N={N} K={K} {dtype}: rel err {err:.2e}"
+                assert all(torch.equal(sk.w4a16_gluon_sk_linear(x, w, b, config=name), y) for _ in range(3)), name
+        gate_up = torch.randn(16, 2 * K, device="cuda").to(dtype)
+        y = sk.w4a16_gluon_sk_linear(gate_up, w, config="glk_m16_n128_k16_s8_c1", act="silu_mul")
+        assert rel_err(y, ref64(silu_mul_ref(gate_up), w)) < TOL[dtype]
+    torch.cuda.synchronize()
+    assert int(arrival_counters(torch.device("cuda"), 1).abs().sum()) == 0
