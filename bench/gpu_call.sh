@@ -11,7 +11,8 @@
 #   kernels   bench/kernels.py --only w4a16 (issue 26's table: g128, M = 1 ... 2048, tuned ours, Gluon, tinygemm, cuBLAS)
 #   kernels_prefill  the same at the prefill and mixed-step sizes only (M = 192, 256, 2048: ~4 min)
 #   ncu       bench/w4a16_ncu.py on the 4096 x 12288 linear at M = 16 and 32 (the tuner's top 3 each)
-#   tests     the GPU tests of the W4A16 kernels and of the engine's look-ahead mark and device timeline
+#   tests     the GPU tests of the W4A16 kernels (the stream-K ones first: run them before any timing of them) and of
+#             the engine's look-ahead mark and device timeline
 #   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
 #   serve     bench/serve.py --no-hf (batched, batch 1, the prefix workload, the second start)
 #   serve_batched  bench/serve.py --no-prefix --no-hf: the batched and batch-1 runs alone (~4-5 min, cold tuner)
@@ -74,6 +75,8 @@ for set in "$@"; do
     ncu) step ncu 300 python3 bench/w4a16_ncu.py --ms 16,32 --top 3 --out "$OUT/ncu" ;;
     tests)
       step tests_engine 200 python3 -m pytest -m gpu -q tests/test_engine.py -k "lookahead or timeline"
+      step tests_w4a16_sk 150 python3 -m pytest -m gpu -q tests/test_kernel_w4a16_gluon_sk.py \
+        tests/test_kernel_w4a16.py -k "streamk or real_sizes or group_64"
       step tests_w4a16 240 python3 -m pytest -m gpu -q -x tests/test_kernel_w4a16.py ;;
     serve_ab) step serve_ab 540 python3 bench/serve.py --no-hf --no-prefix --ab mark nomark:PIPELINE_LOOKAHEAD_MARK=0 \
       --ab-rounds 1 --out "$OUT/serve_ab" ;;
