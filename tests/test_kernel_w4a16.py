@@ -254,6 +254,21 @@ def test_interpreter_unfused_swiglu_candidate(monkeypatch, poisoned):
     assert w4.UNFUSED not in offered[True]
 
 
+def test_streamk_tiles_offered_at_decode_rows_unless_switched_off(monkeypatch):
+    """The tuner offers the stream-K tiles from 16 to 64 rows; PIPELINE_W4A16_STREAMK=0 leaves every one out."""
+    w = w4.pack_w4(*make_quant(64, 256, 64), 64)
+    offered = []
+    monkeypatch.setattr(w4.TUNER, "tuned", {})
+    monkeypatch.setattr(w4.TUNER, "choose", lambda key, names, launch, default, device: offered.append(names) or default)
+    for M in (16, 32, 64, 128):
+        w4._choose(torch.randn(M, 256).half(), w, None, torch.float16)
+    assert [any(n.startswith("swapk_") for n in names) for names in offered] == [True, True, True, False]
+    monkeypatch.setenv("PIPELINE_W4A16_STREAMK", "0")
+    offered.clear()
+    w4._choose(torch.randn(16, 256).half(), w, None, torch.float16)
+    assert not any(n.startswith(("swapk_", "glk_")) for n in offered[0])
+
+
 @gpu
 @needs_cuda
 def test_gpu_fused_silu_mul_every_decode_config(poisoned):
