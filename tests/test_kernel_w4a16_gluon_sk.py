@@ -43,7 +43,7 @@ def test_offline_sm90_compile(name, g):
     """Each config compiles for sm_90 without a GPU: TMA copies, async register-operand wgmmas with one left in flight
     while the next slice is dequantized (wait_group 1 per slice; `WARPGROUP.DEPBAR.LE gsb0, 0x1` in the SASS), no
     serialized wgmmas (C7515: the next tile's first wgmma ignores the accumulator instead of zeros written to it),
-    no spills, within shared memory; the fused SwiGLU too."""
+    no spills, within shared memory, the first weight copies before the PDL wait; the fused SwiGLU too."""
     from triton.runtime.jit import mangle_type
     from tests.sm90_sass import ptxas_info, sass_text
     BM, BN, KT, stages, warps, _ = sk.SK_CONFIGS[name]
@@ -65,6 +65,9 @@ def test_offline_sm90_compile(name, g):
         assert ptx.count("wgmma.wait_group.sync.aligned 1;") == g // KT, (name, act)
         assert "C7515" not in info and " 0 bytes spill stores" in info, info
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass_text(k.asm["cubin"])
+        # PDL: the producer's first weight copies are issued before its wait for the previous kernel
+        head = ptx.split("griddepcontrol.wait")[0]
+        assert "griddepcontrol.wait" in ptx and head.count("cp.async.bulk.tensor") >= 1, (name, act)
 
 
 @pytest.mark.gpu

@@ -98,10 +98,26 @@ if base.HAVE_GLUON:
     @gluon.jit
     def _sk_produce(x_desc, q_desc, x_smem, u_smem, q_smem, ready, empty, M, K, N, n_progs,
                     GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
-                    KW: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr):
-        # the producer warp: each step's copies into the ring as soon as the MMA warps release its stage
+                    KW: gl.constexpr, STAGES: gl.constexpr, ACT: gl.constexpr, PDL: gl.constexpr):
+        # the producer warp: each step's copies into the ring as soon as the MMA warps release its stage. PDL: the
+        # first ring's weight copies go out before the wait for the previous kernel (they read nothing it writes),
+        # its activation copies after; the MMA warps touch y and the workspace only after data that came after it
         it_lo, n_iter, t, g, pid_m, pid_n, G, n_m, total = _run(M, K, N, n_progs, GROUP, BLOCK_M, BLOCK_N)
-        for i in range(n_iter):
+        i0 = 0
+        if PDL:
+            n0 = gl.minimum(n_iter, STAGES)
+            t0, g0, pm0, pn0 = t, g, pid_m, pid_n
+            for i in range(n0):   # the stages start empty: no wait
+                base._issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(i), g, i, pid_m * BLOCK_M,
+                                  pid_n * BLOCK_N, K, True, GROUP, KT, KW, ACT, 1)
+                t, g, pid_m, pid_n = _next(t, g, pid_m, pid_n, G, n_m)
+            base._gdc_wait()
+            for i in range(n0):
+                base._issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(i), g0, i, pm0 * BLOCK_M,
+                                  pn0 * BLOCK_N, K, True, GROUP, KT, KW, ACT, 2)
+                t0, g0, pm0, pn0 = _next(t0, g0, pm0, pn0, G, n_m)
+            i0 = n0
+        for i in range(i0, n_iter):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             base._issue_loads(x_desc, q_desc, x_smem, u_smem, q_smem, ready.index(s), g, s, pid_m * BLOCK_M,
@@ -209,14 +225,12 @@ if base.HAVE_GLUON:
         NJ: gl.constexpr = GROUP // KT
         x_smem, u_smem, a_smem, q_smem, ready, empty = base._ring(x_desc, q_desc, STAGES, NJ, KW * P, BLOCK_M, BLOCK_N,
                                                                   KT, ACT)
-        if PDL:  # the producer warp reads activations from its first copy on
-            base._gdc_wait()
         gl.warp_specialize([
             (_sk_consume, (x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr,
                            ws_ptr, M, N, K, stride_ym, n_progs, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT,
                            HAS_BIAS, num_warps)),
             (_sk_produce, (x_desc, q_desc, x_smem, u_smem, q_smem, ready, empty, M, K, N, n_progs, GROUP, BLOCK_M,
-                           BLOCK_N, KT, KW, STAGES, ACT)),
+                           BLOCK_N, KT, KW, STAGES, ACT, PDL)),
         ], [1], [24])
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(st))
