@@ -244,9 +244,22 @@ def table(res) -> str:
             if all(n in e["M"][M] for e in res["shapes"]):
                 t = sum(e["M"][M][n]["us"] for e in res["shapes"])
                 per = " ".join(f"{e['M'][M][n]['x_roofline']:.2f}" for e in res["shapes"])
-                rows.append((t, f"M={M:>2} {n:18s} {t:7.1f} us {t / roof:.2f}x  (per shape {per})"))
+                fixed, rate = fixed_and_rate([e["int4_bytes"] for e in res["shapes"]],
+                                             [e["M"][M][n]["us"] for e in res["shapes"]])
+                rows.append((t, f"M={M:>2} {n:22s} {t:7.1f} us {t / roof:.2f}x  (per shape {per}; "
+                                f"{fixed:.1f} us + bytes at {rate:.2f} TB/s)"))
         lines += [r for _, r in sorted(rows)]
     return "\n".join(lines)
+
+
+def fixed_and_rate(nbytes: list, us: list) -> tuple[float, float]:
+    """A config's times over the shapes fitted as fixed + bytes / rate (least squares): (fixed us, rate TB/s). The
+    decode tiles' fixed part is most of a call (docs/perf-log.md, session 22); the stream-K tiles aim at it."""
+    n = len(us)
+    mx, my = sum(nbytes) / n, sum(us) / n
+    var = sum((b - mx) ** 2 for b in nbytes)
+    slope = sum((b - mx) * (t - my) for b, t in zip(nbytes, us)) / var if var else 0.0   # us per byte
+    return my - slope * mx, (1 / slope / 1e6) if slope > 0 else float("inf")   # bytes/us -> TB/s
 
 
 def ncu_target(name: str, M: int = 1):
