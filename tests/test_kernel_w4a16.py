@@ -290,7 +290,8 @@ def test_gpu_split_k_bit_identical_over_many_launches():
     """The in-kernel split-K finish sums partials in split order: every launch gives the same bits (a
     cross-program ordering race would show up as a differing call)."""
     w = w4.pack_w4(*make_quant(12288, 4096, 128), 128).to("cuda")
-    for M, name in ((1, "gemv_n32_c8_sl"), (4, "gemv_n64_c8_sl"), (3, "fma_n64_c8"), (16, "gemv_n64_c4")):
+    for M, name in ((1, "gemv_n32_c8_sl"), (4, "gemv_n64_c8_sl"), (3, "fma_n64_c8"), (16, "gemv_n64_c4"),
+                    (16, "swapk_m16_n64_c2_np"), (32, "swapk_m32_n64_c4_np")):   # stream-K: parts in run order
         x = torch.randn(M, 4096, device="cuda").half()
         first = w4.w4a16_linear(x, w, config=name)
         outs = [w4.w4a16_linear(x, w, config=name) for _ in range(300)]
