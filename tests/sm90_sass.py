@@ -93,10 +93,13 @@ def swapk(name: str, g: int) -> dict:
            for n in fn.arg_names if n.endswith("_ptr")}
     cst = dict(MAX_PARTS=3, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw, PDL=True,
                PAIRS=pairs, ASM=True)
-    k = compile_sm90(fn, sig, cst, warps, stages)
+    from pipeline.kernels.w4a16 import _swap_stages
+    k = compile_sm90(fn, sig, cst, warps, _swap_stages(BM, BN, g, stages, False, 2))
     ptx = k.asm["ptx"]
     body = "\n".join(loop_body(k.asm["cubin"]))
+    regs = int(re.findall(r"Used (\d+) registers", ptxas_info(ptx))[0])
     return {"loop": loop_instructions(k.asm["cubin"]), "pair_lop3": ptx.count("0x000f000f, 0x64006400"),
+            "regs": regs, "smem": k.metadata.shared, "warps": warps,
             "local": ".local" in ptx, "ldgsts": len(re.findall(r"\bLDGSTS", body)),
             "depbar": re.findall(r"DEPBAR\.LE SB0, 0x[0-9a-f]+", body), "wgmma": len(re.findall(r"HGMMA", body)),
             "wait_all_wgmma": "DEPBAR.LE gsb0, 0x0" in body}

@@ -390,15 +390,19 @@ def test_every_named_config_is_tuned_somewhere():
 @pytest.mark.skipif(not __import__("triton").__version__.startswith("3.6."),
                     reason="sm_90 SASS checked with Triton 3.6")
 @pytest.mark.parametrize("name,g", [("swapk_m16_n64_c2_np", 64), ("swapk_m16_n64_c2_pr", 128),
-                                    ("swapk_m16_n64_c4_k8", 64), ("swapk_m32_n64_c2_np", 64)])
+                                    ("swapk_m16_n64_c4_k8", 64), ("swapk_m32_n64_c2_np", 64),
+                                    ("swapk_m16_n64_c4_np", 128), ("swapk_m64_n64_c2_np", 64)])
 def test_offline_sm90_streamk_loop_is_pipelined(name, g):
     """The stream-K loop streams through a cp.async ring across its tile ends (LDGSTS in the main loop and a wait that
     leaves groups in flight), with no spills: the split finish after the loop, not in it (a barrier in the loop kept
-    Triton 3.6 from pipelining it: plain LDGs, each group's loads waited for at once)."""
+    Triton 3.6 from pipelining it: plain LDGs, each group's loads waited for at once); and its programs an SM fit
+    one wave."""
     from sm90_sass import measure
     r = measure("swapk", name, str(g))
     assert r["ldgsts"] >= 4 and r["depbar"] and all(int(d.rsplit("0x", 1)[1], 16) > 0 for d in r["depbar"]), r
     assert r["wgmma"] >= 1 and not r["local"], r
+    ctas = w4.CONFIGS[name][3]   # one wave: the programs an SM it asks for fit its registers and shared memory
+    assert ctas * -(-r["regs"] // 8) * 8 * 32 * r["warps"] <= 65536 and ctas * (r["smem"] + 1024) <= 228 * 1024, r
 
 
 @pytest.mark.slow
