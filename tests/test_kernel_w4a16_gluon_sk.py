@@ -18,15 +18,15 @@ offline = pytest.mark.skipif(not (wg.HAVE_GLUON and __import__("triton").__versi
 
 
 def test_every_config_is_a_candidate_fits_and_runs_one_program_an_sm():
-    """Every config is offered at some decode M (16..64, none below or above), serves groups 64 and 128 in shared
-    memory, and asks for one program an SM (a warp-specialized program holds 255 registers a thread)."""
-    assert {n for M in (16, 32, 64) for n in sk.candidates(M)} == set(sk.SK_CONFIGS)
-    assert sk.candidates(8) == sk.candidates(65) == ()
+    """Every config is offered at some M (16..1024, none below or above), serves groups 64 and 128 in shared memory,
+    and asks for one program an SM (a warp-specialized program holds 255 registers a thread)."""
+    assert {n for M in (16, 32, 64, 256) for n in sk.candidates(M)} == set(sk.SK_CONFIGS)
+    assert sk.candidates(8) == sk.candidates(2048) == () and sk.candidates(65) == ("glk_m128_n128_k16_s4_c1",)
     assert all(sk.SK_CONFIGS[n][0] == 16 for n in sk.candidates(9))
     for name, (BM, BN, KT, stages, warps, ctas) in sk.SK_CONFIGS.items():
         assert ctas == 1 and BN % (16 * warps) == 0 and BM % 8 == 0, name
         assert sk.fits(name, 64, False) and sk.fits(name, 128, False), name
-        assert wg.stages_for(BM, BN, KT, 128, stages) >= 4, name    # a deep ring is the point
+        assert wg.stages_for(BM, BN, KT, 128, stages) >= (4 if BM <= 64 else 3), name    # a deep ring is the point
 
 
 def test_tuned_through_w4a16_only_on_sm90(monkeypatch):
@@ -82,7 +82,7 @@ def test_gpu_streamk_odd_shapes(g, dtype):
     for N, K in ((1000, 1024), (4100, 768), (12288, 4096)):
         w = w4.pack_w4(*make_quant(N, K, g, seed=N + g), g).to("cuda")
         bias = torch.randn(N, device="cuda").to(dtype)
-        for M in (16, 9, 33, 64):
+        for M in (16, 9, 33, 64, 200):
             x = torch.randn(M, K, device="cuda").to(dtype)
             b = bias if M % 2 else None
             ref = ref64(x, w, b)

@@ -41,14 +41,19 @@ SK_CONFIGS = {
     "glk_m32_n128_k16_s8_c1": (32, 128, 16, 8, 4, 1),
     "glk_m32_n256_k16_s6_c1": (32, 256, 16, 6, 8, 1),
     "glk_m64_n128_k16_s6_c1": (64, 128, 16, 6, 4, 1),
+    # prefill and mixed-step sizes (96 rows up): stream-K as the end of wave quantization (M = 256 runs 172 tiles of
+    # 128 x 128 at N = 22016 on 132 SMs; the tail-split `_tl` tiles won three of four shapes there, session 21).
+    # Not 128 x 256 or 256 x 128: their in-loop store (a pointer per accumulator element) spills ~1.2 KB a thread
+    "glk_m128_n128_k16_s4_c1": (128, 128, 16, 4, 8, 1),
 }
 
 
 def candidates(M: int) -> tuple[str, ...]:
-    """The stream-K Gluon configs worth timing at M rows (16 <= M <= 64, as the split-K Gluon decode tiles)."""
-    if M < 16 or M > 64:
+    """The stream-K Gluon configs worth timing at M rows (from 16, as the split-K Gluon tiles; none past 1024, where
+    dequantize + cuBLAS and the whole-tile kernels hold the SMs busy anyway)."""
+    if M < 16 or M > 1024:
         return ()
-    rows = (16,) if M <= 16 else (32,) if M <= 32 else (32, 64)
+    rows = (16,) if M <= 16 else (32,) if M <= 32 else (32, 64) if M <= 64 else (128,)
     return tuple(n for n, c in SK_CONFIGS.items() if c[0] in rows)
 
 
