@@ -259,7 +259,8 @@ def test_streamk_tiles_offered_at_decode_rows_unless_switched_off(monkeypatch):
     w = w4.pack_w4(*make_quant(64, 256, 64), 64)
     offered = []
     monkeypatch.setattr(w4.TUNER, "tuned", {})
-    monkeypatch.setattr(w4.TUNER, "choose", lambda key, names, launch, default, device: offered.append(names) or default)
+    monkeypatch.setattr(w4.TUNER, "choose",
+                        lambda key, names, launch, default, device: offered.append(names) or default)
     for M in (16, 32, 64, 128):
         w4._choose(torch.randn(M, 256).half(), w, None, torch.float16)
     assert [any(n.startswith("swapk_") for n in names) for names in offered] == [True, True, True, False]

@@ -57,8 +57,9 @@ def test_offline_sm90_compile(name, g):
         sig = {"x_desc": mangle_type(xd), "q_desc": q_desc_type(BM, BN, KT, g), "s_ptr": "*fp16", "z_ptr": "*fp16",
                "b_ptr": "*fp16", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
                "K": "i32", "stride_ym": "i32", "n_progs": "i32"}
-        cst = dict(MAX_PARTS=3, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=wg.stages_for(BM, BN, KT, g, stages, act),
-                   HAS_BIAS=True, DKIND=1, ACT=act, num_warps=warps, PDL=True)
+        cst = dict(MAX_PARTS=3, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT,
+                   STAGES=wg.stages_for(BM, BN, KT, g, stages, act), HAS_BIAS=True, DKIND=1, ACT=act,
+                   num_warps=warps, PDL=True)
         k = compile_sm90(sk._sk_kernel, sig, cst, warps)
         ptx, info = k.asm["ptx"], ptxas_info(k.asm["ptx"])
         assert k.metadata.shared <= wg.SMEM_BYTES + 1024 and "cp.async.bulk.tensor.2d" in ptx

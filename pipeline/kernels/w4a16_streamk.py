@@ -49,9 +49,10 @@ def owner(i: int, total: int, n_progs: int) -> int:
 
 @triton.jit
 def _w4a16_swapk_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
-                        n_progs, MAX_PARTS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KW: tl.constexpr = 8,
-                        PDL: tl.constexpr = False, PAIRS: tl.constexpr = 0, ASM: tl.constexpr = False):
+                        n_progs, MAX_PARTS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                        KW: tl.constexpr = 8, PDL: tl.constexpr = False, PAIRS: tl.constexpr = 0,
+                        ASM: tl.constexpr = False):
     # grid (n_progs,): program p runs steps [p * T // P, (p + 1) * T // P) of T = tiles * G (module doc)
     gdc_launch(PDL)
     gdc_wait(PDL)
