@@ -50,7 +50,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 DECODE=swap_m16_n64_c4_pr,swap_m16_n64_c8,swap_m16_n64_c2_s8_pr,swap_m16_n64_c4_np,swapk_m16_n64_c2_np,\
 swapk_m16_n64_c4_np,swapk_m16_n64_c2_s8_np,swapk_m16_n64_c2_pr,swapk_m16_n128_c2_np,swapk_m16_n64_c4_k8,\
 swap_m32_n64_c4_k8,swap_m32_n64_c4_np,swapk_m32_n64_c2_np,swapk_m32_n64_c4_np,swapk_m32_n64_c2_k8,swap_m64_n64_c2_k8,\
-swap_m64_n64_c2_np,swapk_m64_n64_c2_np,glk_m16_n128_k16_s8_c1,glk_m16_n128_k16_s14_c1,glk_m16_n64_k16_s12_c1,\
+swap_m64_n64_c2_np,swapk_m64_n64_c2_np,swapk_m16_n64_c2_np_nl,swapk_m16_n64_c4_np_nl,swapk_m16_n64_c2_s8_np_nl,\
+swapk_m32_n64_c2_np_nl,glk_m16_n128_k16_s8_c1,glk_m16_n128_k16_s14_c1,glk_m16_n64_k16_s12_c1,\
 glk_m16_n256_k16_s8_c1,glk_m32_n128_k16_s8_c1,glk_m32_n256_k16_s6_c1
 
 step() {   # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME/log, print its tail

@@ -63,6 +63,20 @@ def loop_body(cubin: bytes) -> list[str]:
     return best
 
 
+def mma_loop_body(cubin: bytes) -> list[str]:
+    """The instructions of the smallest loop body that holds an HGMMA (the pipelined loop, also when a loop over
+    tiles holds it)."""
+    lines, best = sass_text(cubin).splitlines(), None
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `?\(\.(L_x_\d+)\)", line)
+        head = [j for j, x in enumerate(lines) if m and x.startswith(f".{m.group(1)}:")]
+        if head and head[0] < i:
+            body = [x for x in lines[head[0]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", x)]
+            if any("HGMMA" in x for x in body) and (best is None or len(body) < len(best)):
+                best = body
+    return best or []
+
+
 def loop_instructions(cubin: bytes) -> int:
     return len(loop_body(cubin))
 
@@ -88,17 +102,17 @@ def swapk(name: str, g: int) -> dict:
     (LDGSTS) with loads left in flight across iterations (a DEPBAR that does not wait for all of them)."""
     from pipeline.kernels.w4a16_configs import CONFIGS
     from pipeline.kernels.w4a16_streamk import _w4a16_swapk_kernel as fn
-    _, BM, BN, _, warps, stages, kw, pairs = CONFIGS[name]
+    _, BM, BN, _, warps, stages, kw, pairs, *nested = CONFIGS[name]
     sig = {n: "*i32" if n in ("q_ptr", "cnt_ptr") else "*fp32" if n == "ws_ptr" else "*fp16"
            for n in fn.arg_names if n.endswith("_ptr")}
     cst = dict(MAX_PARTS=3, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, DKIND=1, HAS_BIAS=False, ACT=False, KW=kw, PDL=True,
-               PAIRS=pairs, ASM=True)
+               PAIRS=pairs, ASM=True, NESTED=bool(nested and nested[0]))
     from pipeline.kernels.w4a16 import _swap_stages
     k = compile_sm90(fn, sig, cst, warps, _swap_stages(BM, BN, g, stages, False, 2))
     ptx = k.asm["ptx"]
-    body = "\n".join(loop_body(k.asm["cubin"]))
+    body = "\n".join(mma_loop_body(k.asm["cubin"]))
     regs = int(re.findall(r"Used (\d+) registers", ptxas_info(ptx))[0])
-    return {"loop": loop_instructions(k.asm["cubin"]), "pair_lop3": ptx.count("0x000f000f, 0x64006400"),
+    return {"loop": len(body.splitlines()), "pair_lop3": ptx.count("0x000f000f, 0x64006400"),
             "regs": regs, "smem": k.metadata.shared, "warps": warps,
             "local": ".local" in ptx, "ldgsts": len(re.findall(r"\bLDGSTS", body)),
             "depbar": re.findall(r"DEPBAR\.LE SB0, 0x[0-9a-f]+", body), "wgmma": len(re.findall(r"HGMMA", body)),

@@ -86,7 +86,7 @@ CONFIGS = {
     "swap_m128_n64_c1_k8": ("swap", 128, 64, -1, 4, 3, 8),
     "swap_m128_n64_c2_k4": ("swap", 128, 64, -2, 4, 3, 4),
     "swap_m256_n128_c1_k4": ("swap", 256, 128, -1, 8, 3, 4),
-    # ("swapk", BLOCK_M, BLOCK_N, ctas, warps, stages, kw, pairs): `w4a16_streamk`, the swap tile persistent and
+    # ("swapk", BLOCK_M, BLOCK_N, ctas, warps, stages, kw, pairs[, nested]): `w4a16_streamk`, the swap tile persistent and
     # stream-K: ctas programs an SM, one wave, each streaming an equal run of (tile, group) steps across tile
     # boundaries; only tiles cut between programs take a split-K finish. The decode configs' times fit ~9-23 us fixed
     # + bytes at 1.5-2.5 TB/s (session 21's tuning times, M = 16): this aims at the fixed part. Not yet timed.
@@ -100,6 +100,12 @@ CONFIGS = {
     "swapk_m32_n64_c4_np": ("swapk", 32, 64, 4, 4, 4, 8, 2),
     "swapk_m32_n64_c2_k8": ("swapk", 32, 64, 2, 4, 4, 8, 0),
     "swapk_m64_n64_c2_np": ("swapk", 64, 64, 2, 4, 4, 8, 2),
+    # a 9th field 1 (`_nl`): a loop over the run's tiles around the pipelined loop over groups, so the accumulator is
+    # not read in the pipelined loop and its wgmmas are not each waited for (the ring drains at a tile end instead)
+    "swapk_m16_n64_c2_np_nl": ("swapk", 16, 64, 2, 4, 4, 8, 2, 1),
+    "swapk_m16_n64_c4_np_nl": ("swapk", 16, 64, 4, 4, 4, 8, 2, 1),
+    "swapk_m16_n64_c2_s8_np_nl": ("swapk", 16, 64, 2, 4, 8, 8, 2, 1),
+    "swapk_m32_n64_c2_np_nl": ("swapk", 32, 64, 2, 4, 4, 8, 2, 1),
     "dequant_cublas": None,
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c4_pr", "swap_m16_n64_c8_pr",
@@ -107,11 +113,13 @@ SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap
                "swap_m16_n64_c4_np", "swap_m16_n64_c8_np", "swap_m16_n64_c2_s8_np", "swap_m16_n64_c4_np_u2",
                "swap_m16_n64_c8_np_u2", "swap_m16_n64_c2_s8_np_u2", "swap_m16_n64_c4_pr_u2",
                "swapk_m16_n64_c2_np", "swapk_m16_n64_c4_np", "swapk_m16_n64_c2_s8_np", "swapk_m16_n64_c2_pr",
-               "swapk_m16_n128_c2_np", "swapk_m16_n64_c4_k8")
+               "swapk_m16_n128_c2_np", "swapk_m16_n64_c4_k8", "swapk_m16_n64_c2_np_nl", "swapk_m16_n64_c4_np_nl",
+               "swapk_m16_n64_c2_s8_np_nl")
 SWAP_MID = ("swap_m32_n128_c2", "swap_m32_n128_c2_k8", "swap_m32_n64_c4_k8", "swap_m64_n64_c4_k8", "swap_m64_n64_c2_k8",
             "swap_m32_n64_c4_pr", "swap_m32_n128_c2_pr", "swap_m32_n256_c2_pr", "swap_m64_n128_c2_pr",
             "swap_m32_n64_c4_np", "swap_m64_n64_c2_np", "swap_m32_n64_c4_np_u2", "swap_m32_n64_c4_k8_u2",
-            "swapk_m32_n64_c2_np", "swapk_m32_n64_c4_np", "swapk_m32_n64_c2_k8", "swapk_m64_n64_c2_np")
+            "swapk_m32_n64_c2_np", "swapk_m32_n64_c4_np", "swapk_m32_n64_c2_k8", "swapk_m64_n64_c2_np",
+            "swapk_m32_n64_c2_np_nl")
 SWAP_PREFILL = ("swap_m128_n128_c1", "swap_m128_n128_c1_k4", "swap_m128_n64_c1_k8", "swap_m128_n64_c2_k4",
                 "swap_m256_n128_c1_k4", "swap_m64_n128_c1_pr")
 DECODE_SET = ("gemv_n64_c4", "gemv_n64_c8", "gemv_n64_c4_sl", "gemv_n128_c8_sl", "gemv_n64_c8_sl",

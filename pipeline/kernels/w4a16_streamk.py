@@ -48,12 +48,56 @@ def owner(i: int, total: int, n_progs: int) -> int:
 
 
 @triton.jit
+def _group_step(acc, q_ptr, s_ptr, z_ptr, x_ptr, g, pid_m, pid_n, q_rel, x_rel, ar_n, mask_m, mask_n, N, K, stride_xm,
+                C: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DKIND: tl.constexpr,
+                ACT: tl.constexpr, KW: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr):
+    # acc (BN, BM) += dequant(W[tile's columns, group g]) @ x[tile's rows, group g]^T, as the swap kernel's group
+    P: tl.constexpr = GROUP // 8
+    q = tl.load(q_ptr + (g * P * N + pid_n * BLOCK_N) + q_rel, mask=mask_n[:, None], other=0)
+    sc = tl.load(s_ptr + (g * N + pid_n * BLOCK_N) + ar_n, mask=mask_n, other=0.0)   # (BN,) fp16
+    zc = tl.load(z_ptr + (g * N + pid_n * BLOCK_N) + ar_n, mask=mask_n, other=0.0).to(tl.float32) + C
+    x_ptrs = x_ptr + (pid_m * BLOCK_M * stride_xm + g * GROUP) + x_rel                # (BM, KX)
+    if PAIRS == 1 and DKIND == 1:
+        acc = _dot(_pair_planes(q, zc[:, None], sc[:, None], ASM), _xt_pairs(x_ptrs, K, mask_m, ACT), acc, DKIND)
+    elif DKIND != 2:   # the scale folded into the weights, the dots chained into acc
+        sw = sc.to(x_ptr.dtype.element_ty)[:, None]
+        for j in tl.static_range(8 // KW):
+            xj = _xt(x_ptrs + j * KW * P, K, mask_m, ACT)   # (KW * P, BM)
+            acc = _dot(_planes(q, zc, sw, j * KW, KW, DKIND, PAIRS == 2 and DKIND == 1, ASM), xj, acc, DKIND)
+    else:              # bf16: each group's fp32 sum scaled
+        d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(8 // KW):
+            d = _dot(_planes(q, zc, 1.0, j * KW, KW, DKIND), _xt(x_ptrs + j * KW * P, K, mask_m, ACT), d, DKIND)
+        acc += sc.to(tl.float32)[:, None] * d
+    return acc
+
+
+@triton.jit
+def _store_part(acc, t, pid, G, total, n_progs, offs_m, offs_n, mask_m, mask_n, M, N, stride_ym, b_ptr, y_ptr,
+                ws_ptr, HAS_BIAS: tl.constexpr):
+    # this run's part of tile t: the tile itself (+ bias) when the run holds all of it, else its fp32 part, which
+    # the tile's last run to arrive sums after the loops (`_finish_cut`)
+    first, n_parts = _parts(t, G, total, n_progs)
+    out = tl.trans(acc)                                   # (BM, BN)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if n_parts == 1:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + (pid - first) * M * N + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
+
+
+@triton.jit
 def _w4a16_swapk_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_ym,
                         n_progs, MAX_PARTS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, DKIND: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                         KW: tl.constexpr = 8, PDL: tl.constexpr = False, PAIRS: tl.constexpr = 0,
-                        ASM: tl.constexpr = False):
-    # grid (n_progs,): program p runs steps [p * T // P, (p + 1) * T // P) of T = tiles * G (module doc)
+                        ASM: tl.constexpr = False, NESTED: tl.constexpr = False):
+    # grid (n_progs,): program p runs steps [p * T // P, (p + 1) * T // P) of T = tiles * G (module doc). NESTED: a loop
+    # over the run's tiles around a pipelined loop over each one's groups (the ring drains at a tile end, but the
+    # accumulator is not read inside the pipelined loop, so its wgmmas are not each waited for); else one loop over
+    # the run's steps, the ring streaming across tile ends
     gdc_launch(PDL)
     gdc_wait(PDL)
     pid = tl.program_id(0)
@@ -62,72 +106,65 @@ def _w4a16_swapk_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_pt
     G = K // GROUP
     n_m = tl.cdiv(M, BLOCK_M)
     total = n_m * tl.cdiv(N, BLOCK_N) * G
-    it_lo = (pid.to(tl.int64) * total // n_progs).to(tl.int32)
-    it_hi = ((pid.to(tl.int64) + 1) * total // n_progs).to(tl.int32)
+    it_lo = pid * total // n_progs   # int32, as `_parts`
+    it_hi = (pid + 1) * total // n_progs
     offs_p = tl.arange(0, P)
     if PAIRS == 1 and DKIND == 1:
         KX: tl.constexpr = GROUP      # one dot of K = g a group, activations in the pair order
     else:
         KX: tl.constexpr = KW * P     # one dot of K = KW * g/8 per KW nibble planes
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
-    # the step's tile t = (pid_n, pid_m) and group g, stepped along instead of divided out at every step (an integer
-    # division by a runtime value is ~20 instructions in the sm_90 SASS)
-    t = it_lo // G
-    g = it_lo - t * G
-    pid_n = t // n_m
-    pid_m = t - pid_n * n_m
     # addresses as a step's scalar offset plus these loop-invariant tensors (recomputed from the tile's offsets, they
     # cost ~40 more instructions a step in the sm_90 SASS)
     ar_m = tl.arange(0, BLOCK_M)
     ar_n = tl.arange(0, BLOCK_N)
     q_rel = offs_p[None, :] * N + ar_n[:, None]                                          # (BN, P)
     x_rel = ar_m[:, None] * stride_xm + tl.arange(0, KX)[None, :]                         # (BM, KX)
-    for it in tl.range(it_lo, it_hi):
-        offs_m = pid_m * BLOCK_M + ar_m
-        offs_n = pid_n * BLOCK_N + ar_n
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        q = tl.load(q_ptr + (g * P * N + pid_n * BLOCK_N) + q_rel, mask=mask_n[:, None], other=0)
-        sc = tl.load(s_ptr + (g * N + pid_n * BLOCK_N) + ar_n, mask=mask_n, other=0.0)   # (BN,) fp16
-        zc = tl.load(z_ptr + (g * N + pid_n * BLOCK_N) + ar_n, mask=mask_n, other=0.0).to(tl.float32) + C
-        x_ptrs = x_ptr + (pid_m * BLOCK_M * stride_xm + g * GROUP) + x_rel                # (BM, KX)
-        if PAIRS == 1 and DKIND == 1:
-            acc = _dot(_pair_planes(q, zc[:, None], sc[:, None], ASM), _xt_pairs(x_ptrs, K, mask_m, ACT), acc, DKIND)
-        elif DKIND != 2:   # the scale folded into the weights, the dots chained into acc
-            sw = sc.to(x_ptr.dtype.element_ty)[:, None]
-            for j in tl.static_range(8 // KW):
-                xj = _xt(x_ptrs + j * KW * P, K, mask_m, ACT)   # (KW * P, BM)
-                acc = _dot(_planes(q, zc, sw, j * KW, KW, DKIND, PAIRS == 2 and DKIND == 1, ASM), xj, acc, DKIND)
-        else:              # bf16: each group's fp32 sum scaled
-            d = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for j in tl.static_range(8 // KW):
-                d = _dot(_planes(q, zc, 1.0, j * KW, KW, DKIND), _xt(x_ptrs + j * KW * P, K, mask_m, ACT), d, DKIND)
-            acc += sc.to(tl.float32)[:, None] * d
-        if (g == G - 1) | (it == it_hi - 1):   # this program's part of tile t ends here
-            first, n_parts = _parts(t, G, total, n_progs)
-            out = tl.trans(acc)                                   # (BM, BN)
-            mask = mask_m[:, None] & mask_n[None, :]
-            if n_parts == 1:   # the whole tile in this run
-                if HAS_BIAS:
-                    out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-                         mask=mask)
-            else:              # this run's part: finished after the loop, by whichever of the tile's runs is last
-                tl.store(ws_ptr + (pid - first) * M * N + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        g += 1
-        wrap = g == G
-        g = tl.where(wrap, 0, g)
-        t += wrap.to(tl.int32)
-        pid_m += wrap.to(tl.int32)
-        row_wrap = pid_m == n_m
-        pid_m = tl.where(row_wrap, 0, pid_m)
-        pid_n += row_wrap.to(tl.int32)
-    # Only the tiles at a run's two ends can be cut between runs. Their finish waits for the loop's end: a barrier
-    # inside the loop (the partial's stores before the arrival) would keep Triton from pipelining it.
-    tl.debug_barrier()
     t_a = it_lo // G
-    t_b = (it_hi - 1) // G   # t has stepped past it
+    t_b = (it_hi - 1) // G
+    if NESTED:
+        for t in range(t_a, t_b + 1):
+            pid_n = t // n_m
+            pid_m = t - pid_n * n_m
+            offs_m = pid_m * BLOCK_M + ar_m
+            offs_n = pid_n * BLOCK_N + ar_n
+            mask_m = offs_m < M
+            mask_n = offs_n < N
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+            for g in tl.range(tl.maximum(it_lo - t * G, 0), tl.minimum(it_hi - t * G, G)):
+                acc = _group_step(acc, q_ptr, s_ptr, z_ptr, x_ptr, g, pid_m, pid_n, q_rel, x_rel, ar_n, mask_m,
+                                  mask_n, N, K, stride_xm, C, GROUP, BLOCK_M, BLOCK_N, DKIND, ACT, KW, PAIRS, ASM)
+            _store_part(acc, t, pid, G, total, n_progs, offs_m, offs_n, mask_m, mask_n, M, N, stride_ym, b_ptr, y_ptr,
+                        ws_ptr, HAS_BIAS)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile
+        # the step's tile t = (pid_n, pid_m) and group g, stepped along instead of divided out at every step (an
+        # integer division by a runtime value is ~20 instructions in the sm_90 SASS)
+        t = t_a
+        g = it_lo - t * G
+        pid_n = t // n_m
+        pid_m = t - pid_n * n_m
+        for it in tl.range(it_lo, it_hi):
+            offs_m = pid_m * BLOCK_M + ar_m
+            offs_n = pid_n * BLOCK_N + ar_n
+            mask_m = offs_m < M
+            mask_n = offs_n < N
+            acc = _group_step(acc, q_ptr, s_ptr, z_ptr, x_ptr, g, pid_m, pid_n, q_rel, x_rel, ar_n, mask_m, mask_n, N,
+                              K, stride_xm, C, GROUP, BLOCK_M, BLOCK_N, DKIND, ACT, KW, PAIRS, ASM)
+            if (g == G - 1) | (it == it_hi - 1):   # this program's part of tile t ends here
+                _store_part(acc, t, pid, G, total, n_progs, offs_m, offs_n, mask_m, mask_n, M, N, stride_ym, b_ptr,
+                            y_ptr, ws_ptr, HAS_BIAS)
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            g += 1
+            wrap = g == G
+            g = tl.where(wrap, 0, g)
+            t += wrap.to(tl.int32)
+            pid_m += wrap.to(tl.int32)
+            row_wrap = pid_m == n_m
+            pid_m = tl.where(row_wrap, 0, pid_m)
+            pid_n += row_wrap.to(tl.int32)
+    # Only the tiles at a run's two ends can be cut between runs. Their finish waits for the loops' end: a barrier
+    # inside the pipelined loop (the part's stores before the arrival) would keep Triton from pipelining it.
+    tl.debug_barrier()
     _finish_cut(t_a, pid, G, total, n_progs, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, MAX_PARTS, BLOCK_M,
                 BLOCK_N, HAS_BIAS)
     if t_b != t_a:
@@ -138,9 +175,8 @@ def _w4a16_swapk_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_pt
 @triton.jit
 def _parts(t, G, total, n_progs):
     # (first run, number of runs) of tile t: the owners of its first and last steps and those between
-    t0 = t.to(tl.int64) * G
-    first = (((t0 + 1) * n_progs - 1) // total).to(tl.int32)
-    return first, (((t0 + G) * n_progs - 1) // total).to(tl.int32) - first + 1
+    first = ((t * G + 1) * n_progs - 1) // total   # int32: the launcher checks that n_progs * total fits
+    return first, ((t * G + G) * n_progs - 1) // total - first + 1
 
 
 @triton.jit
