@@ -82,6 +82,16 @@ def time_calls(fns, graph: bool, rounds: int = 7) -> float:
     return statistics.median(ts)
 
 
+def fixed_and_rate(nbytes: list, us: list) -> tuple[float, float]:
+    """A config's times over the shapes fitted as fixed + bytes / rate (least squares): (fixed us, rate TB/s). The
+    decode tiles' fixed part is most of a call (docs/perf-log.md, session 22); the stream-K tiles aim at it."""
+    n = len(us)
+    mx, my = sum(nbytes) / n, sum(us) / n
+    var = sum((b - mx) ** 2 for b in nbytes)
+    slope = sum((b - mx) * (t - my) for b, t in zip(nbytes, us)) / var if var else 0.0   # us per byte
+    return my - slope * mx, (1 / slope / 1e6) if slope > 0 else float("inf")   # bytes/us -> TB/s
+
+
 def rel_err(y, ref) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
@@ -221,6 +231,11 @@ def bench_w4a16(args) -> dict:
                 s[k[:-2] + "_us"] = sum(e["M"][M][k] for e in res["shapes"]) * 1e6
         summary[M] = s
     res["summary"] = summary
+    # per M, each tuned config's line over the four shapes (the tuner's flushed single-launch times)
+    res["fits"] = {M: {n: dict(zip(("fixed_us", "rate_TBps"), fixed_and_rate(
+        [e["int4_bytes"] for e in res["shapes"]], [e["M"][M]["tune_ms"][n] * 1e3 for e in res["shapes"]])))
+        for n in res["shapes"][0]["M"][M].get("tune_ms", {})
+        if all(math.isfinite(e["M"][M].get("tune_ms", {}).get(n, math.inf)) for e in res["shapes"])} for M in Ms}
     res["tune_errors"] = dict(w4.TUNER.errors)
     lines = [f"W4A16, four Llama-2-7B linears, g={g}, fp16, {res['device']}, copy {bw / 1e9:.0f} GB/s, "
              f"int4 roofline {roof * 1e6:.1f} us",
@@ -237,6 +252,12 @@ def bench_w4a16(args) -> dict:
             sg = f"{f16 / gq:6.2f}" if gq and f16 else "-"
             lines.append(f"{mode:5} | {M:4} | {r('ours')}   | {r('gluon')} | {r('tinygemm')} | {r('gemlite')} | "
                          f"{r('fp16_cublas')} | {sp}    | {sg}")
+    for M in Ms:   # the five configs with the least time over the four shapes, and their lines
+        f = res["fits"][M]
+        tot = {n: sum(e["M"][M]["tune_ms"][n] for e in res["shapes"]) * 1e3 for n in f}
+        lines.append(f"M = {M} (tuner, flushed): " + "; ".join(
+            f"{n} {tot[n]:.1f} us = {f[n]['fixed_us']:.1f} fixed + at {f[n]['rate_TBps']:.2f} TB/s"
+            for n in sorted(tot, key=tot.get)[:5]))
     res["table"] = lines
     return res
 

@@ -35,7 +35,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import L2_DEFEAT_BYTES, LLAMA_LINEARS, copy_bandwidth, rel_err, time_calls  # noqa: E402
+from kernels import L2_DEFEAT_BYTES, LLAMA_LINEARS, copy_bandwidth, fixed_and_rate, rel_err, time_calls  # noqa: E402
 from pipeline.kernels import pdl  # noqa: E402
 from pipeline.kernels import w4a16 as w4  # noqa: E402
 from pipeline.kernels import w4a16_gluon, w4a16_gluon_sk  # noqa: E402
@@ -250,16 +250,6 @@ def table(res) -> str:
                                 f"{fixed:.1f} us + bytes at {rate:.2f} TB/s)"))
         lines += [r for _, r in sorted(rows)]
     return "\n".join(lines)
-
-
-def fixed_and_rate(nbytes: list, us: list) -> tuple[float, float]:
-    """A config's times over the shapes fitted as fixed + bytes / rate (least squares): (fixed us, rate TB/s). The
-    decode tiles' fixed part is most of a call (docs/perf-log.md, session 22); the stream-K tiles aim at it."""
-    n = len(us)
-    mx, my = sum(nbytes) / n, sum(us) / n
-    var = sum((b - mx) ** 2 for b in nbytes)
-    slope = sum((b - mx) * (t - my) for b, t in zip(nbytes, us)) / var if var else 0.0   # us per byte
-    return my - slope * mx, (1 / slope / 1e6) if slope > 0 else float("inf")   # bytes/us -> TB/s
 
 
 def ncu_target(name: str, M: int = 1):
