@@ -7,7 +7,7 @@
 # Sets (in the order given; each writes $OUT/<set>/ and a log):
 #   decode    bench/w4a16_decode.py at group 64 (M = 16, 32) and 128 (M = 16): the decode tiles side by side (the best
 #             split-K swap tiles, the stream-K `swapk_*` and Gluon `glk_*` ones) with fp16 cuBLAS, one process per
-#             group size
+#             group size (~9 min: a call of its own; each shape saved as it ends)
 #   kernels   bench/kernels.py --only w4a16 (issue 26's table: g128, M = 1 ... 2048, tuned ours, Gluon, tinygemm, cuBLAS)
 #   kernels_prefill  the same at the prefill and mixed-step sizes only (M = 192, 256, 2048: ~4 min)
 #   ncu       bench/w4a16_ncu.py on the 4096 x 12288 linear at M = 16 and 32 (the tuner's top 3 each)
@@ -66,9 +66,9 @@ step() {   # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NA
 for set in "$@"; do
   case $set in
     decode)
-      step decode_g64 220 python3 bench/w4a16_decode.py --group 64 --ms 16,32 --pdl off --cublas --configs "$DECODE" \
-        --out "$OUT/decode_g64"
-      step decode_g128 150 python3 bench/w4a16_decode.py --group 128 --ms 16 --pdl off --no-floors --cublas \
+      step decode_g64 330 python3 bench/w4a16_decode.py --group 64 --ms 16,32 --pdl off --no-floors --cublas \
+        --configs "$DECODE" --out "$OUT/decode_g64"
+      step decode_g128 220 python3 bench/w4a16_decode.py --group 128 --ms 16 --pdl off --no-floors --cublas \
         --configs "$DECODE" --out "$OUT/decode_g128" ;;
     kernels) step kernels 420 python3 bench/kernels.py --only w4a16 --ms 1,16,32,64,256,2048 --out "$OUT/kernels" ;;
     kernels_prefill) step kernels_prefill 300 python3 bench/kernels.py --only w4a16 --ms 192,256,2048 \

@@ -17,7 +17,7 @@ one CUDA graph (bench/kernels.py's timing):
 - every config in `w4a16.candidates(M)` (rel err against an fp64 reference checked first), with programmatic
   dependent launch off and on (`--pdl`; rows `<config>+pdl`): back-to-back launches on different weight copies,
   so with PDL each launch loads its weights while the one before it finishes, as consecutive layers do.
-Writes <out>/w4a16_decode.json (out = --out, else $OUT, else bench/results) and prints a table last.
+Writes <out>/w4a16_decode.json (out = --out, else $OUT, else bench/results) after each shape and prints a table last.
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def blocked(w: w4.W4Weight) -> w4.W4Weight:
     return w4.W4Weight(qb, w.scales, w.zeros, w.K, w.N, w.group_size)
 
 
-def bench(args) -> dict:
+def bench(args, save=lambda res: None) -> dict:
     dev = torch.device("cuda")
     g = args.group
     bw = copy_bandwidth()
@@ -203,6 +203,7 @@ def bench(args) -> dict:
         print(f"K={K} N={N}: roofline {entry['roofline_us']:.2f} us, launch floor {entry['launch_floor_us']:.2f} us, "
               + ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if k.startswith("stream_floor")), flush=True)
         res["shapes"].append(entry)
+        save(res)   # after each shape: a run cut by its time limit keeps the shapes it finished
     res["ptx_order"] = ptx_order()
     return res
 
@@ -289,10 +290,11 @@ def main():
     args = ap.parse_args()
     if args.ncu:
         return ncu_target(args.ncu)
-    res = bench(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "w4a16_decode.json").write_text(json.dumps(res, indent=1))
+    path = out / "w4a16_decode.json"
+    res = bench(args, save=lambda r: path.write_text(json.dumps(r, indent=1)))
+    path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res["ptx_order"]))
     print(table(res))
 
