@@ -8,7 +8,8 @@
 #   decode    bench/w4a16_decode.py at group 64 (M = 16, 32) and 128 (M = 16): the decode tiles side by side (the best
 #             split-K swap tiles, the stream-K `swapk_*` and Gluon `glk_*` ones) with fp16 cuBLAS, one process per
 #             group size (~9 min: a call of its own; each shape saved as it ends)
-#   kernels   bench/kernels.py --only w4a16 (issue 26's table: g128, M = 1 ... 2048, tuned ours, Gluon, tinygemm, cuBLAS)
+#   kernels   bench/kernels.py --only w4a16 (issue 26's table: g128, M = 1, 16, 32, 64 then 256, 2048 in a second
+#             process; tuned ours, Gluon, tinygemm, fp16 cuBLAS; each shape saved as it ends)
 #   kernels_prefill  the same at the prefill and mixed-step sizes only (M = 192, 256, 2048: ~4 min)
 #   ncu       bench/w4a16_ncu.py on the 4096 x 12288 linear at M = 16 and 32 (the tuner's top 3 each)
 #   tests     the GPU tests of the W4A16 kernels (the stream-K ones first: run them before any timing of them) and of
@@ -70,7 +71,9 @@ for set in "$@"; do
         --configs "$DECODE" --out "$OUT/decode_g64"
       step decode_g128 220 python3 bench/w4a16_decode.py --group 128 --ms 16 --pdl off --no-floors --cublas \
         --configs "$DECODE" --out "$OUT/decode_g128" ;;
-    kernels) step kernels 420 python3 bench/kernels.py --only w4a16 --ms 1,16,32,64,256,2048 --out "$OUT/kernels" ;;
+    kernels)   # two processes: with the stream-K candidates one would not finish six row counts in a call's time
+      step kernels_decode 280 python3 bench/kernels.py --only w4a16 --ms 1,16,32,64 --out "$OUT/kernels_decode"
+      step kernels_prefill 280 python3 bench/kernels.py --only w4a16 --ms 256,2048 --out "$OUT/kernels_prefill" ;;
     kernels_prefill) step kernels_prefill 300 python3 bench/kernels.py --only w4a16 --ms 192,256,2048 \
       --out "$OUT/kernels_prefill" ;;
     ncu) step ncu 300 python3 bench/w4a16_ncu.py --ms 16,32 --top 3 --out "$OUT/ncu" ;;

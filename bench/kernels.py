@@ -218,6 +218,7 @@ def bench_w4a16(args) -> dict:
                                                     if k.endswith("_s")) + f" [{row['config']}, err {row['rel_err']:.1e}]",
                   flush=True)
         res["shapes"].append(entry)
+        getattr(args, "save", lambda r: None)(res)   # after each shape: a run cut by its time limit keeps them
         del ws, w16, gl, tiny
         torch.cuda.empty_cache()
 
@@ -292,6 +293,7 @@ def main():
     tables = []
     for n in names:
         t0 = time.time()
+        args.save = lambda r, n=n: (out / f"kernels_{n}.json").write_text(json.dumps(r, indent=1, default=str))
         res = SECTIONS[n](args)
         res["wall_s"] = time.time() - t0
         (out / f"kernels_{n}.json").write_text(json.dumps(res, indent=1, default=str))
