@@ -328,6 +328,9 @@ def test_streamk_runs_cover_every_step_once_and_parts_bound_the_tiles():
         assert all(sk.owner(i, T, P) == p for p, r in enumerate(runs) for i in r)
         parts = max(sk.owner(t * G + G - 1, T, P) - sk.owner(t * G, T, P) + 1 for t in range(tiles))
         assert parts <= sk.max_parts(tiles, G, P) <= P
+        assert sk.plan(tiles, G, n_sm, ctas) == (P, sk.max_parts(tiles, G, P))
+    with pytest.raises(ValueError, match="overflow int32"):   # the kernels' step arithmetic is int32
+        sk.plan(200_000, 1_000, 132, 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")

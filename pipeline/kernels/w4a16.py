@@ -353,19 +353,15 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
         _, BM, BN, ctas, warps, stages, kw, pairs, *nested = cfg
         if kw * g // 8 < 16 and not (pairs == 1 and x2.dtype == torch.float16):
             raise ValueError(f"{cfg}: a dot of K = kw * g/8 = {kw * g // 8} < 16 at group {g}")
-        tiles, G = cdiv(M, BM) * cdiv(N, BN), K // g
-        progs = w4a16_streamk.programs(tiles, G, sm_count(x2.device, cpu=3), ctas)
-        if (progs + 1) * tiles * G >= 2 ** 31:
-            raise ValueError(f"{cfg}: {tiles} tiles x {G} groups x {progs} programs overflow int32")
-        parts = w4a16_streamk.max_parts(tiles, G, progs)
+        tiles = cdiv(M, BM) * cdiv(N, BN)
+        progs, parts = w4a16_streamk.plan(tiles, K // g, sm_count(x2.device, cpu=3), ctas)
         y = _alloc_out(M, N, out_dtype, x2.device)
         ws = torch.empty(parts, M, N, device=x2.device, dtype=torch.float32) if parts > 1 else y
         w4a16_streamk._w4a16_swapk_kernel[(progs,)](
             x2, w.qweight, w.scales, w.zeros, bias if bias is not None else x2, y, ws,
             arrival_counters(x2.device, tiles), M, N, K, x2.stride(0), y.stride(0), progs, MAX_PARTS=parts,
-            GROUP=g, BLOCK_M=BM,
-            BLOCK_N=BN, DKIND=_DKIND[x2.dtype], HAS_BIAS=bias is not None, ACT=act, KW=kw, PDL=pdl, PAIRS=pairs,
-            ASM=x2.device.type == "cuda", NESTED=bool(nested and nested[0]), num_warps=warps,
+            GROUP=g, BLOCK_M=BM, BLOCK_N=BN, DKIND=_DKIND[x2.dtype], HAS_BIAS=bias is not None, ACT=act, KW=kw,
+            PDL=pdl, PAIRS=pairs, ASM=x2.device.type == "cuda", NESTED=bool(nested and nested[0]), num_warps=warps,
             num_stages=_swap_stages(BM, BN, g, stages, act, x2.element_size()), **launch_kwargs(pdl))
         return y
     if cfg[0] == "wide":

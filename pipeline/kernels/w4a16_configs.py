@@ -86,10 +86,11 @@ CONFIGS = {
     "swap_m128_n64_c1_k8": ("swap", 128, 64, -1, 4, 3, 8),
     "swap_m128_n64_c2_k4": ("swap", 128, 64, -2, 4, 3, 4),
     "swap_m256_n128_c1_k4": ("swap", 256, 128, -1, 8, 3, 4),
-    # ("swapk", BLOCK_M, BLOCK_N, ctas, warps, stages, kw, pairs[, nested]): `w4a16_streamk`, the swap tile persistent and
-    # stream-K: ctas programs an SM, one wave, each streaming an equal run of (tile, group) steps across tile
-    # boundaries; only tiles cut between programs take a split-K finish. The decode configs' times fit ~9-23 us fixed
-    # + bytes at 1.5-2.5 TB/s (session 21's tuning times, M = 16): this aims at the fixed part. Not yet timed.
+    # ("swapk", BLOCK_M, BLOCK_N, ctas, warps, stages, kw, pairs[, nested]): `w4a16_streamk`, the swap tile
+    # persistent and stream-K: ctas programs an SM, one wave, each streaming an equal run of (tile, group) steps
+    # across tile boundaries; only tiles cut between programs take a split-K finish. The decode configs' times fit
+    # ~9-23 us fixed + bytes at 1.5-2.5 TB/s (session 21's tuning times, M = 16): this aims at the fixed part.
+    # Not yet timed.
     "swapk_m16_n64_c2_np": ("swapk", 16, 64, 2, 4, 4, 8, 2),
     "swapk_m16_n64_c4_np": ("swapk", 16, 64, 4, 4, 4, 8, 2),
     "swapk_m16_n64_c2_s8_np": ("swapk", 16, 64, 2, 4, 8, 8, 2),

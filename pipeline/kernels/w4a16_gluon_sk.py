@@ -26,7 +26,7 @@ import torch
 from pipeline.kernels.dispatch import arrival_counters, cdiv, sm_count
 from pipeline.kernels.pdl import launch_kwargs
 from pipeline.kernels import w4a16_gluon as base
-from pipeline.kernels.w4a16_streamk import max_parts, programs
+from pipeline.kernels.w4a16_streamk import plan
 
 # name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, programs an SM); as `w4a16_gluon.GLUON_CONFIGS` otherwise. One
 # program an SM: a warp-specialized kernel is compiled for 255 registers a thread (the producer gives its own back
@@ -266,11 +266,8 @@ def w4a16_gluon_sk_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
         raise ValueError(f"gluon stream-K W4A16: unsupported call (x {tuple(x2.shape)} {x2.dtype}, N={N}, K={K}, "
                          f"g={g}, KT={KT}, act={act})")
     stages = base.stages_for(BM, BN, KT, g, stages, act is not None, x2.element_size())
-    tiles, G = cdiv(M, BM) * cdiv(N, BN), K // g
-    progs = programs(tiles, G, sm_count(x2.device, cpu=4), ctas)
-    if (progs + 1) * tiles * G >= 2 ** 31:
-        raise ValueError(f"gluon stream-K W4A16: {tiles} tiles x {G} groups x {progs} programs overflow int32")
-    parts = max_parts(tiles, G, progs)
+    tiles = cdiv(M, BM) * cdiv(N, BN)
+    progs, parts = plan(tiles, K // g, sm_count(x2.device, cpu=4), ctas)
     y = out if out is not None else torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     x_l, q_l = base.layouts(BM, BN, KT, g, x2.dtype)
     x_desc = TensorDescriptor(x2, [M, x2.shape[1]], [x2.stride(0), 1], [BM, KT], x_l)

@@ -42,6 +42,14 @@ def max_parts(tiles: int, n_groups: int, n_progs: int) -> int:
     return min(n_progs, (n_groups - 1) // max(1, tiles * n_groups // n_progs) + 2)
 
 
+def plan(tiles: int, n_groups: int, n_sm: int, ctas: int) -> tuple[int, int]:
+    """(programs, workspace parts) of a stream-K launch; ValueError where its int32 step arithmetic would overflow."""
+    progs = programs(tiles, n_groups, n_sm, ctas)
+    if (progs + 1) * tiles * n_groups >= 2 ** 31:
+        raise ValueError(f"stream-K W4A16: {tiles} tiles x {n_groups} groups x {progs} programs overflow int32")
+    return progs, max_parts(tiles, n_groups, progs)
+
+
 def owner(i: int, total: int, n_progs: int) -> int:
     """The program whose run holds step i (host mirror of the kernel's arithmetic, for tests)."""
     return ((i + 1) * n_progs - 1) // total
