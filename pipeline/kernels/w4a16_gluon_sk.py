@@ -1,12 +1,12 @@
-"""W4A16 decode GEMM for Hopper (sm_90) in Gluon, persistent and stream-K: `w4a16_gluon`'s warp-specialized tile
+"""W4A16 GEMM for Hopper (sm_90) in Gluon, persistent and stream-K: `w4a16_gluon`'s warp-specialized tile
 (a TMA producer warp, async register-operand wgmma) in one wave of programs, each streaming an equal run of
 (tile, quantization group) steps through its ring across tile ends.
 
 Usage:
     from pipeline.kernels.w4a16_gluon_sk import SK_CONFIGS, w4a16_gluon_sk_linear
     y = w4a16_gluon_sk_linear(x, w, bias, config="glk_m16_n128_k16_s8_c1")   # x (M, K) fp16/bf16 on sm_90
-    Normally reached through `w4a16.w4a16_linear`, whose tuner times the `glk_*` configs for 16 <= M <= 64 where
-    `w4a16_gluon.enabled`; reference: `w4a16.w4a16_linear_ref`.
+    Normally reached through `w4a16.w4a16_linear`, whose tuner times the `glk_*` configs for 16 <= M <= 1024 where
+    `w4a16_gluon.enabled` (`candidates`); reference: `w4a16.w4a16_linear_ref`.
 
 Why: the decode configs' times fit `fixed + bytes / rate` (docs/perf-log.md, session 22): the Gluon tiles stream
 fastest (2.2-2.5 TB/s) but pay the most fixed cost (15-23 us a call), their split-K ramps and finishes; the
@@ -18,6 +18,7 @@ between runs, its fp32 part); the next tile's first wgmma starts from zero (`use
 the wgmmas writes the accumulator, which kept ptxas from serializing them, see `w4a16_gluon`). After the loop the
 (at most two) cut tiles at the run's ends are finished by the last of their runs to arrive, parts summed in run
 order (deterministic). Warp-specialized only (a producer warp); fp16/bf16, N % 4 == 0; `fits` as the base kernel.
+With PDL the producer issues its first ring's weight copies before waiting for the previous kernel.
 """
 from __future__ import annotations
 
