@@ -272,6 +272,28 @@ def test_streamk_tiles_offered_at_decode_rows_unless_switched_off(monkeypatch):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("g", [64, 128])
+def test_gpu_streamk_every_config_real_sizes(poisoned, g):
+    """The stream-K tiles alone (a short first check on a GPU, before they are timed): every `swapk_*` config at the
+    Llama-7B shapes and the rows it is offered at, plain and with the fused SwiGLU, with a bias at odd rows."""
+    from pipeline.kernels.norm import silu_mul_ref
+    names = [n for n in w4.CONFIGS if n.startswith("swapk_")]
+    for K, N in LLAMA:
+        w = w4.pack_w4(*make_quant(N, K, g), g).to("cuda")
+        bias = torch.randn(N, device="cuda").half()
+        for M in (16, 9, 32, 33, 64):
+            x, gu = torch.randn(M, K, device="cuda").half(), torch.randn(M, 2 * K, device="cuda").half()
+            b = bias if M % 2 else None
+            ref, ref_act = ref64(x, w, b), ref64(silu_mul_ref(gu), w)
+            for name in (n for n in names if w4.CONFIGS[n][1] <= max(16, M) * 2):
+                err = rel_err(w4.w4a16_linear(x, w, b, config=name), ref)
+                assert err < TOL[x.dtype], f"g={g} M={M} K={K} N={N} {name}: rel err {err:.2e}"
+                err = rel_err(w4.w4a16_linear(gu, w, config=name, act="silu_mul"), ref_act)
+                assert err < TOL[x.dtype], f"g={g} silu_mul M={M} K={K} N={N} {name}: rel err {err:.2e}"
+
+
+@gpu
+@needs_cuda
 def test_gpu_fused_silu_mul_every_decode_config(poisoned):
     from pipeline.kernels.norm import silu_mul_ref
     K, N = 11008, 4096
