@@ -136,13 +136,19 @@ def test_interpreter_matches_reference(monkeypatch, poisoned, dtype, M, N, K, g,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test runs on CPU machines")
-def test_interpreter_dequant_path_and_batch_dims(monkeypatch):
+@pytest.mark.parametrize("cfg", ["dequant_cublas", "dequant_cublas_nk"])
+def test_interpreter_dequant_path_and_batch_dims(monkeypatch, cfg):
+    """Dequantize then cuBLAS (here torch's CPU matmul), with the scratch as W^T (K, N) or as W (N, K); a partial
+    column block (N = 200 of 128-wide programs) and a bias on the second."""
     monkeypatch.setenv("PIPELINE_KERNELS", "triton")
     w = w4.pack_w4(*make_quant(24, 128, 32), 32)
     x = torch.randn(2, 3, 128).half()
-    y = w4.w4a16_linear(x, w, config="dequant_cublas")
+    y = w4.w4a16_linear(x, w, config=cfg)
     assert y.shape == (2, 3, 24)
     assert rel_err(y, ref64(x, w)) < TOL[torch.float16]
+    w = w4.pack_w4(*make_quant(200, 256, 64), 64)
+    x, bias = torch.randn(5, 256).half(), torch.randn(200).half()
+    assert rel_err(w4.w4a16_linear(x, w, bias, config=cfg), ref64(x, w, bias)) < TOL[torch.float16]
 
 
 # ----------------------------------------------------------------------------------------- GPU

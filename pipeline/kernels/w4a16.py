@@ -271,8 +271,9 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, 
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    # writes W^T (K, N) in w's dtype; grid (K//g, cdiv(N, BLOCK_N))
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    NK: tl.constexpr = False):
+    # writes W^T (K, N) in w's dtype, or with NK W itself (N, K); grid (K//g, cdiv(N, BLOCK_N))
     gi = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     P: tl.constexpr = GROUP // 8
@@ -284,8 +285,12 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_N:
     nib = (q[None, :, :] >> (tl.arange(0, 8) * 4)[:, None, None]) & 0xF
     w = tl.reshape((nib.to(tl.float32) - z[None, None, :]) * s[None, None, :], (GROUP, BLOCK_N))
     offs_k = gi * GROUP + tl.arange(0, GROUP)
-    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=mask_n[None, :])
+    if NK:
+        tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], tl.trans(w).to(w_ptr.dtype.element_ty),
+                 mask=mask_n[:, None])
+    else:
+        tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=mask_n[None, :])
 
 
 # ------------------------------------------------------------------------------- configs and tuner
@@ -341,12 +346,15 @@ def _launch(x2, w: W4Weight, bias, out_dtype, cfg, act: bool = False, pdl: bool 
     if cfg is not None and cfg[0] == "gluon":  # sm_90 Gluon kernel (w4a16_gluon.py)
         return w4a16_gluon.w4a16_gluon_linear(x2, w, bias, cfg[1], "silu_mul" if act else None,
                                               out=_alloc_out(M, N, out_dtype, x2.device), pdl=pdl)
-    if cfg is None:  # dequantize to a (K, N) scratch, then cuBLAS
+    if cfg is None or cfg[0] == "dequant_nk":  # dequantize to a (K, N) scratch (or (N, K)), then cuBLAS
         if act:
             x2 = silu_mul(x2)
-        wt = torch.empty(K, N, device=x2.device, dtype=x2.dtype)
-        _dequant_kernel[(K // g, cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, GROUP=g,
-                                                      BLOCK_N=128, num_warps=4)
+        nk = cfg is not None   # W as stored by fp16 checkpoints: F.linear runs the fp16 baseline's own GEMM (TN)
+        wt = torch.empty((N, K) if nk else (K, N), device=x2.device, dtype=x2.dtype)
+        _dequant_kernel[(K // g, cdiv(N, 128))](w.qweight, w.scales, w.zeros, wt, N, K, GROUP=g,
+                                                      BLOCK_N=128, NK=nk, num_warps=4)
+        if nk:
+            return F.linear(x2, wt, None if bias is None else bias.to(x2.dtype))
         y = x2 @ wt
         return y if bias is None else y + bias.to(y.dtype)
     if cfg[0] == "swapk":  # the persistent stream-K swap tile (w4a16_streamk.py): one wave, equal runs of steps

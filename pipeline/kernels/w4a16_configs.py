@@ -108,6 +108,9 @@ CONFIGS = {
     "swapk_m16_n64_c2_s8_np_nl": ("swapk", 16, 64, 2, 4, 8, 8, 2, 1),
     "swapk_m32_n64_c2_np_nl": ("swapk", 32, 64, 2, 4, 4, 8, 2, 1),
     "dequant_cublas": None,
+    # the same with W dequantized as (N, K), then F.linear: the GEMM fp16 checkpoints (and the bench's fp16 baseline)
+    # run, TN, where the (K, N) scratch makes cuBLAS run NN (session 7's profile: different kernels). Not yet timed.
+    "dequant_cublas_nk": ("dequant_nk",),
 }
 SWAP_DECODE = ("swap_m16_n64_c4", "swap_m16_n64_c8", "swap_m16_n64_c8_k8", "swap_m16_n64_c4_pr", "swap_m16_n64_c8_pr",
                "swap_m16_n128_c4_pr", "swap_m16_n128_c8_pr", "swap_m16_n64_c2_s8_pr",
@@ -130,7 +133,7 @@ WIDE_SET = ("wide_n64_s4", "wide_n128_s2", "wide_n64_s4_h2", "wide_n128_s2_h2", 
             "wide_n32_s4_w2_h2", "wide_n128_s4_h2", "wide_n64_s8_h2")
 FMA_SET = ("fma_n128_c4", "fma_n64_c8", "fma_n256_c2") + WIDE_SET  # tried too for M <= 4
 MID_SET = ("gemv_n64_c4_sl", "tile_m32_n64_c4_sl") + SWAP_MID
-PREFILL_SET = ("dequant_cublas",) + SWAP_PREFILL
+PREFILL_SET = ("dequant_cublas", "dequant_cublas_nk") + SWAP_PREFILL
 INTERPRET_CONFIG = (16, 32, 2, 4, 1, 0, 0)
 
 
