@@ -73,7 +73,7 @@ for set in "$@"; do
         --configs "$DECODE" --out "$OUT/decode_g128" ;;
     kernels)   # two processes: with the stream-K candidates one would not finish six row counts in a call's time
       step kernels_decode 280 python3 bench/kernels.py --only w4a16 --ms 1,16,32,64 --out "$OUT/kernels_decode"
-      step kernels_prefill 280 python3 bench/kernels.py --only w4a16 --ms 256,2048 --out "$OUT/kernels_prefill" ;;
+      step kernels_large 280 python3 bench/kernels.py --only w4a16 --ms 256,2048 --out "$OUT/kernels_large" ;;
     kernels_prefill) step kernels_prefill 300 python3 bench/kernels.py --only w4a16 --ms 192,256,2048 \
       --out "$OUT/kernels_prefill" ;;
     ncu) step ncu 300 python3 bench/w4a16_ncu.py --ms 16,32 --top 3 --out "$OUT/ncu" ;;

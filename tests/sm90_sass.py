@@ -51,30 +51,26 @@ def ptxas_info(ptx: str) -> str:
     return _tool("ptxas", "-arch=sm_90a", "-v", "-o", os.devnull, file=("k.ptx", ptx)).stderr
 
 
-def loop_body(cubin: bytes) -> list[str]:
-    """The instructions of the largest loop body (a backward branch to a label before it)."""
-    lines, best = sass_text(cubin).splitlines(), []
+def loop_bodies(cubin: bytes) -> list[list[str]]:
+    """The instructions of every loop body (a backward branch to a label before it)."""
+    lines, out = sass_text(cubin).splitlines(), []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `?\(\.(L_x_\d+)\)", line)
         head = [j for j, x in enumerate(lines) if m and x.startswith(f".{m.group(1)}:")]
         if head and head[0] < i:
-            body = [x for x in lines[head[0]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", x)]
-            best = body if len(body) > len(best) else best
-    return best
+            out.append([x for x in lines[head[0]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", x)])
+    return out
+
+
+def loop_body(cubin: bytes) -> list[str]:
+    """The instructions of the largest loop body."""
+    return max(loop_bodies(cubin), key=len, default=[])
 
 
 def mma_loop_body(cubin: bytes) -> list[str]:
     """The instructions of the smallest loop body that holds an HGMMA (the pipelined loop, also when a loop over
     tiles holds it)."""
-    lines, best = sass_text(cubin).splitlines(), None
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA `?\(\.(L_x_\d+)\)", line)
-        head = [j for j, x in enumerate(lines) if m and x.startswith(f".{m.group(1)}:")]
-        if head and head[0] < i:
-            body = [x for x in lines[head[0]:i + 1] if re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", x)]
-            if any("HGMMA" in x for x in body) and (best is None or len(body) < len(best)):
-                best = body
-    return best or []
+    return min((b for b in loop_bodies(cubin) if any("HGMMA" in x for x in b)), key=len, default=[])
 
 
 def loop_instructions(cubin: bytes) -> int:
