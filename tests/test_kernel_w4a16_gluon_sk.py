@@ -35,6 +35,71 @@ def test_tuned_through_w4a16_only_on_sm90(monkeypatch):
     assert not wg.enabled(torch.device("cpu"))
 
 
+class _Shim:
+    """Enough of `gluon.language` to run the stream-K helpers' bodies on host ints (0-d int64 tensors)."""
+    int32 = torch.int32
+    pid = 0
+
+    @staticmethod
+    def where(c, a, b):
+        return torch.where(c, a, b)
+
+    @staticmethod
+    def cdiv(a, b):
+        return (a + b - 1) // b
+
+    @classmethod
+    def program_id(cls, axis):
+        return torch.tensor(cls.pid)
+
+
+def _on_host(jit_fn):
+    """A @gluon.jit helper's own Python body, its `gl` the shim (a kernel's arithmetic, run on the CPU)."""
+    import types
+    fn = jit_fn.fn
+    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _Shim}, fn.__name__, fn.__defaults__)
+
+
+@pytest.mark.skipif(not wg.HAVE_GLUON, reason="no Gluon in this Triton")
+def test_kernel_step_arithmetic_walks_the_host_plan():
+    """The Gluon kernel's own step arithmetic (`_run`, `_next`, `_parts`: the twin of `w4a16_streamk`'s, which the
+    interpreter tests run), executed on host ints: each program starts at p T // P with the (tile, group, M tile,
+    N tile) of that step, `_next` walks its run in step order (M tile fastest), and where a run's part of a tile
+    ends, `_parts` names the tile's first run and its number of runs as the host's `owner`, within `plan`'s
+    workspace slots; the tiles at the run's two ends are the ones `_sk_kernel` finishes."""
+    from pipeline.kernels import w4a16_streamk as stk
+    run, nxt, parts = _on_host(sk._run), _on_host(sk._next), _on_host(sk._parts)
+    i64 = lambda v: torch.tensor(v, dtype=torch.int64)   # noqa: E731
+    for M, N, K, g, BM, BN, n_sm in [(16, 1000, 1024, 64, 16, 128, 132), (33, 4100, 768, 64, 32, 256, 132),
+                                     (200, 12288, 4096, 128, 128, 128, 132), (9, 256, 256, 128, 16, 64, 5),
+                                     (64, 4096, 11008, 128, 64, 128, 132), (16, 128, 640, 128, 16, 128, 7)]:
+        G, n_m = K // g, -(-M // BM)
+        tiles = n_m * -(-N // BN)
+        P, slots = stk.plan(tiles, G, n_sm, 1)
+        T = tiles * G
+        cut = {}
+        for p in range(P):
+            _Shim.pid = p
+            it_lo, n_iter, t, gg, pm, pn, G_k, n_m_k, total = (int(v) for v in run(i64(M), i64(K), i64(N), i64(P),
+                                                                                     g, BM, BN))
+            assert (it_lo, n_iter, G_k, n_m_k, total) == (p * T // P, (p + 1) * T // P - p * T // P, G, n_m, T)
+            state = [i64(v) for v in (t, gg, pm, pn)]
+            for it in range(it_lo, it_lo + n_iter):
+                t, gg, pm, pn = (int(v) for v in state)
+                assert (t, gg, pm, pn) == (it // G, it % G, it // G % n_m, it // G // n_m), (M, N, K, p, it)
+                if gg == G - 1 or it == it_lo + n_iter - 1:   # the consumer's store point
+                    first, n_parts = (int(v) for v in parts(i64(t), i64(G), i64(T), i64(P)))
+                    assert first == stk.owner(t * G, T, P) and 0 <= p - first < max(slots, 1)
+                    assert n_parts == stk.owner(t * G + G - 1, T, P) - first + 1 <= slots
+                    if n_parts > 1:
+                        cut.setdefault(t, []).append(p)
+                    assert n_parts == 1 or t in (it_lo // G, (it_lo + n_iter - 1) // G)   # finished after the loop
+                state = list(nxt(*state, i64(G), i64(n_m)))
+        for t, runs in cut.items():   # every run of a cut tile stores one part, in run order from `first`
+            first, n_parts = (int(v) for v in parts(i64(t), i64(G), i64(T), i64(P)))
+            assert runs == list(range(first, first + n_parts)), t
+
+
 @pytest.mark.slow
 @offline
 @pytest.mark.parametrize("g", [64, 128])
