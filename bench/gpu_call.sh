@@ -15,6 +15,9 @@
 #   tests     the GPU tests of the W4A16 kernels (the stream-K ones first: run them before any timing of them) and of
 #             the engine's look-ahead mark and device timeline
 #   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
+#   serve_prefix_ab  bench/serve.py --ab-workload prefix: the shared-prefix workload (cache on, 32 and 8 clients) on
+#             one server per look-ahead mark (0.67, the default; 0.85; 1.0), one round (~7 min with a seeded tuner):
+#             how much of an arrival's wait for the step in flight the mark decides, against decode throughput
 #   serve     bench/serve.py --no-hf (batched, batch 1, the prefix workload, the second start)
 #   serve_batched  bench/serve.py --no-prefix --no-hf: the batched and batch-1 runs alone (~4-5 min, cold tuner)
 #   serve_peers  bench/serve.py --no-prefix: batched and batch 1 with the `transformers` peers (static `generate`,
@@ -84,6 +87,8 @@ for set in "$@"; do
       step tests_w4a16 240 python3 -m pytest -m gpu -q -x tests/test_kernel_w4a16.py ;;
     serve_ab) step serve_ab 540 python3 bench/serve.py --no-hf --no-prefix --ab mark nomark:PIPELINE_LOOKAHEAD_MARK=0 \
       --ab-rounds 1 --out "$OUT/serve_ab" ;;
+    serve_prefix_ab) step serve_prefix_ab 580 python3 bench/serve.py --no-hf --ab-workload prefix --ab m067 \
+      m085:PIPELINE_LOOKAHEAD_MARK=0.85 m100:PIPELINE_LOOKAHEAD_MARK=1.0 --ab-rounds 1 --out "$OUT/serve_prefix_ab" ;;
     serve_batched) step serve_batched 420 python3 bench/serve.py --no-prefix --no-hf --out "$OUT/serve_batched" ;;
     serve_peers) step serve_peers 580 python3 bench/serve.py --no-prefix --out "$OUT/serve_peers" ;;
     serve_all) step serve_all 590 python3 bench/serve.py --out "$OUT/serve_all" ;;
@@ -91,6 +96,6 @@ for set in "$@"; do
     engine1) step engine1 300 python3 bench/engine.py --profile-only --kinds w4 --out "$OUT/engine1.json" ;;
     decode_step) step decode_step 300 python3 bench/decode_profile.py --points 26x704,32x1024 --out "$OUT/decode_step.json" ;;
     prefill) step prefill 400 python3 bench/prefill.py --rows w4a16_kv8 --out "$OUT/prefill" ;;
-    *) echo "unknown set: $set (decode, kernels, kernels_prefill, ncu, tests, serve_ab, serve, serve_all, serve_batched, serve_peers, engine1, decode_step, prefill)"; exit 2 ;;
+    *) echo "unknown set: $set (decode, kernels, kernels_prefill, ncu, tests, serve_ab, serve_prefix_ab, serve, serve_all, serve_batched, serve_peers, engine1, decode_step, prefill)"; exit 2 ;;
   esac
 done

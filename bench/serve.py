@@ -80,6 +80,10 @@ session and KV blocks; warmed up as above), R rounds, the variants' order revers
 a machine that drifts over the runs (session 15 saw each of four runs in a row slower than the one before) moves
 every variant alike. Reported: each run, and per variant the median output tok/s and in-step decode / prefill
 tok/s, and its output tok/s over the first variant's in the same round. E.g. `--ab mma:PIPELINE_ATTN_DECODE=mma fma`.
+`--ab-workload prefix`: the shared-prefix workload instead (cache on; its warm-up, then --clients and, unless 0,
+--prefix-light-clients), for what moves an arrival's TTFT: each run also keeps TTFT p50 of the wave sent at once and
+of later arrivals with the server's split of the latter, and the summary TTFT p50 over the first variant's by round.
+E.g. `--ab-workload prefix --ab m067 m085:PIPELINE_LOOKAHEAD_MARK=0.85`.
 Prefill host share (every engine run, shown for the batched one): prefill_enqueue_s / prefill_s from the
 engine's step counters: the part of the prefill steps' time the host spent issuing launches (target <= 25%).
 """
@@ -590,6 +594,9 @@ def main() -> None:
     ap.add_argument("--ab", nargs="+", default=None, metavar="NAME[:ENV=VALUE,...]",
                     help="A/B mode: only the batched run, on one server per variant and round (module doc)")
     ap.add_argument("--ab-rounds", type=int, default=2, help="A/B mode: rounds (each variant once a round)")
+    ap.add_argument("--ab-workload", choices=["batched", "prefix"], default="batched",
+                    help="A/B mode: the run each variant gets: the batched workload, or the shared-prefix one with "
+                         "the cache on at --clients and, unless 0, --prefix-light-clients (module doc)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     ap.add_argument("--hf-only", action="store_true",
@@ -605,6 +612,8 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.ab or []]
     if len({n for n, _ in variants}) != len(variants) or args.ab_rounds < 1:
         raise SystemExit("--ab: the variants need distinct names; --ab-rounds >= 1")
+    if variants and args.ab_workload == "prefix" and args.no_prefix:
+        ap.error("--ab-workload prefix runs the shared-prefix workload: not with --no-prefix")
     light = args.clients // 4 if args.prefix_light_clients is None else args.prefix_light_clients
     if args.client_procs is None:
         args.client_procs = 4 if (os.cpu_count() or 1) >= 8 else 1
@@ -672,7 +681,12 @@ def main() -> None:
         return asyncio.run(drive(url, h["model"], rs, clients, lead, args.client_procs))
     if variants:
         server.stop()   # built the workspace (and its tunings); every variant gets its own server
-        res["ab"] = ab_runs(ws, h, device, variants, args.ab_rounds, reqs, warm, args, run,
+        if args.ab_workload == "prefix":   # the cache-hit path warm (pwarm), then the measured runs
+            runs = {"": (preqs, args.clients), **({"light_": (preqs, light)} if light else {})}
+            measure = lambda url: ab_prefix_run(run, url, pwarm, runs, args)   # noqa: E731
+        else:
+            measure = lambda url: {"": run(url, reqs, args.clients)}          # noqa: E731
+        res["ab"] = ab_runs(ws, h, device, variants, args.ab_rounds, warm, args, run, measure,
                             lambda ab: (res.update(ab=ab), save()))
         print(f"\nwrote {path}")
         ab_table(res["ab"])
@@ -733,8 +747,9 @@ def main() -> None:
 
 AB_KEYS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s", "ttft_ms", "itl_ms",
            "n_errors", "prefill_share_of_wall", "decode_share_of_wall", "mean_decode_batch",
-           "device_busy_share_of_wall", "device_gap_share_of_wall")
-AB_MEDIANS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s")
+           "device_busy_share_of_wall", "device_gap_share_of_wall", "ttft_ms_first_wave", "ttft_ms_later",
+           "server_latency_ms_later", "prefix_cache")
+AB_MEDIANS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s", "ttft_p50_ms")
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -757,18 +772,36 @@ def ab_order(variants: list, rounds: int) -> list[tuple[int, tuple]]:
 
 
 def ab_summary(variants: list, runs: list[dict]) -> dict:
-    """Per variant: the medians of AB_MEDIANS over its runs, and its output tok/s over the first variant's, round by
-    round."""
-    base = {x["round"]: x["output_tokens_per_s"] for x in runs if x["variant"] == variants[0][0]}
+    """Per variant: the medians of AB_MEDIANS over its runs, and its output tok/s and TTFT p50 over the first
+    variant's, round by round (with a lighter run too, the same for it under `light`)."""
     out = {}
     for name, _ in variants:
         mine = [x for x in runs if x["variant"] == name]
         if not mine:        # a run cut short: the variants measured so far
             continue
-        out[name] = {k: statistics.median(x[k] for x in mine) for k in AB_MEDIANS}
-        out[name]["over_first_by_round"] = [x["output_tokens_per_s"] / base[x["round"]] for x in mine
-                                            if x["round"] in base]
+        out[name] = _ab_medians(mine, [x for x in runs if x["variant"] == variants[0][0]])
+        if all(x.get("light") for x in mine):
+            out[name]["light"] = _ab_medians([{**x["light"], "round": x["round"]} for x in mine],
+                                             [{**x["light"], "round": x["round"]} for x in runs
+                                              if x["variant"] == variants[0][0] and x.get("light")])
     return out
+
+
+def _ab_medians(mine: list[dict], first: list[dict]) -> dict:
+    base = {x["round"]: x for x in first}
+    m = {k: statistics.median(x["ttft_ms"][50] if k == "ttft_p50_ms" else x[k] for x in mine) for k in AB_MEDIANS}
+    m["over_first_by_round"] = [x["output_tokens_per_s"] / base[x["round"]]["output_tokens_per_s"] for x in mine
+                                if x["round"] in base]
+    m["ttft_p50_over_first_by_round"] = [x["ttft_ms"][50] / base[x["round"]]["ttft_ms"][50] for x in mine
+                                         if x["round"] in base]
+    return m
+
+
+def ab_prefix_run(run, url: str, pwarm: list, runs: dict, args) -> dict:
+    """--ab-workload prefix on one server: the prefix warm-up, then each of runs (key prefix -> (requests, clients)),
+    the first --prefix-lead requests alone as in the main run."""
+    run(url, pwarm, min(WARMUP_REQUESTS, args.clients), args.prefix_lead)
+    return {key: run(url, rs, clients, args.prefix_lead) for key, (rs, clients) in runs.items()}
 
 
 def same_server(h: dict, device: str, schedule) -> list[str]:
@@ -779,11 +812,13 @@ def same_server(h: dict, device: str, schedule) -> list[str]:
             *(["--schedule", schedule] if schedule else [])]
 
 
-def ab_runs(ws: Path, h: dict, device: str, variants: list, rounds: int, reqs: list, warm: list, args, run,
+def ab_runs(ws: Path, h: dict, device: str, variants: list, rounds: int, warm: list, args, run, measure,
             save) -> dict:
-    """The A/B mode (module doc): one server per (round, variant), the batched workload on each."""
+    """The A/B mode (module doc): one server per (round, variant), warmed up, then measure(url) -> {"": the run,
+    "light_": a lighter one (optional)} on each."""
     flags = same_server(h, device, args.schedule)
-    ab = {"variants": [{"name": n, "env": e} for n, e in variants], "rounds": rounds, "runs": []}
+    ab = {"variants": [{"name": n, "env": e} for n, e in variants], "rounds": rounds, "workload": args.ab_workload,
+          "runs": []}
     for r, (name, env) in ab_order(variants, rounds):
         srv = ApiServer.for_workspace(Path(tempfile.mkdtemp(prefix=f"bench_serve_ab_{name}_")), ws, *flags, env=env)
         t0 = time.time()
@@ -791,12 +826,18 @@ def ab_runs(ws: Path, h: dict, device: str, variants: list, rounds: int, reqs: l
         try:
             start_s = time.time() - t0
             run(srv.url, warm, min(WARMUP_REQUESTS, args.clients))
-            x = run(srv.url, reqs, args.clients)
+            xs = measure(srv.url)
         finally:
             srv.stop()
-        ab["runs"].append({"round": r, "variant": name, "startup_s": start_s, **{k: x[k] for k in AB_KEYS}})
-        print(f"A/B round {r} {name}: {x['output_tokens_per_s']:.1f} output tok/s, decode "
-              f"{x['decode_tokens_per_s_in_steps']:.0f} tok/s in its steps, {x['n_errors']} errors", flush=True)
+        x = xs[""]
+        row = {"round": r, "variant": name, "startup_s": start_s, **{k: x.get(k) for k in AB_KEYS}}
+        if "light_" in xs:
+            row["light"] = {"clients": xs["light_"]["clients"], **{k: xs["light_"].get(k) for k in AB_KEYS}}
+        ab["runs"].append(row)
+        print(f"A/B round {r} {name}: {x['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {x['ttft_ms'][50]:.1f} "
+              f"ms, decode {x['decode_tokens_per_s_in_steps']:.0f} tok/s in its steps, {x['n_errors']} errors"
+              + ("" if "light_" not in xs else f"; at {xs['light_']['clients']} clients TTFT p50 "
+                 f"{xs['light_']['ttft_ms'][50]:.1f} ms"), flush=True)
         ab["summary"] = ab_summary(variants, ab["runs"])
         save(ab)
     return ab
@@ -805,11 +846,15 @@ def ab_runs(ws: Path, h: dict, device: str, variants: list, rounds: int, reqs: l
 def ab_table(ab: dict) -> None:
     first = ab["variants"][0]["name"]
     print(f"{'variant':<24}{'out tok/s (median)':>20}{'decode in steps':>17}{'prefill in steps':>18}"
-          f"  over {first}, by round")
+          f"{'TTFT p50 ms':>13}  over {first} by round: tok/s; TTFT p50")
     for v in ab["variants"]:
-        x = ab["summary"][v["name"]]
-        print(f"{v['name']:<24}{x['output_tokens_per_s']:>20.1f}{x['decode_tokens_per_s_in_steps']:>17.0f}"
-              f"{x['prefill_tokens_per_s']:>18.0f}  " + " ".join(f"{q:.3f}" for q in x["over_first_by_round"]))
+        for label, x in ((v["name"], ab["summary"][v["name"]]),
+                         (f"  {v['name']}, lighter", ab["summary"][v["name"]].get("light"))):
+            if x:
+                print(f"{label:<24}{x['output_tokens_per_s']:>20.1f}{x['decode_tokens_per_s_in_steps']:>17.0f}"
+                      f"{x['prefill_tokens_per_s']:>18.0f}{x['ttft_p50_ms']:>13.1f}  "
+                      + " ".join(f"{q:.3f}" for q in x["over_first_by_round"]) + "; "
+                      + " ".join(f"{q:.3f}" for q in x["ttft_p50_over_first_by_round"]))
 
 
 def first_token_s(url: str, model: str, t0: float) -> float:

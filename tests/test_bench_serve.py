@@ -145,11 +145,18 @@ def test_ab_variants_order_and_summary(bench):
     order = bench.ab_order([a, b], 3)
     assert [(r, v[0]) for r, v in order] == [(0, "mma"), (0, "fma"), (1, "fma"), (1, "mma"), (2, "mma"), (2, "fma")]
     runs = [{"round": r, "variant": v[0], "output_tokens_per_s": t, "decode_tokens_per_s_in_steps": 2 * t,
-             "prefill_tokens_per_s": 3 * t} for (r, v), t in zip(order, (100, 110, 90, 80, 100, 120))]
+             "prefill_tokens_per_s": 3 * t, "ttft_ms": {50: 1e4 / t}} for (r, v), t in zip(order, (100, 110, 90, 80,
+                                                                                                  100, 120))]
     s = bench.ab_summary([a, b], runs)
     assert s["mma"]["output_tokens_per_s"] == 100 and s["fma"]["output_tokens_per_s"] == 110
     assert s["fma"]["decode_tokens_per_s_in_steps"] == 220 and s["mma"]["over_first_by_round"] == [1.0, 1.0, 1.0]
     assert s["fma"]["over_first_by_round"] == pytest.approx([1.1, 90 / 80, 1.2])
+    assert s["fma"]["ttft_p50_over_first_by_round"] == pytest.approx([1 / 1.1, 80 / 90, 1 / 1.2])
+    assert s["mma"]["ttft_p50_ms"] == 100 and "light" not in s["mma"]
+    light = [{**x, "light": {**x, "output_tokens_per_s": x["output_tokens_per_s"] / 2}} for x in runs]
+    s = bench.ab_summary([a, b], light)   # --ab-workload prefix's lighter run: its own medians and ratios
+    assert s["fma"]["light"]["output_tokens_per_s"] == 55 and s["fma"]["light"]["over_first_by_round"] == \
+        pytest.approx([1.1, 90 / 80, 1.2])
     assert set(bench.ab_summary([a, b], runs[:1])) == {"mma"}   # saved after every run: a cut run keeps what it has
 
 
@@ -166,4 +173,24 @@ def test_serve_bench_ab_mode_runs_each_variant_each_round(tmp_path):
     assert all(x["n_errors"] == 0 and x["output_tokens_per_s"] > 0 for x in ab["runs"])
     assert ab["summary"]["fused"]["over_first_by_round"] == [1.0, 1.0]
     assert len(ab["summary"]["eager"]["over_first_by_round"]) == 2
-    assert "over fused, by round" in r.stdout
+    assert "over fused by round" in r.stdout
+
+
+@pytest.mark.slow   # two CPU servers (~1 min on 2 cores)
+def test_serve_bench_ab_mode_on_the_prefix_workload(tmp_path):
+    """--ab-workload prefix: each variant's server gets the shared-prefix workload with the cache on, at --clients
+    and at the lighter concurrency; every run hits the cache the warm-up and lead request filled."""
+    cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "4",
+           "--requests", "4", "--client-procs", "1", "--prefix-len", "128", "--prefix-requests", "9",
+           "--question-len", "8:32", "--output-len", "4:8", "--prefix-light-clients", "2", "--device", "cpu",
+           "--ab", "a", "b:PIPELINE_LOOKAHEAD_MARK=0.9", "--ab-rounds", "1", "--ab-workload", "prefix",
+           "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ab = json.loads((tmp_path / "serve_tiny-random_fp16.json").read_text())["ab"]
+    assert ab["workload"] == "prefix" and [x["variant"] for x in ab["runs"]] == ["a", "b"]
+    for x in ab["runs"]:
+        assert x["n_errors"] == 0 and x["light"]["clients"] == 2 and x["light"]["n_errors"] == 0
+        assert x["prefix_cache"]["hits"] > 0 and x["ttft_ms_later"] is not None
+    assert ab["summary"]["b"]["light"]["ttft_p50_over_first_by_round"][0] > 0
+    assert "b, lighter" in r.stdout
