@@ -40,13 +40,18 @@ ENGINE_FLAGS = {
 }
 
 
-def open_engine(workspace, device: str = "auto", overrides: Optional[dict] = None, engine_process: bool = True,
-                log_file: Optional[str] = None, log_level: str = "INFO", on_failure=None, hang_timeout: float = 120.0):
-    """The engine over `workspace`: in a process of its own (EngineClient) or in this one (Engine, started)."""
+def check_workspace(workspace) -> Path:
     ws = Path(workspace)
     if not (ws / "triton_models").is_dir():
         raise FileNotFoundError(f"{ws} is not a workspace (no triton_models/ in it): give the folder the turbomind "
                                 "stage or `python -m pipeline.workspace --out` wrote")
+    return ws
+
+
+def open_engine(workspace, device: str = "auto", overrides: Optional[dict] = None, engine_process: bool = True,
+                log_file: Optional[str] = None, log_level: str = "INFO", on_failure=None, hang_timeout: float = 120.0):
+    """The engine over `workspace`: in a process of its own (EngineClient) or in this one (Engine, started)."""
+    ws = check_workspace(workspace)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if engine_process:
         from .engine.client import EngineClient
@@ -172,6 +177,11 @@ def main(argv=None) -> int:
                      prefix_caching=False if a.no_prefix_caching else None,
                      mixed_steps=False if a.no_mixed_steps else None, warmup=False if a.no_warmup else None,
                      schedule=a.schedule)
+    try:   # before any log file goes beside it
+        check_workspace(a.workspace)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     console = a.mode == "api"
     log_file = a.log_file or (None if console else default_log_file(a.workspace))
     handlers = [logging.StreamHandler(sys.stderr)] if console else []

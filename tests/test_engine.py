@@ -394,8 +394,32 @@ def test_lookahead_mark_takes_a_request_before_the_next_step_is_queued(tiny):
     eng.step_mark = mark = _Mark()
     _mark_run(eng, Engine.from_workspace(tiny["root"] / "w4", "cpu", {**opts, "lookahead": False}))
     assert mark.waits >= 3
-    with pytest.raises(ValueError, match="lookahead_mark=1.5 must lie in"):
+    with pytest.raises(ValueError, match=r"lookahead_mark=1.5 is out of range: .* must be >= 0.0 and <= 1.0"):
         Engine.from_workspace(tiny["root"] / "w4", "cpu", {**opts, "lookahead_mark": 1.5})
+
+
+@pytest.mark.parametrize("name,value,rule", [("max_batch_size", 0, ">= 1"), ("session_len", 1, ">= 2"),
+                                             ("cache_block_seq_len", 0, ">= 1"), ("max_prefill_tokens", 0, ">= 1"),
+                                             ("cache_max_entry_count", 0, "> 0.0 and <= 1.0"),
+                                             ("cache_max_entry_count", 1.5, "> 0.0 and <= 1.0"),
+                                             ("num_blocks", -1, ">= 0"), ("tp", 0, ">= 1")])
+def test_a_setting_out_of_range_fails_at_start_naming_itself(tiny, name, value, rule):
+    """A bad number fails before any weight is read, naming the setting, its value and its range (an empty batch,
+    zero-token blocks or an empty KV cache used to fail later, as a division by zero or an engine that never admits);
+    a bad config.ini value is named with its file."""
+    with pytest.raises(ValueError, match=rf"engine setting {name}={value}\S* is out of range: .*must be {rule}"):
+        Engine.from_workspace(tiny["root"] / "w4", "cpu", {name: value})
+
+
+def test_a_config_ini_setting_out_of_range_names_its_file(tiny, tmp_path):
+    import shutil
+    ws = tmp_path / "w4"
+    shutil.copytree(tiny["root"] / "w4", ws)
+    ini = ws / "triton_models" / "weights" / "config.ini"
+    ini.write_text(ini.read_text().replace("max_batch_size = ", "max_batch_size = 0\n# was ", 1))
+    with pytest.raises(ValueError, match=r"config.ini: max_batch_size=0 is out of range"):
+        Engine.from_workspace(ws, "cpu")
+    Engine.from_workspace(ws, "cpu", {"max_batch_size": 2, "warmup": False})   # an override replaces the bad value
 
 
 @pytest.mark.gpu

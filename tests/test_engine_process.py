@@ -155,3 +155,17 @@ def test_serve_cli_names_a_bad_workspace(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pipeline.serve", str(tmp_path / "nope"), "--mode", "generate"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "is not a workspace" in p.stderr and str(tmp_path / "nope") in p.stderr
+    assert not (tmp_path / "serve.log").exists()   # no log file beside a folder that is not there
+
+
+def test_serve_cli_names_a_bad_setting_with_this_runs_log_only(ws, tmp_path):
+    """A setting out of range ends the CLI with status 2 and the setting's name, value and range; the log tail it
+    shows is this run's (the log file is appended to by every run)."""
+    log = tmp_path / "serve.log"
+    log.write_text("an earlier run's line\n")
+    p = subprocess.run([sys.executable, "-m", "pipeline.serve", str(ws), "--mode", "generate", "--device", "cpu",
+                        "--prompt", "hi", "--max-batch-size", "0", "--log-file", str(log)],
+                       cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "max_batch_size=0 is out of range: sequences running at once, must be >= 1" in p.stderr
+    assert "an earlier run's line" not in p.stderr and "an earlier run's line" in log.read_text()

@@ -101,6 +101,8 @@ class EngineClient:
         repo = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         t0 = time.monotonic()
+        # where this core's lines begin in a log file shared with earlier runs (its tail in errors is this run's only)
+        self._log_start = Path(log_file).stat().st_size if log_file and Path(log_file).exists() else 0
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         log.info("engine core process started (pid %d)%s", self.proc.pid, f", its log: {log_file}" if log_file else "")
         try:
@@ -139,9 +141,13 @@ class EngineClient:
                                    f"{self._log_tail()}")
 
     def _log_tail(self, n: int = 3000) -> str:
+        """The last n characters this run wrote to its log file ("" where there are none)."""
         if not self.log_file or not Path(self.log_file).exists():
             return ""
-        return f"\nthe end of its log ({self.log_file}):\n" + Path(self.log_file).read_text(errors="replace")[-n:]
+        with open(self.log_file, "rb") as f:
+            f.seek(self._log_start)
+            text = f.read().decode(errors="replace")[-n:]
+        return f"\nthe end of its log ({self.log_file}):\n{text}" if text.strip() else ""
 
     # ------------------------------------------------------------------ Engine's API
     def _send(self, msg) -> None:

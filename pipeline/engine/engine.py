@@ -68,6 +68,20 @@ SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": 
             "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefill_graphs": bool,
             "prefix_caching": bool, "mixed_steps": bool, "schedule": str, "lookahead_mark": float}
 SCHEDULES = ("shortest_first", "fcfs")
+# the numeric settings' valid ranges (low, high; None: unbounded; a bound in `OPEN` excluded) and what they are, so a
+# bad value fails at start naming itself (from an override or config.ini), not later as a division by zero, an empty
+# KV cache or an engine that never admits a request
+RANGES = {"session_len": (2, None, "tokens a sequence may hold, prompt + output"),
+          "max_batch_size": (1, None, "sequences running at once"),
+          "cache_block_seq_len": (1, None, "tokens per KV block"),
+          "max_prefill_tokens": (1, None, "prompt tokens a prefill step takes"),
+          "cache_max_entry_count": (0.0, 1.0, "the fraction of free memory the KV cache takes"),
+          "num_blocks": (0, None, "KV blocks (0: sized from cache_max_entry_count)"),
+          "tp": (1, None, "tensor-parallel ranks"),
+          "tp_timeout": (0.0, None, "seconds a tensor-parallel rank may take to answer"),
+          "lookahead_mark": (0.0, 1.0, "the fraction of a decode step's layers after which a look-ahead run queues the "
+                                       "next step (0: at once)")}
+OPEN = {("cache_max_entry_count", 0.0), ("tp_timeout", 0.0)}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
 
@@ -82,6 +96,18 @@ def _setting(name: str, value):
         return typ(value)
     except (TypeError, ValueError):
         raise ValueError(f"engine override {name}={value!r} is not a {typ.__name__}") from None
+
+
+def check_settings(settings: dict, source: str = "engine setting") -> None:
+    """ValueError naming the first numeric setting outside its range (RANGES)."""
+    for name, (lo, hi, what) in RANGES.items():
+        v = settings.get(name)
+        if v is None:
+            continue
+        low_ok = v > lo if (name, lo) in OPEN else v >= lo
+        if not low_ok or (hi is not None and v > hi):
+            rng = f"{'>' if (name, lo) in OPEN else '>='} {lo}" + ("" if hi is None else f" and <= {hi}")
+            raise ValueError(f"{source} {name}={v} is out of range: {what}, must be {rng}")
 
 
 def check_request(prompt_ids, params: SamplingParams, session_len: int, vocab_size: int,
@@ -146,9 +172,7 @@ class Engine:
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
         self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
         mark = s.get("lookahead_mark", float(os.environ.get("PIPELINE_LOOKAHEAD_MARK", 0.67)))
-        if not 0 <= mark <= 1:
-            raise ValueError(f"lookahead_mark={mark} must lie in [0, 1]: the fraction of a decode step's layers after "
-                             f"which a look-ahead run queues the next step (0: at once)")
+        check_settings({"lookahead_mark": mark}, "engine setting (or PIPELINE_LOOKAHEAD_MARK)")
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=dev)  # last step's greedy tokens
         # programmatic dependent launch (Hopper): by default where it was measured faster (W4A16; see kernels/pdl.py);
         # set before warm-up, so the captured decode graphs carry it
@@ -283,6 +307,13 @@ class Engine:
             raise ValueError(f"unknown engine overrides {sorted(bad)}; valid: {sorted(SETTINGS)}")
         settings = {k: c[k] for k in ("session_len", "max_batch_size", "cache_max_entry_count", "cache_block_seq_len")}
         settings.update({k: _setting(k, v) for k, v in overrides.items()})
+        check_settings({k: v for k, v in settings.items() if k not in overrides}, f"{w.path}'s config.ini:")
+        check_settings({k: v for k, v in settings.items() if k in overrides})
+        trained = c.get("max_position_embeddings")
+        if trained and settings["session_len"] > trained and not c.get("rope_scaling"):   # as vLLM, but a warning
+            log.warning("session_len=%d is past the model's max_position_embeddings=%d (no rope scaling): tokens "
+                        "beyond position %d are outside what it was trained on", settings["session_len"], trained,
+                        trained)
         qp = settings.get("quant_policy", c["quant_policy"])
         if qp not in QUANT_POLICIES:
             raise ValueError(f"quant_policy={qp} is not one of {sorted(QUANT_POLICIES)} (0: fp16 KV, 4: int8, 8: int4)")
