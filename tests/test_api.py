@@ -61,6 +61,42 @@ def test_health_reports_start_up_and_first_token_latency(server, client):
     assert 0 <= e1["queue_s"] - e0["queue_s"] <= engine and 0 < f1["submit_s"] - f0["submit_s"] <= front
 
 
+def scrape(server) -> dict:
+    """/metrics parsed by Prometheus' own client library: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r = httpx.get(server.url + "/metrics", timeout=30)   # no key: a scraper's, like /health
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text[:300]
+    return {(x.name, tuple(sorted(x.labels.items()))): x.value
+            for fam in text_string_to_metric_families(r.text) for x in fam.samples}
+
+
+def test_prometheus_metrics_count_requests_tokens_and_latencies(server, client):
+    """GET /metrics: vLLM's metric names under llm_pipeline:, labelled with the model; one streamed and one whole
+    completion of 5 tokens each (a 7-id prompt) add 2 first-token times, 8 inter-token gaps, 2 end-to-end times,
+    10 generated and 14 prompt tokens and 2 successes for `length`; the engine's gauges and prefix-cache counters
+    are read at the scrape."""
+    m, lab = "llm_pipeline:", (("model_name", "tiny-random"),)
+    before = scrape(server)
+    prompt = [11, 12, 13, 14, 15, 16, 17]
+    for stream in (True, False):
+        r = client.completions.create(model="tiny-random", prompt=prompt, max_tokens=5, stream=stream,
+                                      extra_body={"ignore_eos": True})
+        if stream:
+            assert sum(1 for _ in r) >= 1
+    after = scrape(server)
+    d = lambda name, labels=lab: after[(m + name, labels)] - before.get((m + name, labels), 0.0)  # noqa: E731
+    assert d("time_to_first_token_seconds_count") == 2 and d("e2e_request_latency_seconds_count") == 2
+    assert d("inter_token_latency_seconds_count") == 8
+    assert 0 < d("time_to_first_token_seconds_sum") <= d("e2e_request_latency_seconds_sum") < 60
+    assert d("generation_tokens_total") == 10 and d("prompt_tokens_total") == 14
+    assert d("request_success_total", tuple(sorted(lab + (("finished_reason", "length"),)))) == 2
+    assert d("request_prompt_tokens_sum") == 14 and d("request_generation_tokens_count") == 2
+    assert after[(m + "num_requests_running", lab)] == 0 and after[(m + "num_requests_waiting", lab)] == 0
+    assert 0 <= after[(m + "kv_cache_usage_perc", lab)] <= 1
+    assert d("prefix_cache_queries_total") >= 7 and (m + "prefix_cache_hits_total", lab) in after
+    assert after[(m + "request_failure_total", lab)] == before.get((m + "request_failure_total", lab), 0)
+
+
 def test_models_health_and_keys(server, client):
     assert [m.id for m in client.models.list()] == ["tiny-random"]
     h = server.health()                                  # /health is open (no key needed)

@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from ..engine.params import SamplingParams
 from . import tools
 from .logprobs import ChoiceLogprobs, merge
+from .metrics import Metrics
 from .schemas import SEED_MAX, ApiError, ChatRequest, CompletionRequest, parse_body
 from .tokenize import DetokenizeRequest, TokenizeRequest, tokenizer_routes
 from .sse import EngineStream, sse, wait_disconnect
@@ -114,6 +115,7 @@ class Server:
         # streamed requests' time in this process (seconds, summed; /health's frontend_latency): the request's
         # arrival -> handed to the engine (submit_s), -> its first token's event yielded (ttft_s)
         self.latency = {"streams": 0, "submit_s": 0.0, "first_chunks": 0, "ttft_s": 0.0}
+        self.metrics = Metrics(model_name, engine.stats)   # GET /metrics (metrics.py)
         self.session_len = int(engine.stats()["session_len"])
 
     # ------------------------------------------------------------------ request -> prompts, params
@@ -182,14 +184,16 @@ class Server:
         return Pending(self.counts, handles)
 
     # ------------------------------------------------------------------ engine -> responses
-    async def collect(self, request: Request, pending: Pending) -> list[dict]:
+    async def collect(self, request: Request, pending: Pending, t_arrival: Optional[float] = None) -> list[dict]:
         """Run the requests to the end (cancelled if the client leaves); per request: text, reason, usage."""
         watcher = asyncio.ensure_future(wait_disconnect(request.receive, pending.cancel))
 
         async def one(i: int, h) -> dict:
             parts, res = [], {"finish_reason": None, "prompt_tokens": 0, "completion_tokens": 0, "error": None,
                               "token_ids": [], "logprobs": None, "prompt_logprobs": None}
+            timer = self.metrics.request(t_arrival)
             async for out in h.aiter():
+                timer.observe(out)
                 parts.append(out.text)
                 res["token_ids"] += out.token_ids
                 if out.logprobs is not None:
@@ -237,6 +241,7 @@ class Server:
 
         handles = pending.handles
         left, usage, echoed, firsts = len(handles), {"prompt_tokens": 0, "completion_tokens": 0}, set(), set()
+        timers = [self.metrics.request(t_arrival) for _ in handles]
 
         def events_of(i: int, out) -> tuple[list[str], bool]:
             """One output's SSE events (choice i), and whether it failed (an exception or an error output: then the
@@ -244,9 +249,11 @@ class Server:
             nonlocal left
             if isinstance(out, Exception) or out.finish_reason == "error":
                 self.counts["requests_failed"] += 1
+                self.metrics.failure.inc()
                 msg = str(out) if isinstance(out, Exception) else out.error
                 return [sse(ApiError(500, f"generation failed: {msg}", type="server_error").body())], True
             events = []
+            timers[i].observe(out)
             if echo is not None and i not in echoed:     # its first output (the prompt's logprobs come with it)
                 echoed.add(i)
                 head, lp = self.echo_prompt(fmt, i, *echo[i // n], out.prompt_logprobs if echo_logprobs else None)
@@ -328,7 +335,7 @@ class Server:
             events = self.stream(pending, rid, created, replies, bool(so and so.include_usage),
                                  bool(so and so.continuous_usage_stats), echo, echo_logprobs, req.n, t_arrival)
             return EngineStream(events, on_disconnect=pending.cancel)
-        results = await self.collect(request, pending)
+        results = await self.collect(request, pending, t_arrival)
         usage = {"prompt_tokens": sum(r["prompt_tokens"] for r in results[::req.n]),   # once a prompt
                  "completion_tokens": sum(r["completion_tokens"] for r in results)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -421,6 +428,11 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
     def health():
         return {"status": "ok", "model": model_name, **srv.info, **srv.engine.stats(), **srv.counts,
                 "frontend_latency": dict(srv.latency), "frontend_cpu_s": time.process_time()}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():   # Prometheus' text format (metrics.py); like /health, no key (vLLM's is open too)
+        body, ctype = srv.metrics.render()
+        return Response(body, media_type=ctype)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
