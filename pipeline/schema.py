@@ -117,6 +117,8 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 23333
     keys: List[str] = field(default_factory=list)
+    served_model_name: List[str] = field(default_factory=list)   # names requests may use; [] = config.ini's
+    allowed_origins: List[str] = field(default_factory=list)     # CORS origins ("*": any); [] = same-origin only
 
 
 @dataclass

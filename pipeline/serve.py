@@ -148,6 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=23333, help="0: a free port (the log names it)")
     ap.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeat for several)")
+    ap.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                    help="the model's name(s) in the API: requests may use any, responses carry the first (default: "
+                         "config.ini's model_name)")
+    ap.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                    help="web origins whose pages may call the API (CORS), e.g. http://localhost:3000 or '*' "
+                         "(default: none: same-origin only, the chat page included)")
     for name, (typ, help_) in ENGINE_FLAGS.items():
         ap.add_argument("--" + name.replace("_", "-"), type=typ, help=help_)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps")
@@ -203,6 +209,7 @@ def main(argv=None) -> int:
         if a.mode == "api":
             from .server import serve_api
             serve_api(engine, host=a.host, port=a.port, keys=a.api_key, workspace=str(a.workspace),
+                      served_model_names=a.served_model_name, allowed_origins=a.allowed_origins,
                       defaults={"max_tokens": a.max_new_tokens, "temperature": 1.0 if a.temperature is None else
                                 a.temperature, "top_p": a.top_p, "top_k": a.top_k,
                                 "repetition_penalty": a.repetition_penalty})

@@ -97,6 +97,36 @@ def test_prometheus_metrics_count_requests_tokens_and_latencies(server, client):
     assert after[(m + "request_failure_total", lab)] == before.get((m + "request_failure_total", lab), 0)
 
 
+def test_served_model_names_and_cors(server, tmp_path):
+    """`--served-model-name`: requests may use any of the names, responses carry the first, /v1/models lists them
+    all, another name gets a 404 naming them; `--allowed-origins`: a listed origin's preflight is answered (a page
+    there may call the API, still with its key), others' are not, and a server without the flag answers none."""
+    ws = next(x.split("workspace: ", 1)[1].strip() for x in server.log().splitlines() if "workspace: " in x)
+    s = ApiServer.for_workspace(tmp_path, ws, "--device", "cpu", "--session-len", str(SESSION), "--max-batch-size",
+                                "2", "--api-key", KEY, "--served-model-name", "my-model", "gpt-local",
+                                "--allowed-origins", "http://app.example").start()
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list()] == ["my-model", "gpt-local"]
+        r = c.completions.create(model="gpt-local", prompt=[5, 6, 7], max_tokens=2)
+        assert r.model == "my-model" and r.usage.completion_tokens >= 1
+        with pytest.raises(openai.NotFoundError, match="serves 'my-model' or 'gpt-local'"):
+            c.completions.create(model="tiny-random", prompt=[5], max_tokens=1)
+        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        ok = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://app.example", **pre})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.example"
+        other = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://evil.example", **pre})
+        assert "access-control-allow-origin" not in other.headers
+        r = httpx.post(s.url + "/v1/completions", json={"model": "my-model", "prompt": [5], "max_tokens": 1},
+                       headers={"Origin": "http://app.example"})
+        assert r.status_code == 401                          # CORS opens the door to the page, not to the API
+        assert "CORS: pages from http://app.example may call the API" in s.log()
+    finally:
+        assert s.stop() == 0, s.log()[-3000:]
+    plain = httpx.options(server.url + "/v1/chat/completions", headers={"Origin": "http://app.example", **pre})
+    assert "access-control-allow-origin" not in plain.headers
+
+
 def test_models_health_and_keys(server, client):
     assert [m.id for m in client.models.list()] == ["tiny-random"]
     h = server.health()                                  # /health is open (no key needed)

@@ -30,20 +30,24 @@ def quant_label(st: dict) -> str:
 
 
 def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), defaults: Optional[dict] = None,
-              workspace: str = "", quant: Optional[str] = None) -> dict:
+              workspace: str = "", quant: Optional[str] = None, served_model_names=(), allowed_origins=()) -> dict:
     """Serve `engine` (an EngineClient or a started Engine) over HTTP until interrupted; returns a summary.
-    quant: the label to show (default: derived from the workspace's weight type and KV policy)."""
+    quant: the label to show (default: derived from the workspace's weight type and KV policy);
+    served_model_names: the names requests may use, the first in responses (default: config.ini's model_name);
+    allowed_origins: web origins allowed to call the API from their pages (CORS; default: none)."""
     import uvicorn
 
     keys = [str(k) for k in keys or []]
     st = engine.stats()
-    model_name = st["model_name"]                 # from the workspace's config.ini
+    names = [str(n) for n in served_model_names or []] or [st["model_name"]]   # default: config.ini's model_name
+    model_name = names[0]
     quant = quant or quant_label(st)
     info = {"quant": quant, "weight_type": st["weight_type"], "quant_policy": st["quant_policy"],
             "kv_capacity_tokens": st["kv_capacity_tokens"], "session_len": st["session_len"],
             "max_batch_size": st["max_batch_size"], "device": st.get("device", "")}
     defaults = dict(defaults or {})
-    app = create_app(engine, model_name=model_name, keys=keys, info=info, defaults=defaults)
+    app = create_app(engine, model_name=model_name, keys=keys, info=info, defaults=defaults, aliases=names[1:],
+                     allowed_origins=[str(o) for o in allowed_origins or []])
 
     # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they are TCP, and
     # with Nagle on, every response on a kept-alive connection after its first segment waited for the client's
@@ -56,12 +60,14 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     full_seqs = st["kv_capacity_tokens"] // st["session_len"]
     log.info("workspace: %s", workspace or "(given engine)")
-    log.info("model: %s, quant config: %s (weights %s, KV quant_policy=%s, %s)", model_name, quant,
+    log.info("model: %s, quant config: %s (weights %s, KV quant_policy=%s, %s)", " / ".join(names), quant,
              st["weight_type"], st["quant_policy"], {0: "fp16 KV", 4: "int8 KV", 8: "int4 KV"}.get(st["quant_policy"], "?"))
     log.info("KV cache: %d tokens (%d blocks of %d) = %d sequences at session_len=%d; up to %d sequences "
              "running at once (max_batch_size); more requests wait in a queue", st["kv_capacity_tokens"],
              st["total_blocks"], st["block_size"], full_seqs, st["session_len"], st["max_batch_size"])
     log.info("API keys: %s", f"{len(keys)} configured (Authorization: Bearer <key>)" if keys else "off")
+    if allowed_origins:
+        log.info("CORS: pages from %s may call the API", ", ".join(map(str, allowed_origins)))
     log.info("API server listening on %s (OpenAI API at %s/v1, chat page at %s/)", url, url, url)
     for h in logging.getLogger().handlers:
         h.flush()

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -108,8 +109,9 @@ async def _arrivals(handles: list):
 class Server:
     """Request -> engine submissions -> OpenAI response objects."""
 
-    def __init__(self, engine, model_name: str, defaults: dict, info: dict):
+    def __init__(self, engine, model_name: str, defaults: dict, info: dict, aliases: Sequence[str] = ()):
         self.engine, self.model_name, self.info = engine, model_name, info
+        self.names = [model_name, *(a for a in aliases if a != model_name)]   # what a request may call the model
         self.defaults = {**DEFAULTS, **defaults}
         self.counts = {"requests_total": 0, "requests_cancelled": 0, "requests_failed": 0}
         # streamed requests' time in this process (seconds, summed; /health's frontend_latency): the request's
@@ -120,8 +122,9 @@ class Server:
 
     # ------------------------------------------------------------------ request -> prompts, params
     def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+        if name not in self.names:
+            served = " or ".join(f"'{n}'" for n in self.names)
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves {served}",
                            param="model", code="model_not_found")
 
     def chat_prompt(self, req: ChatRequest) -> List[int]:
@@ -381,11 +384,17 @@ def _openapi_with_bodies(app: FastAPI):
 
 
 def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optional[dict] = None,
-               defaults: Optional[dict] = None) -> FastAPI:
-    """The FastAPI app serving `engine` (already started) as `model_name`. keys: accepted bearer tokens;
-    info: shown by /health, /v1/models and the page; defaults: sampling settings a request leaves out."""
-    srv = Server(engine, model_name, dict(defaults or {}), dict(info or {}))
+               defaults: Optional[dict] = None, aliases: Sequence[str] = (),
+               allowed_origins: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving `engine` (already started) as `model_name` (the name responses carry; requests may
+    also use any of `aliases`). keys: accepted bearer tokens; info: shown by /health, /v1/models and the page;
+    defaults: sampling settings a request leaves out; allowed_origins: web origins whose pages may call the API
+    (CORS; "*": any; none: same-origin only, the chat page included)."""
+    srv = Server(engine, model_name, dict(defaults or {}), dict(info or {}), aliases)
     app = FastAPI(title="llm-pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    if allowed_origins:   # answers browsers' preflights; the key check still applies to the requests themselves
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     app.state.server = srv
     keys = [k.encode() for k in keys]
 
@@ -436,17 +445,17 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
-    def model_object() -> dict:
-        return {"id": model_name, "object": "model", "created": 0, "owned_by": "llm-pipeline", **srv.info}
+    def model_object(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "llm-pipeline", **srv.info}
 
     @v1.get("/models")
     def models():
-        return {"object": "list", "data": [model_object()]}
+        return {"object": "list", "data": [model_object(n) for n in srv.names]}
 
     @v1.get("/models/{model_id:path}")
     def model(model_id: str):
         srv.check_model(model_id)
-        return model_object()
+        return model_object(model_id)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):

@@ -60,7 +60,9 @@ def run(ctx) -> dict:
             defaults = {"max_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
                         "top_k": s.top_k, "repetition_penalty": s.repetition_penalty}
             return serve_api(engine, host=s.api.host, port=int(s.api.port), keys=list(s.api["keys"] or []),
-                             defaults=defaults, workspace=str(ws), quant=None if given else cfg.quant.name)
+                             defaults=defaults, workspace=str(ws), quant=None if given else cfg.quant.name,
+                             served_model_names=list(s.api.get("served_model_name") or []),
+                             allowed_origins=list(s.api.get("allowed_origins") or []))
         return generate(engine, list(s.prompts), sampling(s)) if s.mode == "generate" else chat(engine, sampling(s))
     finally:
         engine.stop()
