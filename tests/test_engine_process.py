@@ -139,6 +139,48 @@ def test_api_server_exits_when_its_engine_dies(ws, tmp_path):
         s.stop()
 
 
+def test_sigterm_lets_the_stream_in_flight_finish_then_stops_the_engine(ws, tmp_path):
+    """A container's stop (SIGTERM): the stream in flight ends whole, the engine process is stopped (not left to
+    notice its parent gone) and the server exits 0, as after Ctrl-C."""
+    import threading
+    s = ApiServer.for_workspace(tmp_path, ws, "--max-batch-size", "4", "--session-len", "256", "--device", "cpu").start()
+    try:
+        h = s.health()
+        chunks, started = [], threading.Event()
+
+        def stream():
+            with httpx.stream("POST", s.url + "/v1/completions", timeout=60, json={
+                    "model": h["model"], "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True, "stream": True,
+                    "temperature": 0}) as r:
+                for line in r.iter_lines():
+                    started.set()
+                    chunks.append(line)
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(30)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0, s.log()[-3000:]
+        t.join(30)
+        assert [c for c in chunks if c][-1] == "data: [DONE]", chunks[-3:]
+        assert sum('"finish_reason": "length"' in c for c in chunks) == 1
+        assert "API server stopped (SIGTERM)" in s.log() and "is gone; exiting" not in s.log()
+        deadline = time.time() + 10
+        while time.time() < deadline and _alive(h["engine_pid"]):
+            time.sleep(0.1)
+        assert not _alive(h["engine_pid"])
+    finally:
+        s.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:              # a zombie (exited, not yet reaped) is gone too
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
 def test_serve_cli_generate_prints_only_the_conversation(ws, tmp_path):
     log = tmp_path / "serve.log"
     p = subprocess.run([sys.executable, "-m", "pipeline.serve", str(ws), "--mode", "generate", "--device", "cpu",

@@ -6,13 +6,16 @@
 
 The serve stage and `python -m pipeline.serve` open the engine (its own process by default) and call
 serve_api(engine, host=..., port=...), which logs the workspace, quant config, KV capacity and URL, then
-runs uvicorn until Ctrl-C. Port 0 binds a free port (the log line "API server listening on http://..."
-names it).
+runs uvicorn until Ctrl-C or SIGTERM (a container's stop): it stops taking connections, lets the streams in flight
+finish for up to 5 s, stops the engine and returns (the CLI then exits 0). Port 0 binds a free port (the log line
+"API server listening on http://..." names it).
 """
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 from typing import Optional
 
 from ..weights import WEIGHT_TYPES
@@ -20,6 +23,14 @@ from .app import create_app
 
 log = logging.getLogger("pipeline.server")
 __all__ = ["create_app", "serve_api"]
+
+
+class Terminated(Exception):
+    """SIGTERM, raised where uvicorn hands the signal back after its graceful shutdown (as it does Ctrl-C)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def quant_label(st: dict) -> str:
@@ -76,11 +87,18 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             lifespan="off")
     server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again under the handler it found:
+    # for SIGTERM the default one killed the process before the engine was stopped (status 143, its core left to
+    # notice the parent gone); with this one it ends as Ctrl-C does
+    main = threading.current_thread() is threading.main_thread()
+    prev = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
-        server.run(sockets=[sock])     # until Ctrl-C / SIGINT (uvicorn re-raises it after a graceful shutdown)
-    except KeyboardInterrupt:
-        log.info("API server stopped")
+        server.run(sockets=[sock])     # until Ctrl-C / SIGINT or SIGTERM
+    except (KeyboardInterrupt, Terminated) as e:
+        log.info("API server stopped (%s)", "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C")
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, prev)
         sock.close()
         engine.stop()
     return {"mode": "api", "url": url, "model": model_name, "quant": quant,
