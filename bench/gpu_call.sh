@@ -16,8 +16,9 @@
 #             the engine's look-ahead mark and device timeline
 #   serve_ab  bench/serve.py --no-hf --no-prefix, the look-ahead mark on and off (PIPELINE_LOOKAHEAD_MARK=0)
 #   serve_prefix_ab  bench/serve.py --ab-workload prefix: the shared-prefix workload (cache on, 32 and 8 clients) on
-#             one server per look-ahead mark (0.67, the default; 0.85; 1.0), one round (~7 min with a seeded tuner):
-#             how much of an arrival's wait for the step in flight the mark decides, against decode throughput
+#             a server each: the default, the look-ahead mark at 1.0 (an arrival after the mark waits a whole extra
+#             step), and prefill steps without decoders riding along (--no-mixed-steps: an arrival's own step has 160
+#             rows, not ~190); one round (~7 min with a seeded tuner)
 #   serve     bench/serve.py --no-hf (batched, batch 1, the prefix workload, the second start)
 #   serve_batched  bench/serve.py --no-prefix --no-hf: the batched and batch-1 runs alone (~4-5 min, cold tuner)
 #   serve_peers  bench/serve.py --no-prefix: batched and batch 1 with the `transformers` peers (static `generate`,
@@ -88,7 +89,7 @@ for set in "$@"; do
     serve_ab) step serve_ab 540 python3 bench/serve.py --no-hf --no-prefix --ab mark nomark:PIPELINE_LOOKAHEAD_MARK=0 \
       --ab-rounds 1 --out "$OUT/serve_ab" ;;
     serve_prefix_ab) step serve_prefix_ab 580 python3 bench/serve.py --no-hf --ab-workload prefix --ab m067 \
-      m085:PIPELINE_LOOKAHEAD_MARK=0.85 m100:PIPELINE_LOOKAHEAD_MARK=1.0 --ab-rounds 1 --out "$OUT/serve_prefix_ab" ;;
+      m100:PIPELINE_LOOKAHEAD_MARK=1.0 nomixed:--no-mixed-steps --ab-rounds 1 --out "$OUT/serve_prefix_ab" ;;
     serve_batched) step serve_batched 420 python3 bench/serve.py --no-prefix --no-hf --out "$OUT/serve_batched" ;;
     serve_peers) step serve_peers 580 python3 bench/serve.py --no-prefix --out "$OUT/serve_peers" ;;
     serve_all) step serve_all 590 python3 bench/serve.py --out "$OUT/serve_all" ;;

@@ -79,7 +79,8 @@ server per variant (`python -m pipeline.serve WORKSPACE` with the variant's envi
 session and KV blocks; warmed up as above), R rounds, the variants' order reversed every other round (A B, B A, ...):
 a machine that drifts over the runs (session 15 saw each of four runs in a row slower than the one before) moves
 every variant alike. Reported: each run, and per variant the median output tok/s and in-step decode / prefill
-tok/s, and its output tok/s over the first variant's in the same round. E.g. `--ab mma:PIPELINE_ATTN_DECODE=mma fma`.
+tok/s, and its output tok/s over the first variant's in the same round. E.g. `--ab mma:PIPELINE_ATTN_DECODE=mma fma`;
+a variant may also add server flags: `--ab mixed nomixed:--no-mixed-steps`.
 `--ab-workload prefix`: the shared-prefix workload instead (cache on; its warm-up, then --clients and, unless 0,
 --prefix-light-clients), for what moves an arrival's TTFT: each run also keeps TTFT p50 of the wave sent at once and
 of later arrivals with the server's split of the latter, and the summary TTFT p50 over the first variant's by round.
@@ -610,7 +611,7 @@ def main() -> None:
     if args.prefix_only and (args.no_prefix or args.ab or args.hf_only):
         ap.error("--prefix-only runs the shared-prefix workload alone: not with --no-prefix, --ab or --hf-only")
     variants = [parse_variant(v) for v in args.ab or []]
-    if len({n for n, _ in variants}) != len(variants) or args.ab_rounds < 1:
+    if len({n for n, *_ in variants}) != len(variants) or args.ab_rounds < 1:
         raise SystemExit("--ab: the variants need distinct names; --ab-rounds >= 1")
     if variants and args.ab_workload == "prefix" and args.no_prefix:
         ap.error("--ab-workload prefix runs the shared-prefix workload: not with --no-prefix")
@@ -752,18 +753,22 @@ AB_KEYS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_token
 AB_MEDIANS = ("output_tokens_per_s", "decode_tokens_per_s_in_steps", "prefill_tokens_per_s", "ttft_p50_ms")
 
 
-def parse_variant(spec: str) -> tuple[str, dict]:
-    """--ab's 'NAME' or 'NAME:ENV=VALUE[,ENV=VALUE...]' -> (name, {ENV: VALUE})."""
+def parse_variant(spec: str) -> tuple[str, dict, list]:
+    """--ab's 'NAME' or 'NAME:ITEM[,ITEM...]', an item ENV=VALUE or a `python -m pipeline.serve` flag (--no-mixed-steps;
+    one with a value as --flag=value) -> (name, {ENV: VALUE}, [flags])."""
     name, _, rest = spec.partition(":")
-    env = {}
+    env, flags = {}, []
     for kv in filter(None, rest.split(",")):
+        if kv.startswith("--"):
+            flags += kv.split("=", 1)
+            continue
         k, sep, v = kv.partition("=")
         if not sep or not k:
-            raise SystemExit(f"--ab {spec!r}: expected NAME or NAME:ENV=VALUE[,ENV=VALUE...]")
+            raise SystemExit(f"--ab {spec!r}: expected NAME or NAME:ENV=VALUE|--flag[=value][,...]")
         env[k] = v
     if not name:
         raise SystemExit(f"--ab {spec!r}: the variant needs a name")
-    return name, env
+    return name, env, flags
 
 
 def ab_order(variants: list, rounds: int) -> list[tuple[int, tuple]]:
@@ -775,7 +780,7 @@ def ab_summary(variants: list, runs: list[dict]) -> dict:
     """Per variant: the medians of AB_MEDIANS over its runs, and its output tok/s and TTFT p50 over the first
     variant's, round by round (with a lighter run too, the same for it under `light`)."""
     out = {}
-    for name, _ in variants:
+    for name, *_ in variants:
         mine = [x for x in runs if x["variant"] == name]
         if not mine:        # a run cut short: the variants measured so far
             continue
@@ -817,10 +822,11 @@ def ab_runs(ws: Path, h: dict, device: str, variants: list, rounds: int, warm: l
     """The A/B mode (module doc): one server per (round, variant), warmed up, then measure(url) -> {"": the run,
     "light_": a lighter one (optional)} on each."""
     flags = same_server(h, device, args.schedule)
-    ab = {"variants": [{"name": n, "env": e} for n, e in variants], "rounds": rounds, "workload": args.ab_workload,
-          "runs": []}
-    for r, (name, env) in ab_order(variants, rounds):
-        srv = ApiServer.for_workspace(Path(tempfile.mkdtemp(prefix=f"bench_serve_ab_{name}_")), ws, *flags, env=env)
+    ab = {"variants": [{"name": n, "env": e, "flags": f} for n, e, f in variants], "rounds": rounds,
+          "workload": args.ab_workload, "runs": []}
+    for r, (name, env, extra) in ab_order(variants, rounds):
+        srv = ApiServer.for_workspace(Path(tempfile.mkdtemp(prefix=f"bench_serve_ab_{name}_")), ws, *flags, *extra,
+                                      env=env)
         t0 = time.time()
         srv.start(timeout=1800)
         try:

@@ -138,7 +138,9 @@ def test_ab_variants_order_and_summary(bench):
     """--ab: variant specs parse to (name, env); rounds alternate the order (A B, B A: drift falls on both alike);
     the summary's per-round ratio is against the first variant of the same round."""
     a, b = bench.parse_variant("mma:PIPELINE_ATTN_DECODE=mma,PIPELINE_PDL=0"), bench.parse_variant("fma")
-    assert a == ("mma", {"PIPELINE_ATTN_DECODE": "mma", "PIPELINE_PDL": "0"}) and b == ("fma", {})
+    assert a == ("mma", {"PIPELINE_ATTN_DECODE": "mma", "PIPELINE_PDL": "0"}, []) and b == ("fma", {}, [])
+    assert bench.parse_variant("nm:--no-mixed-steps,X=1,--schedule=fcfs") == \
+        ("nm", {"X": "1"}, ["--no-mixed-steps", "--schedule", "fcfs"])   # server flags beside the environment
     for bad in ("mma:PIPELINE_ATTN_DECODE", ":X=1", "x:=1"):
         with pytest.raises(SystemExit, match="--ab"):
             bench.parse_variant(bad)
@@ -183,7 +185,7 @@ def test_serve_bench_ab_mode_on_the_prefix_workload(tmp_path):
     cmd = [sys.executable, "bench/serve.py", "--model", "tiny-random", "--quant", "fp16", "--clients", "4",
            "--requests", "4", "--client-procs", "1", "--prefix-len", "128", "--prefix-requests", "9",
            "--question-len", "8:32", "--output-len", "4:8", "--prefix-light-clients", "2", "--device", "cpu",
-           "--ab", "a", "b:PIPELINE_LOOKAHEAD_MARK=0.9", "--ab-rounds", "1", "--ab-workload", "prefix",
+           "--ab", "a", "b:PIPELINE_LOOKAHEAD_MARK=0.9,--no-mixed-steps", "--ab-rounds", "1", "--ab-workload", "prefix",
            "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
