@@ -119,6 +119,7 @@ class ApiConfig:
     keys: List[str] = field(default_factory=list)
     served_model_name: List[str] = field(default_factory=list)   # names requests may use; [] = config.ini's
     allowed_origins: List[str] = field(default_factory=list)     # CORS origins ("*": any); [] = same-origin only
+    log_stats_interval: float = 10.0  # s between the log's throughput / queue / KV usage lines while busy (0: none)
 
 
 @dataclass

@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                     help="the model's name(s) in the API: requests may use any, responses carry the first (default: "
                          "config.ini's model_name)")
+    ap.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                    help="api mode: a log line of throughput, queue, KV cache usage and prefix-cache hits this often "
+                         "while the engine works (0: none)")
     ap.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                     help="web origins whose pages may call the API (CORS), e.g. http://localhost:3000 or '*' "
                          "(default: none: same-origin only, the chat page included)")
@@ -210,6 +213,7 @@ def main(argv=None) -> int:
             from .server import serve_api
             serve_api(engine, host=a.host, port=a.port, keys=a.api_key, workspace=str(a.workspace),
                       served_model_names=a.served_model_name, allowed_origins=a.allowed_origins,
+                      log_stats_interval=a.log_stats_interval,
                       defaults={"max_tokens": a.max_new_tokens, "temperature": 1.0 if a.temperature is None else
                                 a.temperature, "top_p": a.top_p, "top_k": a.top_k,
                                 "repetition_penalty": a.repetition_penalty})

@@ -4,6 +4,8 @@ SmolLM2 answers: tests/test_api_smollm2.py; disconnects, queueing and load: test
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import httpx
 import openai
@@ -104,7 +106,7 @@ def test_served_model_names_and_cors(server, tmp_path):
     ws = next(x.split("workspace: ", 1)[1].strip() for x in server.log().splitlines() if "workspace: " in x)
     s = ApiServer.for_workspace(tmp_path, ws, "--device", "cpu", "--session-len", str(SESSION), "--max-batch-size",
                                 "2", "--api-key", KEY, "--served-model-name", "my-model", "gpt-local",
-                                "--allowed-origins", "http://app.example").start()
+                                "--allowed-origins", "http://app.example", "--log-stats-interval", "0.2").start()
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         assert [m.id for m in c.models.list()] == ["my-model", "gpt-local"]
@@ -121,10 +123,29 @@ def test_served_model_names_and_cors(server, tmp_path):
                        headers={"Origin": "http://app.example"})
         assert r.status_code == 401                          # CORS opens the door to the page, not to the API
         assert "CORS: pages from http://app.example may call the API" in s.log()
+        deadline = time.time() + 10   # the periodic stats line of the interval that held the requests
+        while time.time() < deadline and "Avg generation throughput" not in s.log():
+            time.sleep(0.1)
+        assert re.search(r"Avg prompt throughput: [\d.]+ tokens/s, Avg generation throughput: [1-9][\d.]* tokens/s, "
+                         r"Running: \d+ reqs, Waiting: \d+ reqs, KV cache usage: [\d.]+%", s.log()), s.log()[-2000:]
     finally:
         assert s.stop() == 0, s.log()[-3000:]
     plain = httpx.options(server.url + "/v1/chat/completions", headers={"Origin": "http://app.example", **pre})
     assert "access-control-allow-origin" not in plain.headers
+
+
+def test_stats_log_line_covers_the_interval():
+    """The periodic log line: throughput over the interval, the queue and KV usage at its end, the prefix cache's hit
+    rate over the interval only; nothing for an interval where the engine did nothing and holds nothing."""
+    from pipeline.server.metrics import StatsLog
+    a = {"t": 0.0, "prompt": 100, "gen": 50, "queries": 100, "hits": 0, "running": 0, "waiting": 0, "free": 10,
+         "total": 10}
+    b = {**a, "t": 2.0, "prompt": 1100, "gen": 250, "queries": 1100, "hits": 750, "running": 3, "waiting": 1, "free": 4}
+    line = StatsLog.line(None, a, b)
+    assert line == ("Avg prompt throughput: 500.0 tokens/s, Avg generation throughput: 100.0 tokens/s, Running: 3 reqs, "
+                    "Waiting: 1 reqs, KV cache usage: 60.0%, Prefix cache hit rate: 75.0%")
+    assert StatsLog.line(None, a, {**a, "t": 5.0}) is None
+    assert StatsLog.line(None, a, {**a, "t": 1.0, "running": 2}).endswith("Prefix cache hit rate: -")
 
 
 def test_models_health_and_keys(server, client):

@@ -20,6 +20,7 @@ from typing import Optional
 
 from ..weights import WEIGHT_TYPES
 from .app import create_app
+from .metrics import StatsLog
 
 log = logging.getLogger("pipeline.server")
 __all__ = ["create_app", "serve_api"]
@@ -41,11 +42,14 @@ def quant_label(st: dict) -> str:
 
 
 def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), defaults: Optional[dict] = None,
-              workspace: str = "", quant: Optional[str] = None, served_model_names=(), allowed_origins=()) -> dict:
+              workspace: str = "", quant: Optional[str] = None, served_model_names=(), allowed_origins=(),
+              log_stats_interval: float = 10.0) -> dict:
     """Serve `engine` (an EngineClient or a started Engine) over HTTP until interrupted; returns a summary.
     quant: the label to show (default: derived from the workspace's weight type and KV policy);
     served_model_names: the names requests may use, the first in responses (default: config.ini's model_name);
-    allowed_origins: web origins allowed to call the API from their pages (CORS; default: none)."""
+    allowed_origins: web origins allowed to call the API from their pages (CORS; default: none);
+    log_stats_interval: seconds between the log's throughput / queue / KV-usage lines while the engine works (0: none).
+    """
     import uvicorn
 
     keys = [str(k) for k in keys or []]
@@ -84,6 +88,7 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
         h.flush()
 
     engine.start()
+    stats_log = StatsLog(engine.stats, log_stats_interval, log) if log_stats_interval > 0 else None
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             lifespan="off")
     server = uvicorn.Server(config)
@@ -99,6 +104,8 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     finally:
         if main:
             signal.signal(signal.SIGTERM, prev)
+        if stats_log is not None:
+            stats_log.stop()
         sock.close()
         engine.stop()
     return {"mode": "api", "url": url, "model": model_name, "quant": quant,

@@ -128,3 +128,52 @@ class RequestTimer:
         if out.finished:
             self.m.e2e.observe(now - self.t0)
             self.m.finished(out.finish_reason, out.num_prompt_tokens, out.num_generated_tokens)
+
+
+class StatsLog:
+    """Every `interval` s while the engine works, one log line of what it did since the last (as vLLM's periodic
+    stats line): prompt and generation throughput, running and waiting requests, KV cache usage, the prefix cache's
+    hit rate over the interval. A daemon thread; stop() ends it."""
+
+    def __init__(self, stats: Callable[[], dict], interval: float, log):
+        import threading
+        self.stats, self.interval, self.log = stats, interval, log
+        self._stop = threading.Event()
+        self._last = self._read()
+        self._thread = threading.Thread(target=self._run, name="stats-log", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict:
+        st = self.stats()
+        steps, pc, lat = st.get("steps", {}), st.get("prefix_cache") or {}, st.get("latency", {})
+        return {"t": time.monotonic(), "prompt": steps.get("prefill_tokens", 0),
+                "gen": steps.get("decode_tokens", 0) + steps.get("mixed_decode_tokens", 0) + lat.get("first_tokens", 0),
+                "queries": pc.get("queries", 0), "hits": pc.get("hits", 0), "running": st.get("running", 0),
+                "waiting": st.get("waiting", 0), "free": st.get("free_blocks", 0), "total": st.get("total_blocks", 0)}
+
+    def line(self, a: dict, b: dict) -> Optional[str]:
+        """The line for the interval from reading a to reading b (None: the engine did nothing and holds nothing)."""
+        dt = max(b["t"] - a["t"], 1e-9)
+        prompt, gen, q = b["prompt"] - a["prompt"], b["gen"] - a["gen"], b["queries"] - a["queries"]
+        if not (prompt or gen or b["running"] or b["waiting"]):
+            return None
+        usage = (b["total"] - b["free"]) / b["total"] if b["total"] else 0.0
+        hit = f"{(b['hits'] - a['hits']) / q:.1%}" if q else "-"
+        return (f"Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: {gen / dt:.1f} "
+                f"tokens/s, Running: {b['running']} reqs, Waiting: {b['waiting']} reqs, KV cache usage: {usage:.1%}, "
+                f"Prefix cache hit rate: {hit}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                now = self._read()
+            except Exception as e:   # noqa: BLE001 - an engine gone is reported by its client; keep quiet here
+                self.log.debug("stats log: %s", e)
+                continue
+            text = self.line(self._last, now)
+            self._last = now
+            if text:
+                self.log.info(text)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -62,7 +62,8 @@ def run(ctx) -> dict:
             return serve_api(engine, host=s.api.host, port=int(s.api.port), keys=list(s.api["keys"] or []),
                              defaults=defaults, workspace=str(ws), quant=None if given else cfg.quant.name,
                              served_model_names=list(s.api.get("served_model_name") or []),
-                             allowed_origins=list(s.api.get("allowed_origins") or []))
+                             allowed_origins=list(s.api.get("allowed_origins") or []),
+                             log_stats_interval=float(s.api.get("log_stats_interval", 10.0)))
         return generate(engine, list(s.prompts), sampling(s)) if s.mode == "generate" else chat(engine, sampling(s))
     finally:
         engine.stop()
