@@ -57,7 +57,8 @@ swapk_m16_n64_c4_np,swapk_m16_n64_c2_s8_np,swapk_m16_n64_c2_pr,swapk_m16_n128_c2
 swap_m32_n64_c4_k8,swap_m32_n64_c4_np,swapk_m32_n64_c2_np,swapk_m32_n64_c4_np,swapk_m32_n64_c2_k8,swap_m64_n64_c2_k8,\
 swap_m64_n64_c2_np,swapk_m64_n64_c2_np,swapk_m16_n64_c2_np_nl,swapk_m16_n64_c4_np_nl,swapk_m16_n64_c2_s8_np_nl,\
 swapk_m32_n64_c2_np_nl,glk_m16_n128_k16_s8_c1,glk_m16_n128_k16_s14_c1,glk_m16_n64_k16_s12_c1,\
-glk_m16_n256_k16_s8_c1,glk_m32_n128_k16_s8_c1,glk_m32_n256_k16_s6_c1
+glk_m16_n256_k16_s8_c1,glk_m32_n128_k16_s8_c1,glk_m32_n256_k16_s6_c1,glk_m16_n64_k16_s12_c1_nl,\
+glk_m16_n128_k16_s8_c1_nl,glk_m32_n128_k16_s8_c1_nl
 
 step() {   # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAME/log, print its tail
   local name=$1 limit=$2; shift 2

@@ -23,7 +23,7 @@ def test_every_config_is_a_candidate_fits_and_runs_one_program_an_sm():
     assert {n for M in (16, 32, 64, 256) for n in sk.candidates(M)} == set(sk.SK_CONFIGS)
     assert sk.candidates(8) == sk.candidates(2048) == () and sk.candidates(65) == ("glk_m128_n128_k16_s4_c1",)
     assert all(sk.SK_CONFIGS[n][0] == 16 for n in sk.candidates(9))
-    for name, (BM, BN, KT, stages, warps, ctas) in sk.SK_CONFIGS.items():
+    for name, (BM, BN, KT, stages, warps, ctas, _) in sk.SK_CONFIGS.items():
         assert ctas == 1 and BN % (16 * warps) == 0 and BM % 8 == 0, name
         assert sk.fits(name, 64, False) and sk.fits(name, 128, False), name
         assert wg.stages_for(BM, BN, KT, 128, stages) >= (4 if BM <= 64 else 3), name    # a deep ring is the point
@@ -39,6 +39,14 @@ class _Shim:
     """Enough of `gluon.language` to run the stream-K helpers' bodies on host ints (0-d int64 tensors)."""
     int32 = torch.int32
     pid = 0
+
+    @staticmethod
+    def maximum(a, b):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+
+    @staticmethod
+    def minimum(a, b):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
 
     @staticmethod
     def where(c, a, b):
@@ -66,9 +74,10 @@ def test_kernel_step_arithmetic_walks_the_host_plan():
     interpreter tests run), executed on host ints: each program starts at p T // P with the (tile, group, M tile,
     N tile) of that step, `_next` walks its run in step order (M tile fastest), and where a run's part of a tile
     ends, `_parts` names the tile's first run and its number of runs as the host's `owner`, within `plan`'s
-    workspace slots; the tiles at the run's two ends are the ones `_sk_kernel` finishes."""
+    workspace slots; the tiles at the run's two ends are the ones `_sk_kernel` finishes; the nested consumer's loop
+    over tiles and `_groups_of` walk the same steps."""
     from pipeline.kernels import w4a16_streamk as stk
-    run, nxt, parts = _on_host(sk._run), _on_host(sk._next), _on_host(sk._parts)
+    run, nxt, parts, groups = _on_host(sk._run), _on_host(sk._next), _on_host(sk._parts), _on_host(sk._groups_of)
     i64 = lambda v: torch.tensor(v, dtype=torch.int64)   # noqa: E731
     for M, N, K, g, BM, BN, n_sm in [(16, 1000, 1024, 64, 16, 128, 132), (33, 4100, 768, 64, 32, 256, 132),
                                      (200, 12288, 4096, 128, 128, 128, 132), (9, 256, 256, 128, 16, 64, 5),
@@ -95,6 +104,9 @@ def test_kernel_step_arithmetic_walks_the_host_plan():
                         cut.setdefault(t, []).append(p)
                     assert n_parts == 1 or t in (it_lo // G, (it_lo + n_iter - 1) // G)   # finished after the loop
                 state = list(nxt(*state, i64(G), i64(n_m)))
+            steps = [(t, gg) for t in range(it_lo // G, (it_lo + n_iter - 1) // G + 1)   # the nested consumer's loops
+                     for gg in range(*(int(v) for v in groups(i64(t), i64(it_lo), i64(it_lo + n_iter), i64(G))))]
+            assert steps == [(it // G, it % G) for it in range(it_lo, it_lo + n_iter)], (M, N, K, p)
         for t, runs in cut.items():   # every run of a cut tile stores one part, in run order from `first`
             first, n_parts = (int(v) for v in parts(i64(t), i64(G), i64(T), i64(P)))
             assert runs == list(range(first, first + n_parts)), t
@@ -111,7 +123,7 @@ def test_offline_sm90_compile(name, g):
     no spills, within shared memory, the first weight copies before the PDL wait; the fused SwiGLU too."""
     from triton.runtime.jit import mangle_type
     from tests.sm90_sass import ptxas_info, sass_text
-    BM, BN, KT, stages, warps, _ = sk.SK_CONFIGS[name]
+    BM, BN, KT, stages, warps, _, nested = sk.SK_CONFIGS[name]
     K = 4096
     for act in (False, True):
         if not sk.fits(name, g, act):
@@ -124,13 +136,16 @@ def test_offline_sm90_compile(name, g):
                "K": "i32", "stride_ym": "i32", "n_progs": "i32"}
         cst = dict(MAX_PARTS=3, GROUP=g, BLOCK_M=BM, BLOCK_N=BN, KT=KT,
                    STAGES=wg.stages_for(BM, BN, KT, g, stages, act), HAS_BIAS=True, DKIND=1, ACT=act,
-                   num_warps=warps, PDL=True)
+                   num_warps=warps, PDL=True, NESTED=nested)
         k = compile_sm90(sk._sk_kernel, sig, cst, warps)
         ptx, info = k.asm["ptx"], ptxas_info(k.asm["ptx"])
         assert k.metadata.shared <= wg.SMEM_BYTES + 1024 and "cp.async.bulk.tensor.2d" in ptx
         assert ptx.count("wgmma.wait_group.sync.aligned 1;") == g // KT, (name, act)
         assert "C7515" not in info and " 0 bytes spill stores" in info, info
         assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass_text(k.asm["cubin"])
+        if nested:   # `_nl`: the groups' loop holds no store (the flat loop's tile-end branch has them)
+            from tests.sm90_sass import mma_loop_body
+            assert not any("STG" in x for x in mma_loop_body(k.asm["cubin"])), (name, act)
         # PDL: the producer's first weight copies are issued before its wait for the previous kernel
         head = ptx.split("griddepcontrol.wait")[0]
         assert "griddepcontrol.wait" in ptx and head.count("cp.async.bulk.tensor") >= 1, (name, act)

@@ -29,23 +29,30 @@ from pipeline.kernels.pdl import launch_kwargs
 from pipeline.kernels import w4a16_gluon as base
 from pipeline.kernels.w4a16_streamk import plan
 
-# name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, programs an SM); as `w4a16_gluon.GLUON_CONFIGS` otherwise. One
+# name -> (BLOCK_M, BLOCK_N, KT, STAGES, num_warps, programs an SM, nested); as `w4a16_gluon.GLUON_CONFIGS`
+# otherwise. nested (`_nl`): the MMA warps loop over the run's tiles around a loop over the tile's groups, whose N
+# offsets, masks and scale pointers stay put and whose part is stored after it (flat: one loop over the run's steps,
+# the next step's tile worked out every step and the store in a branch of the loop: its steady-state body is ~15%
+# longer than the split-K `_ws` tile's, 280 against 243 instructions at 16 x 64, g128, offline sm_90 SASS). One
 # program an SM: a warp-specialized kernel is compiled for 255 registers a thread (the producer gives its own back
 # with setmaxnreg, the MMA warps take them), so a second program never fits beside the first (the split-K `_ws` decode
 # configs at 4 programs an SM ran in waves: gl_m16_n64_k16_s4_c4_ws 48 against 25 us unsplit-ws, session 21); the
 # ring is deep instead, ~100-190 KB of copies in flight an SM.
 SK_CONFIGS = {
-    "glk_m16_n128_k16_s8_c1": (16, 128, 16, 8, 4, 1),
-    "glk_m16_n128_k16_s14_c1": (16, 128, 16, 14, 4, 1),
-    "glk_m16_n64_k16_s12_c1": (16, 64, 16, 12, 4, 1),
-    "glk_m16_n256_k16_s8_c1": (16, 256, 16, 8, 8, 1),
-    "glk_m32_n128_k16_s8_c1": (32, 128, 16, 8, 4, 1),
-    "glk_m32_n256_k16_s6_c1": (32, 256, 16, 6, 8, 1),
-    "glk_m64_n128_k16_s6_c1": (64, 128, 16, 6, 4, 1),
+    "glk_m16_n128_k16_s8_c1": (16, 128, 16, 8, 4, 1, False),
+    "glk_m16_n128_k16_s14_c1": (16, 128, 16, 14, 4, 1, False),
+    "glk_m16_n64_k16_s12_c1": (16, 64, 16, 12, 4, 1, False),
+    "glk_m16_n256_k16_s8_c1": (16, 256, 16, 8, 8, 1, False),
+    "glk_m32_n128_k16_s8_c1": (32, 128, 16, 8, 4, 1, False),
+    "glk_m16_n64_k16_s12_c1_nl": (16, 64, 16, 12, 4, 1, True),
+    "glk_m16_n128_k16_s8_c1_nl": (16, 128, 16, 8, 4, 1, True),
+    "glk_m32_n128_k16_s8_c1_nl": (32, 128, 16, 8, 4, 1, True),
+    "glk_m32_n256_k16_s6_c1": (32, 256, 16, 6, 8, 1, False),
+    "glk_m64_n128_k16_s6_c1": (64, 128, 16, 6, 4, 1, False),
     # prefill and mixed-step sizes (96 rows up): stream-K as the end of wave quantization (M = 256 runs 172 tiles of
     # 128 x 128 at N = 22016 on 132 SMs; the tail-split `_tl` tiles won three of four shapes there, session 21).
     # Not 128 x 256 or 256 x 128: their in-loop store (a pointer per accumulator element) spills ~1.2 KB a thread
-    "glk_m128_n128_k16_s4_c1": (128, 128, 16, 4, 8, 1),
+    "glk_m128_n128_k16_s4_c1": (128, 128, 16, 4, 8, 1, False),
 }
 
 
@@ -94,6 +101,11 @@ if base.HAVE_GLUON:
         pid_m += wrap.to(gl.int32)
         row_wrap = pid_m == n_m
         return t, g, gl.where(row_wrap, 0, pid_m), pid_n + row_wrap.to(gl.int32)
+
+    @gluon.jit
+    def _groups_of(t, it_lo, it_hi, G):
+        # the groups [g_lo, g_hi) of tile t that the run [it_lo, it_hi) holds (the nested consumer's inner loop)
+        return gl.maximum(it_lo - t * G, 0), gl.minimum(it_hi - t * G, G)
 
     @gluon.jit
     def _parts(t, G, total, n_progs):
@@ -197,6 +209,76 @@ if base.HAVE_GLUON:
         return (acc, )
 
     @gluon.jit
+    def _sk_consume_nested(x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr,
+                           ws_ptr, M, N, K, stride_ym, n_progs, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr, KT: gl.constexpr, STAGES: gl.constexpr, DKIND: gl.constexpr,
+                           ACT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
+        # `_sk_consume` with the run's steps as a loop over its tiles around a loop over each tile's groups: the inner
+        # loop is the split-K tile's (its offsets and masks fixed, no store in it); ring step i runs on across tiles
+        P: gl.constexpr = GROUP // 8
+        KW: gl.constexpr = KT // P
+        NJ: gl.constexpr = GROUP // KT
+        dt: gl.constexpr = x_desc.dtype
+        mma: gl.constexpr = base._mma_layout(BLOCK_M, num_warps)
+        a_l: gl.constexpr = base._a_layout(BLOCK_M, num_warps)
+        col_l: gl.constexpr = gl.SliceLayout(1, a_l)
+        TK: gl.constexpr = KT // 8
+        x_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TK, TK], [num_warps, 1], [1, 0])
+        it_lo, n_iter, t_a, g_a, pm_a, pn_a, G, n_m, total = _run(M, K, N, n_progs, GROUP, BLOCK_M, BLOCK_N)
+        gl.assume(n_iter > 0)
+        it_hi = it_lo + n_iter
+        ar_n = gl.arange(0, BLOCK_N, layout=col_l)
+        on_mma = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+        om_mma = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma)
+        a_prev = gl.zeros((BLOCK_N, KT), dtype=dt, layout=a_l)
+        i = 0
+        for t in range(t_a, (it_hi - 1) // G + 1):
+            pid_n = t // n_m
+            pid_m = t - pid_n * n_m
+            g_lo, g_hi = _groups_of(t, it_lo, it_hi, G)
+            offs_n = pid_n * BLOCK_N + ar_n
+            mask_n = offs_n < N
+            sc = gl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
+            zc = gl.load(z_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
+            for g in range(g_lo, g_hi):
+                s = i % STAGES
+                sc_g = sc
+                zc_g = zc
+                live = mask_n & (g + 1 < g_hi)
+                sc = gl.load(s_ptr + (g + 1) * N + offs_n, mask=live, other=0.0)
+                zc = gl.load(z_ptr + (g + 1) * N + offs_n, mask=live, other=0.0)
+                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+                qr, hv, sh_c, sc_i, zc_i = base._group_operands(q_smem.index(s), sc_g, zc_g, a_l, GROUP, KT, BLOCK_N,
+                                                                DKIND)
+                b_smem, b0 = base._b_operand(x_smem, u_smem, a_smem, s, i, NJ, x_l, ACT)
+                for j in gl.static_range(NJ):
+                    a = base._dequant_slice(qr, hv, sh_c, sc_i, zc_i, j, KW, DKIND)
+                    xt = b_smem.index(b0 + j).permute((1, 0))
+                    if j == 0:   # the tile's first step in this run starts from zero
+                        acc = warpgroup_mma(a, xt, acc, use_acc=g > g_lo, is_async=True)
+                    else:
+                        acc = warpgroup_mma(a, xt, acc, is_async=True)
+                    acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+                    a_prev = a
+                    if j == 0:  # the previous step's MMAs are retired (in every warpgroup): its stage is free
+                        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+                i += 1
+            # this run's part of tile t: whole (y) or one of the parts the last to arrive sums (`_sk_finish`)
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+            on = pid_n * BLOCK_N + on_mma
+            om = pid_m * BLOCK_M + om_mma
+            mask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
+            first, n_parts = _parts(t, G, total, n_progs)
+            if n_parts == 1:
+                base._store_tile(acc, y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1), b_ptr, on,
+                                 mask, N, HAS_BIAS)
+            else:
+                gl.store(ws_ptr + (gl.program_id(0) - first) * M * N + gl.expand_dims(om, 0) * N
+                         + gl.expand_dims(on, 1), acc, mask=mask)
+        return (acc, )
+
+    @gluon.jit
     def _sk_finish(t, G, total, n_progs, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, MAX_PARTS: gl.constexpr,
                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
         # tile t cut between runs (else nothing): count this run in; the last to arrive sums the parts in run order
@@ -222,7 +304,8 @@ if base.HAVE_GLUON:
     def _sk_kernel(x_desc, q_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, stride_ym, n_progs,
                    MAX_PARTS: gl.constexpr, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    KT: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr, DKIND: gl.constexpr,
-                   ACT: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False):
+                   ACT: gl.constexpr, num_warps: gl.constexpr, PDL: gl.constexpr = False,
+                   NESTED: gl.constexpr = False):
         # grid (n_progs,): see the module docstring
         if PDL:
             base._gdc_launch()
@@ -232,9 +315,9 @@ if base.HAVE_GLUON:
         x_smem, u_smem, a_smem, q_smem, ready, empty = base._ring(x_desc, q_desc, STAGES, NJ, KW * P, BLOCK_M, BLOCK_N,
                                                                   KT, ACT)
         gl.warp_specialize([
-            (_sk_consume, (x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr,
-                           ws_ptr, M, N, K, stride_ym, n_progs, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT,
-                           HAS_BIAS, num_warps)),
+            (_sk_consume_nested if NESTED else _sk_consume,
+             (x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K,
+              stride_ym, n_progs, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT, HAS_BIAS, num_warps)),
             (_sk_produce, (x_desc, q_desc, x_smem, u_smem, q_smem, ready, empty, M, K, N, n_progs, GROUP, BLOCK_M,
                            BLOCK_N, KT, KW, STAGES, ACT, PDL)),
         ], [1], [24])
@@ -257,7 +340,7 @@ def w4a16_gluon_sk_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
                           out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """y = x @ dequant(w).T (+ bias) by the stream-K Gluon tile; x (..., K) fp16/bf16 on an sm_90 GPU (act="silu_mul":
     x is (..., 2K) = [gate | up]); pdl: launched with programmatic dependent launch."""
-    BM, BN, KT, stages, warps, ctas = SK_CONFIGS[config] if isinstance(config, str) else config
+    BM, BN, KT, stages, warps, ctas, nested = SK_CONFIGS[config] if isinstance(config, str) else config
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or x2.data_ptr() % 16 or (x2.stride(0) * x2.element_size()) % 16:
         x2 = x2.contiguous()
@@ -277,7 +360,7 @@ def w4a16_gluon_sk_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None,
     _sk_kernel[(progs,)](x_desc, q_desc, w.scales, w.zeros, bias if bias is not None else y, y, ws,
                          arrival_counters(x2.device, tiles), M, N, K, y.stride(0), progs, MAX_PARTS=parts, GROUP=g,
                          BLOCK_M=BM, BLOCK_N=BN, KT=KT, STAGES=stages, HAS_BIAS=bias is not None,
-                         DKIND=base._DKIND[x2.dtype], ACT=act is not None, num_warps=warps, PDL=pdl,
+                         DKIND=base._DKIND[x2.dtype], ACT=act is not None, num_warps=warps, PDL=pdl, NESTED=nested,
                          **launch_kwargs(pdl))
     return y.reshape(*x.shape[:-1], N)
 
