@@ -143,14 +143,59 @@ if base.HAVE_GLUON:
             t, g, pid_m, pid_n = _next(t, g, pid_m, pid_n, G, n_m)
 
     @gluon.jit
-    def _sk_consume(x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
-                    M, N, K, stride_ym, n_progs, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                    BLOCK_N: gl.constexpr, KT: gl.constexpr, STAGES: gl.constexpr, DKIND: gl.constexpr,
-                    ACT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
-        # the MMA warps: dequantize + async wgmma step by step; a tile's end in this run stores it (whole) or its part
+    def _mma_step(x_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, i, sc_g, zc_g, acc, a_prev, fresh,
+                  a_l: gl.constexpr, x_l: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, KT: gl.constexpr,
+                  STAGES: gl.constexpr, DKIND: gl.constexpr, ACT: gl.constexpr):
+        # ring step i (one group of the tile): dequantize each KT slice while the previous slice's wgmma runs; fresh:
+        # the tile's first step in this run (its first wgmma ignores the accumulator: no other instruction writes it,
+        # so ptxas keeps the wgmmas pipelined, see `w4a16_gluon`); frees step i - 1's stage once its MMAs retired
         P: gl.constexpr = GROUP // 8
         KW: gl.constexpr = KT // P
         NJ: gl.constexpr = GROUP // KT
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        qr, hv, sh_c, sc_i, zc_i = base._group_operands(q_smem.index(s), sc_g, zc_g, a_l, GROUP, KT, BLOCK_N, DKIND)
+        b_smem, b0 = base._b_operand(x_smem, u_smem, a_smem, s, i, NJ, x_l, ACT)
+        for j in gl.static_range(NJ):
+            a = base._dequant_slice(qr, hv, sh_c, sc_i, zc_i, j, KW, DKIND)
+            xt = b_smem.index(b0 + j).permute((1, 0))
+            if j == 0:
+                acc = warpgroup_mma(a, xt, acc, use_acc=not fresh, is_async=True)
+            else:
+                acc = warpgroup_mma(a, xt, acc, is_async=True)
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+            a_prev = a
+            if j == 0:  # the previous step's MMAs are retired (in every warpgroup): its stage is free
+                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+        return acc, a_prev
+
+    @gluon.jit
+    def _store_part(acc, a_prev, t, pid_m, pid_n, on_mma, om_mma, G, total, n_progs, M, N, stride_ym, b_ptr, y_ptr,
+                    ws_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr):
+        # this run's part of tile t, its MMAs retired: the whole tile (y) or one of the parts the last run to arrive
+        # sums in run order (`_sk_finish`)
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
+        on = pid_n * BLOCK_N + on_mma
+        om = pid_m * BLOCK_M + om_mma
+        mask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
+        first, n_parts = _parts(t, G, total, n_progs)
+        if n_parts == 1:
+            base._store_tile(acc, y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1), b_ptr, on, mask,
+                             N, HAS_BIAS)
+        else:
+            gl.store(ws_ptr + (gl.program_id(0) - first) * M * N + gl.expand_dims(om, 0) * N + gl.expand_dims(on, 1),
+                     acc, mask=mask)
+        return acc, a_prev
+
+    @gluon.jit
+    def _sk_consume(x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
+                    M, N, K, stride_ym, n_progs, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, KT: gl.constexpr, STAGES: gl.constexpr, DKIND: gl.constexpr,
+                    ACT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr, NESTED: gl.constexpr):
+        # the MMA warps: dequantize + async wgmma step by step; a tile's end in this run stores it (whole) or its part.
+        # Flat: one loop over the run's steps, the next step's (tile, group) by `_next`, the store in a branch of it.
+        # NESTED: a loop over the run's tiles around one over the tile's groups (`_groups_of`), whose offsets, masks
+        # and scale pointers stay put and which holds no store; the ring's step counter i runs on across tiles
         dt: gl.constexpr = x_desc.dtype
         mma: gl.constexpr = base._mma_layout(BLOCK_M, num_warps)
         a_l: gl.constexpr = base._a_layout(BLOCK_M, num_warps)
@@ -162,120 +207,50 @@ if base.HAVE_GLUON:
         ar_n = gl.arange(0, BLOCK_N, layout=col_l)
         on_mma = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
         om_mma = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        # this step's scale and zero, then always one step ahead in registers
-        offs_n = pid_n * BLOCK_N + ar_n
-        sc = gl.load(s_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
-        zc = gl.load(z_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma)
         a_prev = gl.zeros((BLOCK_N, KT), dtype=dt, layout=a_l)
-        for i in range(n_iter):
-            s = i % STAGES
-            t1, g1, pid_m1, pid_n1 = _next(t, g, pid_m, pid_n, G, n_m)
-            sc_g = sc
-            zc_g = zc
-            offs_n1 = pid_n1 * BLOCK_N + ar_n
-            live = (i + 1 < n_iter) & (offs_n1 < N)
-            sc = gl.load(s_ptr + g1 * N + offs_n1, mask=live, other=0.0)
-            zc = gl.load(z_ptr + g1 * N + offs_n1, mask=live, other=0.0)
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            qr, hv, sh_c, sc_i, zc_i = base._group_operands(q_smem.index(s), sc_g, zc_g, a_l, GROUP, KT, BLOCK_N,
-                                                            DKIND)
-            b_smem, b0 = base._b_operand(x_smem, u_smem, a_smem, s, i, NJ, x_l, ACT)
-            for j in gl.static_range(NJ):
-                a = base._dequant_slice(qr, hv, sh_c, sc_i, zc_i, j, KW, DKIND)
-                xt = b_smem.index(b0 + j).permute((1, 0))
-                if j == 0:   # a tile's first step in this run (or the run's first) starts from zero
-                    acc = warpgroup_mma(a, xt, acc, use_acc=(g > 0) & (i > 0), is_async=True)
-                else:
-                    acc = warpgroup_mma(a, xt, acc, is_async=True)
-                acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-                a_prev = a
-                if j == 0:  # the previous step's MMAs are retired (in every warpgroup): its stage is free
-                    mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
-            if (g == G - 1) | (i == n_iter - 1):   # this run's part of tile t ends here
-                acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
-                on = pid_n * BLOCK_N + on_mma
-                om = pid_m * BLOCK_M + om_mma
-                mask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
-                first, n_parts = _parts(t, G, total, n_progs)
-                if n_parts == 1:
-                    base._store_tile(acc, y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1), b_ptr,
-                                     on, mask, N, HAS_BIAS)
-                else:
-                    gl.store(ws_ptr + (gl.program_id(0) - first) * M * N + gl.expand_dims(om, 0) * N
-                             + gl.expand_dims(on, 1), acc, mask=mask)
-            t, g, pid_m, pid_n = t1, g1, pid_m1, pid_n1
-        acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
-        return (acc, )
-
-    @gluon.jit
-    def _sk_consume_nested(x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr,
-                           ws_ptr, M, N, K, stride_ym, n_progs, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                           BLOCK_N: gl.constexpr, KT: gl.constexpr, STAGES: gl.constexpr, DKIND: gl.constexpr,
-                           ACT: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
-        # `_sk_consume` with the run's steps as a loop over its tiles around a loop over each tile's groups: the inner
-        # loop is the split-K tile's (its offsets and masks fixed, no store in it); ring step i runs on across tiles
-        P: gl.constexpr = GROUP // 8
-        KW: gl.constexpr = KT // P
-        NJ: gl.constexpr = GROUP // KT
-        dt: gl.constexpr = x_desc.dtype
-        mma: gl.constexpr = base._mma_layout(BLOCK_M, num_warps)
-        a_l: gl.constexpr = base._a_layout(BLOCK_M, num_warps)
-        col_l: gl.constexpr = gl.SliceLayout(1, a_l)
-        TK: gl.constexpr = KT // 8
-        x_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TK, TK], [num_warps, 1], [1, 0])
-        it_lo, n_iter, t_a, g_a, pm_a, pn_a, G, n_m, total = _run(M, K, N, n_progs, GROUP, BLOCK_M, BLOCK_N)
-        gl.assume(n_iter > 0)
-        it_hi = it_lo + n_iter
-        ar_n = gl.arange(0, BLOCK_N, layout=col_l)
-        on_mma = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-        om_mma = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=mma)
-        a_prev = gl.zeros((BLOCK_N, KT), dtype=dt, layout=a_l)
-        i = 0
-        for t in range(t_a, (it_hi - 1) // G + 1):
-            pid_n = t // n_m
-            pid_m = t - pid_n * n_m
-            g_lo, g_hi = _groups_of(t, it_lo, it_hi, G)
+        if NESTED:
+            it_hi = it_lo + n_iter
+            i = 0
+            for tt in range(t, (it_hi - 1) // G + 1):
+                pn = tt // n_m
+                pm = tt - pn * n_m
+                g_lo, g_hi = _groups_of(tt, it_lo, it_hi, G)
+                offs_n = pn * BLOCK_N + ar_n
+                mask_n = offs_n < N
+                sc = gl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
+                zc = gl.load(z_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
+                for gg in range(g_lo, g_hi):
+                    sc_g = sc
+                    zc_g = zc
+                    live = mask_n & (gg + 1 < g_hi)   # the next group's scale and zero, one step ahead
+                    sc = gl.load(s_ptr + (gg + 1) * N + offs_n, mask=live, other=0.0)
+                    zc = gl.load(z_ptr + (gg + 1) * N + offs_n, mask=live, other=0.0)
+                    acc, a_prev = _mma_step(x_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, i, sc_g, zc_g, acc,
+                                            a_prev, gg == g_lo, a_l, x_l, GROUP, BLOCK_N, KT, STAGES, DKIND, ACT)
+                    i += 1
+                acc, a_prev = _store_part(acc, a_prev, tt, pm, pn, on_mma, om_mma, G, total, n_progs, M, N,
+                                          stride_ym, b_ptr, y_ptr, ws_ptr, BLOCK_M, BLOCK_N, HAS_BIAS)
+        else:
+            # this step's scale and zero, then always one step ahead in registers
             offs_n = pid_n * BLOCK_N + ar_n
-            mask_n = offs_n < N
-            sc = gl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
-            zc = gl.load(z_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0)
-            for g in range(g_lo, g_hi):
-                s = i % STAGES
+            sc = gl.load(s_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
+            zc = gl.load(z_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
+            for i in range(n_iter):
+                t1, g1, pid_m1, pid_n1 = _next(t, g, pid_m, pid_n, G, n_m)
                 sc_g = sc
                 zc_g = zc
-                live = mask_n & (g + 1 < g_hi)
-                sc = gl.load(s_ptr + (g + 1) * N + offs_n, mask=live, other=0.0)
-                zc = gl.load(z_ptr + (g + 1) * N + offs_n, mask=live, other=0.0)
-                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-                qr, hv, sh_c, sc_i, zc_i = base._group_operands(q_smem.index(s), sc_g, zc_g, a_l, GROUP, KT, BLOCK_N,
-                                                                DKIND)
-                b_smem, b0 = base._b_operand(x_smem, u_smem, a_smem, s, i, NJ, x_l, ACT)
-                for j in gl.static_range(NJ):
-                    a = base._dequant_slice(qr, hv, sh_c, sc_i, zc_i, j, KW, DKIND)
-                    xt = b_smem.index(b0 + j).permute((1, 0))
-                    if j == 0:   # the tile's first step in this run starts from zero
-                        acc = warpgroup_mma(a, xt, acc, use_acc=g > g_lo, is_async=True)
-                    else:
-                        acc = warpgroup_mma(a, xt, acc, is_async=True)
-                    acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
-                    a_prev = a
-                    if j == 0:  # the previous step's MMAs are retired (in every warpgroup): its stage is free
-                        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
-                i += 1
-            # this run's part of tile t: whole (y) or one of the parts the last to arrive sums (`_sk_finish`)
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
-            on = pid_n * BLOCK_N + on_mma
-            om = pid_m * BLOCK_M + om_mma
-            mask = gl.expand_dims(on < N, 1) & gl.expand_dims(om < M, 0)
-            first, n_parts = _parts(t, G, total, n_progs)
-            if n_parts == 1:
-                base._store_tile(acc, y_ptr + gl.expand_dims(om, 0) * stride_ym + gl.expand_dims(on, 1), b_ptr, on,
-                                 mask, N, HAS_BIAS)
-            else:
-                gl.store(ws_ptr + (gl.program_id(0) - first) * M * N + gl.expand_dims(om, 0) * N
-                         + gl.expand_dims(on, 1), acc, mask=mask)
+                offs_n1 = pid_n1 * BLOCK_N + ar_n
+                live = (i + 1 < n_iter) & (offs_n1 < N)
+                sc = gl.load(s_ptr + g1 * N + offs_n1, mask=live, other=0.0)
+                zc = gl.load(z_ptr + g1 * N + offs_n1, mask=live, other=0.0)
+                acc, a_prev = _mma_step(x_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, i, sc_g, zc_g, acc,
+                                        a_prev, (g == 0) | (i == 0), a_l, x_l, GROUP, BLOCK_N, KT, STAGES, DKIND, ACT)
+                if (g == G - 1) | (i == n_iter - 1):   # this run's part of tile t ends here
+                    acc, a_prev = _store_part(acc, a_prev, t, pid_m, pid_n, on_mma, om_mma, G, total, n_progs, M, N,
+                                              stride_ym, b_ptr, y_ptr, ws_ptr, BLOCK_M, BLOCK_N, HAS_BIAS)
+                t, g, pid_m, pid_n = t1, g1, pid_m1, pid_n1
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_prev))
         return (acc, )
 
     @gluon.jit
@@ -315,9 +290,9 @@ if base.HAVE_GLUON:
         x_smem, u_smem, a_smem, q_smem, ready, empty = base._ring(x_desc, q_desc, STAGES, NJ, KW * P, BLOCK_M, BLOCK_N,
                                                                   KT, ACT)
         gl.warp_specialize([
-            (_sk_consume_nested if NESTED else _sk_consume,
-             (x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, M, N, K,
-              stride_ym, n_progs, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT, HAS_BIAS, num_warps)),
+            (_sk_consume, (x_desc, q_desc, x_smem, u_smem, a_smem, q_smem, ready, empty, s_ptr, z_ptr, b_ptr, y_ptr,
+                           ws_ptr, M, N, K, stride_ym, n_progs, GROUP, BLOCK_M, BLOCK_N, KT, STAGES, DKIND, ACT,
+                           HAS_BIAS, num_warps, NESTED)),
             (_sk_produce, (x_desc, q_desc, x_smem, u_smem, q_smem, ready, empty, M, K, N, n_progs, GROUP, BLOCK_M,
                            BLOCK_N, KT, KW, STAGES, ACT, PDL)),
         ], [1], [24])
