@@ -217,12 +217,7 @@ def _w4a16_swap_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr
     pid_k = tl.program_id(1)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     P: tl.constexpr = GROUP // 8
-    if DKIND == 1:
-        C: tl.constexpr = 1024.0
-    elif DKIND == 2:
-        C: tl.constexpr = 128.0
-    else:
-        C: tl.constexpr = 0.0
+    C: tl.constexpr = 1024.0 if DKIND == 1 else 128.0 if DKIND == 2 else 0.0   # _nibbles_to_qz's magic on z too
     offs_p = tl.arange(0, P)
     g_lo, g_hi = _group_range(pid_k, K, split_k, GROUP)
     q_ptrs = q_ptr + offs_p[None, :] * N + offs_n[:, None]  # (BN, P)
