@@ -62,10 +62,11 @@ class _Shim:
 
 
 def _on_host(jit_fn):
-    """A @gluon.jit helper's own Python body, its `gl` the shim (a kernel's arithmetic, run on the CPU)."""
+    """A @gluon.jit (or @triton.jit) helper's own Python body, its `gl` (`tl`) the shim: a kernel's arithmetic, run
+    on the CPU."""
     import types
     fn = jit_fn.fn
-    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _Shim}, fn.__name__, fn.__defaults__)
+    return types.FunctionType(fn.__code__, {**fn.__globals__, "gl": _Shim, "tl": _Shim}, fn.__name__, fn.__defaults__)
 
 
 @pytest.mark.skipif(not wg.HAVE_GLUON, reason="no Gluon in this Triton")
@@ -75,9 +76,11 @@ def test_kernel_step_arithmetic_walks_the_host_plan():
     N tile) of that step, `_next` walks its run in step order (M tile fastest), and where a run's part of a tile
     ends, `_parts` names the tile's first run and its number of runs as the host's `owner`, within `plan`'s
     workspace slots; the tiles at the run's two ends are the ones `_sk_kernel` finishes; the nested consumer's loop
-    over tiles and `_groups_of` walk the same steps."""
+    over tiles and `_groups_of` walk the same steps; the Triton stream-K kernel's `_next` and `_parts` (its twin,
+    which the interpreter tests run) give the same answers at every step."""
     from pipeline.kernels import w4a16_streamk as stk
     run, nxt, parts, groups = _on_host(sk._run), _on_host(sk._next), _on_host(sk._parts), _on_host(sk._groups_of)
+    tnext, tparts = _on_host(stk._next), _on_host(stk._parts)
     i64 = lambda v: torch.tensor(v, dtype=torch.int64)   # noqa: E731
     for M, N, K, g, BM, BN, n_sm in [(16, 1000, 1024, 64, 16, 128, 132), (33, 4100, 768, 64, 32, 256, 132),
                                      (200, 12288, 4096, 128, 128, 128, 132), (9, 256, 256, 128, 16, 64, 5),
@@ -107,6 +110,13 @@ def test_kernel_step_arithmetic_walks_the_host_plan():
             steps = [(t, gg) for t in range(it_lo // G, (it_lo + n_iter - 1) // G + 1)   # the nested consumer's loops
                      for gg in range(*(int(v) for v in groups(i64(t), i64(it_lo), i64(it_lo + n_iter), i64(G))))]
             assert steps == [(it // G, it % G) for it in range(it_lo, it_lo + n_iter)], (M, N, K, p)
+            for it in range(it_lo, it_lo + n_iter):   # the Triton stream-K kernel's twin steps the same way
+                st = lambda: (i64(it // G), i64(it % G), i64(it // G % n_m), i64(it // G // n_m))  # noqa: E731
+                # (fresh tensors for each: `g += 1` in the bodies adds in place on a host tensor)
+                assert [int(v) for v in nxt(*st(), i64(G), i64(n_m))] == \
+                    [int(v) for v in tnext(*st(), i64(G), i64(n_m))]
+                assert [int(v) for v in parts(i64(it // G), i64(G), i64(T), i64(P))] == \
+                    [int(v) for v in tparts(i64(it // G), i64(G), i64(T), i64(P))]
         for t, runs in cut.items():   # every run of a cut tile stores one part, in run order from `first`
             first, n_parts = (int(v) for v in parts(i64(t), i64(G), i64(T), i64(P)))
             assert runs == list(range(first, first + n_parts)), t

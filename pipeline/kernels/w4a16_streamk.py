@@ -162,14 +162,7 @@ def _w4a16_swapk_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_pt
                 _store_part(acc, t, pid, G, total, n_progs, offs_m, offs_n, mask_m, mask_n, M, N, stride_ym, b_ptr,
                             y_ptr, ws_ptr, HAS_BIAS)
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            g += 1
-            wrap = g == G
-            g = tl.where(wrap, 0, g)
-            t += wrap.to(tl.int32)
-            pid_m += wrap.to(tl.int32)
-            row_wrap = pid_m == n_m
-            pid_m = tl.where(row_wrap, 0, pid_m)
-            pid_n += row_wrap.to(tl.int32)
+            t, g, pid_m, pid_n = _next(t, g, pid_m, pid_n, G, n_m)
     # Only the tiles at a run's two ends can be cut between runs. Their finish waits for the loops' end: a barrier
     # inside the pipelined loop (the part's stores before the arrival) would keep Triton from pipelining it.
     tl.debug_barrier()
@@ -178,6 +171,19 @@ def _w4a16_swapk_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_pt
     if t_b != t_a:
         _finish_cut(t_b, pid, G, total, n_progs, M, N, stride_ym, b_ptr, y_ptr, ws_ptr, cnt_ptr, MAX_PARTS, BLOCK_M,
                     BLOCK_N, HAS_BIAS)
+
+
+@triton.jit
+def _next(t, g, pid_m, pid_n, G, n_m):
+    # the step after (t, g): the next group, or the next tile's first (M tile fastest); `w4a16_gluon_sk` has the same
+    # in Gluon (a Gluon kernel cannot call this), tests run both on host ints
+    g += 1
+    wrap = g == G
+    g = tl.where(wrap, 0, g)
+    t += wrap.to(tl.int32)
+    pid_m += wrap.to(tl.int32)
+    row_wrap = pid_m == n_m
+    return t, g, tl.where(row_wrap, 0, pid_m), pid_n + row_wrap.to(tl.int32)
 
 
 @triton.jit
