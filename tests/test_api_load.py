@@ -63,6 +63,9 @@ def test_stream_disconnect_cancels_and_frees_blocks(server):
             assert mid["free_blocks"] < start and mid["running"] == 1
     h = server.wait_idle(start, timeout=10)                 # cancelled: its blocks are back
     assert h["free_blocks"] == start and h["requests_cancelled"] == h0["requests_cancelled"] + 1
+    aborts = [x for x in httpx.get(server.url + "/metrics").text.splitlines()   # /metrics: vLLM's `abort`
+              if x.startswith('llm_pipeline:request_success_total{') and 'finished_reason="abort"' in x]
+    assert len(aborts) == 1 and float(aborts[0].split()[-1]) >= 1, aborts
 
 
 def send_and_close(server, payload: dict, requests_before: int) -> None:

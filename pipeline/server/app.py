@@ -57,8 +57,8 @@ async def read_body(request: Request) -> bytes:
 class Pending:
     """The engine handles of one HTTP request; cancel() stops those still running (client gone, error)."""
 
-    def __init__(self, counts: dict, handles: list):
-        self.counts, self.handles, self.open = counts, handles, set(range(len(handles)))
+    def __init__(self, counts: dict, handles: list, metrics: Optional[Metrics] = None):
+        self.counts, self.handles, self.open, self.metrics = counts, handles, set(range(len(handles))), metrics
 
     def finished(self, i: int, reason: Optional[str]) -> None:
         if i in self.open:
@@ -69,6 +69,8 @@ class Pending:
         for i in sorted(self.open):
             self.handles[i].cancel()      # the engine frees its KV blocks at its next step
             self.finished(i, "cancelled")
+            if self.metrics is not None:  # ended here, its last output never handed on: vLLM's "abort"
+                self.metrics.aborted()
 
 
 async def _arrivals(handles: list):
@@ -184,7 +186,7 @@ class Server:
                 h.cancel()
             raise ApiError(400, str(e), code="context_length_exceeded" if "session_len" in str(e) else None) from None
         self.counts["requests_total"] += len(handles)
-        return Pending(self.counts, handles)
+        return Pending(self.counts, handles, self.metrics)
 
     # ------------------------------------------------------------------ engine -> responses
     async def collect(self, request: Request, pending: Pending, t_arrival: Optional[float] = None) -> list[dict]:

@@ -8,7 +8,7 @@ dashboard built for one serves the other by its prefix. Every series carries `mo
   Gauges, read from the engine at each scrape: num_requests_running, num_requests_waiting, kv_cache_usage_perc
     (KV blocks in use / all; 0-1, as vLLM's), prefix_cache_cached_blocks.
   Counters: prompt_tokens_total, generation_tokens_total, request_success_total{finished_reason} (stop, length,
-    cancelled: a client that left or a stop string the front end saw), request_failure_total; from the engine:
+    abort: a request whose client left before its end), request_failure_total; from the engine:
     prefix_cache_queries_total, prefix_cache_hits_total (prompt tokens looked up / found in the prefix cache),
     prefix_cache_evictions_total.
   Histograms, seconds (observed where the front end hands each output on, i.e. what a client sees less the network):
@@ -96,6 +96,10 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def aborted(self) -> None:
+        """A request the front end ended before its last output (its client left): counted as vLLM's `abort`."""
+        self._success.labels(self.model_name, "abort").inc()
 
     def finished(self, reason: Optional[str], n_prompt: int, n_gen: int) -> None:
         if reason == "error":
