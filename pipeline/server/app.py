@@ -33,6 +33,7 @@ from ..engine.params import SamplingParams
 from . import tools
 from .logprobs import ChoiceLogprobs, merge
 from .metrics import Metrics
+from .responses import ResponsesRequest, respond
 from .schemas import SEED_MAX, ApiError, ChatRequest, CompletionRequest, parse_body
 from .tokenize import DetokenizeRequest, TokenizeRequest, tokenizer_routes
 from .sse import EngineStream, sse, wait_disconnect
@@ -363,8 +364,8 @@ class Server:
 
 # The POST routes read their bodies themselves (parse_body: strict, OpenAI-style errors); their request models go
 # into /openapi.json by hand, so clients and fuzzers (tests/test_api_schemathesis.py) see the real bodies.
-BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/tokenize": TokenizeRequest,
-          "/detokenize": DetokenizeRequest}
+BODIES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/v1/responses": ResponsesRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
 def _openapi_with_bodies(app: FastAPI):
@@ -466,6 +467,10 @@ def create_app(engine, *, model_name: str, keys: Sequence[str] = (), info: Optio
     @v1.post("/completions")
     async def completions(request: Request):
         return await srv.complete(request, chat=False)
+
+    @v1.post("/responses")
+    async def responses(request: Request):   # OpenAI's Responses API over the chat path (responses.py)
+        return await respond(srv, request)
 
     app.include_router(v1)
     app.include_router(tokenizer_routes(srv, check_key))   # /tokenize, /detokenize, /tokenizer_info (vLLM's)
