@@ -4,6 +4,7 @@ plain and streamed answers, the SDK's own stream accumulator, a tool loop, JSON 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import openai
 import pytest
@@ -91,6 +92,7 @@ def test_tool_loop_with_function_call_items(client):
                                          {"type": "function_call_output", "call_id": call.call_id,
                                           "output": json.dumps({"temp_c": 18})}])
     assert [o.type for o in second.output] == ["message"] and second.usage.output_tokens == 5
+    assert second.output[0].status == "incomplete"                     # cut at max_output_tokens, as the response
     alone = client.responses.create(model=MODEL, tools=[tool], tool_choice="none", max_output_tokens=1,
                                     input="Weather in Paris?")
     assert second.usage.input_tokens > alone.usage.input_tokens + 20   # the call and its output are in the prompt
@@ -124,3 +126,27 @@ def test_what_it_cannot_do_is_a_400_naming_it(client, extra, param, words):
 def test_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.responses.create(model="gpt-9", input="hi")
+
+
+def test_langchain_on_the_responses_api(client):
+    """LangChain's ChatOpenAI with use_responses_api=True: a plain answer, a bound tool it is made to call (its
+    tool_calls parsed from the function_call item), and structured output from a pydantic model."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        friendly: bool
+
+    llm = ChatOpenAI(model=MODEL, base_url=str(client.base_url), api_key="none", max_tokens=48, max_retries=0,
+                     temperature=0, use_responses_api=True)
+    msg = llm.invoke("Hello")
+    assert isinstance(msg.content, (str, list)) and msg.response_metadata.get("status") in ("completed", "incomplete")
+
+    def get_weather(city: Literal["Oslo", "Paris"]) -> str:  # bounded: a random model finishes the call
+        """Weather in a city."""
+        return "sunny"
+    called = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Oslo?")
+    assert [c["name"] for c in called.tool_calls] == ["get_weather"] and isinstance(called.tool_calls[0]["args"], dict)
+    pet = llm.with_structured_output(Pet).invoke("Describe a pet.")
+    assert isinstance(pet, Pet)

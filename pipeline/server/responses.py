@@ -226,12 +226,12 @@ class Answer:
         self.open = item
         return out
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         item, self.open = self.open, None
         if item is None:
             return []
         i = self.items.index(item)
-        item["status"] = "completed"
+        item["status"] = status
         if item["type"] == "message":
             part = item["content"][0]
             return [{"type": "response.output_text.done", "item_id": item["id"], "output_index": i, "content_index": 0,
@@ -267,13 +267,15 @@ class Answer:
                             "output_index": len(self.items) - 1, "delta": fn["arguments"]})
         return out
 
-    def finish(self) -> list[dict]:
-        """Close the open item; an answer with no text and no call still gets its (empty) message."""
-        out = self._close()
+    def finish(self, reason: Optional[str]) -> list[dict]:
+        """Close the open item (incomplete where the answer was cut at its length: a call's arguments may be cut
+        too); an answer with no text and no call still gets its (empty) message."""
+        status = "incomplete" if reason == "length" else "completed"
+        out = self._close(status)
         if not self.items:
             out += self._add({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "in_progress",
                               "role": "assistant", "content": [{"type": "output_text", "text": "", "annotations": []}]})
-            out += self._close()
+            out += self._close(status)
         return out
 
 
@@ -326,7 +328,7 @@ async def respond(srv: "Server", request: Request):
         answer = Answer()
         for d in reply.deltas(r["text"]) + reply.finish(r["finish_reason"])[0]:
             answer.delta(d)
-        answer.finish()
+        answer.finish(r["finish_reason"])
         return response_object(rid, created, req, chat, srv, answer.items, r["finish_reason"],
                                _usage(r["prompt_tokens"], r["completion_tokens"]))
     srv.latency["streams"] += 1
@@ -366,7 +368,7 @@ async def _events(srv: "Server", req, chat, pending, reply, rid: str, created: i
             if out.finished:
                 pending.finished(0, out.finish_reason)
                 events += [e for d in reply.finish(out.finish_reason)[0] for e in answer.delta(d)]
-                events += answer.finish()
+                events += answer.finish(out.finish_reason)
                 done = response_object(rid, created, req, chat, srv, answer.items, out.finish_reason,
                                        _usage(out.num_prompt_tokens, out.num_generated_tokens))
                 events.append({"type": "response.incomplete" if done["status"] == "incomplete" else
