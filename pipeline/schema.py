@@ -144,6 +144,7 @@ class ServeConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     prompts: List[str] = field(default_factory=list)
+    system_prompt: Optional[str] = None  # chat mode: a system prompt ahead of the conversation
     workspace: Optional[str] = None   # serve this workspace folder instead of building one (turbomind stage)
     num_blocks: int = 0               # KV cache blocks; 0: sized from cache_max_entry_count
     api: ApiConfig = field(default_factory=ApiConfig)

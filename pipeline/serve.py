@@ -81,28 +81,35 @@ def generate(engine, prompts: list[str], params: SamplingParams, write=print) ->
             "quant_policy": st["quant_policy"], "answers": answers}
 
 
-def chat(engine, params: SamplingParams, read=input, write=print) -> dict:
-    """Terminal chat with the model's chat template and multi-turn history; `exit` (or EOF) leaves.
+def chat(engine, params: SamplingParams, read=input, write=print, system: Optional[str] = None) -> dict:
+    """Terminal chat with the model's chat template and multi-turn history (after `system`, a system prompt, if
+    given); `exit` or `quit` (or EOF, or Ctrl-C at the prompt) leaves, `reset` starts a new conversation.
     Ctrl-C during an answer stops that answer."""
     st = engine.stats()
     write(f"chat with {st['model_name']} (weights {st['weight_type']}, quant_policy {st['quant_policy']}, "
-          f"{st['device']}); type 'exit' to leave.", flush=True)
+          f"{st['device']}); type 'exit' to leave, 'reset' to start over.", flush=True)
+    head = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
     turns, session_len = 0, engine.session_len
     while True:
         try:
             line = read("\n>>> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            write("")
             break
-        if line.strip() == "exit":
+        if line.strip() in ("exit", "quit"):
             break
+        if line.strip() == "reset":
+            history = []
+            write("[a new conversation]", flush=True)
+            continue
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        ids = engine.apply_chat_template(history)
-        while len(ids) + 1 >= session_len and len(history) > 1:   # drop the oldest turns
+        ids = engine.apply_chat_template(head + history)
+        while len(ids) + 1 >= session_len and len(history) > 1:   # drop the oldest turns (never the system prompt)
             history = history[2:] if len(history) > 2 else history[-1:]
-            ids = engine.apply_chat_template(history)
+            ids = engine.apply_chat_template(head + history)
         ids = ids[-(session_len - 1):]
         p = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, session_len - len(ids))})
         h = engine.submit(ids, p)
@@ -171,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-timeout", type=float, default=120.0,
                     help="seconds one engine step may run before the engine process counts as hung")
     ap.add_argument("--prompt", action="append", default=[], help="generate mode: a prompt (repeat for several)")
+    ap.add_argument("--system", default=None, help="chat mode: a system prompt ahead of the conversation")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for chat/generate, "
                     "1.0 for API requests that leave it out")
@@ -220,7 +228,7 @@ def main(argv=None) -> int:
         else:
             params = SamplingParams(temperature=a.temperature or 0.0, **sampling)
             if a.mode == "chat":
-                chat(engine, params)
+                chat(engine, params, system=a.system)
             else:
                 generate(engine, a.prompt, params)
     finally:

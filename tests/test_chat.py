@@ -38,11 +38,13 @@ def test_chat_in_a_terminal(tmp_path):
     buf: list = []
     try:
         banner = read_until(master, ">>> ", buf)
-        assert "chat with tiny-random" in banner and "type 'exit' to leave" in banner
+        assert "chat with tiny-random" in banner and "type 'exit' to leave, 'reset' to start over" in banner
         os.write(master, b"hello there\n")
         read_until(master, ">>> ", buf)
         os.write(master, b"and a second turn\n")
         read_until(master, ">>> ", buf)
+        os.write(master, b"reset\n")
+        assert "[a new conversation]" in read_until(master, ">>> ", buf)
         os.write(master, b"exit\n")
         read_until(master, "bye", buf)
         assert p.wait(120) == 0
@@ -52,3 +54,42 @@ def test_chat_in_a_terminal(tmp_path):
         os.close(master)
     summary = json.loads((tmp_path / "run" / "serve.json").read_text())
     assert summary == {"mode": "chat", "turns": 2}
+
+
+class _Engine:
+    """The parts of an engine chat() uses, recording each prompt it is given (the chat template: one line a turn)."""
+    session_len = 10_000
+
+    def __init__(self):
+        self.prompts = []
+
+    def stats(self):
+        return {"model_name": "m", "weight_type": "fp16", "quant_policy": 0, "device": "cpu"}
+
+    def apply_chat_template(self, msgs):
+        return [f"{m['role']}:{m['content']}" for m in msgs]
+
+    def submit(self, ids, params):
+        from pipeline.engine.params import GenerationOutput
+        self.prompts.append(ids)
+        return iter([GenerationOutput(0, [1], "ok", True, "stop", None, len(ids), 1)])
+
+
+def test_chat_system_prompt_reset_and_ctrl_c_at_the_prompt():
+    """--system leads every turn's prompt; `reset` forgets the turns (not the system prompt); Ctrl-C at the prompt
+    leaves as `exit` does (no traceback)."""
+    from pipeline.serve import chat
+    from pipeline.engine.params import SamplingParams
+    lines, out, eng = iter(["hi", "again", "reset", "fresh"]), [], _Engine()
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+    res = chat(eng, SamplingParams(max_new_tokens=4), read=read, write=lambda *a, **k: out.append(a[0] if a else ""),
+               system="be brief")
+    assert res == {"mode": "chat", "turns": 3} and out[-1] == "bye" and "[a new conversation]" in out
+    assert eng.prompts == [["system:be brief", "user:hi"],
+                           ["system:be brief", "user:hi", "assistant:ok", "user:again"],
+                           ["system:be brief", "user:fresh"]]

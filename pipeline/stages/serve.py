@@ -64,6 +64,8 @@ def run(ctx) -> dict:
                              served_model_names=list(s.api.get("served_model_name") or []),
                              allowed_origins=list(s.api.get("allowed_origins") or []),
                              log_stats_interval=float(s.api.get("log_stats_interval", 10.0)))
-        return generate(engine, list(s.prompts), sampling(s)) if s.mode == "generate" else chat(engine, sampling(s))
+        if s.mode == "generate":
+            return generate(engine, list(s.prompts), sampling(s))
+        return chat(engine, sampling(s), system=s.get("system_prompt"))
     finally:
         engine.stop()
