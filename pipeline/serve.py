@@ -154,7 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=23333, help="0: a free port (the log names it)")
-    ap.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeat for several)")
+    ap.add_argument("--api-key", action="append", default=[],
+                    help="accepted bearer key (repeat for several; default: $PIPELINE_API_KEY, comma-separated, which "
+                         "keeps keys out of the process list)")
     ap.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                     help="the model's name(s) in the API: requests may use any, responses carry the first (default: "
                          "config.ini's model_name)")

@@ -102,11 +102,13 @@ def test_prometheus_metrics_count_requests_tokens_and_latencies(server, client):
 def test_served_model_names_and_cors(server, tmp_path):
     """`--served-model-name`: requests may use any of the names, responses carry the first, /v1/models lists them
     all, another name gets a 404 naming them; `--allowed-origins`: a listed origin's preflight is answered (a page
-    there may call the API, still with its key), others' are not, and a server without the flag answers none."""
+    there may call the API, still with its key), others' are not, and a server without the flag answers none; keys
+    from $PIPELINE_API_KEY (comma-separated) when no flag gives one."""
     ws = next(x.split("workspace: ", 1)[1].strip() for x in server.log().splitlines() if "workspace: " in x)
     s = ApiServer.for_workspace(tmp_path, ws, "--device", "cpu", "--session-len", str(SESSION), "--max-batch-size",
-                                "2", "--api-key", KEY, "--served-model-name", "my-model", "gpt-local",
-                                "--allowed-origins", "http://app.example", "--log-stats-interval", "0.2").start()
+                                "2", "--served-model-name", "my-model", "gpt-local", "--allowed-origins",
+                                "http://app.example", "--log-stats-interval", "0.2",
+                                env={"PIPELINE_API_KEY": f"sk-other, {KEY}"}).start()   # keys from the environment
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         assert [m.id for m in c.models.list()] == ["my-model", "gpt-local"]
@@ -123,6 +125,7 @@ def test_served_model_names_and_cors(server, tmp_path):
                        headers={"Origin": "http://app.example"})
         assert r.status_code == 401                          # CORS opens the door to the page, not to the API
         assert "CORS: pages from http://app.example may call the API" in s.log()
+        assert "API keys: 2 configured (from PIPELINE_API_KEY)" in s.log() and KEY not in " ".join(s.cmd)
         deadline = time.time() + 10   # the periodic stats line of the interval that held the requests
         while time.time() < deadline and "Avg generation throughput" not in s.log():
             time.sleep(0.1)

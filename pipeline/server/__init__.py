@@ -13,6 +13,7 @@ finish for up to 5 s, stops the engine and returns (the CLI then exits 0). Port 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -24,6 +25,7 @@ from .metrics import StatsLog
 
 log = logging.getLogger("pipeline.server")
 __all__ = ["create_app", "serve_api"]
+KEY_ENV = "PIPELINE_API_KEY"   # accepted keys (comma-separated) where none is given as a flag or in the config
 
 
 class Terminated(Exception):
@@ -53,6 +55,9 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     import uvicorn
 
     keys = [str(k) for k in keys or []]
+    from_env = not keys and bool(os.environ.get(KEY_ENV, "").strip())
+    if from_env:   # a secret in the environment, not in argv (which `ps` shows every user of the machine)
+        keys = [k.strip() for k in os.environ[KEY_ENV].split(",") if k.strip()]
     st = engine.stats()
     names = [str(n) for n in served_model_names or []] or [st["model_name"]]   # default: config.ini's model_name
     model_name = names[0]
@@ -80,7 +85,8 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     log.info("KV cache: %d tokens (%d blocks of %d) = %d sequences at session_len=%d; up to %d sequences "
              "running at once (max_batch_size); more requests wait in a queue", st["kv_capacity_tokens"],
              st["total_blocks"], st["block_size"], full_seqs, st["session_len"], st["max_batch_size"])
-    log.info("API keys: %s", f"{len(keys)} configured (Authorization: Bearer <key>)" if keys else "off")
+    log.info("API keys: %s", f"{len(keys)} configured{f' (from {KEY_ENV})' if from_env else ''} "
+             "(Authorization: Bearer <key>)" if keys else "off")
     if allowed_origins:
         log.info("CORS: pages from %s may call the API", ", ".join(map(str, allowed_origins)))
     log.info("API server listening on %s (OpenAI API at %s/v1, chat page at %s/)", url, url, url)
