@@ -120,6 +120,8 @@ class ApiConfig:
     served_model_name: List[str] = field(default_factory=list)   # names requests may use; [] = config.ini's
     allowed_origins: List[str] = field(default_factory=list)     # CORS origins ("*": any); [] = same-origin only
     log_stats_interval: float = 10.0  # s between the log's throughput / queue / KV usage lines while busy (0: none)
+    ssl_keyfile: Optional[str] = None   # HTTPS: private key and certificate (both or neither)
+    ssl_certfile: Optional[str] = None
 
 
 @dataclass

@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
                     help="api mode: a log line of throughput, queue, KV cache usage and prefix-cache hits this often "
                          "while the engine works (0: none)")
+    ap.add_argument("--ssl-keyfile", help="api mode: serve HTTPS with this private key (with --ssl-certfile)")
+    ap.add_argument("--ssl-certfile", help="api mode: serve HTTPS with this certificate (with --ssl-keyfile)")
     ap.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                     help="web origins whose pages may call the API (CORS), e.g. http://localhost:3000 or '*' "
                          "(default: none: same-origin only, the chat page included)")
@@ -196,9 +198,11 @@ def main(argv=None) -> int:
                      prefix_caching=False if a.no_prefix_caching else None,
                      mixed_steps=False if a.no_mixed_steps else None, warmup=False if a.no_warmup else None,
                      schedule=a.schedule)
-    try:   # before any log file goes beside it
+    try:   # before any log file goes beside it, and before the engine's start
         check_workspace(a.workspace)
-    except FileNotFoundError as e:
+        from .server import check_tls
+        check_tls(a.ssl_keyfile, a.ssl_certfile)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     console = a.mode == "api"
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
             from .server import serve_api
             serve_api(engine, host=a.host, port=a.port, keys=a.api_key, workspace=str(a.workspace),
                       served_model_names=a.served_model_name, allowed_origins=a.allowed_origins,
-                      log_stats_interval=a.log_stats_interval,
+                      log_stats_interval=a.log_stats_interval, ssl_keyfile=a.ssl_keyfile,
+                      ssl_certfile=a.ssl_certfile,
                       defaults={"max_tokens": a.max_new_tokens, "temperature": 1.0 if a.temperature is None else
                                 a.temperature, "top_p": a.top_p, "top_k": a.top_k,
                                 "repetition_penalty": a.repetition_penalty})

@@ -387,3 +387,37 @@ def test_langchain_structured_output_and_litellm_penalties(server, monkeypatch):
                            temperature=1.0, seed=3)
     assert len(r.choices) == 2 and [c.index for c in r.choices] == [0, 1]
     assert r.usage.completion_tokens == 16 and all(c.finish_reason == "length" for c in r.choices)
+
+
+def test_https_with_a_certificate(server, tmp_path):
+    """--ssl-keyfile / --ssl-certfile: the server speaks HTTPS (the openai client trusting that certificate gets
+    answers; plain HTTP gets none), and a bad pair fails at once, before the engine starts, naming the file."""
+    import subprocess
+    import sys
+
+    from pipeline.server.launch import REPO
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    ws = next(x.split("workspace: ", 1)[1].strip() for x in server.log().splitlines() if "workspace: " in x)
+    s = ApiServer.for_workspace(tmp_path / "srv", ws, "--device", "cpu", "--session-len", str(SESSION),
+                                "--ssl-keyfile", str(key), "--ssl-certfile", str(cert))
+    import ssl
+    s.verify = ssl.create_default_context(cafile=str(cert))   # trust that certificate only
+    s.start()
+    try:
+        assert s.url.startswith("https://127.0.0.1:")
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60,
+                          http_client=httpx.Client(verify=s.verify))
+        assert c.completions.create(model="tiny-random", prompt=[5, 6], max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(s.url.replace("https://", "http://") + "/health", timeout=5)
+    finally:
+        assert s.stop() == 0, s.log()[-3000:]
+    bad = subprocess.run([sys.executable, "-m", "pipeline.serve", ws, "--ssl-keyfile", str(tmp_path / "nope.pem"),
+                          "--ssl-certfile", str(cert)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "ssl_keyfile=" in bad.stderr and "no such file" in bad.stderr, bad.stderr
+    half = subprocess.run([sys.executable, "-m", "pipeline.serve", ws, "--ssl-certfile", str(cert)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert half.returncode == 2 and "only ssl_certfile is given" in half.stderr, half.stderr

@@ -36,6 +36,25 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def check_tls(keyfile: Optional[str], certfile: Optional[str]) -> bool:
+    """Whether to serve HTTPS; ValueError naming what is wrong (one file without the other, a file not there, a key
+    that does not go with its certificate), so a bad setting fails before the engine's start, not after it."""
+    if not keyfile and not certfile:
+        return False
+    if not (keyfile and certfile):
+        raise ValueError(f"TLS needs both ssl_keyfile and ssl_certfile; only {'ssl_keyfile' if keyfile else 'ssl_certfile'}"
+                         " is given")
+    import ssl
+    for name, path in (("ssl_keyfile", keyfile), ("ssl_certfile", certfile)):
+        if not os.path.isfile(path):
+            raise ValueError(f"{name}={path!r}: no such file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as e:
+        raise ValueError(f"ssl_certfile={certfile!r} and ssl_keyfile={keyfile!r} do not load as a pair: {e}") from None
+    return True
+
+
 def quant_label(st: dict) -> str:
     """e.g. w4a16_kv8 from the engine's weight_type and quant_policy (0: 16-bit KV, 4: int8, 8: int4)."""
     w = getattr(WEIGHT_TYPES.get(st["weight_type"]), "label", "") or st["weight_type"]
@@ -45,12 +64,14 @@ def quant_label(st: dict) -> str:
 
 def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), defaults: Optional[dict] = None,
               workspace: str = "", quant: Optional[str] = None, served_model_names=(), allowed_origins=(),
-              log_stats_interval: float = 10.0) -> dict:
+              log_stats_interval: float = 10.0, ssl_keyfile: Optional[str] = None,
+              ssl_certfile: Optional[str] = None) -> dict:
     """Serve `engine` (an EngineClient or a started Engine) over HTTP until interrupted; returns a summary.
     quant: the label to show (default: derived from the workspace's weight type and KV policy);
     served_model_names: the names requests may use, the first in responses (default: config.ini's model_name);
     allowed_origins: web origins allowed to call the API from their pages (CORS; default: none);
-    log_stats_interval: seconds between the log's throughput / queue / KV-usage lines while the engine works (0: none).
+    log_stats_interval: seconds between the log's throughput / queue / KV-usage lines while the engine works (0: none);
+    ssl_keyfile, ssl_certfile: serve HTTPS with this key and certificate (check_tls first, before the engine starts).
     """
     import uvicorn
 
@@ -77,7 +98,8 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # inherited by accepted connections on Linux
     sock.bind((host, port))                       # port 0: the OS picks a free one
     port = sock.getsockname()[1]
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    tls = check_tls(ssl_keyfile, ssl_certfile)
+    url = f"{'https' if tls else 'http'}://{host if ':' not in host else f'[{host}]'}:{port}"
     full_seqs = st["kv_capacity_tokens"] // st["session_len"]
     log.info("workspace: %s", workspace or "(given engine)")
     log.info("model: %s, quant config: %s (weights %s, KV quant_policy=%s, %s)", " / ".join(names), quant,
@@ -96,7 +118,7 @@ def serve_api(engine, *, host: str = "127.0.0.1", port: int = 23333, keys=(), de
     engine.start()
     stats_log = StatsLog(engine.stats, log_stats_interval, log) if log_stats_interval > 0 else None
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            lifespan="off")
+                            lifespan="off", ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again under the handler it found:
     # for SIGTERM the default one killed the process before the engine was stopped (status 143, its core left to

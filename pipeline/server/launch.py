@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
-URL_LINE = re.compile(r"API server listening on (http://127\.0\.0\.1:\d+)")
+URL_LINE = re.compile(r"API server listening on (https?://127\.0\.0\.1:\d+)")
 
 
 class ApiServer:
@@ -34,6 +34,7 @@ class ApiServer:
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.env: dict = {}
+        self.verify = True        # httpx's: an ssl.SSLContext trusting a server's own TLS certificate
 
     @classmethod
     def for_workspace(cls, workdir: Path, workspace: Path, *flags: str, env: dict | None = None) -> "ApiServer":
@@ -55,7 +56,7 @@ class ApiServer:
             if m:
                 self.url = m.group(1)
                 try:
-                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    if httpx.get(self.url + "/health", timeout=2, verify=self.verify).status_code == 200:
                         return self
                 except httpx.HTTPError:
                     pass
@@ -67,7 +68,7 @@ class ApiServer:
         return self.log_path.read_text(errors="replace")
 
     def health(self) -> dict:
-        r = httpx.get(self.url + "/health", timeout=10)
+        r = httpx.get(self.url + "/health", timeout=10, verify=self.verify)
         r.raise_for_status()
         return r.json()
 

@@ -51,6 +51,9 @@ def run(ctx) -> dict:
     log_file = str(ctx.run_dir / "engine_core.log")
     if s.mode != "api":
         quiet_console()
+    else:
+        from ..server import check_tls
+        check_tls(s.api.get("ssl_keyfile"), s.api.get("ssl_certfile"))   # before the engine's start
     engine = open_engine(ws, str(ctx.device), engine_overrides(s), engine_process=s.get("engine_process", True),
                          log_file=log_file, on_failure=exit_on_failure if s.mode == "api" else None)
     try:
@@ -63,7 +66,8 @@ def run(ctx) -> dict:
                              defaults=defaults, workspace=str(ws), quant=None if given else cfg.quant.name,
                              served_model_names=list(s.api.get("served_model_name") or []),
                              allowed_origins=list(s.api.get("allowed_origins") or []),
-                             log_stats_interval=float(s.api.get("log_stats_interval", 10.0)))
+                             log_stats_interval=float(s.api.get("log_stats_interval", 10.0)),
+                             ssl_keyfile=s.api.get("ssl_keyfile"), ssl_certfile=s.api.get("ssl_certfile"))
         if s.mode == "generate":
             return generate(engine, list(s.prompts), sampling(s))
         return chat(engine, sampling(s), system=s.get("system_prompt"))
