@@ -139,6 +139,8 @@ class ServeConfig:
     mixed_steps: bool = True          # decoders advance in the same forward as new prompts' prefill chunks
     schedule: str = "shortest_first"  # prefill order of prompts admitted together: shortest_first | fcfs
     engine_process: bool = True       # the engine steps in a process of its own (False: a thread of the server's)
+    speculative_tokens: int = 0       # prompt-lookup speculative decoding: drafts a step checks per greedy request
+    speculative_ngram: int = 3        # the longest n-gram it matches
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0

@@ -37,6 +37,9 @@ ENGINE_FLAGS = {
     "num_blocks": (int, "KV blocks (default: sized from cache_max_entry_count)"),
     "quant_policy": (int, "KV cache: 0 16-bit, 4 int8, 8 int4 (default: config.ini)"),
     "tp": (int, "tensor-parallel ranks, one process per GPU (the workspace must be built for it)"),
+    "speculative_tokens": (int, "prompt-lookup speculative decoding: draft tokens a decode step checks for each "
+                                "greedy request, copied from its own earlier tokens (default 0: off)"),
+    "speculative_ngram": (int, "speculative decoding: the longest n-gram matched (default 3)"),
 }
 
 

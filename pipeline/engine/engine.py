@@ -56,7 +56,7 @@ from .logprobs import request_rows
 from .model import ModelRunner
 from .native import NativeRunner
 from .params import GenerationOutput, SamplingParams
-from . import processors
+from . import processors, speculative
 from .sampling import ARGMAX_ROWS, argmax, sample_device
 from .text import Detokenizer, chat_prompt
 from .timeline import DeviceTimeline
@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 SETTINGS = {"session_len": int, "max_batch_size": int, "cache_max_entry_count": float, "cache_block_seq_len": int,
             "max_prefill_tokens": int, "cuda_graphs": bool, "num_blocks": int, "quant_policy": int, "kv_mode": str,
             "tp": int, "tp_timeout": float, "warmup": bool, "lookahead": bool, "pdl": bool, "prefill_graphs": bool,
-            "prefix_caching": bool, "mixed_steps": bool, "schedule": str, "lookahead_mark": float}
+            "prefix_caching": bool, "mixed_steps": bool, "schedule": str, "lookahead_mark": float,
+            "speculative_tokens": int, "speculative_ngram": int}
 SCHEDULES = ("shortest_first", "fcfs")
 # the numeric settings' valid ranges (low, high; None: unbounded; a bound in `OPEN` excluded) and what they are, so a
 # bad value fails at start naming itself (from an override or config.ini), not later as a division by zero, an empty
@@ -80,7 +81,9 @@ RANGES = {"session_len": (2, None, "tokens a sequence may hold, prompt + output"
           "tp": (1, None, "tensor-parallel ranks"),
           "tp_timeout": (0.0, None, "seconds a tensor-parallel rank may take to answer"),
           "lookahead_mark": (0.0, 1.0, "the fraction of a decode step's layers after which a look-ahead run queues the "
-                                       "next step (0: at once)")}
+                                       "next step (0: at once)"),
+          "speculative_tokens": (0, None, "draft tokens a decode step checks per greedy request (0: off)"),
+          "speculative_ngram": (2, None, "the longest n-gram prompt lookup matches")}
 OPEN = {("cache_max_entry_count", 0.0), ("tp_timeout", 0.0)}
 CPU_KV_BUDGET = 2 << 30     # bytes that cache_max_entry_count is a fraction of on a CPU
 
@@ -171,6 +174,8 @@ class Engine:
         self._step_threads = getattr(runner, "decode_threading", contextlib.nullcontext)
         # greedy decode one step ahead: the next step is queued on the device before the host reads this one
         self.lookahead = s.get("lookahead", True) and s.get("tp", 1) == 1
+        # prompt-lookup speculative decoding for greedy batches (speculative.py; 0: off)
+        self.spec_k, self.spec_n = s.get("speculative_tokens", 0), s.get("speculative_ngram", 3)
         mark = s.get("lookahead_mark", float(os.environ.get("PIPELINE_LOOKAHEAD_MARK", 0.67)))
         check_settings({"lookahead_mark": mark}, "engine setting (or PIPELINE_LOOKAHEAD_MARK)")
         self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=dev)  # last step's greedy tokens
@@ -229,7 +234,9 @@ class Engine:
                       "mixed_steps": 0, "mixed_decode_tokens": 0,   # prefill steps that also advanced decoders
                       # prefill steps run as a graph: their rows (decoders included) and their buckets' rows (the
                       # difference is padding computed for nothing)
-                      "prefill_graph_rows": 0, "prefill_graph_bucket_rows": 0}
+                      "prefill_graph_rows": 0, "prefill_graph_bucket_rows": 0,
+                      # speculative steps: drafts checked, drafts kept (each a token without a step of its own)
+                      "spec_steps": 0, "spec_drafted": 0, "spec_accepted": 0}
         # requests' time inside the engine (seconds, summed; /health): submit -> admitted (queue_s over `admitted`),
         # submit -> first token chosen (ttft_s over `first_tokens`; its output goes out right after the step)
         self.latency = {"admitted": 0, "queue_s": 0.0, "first_tokens": 0, "ttft_s": 0.0}
@@ -557,6 +564,8 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
+        if self.spec_k and all(speculative.eligible(s) for s in seqs):
+            return self._decode_spec(seqs)
         if self.lookahead and all(processors.on_device(s) for s in seqs) \
                 and len(seqs) == len(self.running) and not self.waiting:
             return self._decode_ahead(seqs)
@@ -572,6 +581,45 @@ class Engine:
             s.n_cached += 1
         self._accept(seqs, logits)
         self._count("decode", len(seqs), t0)
+
+    def _decode_spec(self, seqs: list[Sequence]) -> None:
+        """One decode step over greedy sequences and their prompt-lookup drafts (speculative.py): k + 1 rows for a
+        sequence with k drafts (within max_batch_size rows in all, its token budget and its blocks), 1 to k + 1
+        tokens for each."""
+        t0 = time.perf_counter()
+        room = self.max_batch_size - len(seqs)
+        rows, pos, toks, plan = [], [], [], []
+        for s in seqs:
+            p = s.n_tokens - 1
+            k = min(self.spec_k, room, s.params.max_new_tokens - len(s.out_ids) - 1, self.session_len - s.n_tokens - 1,
+                    len(s.blocks) * self.block_size - 1 - p)
+            drafts = speculative.propose(s.tokens, k, self.spec_n) if k > 0 else []
+            room -= len(drafts)
+            plan.append((s, len(rows), drafts))
+            rows += [s] * (len(drafts) + 1)
+            pos += range(p, p + len(drafts) + 1)
+            toks += [s.last_token] + drafts
+        self.timeline.begin()
+        inputs = self._step_inputs(rows, pos, self._dev(toks)[0])
+        if self.graphs is not None:
+            logits = self.graphs.run(*inputs, max_context=max(pos) + 1)
+        else:
+            logits = self.runner.decode(*inputs)
+        preds = argmax(logits).tolist()
+        self.timeline.end()
+        n = 0
+        for s, row, drafts in plan:
+            got = speculative.accepted(drafts, preds[row:row + len(drafts) + 1])
+            s.n_cached += len(got)            # the K / V of its last token and of the drafts kept
+            self.steps["spec_drafted"] += len(drafts)
+            self.steps["spec_accepted"] += len(got) - 1
+            for t in got:
+                self._accept_tokens([s], [t])
+                n += 1
+                if s.finished:
+                    break
+        self.steps["spec_steps"] += 1
+        self._count("decode", n, t0)
 
     def _step_inputs(self, seqs: list[Sequence], pos: list[int], tokens):
         """A decode step's device inputs for these sequences at these positions: (tokens, positions, slots,

@@ -32,7 +32,8 @@ def engine_overrides(s) -> dict:
             "max_prefill_tokens": s.max_prefill_tokens, "cuda_graphs": s.cuda_graphs,
             "prefix_caching": s.get("prefix_caching", True), "mixed_steps": s.get("mixed_steps", True),
             "schedule": s.get("schedule") or None,
-            "num_blocks": s.get("num_blocks") or None, "tp": s.get("tp", 1), "tp_timeout": s.get("tp_timeout", 120.0)}
+            "num_blocks": s.get("num_blocks") or None, "tp": s.get("tp", 1), "tp_timeout": s.get("tp_timeout", 120.0),
+            "speculative_tokens": s.get("speculative_tokens", 0) or None, "speculative_ngram": s.get("speculative_ngram")}
 
 
 def sampling(s, **kw) -> SamplingParams:
