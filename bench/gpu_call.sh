@@ -83,7 +83,7 @@ for set in "$@"; do
       --out "$OUT/kernels_prefill" ;;
     ncu) step ncu 300 python3 bench/w4a16_ncu.py --ms 16,32 --top 3 --out "$OUT/ncu" ;;
     tests)
-      step tests_engine 200 python3 -m pytest -m gpu -q tests/test_engine.py -k "lookahead or timeline"
+      step tests_engine 200 python3 -m pytest -m gpu -q tests/test_engine.py tests/test_speculative.py -k "lookahead or timeline or drafts"
       step tests_w4a16_sk 150 python3 -m pytest -m gpu -q tests/test_kernel_w4a16_gluon_sk.py \
         tests/test_kernel_w4a16.py -k "streamk or bit_identical"
       step tests_w4a16 240 python3 -m pytest -m gpu -q -x tests/test_kernel_w4a16.py ;;

@@ -71,3 +71,19 @@ def test_row_budget_and_sampled_requests(tiny):  # noqa: F811
     assert spec.stats()["steps"]["spec_steps"] == before
     with pytest.raises(ValueError, match="speculative_tokens=-1 is out of range"):
         Engine.from_workspace(ws, "cpu", {**opts, "speculative_tokens": -1})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_drafts_in_the_decode_graphs_equal_plain(tiny):  # noqa: F811
+    """On a GPU the drafts ride in the captured decode graphs (rows of one bucket): the same tokens as plain greedy
+    decoding (graphs and look-ahead on), drafts kept."""
+    ws = tiny["root"] / "w4"
+    opts = {"session_len": 256, "max_batch_size": 8}
+    plain = Engine.from_workspace(ws, "cuda", opts)
+    spec = Engine.from_workspace(ws, "cuda", {**opts, "speculative_tokens": 3})
+    assert spec.graphs is not None
+    loop = [40, 41, 42, 43] * 6
+    prompts, params = [PROMPTS[1], loop], [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (30, 40)]
+    assert _run(spec, prompts, params) == _run(plain, prompts, params)
+    assert spec.stats()["steps"]["spec_accepted"] > 0
