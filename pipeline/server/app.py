@@ -34,25 +34,14 @@ from . import tools
 from .logprobs import ChoiceLogprobs, merge
 from .metrics import Metrics
 from .responses import ResponsesRequest, respond
-from .schemas import SEED_MAX, ApiError, ChatRequest, CompletionRequest, parse_body
+from .schemas import SEED_MAX, ApiError, ChatRequest, CompletionRequest, parse_body, read_body
 from .tokenize import DetokenizeRequest, TokenizeRequest, tokenizer_routes
 from .sse import EngineStream, sse, wait_disconnect
 
 log = logging.getLogger("pipeline.server")
 STATIC = Path(__file__).parent / "static"
-MAX_BODY = 4 << 20   # bytes
 # what a request that leaves a setting out gets (serve.* in the config overrides these)
 DEFAULTS = {"max_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "min_p": 0.0}
-
-
-async def read_body(request: Request) -> bytes:
-    chunks, n = [], 0
-    async for c in request.stream():
-        n += len(c)
-        if n > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
-        chunks.append(c)
-    return b"".join(chunks)
 
 
 class Pending:

@@ -24,17 +24,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, List, Literal, Optional, Union
+from typing import List, Literal, Optional, Union
 
 from fastapi import Request
 from pydantic import ConfigDict, Field, ValidationError
 
 from . import tools
-from .schemas import ApiError, ChatRequest, _Strict, parse_body
+from .schemas import ApiError, ChatRequest, _Strict, parse_body, read_body
 from .sse import EngineStream
-
-if TYPE_CHECKING:
-    from .app import Server
+# `Server` in annotations: app.Server (app imports this module, so not imported back)
 
 
 class _Item(_Strict):
@@ -316,7 +314,6 @@ def _usage(prompt: int, completion: int) -> dict:
 async def respond(srv: "Server", request: Request):
     """POST /v1/responses: the JSON Response, or its event stream."""
     t_arrival = time.perf_counter()
-    from .app import read_body
     req = parse(await read_body(request))
     srv.check_model(req.model)
     chat = to_chat(req)

@@ -77,6 +77,7 @@ UNSUPPORTED = {
     "best_of": _best_of,
 }
 _unknown_logged: set = set()   # (endpoint model, field) pairs already logged
+MAX_BODY = 4 << 20   # bytes of a request body
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1      # what torch.Generator.manual_seed takes
 MAX_LOGPROBS, MAX_N = 20, 128                     # top logprobs per token (vLLM's default), choices per prompt
 
@@ -299,6 +300,17 @@ def _drop_unknown(data: dict, model: type[_Strict], where: str) -> None:
         if (where, name) not in _unknown_logged:
             _unknown_logged.add((where, name))
             log.warning("ignoring unknown field %r in %s (logged once per field)", name, where)
+
+
+async def read_body(request) -> bytes:
+    """A request's body (a starlette Request), ApiError(413) past MAX_BODY bytes."""
+    chunks, n = [], 0
+    async for c in request.stream():
+        n += len(c)
+        if n > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes", code="body_too_large")
+        chunks.append(c)
+    return b"".join(chunks)
 
 
 def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
