@@ -96,6 +96,7 @@ def test_prometheus_metrics_count_requests_tokens_and_latencies(server, client):
     assert after[(m + "num_requests_running", lab)] == 0 and after[(m + "num_requests_waiting", lab)] == 0
     assert 0 <= after[(m + "kv_cache_usage_perc", lab)] <= 1
     assert d("prefix_cache_queries_total") >= 7 and (m + "prefix_cache_hits_total", lab) in after
+    assert after[(m + "spec_decode_num_draft_tokens_total", lab)] == 0            # speculative decoding is off
     assert after[(m + "request_failure_total", lab)] == before.get((m + "request_failure_total", lab), 0)
 
 

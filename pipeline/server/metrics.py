@@ -10,7 +10,7 @@ dashboard built for one serves the other by its prefix. Every series carries `mo
   Counters: prompt_tokens_total, generation_tokens_total, request_success_total{finished_reason} (stop, length,
     abort: a request whose client left before its end), request_failure_total; from the engine:
     prefix_cache_queries_total, prefix_cache_hits_total (prompt tokens looked up / found in the prefix cache),
-    prefix_cache_evictions_total.
+    prefix_cache_evictions_total, spec_decode_num_draft_tokens_total / _accepted_tokens_total (speculative decoding).
   Histograms, seconds (observed where the front end hands each output on, i.e. what a client sees less the network):
     time_to_first_token_seconds (request arrival -> first token), inter_token_latency_seconds (between consecutive
     outputs of a request, per token: a step's output of k tokens observes gap / k, k times), e2e_request_latency_seconds
@@ -46,7 +46,7 @@ class _EngineCollector:
     def collect(self):
         st = self.stats()
         lab = ["model_name"]
-        pc = st.get("prefix_cache") or {}
+        pc, steps = st.get("prefix_cache") or {}, st.get("steps") or {}
         total = st.get("total_blocks") or 0
         for name, doc, value in (
                 ("num_requests_running", "Requests in the running batch.", st.get("running", 0)),
@@ -61,7 +61,11 @@ class _EngineCollector:
         for name, doc, value in (
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", pc.get("queries", 0)),
                 ("prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV reused).", pc.get("hits", 0)),
-                ("prefix_cache_evictions", "Cached blocks evicted to make room.", pc.get("evictions", 0))):
+                ("prefix_cache_evictions", "Cached blocks evicted to make room.", pc.get("evictions", 0)),
+                ("spec_decode_num_draft_tokens", "Draft tokens speculative decoding checked.",
+                 steps.get("spec_drafted", 0)),
+                ("spec_decode_num_accepted_tokens", "Draft tokens speculative decoding kept.",
+                 steps.get("spec_accepted", 0))):
             c = CounterMetricFamily(PREFIX + name, doc, labels=lab)
             c.add_metric([self.model_name], value)
             yield c
