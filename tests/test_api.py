@@ -149,6 +149,7 @@ def test_stats_log_line_covers_the_interval():
     assert line == ("Avg prompt throughput: 500.0 tokens/s, Avg generation throughput: 100.0 tokens/s, Running: 3 reqs, "
                     "Waiting: 1 reqs, KV cache usage: 60.0%, Prefix cache hit rate: 75.0%")
     assert StatsLog.line(None, a, {**a, "t": 5.0}) is None
+    assert StatsLog.line(None, a, {**b, "drafted": 40, "kept": 30}).endswith(", Drafts kept: 75.0%")
     assert StatsLog.line(None, a, {**a, "t": 1.0, "running": 2}).endswith("Prefix cache hit rate: -")
 
 

@@ -141,7 +141,8 @@ class RequestTimer:
 class StatsLog:
     """Every `interval` s while the engine works, one log line of what it did since the last (as vLLM's periodic
     stats line): prompt and generation throughput, running and waiting requests, KV cache usage, the prefix cache's
-    hit rate over the interval. A daemon thread; stop() ends it."""
+    hit rate over the interval (and, with speculative decoding, the share of drafts kept). A daemon thread; stop()
+    ends it."""
 
     def __init__(self, stats: Callable[[], dict], interval: float, log):
         import threading
@@ -157,7 +158,8 @@ class StatsLog:
         return {"t": time.monotonic(), "prompt": steps.get("prefill_tokens", 0),
                 "gen": steps.get("decode_tokens", 0) + steps.get("mixed_decode_tokens", 0) + lat.get("first_tokens", 0),
                 "queries": pc.get("queries", 0), "hits": pc.get("hits", 0), "running": st.get("running", 0),
-                "waiting": st.get("waiting", 0), "free": st.get("free_blocks", 0), "total": st.get("total_blocks", 0)}
+                "waiting": st.get("waiting", 0), "free": st.get("free_blocks", 0), "total": st.get("total_blocks", 0),
+                "drafted": steps.get("spec_drafted", 0), "kept": steps.get("spec_accepted", 0)}
 
     def line(self, a: dict, b: dict) -> Optional[str]:
         """The line for the interval from reading a to reading b (None: the engine did nothing and holds nothing)."""
@@ -167,9 +169,11 @@ class StatsLog:
             return None
         usage = (b["total"] - b["free"]) / b["total"] if b["total"] else 0.0
         hit = f"{(b['hits'] - a['hits']) / q:.1%}" if q else "-"
+        drafted = b.get("drafted", 0) - a.get("drafted", 0)
+        spec = f", Drafts kept: {(b.get('kept', 0) - a.get('kept', 0)) / drafted:.1%}" if drafted else ""
         return (f"Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: {gen / dt:.1f} "
                 f"tokens/s, Running: {b['running']} reqs, Waiting: {b['waiting']} reqs, KV cache usage: {usage:.1%}, "
-                f"Prefix cache hit rate: {hit}")
+                f"Prefix cache hit rate: {hit}{spec}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
