@@ -571,12 +571,7 @@ class Engine:
             return self._decode_ahead(seqs)
         t0 = time.perf_counter()
         self.timeline.begin()
-        pos = [s.n_tokens - 1 for s in seqs]
-        inputs = self._step_inputs(seqs, pos, self._dev([s.last_token for s in seqs])[0])
-        if self.graphs is not None:
-            logits = self.graphs.run(*inputs, max_context=max(pos) + 1)
-        else:
-            logits = self.runner.decode(*inputs)
+        logits = self._decode_logits(seqs, [s.n_tokens - 1 for s in seqs], [s.last_token for s in seqs])
         for s in seqs:
             s.n_cached += 1
         self._accept(seqs, logits)
@@ -600,12 +595,7 @@ class Engine:
             pos += range(p, p + len(drafts) + 1)
             toks += [s.last_token] + drafts
         self.timeline.begin()
-        inputs = self._step_inputs(rows, pos, self._dev(toks)[0])
-        if self.graphs is not None:
-            logits = self.graphs.run(*inputs, max_context=max(pos) + 1)
-        else:
-            logits = self.runner.decode(*inputs)
-        preds = argmax(logits).tolist()
+        preds = argmax(self._decode_logits(rows, pos, toks)).tolist()
         self.timeline.end()
         n = 0
         for s, row, drafts in plan:
@@ -620,6 +610,14 @@ class Engine:
                     break
         self.steps["spec_steps"] += 1
         self._count("decode", n, t0)
+
+    def _decode_logits(self, seqs: list[Sequence], pos: list[int], tokens: list[int]) -> torch.Tensor:
+        """A decode step's logits (rows, V) for these rows (a sequence, its position, its input token), through the
+        captured graphs where there are some."""
+        inputs = self._step_inputs(seqs, pos, self._dev(tokens)[0])
+        if self.graphs is not None:
+            return self.graphs.run(*inputs, max_context=max(pos) + 1)
+        return self.runner.decode(*inputs)
 
     def _step_inputs(self, seqs: list[Sequence], pos: list[int], tokens):
         """A decode step's device inputs for these sequences at these positions: (tokens, positions, slots,
