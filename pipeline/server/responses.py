@@ -138,28 +138,27 @@ ITEM_TYPES = {"message", "function_call", "function_call_output"}
 
 def parse(raw: bytes) -> ResponsesRequest:
     """The body -> a checked ResponsesRequest; other input kinds and tool types are a 400 naming them."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        return parse_body(raw, ResponsesRequest)   # its errors, worded as every endpoint's
-    if isinstance(data, dict):
-        for i, item in enumerate(data.get("input") if isinstance(data.get("input"), list) else []):
-            kind = item.get("type", "message") if isinstance(item, dict) else None
-            if isinstance(kind, str) and kind not in ITEM_TYPES:
-                raise ApiError(400, f"input.{i}: items of type {kind!r} are not supported: this server takes text "
-                               "messages, function calls and their outputs", param=f"input.{i}.type")
-            parts = item.get("content") if isinstance(item, dict) else None
-            for j, p in enumerate(parts if isinstance(parts, list) else []):
-                t = p.get("type") if isinstance(p, dict) else None
-                if isinstance(t, str) and t not in ("input_text", "output_text"):
-                    raise ApiError(400, f"input.{i}.content.{j}: content of type {t!r} is not supported: this "
-                                   "server reads text only", param=f"input.{i}.content.{j}.type")
-        for i, t in enumerate(data.get("tools") if isinstance(data.get("tools"), list) else []):
-            kind = t.get("type") if isinstance(t, dict) else None
-            if isinstance(kind, str) and kind != "function":
-                raise ApiError(400, f"tools.{i}: tools of type {kind!r} are not supported (function tools only)",
-                               param=f"tools.{i}.type")
-    return parse_body(raw, ResponsesRequest)
+    return parse_body(raw, ResponsesRequest, precheck=_kinds)
+
+
+def _kinds(data: dict) -> None:
+    """Input items, content parts and tools of kinds this server does not take: a 400 naming where."""
+    for i, item in enumerate(data.get("input") if isinstance(data.get("input"), list) else []):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if isinstance(kind, str) and kind not in ITEM_TYPES:
+            raise ApiError(400, f"input.{i}: items of type {kind!r} are not supported: this server takes text "
+                           "messages, function calls and their outputs", param=f"input.{i}.type")
+        parts = item.get("content") if isinstance(item, dict) else None
+        for j, p in enumerate(parts if isinstance(parts, list) else []):
+            t = p.get("type") if isinstance(p, dict) else None
+            if isinstance(t, str) and t not in ("input_text", "output_text"):
+                raise ApiError(400, f"input.{i}.content.{j}: content of type {t!r} is not supported: this server "
+                               "reads text only", param=f"input.{i}.content.{j}.type")
+    for i, t in enumerate(data.get("tools") if isinstance(data.get("tools"), list) else []):
+        kind = t.get("type") if isinstance(t, dict) else None
+        if isinstance(kind, str) and kind != "function":
+            raise ApiError(400, f"tools.{i}: tools of type {kind!r} are not supported (function tools only)",
+                           param=f"tools.{i}.type")
 
 
 def to_chat(req: ResponsesRequest) -> ChatRequest:

@@ -313,8 +313,9 @@ async def read_body(request) -> bytes:
     return b"".join(chunks)
 
 
-def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
-    """bytes -> a checked request, or ApiError(400) naming what is wrong."""
+def parse_body(raw: bytes, model: type[_Strict], precheck=None) -> _Strict:
+    """bytes -> a checked request, or ApiError(400) naming what is wrong. precheck(data): the endpoint's own look at
+    the decoded JSON object before the field checks (an ApiError naming what it refuses)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -325,6 +326,8 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     if _SURROGATE_ESCAPE.search(raw):
         _check_strings(data)
+    if precheck is not None:
+        precheck(data)
     for name, check in {**IGNORED, **UNSUPPORTED}.items():
         if name in data:
             why = check(data[name], data)
